@@ -1,0 +1,1 @@
+//! Host agent: registration, inventory, disk reading, QUIC shipping, tracker

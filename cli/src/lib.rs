@@ -1,0 +1,1 @@
+//! Ferry operator CLI and `ferry up`

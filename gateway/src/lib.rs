@@ -1,0 +1,1 @@
+//! QUIC ingest gateway: mTLS termination, framing, checksums, chunk writes

@@ -1,0 +1,1 @@
+//! Redis: leases with fencing tokens, work and retry queues, a redis-server launcher

@@ -1,0 +1,1 @@
+//! VHD, VHDX, raw and MS-HRL readers and writers; block iteration

@@ -1,0 +1,1 @@
+//! Server plumbing: config, tracing, TLS/PKI, health, reflection, auth, shutdown, error mapping

@@ -1,0 +1,1 @@
+//! Object layout: chunks, index pages, manifests, catalog log, encryption

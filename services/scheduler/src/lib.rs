@@ -1,0 +1,1 @@
+//! Ferry scheduler service

@@ -1,0 +1,1 @@
+//! Whole-mesh tests and their harness
