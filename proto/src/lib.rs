@@ -54,3 +54,23 @@ pub const SERVICE_NAMES: &[&str] = &[
     "ferry.storage.v1.StorageWriter",
     "ferry.failover.v1.Failover",
 ];
+
+/// The stable id of a VM's disk: the storage and lease key of its replication. It depends on
+/// the VM's name and the disk's path as configured on the host, not on the host, so a second
+/// host claiming the same disk meets the same lease.
+pub fn disk_id(vm: &str, path: &str) -> String {
+    let mut h = blake3::Hasher::new_derive_key("ferry 2026 disk id");
+    h.update(vm.as_bytes());
+    h.update(&[0]);
+    h.update(path.as_bytes());
+    let hex = h.finalize().to_hex();
+    hex[..32].to_string()
+}
+
+/// Current time in Unix milliseconds, the unit of every `*_ms` field in the API.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
