@@ -1,0 +1,147 @@
+//! The gRPC face of [`Orchestrator`]: authorization for every call (operators read with the
+//! reader role and act with the operator role; services count as admin), then the handler,
+//! with errors mapped through `ferry_mesh::to_status` only.
+use ferry_mesh::{Role, require_role, to_status, unimplemented};
+use ferry_proto::common::v1::Job;
+use ferry_proto::failover::v1::failover_server::Failover;
+use ferry_proto::failover::v1::{
+    CleanupTestFailoverRequest, CommitFailoverRequest, FailbackRequest, ListFailoversRequest,
+    ListFailoversResponse, ListRecoveryPlansRequest, ListRecoveryPlansResponse,
+    PlannedFailoverRequest, RecoveryPlan, ReprotectRequest, RunRecoveryPlanRequest,
+    TestFailoverRequest, UnplannedFailoverRequest,
+};
+use tonic::{Request, Response, Status};
+
+use crate::Orchestrator;
+
+/// `ferry.failover.v1.Failover` over an [`Orchestrator`].
+#[derive(Debug, Clone)]
+pub struct FailoverService {
+    orchestrator: Orchestrator,
+}
+
+impl FailoverService {
+    pub fn new(orchestrator: Orchestrator) -> Self {
+        Self { orchestrator }
+    }
+}
+
+#[tonic::async_trait]
+impl Failover for FailoverService {
+    async fn test_failover(
+        &self,
+        request: Request<TestFailoverRequest>,
+    ) -> Result<Response<Job>, Status> {
+        require_role(&request, Role::Operator)?;
+        let job = self
+            .orchestrator
+            .test_failover(request.into_inner())
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(job))
+    }
+
+    async fn cleanup_test_failover(
+        &self,
+        request: Request<CleanupTestFailoverRequest>,
+    ) -> Result<Response<Job>, Status> {
+        require_role(&request, Role::Operator)?;
+        let job = self
+            .orchestrator
+            .cleanup_test_failover(request.into_inner())
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(job))
+    }
+
+    async fn planned_failover(
+        &self,
+        request: Request<PlannedFailoverRequest>,
+    ) -> Result<Response<Job>, Status> {
+        require_role(&request, Role::Operator)?;
+        Err(unimplemented(
+            "planned failover (shutting the source down through the agent, shipping the last \
+             delta, then materialising the final point)",
+        ))
+    }
+
+    async fn unplanned_failover(
+        &self,
+        request: Request<UnplannedFailoverRequest>,
+    ) -> Result<Response<Job>, Status> {
+        require_role(&request, Role::Operator)?;
+        Err(unimplemented(
+            "unplanned failover (materialising a chosen point as the production copy and \
+             stopping replication)",
+        ))
+    }
+
+    async fn commit_failover(
+        &self,
+        request: Request<CommitFailoverRequest>,
+    ) -> Result<Response<Job>, Status> {
+        require_role(&request, Role::Operator)?;
+        Err(unimplemented(
+            "commit failover (it needs planned or unplanned failover first)",
+        ))
+    }
+
+    async fn failback(&self, request: Request<FailbackRequest>) -> Result<Response<Job>, Status> {
+        require_role(&request, Role::Operator)?;
+        Err(unimplemented(
+            "failback (block-hash comparison on the primary host and the agent's apply path)",
+        ))
+    }
+
+    async fn reprotect(&self, request: Request<ReprotectRequest>) -> Result<Response<Job>, Status> {
+        require_role(&request, Role::Operator)?;
+        Err(unimplemented(
+            "re-protect (replicating the failed-over VM back after failback)",
+        ))
+    }
+
+    async fn create_recovery_plan(
+        &self,
+        request: Request<RecoveryPlan>,
+    ) -> Result<Response<RecoveryPlan>, Status> {
+        require_role(&request, Role::Operator)?;
+        Err(unimplemented(
+            "recovery plans (ordered groups with script and manual actions)",
+        ))
+    }
+
+    async fn list_recovery_plans(
+        &self,
+        request: Request<ListRecoveryPlansRequest>,
+    ) -> Result<Response<ListRecoveryPlansResponse>, Status> {
+        require_role(&request, Role::Reader)?;
+        Err(unimplemented(
+            "recovery plans (ordered groups with script and manual actions)",
+        ))
+    }
+
+    async fn run_recovery_plan(
+        &self,
+        request: Request<RunRecoveryPlanRequest>,
+    ) -> Result<Response<Job>, Status> {
+        require_role(&request, Role::Operator)?;
+        Err(unimplemented(
+            "running recovery plans (ordered groups with script and manual actions)",
+        ))
+    }
+
+    async fn list_failovers(
+        &self,
+        request: Request<ListFailoversRequest>,
+    ) -> Result<Response<ListFailoversResponse>, Status> {
+        require_role(&request, Role::Reader)?;
+        let records = self
+            .orchestrator
+            .list_failovers()
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(ListFailoversResponse {
+            failovers: records.iter().map(crate::Record::to_proto).collect(),
+        }))
+    }
+}
