@@ -1,1 +1,163 @@
-//! Host agent: registration, inventory, disk reading, QUIC shipping, tracker
+//! The host agent: registers with the vault, reports its VMs and disks, takes work from the
+//! scheduler over a server stream and replicates disks to the gateway over QUIC.
+pub mod config;
+pub mod identity;
+pub mod inventory;
+mod replicate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_gateway::client::Uploader;
+use ferry_proto::registry::v1::{HeartbeatRequest, registry_client::RegistryClient};
+use ferry_proto::scheduler::v1::{CompleteWorkRequest, WorkItem, WorkKind, WorkStreamRequest, scheduler_client::SchedulerClient};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+pub use config::AgentConfig;
+pub use identity::{Credentials, RegistrationKeyFile};
+pub use replicate::ReplError;
+
+#[derive(Clone)]
+pub struct Agent {
+    cfg: Arc<AgentConfig>,
+    creds: Arc<Credentials>,
+    uploader: Arc<Mutex<Option<Uploader>>>,
+    /// VMs with a replication running, so a re-sent work item does not start a second copy.
+    busy: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+/// Registers if needed, then heartbeats and works until `shutdown`.
+pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let creds = identity::load_or_register(&cfg).await?;
+    let agent = Agent {
+        cfg: Arc::new(cfg),
+        creds: Arc::new(creds),
+        uploader: Default::default(),
+        busy: Default::default(),
+    };
+    let hb = tokio::spawn(agent.clone().heartbeat_loop(shutdown.clone()));
+    agent.work_loop(shutdown.clone()).await;
+    hb.abort();
+    Ok(())
+}
+
+impl Agent {
+    pub fn host(&self) -> &str {
+        &self.creds.host
+    }
+
+    async fn heartbeat_loop(self, shutdown: CancellationToken) {
+        let mut interval = Duration::from_secs(5);
+        loop {
+            let inv: Vec<_> = {
+                let vms = self.cfg.vms.clone();
+                tokio::task::spawn_blocking(move || vms.iter().map(inventory::describe_vm).collect())
+                    .await
+                    .unwrap_or_default()
+            };
+            let res = async {
+                let ch = ferry_mesh::connect(&self.creds.endpoints.registry, &self.creds.client_tls()).await?;
+                let r = RegistryClient::new(ch)
+                    .heartbeat(HeartbeatRequest {
+                        host_name: self.creds.host.clone(),
+                        vms: inv,
+                        agent_version: env!("CARGO_PKG_VERSION").into(),
+                    })
+                    .await?
+                    .into_inner();
+                anyhow::Ok(r.heartbeat_interval_seconds)
+            }
+            .await;
+            match res {
+                Ok(s) if s > 0 => interval = Duration::from_secs(s),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+
+    async fn work_loop(&self, shutdown: CancellationToken) {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.stream_work(&shutdown).await {
+                Ok(()) => return,
+                Err(e) => tracing::warn!(error = %e, retry_ms = delay.as_millis() as u64, "work stream lost"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn scheduler(&self) -> anyhow::Result<SchedulerClient<tonic::transport::Channel>> {
+        let ch = ferry_mesh::connect(&self.creds.endpoints.scheduler, &self.creds.client_tls()).await?;
+        Ok(SchedulerClient::new(ch))
+    }
+
+    /// Returns Ok only on shutdown.
+    async fn stream_work(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let mut stream = self
+            .scheduler()
+            .await?
+            .work_stream(WorkStreamRequest { host_name: self.creds.host.clone() })
+            .await?
+            .into_inner();
+        tracing::info!(host = %self.creds.host, "waiting for work");
+        loop {
+            let item = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                m = stream.message() => m?,
+            };
+            let Some(item) = item else { anyhow::bail!("scheduler closed the work stream") };
+            let fresh = self.busy.lock().map(|mut b| b.insert(item.vm.clone())).unwrap_or(false);
+            if !fresh {
+                tracing::info!(vm = %item.vm, work = %item.id, "vm is already replicating; ignoring duplicate work");
+                continue;
+            }
+            let me = self.clone();
+            let stop = shutdown.child_token();
+            tokio::spawn(async move {
+                me.handle(item.clone(), stop).await;
+                if let Ok(mut b) = me.busy.lock() {
+                    b.remove(&item.vm);
+                }
+            });
+        }
+    }
+
+    async fn handle(&self, item: WorkItem, stop: CancellationToken) {
+        tracing::info!(vm = %item.vm, work = %item.id, kind = item.kind, attempt = item.attempt, "work received");
+        let result = match WorkKind::try_from(item.kind) {
+            Ok(WorkKind::InitialReplication) => self.initial_replication(&item.vm, &item.job_id, &stop).await,
+            _ => Err(ReplError::Permanent(format!("work kind {} is not supported by this agent", item.kind))),
+        };
+        if stop.is_cancelled() {
+            return; // shutting down: the work stays in flight and is re-sent on reconnect
+        }
+        let (ok, error, recoverable) = match &result {
+            Ok(()) => (true, String::new(), false),
+            Err(e) => {
+                tracing::warn!(vm = %item.vm, work = %item.id, error = %e, recoverable = e.recoverable(), "work failed");
+                (false, e.to_string(), e.recoverable())
+            }
+        };
+        let req = CompleteWorkRequest { work_id: item.id.clone(), host_name: self.creds.host.clone(), ok, error, recoverable };
+        for attempt in 0..5u32 {
+            match self.scheduler().await {
+                Ok(mut s) => match s.complete_work(req.clone()).await {
+                    Ok(_) => return,
+                    Err(e) => tracing::warn!(work = %item.id, error = %e, "completing work failed"),
+                },
+                Err(e) => tracing::warn!(work = %item.id, error = %e, "scheduler unreachable"),
+            }
+            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+        }
+    }
+}

@@ -1,3 +1,200 @@
-fn main() -> anyhow::Result<()> {
-    Ok(())
+//! `ferry`: run the mesh (`ferry up`) and operate it.
+mod commands;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "ferry", version, about = "Ferry disaster recovery: run and operate the mesh")]
+pub struct Cli {
+    /// Mesh config written by `ferry up` (D/ferry.toml).
+    #[arg(long, global = true, env = "FERRY_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
+pub enum OutputFormat {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Run every component in this process (the embedded default) until Ctrl-C.
+    Up {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Use this Redis instead of starting a redis-server child.
+        #[arg(long)]
+        redis: Option<String>,
+        /// Object store URL (default file://DATA_DIR/store).
+        #[arg(long)]
+        store: Option<String>,
+        /// Components not to start here, comma separated (e.g. gateway,scheduler).
+        #[arg(long, value_delimiter = ',')]
+        without: Vec<String>,
+    },
+    /// Health of every component, Redis and the store; exit 0 when all serve.
+    Status {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// The vault: registration keys for hosts.
+    Vault {
+        #[command(subcommand)]
+        cmd: VaultCmd,
+    },
+    /// Hosts registered in the vault.
+    Host {
+        #[command(subcommand)]
+        cmd: HostCmd,
+    },
+    /// Virtual machines reported by hosts.
+    Vm {
+        #[command(subcommand)]
+        cmd: VmCmd,
+    },
+    /// Jobs of every service.
+    Jobs {
+        #[command(subcommand)]
+        cmd: JobsCmd,
+    },
+    /// Recovery points.
+    Points {
+        #[command(subcommand)]
+        cmd: PointsCmd,
+    },
+    /// Failover.
+    Failover {
+        #[command(subcommand)]
+        cmd: FailoverCmd,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum VaultCmd {
+    /// Create a one-time registration key and write it to a file for `ferry-agent`.
+    RegistrationKey {
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity (e.g. 1h, 24h).
+        #[arg(long, default_value = "24h")]
+        ttl: humantime::Duration,
+        #[arg(long, default_value = "")]
+        site: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum HostCmd {
+    List {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Stop accepting this host's certificate.
+    Remove { host: String },
+}
+
+#[derive(Subcommand)]
+pub enum VmCmd {
+    List {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    Show {
+        name: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Enable protection: prerequisites, relationship, initial replication, finalize.
+    Protect {
+        name: String,
+        /// Replication frequency (30s, 5m, 15m, any duration >= 1s).
+        #[arg(long, default_value = "5m")]
+        frequency: humantime::Duration,
+        /// Recovery point retention.
+        #[arg(long, default_value = "24h")]
+        retention: humantime::Duration,
+        /// Wait until the job ends; exit non-zero if it failed.
+        #[arg(long)]
+        wait: bool,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum JobsCmd {
+    List {
+        /// Only jobs of this VM.
+        #[arg(long)]
+        vm: Option<String>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    Show {
+        id: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Wait until a job ends; exit non-zero if it failed.
+    Wait {
+        id: String,
+        #[arg(long, default_value = "30m")]
+        timeout: humantime::Duration,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PointsCmd {
+    /// Recovery points of a VM, oldest first.
+    List {
+        vm: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum FailoverCmd {
+    /// Materialise a recovery point into TARGET (disks in their own format and name, plus a VM
+    /// description), isolated from the source.
+    Test {
+        vm: String,
+        #[arg(long, default_value = "latest")]
+        point: String,
+        #[arg(long)]
+        target: PathBuf,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Remove what a test failover created.
+    Cleanup {
+        vm: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    ferry_mesh::init_tracing("ferry");
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(commands::run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -1,1 +1,244 @@
-//! Whole-mesh tests and their harness
+//! Harness for whole-mesh tests: the real mesh in-process (`ferry up`'s code) with a real
+//! `redis-server` child on a free port and a local-filesystem store in a temp dir, real
+//! agents (in-process or as `ferry-agent` processes), disks made by `qemu-img`/`qemu-io`.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use ferry::ctl::Ctl;
+use ferry::up::{Mesh, UpOptions};
+use ferry_proto::common::v1::{Job, StepStatus};
+use ferry_proto::registry::v1 as reg;
+use tokio_util::sync::CancellationToken;
+
+pub struct TestMesh {
+    pub mesh: Mesh,
+    pub dir: tempfile::TempDir,
+    pub ctl: Ctl,
+}
+
+pub fn init_logs() {
+    ferry_mesh::init_tracing("test");
+}
+
+impl TestMesh {
+    pub async fn start() -> anyhow::Result<Self> {
+        init_logs();
+        let dir = tempfile::tempdir()?;
+        let mesh = Mesh::start(UpOptions {
+            data_dir: dir.path().join("mesh"),
+            retry_time_unit: Some(Duration::from_millis(100)),
+            ..Default::default()
+        })
+        .await?;
+        let ctl = Ctl::load(&mesh.config_path)?;
+        let t = Self { mesh, dir, ctl };
+        t.wait_serving().await?;
+        Ok(t)
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Waits until every component answers its health check.
+    pub async fn wait_serving(&self) -> anyhow::Result<()> {
+        let mut last = Vec::new();
+        for _ in 0..100 {
+            let st = ferry::status::collect(&self.ctl.cfg).await;
+            if st.iter().all(|s| s.ok()) {
+                return Ok(());
+            }
+            last = st.into_iter().filter(|s| !s.ok()).map(|s| format!("{}: {}", s.component, s.status)).collect();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("mesh not serving: {}", last.join("; "))
+    }
+
+    /// A one-time registration key file, as `ferry vault registration-key --out` writes it.
+    pub async fn registration_key(&self, out: &Path, ttl_seconds: u64) -> anyhow::Result<()> {
+        let r = self
+            .ctl
+            .registry()
+            .await?
+            .create_registration_key(reg::CreateRegistrationKeyRequest { ttl_seconds, site: String::new() })
+            .await?
+            .into_inner();
+        let file = ferry_agent::RegistrationKeyFile {
+            vault_id: r.vault_id,
+            key_id: r.key_id,
+            secret: r.secret,
+            registry_endpoint: r.registry_endpoint,
+            ca_pem: r.ca_pem,
+            expires_at_ms: r.expires_at_ms,
+        };
+        std::fs::write(out, serde_json::to_vec_pretty(&file)?)?;
+        Ok(())
+    }
+
+    /// Writes `agent.toml` in `dir` (with a fresh registration key) and returns its path.
+    pub async fn agent_config(&self, dir: &Path, host: &str, vms: &[(&str, Vec<PathBuf>)]) -> anyhow::Result<PathBuf> {
+        std::fs::create_dir_all(dir)?;
+        self.registration_key(&dir.join("key.json"), 3600).await?;
+        let mut toml = format!(
+            "registration_key = \"key.json\"\ndata_dir = \"agent-data\"\n[host]\nname = \"{host}\"\nsite = \"site-a\"\n"
+        );
+        for (name, disks) in vms {
+            let list: Vec<String> = disks.iter().map(|d| format!("{:?}", d.display().to_string())).collect();
+            toml.push_str(&format!("[[vm]]\nname = \"{name}\"\ndisks = [{}]\n", list.join(", ")));
+        }
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, toml)?;
+        Ok(path)
+    }
+
+    pub async fn vm(&self, name: &str) -> anyhow::Result<reg::Vm> {
+        Ok(self.ctl.registry().await?.get_vm(reg::GetVmRequest { name: name.into() }).await?.into_inner())
+    }
+
+    /// Waits until a host has reported the VM.
+    pub async fn wait_vm(&self, name: &str) -> anyhow::Result<reg::Vm> {
+        for _ in 0..300 {
+            if let Ok(v) = self.vm(name).await {
+                if !v.disks.is_empty() {
+                    return Ok(v);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("vm {name} was never reported by its host")
+    }
+
+    pub async fn protect(&self, name: &str) -> anyhow::Result<Job> {
+        let policy = ferry_proto::common::v1::ReplicationPolicy { frequency_seconds: 300, ..Default::default() };
+        Ok(self
+            .ctl
+            .registry()
+            .await?
+            .protect_vm(reg::ProtectVmRequest { name: name.into(), policy: Some(policy) })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn job(&self, id: &str) -> anyhow::Result<Job> {
+        Ok(self.ctl.registry().await?.get_job(reg::GetJobRequest { id: id.into() }).await?.into_inner())
+    }
+
+    /// Waits until the job ends, up to `timeout`.
+    pub async fn wait_job(&self, id: &str, timeout: Duration) -> anyhow::Result<Job> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let j = self.job(id).await?;
+            if j.status != StepStatus::Running as i32 && j.status != StepStatus::Pending as i32 {
+                return Ok(j);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("job {id} did not end in {timeout:?}: {j:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub async fn stop(self) {
+        self.mesh.stop().await;
+    }
+}
+
+/// An agent running in this process.
+pub struct InProcessAgent {
+    pub stop: CancellationToken,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcessAgent {
+    pub fn start(config: &Path) -> anyhow::Result<Self> {
+        let cfg = ferry_agent::AgentConfig::load(config)?;
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(ferry_agent::run(cfg, stop.clone()));
+        Ok(Self { stop, task })
+    }
+
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.task.await?
+    }
+}
+
+/// A workspace binary built next to the test executable (`cargo build --workspace --bins`).
+pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(|d| d.parent()).context("test executable has no target dir")?;
+    let p = dir.join(name);
+    if !p.exists() {
+        bail!("{} not built; run `cargo build --workspace --bins` first", p.display());
+    }
+    Ok(p)
+}
+
+pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `qemu-img create -f FMT [-o OPTS] PATH SIZE`.
+pub fn qemu_create(path: &Path, fmt: &str, opts: &str, size: &str) -> anyhow::Result<()> {
+    let mut c = Command::new("qemu-img");
+    c.arg("create").arg("-q").arg("-f").arg(fmt);
+    if !opts.is_empty() {
+        c.arg("-o").arg(opts);
+    }
+    c.arg(path).arg(size);
+    run(&mut c).map(|_| ())
+}
+
+/// Runs `qemu-io` commands (e.g. `write -P 0xab 0 1M`) on an image.
+pub fn qemu_io(path: &Path, fmt: &str, cmds: &[&str]) -> anyhow::Result<()> {
+    let mut c = Command::new("qemu-io");
+    c.arg("-f").arg(fmt);
+    for x in cmds {
+        c.arg("-c").arg(x);
+    }
+    c.arg(path);
+    run(&mut c).map(|_| ())
+}
+
+/// `qemu-img compare`: Ok(true) when identical.
+pub fn qemu_compare(a: &Path, fa: &str, b: &Path, fb: &str) -> anyhow::Result<bool> {
+    let out = Command::new("qemu-img").args(["compare", "-f", fa, "-F", fb]).arg(a).arg(b).output()?;
+    match out.status.code() {
+        Some(0) => Ok(true),
+        Some(1) => Ok(false),
+        _ => bail!("qemu-img compare failed: {}", String::from_utf8_lossy(&out.stderr)),
+    }
+}
+
+pub fn qemu_virtual_size(path: &Path, fmt: &str) -> anyhow::Result<u64> {
+    let out = run(Command::new("qemu-img").args(["info", "--output=json", "-f", fmt]).arg(path))?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    v["virtual-size"].as_u64().context("qemu-img info has no virtual-size")
+}
+
+/// Writes deterministic incompressible-ish data into a raw file region via qemu-io patterns
+/// plus a random-looking file copied in with `dd`-like writes from Rust.
+pub fn fill_random(path: &Path, offset: u64, len: usize, seed: u64) -> anyhow::Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
+    f.seek(SeekFrom::Start(offset))?;
+    let mut x = seed | 1;
+    let mut buf = vec![0u8; len];
+    for chunk in buf.chunks_mut(8) {
+        // xorshift64*: cheap, deterministic, incompressible
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let v = x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+    f.write_all(&buf)?;
+    f.sync_all()?;
+    Ok(())
+}

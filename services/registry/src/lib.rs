@@ -1,1 +1,40 @@
-//! Ferry registry service
+//! The registry: the vault's hosts, VMs and disks, one-time registration keys and host
+//! certificates, the protection state machine and every job. Its durable state is the
+//! `registry` catalog namespace in object storage (see [`state`]).
+mod error;
+mod jobs;
+mod service;
+pub mod state;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use ferry_mesh::MeshConfig;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use error::RegistryError;
+pub use service::{RegistryApi, RegistryService};
+
+/// Serves the registry on `listener` until `shutdown` fires.
+pub async fn run(
+    cfg: MeshConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let svc = RegistryService::open(cfg.clone(), shutdown.clone())
+        .await
+        .context("opening the registry catalog")?;
+    let svc = Arc::new(svc);
+    svc.resume_jobs();
+    let auth = svc.authenticator()?;
+    let server = ferry_proto::registry::v1::registry_server::RegistryServer::new(service::RegistryApi(svc.clone()));
+    let routes = tonic::service::Routes::new(tonic::service::interceptor::InterceptedService::new(
+        server,
+        auth.interceptor(),
+    ));
+    let tls = ferry_mesh::ServerTls::load(&cfg)?;
+    tracing::info!(addr = %listener.local_addr()?, "registry serving");
+    ferry_mesh::serve(listener, &tls, routes, &["ferry.registry.v1.Registry"], shutdown).await?;
+    Ok(())
+}

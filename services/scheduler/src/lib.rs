@@ -1,1 +1,283 @@
-//! Ferry scheduler service
+//! The scheduler: a Redis work queue per host and a server stream that hands work to each
+//! host's agent. Work that was sent but never completed is re-sent when the host's agent
+//! reconnects, so an agent killed mid-copy picks its copy up again after a restart. Failed
+//! recoverable work goes to the retry set with backoff (DESIGN §2.6).
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use ferry_coord::Coord;
+use ferry_mesh::{ClientTls, Component, MeshConfig, Role};
+use ferry_proto::now_ms;
+use ferry_proto::registry::v1::{ReportReplicationErrorRequest, registry_client::RegistryClient};
+use ferry_proto::scheduler::v1::{self as pb, WorkItem, scheduler_server::Scheduler};
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+/// Backoff steps in retry time units (DESIGN §2.6: 1, 2, 4, 8, 10 minutes, then every 30).
+pub const BACKOFF_UNITS: [u32; 5] = [1, 2, 4, 8, 10];
+pub const BACKOFF_TAIL_UNITS: u32 = 30;
+
+/// The JSON form of a work item in Redis.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct QueuedWork {
+    id: String,
+    kind: i32,
+    vm: String,
+    job_id: String,
+    attempt: u32,
+    created_at_ms: i64,
+    host: String,
+    #[serde(default)]
+    last_error: String,
+}
+
+impl QueuedWork {
+    fn to_proto(&self) -> WorkItem {
+        WorkItem {
+            id: self.id.clone(),
+            kind: self.kind,
+            vm: self.vm.clone(),
+            job_id: self.job_id.clone(),
+            attempt: self.attempt,
+            created_at_ms: self.created_at_ms,
+        }
+    }
+}
+
+/// Delay before retry `attempt` (1-based) in the configured time unit.
+pub fn backoff(attempt: u32, unit: Duration) -> Duration {
+    let steps = BACKOFF_UNITS.get(attempt.saturating_sub(1) as usize).copied().unwrap_or(BACKOFF_TAIL_UNITS);
+    unit * steps
+}
+
+pub struct SchedulerService {
+    cfg: MeshConfig,
+    coord: Coord,
+    shutdown: CancellationToken,
+}
+
+pub async fn run(cfg: MeshConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let coord = Coord::connect(&cfg.redis_url).await.context("connecting to redis")?;
+    let svc = Arc::new(SchedulerService { cfg: cfg.clone(), coord, shutdown: shutdown.clone() });
+    tokio::spawn(svc.clone().retry_loop());
+    let auth = ferry_mesh::Authenticator::with_admin_token(&cfg.admin_token()?);
+    let server = pb::scheduler_server::SchedulerServer::new(Api(svc));
+    let routes = tonic::service::Routes::new(tonic::service::interceptor::InterceptedService::new(
+        server,
+        auth.interceptor(),
+    ));
+    let tls = ferry_mesh::ServerTls::load(&cfg)?;
+    tracing::info!(addr = %listener.local_addr()?, "scheduler serving");
+    ferry_mesh::serve(listener, &tls, routes, &["ferry.scheduler.v1.Scheduler"], shutdown).await?;
+    Ok(())
+}
+
+impl SchedulerService {
+    /// Moves due retries back into their host's queue.
+    async fn retry_loop(self: Arc<Self>) {
+        let tick = (self.cfg.retry.time_unit / 10).clamp(Duration::from_millis(20), Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(tick) => {}
+            }
+            match self.coord.take_due(now_ms(), 100).await {
+                Ok(due) => {
+                    for (id, payload) in due {
+                        let Ok(w) = serde_json::from_str::<QueuedWork>(&payload) else {
+                            tracing::warn!(work = %id, "dropping unreadable retry entry");
+                            continue;
+                        };
+                        if let Err(e) = self.coord.push_work(&w.host, &w.id, &payload).await {
+                            tracing::warn!(work = %id, error = %e, "requeue of retry failed");
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "reading the retry set failed"),
+            }
+        }
+    }
+
+    async fn report_critical(&self, w: &QueuedWork, error: &str) {
+        let res: anyhow::Result<()> = async {
+            let tls = ClientTls::service(&self.cfg)?;
+            let ch = ferry_mesh::connect(&self.cfg.endpoint(Component::Registry), &tls).await?;
+            RegistryClient::new(ch)
+                .report_replication_error(ReportReplicationErrorRequest {
+                    vm: w.vm.clone(),
+                    job_id: w.job_id.clone(),
+                    error: error.to_string(),
+                    recoverable: false,
+                })
+                .await?;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = res {
+            tracing::warn!(vm = %w.vm, error = %e, "could not report a non-recoverable error to the registry");
+        }
+    }
+}
+
+fn coord_status(e: ferry_coord::CoordError) -> Status {
+    tracing::warn!(error = %e, "redis operation failed");
+    Status::unavailable(format!("work queue unavailable: {e}"))
+}
+
+type WorkStream = Pin<Box<dyn Stream<Item = Result<WorkItem, Status>> + Send>>;
+
+/// The gRPC face of the service (a newtype: the orphan rule forbids `impl Trait for Arc<_>`).
+#[derive(Clone)]
+pub struct Api(pub Arc<SchedulerService>);
+
+impl std::ops::Deref for Api {
+    type Target = SchedulerService;
+    fn deref(&self) -> &SchedulerService {
+        &self.0
+    }
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl Scheduler for Api {
+    type WorkStreamStream = WorkStream;
+
+    async fn work_stream(&self, req: Request<pb::WorkStreamRequest>) -> R<WorkStream> {
+        let host = ferry_mesh::require_host(&req)?;
+        let requeued = self.coord.requeue_inflight(&host).await.map_err(coord_status)?;
+        tracing::info!(host = %host, requeued, "agent connected to the work stream");
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<WorkItem, Status>>(4);
+        let me = self.0.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    _ = tx.closed() => break,
+                    _ = me.shutdown.cancelled() => break,
+                    n = me.coord.next_work(&host, Duration::from_secs(2)) => n,
+                };
+                match next {
+                    Ok(Some((id, payload))) => match serde_json::from_str::<QueuedWork>(&payload) {
+                        Ok(w) => {
+                            tracing::info!(host = %host, work = %id, vm = %w.vm, attempt = w.attempt, "work sent");
+                            if tx.send(Ok(w.to_proto())).await.is_err() {
+                                // The agent left; the item stays in flight and is re-sent on reconnect.
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(work = %id, error = %e, "dropping unreadable work item");
+                            let _ = me.coord.ack_work(&host, &id).await;
+                        }
+                    },
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(host = %host, error = %e, "work queue read failed");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+            tracing::info!(host = %host, "work stream closed");
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn complete_work(&self, req: Request<pb::CompleteWorkRequest>) -> R<pb::CompleteWorkResponse> {
+        let host = ferry_mesh::require_host(&req)?;
+        let req = req.into_inner();
+        let items = self.coord.list_work(&host).await.map_err(coord_status)?;
+        let Some((_, _, payload)) = items.into_iter().find(|(id, _, _)| *id == req.work_id) else {
+            return Err(Status::not_found(format!("work {} is not queued for host {host}", req.work_id)));
+        };
+        let mut w: QueuedWork = serde_json::from_str(&payload)
+            .map_err(|e| Status::internal(format!("work {} is unreadable: {e}", req.work_id)))?;
+        self.coord.ack_work(&host, &req.work_id).await.map_err(coord_status)?;
+        if req.ok {
+            tracing::info!(host = %host, work = %req.work_id, vm = %w.vm, "work completed");
+        } else if req.recoverable {
+            let delay = backoff(w.attempt, self.cfg.retry.time_unit);
+            w.attempt += 1;
+            w.last_error = req.error.clone();
+            let due = now_ms() + delay.as_millis() as i64;
+            let payload = serde_json::to_string(&w).map_err(|e| Status::internal(e.to_string()))?;
+            self.coord.schedule_retry(&w.id, due, &payload).await.map_err(coord_status)?;
+            tracing::warn!(host = %host, work = %w.id, vm = %w.vm, attempt = w.attempt, delay_ms = delay.as_millis() as u64, error = %req.error, "work failed; retry scheduled");
+        } else {
+            tracing::warn!(host = %host, work = %w.id, vm = %w.vm, error = %req.error, "work failed; not recoverable");
+            self.report_critical(&w, &req.error).await;
+        }
+        Ok(Response::new(pb::CompleteWorkResponse {}))
+    }
+
+    async fn dispatch(&self, req: Request<pb::DispatchRequest>) -> R<pb::DispatchResponse> {
+        ferry_mesh::require_service(&req)?;
+        let req = req.into_inner();
+        if req.host_name.is_empty() || req.vm.is_empty() {
+            return Err(Status::invalid_argument("dispatch needs a host_name and a vm"));
+        }
+        // One work item per job: a registry that resumes a job re-dispatches the same id.
+        let id = if req.job_id.is_empty() { uuid::Uuid::new_v4().to_string() } else { format!("job-{}", req.job_id) };
+        let w = QueuedWork {
+            id: id.clone(),
+            kind: req.kind,
+            vm: req.vm,
+            job_id: req.job_id,
+            attempt: 1,
+            created_at_ms: now_ms(),
+            host: req.host_name.clone(),
+            last_error: String::new(),
+        };
+        let payload = serde_json::to_string(&w).map_err(|e| Status::internal(e.to_string()))?;
+        self.coord.push_work(&req.host_name, &id, &payload).await.map_err(coord_status)?;
+        tracing::info!(host = %req.host_name, work = %id, vm = %w.vm, "work queued");
+        Ok(Response::new(pb::DispatchResponse { work_id: id }))
+    }
+
+    async fn list_queue(&self, req: Request<pb::ListQueueRequest>) -> R<pb::ListQueueResponse> {
+        ferry_mesh::require_role(&req, Role::Reader)?;
+        let host = req.into_inner().host_name;
+        if host.is_empty() {
+            return Err(Status::invalid_argument("list_queue needs a host_name"));
+        }
+        let entries = self
+            .coord
+            .list_work(&host)
+            .await
+            .map_err(coord_status)?
+            .into_iter()
+            .filter_map(|(_, state, payload)| {
+                let w: QueuedWork = serde_json::from_str(&payload).ok()?;
+                Some(pb::QueueEntry {
+                    item: Some(w.to_proto()),
+                    host_name: host.clone(),
+                    state,
+                    next_attempt_ms: 0,
+                    last_error: w.last_error,
+                })
+            })
+            .collect();
+        Ok(Response::new(pb::ListQueueResponse { entries }))
+    }
+
+    async fn reschedule(&self, req: Request<pb::RescheduleRequest>) -> R<pb::RescheduleResponse> {
+        ferry_mesh::require_service(&req)?;
+        Err(ferry_mesh::unimplemented("delta cycle scheduling (change tracking issue)"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_follows_the_design_schedule() {
+        let unit = Duration::from_millis(100);
+        let got: Vec<u128> = (1..=8).map(|a| backoff(a, unit).as_millis()).collect();
+        assert_eq!(got, vec![100, 200, 400, 800, 1000, 3000, 3000, 3000]);
+    }
+}

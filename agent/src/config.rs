@@ -1,0 +1,108 @@
+//! `agent.toml`: which vault key to register with, where to keep state, the host and its VMs.
+//! Relative paths are resolved against the folder of the config file.
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// One-time registration key file from `ferry vault registration-key --out`.
+    pub registration_key: PathBuf,
+    /// Agent state: certificate, key, vault material, progress.
+    pub data_dir: PathBuf,
+    pub host: HostConfig,
+    #[serde(default, rename = "vm")]
+    pub vms: Vec<VmConfig>,
+    /// Override of the registry endpoint in the key file.
+    #[serde(default)]
+    pub registry: Option<String>,
+    /// Blocks in one upload batch (one QUIC stream).
+    #[serde(default = "default_batch")]
+    pub batch_blocks: usize,
+    /// Upload batches in flight at once.
+    #[serde(default = "default_inflight")]
+    pub batches_in_flight: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    pub name: String,
+    #[serde(default)]
+    pub site: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    pub name: String,
+    pub disks: Vec<PathBuf>,
+}
+
+fn default_batch() -> usize {
+    16
+}
+
+fn default_inflight() -> usize {
+    4
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading agent config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("agent config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let mut cfg: AgentConfig = toml::from_str(&text)
+            .map_err(|e| ConfigError::Invalid { path: path.to_path_buf(), message: e.to_string() })?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let base = std::path::absolute(&base).unwrap_or(base);
+        let abs = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+        cfg.registration_key = abs(&cfg.registration_key);
+        cfg.data_dir = abs(&cfg.data_dir);
+        for vm in &mut cfg.vms {
+            vm.disks = vm.disks.iter().map(|d| abs(d)).collect();
+        }
+        cfg.validate().map_err(|message| ConfigError::Invalid { path: path.to_path_buf(), message })?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.host.name.is_empty() {
+            return Err("[host] name is empty".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for vm in &self.vms {
+            if !names.insert(&vm.name) {
+                return Err(format!("vm {} is listed twice", vm.name));
+            }
+            if vm.disks.is_empty() {
+                return Err(format!("vm {} lists no disks", vm.name));
+            }
+            let mut files = std::collections::HashSet::new();
+            for d in &vm.disks {
+                if !files.insert(d.file_name()) {
+                    return Err(format!("vm {} has two disks named {:?}", vm.name, d.file_name()));
+                }
+            }
+        }
+        if self.batch_blocks == 0 || self.batch_blocks > 1024 {
+            return Err("batch_blocks must be 1..=1024".into());
+        }
+        if self.batches_in_flight == 0 || self.batches_in_flight > 64 {
+            return Err("batches_in_flight must be 1..=64".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,28 @@
+//! What the host has: each configured VM's disks, opened read-only to learn format and size.
+use ferry_proto::common::v1::Disk;
+use ferry_proto::registry::v1::VmInventory;
+
+use crate::config::VmConfig;
+
+/// A disk as reported to the registry; a disk that cannot be opened is reported with its
+/// error so the enable-protection prerequisites can name it.
+pub fn describe_disk(vm: &str, path: &std::path::Path) -> Disk {
+    let path_s = path.to_string_lossy().to_string();
+    let mut d = Disk { id: ferry_proto::disk_id(vm, &path_s), path: path_s, ..Default::default() };
+    match ferry_disk::open(path) {
+        Ok(dev) => {
+            let info = dev.info();
+            d.format = info.format.clone();
+            d.subformat = info.subformat.clone().unwrap_or_default();
+            d.virtual_size = info.virtual_size;
+            d.logical_sector_size = info.logical_sector_size;
+            d.allocated_bytes = info.allocated_bytes;
+        }
+        Err(e) => d.error = e.to_string(),
+    }
+    d
+}
+
+pub fn describe_vm(vm: &VmConfig) -> VmInventory {
+    VmInventory { name: vm.name.clone(), disks: vm.disks.iter().map(|p| describe_disk(&vm.name, p)).collect() }
+}

@@ -1,0 +1,325 @@
+//! Initial replication of one VM: begin a cycle (leases + fencing tokens), copy every disk's
+//! allocated, non-zero blocks over QUIC, commit the block maps.
+//!
+//! The copy is a pipeline: one blocking reader per disk reads and names blocks (keyed
+//! BLAKE3), the async side offers batches to the gateway, seals (zstd + AEAD) only the blocks
+//! the gateway does not have yet, and keeps several batches in flight. A restarted copy
+//! therefore re-reads and re-hashes but re-sends nothing already stored.
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use ferry_gateway::client::{Offer, Uploader};
+use ferry_proto::common::v1::Disk;
+use ferry_proto::ingest::v1::{
+    AbortCycleRequest, BeginCycleRequest, BlockRef, CommitCycleRequest, CycleKind, DiskBlockMap,
+    RenewCycleRequest, ingest_client::IngestClient,
+};
+use ferry_store::{ChunkId, VaultKey};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::Agent;
+
+/// Why replication failed, and whether trying again later can help (DESIGN §2.6).
+#[derive(Debug, thiserror::Error)]
+pub enum ReplError {
+    #[error("{0}")]
+    Recoverable(String),
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl ReplError {
+    pub fn recoverable(&self) -> bool {
+        matches!(self, Self::Recoverable(_))
+    }
+}
+
+fn from_status(what: &str, s: tonic::Status) -> ReplError {
+    use tonic::Code;
+    let msg = format!("{what}: {}", s.message());
+    match s.code() {
+        Code::PermissionDenied | Code::Unauthenticated | Code::NotFound | Code::InvalidArgument => {
+            ReplError::Permanent(msg)
+        }
+        _ => ReplError::Recoverable(msg),
+    }
+}
+
+/// Counters of one copy, for logs.
+#[derive(Default)]
+pub struct CopyStats {
+    pub blocks_read: AtomicU64,
+    pub blocks_zero: AtomicU64,
+    pub blocks_sent: AtomicU64,
+    pub blocks_skipped: AtomicU64,
+    pub bytes_sent: AtomicU64,
+}
+
+struct ReadBlock {
+    index: u64,
+    id: ChunkId,
+    data: Vec<u8>,
+}
+
+impl Agent {
+    pub(crate) async fn ingest(&self) -> Result<IngestClient<Channel>, ReplError> {
+        let ch = ferry_mesh::connect(&self.creds.endpoints.ingest, &self.creds.client_tls())
+            .await
+            .map_err(|e| ReplError::Recoverable(format!("ingest unreachable: {e}")))?;
+        Ok(IngestClient::new(ch))
+    }
+
+    /// One QUIC connection to the gateway, re-made when it closed.
+    pub(crate) async fn uploader(&self) -> Result<Uploader, ReplError> {
+        let mut slot = self.uploader.lock().await;
+        if let Some(u) = slot.as_ref() {
+            if u.is_open() {
+                return Ok(u.clone());
+            }
+        }
+        let addr = tokio::net::lookup_host(&self.creds.endpoints.gateway)
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| ReplError::Permanent(format!("gateway address {:?} does not resolve", self.creds.endpoints.gateway)))?;
+        let qcfg = ferry_mesh::quic_client_config(&self.creds.ca_pem, &self.creds.cert_pem, &self.creds.key_pem)
+            .map_err(|e| ReplError::Permanent(format!("quic client config: {e}")))?;
+        let u = Uploader::connect(addr, qcfg)
+            .await
+            .map_err(|e| ReplError::Recoverable(format!("gateway {addr}: {e}")))?;
+        *slot = Some(u.clone());
+        Ok(u)
+    }
+
+    pub(crate) async fn initial_replication(&self, vm: &str, job_id: &str, cancel: &CancellationToken) -> Result<(), ReplError> {
+        let vm_cfg = self
+            .cfg
+            .vms
+            .iter()
+            .find(|v| v.name == vm)
+            .ok_or_else(|| ReplError::Permanent(format!("vm {vm} is not configured on host {}", self.creds.host)))?
+            .clone();
+        let disks: Vec<Disk> = vm_cfg.disks.iter().map(|p| crate::inventory::describe_disk(vm, p)).collect();
+        if let Some(d) = disks.iter().find(|d| !d.error.is_empty()) {
+            return Err(ReplError::Permanent(format!("disk {}: {}", d.path, d.error)));
+        }
+        let mut ingest = self.ingest().await?;
+        let begun = ingest
+            .begin_cycle(BeginCycleRequest {
+                vm: vm.to_string(),
+                host_name: self.creds.host.clone(),
+                kind: CycleKind::Initial as i32,
+                disks: disks.clone(),
+                job_id: job_id.to_string(),
+                consistency: "crash".into(),
+            })
+            .await
+            .map_err(|s| from_status("begin cycle", s))?
+            .into_inner();
+        let cycle = begun.cycle_id.clone();
+        tracing::info!(vm, cycle = %cycle, disks = disks.len(), "initial replication started");
+        let lost = CancellationToken::new();
+        let renew = self.spawn_renewer(cycle.clone(), Duration::from_millis(begun.lease_ttl_ms.max(3000) / 3), lost.clone());
+        let work = async {
+            let mut maps = Vec::new();
+            for d in &disks {
+                let blocks = self
+                    .copy_disk(&cycle, d, begun.block_size, cancel, &lost)
+                    .await?;
+                maps.push(DiskBlockMap { disk_id: d.id.clone(), blocks, zeroed: vec![], logs: vec![] });
+            }
+            Ok::<_, ReplError>(maps)
+        };
+        let result = work.await;
+        renew.cancel();
+        let maps = match result {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = ingest.abort_cycle(AbortCycleRequest { cycle_id: cycle.clone(), reason: e.to_string() }).await;
+                return Err(e);
+            }
+        };
+        let point = ingest
+            .commit_cycle(CommitCycleRequest { cycle_id: cycle.clone(), disks: maps, fencing_tokens: begun.fencing_tokens })
+            .await
+            .map_err(|s| from_status("commit cycle", s))?
+            .into_inner()
+            .point
+            .unwrap_or_default();
+        tracing::info!(vm, cycle = %cycle, point = %point.id, "initial replication committed");
+        Ok(())
+    }
+
+    fn spawn_renewer(&self, cycle: String, every: Duration, lost: CancellationToken) -> CancellationToken {
+        let stop = CancellationToken::new();
+        let stop2 = stop.clone();
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop2.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                let res = match me.ingest().await {
+                    Ok(mut c) => c.renew_cycle(RenewCycleRequest { cycle_id: cycle.clone() }).await.map(|_| ()),
+                    Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+                };
+                match res {
+                    Ok(()) => {}
+                    Err(s) if matches!(s.code(), tonic::Code::Aborted | tonic::Code::NotFound | tonic::Code::PermissionDenied) => {
+                        tracing::warn!(cycle = %cycle, error = %s.message(), "cycle lease lost");
+                        lost.cancel();
+                        return;
+                    }
+                    Err(s) => tracing::warn!(cycle = %cycle, error = %s.message(), "lease renewal failed; will retry"),
+                }
+            }
+        });
+        stop
+    }
+
+    async fn copy_disk(
+        &self,
+        cycle: &str,
+        disk: &Disk,
+        block_size: u32,
+        cancel: &CancellationToken,
+        lost: &CancellationToken,
+    ) -> Result<Vec<BlockRef>, ReplError> {
+        let stats = Arc::new(CopyStats::default());
+        let (tx, mut rx) = mpsc::channel::<ReadBlock>(self.cfg.batch_blocks * 2);
+        let reader = {
+            let path = std::path::PathBuf::from(&disk.path);
+            let key = self.creds.vault_key.clone();
+            let stats = stats.clone();
+            let stop = cancel.clone();
+            tokio::task::spawn_blocking(move || read_blocks(&path, block_size, &key, &tx, &stats, &stop))
+        };
+        let uploader = self.uploader().await?;
+        let mut map: Vec<BlockRef> = Vec::new();
+        let mut inflight: JoinSet<Result<(), ReplError>> = JoinSet::new();
+        let mut batch: Vec<ReadBlock> = Vec::with_capacity(self.cfg.batch_blocks);
+        loop {
+            let next = tokio::select! {
+                _ = cancel.cancelled() => return Err(ReplError::Recoverable("copy cancelled".into())),
+                _ = lost.cancelled() => return Err(ReplError::Recoverable("the cycle's lease was lost".into())),
+                b = rx.recv() => b,
+            };
+            let done = next.is_none();
+            if let Some(b) = next {
+                map.push(BlockRef { index: b.index, chunk: b.id.to_vec() });
+                batch.push(b);
+            }
+            if batch.len() >= self.cfg.batch_blocks || (done && !batch.is_empty()) {
+                while inflight.len() >= self.cfg.batches_in_flight {
+                    if let Some(r) = inflight.join_next().await {
+                        r.map_err(|e| ReplError::Recoverable(format!("upload task: {e}")))??;
+                    }
+                }
+                let blocks = std::mem::take(&mut batch);
+                inflight.spawn(upload_batch(uploader.clone(), cycle.to_string(), blocks, self.creds.vault_key.clone(), stats.clone()));
+            }
+            if done {
+                break;
+            }
+        }
+        while let Some(r) = inflight.join_next().await {
+            r.map_err(|e| ReplError::Recoverable(format!("upload task: {e}")))??;
+        }
+        reader.await.map_err(|e| ReplError::Recoverable(format!("disk reader: {e}")))??;
+        tracing::info!(
+            disk = %disk.path,
+            blocks_read = stats.blocks_read.load(Ordering::Relaxed),
+            blocks_zero = stats.blocks_zero.load(Ordering::Relaxed),
+            blocks_sent = stats.blocks_sent.load(Ordering::Relaxed),
+            blocks_skipped = stats.blocks_skipped.load(Ordering::Relaxed),
+            bytes_sent = stats.bytes_sent.load(Ordering::Relaxed),
+            "disk copied"
+        );
+        map.sort_by_key(|b| b.index);
+        Ok(map)
+    }
+}
+
+/// Offers a batch, seals only what the gateway lacks, sends it.
+async fn upload_batch(
+    up: Uploader,
+    cycle: String,
+    blocks: Vec<ReadBlock>,
+    key: VaultKey,
+    stats: Arc<CopyStats>,
+) -> Result<(), ReplError> {
+    let offers: Vec<Offer> = blocks.iter().map(|b| Offer { id: b.id, plain_len: b.data.len() as u32 }).collect();
+    let pending = up.offer(&cycle, &offers).await.map_err(upload_err)?;
+    let needed: Vec<ReadBlock> =
+        blocks.into_iter().zip(pending.needed.iter()).filter(|(_, n)| **n).map(|(b, _)| b).collect();
+    let skipped = offers.len() - needed.len();
+    stats.blocks_skipped.fetch_add(skipped as u64, Ordering::Relaxed);
+    let sealed = tokio::task::spawn_blocking(move || {
+        needed.iter().map(|b| Bytes::from(ferry_store::seal_chunk(&key, &b.id, &b.data))).collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| ReplError::Recoverable(format!("sealing blocks: {e}")))?;
+    let n = sealed.len() as u64;
+    let bytes: u64 = sealed.iter().map(|s| s.len() as u64).sum();
+    pending.send(sealed).await.map_err(upload_err)?;
+    stats.blocks_sent.fetch_add(n, Ordering::Relaxed);
+    stats.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+    Ok(())
+}
+
+fn upload_err(e: ferry_gateway::client::UploadError) -> ReplError {
+    if e.is_transient() {
+        ReplError::Recoverable(format!("upload: {e}"))
+    } else {
+        ReplError::Permanent(format!("upload rejected: {e}"))
+    }
+}
+
+/// Reads the allocated blocks of a disk in order, skipping zero blocks, naming each one.
+fn read_blocks(
+    path: &std::path::Path,
+    block_size: u32,
+    key: &VaultKey,
+    tx: &mpsc::Sender<ReadBlock>,
+    stats: &CopyStats,
+    stop: &CancellationToken,
+) -> Result<(), ReplError> {
+    let dev = ferry_disk::open(path).map_err(|e| ReplError::Permanent(format!("{}: {e}", path.display())))?;
+    let size = dev.virtual_size();
+    let bs = u64::from(block_size.max(4096));
+    let extents = dev.extents().map_err(|e| ReplError::Permanent(format!("{}: allocation map: {e}", path.display())))?;
+    let mut last_index: Option<u64> = None;
+    for ext in extents.iter().filter(|e| matches!(e.kind, ferry_disk::ExtentKind::Allocated)) {
+        let first = ext.offset / bs;
+        let end = (ext.offset + ext.len).div_ceil(bs);
+        for index in first..end {
+            if last_index.is_some_and(|l| index <= l) {
+                continue; // a block spanning two extents is read once
+            }
+            last_index = Some(index);
+            if stop.is_cancelled() {
+                return Err(ReplError::Recoverable("copy cancelled".into()));
+            }
+            let off = index * bs;
+            let len = bs.min(size - off) as usize;
+            let mut data = vec![0u8; len];
+            dev.read_at(off, &mut data).map_err(|e| ReplError::Permanent(format!("{}: read at {off}: {e}", path.display())))?;
+            stats.blocks_read.fetch_add(1, Ordering::Relaxed);
+            if ferry_store::is_zero(&data) {
+                stats.blocks_zero.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let id = ferry_store::chunk_id(key, &data);
+            if tx.blocking_send(ReadBlock { index, id, data }).is_err() {
+                return Ok(()); // the uploader stopped; its error is the one that counts
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,351 @@
+//! What each `ferry` subcommand does.
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use ferry::ctl::{Ctl, status_err};
+use ferry::output::{self, bytes, job_json, point_json, table, time, vm_json};
+use ferry::up::{Mesh, UpOptions};
+use ferry_mesh::Component;
+use ferry_proto::common::v1::{Job, ReplicationPolicy, StepStatus};
+use ferry_proto::failover::v1::{CleanupTestFailoverRequest, TestFailoverRequest};
+use ferry_proto::registry::v1 as reg;
+use ferry_proto::storage::v1::ListPointsRequest;
+
+use crate::{Cli, Cmd, FailoverCmd, HostCmd, JobsCmd, OutputFormat, PointsCmd, VaultCmd, VmCmd};
+
+fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn ctl(cli: &Cli) -> anyhow::Result<Ctl> {
+    let path = cli.config.clone().context("--config D/ferry.toml is required (or FERRY_CONFIG)")?;
+    Ctl::load(&path)
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match &cli.cmd {
+        Cmd::Up { data_dir, redis, store, without } => {
+            let without = without
+                .iter()
+                .filter(|s| !s.is_empty())
+                .map(|s| s.parse::<Component>())
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut mesh = Mesh::start(UpOptions {
+                data_dir: data_dir.clone(),
+                redis: redis.clone(),
+                store: store.clone(),
+                without,
+                retry_time_unit: None,
+            })
+            .await?;
+            println!("ferry is up; operate it with: ferry --config {} status", mesh.config_path.display());
+            let stop = ferry_mesh::shutdown_on_signal();
+            let res = tokio::select! {
+                _ = stop.cancelled() => Ok(()),
+                r = mesh.wait() => r,
+            };
+            mesh.stop().await;
+            res?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Status { output } => {
+            let c = ctl(&cli)?;
+            let st = ferry::status::collect(&c.cfg).await;
+            if *output == OutputFormat::Json {
+                print_json(&serde_json::to_value(&st)?)?;
+            } else {
+                let rows: Vec<Vec<String>> =
+                    st.iter().map(|s| vec![s.component.clone(), s.endpoint.clone(), s.status.clone()]).collect();
+                println!("{}", table(&["component", "endpoint", "status"], &rows));
+            }
+            Ok(if st.iter().all(|s| s.ok()) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Cmd::Vault { cmd: VaultCmd::RegistrationKey { out, ttl, site } } => {
+            let c = ctl(&cli)?;
+            let r = c
+                .registry()
+                .await?
+                .create_registration_key(reg::CreateRegistrationKeyRequest {
+                    ttl_seconds: Duration::from(*ttl).as_secs().max(1),
+                    site: site.clone(),
+                })
+                .await
+                .map_err(|s| status_err("creating a registration key", s))?
+                .into_inner();
+            let file = ferry_agent::RegistrationKeyFile {
+                vault_id: r.vault_id,
+                key_id: r.key_id.clone(),
+                secret: r.secret,
+                registry_endpoint: r.registry_endpoint,
+                ca_pem: r.ca_pem,
+                expires_at_ms: r.expires_at_ms,
+            };
+            ferry_mesh::write_secret(out, serde_json::to_string_pretty(&file)?.as_bytes())
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("registration key {} written to {} (valid until {})", r.key_id, out.display(), time(r.expires_at_ms));
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Host { cmd } => host(&cli, cmd).await,
+        Cmd::Vm { cmd } => vm(&cli, cmd).await,
+        Cmd::Jobs { cmd } => jobs(&cli, cmd).await,
+        Cmd::Points { cmd: PointsCmd::List { vm, output } } => {
+            let c = ctl(&cli)?;
+            let points = c
+                .storage()
+                .await?
+                .list_points(ListPointsRequest { vm: vm.clone() })
+                .await
+                .map_err(|s| status_err("listing recovery points", s))?
+                .into_inner()
+                .points;
+            if *output == OutputFormat::Json {
+                print_json(&serde_json::Value::Array(points.iter().map(point_json).collect()))?;
+            } else {
+                let rows: Vec<Vec<String>> = points
+                    .iter()
+                    .map(|p| vec![p.id.clone(), time(p.time_ms), p.consistency.clone(), p.kind.clone()])
+                    .collect();
+                println!("{}", table(&["id", "time", "consistency", "kind"], &rows));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Failover { cmd } => failover(&cli, cmd).await,
+    }
+}
+
+async fn host(cli: &Cli, cmd: &HostCmd) -> anyhow::Result<ExitCode> {
+    let c = ctl(cli)?;
+    match cmd {
+        HostCmd::List { output } => {
+            let hosts = c
+                .registry()
+                .await?
+                .list_hosts(reg::ListHostsRequest {})
+                .await
+                .map_err(|s| status_err("listing hosts", s))?
+                .into_inner()
+                .hosts;
+            if *output == OutputFormat::Json {
+                let v: Vec<_> = hosts
+                    .iter()
+                    .map(|h| serde_json::json!({"name": h.name, "site": h.site, "status": h.status,
+                        "registered": time(h.registered_at_ms), "last_heartbeat": time(h.last_heartbeat_ms), "vms": h.vms}))
+                    .collect();
+                print_json(&serde_json::Value::Array(v))?;
+            } else {
+                let rows: Vec<Vec<String>> = hosts
+                    .iter()
+                    .map(|h| vec![h.name.clone(), h.site.clone(), h.status.clone(), time(h.last_heartbeat_ms), h.vms.join(",")])
+                    .collect();
+                println!("{}", table(&["name", "site", "status", "last heartbeat", "vms"], &rows));
+            }
+        }
+        HostCmd::Remove { host } => {
+            c.registry()
+                .await?
+                .remove_host(reg::RemoveHostRequest { host: host.clone() })
+                .await
+                .map_err(|s| status_err("removing the host", s))?;
+            println!("host {host} removed; its certificate is no longer accepted");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn vm(cli: &Cli, cmd: &VmCmd) -> anyhow::Result<ExitCode> {
+    let c = ctl(cli)?;
+    match cmd {
+        VmCmd::List { output } => {
+            let vms = c
+                .registry()
+                .await?
+                .list_vms(reg::ListVmsRequest {})
+                .await
+                .map_err(|s| status_err("listing vms", s))?
+                .into_inner()
+                .vms;
+            if *output == OutputFormat::Json {
+                print_json(&serde_json::Value::Array(vms.iter().map(vm_json).collect()))?;
+            } else {
+                let rows: Vec<Vec<String>> = vms
+                    .iter()
+                    .map(|v| {
+                        vec![v.name.clone(), v.host.clone(), v.state.clone(), v.health.clone(), v.disks.len().to_string(), time(v.last_point_ms)]
+                    })
+                    .collect();
+                println!("{}", table(&["name", "host", "state", "health", "disks", "last point"], &rows));
+            }
+        }
+        VmCmd::Show { name, output } => {
+            let v = c
+                .registry()
+                .await?
+                .get_vm(reg::GetVmRequest { name: name.clone() })
+                .await
+                .map_err(|s| status_err("showing the vm", s))?
+                .into_inner();
+            if *output == OutputFormat::Json {
+                print_json(&vm_json(&v))?;
+            } else {
+                println!("name:        {}\nhost:        {}\nstate:       {}\nhealth:      {}", v.name, v.host, v.state, v.health);
+                println!("last point:  {} {}\nrpo:         {} s", v.last_point_id, time(v.last_point_ms), v.rpo_seconds);
+                if !v.last_error.is_empty() {
+                    println!("last error:  {}", v.last_error);
+                }
+                let rows: Vec<Vec<String>> = v
+                    .disks
+                    .iter()
+                    .map(|d| vec![d.path.clone(), d.format.clone(), d.subformat.clone(), bytes(d.virtual_size), bytes(d.allocated_bytes)])
+                    .collect();
+                println!("{}", table(&["disk", "format", "subformat", "size", "allocated"], &rows));
+            }
+        }
+        VmCmd::Protect { name, frequency, retention, wait, output } => {
+            let policy = ReplicationPolicy {
+                frequency_seconds: Duration::from(*frequency).as_secs().max(1),
+                retention_hours: (Duration::from(*retention).as_secs() / 3600).max(1),
+                ..Default::default()
+            };
+            let job = c
+                .registry()
+                .await?
+                .protect_vm(reg::ProtectVmRequest { name: name.clone(), policy: Some(policy) })
+                .await
+                .map_err(|s| status_err("enabling protection", s))?
+                .into_inner();
+            if !*wait {
+                print_job(&job, *output)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let job = wait_job(&c, &job.id, Duration::from_secs(3600)).await?;
+            print_job(&job, *output)?;
+            return Ok(job_exit(&job));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_job(j: &Job, output: OutputFormat) -> anyhow::Result<()> {
+    if output == OutputFormat::Json {
+        return print_json(&job_json(j));
+    }
+    println!("job {} ({} {}): {}", j.id, j.kind, j.target, output::step_status(j.status));
+    for s in &j.steps {
+        println!("  {:<26} {:<10} {:>3}%  {}", s.name, output::step_status(s.status), s.progress_percent, s.message);
+    }
+    if !j.error.is_empty() {
+        println!("  error: {}", j.error);
+    }
+    Ok(())
+}
+
+fn job_exit(j: &Job) -> ExitCode {
+    if j.status == StepStatus::Succeeded as i32 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+async fn wait_job(c: &Ctl, id: &str, timeout: Duration) -> anyhow::Result<Job> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last_pct = u32::MAX;
+    loop {
+        let j = c
+            .registry()
+            .await?
+            .get_job(reg::GetJobRequest { id: id.to_string() })
+            .await
+            .map_err(|s| status_err("reading the job", s))?
+            .into_inner();
+        if j.status != StepStatus::Running as i32 && j.status != StepStatus::Pending as i32 {
+            return Ok(j);
+        }
+        if let Some(s) = j.steps.iter().find(|s| s.status == StepStatus::Running as i32) {
+            if s.progress_percent != last_pct {
+                last_pct = s.progress_percent;
+                eprintln!("{}: {}% {}", s.name, s.progress_percent, s.message);
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("job {id} still running after {}", humantime::format_duration(timeout));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn jobs(cli: &Cli, cmd: &JobsCmd) -> anyhow::Result<ExitCode> {
+    let c = ctl(cli)?;
+    match cmd {
+        JobsCmd::List { vm, output } => {
+            let jobs = c
+                .registry()
+                .await?
+                .list_jobs(reg::ListJobsRequest { target: vm.clone().unwrap_or_default() })
+                .await
+                .map_err(|s| status_err("listing jobs", s))?
+                .into_inner()
+                .jobs;
+            if *output == OutputFormat::Json {
+                print_json(&serde_json::Value::Array(jobs.iter().map(job_json).collect()))?;
+            } else {
+                let rows: Vec<Vec<String>> = jobs
+                    .iter()
+                    .map(|j| {
+                        let step = j.steps.iter().find(|s| s.status == StepStatus::Running as i32).map(|s| s.name.clone()).unwrap_or_default();
+                        vec![j.id.clone(), j.kind.clone(), j.target.clone(), output::step_status(j.status).into(), step, time(j.created_at_ms)]
+                    })
+                    .collect();
+                println!("{}", table(&["id", "kind", "target", "status", "current step", "created"], &rows));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCmd::Show { id, output } => {
+            let j = c
+                .registry()
+                .await?
+                .get_job(reg::GetJobRequest { id: id.clone() })
+                .await
+                .map_err(|s| status_err("reading the job", s))?
+                .into_inner();
+            print_job(&j, *output)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCmd::Wait { id, timeout } => {
+            let j = wait_job(&c, id, (*timeout).into()).await?;
+            print_job(&j, OutputFormat::Table)?;
+            Ok(job_exit(&j))
+        }
+    }
+}
+
+async fn failover(cli: &Cli, cmd: &FailoverCmd) -> anyhow::Result<ExitCode> {
+    let c = ctl(cli)?;
+    let (job, output) = match cmd {
+        FailoverCmd::Test { vm, point, target, output } => {
+            let target = std::path::absolute(target)?;
+            let job = c
+                .failover()
+                .await?
+                .test_failover(TestFailoverRequest {
+                    vm: vm.clone(),
+                    point: point.clone(),
+                    target_dir: target.to_string_lossy().into(),
+                })
+                .await
+                .map_err(|s| status_err("test failover", s))?
+                .into_inner();
+            (job, *output)
+        }
+        FailoverCmd::Cleanup { vm, output } => {
+            let job = c
+                .failover()
+                .await?
+                .cleanup_test_failover(CleanupTestFailoverRequest { vm: vm.clone() })
+                .await
+                .map_err(|s| status_err("test failover cleanup", s))?
+                .into_inner();
+            (job, *output)
+        }
+    };
+    print_job(&job, output)?;
+    Ok(job_exit(&job))
+}

@@ -1,0 +1,139 @@
+//! Readable tables and stable JSON for operator commands.
+use ferry_proto::common::v1::{Job, RecoveryPoint, StepStatus};
+use ferry_proto::registry::v1::Vm;
+use serde_json::{Value, json};
+
+pub fn time(ms: i64) -> String {
+    if ms <= 0 {
+        return String::new();
+    }
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}
+
+pub fn step_status(s: i32) -> &'static str {
+    match StepStatus::try_from(s) {
+        Ok(StepStatus::Pending) => "pending",
+        Ok(StepStatus::Running) => "running",
+        Ok(StepStatus::Succeeded) => "succeeded",
+        Ok(StepStatus::Failed) => "failed",
+        Ok(StepStatus::Cancelled) => "cancelled",
+        Ok(StepStatus::Skipped) => "skipped",
+        _ => "unknown",
+    }
+}
+
+pub fn vm_json(v: &Vm) -> Value {
+    json!({
+        "name": v.name,
+        "host": v.host,
+        "site": v.site,
+        "state": v.state,
+        "health": v.health,
+        "disks": v.disks.iter().map(|d| json!({
+            "id": d.id,
+            "path": d.path,
+            "format": d.format,
+            "subformat": d.subformat,
+            "virtual_size": d.virtual_size,
+            "logical_sector_size": d.logical_sector_size,
+            "allocated_bytes": d.allocated_bytes,
+            "nbd_uri": d.nbd_uri,
+            "error": d.error,
+        })).collect::<Vec<_>>(),
+        "policy": v.policy.as_ref().map(|p| json!({
+            "frequency_seconds": p.frequency_seconds,
+            "retention_hours": p.retention_hours,
+            "app_consistent_seconds": p.app_consistent_seconds,
+            "resync_window": format!("{}-{}", p.resync_window_start, p.resync_window_end),
+        })),
+        "rpo_seconds": v.rpo_seconds,
+        "last_point_id": v.last_point_id,
+        "last_point_time": time(v.last_point_ms),
+        "last_error": v.last_error,
+        "retry_attempts": v.retry_attempts,
+        "next_retry_time": time(v.next_retry_ms),
+        "protection_job_id": v.protection_job_id,
+        "failover_state": v.failover_state,
+    })
+}
+
+pub fn job_json(j: &Job) -> Value {
+    json!({
+        "id": j.id,
+        "kind": j.kind,
+        "target": j.target,
+        "status": step_status(j.status),
+        "steps": j.steps.iter().map(|s| json!({
+            "name": s.name,
+            "status": step_status(s.status),
+            "progress_percent": s.progress_percent,
+            "message": s.message,
+            "started": time(s.started_at_ms),
+            "ended": time(s.ended_at_ms),
+        })).collect::<Vec<_>>(),
+        "bytes_total": j.bytes_total,
+        "bytes_done": j.bytes_done,
+        "bytes_skipped": j.bytes_skipped,
+        "error": j.error,
+        "created": time(j.created_at_ms),
+        "updated": time(j.updated_at_ms),
+    })
+}
+
+pub fn point_json(p: &RecoveryPoint) -> Value {
+    json!({
+        "id": p.id,
+        "time": time(p.time_ms),
+        "consistency": p.consistency,
+        "kind": p.kind,
+        "seq": p.seq,
+        "disks": p.disks.iter().map(|d| json!({
+            "disk_id": d.disk_id,
+            "path": d.path,
+            "format": d.format,
+            "virtual_size": d.virtual_size,
+            "stored_blocks": d.stored_blocks,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Left-aligned columns, two spaces apart.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(c.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths.get(i).copied().unwrap_or(0)))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let mut out = line(header.iter().map(|h| h.to_uppercase()).collect());
+    for r in rows {
+        out.push('\n');
+        out.push_str(&line(r.clone()));
+    }
+    out
+}
+
+pub fn bytes(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 { format!("{n} B") } else { format!("{v:.1} {}", U[i]) }
+}

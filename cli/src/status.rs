@@ -1,0 +1,94 @@
+//! `ferry status`: every component's health, Redis and the object store included.
+use ferry_mesh::{Component, MeshConfig};
+use serde::Serialize;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+use crate::up::GRPC_COMPONENTS;
+
+#[derive(Debug, Serialize)]
+pub struct ComponentStatus {
+    pub component: String,
+    pub endpoint: String,
+    pub status: String,
+}
+
+impl ComponentStatus {
+    pub fn ok(&self) -> bool {
+        self.status == "serving"
+    }
+}
+
+async fn grpc(cfg: &MeshConfig, c: Component) -> String {
+    let endpoint = cfg.endpoint(c);
+    let tls = match ferry_mesh::ClientTls::operator(cfg) {
+        Ok(t) => t,
+        Err(e) => return format!("error: {e}"),
+    };
+    let ch = match tokio::time::timeout(std::time::Duration::from_secs(5), ferry_mesh::connect(&endpoint, &tls)).await {
+        Ok(Ok(ch)) => ch,
+        Ok(Err(e)) => return format!("unreachable: {e}"),
+        Err(_) => return "unreachable: timed out".into(),
+    };
+    let service = match c {
+        Component::Registry => "ferry.registry.v1.Registry",
+        Component::Scheduler => "ferry.scheduler.v1.Scheduler",
+        Component::Ingest => "ferry.ingest.v1.Ingest",
+        Component::StorageWriter => "ferry.storage.v1.StorageWriter",
+        Component::Failover => "ferry.failover.v1.Failover",
+        Component::Gateway => "",
+    };
+    match HealthClient::new(ch).check(HealthCheckRequest { service: service.into() }).await {
+        Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => "serving".into(),
+        Ok(r) => format!("not serving ({})", r.get_ref().status),
+        Err(s) => format!("unhealthy: {}", s.message()),
+    }
+}
+
+async fn gateway(cfg: &MeshConfig) -> String {
+    let res: anyhow::Result<()> = async {
+        let read = |p: &std::path::Path| std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()));
+        let qcfg = ferry_mesh::quic_client_config(
+            &read(&cfg.tls.ca_cert)?,
+            &read(&cfg.tls.service_cert)?,
+            &read(&cfg.tls.service_key)?,
+        )?;
+        let up = ferry_gateway::client::Uploader::connect(cfg.gateway.listen, qcfg).await?;
+        up.ping().await?;
+        Ok(())
+    }
+    .await;
+    match tokio::time::timeout(std::time::Duration::from_secs(5), async { res }).await {
+        Ok(Ok(())) => "serving".into(),
+        Ok(Err(e)) => format!("unreachable: {e}"),
+        Err(_) => "unreachable: timed out".into(),
+    }
+}
+
+pub async fn collect(cfg: &MeshConfig) -> Vec<ComponentStatus> {
+    let mut out = Vec::new();
+    for c in GRPC_COMPONENTS {
+        out.push(ComponentStatus { component: c.to_string(), endpoint: cfg.endpoint(c), status: grpc(cfg, c).await });
+    }
+    out.push(ComponentStatus {
+        component: Component::Gateway.to_string(),
+        endpoint: format!("quic://{}", cfg.gateway.listen),
+        status: gateway(cfg).await,
+    });
+    let redis = match ferry_coord::Coord::connect(&cfg.redis_url).await {
+        Ok(c) => match c.ping().await {
+            Ok(()) => "serving".to_string(),
+            Err(e) => format!("unhealthy: {e}"),
+        },
+        Err(e) => format!("unreachable: {e}"),
+    };
+    out.push(ComponentStatus { component: "redis".into(), endpoint: cfg.redis_url.clone(), status: redis });
+    let store = match ferry_store::Store::from_url(&cfg.store_url()) {
+        Ok(s) => match s.list("points/").await {
+            Ok(_) => "serving".to_string(),
+            Err(e) => format!("unhealthy: {e}"),
+        },
+        Err(e) => format!("unreachable: {e}"),
+    };
+    out.push(ComponentStatus { component: "store".into(), endpoint: cfg.store_url(), status: store });
+    out
+}

@@ -1,0 +1,180 @@
+//! `ferry up`: every component in one process on one machine (the embedded default), a vault
+//! made on first start in the data dir, a `redis-server` child unless `--redis` is given, and
+//! `file://D/store` unless `--store` is given. `D/ferry.toml` is what the CLI and each
+//! component's own binary read to join the same mesh.
+use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdTcp, UdpSocket};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use ferry_coord::RedisServer;
+use ferry_mesh::{Component, Identity, Listen, MeshConfig, VaultCa};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub const GRPC_COMPONENTS: [Component; 5] = [
+    Component::Registry,
+    Component::Scheduler,
+    Component::Ingest,
+    Component::StorageWriter,
+    Component::Failover,
+];
+
+#[derive(Clone, Debug, Default)]
+pub struct UpOptions {
+    pub data_dir: PathBuf,
+    /// Use this Redis instead of starting one.
+    pub redis: Option<String>,
+    /// Use this object store URL instead of `file://D/store`.
+    pub store: Option<String>,
+    /// Components not to start here (they run as their own processes).
+    pub without: Vec<Component>,
+    /// Retry schedule unit (tests use milliseconds).
+    pub retry_time_unit: Option<std::time::Duration>,
+}
+
+/// A running mesh. Dropping it without [`Mesh::stop`] still stops the Redis child.
+pub struct Mesh {
+    pub cfg: MeshConfig,
+    pub config_path: PathBuf,
+    pub shutdown: CancellationToken,
+    tasks: JoinSet<(Component, anyhow::Result<()>)>,
+    redis: Option<RedisServer>,
+}
+
+fn free_tcp() -> anyhow::Result<SocketAddr> {
+    Ok(StdTcp::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?)
+}
+
+fn free_udp() -> anyhow::Result<SocketAddr> {
+    Ok(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?)
+}
+
+/// Creates the vault (CA, certificates, data key, admin token) and a config with free ports.
+fn init(dir: &Path) -> anyhow::Result<MeshConfig> {
+    let vault_id = uuid::Uuid::new_v4().to_string();
+    let ca = VaultCa::create(&vault_id)?;
+    let pki = dir.join("pki");
+    std::fs::create_dir_all(&pki)?;
+    std::fs::write(pki.join("ca.pem"), ca.cert_pem())?;
+    ferry_mesh::write_secret(&pki.join("ca.key"), ca.key_pem().as_bytes())?;
+    let (cert, key) = ca.issue_server(&[])?;
+    std::fs::write(pki.join("server.pem"), cert)?;
+    ferry_mesh::write_secret(&pki.join("server.key"), key.as_bytes())?;
+    let (cert, key) = ca.issue_client(&Identity::Service("ferry".into()))?;
+    std::fs::write(pki.join("service.pem"), cert)?;
+    ferry_mesh::write_secret(&pki.join("service.key"), key.as_bytes())?;
+    ferry_mesh::write_secret(&dir.join("vault").join("data.key"), &rand::random::<[u8; 32]>())?;
+    ferry_mesh::write_secret(&dir.join("admin.token"), hex::encode(rand::random::<[u8; 32]>()).as_bytes())?;
+    let mut cfg = MeshConfig { data_dir: dir.to_path_buf(), ..MeshConfig::default() };
+    cfg.vault.id = vault_id;
+    for c in GRPC_COMPONENTS {
+        cfg.set_listen(c, free_tcp()?);
+    }
+    cfg.gateway = Listen { listen: free_udp()? };
+    tracing::info!(dir = %dir.display(), vault = %cfg.vault.id, "vault created");
+    Ok(cfg)
+}
+
+impl Mesh {
+    pub async fn start(opts: UpOptions) -> anyhow::Result<Mesh> {
+        std::fs::create_dir_all(&opts.data_dir)
+            .with_context(|| format!("creating data dir {}", opts.data_dir.display()))?;
+        let dir = std::path::absolute(&opts.data_dir)?;
+        let config_path = dir.join("ferry.toml");
+        let mut cfg = if config_path.exists() {
+            MeshConfig::load(Some(&config_path), figment::Figment::new())?
+        } else {
+            init(&dir)?
+        };
+        let mut redis = None;
+        cfg.redis_url = match &opts.redis {
+            Some(url) => url.clone(),
+            None => {
+                let r = RedisServer::start(&dir.join("redis")).context("starting redis-server (install it: apt-get install redis-server)")?;
+                let url = r.url();
+                redis = Some(r);
+                url
+            }
+        };
+        if let Some(s) = &opts.store {
+            cfg.store_url = s.clone();
+        } else if cfg.store_url.is_empty() {
+            cfg.store_url = format!("file://{}", dir.join("store").display());
+        }
+        if let Some(u) = opts.retry_time_unit {
+            cfg.retry.time_unit = u;
+        }
+        let cfg = cfg.finish()?;
+        cfg.write_toml(&config_path)?;
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        for c in GRPC_COMPONENTS.into_iter().chain([Component::Gateway]) {
+            if opts.without.contains(&c) {
+                continue;
+            }
+            spawn_component(&mut tasks, c, cfg.clone(), shutdown.clone()).await?;
+        }
+        tracing::info!(config = %config_path.display(), redis = %cfg.redis_url, store = %cfg.store_url, "ferry mesh up");
+        Ok(Mesh { cfg, config_path, shutdown, tasks, redis })
+    }
+
+    /// Waits until shutdown is requested or a component stops on its own (an error).
+    pub async fn wait(&mut self) -> anyhow::Result<()> {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => Ok(()),
+            Some(done) = self.tasks.join_next() => {
+                let (c, res) = done.context("component task panicked")?;
+                self.shutdown.cancel();
+                match res {
+                    Ok(()) => anyhow::bail!("component {c} stopped"),
+                    Err(e) => Err(e.context(format!("component {c} failed"))),
+                }
+            }
+        }
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        let deadline = tokio::time::sleep(std::time::Duration::from_secs(10));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => { self.tasks.abort_all(); break; }
+                n = self.tasks.join_next() => if n.is_none() { break },
+            }
+        }
+        drop(self.redis.take());
+    }
+
+    pub fn redis(&self) -> Option<&RedisServer> {
+        self.redis.as_ref()
+    }
+}
+
+/// Starts one component as a task (the in-process form of its own binary).
+pub async fn spawn_component(
+    tasks: &mut JoinSet<(Component, anyhow::Result<()>)>,
+    c: Component,
+    cfg: MeshConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let addr = cfg.listen(c);
+    if c == Component::Gateway {
+        let sock = UdpSocket::bind(addr).with_context(|| format!("binding gateway udp {addr}"))?;
+        tasks.spawn(async move { (c, ferry_gateway::run(cfg, sock, shutdown).await) });
+        return Ok(());
+    }
+    let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {c} on {addr}"))?;
+    tasks.spawn(async move {
+        let res = match c {
+            Component::Registry => ferry_registry::run(cfg, l, shutdown).await,
+            Component::Scheduler => ferry_scheduler::run(cfg, l, shutdown).await,
+            Component::Ingest => ferry_ingest::run(cfg, l, shutdown).await,
+            Component::StorageWriter => ferry_storage_writer::run(cfg, l, shutdown).await,
+            Component::Failover => ferry_failover::run(cfg, l, shutdown).await,
+            Component::Gateway => Err(anyhow::anyhow!("the gateway is not a grpc component")),
+        };
+        (c, res)
+    });
+    Ok(())
+}

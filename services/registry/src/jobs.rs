@@ -1,0 +1,298 @@
+//! The enable-protection job: prerequisites check → replication relationship → initial
+//! replication → finalize protection. Its state lives in the catalog, so a registry restart
+//! resumes running jobs where they were (the scheduler keeps undelivered work in Redis and
+//! re-sends it; the agent skips blocks already stored).
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_mesh::{ClientTls, Component};
+use ferry_proto::common::v1::{Job, JobStep, StepStatus};
+use ferry_proto::now_ms;
+use ferry_proto::scheduler::v1::{DispatchRequest, WorkKind, scheduler_client::SchedulerClient};
+
+use crate::error::RegistryError;
+use crate::service::RegistryService;
+use crate::state::{Event, JobRecord, PolicyRecord};
+
+pub(crate) const KIND_ENABLE: &str = "enable-protection";
+const STEPS: [&str; 4] =
+    ["prerequisites check", "replication relationship", "initial replication", "finalize protection"];
+const SUPPORTED_FORMATS: [&str; 3] = ["raw", "vhd", "vhdx"];
+
+fn new_job(kind: &str, target: &str, steps: &[&str]) -> Job {
+    Job {
+        id: uuid::Uuid::new_v4().to_string(),
+        kind: kind.to_string(),
+        target: target.to_string(),
+        status: StepStatus::Running as i32,
+        steps: steps
+            .iter()
+            .map(|s| JobStep { name: s.to_string(), status: StepStatus::Pending as i32, ..Default::default() })
+            .collect(),
+        created_at_ms: now_ms(),
+        updated_at_ms: now_ms(),
+        ..Default::default()
+    }
+}
+
+enum Outcome {
+    Done,
+    Failed(String),
+}
+
+impl RegistryService {
+    pub(crate) async fn start_protection(
+        self: &Arc<Self>,
+        vm: &str,
+        policy: PolicyRecord,
+    ) -> Result<Job, RegistryError> {
+        if policy.frequency_seconds == 0 {
+            return Err(RegistryError::InvalidArgument("replication frequency must be at least 1 s".into()));
+        }
+        let job = new_job(KIND_ENABLE, vm, &STEPS);
+        {
+            let st = self.state.lock().await;
+            let v = st.vms.get(vm).ok_or_else(|| RegistryError::VmNotFound(vm.to_string()))?;
+            if v.state != "unprotected" && v.state != "error" {
+                return Err(RegistryError::FailedPrecondition(format!(
+                    "vm {vm} is already {} (job {})",
+                    v.state, v.protection_job_id
+                )));
+            }
+        }
+        self.persist(vec![
+            Event::Job(JobRecord::encode(&job)),
+            Event::VmProtection { vm: vm.to_string(), policy, job_id: job.id.clone() },
+            Event::VmState {
+                vm: vm.to_string(),
+                state: "enabling".into(),
+                health: "normal".into(),
+                last_error: String::new(),
+            },
+        ])
+        .await?;
+        tracing::info!(vm, job = %job.id, "enable protection started");
+        self.spawn_job(job.id.clone());
+        Ok(job)
+    }
+
+    /// Picks up jobs that were running when the registry stopped.
+    pub fn resume_jobs(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let running: Vec<String> = me
+                .state
+                .lock()
+                .await
+                .jobs
+                .values()
+                .filter(|j| j.kind == KIND_ENABLE && j.status == StepStatus::Running as i32)
+                .map(|j| j.id.clone())
+                .collect();
+            for id in running {
+                tracing::info!(job = %id, "resuming job");
+                me.spawn_job(id);
+            }
+        });
+    }
+
+    fn spawn_job(self: &Arc<Self>, id: String) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = me.run_protection(&id).await {
+                tracing::error!(job = %id, error = %e, "job runner failed");
+            }
+        });
+    }
+
+    async fn set_step(&self, job: &mut Job, i: usize, status: StepStatus, msg: &str) -> Result<(), RegistryError> {
+        // Progress reports update the job in memory; start from the newest copy.
+        if let Ok(cur) = self.job(&job.id).await {
+            job.bytes_total = cur.bytes_total;
+            job.bytes_done = cur.bytes_done;
+            job.bytes_skipped = cur.bytes_skipped;
+        }
+        let step = &mut job.steps[i];
+        if status == StepStatus::Running && step.started_at_ms == 0 {
+            step.started_at_ms = now_ms();
+        }
+        if matches!(status, StepStatus::Succeeded | StepStatus::Failed) {
+            step.ended_at_ms = now_ms();
+            if status == StepStatus::Succeeded {
+                step.progress_percent = 100;
+            }
+        }
+        step.status = status as i32;
+        if !msg.is_empty() {
+            step.message = msg.to_string();
+        }
+        job.updated_at_ms = now_ms();
+        self.save_job(job).await
+    }
+
+    async fn run_protection(self: &Arc<Self>, id: &str) -> Result<(), RegistryError> {
+        let mut job = self.job(id).await?;
+        let vm = job.target.clone();
+        for i in 0..job.steps.len() {
+            if job.steps[i].status == StepStatus::Succeeded as i32 {
+                continue;
+            }
+            self.set_step(&mut job, i, StepStatus::Running, "").await?;
+            let outcome = match i {
+                0 => self.check_prerequisites(&vm).await?,
+                1 => self.create_relationship(&vm).await?,
+                2 => self.initial_replication(&vm, &job).await?,
+                _ => self.finalize(&vm).await?,
+            };
+            match outcome {
+                Outcome::Done => {
+                    let msg = if i == 2 { self.copy_summary(&job.id).await } else { String::new() };
+                    self.set_step(&mut job, i, StepStatus::Succeeded, &msg).await?;
+                }
+                Outcome::Failed(err) => {
+                    tracing::warn!(vm = %vm, job = %job.id, step = STEPS[i], error = %err, "enable protection failed");
+                    self.set_step(&mut job, i, StepStatus::Failed, &err).await?;
+                    job.status = StepStatus::Failed as i32;
+                    job.error = err.clone();
+                    self.save_job(&job).await?;
+                    self.persist(vec![Event::VmState {
+                        vm: vm.clone(),
+                        state: "unprotected".into(),
+                        health: "critical".into(),
+                        last_error: err,
+                    }])
+                    .await?;
+                    return Ok(());
+                }
+            }
+        }
+        job.status = StepStatus::Succeeded as i32;
+        self.save_job(&job).await?;
+        tracing::info!(vm = %vm, job = %job.id, "vm protected");
+        Ok(())
+    }
+
+    async fn copy_summary(&self, job_id: &str) -> String {
+        match self.job(job_id).await {
+            Ok(j) => format!(
+                "{} bytes sent, {} bytes skipped as already stored",
+                j.bytes_done, j.bytes_skipped
+            ),
+            Err(_) => String::new(),
+        }
+    }
+
+    async fn check_prerequisites(&self, vm: &str) -> Result<Outcome, RegistryError> {
+        let st = self.state.lock().await;
+        let v = st.vms.get(vm).ok_or_else(|| RegistryError::VmNotFound(vm.to_string()))?;
+        let mut problems = Vec::new();
+        match st.hosts.get(&v.host) {
+            None => problems.push(format!("host {} is not registered", v.host)),
+            Some(h) if h.removed => problems.push(format!("host {} was removed from the vault", v.host)),
+            Some(_) if !self.host_connected(&v.host) => {
+                problems.push(format!("host {} has not sent a heartbeat recently", v.host))
+            }
+            Some(_) => {}
+        }
+        if v.disks.is_empty() {
+            problems.push("the vm has no disks".to_string());
+        }
+        for d in &v.disks {
+            if !d.error.is_empty() {
+                problems.push(format!("disk {} is not readable: {}", d.path, d.error));
+            } else if !SUPPORTED_FORMATS.contains(&d.format.as_str()) {
+                problems.push(format!("disk {} has unsupported format {:?}", d.path, d.format));
+            }
+        }
+        match &v.policy {
+            Some(p) if p.frequency_seconds >= 1 => {}
+            _ => problems.push("replication policy is missing or invalid".to_string()),
+        }
+        Ok(if problems.is_empty() { Outcome::Done } else { Outcome::Failed(problems.join("; ")) })
+    }
+
+    async fn create_relationship(&self, vm: &str) -> Result<Outcome, RegistryError> {
+        self.persist(vec![Event::VmState {
+            vm: vm.to_string(),
+            state: "initial-replication".into(),
+            health: "normal".into(),
+            last_error: String::new(),
+        }])
+        .await?;
+        Ok(Outcome::Done)
+    }
+
+    async fn initial_replication(self: &Arc<Self>, vm: &str, job: &Job) -> Result<Outcome, RegistryError> {
+        let host = {
+            let st = self.state.lock().await;
+            let v = st.vms.get(vm).ok_or_else(|| RegistryError::VmNotFound(vm.to_string()))?;
+            if !v.last_point_id.is_empty() {
+                return Ok(Outcome::Done);
+            }
+            v.host.clone()
+        };
+        self.dispatch(&host, vm, &job.id).await?;
+        loop {
+            let notified = self.changed.notified();
+            {
+                let st = self.state.lock().await;
+                if let Some(v) = st.vms.get(vm) {
+                    if !v.last_point_id.is_empty() {
+                        return Ok(Outcome::Done);
+                    }
+                    if v.health == "critical" && !v.last_error.is_empty() {
+                        return Ok(Outcome::Failed(v.last_error.clone()));
+                    }
+                }
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = self.shutdown.cancelled() => return Err(RegistryError::Internal("registry shutting down".into())),
+            }
+        }
+    }
+
+    /// Queues the initial copy with the scheduler, retrying while it is unreachable.
+    async fn dispatch(&self, host: &str, vm: &str, job_id: &str) -> Result<(), RegistryError> {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.try_dispatch(host, vm, job_id).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(vm, job = job_id, error = %e, "scheduler unreachable; retrying dispatch");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.shutdown.cancelled() => return Err(RegistryError::Internal("registry shutting down".into())),
+            }
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    async fn try_dispatch(&self, host: &str, vm: &str, job_id: &str) -> anyhow::Result<()> {
+        let tls = ClientTls::service(&self.cfg)?;
+        let ch = ferry_mesh::connect(&self.cfg.endpoint(Component::Scheduler), &tls).await?;
+        SchedulerClient::new(ch)
+            .dispatch(DispatchRequest {
+                host_name: host.to_string(),
+                kind: WorkKind::InitialReplication as i32,
+                vm: vm.to_string(),
+                job_id: job_id.to_string(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn finalize(&self, vm: &str) -> Result<Outcome, RegistryError> {
+        self.persist(vec![Event::VmState {
+            vm: vm.to_string(),
+            state: "protected".into(),
+            health: "normal".into(),
+            last_error: String::new(),
+        }])
+        .await?;
+        Ok(Outcome::Done)
+    }
+}
