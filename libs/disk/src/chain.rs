@@ -87,7 +87,7 @@ pub(crate) fn open_parent_for_rw(
     path: &Path,
     format: Format,
     opts: &OpenOptions,
-) -> Result<Option<Box<dyn BlockDevice>>, DiskError> {
+) -> Result<Option<(Box<dyn BlockDevice>, PathBuf)>, DiskError> {
     let canon = std::fs::canonicalize(path).map_err(|e| DiskError::io(path, "file", 0, e))?;
     let mut visited = vec![canon];
     match format {
@@ -99,9 +99,13 @@ pub(crate) fn open_parent_for_rw(
             }
             let id = ParentId::Vhd(d.header.as_ref().map_or([0; 16], |h| h.parent_unique_id));
             let c = d.parent_candidates()?;
-            Ok(Some(
-                resolve_parent(path, c, &id, opts.parent.as_deref(), &mut visited)?.0,
-            ))
+            Ok(Some(resolve_parent(
+                path,
+                c,
+                &id,
+                opts.parent.as_deref(),
+                &mut visited,
+            )?))
         }
         Format::Vhdx => {
             let d = VhdxDisk::open(path)?;
@@ -110,9 +114,13 @@ pub(crate) fn open_parent_for_rw(
             }
             let id = ParentId::Vhdx(d.parent_linkage());
             let c = d.parent_candidates();
-            Ok(Some(
-                resolve_parent(path, c, &id, opts.parent.as_deref(), &mut visited)?.0,
-            ))
+            Ok(Some(resolve_parent(
+                path,
+                c,
+                &id,
+                opts.parent.as_deref(),
+                &mut visited,
+            )?))
         }
     }
 }

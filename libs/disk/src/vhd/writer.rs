@@ -208,9 +208,15 @@ impl VhdWriter {
         Ok(w)
     }
 
-    pub fn open(path: &Path, parent: Option<Box<dyn BlockDevice>>) -> Result<Self, DiskError> {
+    pub fn open(
+        path: &Path,
+        parent: Option<(Box<dyn BlockDevice>, std::path::PathBuf)>,
+    ) -> Result<Self, DiskError> {
         let mut d = VhdDisk::open(path, true)?;
-        d.parent = parent;
+        if let Some((p, pp)) = parent {
+            d.parent = Some(p);
+            d.parent_path = Some(pp);
+        }
         let next_free = d.data_end;
         Ok(VhdWriter {
             d,

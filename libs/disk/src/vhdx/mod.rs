@@ -1,5 +1,6 @@
 //! VHDX images: fixed, dynamic and differencing, 512 and 4096-byte sectors (FORMATS.md §2).
 
+mod alloc;
 mod format;
 mod log;
 mod reader;

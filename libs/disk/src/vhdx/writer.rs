@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 use super::format::*;
-use super::log::{LogOp, SECTOR, build_entry};
+use super::log::LogOp;
 use super::reader::VhdxDisk;
-use crate::io::{DiskFile, check_range, is_zero, put_le_u32, put_le_u64};
+use crate::io::{DiskFile, check_range, put_le_u32, put_le_u64};
 use crate::{BlockDevice, DiskError, DiskInfo, DiskWriter, Extent};
 
 /// Options for a new VHDX.
@@ -35,15 +35,17 @@ const META_OFFSET: u64 = 2 * MIB;
 const BAT_OFFSET: u64 = 3 * MIB;
 
 pub(crate) struct VhdxWriter {
-    d: VhdxDisk,
-    fresh: bool,
-    bat_dirty: bool,
-    next_free: u64,
+    pub(super) d: VhdxDisk,
+    pub(super) fresh: bool,
+    pub(super) bat_dirty: bool,
+    pub(super) next_free: u64,
     /// In-place session state: GUIDs renewed, log position and sequence.
-    session: bool,
-    log_pos: u64,
-    log_seq: u64,
-    crash_after_log: bool,
+    pub(super) session: bool,
+    pub(super) log_pos: u64,
+    pub(super) log_seq: u64,
+    pub(super) crash_after_log: bool,
+    /// Set once the crash hook stopped a commit after its log entry.
+    pub(super) crashed: bool,
 }
 
 fn default_block(size: u64) -> u32 {
@@ -160,6 +162,7 @@ impl VhdxWriter {
             log_pos: 0,
             log_seq: 0,
             crash_after_log: false,
+            crashed: false,
         };
         w.d.bat = bat;
         if let Some((_, abs)) = parent_info {
@@ -185,11 +188,13 @@ impl VhdxWriter {
         )
     }
 
-    pub fn open(path: &Path, parent: Option<Box<dyn BlockDevice>>) -> Result<Self, DiskError> {
+    pub fn open(
+        path: &Path,
+        parent: Option<(Box<dyn BlockDevice>, PathBuf)>,
+    ) -> Result<Self, DiskError> {
         let f = DiskFile::open(path, true)?;
         let mut d = VhdxDisk::parse(f)?;
-        if let Some(p) = parent {
-            let pp = d.parent_candidates().into_iter().next().unwrap_or_default();
+        if let Some((p, pp)) = parent {
             d.set_parent(p, pp);
         }
         let next_free = d.f.len.div_ceil(MIB) * MIB;
@@ -202,6 +207,7 @@ impl VhdxWriter {
             log_pos: 0,
             log_seq: 0,
             crash_after_log: false,
+            crashed: false,
         };
         if w.d.replay.is_some() {
             w.replay_into_file()?;
@@ -262,7 +268,7 @@ impl VhdxWriter {
 
     /// First modification of an in-place session: new file and data GUIDs, and a log GUID so
     /// BAT updates can go through the log.
-    fn begin_session(&mut self) -> Result<(), DiskError> {
+    pub(super) fn begin_session(&mut self) -> Result<(), DiskError> {
         if self.session {
             return Ok(());
         }
@@ -287,100 +293,6 @@ impl VhdxWriter {
         self.d.f.write_all_at(off, &raw, "vhdx bat")?;
         self.bat_dirty = false;
         Ok(())
-    }
-
-    /// Makes a BAT entry durable through the log (in place) or marks the BAT dirty (fresh).
-    fn set_bat(&mut self, index: u64, value: u64) -> Result<(), DiskError> {
-        if let Some(e) = self.d.bat.get_mut(index as usize) {
-            *e = value;
-        }
-        if self.fresh {
-            self.bat_dirty = true;
-            return Ok(());
-        }
-        let at = self.d.bat_offset + index * 8;
-        let sector_at = at / SECTOR as u64 * SECTOR as u64;
-        let mut sector = vec![0u8; SECTOR];
-        self.d.read_meta(sector_at, &mut sector, "vhdx bat")?;
-        put_le_u64(&mut sector, (at - sector_at) as usize, value);
-        let eof = self.d.f.len;
-        // One data sector plus one descriptor sector.
-        if self.log_pos + 2 * SECTOR as u64 > self.d.header.log_length as u64 {
-            self.log_pos = 0;
-        }
-        // Each entry's tail is itself: once its BAT write is flushed the older ones are dead.
-        let entry = build_entry(
-            self.log_seq,
-            self.log_pos as u32,
-            &self.d.header.log_guid,
-            eof,
-            eof.div_ceil(MIB) * MIB,
-            &[(sector_at, &sector)],
-        );
-        let lo = self.d.header.log_offset + self.log_pos;
-        self.d.f.write_all_at(lo, &entry, "vhdx log entry")?;
-        self.d.f.sync()?;
-        self.log_pos += entry.len() as u64;
-        self.log_seq += 1;
-        if self.crash_after_log {
-            return Ok(());
-        }
-        self.d.f.write_all_at(sector_at, &sector, "vhdx bat")?;
-        self.d.f.sync()
-    }
-
-    /// A new payload block at the 1 MiB-aligned end of the file, zero-filled by extension.
-    fn allocate(&mut self, block: u64, init: Option<&[u8]>) -> Result<u64, DiskError> {
-        self.begin_session()?;
-        let bs = self.d.block_size as u64;
-        let off = self.next_free.max(self.d.f.len.div_ceil(MIB) * MIB);
-        self.d.f.set_len(off + bs)?;
-        if let Some(data) = init {
-            self.d.f.write_all_at(off, data, "vhdx payload block")?;
-        }
-        self.next_free = off + bs;
-        if !self.fresh {
-            // The block must be durable before any BAT entry points at it.
-            self.d.f.sync()?;
-        }
-        let idx = self.d.payload_index(block);
-        self.set_bat(idx, off | ST_FULLY_PRESENT)?;
-        Ok(off)
-    }
-
-    fn write_block(&mut self, block: u64, within: u64, bytes: &[u8]) -> Result<(), DiskError> {
-        let bs = self.d.block_size as u64;
-        let e = self
-            .d
-            .bat
-            .get(self.d.payload_index(block) as usize)
-            .copied()
-            .unwrap_or(0);
-        let state = e & 7;
-        let off = match state {
-            ST_FULLY_PRESENT => e & OFFSET_MASK,
-            ST_PARTIALLY_PRESENT | ST_NOT_PRESENT if self.d.has_parent => {
-                if is_zero(bytes) && state == ST_NOT_PRESENT && self.d.parent.is_none() {
-                    return Ok(());
-                }
-                // Copy-on-write of the whole block from the chain: the block becomes fully
-                // present, so no sector bitmap has to change.
-                let mut whole = vec![0u8; bs.min(self.d.size - block * bs) as usize];
-                self.d.read(block * bs, &mut whole)?;
-                whole[within as usize..within as usize + bytes.len()].copy_from_slice(bytes);
-                self.allocate(block, Some(&whole))?;
-                return Ok(());
-            }
-            _ => {
-                if is_zero(bytes) {
-                    return Ok(());
-                }
-                self.allocate(block, None)?
-            }
-        };
-        self.d
-            .f
-            .write_all_at(off + within, bytes, "vhdx payload block")
     }
 }
 
@@ -453,7 +365,7 @@ impl DiskWriter for VhdxWriter {
             let (block, within) = (v / bs, v % bs);
             let n = (bs - within).min((data.len() - done) as u64) as usize;
             self.write_block(block, within, &data[done..done + n])?;
-            if self.crash_after_log && !self.fresh && self.log_seq > 1 {
+            if self.crashed {
                 return Ok(());
             }
             done += n;

@@ -1,0 +1,351 @@
+//! In-place writes into existing files of every kind, a VHDX left with a pending log by an
+//! interrupted metadata update, and differencing chains built by our writer.
+
+mod common;
+
+use common::*;
+use ferry_disk::{
+    DiskError, Format, OpenOptions, VhdxCreateOptions, create_differencing, create_vhdx, open,
+    open_rw, open_with,
+};
+
+const MIB: u64 = 1 << 20;
+
+/// Deterministic writes of assorted sizes and alignments, some of them zeros.
+fn writes(seed: u64, size: u64, n: usize) -> Vec<(u64, Vec<u8>)> {
+    let mut r = Rng(seed);
+    (0..n)
+        .map(|i| {
+            let len = match i % 4 {
+                0 => 4096,
+                1 => 1 + r.below(70_000) as usize,
+                2 => 512 * (1 + r.below(8) as usize),
+                _ => (1 + r.below(3) as usize) * MIB as usize,
+            };
+            let len = len.min(size as usize);
+            let off = r.below(size - len as u64 + 1);
+            let mut data = vec![0u8; len];
+            if i % 5 != 4 {
+                r.fill(&mut data);
+            }
+            (off, data)
+        })
+        .collect()
+}
+
+fn apply(model: &mut [u8], w: &[(u64, Vec<u8>)]) {
+    for (off, data) in w {
+        model[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+    }
+}
+
+fn write_all(d: &mut dyn ferry_disk::DiskWriter, w: &[(u64, Vec<u8>)]) {
+    for (off, data) in w {
+        d.write_at(*off, data).expect("write_at");
+    }
+}
+
+/// qemu makes and fills an image, we write into it in place, qemu reads it back.
+fn inplace(fmt: &str, opts: &str, size: u64) {
+    let dir = tempdir();
+    let img = file(&dir, "disk.img");
+    qemu_create(&img, fmt, opts, size);
+    let qsize = qemu_size(&img, fmt);
+    qemu_io(
+        &img,
+        fmt,
+        &[
+            "write -P 0x11 0 3145728".to_string(),
+            format!("write -P 0x22 {} 65536", qsize / 2),
+        ],
+    );
+    let reference = file(&dir, "ref.raw");
+    qemu_to_raw(&img, fmt, &reference);
+    let mut model = std::fs::read(&reference).expect("reference");
+    let w = writes(fmt.len() as u64 * 7 + size, qsize, 40);
+    apply(&mut model, &w);
+    std::fs::write(&reference, &model).expect("write model");
+    let mut d = open_rw(&img).expect("open_rw");
+    write_all(d.as_mut(), &w);
+    assert!(
+        read_all(d.as_ref()) == model,
+        "{fmt} {opts}: read-back before finish"
+    );
+    d.finish().expect("finish");
+    let (code, text) = qemu_compare(&img, fmt, &reference, "raw");
+    assert_eq!(
+        code, 0,
+        "{fmt} {opts}: qemu-img compare after in-place writes: {text}"
+    );
+    if fmt == "vhdx" {
+        let (code, text) = status("qemu-img", &["check", "-f", "vhdx", p(&img)]);
+        assert_eq!(code, 0, "qemu-img check: {text}");
+    }
+    assert!(read_all(open(&img).expect("reopen").as_ref()) == model);
+}
+
+#[test]
+fn inplace_raw() {
+    inplace("raw", "", 20 * MIB);
+}
+
+#[test]
+fn inplace_vhd_fixed() {
+    inplace("vpc", "subformat=fixed,force_size=on", 20 * MIB);
+}
+
+#[test]
+fn inplace_vhd_dynamic() {
+    inplace("vpc", "subformat=dynamic", 20 * MIB);
+}
+
+#[test]
+fn inplace_vhdx_fixed() {
+    inplace("vhdx", "subformat=fixed,block_state_zero=off", 20 * MIB);
+}
+
+#[test]
+fn inplace_vhdx_dynamic() {
+    inplace("vhdx", "subformat=dynamic,block_size=1M", 20 * MIB + 512);
+}
+
+#[test]
+fn inplace_vhdx_zero_state_blocks() {
+    inplace("vhdx", "subformat=fixed", 18 * MIB);
+}
+
+fn sha(path: &std::path::Path) -> Vec<u8> {
+    std::fs::read(path).expect("read file")
+}
+
+#[test]
+fn pending_log_reads_replayed_and_leaves_file_unchanged() {
+    let dir = tempdir();
+    let img = file(&dir, "d.vhdx");
+    qemu_create(&img, "vhdx", "subformat=dynamic,block_size=1M", 16 * MIB);
+    qemu_io(&img, "vhdx", &["write -P 0x5c 0 1048576".to_string()]);
+    let data = vec![0xA7u8; 8192];
+    ferry_disk::testing::crash_after_log(&img, 5 * MIB + 4096, &data).expect("crash hook");
+
+    let before = sha(&img);
+    // qemu refuses a read-only open with a pending log: proof the log really is pending.
+    let (code, _) = status(
+        "qemu-io",
+        &["-r", "-f", "vhdx", "-c", "read 0 512", p(&img)],
+    );
+    assert_ne!(code, 0, "qemu should refuse the dirty file read-only");
+    let d = open(&img).expect("open with pending log");
+    let mut buf = vec![0u8; 8192];
+    d.read_at(5 * MIB + 4096, &mut buf).expect("read");
+    assert_eq!(buf, data, "the logged block reads as replayed");
+    d.read_at(0, &mut buf).expect("read");
+    assert!(buf.iter().all(|&b| b == 0x5c));
+    drop(d);
+    assert!(sha(&img) == before, "a reader must not change the file");
+
+    // qemu's own replay agrees with ours.
+    let copy = file(&dir, "copy.vhdx");
+    std::fs::copy(&img, &copy).expect("copy");
+    run(
+        "qemu-img",
+        &["check", "-q", "-r", "all", "-f", "vhdx", p(&copy)],
+    );
+    let ours = file(&dir, "ours.raw");
+    let mut w = ferry_disk::create(
+        &ours,
+        Format::Raw,
+        &ferry_disk::CreateOptions {
+            virtual_size: 16 * MIB,
+            subformat: ferry_disk::Subformat::Fixed,
+            block_size: None,
+        },
+    )
+    .expect("create raw");
+    ferry_disk::copy_into(open(&img).expect("open").as_ref(), w.as_mut()).expect("copy");
+    w.finish().expect("finish");
+    let (code, text) = qemu_compare(&copy, "vhdx", &ours, "raw");
+    assert_eq!(code, 0, "{text}");
+
+    // A writable open replays into the file and closes it clean for qemu.
+    let rw = open_rw(&img).expect("open_rw replays");
+    rw.finish().expect("finish");
+    let (code, text) = qemu_compare(&img, "vhdx", &ours, "raw");
+    assert_eq!(code, 0, "after writable replay: {text}");
+    let (code, text) = status("qemu-img", &["check", "-f", "vhdx", p(&img)]);
+    assert_eq!(code, 0, "{text}");
+}
+
+/// base (qemu) <- child <- grandchild (ours), written at odd offsets; every layer reads through.
+fn chain(fmt: &str, base_opts: &str, ext: &str) {
+    let dir = tempdir();
+    let base = file(&dir, &format!("base.{ext}"));
+    qemu_create(&base, fmt, base_opts, 12 * MIB);
+    let size = qemu_size(&base, fmt);
+    qemu_io(&base, fmt, &["write -P 0x31 0 6291456".to_string()]);
+    let mut model = vec![0u8; size as usize];
+    apply(&mut model, &[(0, vec![0x31; 6 * MIB as usize])]);
+    let format = if ext == "vhd" {
+        Format::Vhd
+    } else {
+        Format::Vhdx
+    };
+
+    let child = file(&dir, &format!("child.{ext}"));
+    let mut c = create_differencing(&child, format, &base).expect("create child");
+    let w1 = writes(11, size, 25);
+    write_all(c.as_mut(), &w1);
+    apply(&mut model, &w1);
+    assert!(
+        read_all(c.as_ref()) == model,
+        "child reads through before finish"
+    );
+    c.finish().expect("finish child");
+    let after_child = model.clone();
+
+    let grand = file(&dir, &format!("grand.{ext}"));
+    let mut g = create_differencing(&grand, format, &child).expect("create grandchild");
+    let w2 = writes(12, size, 25);
+    write_all(g.as_mut(), &w2);
+    g.finish().expect("finish grandchild");
+    apply(&mut model, &w2);
+
+    let d = open(&grand).expect("open grandchild");
+    assert_eq!(d.info().subformat.as_deref(), Some("differencing"));
+    assert!(d.parent().is_some_and(|p| p.parent().is_some()));
+    assert!(
+        read_all(d.as_ref()) == model,
+        "grandchild reads through the chain"
+    );
+    assert!(read_all(open(&child).expect("child").as_ref()) == after_child);
+
+    // In-place writes into the child, then the chain moved to another folder: relative
+    // locators still find it.
+    let mut c = open_rw(&child).expect("open_rw child");
+    let w3 = writes(13, size, 10);
+    write_all(c.as_mut(), &w3);
+    c.finish().expect("finish");
+    let mut child_model = after_child.clone();
+    apply(&mut child_model, &w3);
+    let moved = tempdir();
+    for name in ["base", "child"] {
+        std::fs::rename(
+            file(&dir, &format!("{name}.{ext}")),
+            file(&moved, &format!("{name}.{ext}")),
+        )
+        .expect("move");
+    }
+    let d = open(&file(&moved, &format!("child.{ext}"))).expect("open moved child");
+    assert!(
+        read_all(d.as_ref()) == child_model,
+        "moved child reads through"
+    );
+
+    // An explicit parent overrides the locators.
+    let explicit = open_with(
+        &file(&moved, &format!("child.{ext}")),
+        &OpenOptions {
+            format: None,
+            parent: Some(file(&moved, &format!("base.{ext}"))),
+        },
+    )
+    .expect("explicit parent");
+    assert!(read_all(explicit.as_ref()) == child_model);
+    // A wrong explicit parent (the child itself) is refused by identity.
+    let wrong = open_with(
+        &file(&moved, &format!("child.{ext}")),
+        &OpenOptions {
+            format: None,
+            parent: Some(file(&moved, &format!("child.{ext}"))),
+        },
+    );
+    assert!(matches!(wrong, Err(DiskError::Parent { .. })));
+}
+
+#[test]
+fn vhdx_differencing_chain() {
+    chain("vhdx", "subformat=dynamic,block_size=2M", "vhdx");
+}
+
+#[test]
+fn vhd_differencing_chain() {
+    chain("vpc", "subformat=dynamic", "vhd");
+}
+
+#[test]
+fn vhdx_4k_sectors_chain() {
+    let dir = tempdir();
+    let base = file(&dir, "base.vhdx");
+    let mut b = create_vhdx(
+        &base,
+        &VhdxCreateOptions {
+            virtual_size: 10 * MIB,
+            fixed: false,
+            block_size: Some(MIB as u32),
+            logical_sector_size: 4096,
+            physical_sector_size: 4096,
+            parent: None,
+        },
+    )
+    .expect("create 4k base");
+    let mut model = vec![0u8; 10 * MIB as usize];
+    let w = writes(21, 10 * MIB, 20);
+    write_all(b.as_mut(), &w);
+    apply(&mut model, &w);
+    b.finish().expect("finish");
+    let child = file(&dir, "child.vhdx");
+    let mut c = create_differencing(&child, Format::Vhdx, &base).expect("child");
+    let w = writes(22, 10 * MIB, 20);
+    write_all(c.as_mut(), &w);
+    apply(&mut model, &w);
+    c.finish().expect("finish");
+    let d = open(&child).expect("open");
+    let info = d.info();
+    assert_eq!(
+        (info.logical_sector_size, info.physical_sector_size),
+        (4096, 4096)
+    );
+    assert!(read_all(d.as_ref()) == model);
+    let ext = d.extents().expect("extents");
+    assert!(ext.iter().any(|e| e.kind == ferry_disk::ExtentKind::Absent));
+    assert!(
+        ext.iter()
+            .any(|e| e.kind == ferry_disk::ExtentKind::Allocated)
+    );
+}
+
+#[test]
+fn parent_loop_is_refused() {
+    let dir = tempdir();
+    let base = file(&dir, "p.vhd");
+    qemu_create(&base, "vpc", "subformat=dynamic", 4 * MIB);
+    let child = file(&dir, "c.vhd");
+    create_differencing(&child, Format::Vhd, &base)
+        .expect("child")
+        .finish()
+        .expect("finish");
+    // Point the child at itself: locator names p.vhd -> c.vhd, parent id -> its own id.
+    let mut b = std::fs::read(&child).expect("read");
+    let own_id: Vec<u8> = b[68..84].to_vec();
+    let p16: Vec<u8> = "p.vhd"
+        .encode_utf16()
+        .flat_map(|u| u.to_le_bytes())
+        .collect();
+    let c16: Vec<u8> = "c.vhd"
+        .encode_utf16()
+        .flat_map(|u| u.to_le_bytes())
+        .collect();
+    let mut i = 0;
+    while i + p16.len() <= b.len() {
+        if b[i..i + p16.len()] == p16[..] {
+            b[i..i + p16.len()].copy_from_slice(&c16);
+        }
+        i += 1;
+    }
+    b[512 + 40..512 + 56].copy_from_slice(&own_id);
+    std::fs::write(&child, &b).expect("write");
+    match open(&child) {
+        Err(DiskError::Parent { reason, .. }) => assert!(reason.contains("loop"), "{reason}"),
+        Err(e) => panic!("expected a parent loop error, got {e}"),
+        Ok(_) => panic!("a self-parented disk must not open"),
+    }
+}
