@@ -1,1 +1,32 @@
-//! Server plumbing: config, tracing, TLS/PKI, health, reflection, auth, shutdown, error mapping
+//! Server plumbing shared by every Ferry component: layered configuration, tracing, the vault
+//! PKI, TLS for gRPC and QUIC (always with the `ring` rustls provider, chosen explicitly), caller
+//! authentication, a gRPC server with health and reflection, and error → `tonic::Status`.
+
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod pki;
+pub mod quic;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;
+mod tls;
+pub mod vault;
+
+pub use auth::{
+    AuthInterceptor, Authenticator, Caller, RevocationCheck, Role, caller, require_host,
+    require_role, require_service,
+};
+pub use client::{AuthChannel, BearerToken, ClientTls, connect, connect_lazy, with_token};
+pub use config::{Component, ConfigError, Listen, MeshConfig, RetryConfig, TlsPaths, VaultConfig};
+pub use error::{ErrorCode, MeshError, ServiceError, to_status, unimplemented};
+pub use pki::{Identity, PkiError, VaultCa, new_csr, write_secret};
+pub use quic::{ALPN_FERRY, quic_client_config, quic_peer_identity, quic_server_config};
+pub use server::{ServerTls, serve};
+pub use shutdown::shutdown_on_signal;
+pub use telemetry::init_tracing;
+pub use vault::{SERVICE_NAME, bootstrap_vault, load_ca};
+
+/// Re-exported so callers name the same versions this crate was built with.
+pub use tokio_util::sync::CancellationToken;

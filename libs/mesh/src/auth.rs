@@ -1,0 +1,320 @@
+//! Caller authentication for gRPC. The interceptor turns a verified client certificate or a
+//! bearer token into a [`Caller`] in the request extensions; handlers then call
+//! [`require_host`], [`require_role`] or [`require_service`].
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use tonic::service::Interceptor;
+use tonic::{Request, Status};
+
+use crate::pki::Identity;
+
+/// Operator roles, ordered: a higher role can do everything a lower one can.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    Reader,
+    Operator,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Reader => "reader",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "reader" => Ok(Role::Reader),
+            "operator" => Ok(Role::Operator),
+            "admin" => Ok(Role::Admin),
+            _ => Err(format!(
+                "unknown role {s:?} (expected reader, operator or admin)"
+            )),
+        }
+    }
+}
+
+/// Who is calling, as established by the [`AuthInterceptor`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// A registered host, by its client certificate.
+    Host(String),
+    /// A Ferry component, by the service certificate.
+    Service(String),
+    /// An operator, by bearer token.
+    Operator(Role),
+    /// No credentials (health checks, reflection).
+    Anonymous,
+}
+
+impl fmt::Display for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Caller::Host(name) => write!(f, "host:{name}"),
+            Caller::Service(name) => write!(f, "service:{name}"),
+            Caller::Operator(role) => write!(f, "operator:{role}"),
+            Caller::Anonymous => f.write_str("anonymous"),
+        }
+    }
+}
+
+/// Returns true when a host has been removed from the vault and its certificate must no
+/// longer be accepted.
+pub type RevocationCheck = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// Checks callers' credentials. Tokens are kept only as BLAKE3 hashes.
+#[derive(Clone)]
+pub struct Authenticator {
+    tokens: Arc<Vec<(blake3::Hash, Role)>>,
+    revoked: RevocationCheck,
+}
+
+impl fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("tokens", &self.tokens.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Authenticator {
+    fn default() -> Self {
+        Self::new(std::iter::empty::<(String, Role)>())
+    }
+}
+
+impl Authenticator {
+    /// An authenticator accepting the given (token, role) pairs and no revoked hosts.
+    pub fn new<T: AsRef<str>>(tokens: impl IntoIterator<Item = (T, Role)>) -> Self {
+        let tokens = tokens
+            .into_iter()
+            .map(|(token, role)| (hash_token(token.as_ref()), role))
+            .collect();
+        Self {
+            tokens: Arc::new(tokens),
+            revoked: Arc::new(|_| false),
+        }
+    }
+
+    /// An authenticator accepting one admin token.
+    pub fn with_admin_token(token: &str) -> Self {
+        Self::new([(token, Role::Admin)])
+    }
+
+    /// Adds a token with a role.
+    pub fn add_token(mut self, token: &str, role: Role) -> Self {
+        Arc::make_mut(&mut self.tokens).push((hash_token(token), role));
+        self
+    }
+
+    /// Sets the check for removed hosts.
+    pub fn with_revocation(mut self, revoked: RevocationCheck) -> Self {
+        self.revoked = revoked;
+        self
+    }
+
+    /// The interceptor to wrap every Ferry service with
+    /// (`XServer::with_interceptor(svc, auth.interceptor())`).
+    pub fn interceptor(&self) -> AuthInterceptor {
+        AuthInterceptor { auth: self.clone() }
+    }
+
+    /// Works out who the caller of `request` is.
+    pub fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        if let Some(certs) = request.peer_certs()
+            && let Some(leaf) = certs.first()
+        {
+            return self.caller_from_certificate(leaf);
+        }
+        let Some(header) = request.metadata().get("authorization") else {
+            return Ok(Caller::Anonymous);
+        };
+        let header = header
+            .to_str()
+            .map_err(|_| Status::unauthenticated("malformed authorization header"))?;
+        let token = header
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
+            .filter(|token| !token.is_empty())
+            .ok_or_else(|| {
+                Status::unauthenticated("malformed authorization header: expected 'Bearer <token>'")
+            })?;
+        let hash = hash_token(token);
+        // blake3::Hash equality is constant-time.
+        match self.tokens.iter().find(|(h, _)| *h == hash) {
+            Some((_, role)) => Ok(Caller::Operator(*role)),
+            None => {
+                tracing::debug!("rejected an unknown bearer token");
+                Err(Status::unauthenticated("invalid bearer token"))
+            }
+        }
+    }
+
+    fn caller_from_certificate(&self, leaf: &[u8]) -> Result<Caller, Status> {
+        // rustls has verified the chain against the vault CA; only the name is read here.
+        let identity = Identity::from_cert_der(leaf).map_err(|e| {
+            tracing::debug!(error = %e, "client certificate without a ferry identity");
+            Status::unauthenticated(format!("client certificate rejected: {e}"))
+        })?;
+        match identity {
+            Identity::Host(name) => {
+                if (self.revoked)(&name) {
+                    tracing::info!(host = %name, "rejected a call from a removed host");
+                    return Err(Status::unauthenticated(format!(
+                        "host {name} has been removed from the vault; register it again"
+                    )));
+                }
+                Ok(Caller::Host(name))
+            }
+            Identity::Service(name) => Ok(Caller::Service(name)),
+        }
+    }
+}
+
+fn hash_token(token: &str) -> blake3::Hash {
+    blake3::hash(token.as_bytes())
+}
+
+/// Puts the [`Caller`] into the request extensions.
+#[derive(Clone, Debug)]
+pub struct AuthInterceptor {
+    auth: Authenticator,
+}
+
+impl Interceptor for AuthInterceptor {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let caller = self.auth.authenticate(&request)?;
+        request.extensions_mut().insert(caller);
+        Ok(request)
+    }
+}
+
+/// The caller the interceptor established; `Anonymous` on a service without the interceptor.
+pub fn caller<T>(req: &Request<T>) -> Caller {
+    req.extensions()
+        .get::<Caller>()
+        .cloned()
+        .unwrap_or(Caller::Anonymous)
+}
+
+fn no_credentials() -> Status {
+    Status::unauthenticated(
+        "this call needs credentials: a client certificate or an 'authorization: Bearer <token>' header",
+    )
+}
+
+/// The calling host's name; only hosts (by certificate) pass.
+pub fn require_host<T>(req: &Request<T>) -> Result<String, Status> {
+    match caller(req) {
+        Caller::Host(name) => Ok(name),
+        Caller::Anonymous => Err(no_credentials()),
+        other => Err(Status::permission_denied(format!(
+            "only a registered host may make this call, not {other}"
+        ))),
+    }
+}
+
+/// Passes operators with at least `min`, and services (which count as admin).
+pub fn require_role<T>(req: &Request<T>, min: Role) -> Result<(), Status> {
+    match caller(req) {
+        Caller::Operator(role) if role >= min => Ok(()),
+        Caller::Service(_) => Ok(()),
+        Caller::Operator(role) => Err(Status::permission_denied(format!(
+            "this call needs the {min} role; the token has {role}"
+        ))),
+        Caller::Host(name) => Err(Status::permission_denied(format!(
+            "host {name} may not make this call: it needs an operator with the {min} role"
+        ))),
+        Caller::Anonymous => Err(no_credentials()),
+    }
+}
+
+/// Passes only Ferry components (the service certificate).
+pub fn require_service<T>(req: &Request<T>) -> Result<(), Status> {
+    match caller(req) {
+        Caller::Service(_) => Ok(()),
+        Caller::Anonymous => Err(no_credentials()),
+        other => Err(Status::permission_denied(format!(
+            "only ferry services may make this call, not {other}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    fn with_token(token: &str) -> Request<()> {
+        let mut req = Request::new(());
+        req.metadata_mut()
+            .insert("authorization", token.parse().unwrap());
+        req
+    }
+
+    #[test]
+    fn tokens_map_to_roles() {
+        let auth = Authenticator::with_admin_token("a-token").add_token("r-token", Role::Reader);
+        let mut icpt = auth.interceptor();
+        let req = icpt.call(with_token("Bearer a-token")).unwrap();
+        assert_eq!(caller(&req), Caller::Operator(Role::Admin));
+        assert!(require_role(&req, Role::Admin).is_ok());
+        let req = icpt.call(with_token("bearer r-token")).unwrap();
+        assert_eq!(caller(&req), Caller::Operator(Role::Reader));
+        let denied = require_role(&req, Role::Operator).unwrap_err();
+        assert_eq!(denied.code(), Code::PermissionDenied);
+        assert_eq!(
+            require_host(&req).unwrap_err().code(),
+            Code::PermissionDenied
+        );
+    }
+
+    #[test]
+    fn bad_tokens_are_not_echoed() {
+        let mut icpt = Authenticator::with_admin_token("good").interceptor();
+        let err = icpt.call(with_token("Bearer sekrit-value")).unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+        assert!(!err.message().contains("sekrit"));
+        let err = icpt.call(with_token("Basic abc")).unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
+
+    #[test]
+    fn anonymous_needs_credentials() {
+        let mut icpt = Authenticator::default().interceptor();
+        let req = icpt.call(Request::new(())).unwrap();
+        assert_eq!(caller(&req), Caller::Anonymous);
+        assert_eq!(
+            require_service(&req).unwrap_err().code(),
+            Code::Unauthenticated
+        );
+        assert_eq!(
+            require_role(&req, Role::Reader).unwrap_err().code(),
+            Code::Unauthenticated
+        );
+    }
+
+    #[test]
+    fn roles_are_ordered_and_parse() {
+        assert!(Role::Reader < Role::Operator && Role::Operator < Role::Admin);
+        assert_eq!("Admin".parse::<Role>().unwrap(), Role::Admin);
+        assert!("root".parse::<Role>().is_err());
+    }
+}

@@ -1,0 +1,186 @@
+//! The gRPC server every component runs: TLS (client certificates optional, verified against
+//! the vault CA), health, reflection v1 and v1alpha, graceful shutdown.
+//!
+//! TLS is terminated here rather than by tonic's own TLS config so the rustls provider is
+//! chosen explicitly; the accepted `tokio_rustls` streams carry their peer certificates into
+//! `Request::peer_certs()` all the same.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::server::WebPkiClientVerifier;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::config::MeshConfig;
+use crate::error::MeshError;
+use crate::pki::PkiError;
+use crate::tls;
+
+/// A TLS handshake that takes longer than this is dropped, so a stalled peer cannot hold a
+/// connection slot.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Accepted connections waiting for the gRPC server to pick them up.
+const ACCEPT_BACKLOG: usize = 64;
+
+/// The server side of the mesh's TLS: the component's certificate, and the vault CA as the
+/// only root for (optional) client certificates.
+#[derive(Clone)]
+pub struct ServerTls {
+    config: Arc<rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls").finish_non_exhaustive()
+    }
+}
+
+impl ServerTls {
+    /// Reads the server certificate, its key and the CA certificate named in the config.
+    pub fn load(cfg: &MeshConfig) -> Result<Self, MeshError> {
+        let ca = read(&cfg.tls.ca_cert)?;
+        let cert = read(&cfg.tls.server_cert)?;
+        let key = read(&cfg.tls.server_key)?;
+        Ok(Self::from_pem(&ca, &cert, &key)?)
+    }
+
+    /// Builds the TLS config from PEM text.
+    pub fn from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let provider = tls::provider();
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(tls::root_store(ca_pem)?, provider.clone())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| PkiError::Tls(e.to_string()))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| PkiError::Tls(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                tls::certs_from_pem(cert_pem, "server certificate")?,
+                tls::key_from_pem(key_pem, "server key")?,
+            )
+            .map_err(|e| PkiError::Tls(e.to_string()))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Self {
+            config: Arc::new(config),
+        })
+    }
+
+    /// The rustls config, for servers that are not built with [`serve`].
+    pub fn rustls_config(&self) -> Arc<rustls::ServerConfig> {
+        self.config.clone()
+    }
+}
+
+pub(crate) fn read(path: &std::path::Path) -> Result<String, PkiError> {
+    std::fs::read_to_string(path).map_err(|source| PkiError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Serves `routes` plus `grpc.health.v1.Health` (each of `health_names` and "" SERVING) and
+/// reflection (v1 and v1alpha, from `ferry_proto::FILE_DESCRIPTOR_SET`) over TLS on
+/// `listener`, until `shutdown` is cancelled; then reports NOT_SERVING and drains in-flight
+/// calls.
+pub async fn serve(
+    listener: TcpListener,
+    tls: &ServerTls,
+    routes: Routes,
+    health_names: &[&str],
+    shutdown: CancellationToken,
+) -> Result<(), MeshError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    for name in health_names {
+        reporter
+            .set_service_status(*name, ServingStatus::Serving)
+            .await;
+    }
+    let reflection_v1 = reflection_builder()
+        .build_v1()
+        .map_err(|e| MeshError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = reflection_builder()
+        .build_v1alpha()
+        .map_err(|e| MeshError::Reflection(e.to_string()))?;
+    let routes = routes
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+
+    let local = listener.local_addr().ok();
+    let (tx, rx) = mpsc::channel(ACCEPT_BACKLOG);
+    let acceptor = TlsAcceptor::from(tls.config.clone());
+    let accept_task = tokio::spawn(accept_loop(listener, acceptor, tx, shutdown.clone()));
+    tracing::info!(addr = ?local, services = ?health_names, "grpc server listening");
+
+    let stop = shutdown.clone();
+    let health_reporter = reporter.clone();
+    let names: Vec<String> = health_names.iter().map(|s| (*s).to_owned()).collect();
+    let result = Server::builder()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(ReceiverStream::new(rx), async move {
+            stop.cancelled().await;
+            for name in names.iter().map(String::as_str).chain([""]) {
+                health_reporter
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
+            }
+        })
+        .await;
+    accept_task.abort();
+    tracing::info!(addr = ?local, "grpc server stopped");
+    result.map_err(MeshError::Serve)
+}
+
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ferry_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// Accepts TCP connections and hands each to its own handshake task, so one slow client
+/// never blocks the others.
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    tx: mpsc::Sender<Result<TlsStream<TcpStream>, std::io::Error>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tx.closed() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => {
+                    let _ = tx.send(Ok(tls)).await;
+                }
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "tls handshake failed"),
+                Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
+            }
+        });
+    }
+}

@@ -1,0 +1,368 @@
+//! A real TLS gRPC server on 127.0.0.1:0 with health, reflection and a probe service that
+//! reports who the mesh thinks the caller is.
+
+use std::sync::Arc;
+
+use ferry_mesh::{
+    Authenticator, CancellationToken, ClientTls, Component, Identity, MeshConfig, Role, ServerTls,
+    VaultCa, bootstrap_vault, caller, connect, load_ca, require_host, require_role,
+    require_service, serve, unimplemented, with_token,
+};
+use ferry_proto::scheduler::v1::scheduler_client::SchedulerClient;
+use ferry_proto::scheduler::v1::scheduler_server::{Scheduler, SchedulerServer};
+use ferry_proto::scheduler::v1::{
+    CompleteWorkRequest, CompleteWorkResponse, DispatchRequest, DispatchResponse, ListQueueRequest,
+    ListQueueResponse, QueueEntry, RescheduleRequest, RescheduleResponse, WorkItem,
+    WorkStreamRequest,
+};
+use figment::providers::Serialized;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tonic::service::Routes;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const SCHEDULER: &str = "ferry.scheduler.v1.Scheduler";
+
+/// Answers `list_queue` with the caller's description and checks one rule per other RPC.
+struct Probe;
+
+#[tonic::async_trait]
+impl Scheduler for Probe {
+    type WorkStreamStream = tokio_stream::Empty<Result<WorkItem, Status>>;
+
+    async fn work_stream(
+        &self,
+        _: Request<WorkStreamRequest>,
+    ) -> Result<Response<Self::WorkStreamStream>, Status> {
+        Err(unimplemented("work stream"))
+    }
+
+    async fn complete_work(
+        &self,
+        req: Request<CompleteWorkRequest>,
+    ) -> Result<Response<CompleteWorkResponse>, Status> {
+        require_host(&req)?;
+        Ok(Response::new(CompleteWorkResponse {}))
+    }
+
+    async fn dispatch(
+        &self,
+        req: Request<DispatchRequest>,
+    ) -> Result<Response<DispatchResponse>, Status> {
+        require_role(&req, Role::Operator)?;
+        Ok(Response::new(DispatchResponse {
+            work_id: "w1".into(),
+        }))
+    }
+
+    async fn list_queue(
+        &self,
+        req: Request<ListQueueRequest>,
+    ) -> Result<Response<ListQueueResponse>, Status> {
+        Ok(Response::new(ListQueueResponse {
+            entries: vec![QueueEntry {
+                host_name: caller(&req).to_string(),
+                ..Default::default()
+            }],
+        }))
+    }
+
+    async fn reschedule(
+        &self,
+        req: Request<RescheduleRequest>,
+    ) -> Result<Response<RescheduleResponse>, Status> {
+        require_service(&req)?;
+        Ok(Response::new(RescheduleResponse {}))
+    }
+}
+
+struct Mesh {
+    cfg: MeshConfig,
+    endpoint: String,
+    shutdown: CancellationToken,
+    server: JoinHandle<Result<(), ferry_mesh::MeshError>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Mesh {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = MeshConfig::load(None, Serialized::default("data_dir", dir.path())).unwrap();
+    bootstrap_vault(&cfg, &[]).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    cfg.set_listen(Component::Scheduler, listener.local_addr().unwrap());
+    let auth = Authenticator::with_admin_token(&cfg.admin_token().unwrap())
+        .add_token("reader-token", Role::Reader)
+        .with_revocation(Arc::new(|host: &str| host == "removed"));
+    let routes = Routes::new(SchedulerServer::with_interceptor(Probe, auth.interceptor()));
+    let tls = ServerTls::load(&cfg).unwrap();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { serve(listener, &tls, routes, &[SCHEDULER], shutdown).await }
+    });
+    Mesh {
+        endpoint: cfg.endpoint(Component::Scheduler),
+        cfg,
+        shutdown,
+        server,
+        _dir: dir,
+    }
+}
+
+impl Mesh {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.server.await.unwrap().unwrap();
+    }
+
+    fn host_tls(&self, name: &str) -> ClientTls {
+        let ca = load_ca(&self.cfg).unwrap();
+        let (cert, key) = ca.issue_client(&Identity::Host(name.into())).unwrap();
+        ClientTls::host(ca.cert_pem(), cert, key)
+    }
+}
+
+async fn whoami(channel: Channel) -> Result<String, Status> {
+    let resp = SchedulerClient::new(channel)
+        .list_queue(ListQueueRequest::default())
+        .await?;
+    Ok(resp.into_inner().entries[0].host_name.clone())
+}
+
+#[tokio::test]
+async fn health_and_reflection_need_only_the_ca() {
+    let mesh = start().await;
+    let channel = connect(&mesh.endpoint, &ClientTls::operator(&mesh.cfg).unwrap())
+        .await
+        .unwrap();
+
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", SCHEDULER] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+
+    let v1 = reflection::list_v1(channel.clone()).await;
+    let v1alpha = reflection::list_v1alpha(channel.clone()).await;
+    for services in [&v1, &v1alpha] {
+        for name in ferry_proto::SERVICE_NAMES
+            .iter()
+            .chain(&["grpc.health.v1.Health"])
+        {
+            assert!(services.iter().any(|s| s == name), "{name} in {services:?}");
+        }
+    }
+    let descriptor = reflection::file_containing_v1(channel.clone(), SCHEDULER).await;
+    assert!(!descriptor.is_empty());
+
+    // No credentials: the interceptor lets the call through as anonymous, handlers refuse.
+    assert_eq!(whoami(channel.clone()).await.unwrap(), "anonymous");
+    let err = SchedulerClient::new(channel)
+        .reschedule(RescheduleRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    mesh.stop().await;
+}
+
+#[tokio::test]
+async fn host_certificate_is_a_host() {
+    let mesh = start().await;
+    let channel = connect(&mesh.endpoint, &mesh.host_tls("hv-01"))
+        .await
+        .unwrap();
+    assert_eq!(whoami(channel.clone()).await.unwrap(), "host:hv-01");
+    let mut client = SchedulerClient::new(channel);
+    client
+        .complete_work(CompleteWorkRequest::default())
+        .await
+        .unwrap();
+    let err = client
+        .dispatch(DispatchRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    let removed = connect(&mesh.endpoint, &mesh.host_tls("removed"))
+        .await
+        .unwrap();
+    let err = whoami(removed).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(
+        err.message().contains("removed from the vault"),
+        "{}",
+        err.message()
+    );
+    mesh.stop().await;
+}
+
+#[tokio::test]
+async fn service_certificate_is_a_service() {
+    let mesh = start().await;
+    let channel = connect(&mesh.endpoint, &ClientTls::service(&mesh.cfg).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(whoami(channel.clone()).await.unwrap(), "service:ferry");
+    let mut client = SchedulerClient::new(channel);
+    client
+        .reschedule(RescheduleRequest::default())
+        .await
+        .unwrap();
+    // Services count as admin.
+    client.dispatch(DispatchRequest::default()).await.unwrap();
+    mesh.stop().await;
+}
+
+#[tokio::test]
+async fn bearer_tokens_carry_roles() {
+    let mesh = start().await;
+    let channel = connect(&mesh.endpoint, &ClientTls::operator(&mesh.cfg).unwrap())
+        .await
+        .unwrap();
+    let token = mesh.cfg.admin_token().unwrap();
+    let mut admin = SchedulerClient::new(with_token(channel.clone(), &token).unwrap());
+    let who = admin.list_queue(ListQueueRequest::default()).await.unwrap();
+    assert_eq!(who.into_inner().entries[0].host_name, "operator:admin");
+    admin.dispatch(DispatchRequest::default()).await.unwrap();
+
+    let mut reader = SchedulerClient::new(with_token(channel.clone(), "reader-token").unwrap());
+    let err = reader
+        .dispatch(DispatchRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    let mut wrong = SchedulerClient::new(with_token(channel, "not-the-token").unwrap());
+    let err = wrong
+        .list_queue(ListQueueRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(!err.message().contains("not-the-token"));
+    mesh.stop().await;
+}
+
+#[tokio::test]
+async fn foreign_ca_is_rejected_both_ways() {
+    let mesh = start().await;
+    let foreign = VaultCa::create("other").unwrap();
+
+    // A client certificate from another vault: the handshake (or the first call) fails.
+    let (cert, key) = foreign
+        .issue_client(&Identity::Host("hv-01".into()))
+        .unwrap();
+    let ca_pem = load_ca(&mesh.cfg).unwrap().cert_pem();
+    let tls = ClientTls::host(ca_pem, cert, key);
+    let outcome = match connect(&mesh.endpoint, &tls).await {
+        Ok(channel) => whoami(channel).await.map(|_| ()).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    assert!(
+        outcome.is_err(),
+        "a foreign client certificate was accepted"
+    );
+
+    // A client trusting another vault's CA does not trust this server.
+    let tls = ClientTls {
+        ca_pem: foreign.cert_pem(),
+        identity: None,
+    };
+    assert!(connect(&mesh.endpoint, &tls).await.is_err());
+    mesh.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_stops_the_server() {
+    let mesh = start().await;
+    let endpoint = mesh.endpoint.clone();
+    let tls = ClientTls::operator(&mesh.cfg).unwrap();
+    mesh.stop().await;
+    assert!(connect(&endpoint, &tls).await.is_err());
+}
+
+mod reflection {
+    use tonic::transport::Channel;
+    use tonic_reflection::pb::{v1, v1alpha};
+
+    pub async fn list_v1(channel: Channel) -> Vec<String> {
+        use v1::server_reflection_client::ServerReflectionClient;
+        use v1::server_reflection_request::MessageRequest;
+        use v1::server_reflection_response::MessageResponse;
+        let req = v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream = ServerReflectionClient::new(channel)
+            .server_reflection_info(tokio_stream::iter([req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let resp = stream.message().await.unwrap().unwrap();
+        match resp.message_response {
+            Some(MessageResponse::ListServicesResponse(list)) => {
+                list.service.into_iter().map(|s| s.name).collect()
+            }
+            other => panic!("unexpected reflection response {other:?}"),
+        }
+    }
+
+    pub async fn list_v1alpha(channel: Channel) -> Vec<String> {
+        use v1alpha::server_reflection_client::ServerReflectionClient;
+        use v1alpha::server_reflection_request::MessageRequest;
+        use v1alpha::server_reflection_response::MessageResponse;
+        let req = v1alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream = ServerReflectionClient::new(channel)
+            .server_reflection_info(tokio_stream::iter([req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let resp = stream.message().await.unwrap().unwrap();
+        match resp.message_response {
+            Some(MessageResponse::ListServicesResponse(list)) => {
+                list.service.into_iter().map(|s| s.name).collect()
+            }
+            other => panic!("unexpected reflection response {other:?}"),
+        }
+    }
+
+    pub async fn file_containing_v1(channel: Channel, symbol: &str) -> Vec<Vec<u8>> {
+        use v1::server_reflection_client::ServerReflectionClient;
+        use v1::server_reflection_request::MessageRequest;
+        use v1::server_reflection_response::MessageResponse;
+        let req = v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(symbol.into())),
+        };
+        let mut stream = ServerReflectionClient::new(channel)
+            .server_reflection_info(tokio_stream::iter([req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let resp = stream.message().await.unwrap().unwrap();
+        match resp.message_response {
+            Some(MessageResponse::FileDescriptorResponse(fd)) => fd.file_descriptor_proto,
+            other => panic!("unexpected reflection response {other:?}"),
+        }
+    }
+}
