@@ -11,6 +11,9 @@ use crate::{BlockDevice, DiskError, Format, OpenOptions, detect};
 /// Deeper chains than this are treated as corruption (Hyper-V itself stops far earlier).
 const MAX_DEPTH: usize = 64;
 
+/// A parent chain opened for a writer, with the parent's path.
+pub(crate) type OpenedParent = (Box<dyn BlockDevice>, PathBuf);
+
 /// What a child says its parent is.
 pub(crate) enum ParentId {
     /// VHD: the parent footer's UniqueId.
@@ -87,7 +90,7 @@ pub(crate) fn open_parent_for_rw(
     path: &Path,
     format: Format,
     opts: &OpenOptions,
-) -> Result<Option<(Box<dyn BlockDevice>, PathBuf)>, DiskError> {
+) -> Result<Option<OpenedParent>, DiskError> {
     let canon = std::fs::canonicalize(path).map_err(|e| DiskError::io(path, "file", 0, e))?;
     let mut visited = vec![canon];
     match format {

@@ -48,10 +48,10 @@ impl VhdxWriter {
         for &(i, v) in bat {
             let at = self.d.bat_offset + i * 8;
             let sat = at / SECTOR as u64 * SECTOR as u64;
-            if !sectors.contains_key(&sat) {
+            if let std::collections::btree_map::Entry::Vacant(v) = sectors.entry(sat) {
                 let mut s = vec![0u8; SECTOR];
                 self.d.read_meta(sat, &mut s, "vhdx bat")?;
-                sectors.insert(sat, s);
+                v.insert(s);
             }
             if let Some(s) = sectors.get_mut(&sat) {
                 put_le_u64(s, (at - sat) as usize, v);
@@ -182,10 +182,10 @@ impl VhdxWriter {
         for bit in first..first + count {
             let byte = sb_off + bit / 8;
             let sat = byte / SECTOR as u64 * SECTOR as u64;
-            if !sectors.contains_key(&sat) {
+            if let std::collections::btree_map::Entry::Vacant(v) = sectors.entry(sat) {
                 let mut s = vec![0u8; SECTOR];
                 self.d.read_meta(sat, &mut s, "vhdx sector bitmap")?;
-                sectors.insert(sat, s);
+                v.insert(s);
             }
             if let Some(s) = sectors.get_mut(&sat) {
                 s[(byte - sat) as usize] |= 1 << (bit % 8);
