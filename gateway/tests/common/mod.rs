@@ -1,0 +1,304 @@
+//! Test harness: a throwaway vault PKI (ferry-mesh's `VaultCa`), a real store in a tempdir,
+//! a real tonic Ingest server, and the real gateway on a UDP port of 127.0.0.1.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use ferry_gateway::client::{Offer, Uploader};
+use ferry_gateway::frame::{self, Response};
+use ferry_mesh::{CancellationToken, Identity, MeshConfig, ServerTls, VaultCa};
+use ferry_proto::ingest::v1::ingest_server::{Ingest, IngestServer};
+use ferry_proto::ingest::v1::*;
+use ferry_store::Store;
+use tokio::task::JoinHandle;
+use tonic::{Request, Response as GrpcResponse, Status};
+
+pub const BLOCK: u32 = 64 * 1024;
+
+/// Stands in for the replication-ingest service (which has its own tests): it knows which
+/// host owns which cycle, answers AuthorizeUpload from that, and records ReportLanded calls.
+#[derive(Default)]
+pub struct TestIngest {
+    cycles: Mutex<HashMap<String, String>>,
+    pub reports: Mutex<Vec<ReportLandedRequest>>,
+    pub authorize_calls: AtomicUsize,
+}
+
+impl TestIngest {
+    pub fn open_cycle(&self, cycle: &str, host: &str) {
+        self.cycles
+            .lock()
+            .unwrap()
+            .insert(cycle.into(), host.into());
+    }
+
+    pub fn reports(&self) -> Vec<ReportLandedRequest> {
+        self.reports.lock().unwrap().clone()
+    }
+
+    pub fn authorize_calls(&self) -> usize {
+        self.authorize_calls.load(Ordering::SeqCst)
+    }
+}
+
+#[tonic::async_trait]
+impl Ingest for TestIngest {
+    async fn begin_cycle(
+        &self,
+        _: Request<BeginCycleRequest>,
+    ) -> Result<GrpcResponse<BeginCycleResponse>, Status> {
+        Err(Status::unimplemented("not part of the gateway tests"))
+    }
+    async fn renew_cycle(
+        &self,
+        _: Request<RenewCycleRequest>,
+    ) -> Result<GrpcResponse<RenewCycleResponse>, Status> {
+        Err(Status::unimplemented("not part of the gateway tests"))
+    }
+    async fn commit_cycle(
+        &self,
+        _: Request<CommitCycleRequest>,
+    ) -> Result<GrpcResponse<CommitCycleResponse>, Status> {
+        Err(Status::unimplemented("not part of the gateway tests"))
+    }
+    async fn abort_cycle(
+        &self,
+        _: Request<AbortCycleRequest>,
+    ) -> Result<GrpcResponse<AbortCycleResponse>, Status> {
+        Err(Status::unimplemented("not part of the gateway tests"))
+    }
+    async fn get_cycle(&self, _: Request<GetCycleRequest>) -> Result<GrpcResponse<Cycle>, Status> {
+        Err(Status::unimplemented("not part of the gateway tests"))
+    }
+
+    async fn report_landed(
+        &self,
+        req: Request<ReportLandedRequest>,
+    ) -> Result<GrpcResponse<ReportLandedResponse>, Status> {
+        self.reports.lock().unwrap().push(req.into_inner());
+        Ok(GrpcResponse::new(ReportLandedResponse {}))
+    }
+
+    async fn authorize_upload(
+        &self,
+        req: Request<AuthorizeUploadRequest>,
+    ) -> Result<GrpcResponse<AuthorizeUploadResponse>, Status> {
+        self.authorize_calls.fetch_add(1, Ordering::SeqCst);
+        let req = req.into_inner();
+        let owner = self.cycles.lock().unwrap().get(&req.cycle_id).cloned();
+        match owner {
+            None => Err(Status::not_found(format!(
+                "cycle {} not found",
+                req.cycle_id
+            ))),
+            Some(owner) if owner == req.host_name => {
+                Ok(GrpcResponse::new(AuthorizeUploadResponse {
+                    allowed: true,
+                    reason: String::new(),
+                }))
+            }
+            Some(_) => Ok(GrpcResponse::new(AuthorizeUploadResponse {
+                allowed: false,
+                reason: format!("cycle {} belongs to another host", req.cycle_id),
+            })),
+        }
+    }
+}
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub ca: VaultCa,
+    pub cfg: MeshConfig,
+    pub ingest: Arc<TestIngest>,
+    pub store: Store,
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub gateway: JoinHandle<anyhow::Result<()>>,
+}
+
+fn write(dir: &std::path::Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+impl Harness {
+    /// Gateway and ingest both running.
+    pub async fn start() -> Self {
+        Self::start_with(true).await
+    }
+
+    /// With `ingest_up == false` the gateway's ingest endpoint is a closed port.
+    pub async fn start_with(ingest_up: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = VaultCa::create("test").unwrap();
+        let (server_cert, server_key) = ca.issue_server(&[]).unwrap();
+        let (service_cert, service_key) =
+            ca.issue_client(&Identity::Service("ferry".into())).unwrap();
+        let d = dir.path();
+        let mut cfg = MeshConfig {
+            data_dir: d.to_path_buf(),
+            store_url: format!("file://{}/store?fsync=false", d.display()),
+            ..MeshConfig::default()
+        };
+        cfg.tls.ca_cert = write(d, "ca.pem", &ca.cert_pem());
+        cfg.tls.ca_key = None;
+        cfg.tls.server_cert = write(d, "server.pem", &server_cert);
+        cfg.tls.server_key = write(d, "server.key", &server_key);
+        cfg.tls.service_cert = write(d, "service.pem", &service_cert);
+        cfg.tls.service_key = write(d, "service.key", &service_key);
+        cfg.vault.block_size = BLOCK;
+
+        let shutdown = CancellationToken::new();
+        let ingest = Arc::new(TestIngest::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        cfg.ingest.listen = listener.local_addr().unwrap();
+        if ingest_up {
+            let tls = ServerTls::from_pem(&ca.cert_pem(), &server_cert, &server_key).unwrap();
+            let routes = tonic::service::Routes::new(IngestServer::from_arc(ingest.clone()));
+            let token = shutdown.clone();
+            tokio::spawn(async move {
+                ferry_mesh::serve(listener, &tls, routes, &["ferry.ingest.v1.Ingest"], token)
+                    .await
+                    .unwrap();
+            });
+        } else {
+            drop(listener);
+        }
+
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        cfg.gateway.listen = addr;
+        let gateway = tokio::spawn(ferry_gateway::run(cfg.clone(), socket, shutdown.clone()));
+        let store = Store::from_url(&cfg.store_url).unwrap();
+        Self {
+            dir,
+            ca,
+            cfg,
+            ingest,
+            store,
+            addr,
+            shutdown,
+            gateway,
+        }
+    }
+
+    /// A QUIC client config for a host certificate of this vault.
+    pub fn client_config(&self, identity: Identity) -> quinn::ClientConfig {
+        let (cert, key) = self.ca.issue_client(&identity).unwrap();
+        ferry_mesh::quic_client_config(&self.ca.cert_pem(), &cert, &key).unwrap()
+    }
+
+    pub async fn uploader(&self, host: &str) -> Uploader {
+        Uploader::connect(self.addr, self.client_config(Identity::Host(host.into())))
+            .await
+            .unwrap()
+    }
+
+    /// A bare quinn connection as `host`, for sending hand-made frames.
+    pub async fn raw(&self, host: &str) -> quinn::Connection {
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(self.client_config(Identity::Host(host.into())));
+        endpoint
+            .connect(self.addr, "localhost")
+            .unwrap()
+            .await
+            .unwrap()
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.gateway.await.unwrap().unwrap();
+    }
+}
+
+/// `n` chunks with distinct random-looking content; returns offers and sealed bytes (the
+/// gateway never opens sealed bytes, so any bytes stand in for them here).
+pub fn chunks(n: usize, seed: u8) -> (Vec<Offer>, Vec<Bytes>) {
+    let mut offers = Vec::new();
+    let mut sealed = Vec::new();
+    for i in 0..n {
+        let len = 1000 + (i * 7919 + usize::from(seed) * 131) % (BLOCK as usize - 1000);
+        let data = xof(&[seed, i as u8, (i >> 8) as u8], len);
+        offers.push(Offer {
+            id: *blake3::hash(&data).as_bytes(),
+            plain_len: len as u32 + 100,
+        });
+        sealed.push(Bytes::from(data));
+    }
+    (offers, sealed)
+}
+
+/// `n` pseudo-random bytes derived from `seed`.
+pub fn xof(seed: &[u8], n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    blake3::Hasher::new()
+        .update(seed)
+        .finalize_xof()
+        .fill(&mut v);
+    v
+}
+
+/// What came back on a raw stream.
+#[derive(Debug)]
+pub enum Outcome {
+    Frame(Response),
+    Reset(u64),
+    Failed(String),
+}
+
+/// Reads the next response frame from a raw stream.
+pub async fn read_outcome(recv: &mut quinn::RecvStream, offered: usize) -> Outcome {
+    let read = frame::read_response(recv, offered);
+    match tokio::time::timeout(std::time::Duration::from_secs(10), read).await {
+        Err(_) => Outcome::Failed("timed out".into()),
+        Ok(Ok(r)) => Outcome::Frame(r),
+        Ok(Err(frame::FrameError::Io(e))) => match e.downcast::<quinn::ReadError>() {
+            Ok(quinn::ReadError::Reset(code)) => Outcome::Reset(code.into_inner()),
+            Ok(other) => Outcome::Failed(other.to_string()),
+            Err(e) => Outcome::Failed(e.to_string()),
+        },
+        Ok(Err(e)) => Outcome::Failed(e.to_string()),
+    }
+}
+
+/// Sends `bytes` on a new stream, finishes it, and reads the answer.
+pub async fn exchange(conn: &quinn::Connection, bytes: &[u8]) -> Outcome {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    // The gateway may stop the stream before all is written; the answer tells why.
+    let _ = send.write_all(bytes).await;
+    let _ = send.finish();
+    read_outcome(&mut recv, 0).await
+}
+
+/// Asserts `outcome` is an ERROR frame with `code` whose message contains `needle`.
+pub fn assert_error(outcome: &Outcome, code: frame::ErrorCode, needle: &str) {
+    match outcome {
+        Outcome::Frame(Response::Error(e)) => {
+            assert_eq!(e.code, code.as_u32(), "wrong code in {e:?}");
+            assert!(
+                e.message.contains(needle),
+                "{needle:?} not in {:?}",
+                e.message
+            );
+        }
+        other => panic!("expected an error frame with code {code:?}, got {other:?}"),
+    }
+}
+
+/// The payload section for `sealed`, as the protocol frames it.
+pub fn payloads(sealed: &[Bytes]) -> Vec<u8> {
+    let mut buf = Vec::new();
+    for s in sealed {
+        buf.extend_from_slice(&frame::encode_payload_len(s.len() as u32));
+        buf.extend_from_slice(s);
+        buf.extend_from_slice(&frame::payload_hash(s));
+    }
+    buf
+}
