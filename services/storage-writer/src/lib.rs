@@ -1,1 +1,93 @@
-//! Ferry storage-writer service
+//! Ferry storage-writer: the object layout's gRPC face. Commits recovery points (fencing,
+//! block maps, chunk checks), lists and reads them, answers chunk presence and block-hash
+//! lists, and materialises a point's disk as an image file.
+//!
+//! The handler logic lives on [`Writer`] as plain async methods (tests call them without
+//! gRPC); [`service`] adds authorization and maps errors to statuses.
+
+mod commit;
+pub mod error;
+mod materialize;
+mod points;
+pub mod service;
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use ferry_coord::Coord;
+use ferry_mesh::{Authenticator, MeshConfig, ServerTls};
+use ferry_proto::storage::v1::storage_writer_server::StorageWriterServer;
+use ferry_store::{Store, VaultKey};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+
+pub use error::WriterError;
+pub use materialize::FETCH_AHEAD;
+pub use points::{HASH_PAGE_ENTRIES, MAX_HAS_CHUNKS, hash_pages, point_to_proto};
+pub use service::StorageWriterService;
+
+/// The gRPC service name, as health and reflection list it.
+pub const SERVICE_NAME: &str = "ferry.storage.v1.StorageWriter";
+
+/// Largest request accepted: a full map of a 1.5 TiB disk at 1 MiB blocks (40 bytes an entry).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// The storage-writer's state: the object store, Redis (fencing) and the vault key. Cheap to
+/// clone.
+#[derive(Clone)]
+pub struct Writer {
+    store: Store,
+    coord: Coord,
+    key: Arc<VaultKey>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Writer {
+    pub fn new(store: Store, coord: Coord, key: VaultKey) -> Self {
+        Self {
+            store,
+            coord,
+            key: Arc::new(key),
+        }
+    }
+
+    /// Opens the store, Redis and the vault key named in the config.
+    pub async fn from_config(cfg: &MeshConfig) -> anyhow::Result<Self> {
+        let store = Store::from_url(&cfg.store_url()).context("opening the object store")?;
+        let coord = Coord::connect(&cfg.redis_url)
+            .await
+            .context("connecting to redis")?;
+        let key = VaultKey::from_bytes(cfg.data_key().context("reading the vault data key")?);
+        Ok(Self::new(store, coord, key))
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+/// Serves `ferry.storage.v1.StorageWriter` (TLS, health, reflection, caller authentication) on
+/// `listener` until `shutdown` is cancelled.
+pub async fn run(
+    cfg: MeshConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let writer = Writer::from_config(&cfg).await?;
+    let tls = ServerTls::load(&cfg).context("loading the server certificate")?;
+    let auth =
+        Authenticator::with_admin_token(&cfg.admin_token().context("reading the admin token")?);
+    let svc = StorageWriterService::new(writer, shutdown.clone());
+    let server = StorageWriterServer::new(svc).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let routes = tonic::service::Routes::new(InterceptedService::new(server, auth.interceptor()));
+    ferry_mesh::serve(listener, &tls, routes, &[SERVICE_NAME], shutdown).await?;
+    Ok(())
+}

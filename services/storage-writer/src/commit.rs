@@ -1,0 +1,302 @@
+//! Committing a replication cycle as a recovery point: fencing, block maps, chunk checks,
+//! index pages and the put-if-absent manifest at `latest + 1`.
+use std::collections::{HashMap, HashSet};
+
+use ferry_coord::CoordError;
+use ferry_proto::common::v1::RecoveryPoint;
+use ferry_proto::storage::v1::{CommitDisk, CommitPointRequest};
+use ferry_store::{BlockMap, ChunkId, DiskManifest, PointManifest, StoreError};
+use tracing::{debug, info, warn};
+
+use crate::Writer;
+use crate::error::{Result, WriterError};
+use crate::points::{check_vm, chunk_from_bytes, point_to_proto, read_map, write_map};
+
+/// Lost races for the next sequence number before giving up (each loss is someone else's
+/// progress, so this is generous).
+const MAX_COMMIT_ATTEMPTS: usize = 32;
+
+/// One disk of a validated commit request.
+#[derive(Debug)]
+struct DiskInput {
+    disk: ferry_proto::common::v1::Disk,
+    block_size: u32,
+    blocks: Vec<(u64, ChunkId)>,
+    zeroed: Vec<u64>,
+    logs: Vec<String>,
+    full: bool,
+    token: u64,
+}
+
+/// A validated commit request.
+#[derive(Debug)]
+struct CommitInput {
+    vm: String,
+    cycle_id: String,
+    kind: String,
+    consistency: String,
+    disks: Vec<DiskInput>,
+}
+
+impl TryFrom<CommitPointRequest> for CommitInput {
+    type Error = WriterError;
+
+    fn try_from(req: CommitPointRequest) -> Result<Self> {
+        check_vm(&req.vm)?;
+        if !matches!(req.kind.as_str(), "initial" | "delta" | "resync") {
+            return Err(invalid(format!(
+                "kind {:?} (expected initial, delta or resync)",
+                req.kind
+            )));
+        }
+        let consistency = match req.consistency.as_str() {
+            "" | "crash" => "crash",
+            "app" => "app",
+            other => {
+                return Err(invalid(format!(
+                    "consistency {other:?} (expected crash or app)"
+                )));
+            }
+        };
+        if req.disks.is_empty() {
+            return Err(invalid("a recovery point needs at least one disk".into()));
+        }
+        let mut ids = HashSet::new();
+        let mut disks = Vec::with_capacity(req.disks.len());
+        for d in req.disks {
+            let input = disk_input(d, &req.fencing_tokens)?;
+            if !ids.insert(input.disk.id.clone()) {
+                return Err(invalid(format!("disk {} appears twice", input.disk.id)));
+            }
+            disks.push(input);
+        }
+        Ok(CommitInput {
+            vm: req.vm,
+            cycle_id: req.cycle_id,
+            kind: req.kind,
+            consistency: consistency.to_owned(),
+            disks,
+        })
+    }
+}
+
+fn invalid(msg: String) -> WriterError {
+    WriterError::InvalidArgument(msg)
+}
+
+fn disk_input(d: CommitDisk, tokens: &HashMap<String, u64>) -> Result<DiskInput> {
+    let Some(disk) = d.disk else {
+        return Err(invalid("a commit disk without its disk description".into()));
+    };
+    if disk.id.is_empty() {
+        return Err(invalid("disk id is required".into()));
+    }
+    let id = disk.id.clone();
+    if d.block_size == 0 || d.block_size % 512 != 0 {
+        return Err(invalid(format!(
+            "disk {id}: block size {} is not a positive multiple of 512",
+            d.block_size
+        )));
+    }
+    let Some(&token) = tokens.get(&id) else {
+        return Err(invalid(format!("disk {id}: no fencing token")));
+    };
+    let block_count = disk.virtual_size.div_ceil(u64::from(d.block_size));
+    let mut seen = HashSet::with_capacity(d.blocks.len());
+    let mut blocks = Vec::with_capacity(d.blocks.len());
+    for b in d.blocks {
+        check_index(&id, b.index, block_count)?;
+        if !seen.insert(b.index) {
+            return Err(invalid(format!("disk {id}: block {} given twice", b.index)));
+        }
+        let chunk = chunk_from_bytes(&format!("disk {id} block {}", b.index), &b.chunk)?;
+        blocks.push((b.index, chunk));
+    }
+    for &z in &d.zeroed {
+        check_index(&id, z, block_count)?;
+        if seen.contains(&z) {
+            return Err(invalid(format!(
+                "disk {id}: block {z} is both written and zeroed"
+            )));
+        }
+    }
+    Ok(DiskInput {
+        disk,
+        block_size: d.block_size,
+        blocks,
+        zeroed: d.zeroed,
+        logs: d.logs,
+        full: d.full,
+        token,
+    })
+}
+
+fn check_index(disk: &str, index: u64, block_count: u64) -> Result<()> {
+    if index >= block_count {
+        return Err(invalid(format!(
+            "disk {disk}: block {index} is beyond the disk ({block_count} blocks)"
+        )));
+    }
+    Ok(())
+}
+
+/// The disk's new map: a full map replaces the previous one; a patch sets the given blocks and
+/// removes the zeroed ones (and any block past a shrunk disk's end).
+fn build_map(d: &DiskInput, prev: Option<(&DiskManifest, &BlockMap)>) -> Result<BlockMap> {
+    let given = d.blocks.iter().copied();
+    if d.full {
+        return Ok(BlockMap {
+            entries: given.collect(),
+        });
+    }
+    let Some((prev_disk, prev_map)) = prev else {
+        return Err(WriterError::FailedPrecondition(format!(
+            "disk {}: a delta needs a previous recovery point of the disk; send a full map",
+            d.disk.id
+        )));
+    };
+    if prev_disk.block_size != d.block_size {
+        return Err(WriterError::FailedPrecondition(format!(
+            "disk {}: block size changed from {} to {}; send a full map",
+            d.disk.id, prev_disk.block_size, d.block_size
+        )));
+    }
+    let mut map = prev_map.clone();
+    let block_count = d.disk.virtual_size.div_ceil(u64::from(d.block_size));
+    map.entries.retain(|&i, _| i < block_count);
+    for z in &d.zeroed {
+        map.entries.remove(z);
+    }
+    map.entries.extend(given);
+    Ok(map)
+}
+
+/// Entries of `new` that the previous map does not already hold (their chunks must be checked).
+fn changed(disk: &str, new: &BlockMap, prev: Option<&BlockMap>) -> Vec<(String, u64, ChunkId)> {
+    new.entries
+        .iter()
+        .filter(|(i, id)| prev.and_then(|p| p.entries.get(i)) != Some(id))
+        .map(|(&i, id)| (disk.to_owned(), i, *id))
+        .collect()
+}
+
+/// Shipped logs not merged yet: a patch keeps the previous point's, a full map starts over.
+fn pending_logs(d: &DiskInput, prev: Option<&DiskManifest>) -> Vec<String> {
+    let mut logs = match prev {
+        Some(p) if !d.full => p.logs.clone(),
+        _ => Vec::new(),
+    };
+    logs.extend(d.logs.iter().cloned());
+    logs
+}
+
+impl Writer {
+    /// Commits a cycle as the VM's next recovery point and returns it.
+    pub async fn commit_point(&self, req: CommitPointRequest) -> Result<RecoveryPoint> {
+        let input = CommitInput::try_from(req)?;
+        self.check_fencing(&input).await?;
+        // Chunks already verified in an earlier attempt are not checked again.
+        let mut verified: HashSet<ChunkId> = HashSet::new();
+        for attempt in 1..=MAX_COMMIT_ATTEMPTS {
+            match self.try_commit(&input, &mut verified).await {
+                Ok(m) => return Ok(point_to_proto(&m)),
+                Err(WriterError::Store(StoreError::Conflict { what })) => {
+                    debug!(vm = %input.vm, attempt, %what, "lost the race for the next point; reloading");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        warn!(vm = %input.vm, attempts = MAX_COMMIT_ATTEMPTS, "giving up on a contended commit");
+        Err(WriterError::Contended(input.vm))
+    }
+
+    /// Each disk's token must be the current lease token of that disk (a stale cycle is
+    /// refused before anything is written).
+    async fn check_fencing(&self, input: &CommitInput) -> Result<()> {
+        for d in &input.disks {
+            let reason = match self.coord.check_fence(&d.disk.id, d.token).await {
+                Ok(()) => continue,
+                Err(CoordError::Fenced { current, .. }) => {
+                    format!("the current token is {current}")
+                }
+                Err(CoordError::LeaseLost { .. }) => "the disk has no current lease".to_owned(),
+                Err(e) => return Err(e.into()),
+            };
+            warn!(vm = %input.vm, disk = %d.disk.id, token = d.token, %reason, "stale fencing token");
+            return Err(WriterError::Fenced {
+                disk: d.disk.id.clone(),
+                token: d.token,
+                reason,
+            });
+        }
+        Ok(())
+    }
+
+    async fn try_commit(
+        &self,
+        input: &CommitInput,
+        verified: &mut HashSet<ChunkId>,
+    ) -> Result<PointManifest> {
+        let latest = self.store.latest_point(&input.vm).await?;
+        let mut maps = Vec::with_capacity(input.disks.len());
+        let mut to_check = Vec::new();
+        for d in &input.disks {
+            let prev_disk = latest
+                .as_ref()
+                .and_then(|p| p.disks.iter().find(|x| x.disk_id == d.disk.id));
+            let prev_map = match prev_disk {
+                Some(pd) => Some(read_map(&self.store, &pd.pages).await?),
+                None => None,
+            };
+            let map = build_map(d, prev_disk.zip(prev_map.as_ref()))?;
+            to_check.extend(
+                changed(&d.disk.id, &map, prev_map.as_ref())
+                    .into_iter()
+                    .filter(|(_, _, id)| !verified.contains(id)),
+            );
+            maps.push((d, prev_disk, map));
+        }
+        if let Some((disk, index, chunk)) = self.first_missing(&to_check).await? {
+            warn!(vm = %input.vm, disk = %disk, index, chunk = %chunk, "commit references a missing chunk");
+            return Err(WriterError::MissingChunk { disk, index, chunk });
+        }
+        verified.extend(to_check.iter().map(|(_, _, id)| *id));
+        let mut disks = Vec::with_capacity(maps.len());
+        for (d, prev_disk, map) in maps {
+            let previous = prev_disk.map_or(&[][..], |p| p.pages.as_slice());
+            let (map, pages) = write_map(&self.store, map, previous).await?;
+            disks.push(DiskManifest {
+                disk_id: d.disk.id.clone(),
+                path: d.disk.path.clone(),
+                format: d.disk.format.clone(),
+                subformat: d.disk.subformat.clone(),
+                virtual_size: d.disk.virtual_size,
+                logical_sector_size: d.disk.logical_sector_size,
+                block_size: d.block_size,
+                pages,
+                stored_blocks: map.entries.len() as u64,
+                logs: pending_logs(d, prev_disk),
+                fencing_token: d.token,
+            });
+        }
+        let manifest = PointManifest {
+            id: String::new(),
+            vm: input.vm.clone(),
+            seq: latest.as_ref().map_or(1, |p| p.seq + 1),
+            time_ms: chrono::Utc::now().timestamp_millis(),
+            kind: input.kind.clone(),
+            consistency: input.consistency.clone(),
+            cycle_id: input.cycle_id.clone(),
+            disks,
+        };
+        let committed = self.store.commit_point(manifest).await?;
+        info!(
+            vm = %committed.vm,
+            seq = committed.seq,
+            kind = %committed.kind,
+            cycle = %committed.cycle_id,
+            "point committed"
+        );
+        Ok(committed)
+    }
+}

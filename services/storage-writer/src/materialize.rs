@@ -1,0 +1,258 @@
+//! Writing a point's disk into an image file.
+//!
+//! Chunks are fetched and opened (decrypt, decompress, verify) several at a time ahead of the
+//! writer, and handed in block order to one blocking thread that owns the image writer. The
+//! thread removes the file unless it was told to finish: an error, a cancellation or a dropped
+//! request future (the client went away) all leave no partial file behind.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ferry_disk::{CreateOptions, Format, Subformat};
+use ferry_proto::storage::v1::{MaterializeDiskRequest, MaterializeDiskResponse};
+use ferry_store::{ChunkId, DiskManifest, StoreError, chunk_hex, open_chunk};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::Writer;
+use crate::error::{Result, WriterError};
+use crate::points::read_map;
+
+/// Chunks fetched and opened ahead of the writer.
+pub const FETCH_AHEAD: usize = 8;
+/// Opened blocks queued for the writer thread.
+const WRITE_QUEUE: usize = 4;
+
+enum Msg {
+    Block { offset: u64, data: Vec<u8> },
+    Finish,
+}
+
+/// The output's format and subformat: the request's, else the source disk's own. A source
+/// without a usable subformat (raw, or a differencing chain, which is written flattened)
+/// becomes dynamic.
+fn output_format(req: &MaterializeDiskRequest, disk: &DiskManifest) -> Result<(Format, Subformat)> {
+    let bad = |e: ferry_disk::DiskError| WriterError::InvalidArgument(e.to_string());
+    let format: Format = if req.format.is_empty() {
+        disk.format.parse().map_err(bad)?
+    } else {
+        req.format.parse().map_err(bad)?
+    };
+    let subformat = if !req.subformat.is_empty() {
+        req.subformat.parse().map_err(bad)?
+    } else if req.format.is_empty() || req.format.eq_ignore_ascii_case(&disk.format) {
+        match disk.subformat.parse() {
+            Ok(Subformat::Fixed) => Subformat::Fixed,
+            _ => Subformat::Dynamic,
+        }
+    } else {
+        Subformat::Dynamic
+    };
+    if subformat == Subformat::Differencing {
+        return Err(WriterError::InvalidArgument(
+            "a materialised disk cannot be differencing".into(),
+        ));
+    }
+    Ok((format, subformat))
+}
+
+impl Writer {
+    /// Writes the disk of a point into `req.target_path` (never overwriting a file) and
+    /// returns how much data it wrote. Stops, removing the partial file, when `cancel` fires.
+    pub async fn materialize_disk(
+        &self,
+        req: MaterializeDiskRequest,
+        cancel: CancellationToken,
+    ) -> Result<MaterializeDiskResponse> {
+        let target = PathBuf::from(&req.target_path);
+        if req.target_path.is_empty() || !target.is_absolute() {
+            return Err(WriterError::InvalidArgument(format!(
+                "target path {:?} must be absolute",
+                req.target_path
+            )));
+        }
+        let (point, disk) = self.resolve_disk(&req.vm, &req.point, &req.disk_id).await?;
+        let (format, subformat) = output_format(&req, &disk)?;
+        if tokio::fs::symlink_metadata(&target).await.is_ok() {
+            return Err(WriterError::AlreadyExists(target.display().to_string()));
+        }
+        let map = read_map(&self.store, &disk.pages).await?;
+        let bs = u64::from(disk.block_size);
+        let vsize = disk.virtual_size;
+        if bs == 0 {
+            return Err(WriterError::Corrupt(format!(
+                "disk {}: block size 0",
+                disk.disk_id
+            )));
+        }
+        if let Some((&last, _)) = map.entries.last_key_value()
+            && last >= vsize.div_ceil(bs)
+        {
+            return Err(WriterError::Corrupt(format!(
+                "disk {}: block {last} lies beyond the virtual size {vsize}",
+                disk.disk_id
+            )));
+        }
+        info!(
+            vm = %point.vm, point = %point.id, disk = %disk.disk_id, target = %target.display(),
+            %format, %subformat, blocks = map.entries.len(), "materialising disk"
+        );
+        let opts = CreateOptions {
+            virtual_size: vsize,
+            subformat,
+            block_size: None,
+        };
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        let (created_tx, created_rx) = tokio::sync::oneshot::channel();
+        let path = target.clone();
+        let thread =
+            tokio::task::spawn_blocking(move || write_thread(&path, format, &opts, rx, created_tx));
+        // A create failure (the file exists, a bad directory) ends the thread before any block.
+        if created_rx.await.is_err() {
+            return Err(join(thread.await).err().unwrap_or(WriterError::Internal(
+                "disk writer stopped before creating the file".into(),
+            )));
+        }
+        let fed = self
+            .feed(&disk, map.entries.into_iter().collect(), &tx, &cancel)
+            .await;
+        let outcome = match fed {
+            Ok(bytes) => match tx.send(Msg::Finish).await {
+                Ok(()) => Ok(bytes),
+                Err(_) => Err(None),
+            },
+            Err(e) => Err(Some(e)),
+        };
+        drop(tx);
+        let written = join(thread.await);
+        match (outcome, written) {
+            (Ok(bytes_written), Ok(())) => {
+                info!(disk = %disk.disk_id, target = %target.display(), bytes_written, "disk materialised");
+                Ok(MaterializeDiskResponse {
+                    bytes_written,
+                    virtual_size: vsize,
+                    target_path: req.target_path,
+                })
+            }
+            // The writer failed first: its error explains why the queue closed.
+            (Err(None) | Ok(_), Err(e)) => Err(e),
+            (Err(Some(e)), _) => {
+                warn!(disk = %disk.disk_id, target = %target.display(), error = %e, "materialise failed; partial file removed");
+                Err(e)
+            }
+            (Err(None), Ok(())) => Err(WriterError::Internal("disk writer stopped early".into())),
+        }
+    }
+
+    /// Fetches and opens the blocks ahead of the writer and queues them in block order.
+    /// Returns the bytes queued.
+    async fn feed(
+        &self,
+        disk: &DiskManifest,
+        entries: Vec<(u64, ChunkId)>,
+        tx: &mpsc::Sender<Msg>,
+        cancel: &CancellationToken,
+    ) -> Result<u64> {
+        let bs = u64::from(disk.block_size);
+        let vsize = disk.virtual_size;
+        let mut blocks = futures::stream::iter(entries.into_iter().map(|(index, id)| {
+            let this = self.clone();
+            let disk_id = disk.disk_id.clone();
+            async move {
+                this.fetch_block(&disk_id, index, id)
+                    .await
+                    .map(|data| (index, data))
+            }
+        }))
+        .buffered(FETCH_AHEAD);
+        let mut bytes = 0u64;
+        loop {
+            let next = tokio::select! {
+                biased;
+                () = cancel.cancelled() => return Err(WriterError::Cancelled),
+                next = blocks.next() => next,
+            };
+            let Some(block) = next else {
+                return Ok(bytes);
+            };
+            let (index, mut data) = block?;
+            let offset = index * bs;
+            if data.len() as u64 > bs {
+                return Err(WriterError::Corrupt(format!(
+                    "disk {}: block {index} holds {} bytes, more than the block size {bs}",
+                    disk.disk_id,
+                    data.len()
+                )));
+            }
+            // The last block of a disk whose size is not a multiple of the block size.
+            let len = (data.len() as u64).min(vsize - offset);
+            data.truncate(usize::try_from(len).unwrap_or(data.len()));
+            bytes += len;
+            if tx.send(Msg::Block { offset, data }).await.is_err() {
+                // The writer thread ended (its error is reported by the caller).
+                return Ok(bytes);
+            }
+        }
+    }
+
+    async fn fetch_block(&self, disk: &str, index: u64, id: ChunkId) -> Result<Vec<u8>> {
+        let sealed = match self.store.get_chunk(&id).await {
+            Ok(s) => s,
+            Err(StoreError::NotFound { .. }) => {
+                return Err(WriterError::Corrupt(format!(
+                    "disk {disk}: block {index} references chunk {} which is not stored",
+                    chunk_hex(&id)
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let key = Arc::clone(&self.key);
+        let opened = tokio::task::spawn_blocking(move || open_chunk(&key, &id, &sealed))
+            .await
+            .map_err(|e| WriterError::Internal(format!("chunk open task failed: {e}")))?;
+        opened.map_err(|e| WriterError::Corrupt(format!("disk {disk}: block {index}: {e}")))
+    }
+}
+
+fn join(r: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
+    r.map_err(|e| WriterError::Internal(format!("disk writer thread failed: {e}")))?
+}
+
+/// Owns the image writer: creates the file, writes the queued blocks, and finishes it only
+/// when told to. Any other end (error, queue closed without `Finish`) removes the file.
+fn write_thread(
+    path: &Path,
+    format: Format,
+    opts: &CreateOptions,
+    mut rx: mpsc::Receiver<Msg>,
+    created: tokio::sync::oneshot::Sender<()>,
+) -> Result<()> {
+    let mut writer = ferry_disk::create(path, format, opts).map_err(|e| match e {
+        ferry_disk::DiskError::AlreadyExists { path } => {
+            WriterError::AlreadyExists(path.display().to_string())
+        }
+        e => WriterError::Disk(e),
+    })?;
+    let _ = created.send(());
+    let result = loop {
+        match rx.blocking_recv() {
+            Some(Msg::Block { offset, data }) => {
+                if let Err(e) = writer.write_at(offset, &data) {
+                    break Err(WriterError::Disk(e));
+                }
+            }
+            Some(Msg::Finish) => break writer.finish().map_err(WriterError::Disk),
+            None => {
+                debug!(path = %path.display(), "materialise abandoned");
+                break Err(WriterError::Cancelled);
+            }
+        }
+    };
+    if result.is_err()
+        && let Err(e) = std::fs::remove_file(path)
+    {
+        warn!(path = %path.display(), error = %e, "cannot remove a partial disk file");
+    }
+    result
+}

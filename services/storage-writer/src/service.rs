@@ -1,0 +1,135 @@
+//! The gRPC face of [`Writer`]: authorization for every call, then the plain handler, with
+//! errors mapped through `ferry_mesh::to_status` only.
+//!
+//! Agents never call this service. The ingest service commits points with the service
+//! certificate; operators read with the reader role and act with the operator role.
+use ferry_mesh::{Role, require_role, require_service, to_status};
+use ferry_proto::common::v1::RecoveryPoint;
+use ferry_proto::storage::v1::storage_writer_server::StorageWriter;
+use ferry_proto::storage::v1::{
+    BlockHashesChunk, BlockHashesRequest, CommitPointRequest, CommitPointResponse, GetPointRequest,
+    HasChunksRequest, HasChunksResponse, ListPointsRequest, ListPointsResponse,
+    MaterializeDiskRequest, MaterializeDiskResponse, RunRetentionRequest, RunRetentionResponse,
+};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::Writer;
+use crate::points::{HASH_PAGE_ENTRIES, hash_pages};
+
+/// `ferry.storage.v1.StorageWriter` over a [`Writer`].
+#[derive(Debug, Clone)]
+pub struct StorageWriterService {
+    writer: Writer,
+    /// Server shutdown: stops long calls (materialising) instead of waiting for them.
+    shutdown: CancellationToken,
+}
+
+impl StorageWriterService {
+    pub fn new(writer: Writer, shutdown: CancellationToken) -> Self {
+        Self { writer, shutdown }
+    }
+}
+
+type HashStream = tokio_stream::Iter<std::vec::IntoIter<Result<BlockHashesChunk, Status>>>;
+
+#[tonic::async_trait]
+impl StorageWriter for StorageWriterService {
+    async fn commit_point(
+        &self,
+        request: Request<CommitPointRequest>,
+    ) -> Result<Response<CommitPointResponse>, Status> {
+        require_service(&request)?;
+        let point = self
+            .writer
+            .commit_point(request.into_inner())
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(CommitPointResponse { point: Some(point) }))
+    }
+
+    async fn list_points(
+        &self,
+        request: Request<ListPointsRequest>,
+    ) -> Result<Response<ListPointsResponse>, Status> {
+        require_role(&request, Role::Reader)?;
+        let points = self
+            .writer
+            .list_points(&request.get_ref().vm)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(ListPointsResponse { points }))
+    }
+
+    async fn get_point(
+        &self,
+        request: Request<GetPointRequest>,
+    ) -> Result<Response<RecoveryPoint>, Status> {
+        require_role(&request, Role::Reader)?;
+        let req = request.get_ref();
+        let point = self
+            .writer
+            .get_point(&req.vm, &req.point)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(point))
+    }
+
+    async fn has_chunks(
+        &self,
+        request: Request<HasChunksRequest>,
+    ) -> Result<Response<HasChunksResponse>, Status> {
+        require_role(&request, Role::Reader)?;
+        let present = self
+            .writer
+            .has_chunks(&request.get_ref().chunks)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(HasChunksResponse { present }))
+    }
+
+    type BlockHashesStream = HashStream;
+
+    async fn block_hashes(
+        &self,
+        request: Request<BlockHashesRequest>,
+    ) -> Result<Response<Self::BlockHashesStream>, Status> {
+        require_role(&request, Role::Reader)?;
+        let map = self
+            .writer
+            .block_map(request.get_ref())
+            .await
+            .map_err(|e| to_status(&e))?;
+        let pages: Vec<Result<BlockHashesChunk, Status>> = hash_pages(&map, HASH_PAGE_ENTRIES)
+            .into_iter()
+            .map(Ok)
+            .collect();
+        Ok(Response::new(tokio_stream::iter(pages)))
+    }
+
+    async fn materialize_disk(
+        &self,
+        request: Request<MaterializeDiskRequest>,
+    ) -> Result<Response<MaterializeDiskResponse>, Status> {
+        require_role(&request, Role::Operator)?;
+        // A client that goes away drops this future; the writer thread then removes the
+        // partial file. Server shutdown cancels explicitly.
+        let resp = self
+            .writer
+            .materialize_disk(request.into_inner(), self.shutdown.child_token())
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(resp))
+    }
+
+    async fn run_retention(
+        &self,
+        request: Request<RunRetentionRequest>,
+    ) -> Result<Response<RunRetentionResponse>, Status> {
+        require_role(&request, Role::Operator)?;
+        Err(ferry_mesh::unimplemented(
+            "retention (pruning points past the policy's retention and collecting unreferenced \
+             chunks, together with merging delta-replication logs)",
+        ))
+    }
+}

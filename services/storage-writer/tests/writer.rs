@@ -1,0 +1,594 @@
+//! Storage-writer handlers against a real object store (local filesystem in a tempdir) and a
+//! real `redis-server` for fencing.
+use std::path::{Path, PathBuf};
+
+use ferry_coord::{Coord, Lease, RedisServer};
+use ferry_mesh::{Caller, ErrorCode, Role, ServiceError};
+use ferry_proto::common::v1::Disk;
+use ferry_proto::storage::v1::storage_writer_server::StorageWriter as _;
+use ferry_proto::storage::v1::{
+    BlockEntry, BlockHashesRequest, CommitDisk, CommitPointRequest, MaterializeDiskRequest,
+};
+use ferry_storage_writer::{StorageWriterService, Writer, WriterError};
+use ferry_store::{ChunkId, Store, VaultKey, chunk_hex, chunk_id, chunk_key, seal_chunk};
+use tokio_util::sync::CancellationToken;
+
+const BS: u32 = 64 * 1024;
+/// Ten full blocks and a partial eleventh (a multiple of 512, as VHDX needs).
+const VSIZE: u64 = 10 * BS as u64 + 12 * 1024;
+
+struct Env {
+    dir: tempfile::TempDir,
+    writer: Writer,
+    store: Store,
+    key: VaultKey,
+    coord: Coord,
+    _redis: RedisServer,
+}
+
+async fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::from_url(&format!(
+        "file://{}?fsync=false",
+        dir.path().join("store").display()
+    ))
+    .unwrap();
+    let redis = RedisServer::start(&dir.path().join("redis")).unwrap();
+    let coord = Coord::connect(&redis.url()).await.unwrap();
+    let key = VaultKey::generate();
+    let writer = Writer::new(store.clone(), coord.clone(), key.clone());
+    Env {
+        dir,
+        writer,
+        store,
+        key,
+        coord,
+        _redis: redis,
+    }
+}
+
+impl Env {
+    /// Seals and stores a block; returns its chunk id.
+    async fn put(&self, data: &[u8]) -> ChunkId {
+        let id = chunk_id(&self.key, data);
+        let sealed = seal_chunk(&self.key, &id, data);
+        self.store.put_chunk(&id, sealed.into()).await.unwrap();
+        id
+    }
+
+    /// Takes the disk's lease.
+    async fn lease(&self, disk: &str, holder: &str) -> Lease {
+        self.coord
+            .acquire_lease(disk, holder, std::time::Duration::from_secs(60))
+            .await
+            .unwrap()
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// A recognisable, non-zero block.
+fn block(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+        .collect()
+}
+
+fn disk(id: &str, format: &str, subformat: &str) -> Disk {
+    Disk {
+        id: id.into(),
+        path: format!("/vms/{id}.{format}"),
+        format: format.into(),
+        subformat: subformat.into(),
+        virtual_size: VSIZE,
+        logical_sector_size: 512,
+        ..Disk::default()
+    }
+}
+
+fn commit(
+    vm: &str,
+    disk: Disk,
+    blocks: &[(u64, ChunkId)],
+    zeroed: &[u64],
+    full: bool,
+    token: u64,
+) -> CommitPointRequest {
+    let id = disk.id.clone();
+    CommitPointRequest {
+        vm: vm.into(),
+        cycle_id: format!("cycle-{token}"),
+        kind: if full { "initial" } else { "delta" }.into(),
+        consistency: "crash".into(),
+        disks: vec![CommitDisk {
+            disk: Some(disk),
+            block_size: BS,
+            blocks: blocks
+                .iter()
+                .map(|(i, c)| BlockEntry {
+                    index: *i,
+                    chunk: c.to_vec(),
+                })
+                .collect(),
+            zeroed: zeroed.to_vec(),
+            logs: vec![],
+            full,
+        }],
+        fencing_tokens: [(id, token)].into_iter().collect(),
+    }
+}
+
+async fn map_of(w: &Writer, vm: &str, point: &str, disk: &str) -> Vec<(u64, ChunkId)> {
+    let req = BlockHashesRequest {
+        vm: vm.into(),
+        point: point.into(),
+        disk_id: disk.into(),
+    };
+    let map = w.block_map(&req).await.unwrap();
+    map.entries.into_iter().collect()
+}
+
+#[tokio::test]
+async fn commit_full_then_patch() {
+    let e = env().await;
+    let token = e.lease("d1", "agent-a").await.token;
+    let (a, b, c, d) = (
+        e.put(&block(1, BS as usize)).await,
+        e.put(&block(2, BS as usize)).await,
+        e.put(&block(3, BS as usize)).await,
+        e.put(&block(4, BS as usize)).await,
+    );
+    let disk1 = disk("d1", "raw", "");
+    let p1 = e
+        .writer
+        .commit_point(commit(
+            "web",
+            disk1.clone(),
+            &[(0, a), (1, b), (2, c)],
+            &[],
+            true,
+            token,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        (p1.seq, p1.vm.as_str(), p1.kind.as_str()),
+        (1, "web", "initial")
+    );
+    assert_eq!(p1.disks[0].stored_blocks, 3);
+    assert_eq!(p1.disks[0].block_size, BS);
+
+    // Patch: block 5 new, block 1 zeroed, block 2 re-sent unchanged.
+    let p2 = e
+        .writer
+        .commit_point(commit(
+            "web",
+            disk1.clone(),
+            &[(5, d), (2, c)],
+            &[1],
+            false,
+            token,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(p2.seq, 2);
+    assert_eq!(p2.disks[0].stored_blocks, 3);
+    assert_eq!(
+        map_of(&e.writer, "web", "latest", "d1").await,
+        [(0, a), (2, c), (5, d)]
+    );
+    assert_eq!(
+        map_of(&e.writer, "web", &p1.id, "d1").await,
+        [(0, a), (1, b), (2, c)]
+    );
+
+    // A full map replaces everything.
+    let p3 = e
+        .writer
+        .commit_point(commit("web", disk1, &[(7, b)], &[], true, token))
+        .await
+        .unwrap();
+    assert_eq!(map_of(&e.writer, "web", &p3.id, "d1").await, [(7, b)]);
+
+    let listed: Vec<u64> = e
+        .writer
+        .list_points("web")
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.seq)
+        .collect();
+    assert_eq!(listed, [1, 2, 3]);
+    assert_eq!(e.writer.get_point("web", "latest").await.unwrap().id, p3.id);
+    assert_eq!(e.writer.get_point("web", &p1.id).await.unwrap().seq, 1);
+    let missing = e
+        .writer
+        .get_point("web", "no-such-point")
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), ErrorCode::NotFound);
+    assert!(e.writer.list_points("other").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn delta_without_base_and_bad_input_are_refused() {
+    let e = env().await;
+    let token = e.lease("d1", "agent-a").await.token;
+    let a = e.put(&block(1, BS as usize)).await;
+    let err = e
+        .writer
+        .commit_point(commit(
+            "web",
+            disk("d1", "raw", ""),
+            &[(0, a)],
+            &[],
+            false,
+            token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::FailedPrecondition, "{err}");
+
+    let beyond = commit("web", disk("d1", "raw", ""), &[(11, a)], &[], true, token);
+    let err = e.writer.commit_point(beyond).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+
+    let mut short_id = commit("web", disk("d1", "raw", ""), &[(0, a)], &[], true, token);
+    short_id.disks[0].blocks[0].chunk.truncate(31);
+    let err = e.writer.commit_point(short_id).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+
+    let mut no_token = commit("web", disk("d1", "raw", ""), &[(0, a)], &[], true, token);
+    no_token.fencing_tokens.clear();
+    let err = e.writer.commit_point(no_token).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+    assert!(e.writer.list_points("web").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn fenced_commit_is_rejected() {
+    let e = env().await;
+    let first = e.lease("d1", "agent-a").await;
+    e.coord.release_lease(&first).await.unwrap();
+    let stale = first.token;
+    let current = e.lease("d1", "agent-b").await.token;
+    assert!(current > stale);
+    let a = e.put(&block(1, BS as usize)).await;
+    let err = e
+        .writer
+        .commit_point(commit(
+            "web",
+            disk("d1", "raw", ""),
+            &[(0, a)],
+            &[],
+            true,
+            stale,
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, WriterError::Fenced { ref disk, token, .. } if disk == "d1" && token == stale),
+        "{err}"
+    );
+    assert_eq!(err.code(), ErrorCode::FailedPrecondition);
+    assert!(e.writer.list_points("web").await.unwrap().is_empty());
+    let p = e
+        .writer
+        .commit_point(commit(
+            "web",
+            disk("d1", "raw", ""),
+            &[(0, a)],
+            &[],
+            true,
+            current,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(p.seq, 1);
+}
+
+#[tokio::test]
+async fn missing_chunk_is_rejected() {
+    let e = env().await;
+    let token = e.lease("d1", "agent-a").await.token;
+    let a = e.put(&block(1, BS as usize)).await;
+    let ghost = chunk_id(&e.key, &block(9, BS as usize));
+    let err = e
+        .writer
+        .commit_point(commit(
+            "web",
+            disk("d1", "raw", ""),
+            &[(0, a), (4, ghost)],
+            &[],
+            true,
+            token,
+        ))
+        .await
+        .unwrap_err();
+    match &err {
+        WriterError::MissingChunk { disk, index, chunk } => {
+            assert_eq!((disk.as_str(), *index), ("d1", 4));
+            assert_eq!(chunk, &chunk_hex(&ghost));
+        }
+        other => panic!("expected a missing chunk, got {other}"),
+    }
+    assert_eq!(err.code(), ErrorCode::FailedPrecondition);
+    assert!(e.writer.list_points("web").await.unwrap().is_empty());
+
+    // On top of an existing point too: the latest point stays as it was.
+    e.writer
+        .commit_point(commit(
+            "web",
+            disk("d1", "raw", ""),
+            &[(0, a)],
+            &[],
+            true,
+            token,
+        ))
+        .await
+        .unwrap();
+    let err = e
+        .writer
+        .commit_point(commit(
+            "web",
+            disk("d1", "raw", ""),
+            &[(3, ghost)],
+            &[],
+            false,
+            token,
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, WriterError::MissingChunk { index: 3, .. }),
+        "{err}"
+    );
+    assert_eq!(e.writer.get_point("web", "latest").await.unwrap().seq, 1);
+
+    let present = e
+        .writer
+        .has_chunks(&[a.to_vec(), ghost.to_vec()])
+        .await
+        .unwrap();
+    assert_eq!(present, [true, false]);
+    let err = e.writer.has_chunks(&[vec![1, 2, 3]]).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument);
+}
+
+/// Commits blocks 0, 3 and the partial last block 10 and returns the raw reference image.
+async fn point_with_blocks(e: &Env, format: &str, subformat: &str) -> PathBuf {
+    let token = e.lease("d1", "agent-a").await.token;
+    let last_len = (VSIZE - 10 * u64::from(BS)) as usize;
+    let blocks = [
+        (0u64, block(1, BS as usize)),
+        (3, block(2, BS as usize)),
+        (10, block(3, last_len)),
+    ];
+    let mut entries = Vec::new();
+    let mut reference = vec![0u8; VSIZE as usize];
+    for (index, data) in &blocks {
+        entries.push((*index, e.put(data).await));
+        let off = (*index * u64::from(BS)) as usize;
+        reference[off..off + data.len()].copy_from_slice(data);
+    }
+    e.writer
+        .commit_point(commit(
+            "web",
+            disk("d1", format, subformat),
+            &entries,
+            &[],
+            true,
+            token,
+        ))
+        .await
+        .unwrap();
+    let path = e.path("reference.raw");
+    std::fs::write(&path, &reference).unwrap();
+    path
+}
+
+fn materialize_req(target: &Path, format: &str) -> MaterializeDiskRequest {
+    MaterializeDiskRequest {
+        vm: "web".into(),
+        point: "latest".into(),
+        disk_id: "d1".into(),
+        target_path: target.display().to_string(),
+        format: format.into(),
+        subformat: String::new(),
+    }
+}
+
+fn qemu_img() -> bool {
+    std::process::Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// `qemu-img compare` (content) and the virtual size qemu reports.
+fn qemu_check(image: &Path, format: &str, reference: &Path) {
+    if !qemu_img() {
+        eprintln!("qemu-img not on PATH: checked with ferry-disk only");
+        return;
+    }
+    let out = std::process::Command::new("qemu-img")
+        .args(["compare", "-f", format, "-F", "raw"])
+        .arg(image)
+        .arg(reference)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img compare: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-f", format])
+        .arg(image)
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["virtual-size"].as_u64(), Some(VSIZE));
+}
+
+fn read_back(image: &Path) -> Vec<u8> {
+    let dev = ferry_disk::open(image).unwrap();
+    assert_eq!(dev.virtual_size(), VSIZE);
+    let mut buf = vec![0u8; VSIZE as usize];
+    dev.read_at(0, &mut buf).unwrap();
+    buf
+}
+
+#[tokio::test]
+async fn materialize_raw_and_vhdx() {
+    let e = env().await;
+    let reference = point_with_blocks(&e, "raw", "").await;
+    let expected = std::fs::read(&reference).unwrap();
+    let written = 2 * u64::from(BS) + (VSIZE - 10 * u64::from(BS));
+
+    let raw = e.path("out.raw");
+    let resp = e
+        .writer
+        .materialize_disk(materialize_req(&raw, ""), CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!((resp.bytes_written, resp.virtual_size), (written, VSIZE));
+    assert_eq!(std::fs::read(&raw).unwrap(), expected);
+    qemu_check(&raw, "raw", &reference);
+
+    let vhdx = e.path("out.vhdx");
+    e.writer
+        .materialize_disk(materialize_req(&vhdx, "vhdx"), CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(read_back(&vhdx) == expected, "vhdx content differs");
+    qemu_check(&vhdx, "vhdx", &reference);
+
+    // Never overwrites.
+    let err = e
+        .writer
+        .materialize_disk(materialize_req(&raw, ""), CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::AlreadyExists, "{err}");
+    assert_eq!(std::fs::read(&raw).unwrap(), expected);
+}
+
+#[tokio::test]
+async fn materialize_defaults_to_the_source_format() {
+    let e = env().await;
+    let reference = point_with_blocks(&e, "vhdx", "dynamic").await;
+    let out = e.path("disk.vhdx");
+    e.writer
+        .materialize_disk(materialize_req(&out, ""), CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(ferry_disk::detect(&out).unwrap(), ferry_disk::Format::Vhdx);
+    qemu_check(&out, "vhdx", &reference);
+}
+
+#[tokio::test]
+async fn failed_or_cancelled_materialize_leaves_no_file() {
+    let e = env().await;
+    point_with_blocks(&e, "raw", "").await;
+    let cancel = CancellationToken::new();
+    cancel.cancel();
+    let out = e.path("cancelled.raw");
+    let err = e
+        .writer
+        .materialize_disk(materialize_req(&out, ""), cancel)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, WriterError::Cancelled), "{err}");
+    assert!(!out.exists());
+
+    // A chunk lost from the store after the commit: an error naming it, no partial file.
+    let map = map_of(&e.writer, "web", "latest", "d1").await;
+    e.store.delete(&chunk_key(&map[1].1)).await.unwrap();
+    let out = e.path("broken.raw");
+    let err = e
+        .writer
+        .materialize_disk(materialize_req(&out, ""), CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains(&chunk_hex(&map[1].1)), "{err}");
+    assert!(!out.exists());
+
+    let err = e
+        .writer
+        .materialize_disk(
+            materialize_req(Path::new("relative.raw"), ""),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidArgument);
+}
+
+fn as_caller<T>(msg: T, caller: Option<Caller>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(c) = caller {
+        req.extensions_mut().insert(c);
+    }
+    req
+}
+
+#[tokio::test]
+async fn every_call_is_authorized() {
+    let e = env().await;
+    let svc = StorageWriterService::new(e.writer.clone(), CancellationToken::new());
+    let reader = Some(Caller::Operator(Role::Reader));
+    let commit_req = || commit("web", disk("d1", "raw", ""), &[], &[], true, 1);
+    // Only services commit; operators of any role and hosts may not.
+    let err = svc
+        .commit_point(as_caller(commit_req(), Some(Caller::Operator(Role::Admin))))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let err = svc
+        .commit_point(as_caller(commit_req(), Some(Caller::Host("h1".into()))))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let err = svc
+        .commit_point(as_caller(commit_req(), None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    // Readers read but do not act.
+    let list = ferry_proto::storage::v1::ListPointsRequest { vm: "web".into() };
+    assert!(
+        svc.list_points(as_caller(list.clone(), reader.clone()))
+            .await
+            .is_ok()
+    );
+    let err = svc
+        .list_points(as_caller(list, Some(Caller::Host("h1".into()))))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let out = e.path("x.raw");
+    let err = svc
+        .materialize_disk(as_caller(materialize_req(&out, ""), reader.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    // Errors come back as statuses with their codes.
+    let err = svc
+        .materialize_disk(as_caller(
+            materialize_req(&out, ""),
+            Some(Caller::Operator(Role::Operator)),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    let retention = ferry_proto::storage::v1::RunRetentionRequest { vm: "web".into() };
+    let err = svc
+        .run_retention(as_caller(retention, Some(Caller::Operator(Role::Operator))))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unimplemented);
+    assert!(err.message().contains("retention"));
+}
