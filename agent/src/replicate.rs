@@ -78,7 +78,7 @@ impl Agent {
     pub(crate) async fn uploader(&self) -> Result<Uploader, ReplError> {
         let mut slot = self.uploader.lock().await;
         if let Some(u) = slot.as_ref() {
-            if u.is_open() {
+            if u.connection().close_reason().is_none() {
                 return Ok(u.clone());
             }
         }

@@ -262,7 +262,7 @@ impl Ingest for Api {
         if c.host != host {
             return Err(Status::permission_denied(format!("cycle {} belongs to another host", c.id)));
         }
-        for l in Self::leases(&c) {
+        for l in IngestService::leases(&c) {
             self.coord.renew_lease(&l, LEASE_TTL).await.map_err(coord_status)?;
         }
         Ok(Response::new(pb::RenewCycleResponse {}))
@@ -327,7 +327,7 @@ impl Ingest for Api {
             .ok_or_else(|| Status::internal("storage-writer committed no point"))?;
         c.state = "committed".into();
         self.save(&c).await?;
-        for l in Self::leases(&c) {
+        for l in IngestService::leases(&c) {
             if let Err(e) = self.coord.release_lease(&l).await {
                 tracing::warn!(disk = %l.resource, error = %e, "lease release failed; it will expire");
             }
@@ -361,7 +361,7 @@ impl Ingest for Api {
         }
         c.state = "aborted".into();
         self.save(&c).await?;
-        for l in Self::leases(&c) {
+        for l in IngestService::leases(&c) {
             let _ = self.coord.release_lease(&l).await;
         }
         tracing::info!(cycle = %c.id, vm = %c.vm, reason = %req.reason, "cycle aborted");
