@@ -1,1 +1,24 @@
-//! Redis: leases with fencing tokens, work and retry queues, a redis-server launcher
+//! Redis: leases with fencing tokens, work and retry queues, a `redis-server` launcher.
+//!
+//! Redis holds only what can be rebuilt from the catalog: losing it loses no data. Every key is
+//! prefixed `ferry:` and carries a hash tag so related keys share a Redis Cluster slot:
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `ferry:lease:{res}` | string `holder\ntoken`, PX ttl | a lease |
+//! | `ferry:fence:{res}` | integer | fencing counter of `res` |
+//! | `ferry:work:{host}` | list of ids | queued work of a host |
+//! | `ferry:inflight:{host}` | list of ids | work handed out, not acked |
+//! | `ferry:items:{host}` | hash id -> payload | payloads of both lists |
+//! | `ferry:{retry}:due` | sorted set id by due ms | retry queue |
+//! | `ferry:{retry}:payload` | hash id -> payload | retry payloads |
+//! | `ferry:kv:{key}` | string, PX ttl | heartbeats, progress |
+
+mod coord;
+mod error;
+mod queue;
+mod server;
+
+pub use coord::{Coord, Lease};
+pub use error::CoordError;
+pub use server::{RedisServer, redis_server_available};

@@ -1,0 +1,227 @@
+//! The catalog: an append-only transaction log per namespace, `catalog/<ns>/<seq:020>.json`.
+//!
+//! Appending is put-if-absent at `tail + 1` (as Delta Lake does on object stores): two writers
+//! racing for the same sequence number cannot both win, the loser re-lists and tries the next
+//! one, so the log stays gapless and no entry is lost. Each entry is wrapped in an envelope with
+//! a per-append writer id, which lets an append whose put failed ambiguously (it landed but the
+//! response was lost) recognise its own entry instead of appending it twice.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tracing::{debug, warn};
+
+use crate::store::check_segment;
+use crate::{Store, StoreError};
+
+const PARALLEL: usize = 8;
+/// Conflicts are progress by someone else, so many are tolerated before giving up.
+const MAX_CONFLICTS: usize = 1000;
+const MAX_TRANSIENT: usize = 4;
+
+/// An append-only log of JSON entries in one namespace. Cheap to clone; clones share the
+/// cached tail.
+#[derive(Clone, Debug)]
+pub struct Catalog {
+    store: Store,
+    namespace: String,
+    prefix: String,
+    /// Last sequence number known to exist (0 = unknown / empty).
+    tail: Arc<AtomicU64>,
+}
+
+#[derive(Serialize)]
+struct EnvelopeOut<'a, T: Serialize> {
+    v: u32,
+    writer: &'a str,
+    time_ms: i64,
+    entry: &'a T,
+}
+
+#[derive(Deserialize)]
+struct EnvelopeIn<T> {
+    entry: T,
+}
+
+#[derive(Deserialize)]
+struct WriterOnly {
+    writer: String,
+}
+
+impl Catalog {
+    /// A catalog over `store` for `namespace` (one path segment, e.g. `registry`, `jobs`).
+    /// A bad namespace makes every call fail with [`StoreError::Invalid`].
+    pub fn new(store: Store, namespace: &str) -> Self {
+        Catalog {
+            store,
+            namespace: namespace.to_string(),
+            prefix: format!("catalog/{namespace}"),
+            tail: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    fn key(&self, seq: u64) -> String {
+        format!("{}/{seq:020}.json", self.prefix)
+    }
+
+    /// Appends an entry at the end of the log and returns its sequence number (from 1).
+    pub async fn append<T: Serialize>(&self, entry: &T) -> Result<u64, StoreError> {
+        check_segment("catalog namespace", &self.namespace)?;
+        let writer = uuid::Uuid::new_v4().to_string();
+        let env = EnvelopeOut {
+            v: 1,
+            writer: &writer,
+            time_ms: chrono::Utc::now().timestamp_millis(),
+            entry,
+        };
+        let bytes =
+            Bytes::from(
+                serde_json::to_vec(&env).map_err(|source| StoreError::Encoding {
+                    what: format!("catalog entry for {}", self.namespace),
+                    source,
+                })?,
+            );
+        let mut seq = self.tail.load(Ordering::Acquire);
+        if seq == 0 {
+            seq = self.find_tail(0).await?;
+        }
+        let (mut conflicts, mut transient) = (0usize, 0usize);
+        // Sequence numbers we tried whose outcome is unknown (transient failure).
+        let mut uncertain: Vec<u64> = Vec::new();
+        loop {
+            let next = seq + 1;
+            match self
+                .store
+                .put_if_absent(&self.key(next), bytes.clone())
+                .await
+            {
+                Ok(true) => {
+                    self.tail.fetch_max(next, Ordering::AcqRel);
+                    debug!(namespace = %self.namespace, seq = next, "catalog entry appended");
+                    return Ok(next);
+                }
+                Ok(false) => {
+                    if uncertain.contains(&next) && self.written_by(next, &writer).await? {
+                        self.tail.fetch_max(next, Ordering::AcqRel);
+                        return Ok(next);
+                    }
+                    conflicts += 1;
+                    if conflicts > MAX_CONFLICTS {
+                        return Err(StoreError::Conflict {
+                            what: format!(
+                                "catalog {}: gave up after {conflicts} lost races",
+                                self.namespace
+                            ),
+                        });
+                    }
+                    seq = self.find_tail(next).await?;
+                    if let Some(s) = self.find_own(&uncertain, &writer).await? {
+                        return Ok(s);
+                    }
+                }
+                Err(e) if e.is_transient() && transient < MAX_TRANSIENT => {
+                    transient += 1;
+                    warn!(namespace = %self.namespace, seq = next, error = %e, attempt = transient, "catalog append failed, retrying");
+                    uncertain.push(next);
+                    tokio::time::sleep(Duration::from_millis(20 << transient)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// If one of the uncertain attempts did land, its sequence number.
+    async fn find_own(&self, uncertain: &[u64], writer: &str) -> Result<Option<u64>, StoreError> {
+        for &s in uncertain {
+            if self.written_by(s, writer).await? {
+                self.tail.fetch_max(s, Ordering::AcqRel);
+                return Ok(Some(s));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn written_by(&self, seq: u64, writer: &str) -> Result<bool, StoreError> {
+        let Some(bytes) = self.store.get(&self.key(seq)).await? else {
+            return Ok(false);
+        };
+        Ok(serde_json::from_slice::<WriterOnly>(&bytes).is_ok_and(|w| w.writer == writer))
+    }
+
+    /// The highest existing sequence number, knowing that `at_least` exists (0: nothing known).
+    async fn find_tail(&self, at_least: u64) -> Result<u64, StoreError> {
+        let offset = (at_least > 0).then(|| self.key(at_least));
+        let keys = self
+            .store
+            .list_after(&self.prefix, offset.as_deref())
+            .await?;
+        let tail = keys
+            .iter()
+            .filter_map(|k| seq_of(k))
+            .max()
+            .unwrap_or(0)
+            .max(at_least);
+        self.tail.fetch_max(tail, Ordering::AcqRel);
+        Ok(tail)
+    }
+
+    /// Entries with sequence number greater than `after_seq`, in order.
+    pub async fn read_from<T: DeserializeOwned>(
+        &self,
+        after_seq: u64,
+    ) -> Result<Vec<(u64, T)>, StoreError> {
+        check_segment("catalog namespace", &self.namespace)?;
+        let offset = (after_seq > 0).then(|| self.key(after_seq));
+        let keys = self
+            .store
+            .list_after(&self.prefix, offset.as_deref())
+            .await?;
+        let mut seqs: Vec<u64> = keys
+            .iter()
+            .filter_map(|k| seq_of(k))
+            .filter(|&s| s > after_seq)
+            .collect();
+        seqs.sort_unstable();
+        if let Some(&last) = seqs.last() {
+            self.tail.fetch_max(last, Ordering::AcqRel);
+        }
+        for w in seqs.windows(2) {
+            if w[1] != w[0] + 1 {
+                warn!(namespace = %self.namespace, after = w[0], next = w[1], "gap in catalog log");
+            }
+        }
+        futures::stream::iter(seqs.into_iter().map(|s| async move {
+            let key = self.key(s);
+            let bytes = self
+                .store
+                .get(&key)
+                .await?
+                .ok_or_else(|| StoreError::NotFound {
+                    what: format!("catalog entry {key}"),
+                })?;
+            let env: EnvelopeIn<T> = serde_json::from_slice(&bytes)
+                .map_err(|e| StoreError::corrupt(format!("catalog entry {key}"), e.to_string()))?;
+            Ok((s, env.entry))
+        }))
+        .buffered(PARALLEL)
+        .try_collect()
+        .await
+    }
+}
+
+fn seq_of(key: &str) -> Option<u64> {
+    let digits = key.rsplit('/').next()?.strip_suffix(".json")?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}

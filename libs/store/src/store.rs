@@ -1,0 +1,230 @@
+//! `Store`: the object-storage handle and its raw, chunk-level operations.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use tracing::debug;
+
+use crate::{ChunkId, StoreError, chunk_hex};
+
+/// A handle on one object store (cheap to clone). All layout-aware operations (chunks, index
+/// pages, points, catalog) hang off it.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    url: Arc<str>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("url", &self.url).finish()
+    }
+}
+
+/// `chunks/<aa>/<64 hex>`: where a sealed chunk lives.
+pub fn chunk_key(id: &ChunkId) -> String {
+    let hex = chunk_hex(id);
+    format!("chunks/{}/{hex}", &hex[..2])
+}
+
+impl Store {
+    /// Opens a store by URL:
+    ///
+    /// * `file:///abs/dir` — the local filesystem under that directory (created if missing),
+    ///   with fsync on every write so a returned put is durable; `file:///abs/dir?fsync=false`
+    ///   turns that off (tests, scratch space).
+    /// * `memory://` — a fresh in-memory store (tests).
+    ///
+    /// Other schemes are rejected with [`StoreError::Invalid`].
+    pub fn from_url(url: &str) -> Result<Self, StoreError> {
+        if url == "memory://" || url == "memory:///" {
+            return Ok(Self::from_object_store(Arc::new(InMemory::new()), url));
+        }
+        let Some(rest) = url.strip_prefix("file://") else {
+            let scheme = url.split("://").next().unwrap_or(url);
+            return Err(StoreError::invalid(
+                "store url",
+                format!(
+                    "unsupported scheme {scheme:?} in {url:?} (supported: file:///abs/dir, memory://)"
+                ),
+            ));
+        };
+        let (dir, query) = match rest.split_once('?') {
+            Some((d, q)) => (d, Some(q)),
+            None => (rest, None),
+        };
+        let fsync = match query {
+            None | Some("fsync=true") => true,
+            Some("fsync=false") => false,
+            Some(q) => {
+                return Err(StoreError::invalid(
+                    "store url",
+                    format!("unknown option {q:?} in {url:?} (supported: fsync=true|false)"),
+                ));
+            }
+        };
+        if !dir.starts_with('/') {
+            return Err(StoreError::invalid(
+                "store url",
+                format!("{url:?} needs an absolute path: file:///abs/dir"),
+            ));
+        }
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            what: format!("creating store directory {dir}"),
+            source,
+        })?;
+        let fs = LocalFileSystem::new_with_prefix(dir)?
+            .with_fsync(fsync)
+            .with_automatic_cleanup(true);
+        Ok(Self::from_object_store(Arc::new(fs), url))
+    }
+
+    /// Wraps any object store (Azure, S3, an [`crate::UnreliableStore`] for fault tests).
+    /// `url_label` is what [`Store::url`] reports; it must not contain credentials.
+    pub fn from_object_store(inner: Arc<dyn ObjectStore>, url_label: &str) -> Self {
+        Store {
+            inner,
+            url: Arc::from(url_label),
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The underlying object store.
+    pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
+        &self.inner
+    }
+
+    /// True if the chunk is stored (a `HEAD`).
+    pub async fn chunk_exists(&self, id: &ChunkId) -> Result<bool, StoreError> {
+        let path = path(&chunk_key(id))?;
+        match self.inner.head(&path).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Stores a sealed chunk with put-if-absent. Returns false when it was already there (a
+    /// retried upload costs nothing more).
+    pub async fn put_chunk(&self, id: &ChunkId, sealed: Bytes) -> Result<bool, StoreError> {
+        self.put_if_absent(&chunk_key(id), sealed).await
+    }
+
+    pub async fn get_chunk(&self, id: &ChunkId) -> Result<Bytes, StoreError> {
+        let key = chunk_key(id);
+        self.get(&key).await?.ok_or_else(|| StoreError::NotFound {
+            what: format!("chunk {}", chunk_hex(id)),
+        })
+    }
+
+    /// Writes `key` only if it does not exist. Returns false if it already existed (the
+    /// existing object is left untouched).
+    pub async fn put_if_absent(&self, key: &str, bytes: Bytes) -> Result<bool, StoreError> {
+        let path = path(key)?;
+        let opts = PutOptions::from(PutMode::Create);
+        match self
+            .inner
+            .put_opts(&path, PutPayload::from_bytes(bytes), opts)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                debug!(key, "object already exists");
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The object's bytes, or `None` if it does not exist.
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+        let path = path(key)?;
+        let res = match self.inner.get(&path).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        match res.bytes().await {
+            Ok(b) => Ok(Some(b)),
+            // Deleted between open and read.
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// All keys under `prefix`, sorted. The prefix matches whole path segments: `catalog/jobs`
+    /// lists `catalog/jobs/...` but not `catalog/jobs2/...`.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.list_after(prefix, None).await
+    }
+
+    /// Keys under `prefix` strictly greater than `offset` (when given), sorted.
+    pub(crate) async fn list_after(
+        &self,
+        prefix: &str,
+        offset: Option<&str>,
+    ) -> Result<Vec<String>, StoreError> {
+        let prefix_path = if prefix.trim_matches('/').is_empty() {
+            None
+        } else {
+            Some(path(prefix.trim_end_matches('/'))?)
+        };
+        let stream = match offset {
+            Some(o) => self.inner.list_with_offset(prefix_path.as_ref(), &path(o)?),
+            None => self.inner.list(prefix_path.as_ref()),
+        };
+        let metas: Vec<_> = match stream.try_collect().await {
+            Ok(m) => m,
+            // A prefix whose directory does not exist yet on the local filesystem.
+            Err(object_store::Error::NotFound { .. }) => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        let mut keys: Vec<String> = metas.into_iter().map(|m| m.location.to_string()).collect();
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// Deletes `key`; deleting a missing key is not an error.
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let path = path(key)?;
+        match self.inner.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Parses a key, refusing anything that is not a clean relative path.
+pub(crate) fn path(key: &str) -> Result<Path, StoreError> {
+    if key.is_empty() || key.starts_with('/') || key.split('/').any(|s| s == "." || s == "..") {
+        return Err(StoreError::invalid("object key", format!("{key:?}")));
+    }
+    Path::parse(key).map_err(|e| StoreError::invalid("object key", e.to_string()))
+}
+
+/// Checks a name used as one path segment (vm name, catalog namespace).
+pub(crate) fn check_segment(what: &str, name: &str) -> Result<(), StoreError> {
+    let ok = !name.is_empty()
+        && name.len() <= 200
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::invalid(
+            what,
+            format!("{name:?} (use 1-200 of A-Z a-z 0-9 - _ . : @)"),
+        ))
+    }
+}
