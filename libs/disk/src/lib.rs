@@ -7,6 +7,7 @@
 mod chain;
 mod copy;
 mod error;
+pub mod hrl;
 mod io;
 mod layer;
 mod raw;

@@ -4,5 +4,6 @@ mod format;
 mod reader;
 mod writer;
 
+pub(crate) use format::now_vhd;
 pub(crate) use reader::VhdDisk;
 pub(crate) use writer::VhdWriter;
