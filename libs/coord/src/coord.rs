@@ -186,22 +186,29 @@ impl Coord {
 
     /// A dedicated connection for a blocking command, from the idle pool or new. Responses
     /// are not timed out by the connection; the caller bounds the wait itself.
-    pub(crate) async fn blocking_conn(&self) -> Result<MultiplexedConnection, CoordError> {
-        let idle = self
-            .blocking
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop();
-        if let Some(c) = idle {
-            return Ok(c);
+    /// Returns the connection and whether it came from the pool (and so may be stale).
+    pub(crate) async fn blocking_conn(
+        &self,
+        fresh: bool,
+    ) -> Result<(MultiplexedConnection, bool), CoordError> {
+        if !fresh {
+            let idle = self
+                .blocking
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop();
+            if let Some(c) = idle {
+                return Ok((c, true));
+            }
         }
         let cfg = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(None);
-        Ok(self
+        let conn = self
             .client
             .get_multiplexed_async_connection_with_config(&cfg)
-            .await?)
+            .await?;
+        Ok((conn, false))
     }
 
     pub(crate) fn return_blocking_conn(&self, c: MultiplexedConnection) {

@@ -158,17 +158,27 @@ impl Coord {
             return Ok(cmd.query_async(&mut self.conn.clone()).await?);
         }
         cmd.arg(format!("{:.3}", wait.as_secs_f64()));
-        let mut conn = self.blocking_conn().await?;
-        match tokio::time::timeout(wait + BLOCKING_GRACE, cmd.query_async(&mut conn)).await {
-            Ok(Ok(id)) => {
-                self.return_blocking_conn(conn);
-                Ok(id)
+        let mut fresh = false;
+        loop {
+            let (mut conn, pooled) = self.blocking_conn(fresh).await?;
+            match tokio::time::timeout(wait + BLOCKING_GRACE, cmd.query_async(&mut conn)).await {
+                Ok(Ok(id)) => {
+                    self.return_blocking_conn(conn);
+                    return Ok(id);
+                }
+                // An idle pooled connection may have died with a Redis restart: one more try on
+                // a new connection. A failed or timed-out connection is dropped, not pooled.
+                Ok(Err(e)) if pooled && (e.is_io_error() || e.is_connection_dropped()) => {
+                    debug!(host, error = %e, "pooled blocking connection broken, reconnecting");
+                    fresh = true;
+                }
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => {
+                    return Err(CoordError::Timeout {
+                        what: format!("next work of {host}"),
+                    });
+                }
             }
-            // A failed or timed-out connection is dropped, not pooled.
-            Ok(Err(e)) => Err(e.into()),
-            Err(_) => Err(CoordError::Timeout {
-                what: format!("next work of {host}"),
-            }),
         }
     }
 

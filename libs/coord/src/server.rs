@@ -37,6 +37,9 @@ impl RedisServer {
     pub fn start(dir: &Path) -> Result<Self, CoordError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| CoordError::Spawn(format!("creating {}: {e}", dir.display())))?;
+        // redis-server changes into --dir before opening --logfile: pass absolute paths.
+        let dir = &std::fs::canonicalize(dir)
+            .map_err(|e| CoordError::Spawn(format!("resolving {}: {e}", dir.display())))?;
         let mut last = String::new();
         // A port found free can be taken before the server binds it; try a few.
         for _ in 0..PORT_ATTEMPTS {

@@ -138,20 +138,25 @@ impl Store {
             return Err(StoreError::invalid("block map", "block index out of range"));
         }
         let prev: BTreeMap<u64, &str> = previous.iter().map(|p| (p.page, p.key.as_str())).collect();
-        let mut pages: Vec<(PageRef, Option<Vec<u8>>)> = Vec::new();
-        let mut current: Vec<(u64, ChunkId)> = Vec::new();
+        let mut refs: Vec<PageRef> = Vec::new();
+        let mut writes: Vec<(String, Vec<u8>)> = Vec::new();
         let mut flush = |page: u64, entries: &mut Vec<(u64, ChunkId)>| {
             let bytes = encode_page(page, entries);
             entries.clear();
             let key = page_key(&bytes);
-            let unchanged = prev.get(&page) == Some(&key.as_str());
-            pages.push((PageRef { page, key }, (!unchanged).then_some(bytes)));
+            if prev.get(&page) != Some(&key.as_str()) {
+                writes.push((key.clone(), bytes));
+            }
+            refs.push(PageRef { page, key });
         };
+        let mut current: Vec<(u64, ChunkId)> = Vec::new();
         let mut current_page = None;
         for (&block, id) in &map.entries {
             let page = block / PAGE_BLOCKS;
-            if current_page.is_some_and(|p| p != page) {
-                flush(current_page.unwrap_or_default(), &mut current);
+            if let Some(p) = current_page
+                && p != page
+            {
+                flush(p, &mut current);
             }
             current_page = Some(page);
             current.push((block, *id));
@@ -159,20 +164,22 @@ impl Store {
         if let Some(p) = current_page {
             flush(p, &mut current);
         }
-        let written = futures::stream::iter(pages.iter().filter_map(|(r, b)| {
-            b.as_ref()
-                .map(|b| self.put_if_absent(&r.key, Bytes::copy_from_slice(b)))
-        }))
-        .buffer_unordered(PARALLEL)
-        .try_fold(0usize, |n, new| async move { Ok(n + usize::from(new)) })
-        .await?;
+        let changed = writes.len();
+        let written =
+            futures::stream::iter(writes.into_iter().map(|(key, bytes)| async move {
+                self.put_if_absent(&key, Bytes::from(bytes)).await
+            }))
+            .buffer_unordered(PARALLEL)
+            .try_fold(0usize, |n, new| async move { Ok(n + usize::from(new)) })
+            .await?;
         debug!(
-            pages = pages.len(),
+            pages = refs.len(),
+            changed,
             written,
             entries = map.entries.len(),
             "block map written"
         );
-        Ok(pages.into_iter().map(|(r, _)| r).collect())
+        Ok(refs)
     }
 
     /// Reads and validates index pages (hash, format, page order) into a block map.
