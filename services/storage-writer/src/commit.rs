@@ -92,7 +92,7 @@ fn disk_input(d: CommitDisk, tokens: &HashMap<String, u64>) -> Result<DiskInput>
         return Err(invalid("disk id is required".into()));
     }
     let id = disk.id.clone();
-    if d.block_size == 0 || d.block_size % 512 != 0 {
+    if d.block_size == 0 || !d.block_size.is_multiple_of(512) {
         return Err(invalid(format!(
             "disk {id}: block size {} is not a positive multiple of 512",
             d.block_size

@@ -185,7 +185,7 @@ impl Writer {
     /// hashes of the plaintext blocks, the same the agent computes for resync).
     pub async fn block_map(&self, req: &BlockHashesRequest) -> Result<BlockMap> {
         let (_, disk) = self.resolve_disk(&req.vm, &req.point, &req.disk_id).await?;
-        Ok(read_map(&self.store, &disk.pages).await?)
+        read_map(&self.store, &disk.pages).await
     }
 
     /// The first of `chunks` (with the disk and block naming them) that the store lacks.
