@@ -96,9 +96,9 @@ pub async fn connect(endpoint: &str, tls: &ClientTls) -> Result<Channel, MeshErr
     let (ep, connector) = prepare(endpoint, tls)?;
     ep.connect_with_connector(tower::service_fn(connector))
         .await
-        .map_err(|source| MeshError::Connect {
+        .map_err(|e| MeshError::Connect {
             endpoint: endpoint.to_owned(),
-            source,
+            reason: crate::error::error_chain(&e),
         })
 }
 

@@ -82,7 +82,9 @@ pub struct MeshConfig {
     /// Root of the vault's local files; relative paths below are relative to it.
     pub data_dir: PathBuf,
     /// Object store URL (`file:///…`, `az://…`, `s3://…`). Empty means `file://<data_dir>/store`.
+    #[serde(deserialize_with = "lenient_string")]
     pub store_url: String,
+    #[serde(deserialize_with = "lenient_string")]
     pub redis_url: String,
     pub tls: TlsPaths,
     pub vault: VaultConfig,
@@ -113,6 +115,7 @@ pub struct TlsPaths {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default)]
 pub struct VaultConfig {
+    #[serde(deserialize_with = "lenient_string")]
     pub id: String,
     /// 32 raw bytes (or 64 hex characters), mode 0600.
     pub data_key_file: PathBuf,
@@ -471,6 +474,27 @@ fn check_url(field: &'static str, url: &str, schemes: &[&str]) -> Result<(), Con
             ),
         )),
     }
+}
+
+/// Accepts numbers and booleans where a string is expected: the environment provider parses
+/// `FERRY_VAULT__ID=7` as a number.
+fn lenient_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Text(String),
+        Unsigned(u64),
+        Signed(i64),
+        Float(f64),
+        Bool(bool),
+    }
+    Ok(match Scalar::deserialize(d)? {
+        Scalar::Text(s) => s,
+        Scalar::Unsigned(n) => n.to_string(),
+        Scalar::Signed(n) => n.to_string(),
+        Scalar::Float(n) => n.to_string(),
+        Scalar::Bool(b) => b.to_string(),
+    })
 }
 
 fn secret_error(path: &Path, reason: String) -> ConfigError {

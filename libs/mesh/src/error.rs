@@ -118,6 +118,22 @@ pub fn unimplemented(what: &str) -> Status {
     ))
 }
 
+/// An error and its sources, joined with ": ".
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let next = cause.to_string();
+        // Some errors repeat their source's message; skip the repeat.
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 fn lowercase_first(text: &str) -> String {
     let mut chars = text.chars();
     match (chars.next(), chars.next()) {
@@ -140,12 +156,9 @@ pub enum MeshError {
     Pki(#[from] PkiError),
     #[error("invalid endpoint {endpoint:?}: {reason}")]
     InvalidEndpoint { endpoint: String, reason: String },
-    #[error("cannot connect to {endpoint}: {source}")]
-    Connect {
-        endpoint: String,
-        #[source]
-        source: tonic::transport::Error,
-    },
+    /// `reason` is the whole cause chain: tonic's own message is just "transport error".
+    #[error("cannot connect to {endpoint}: {reason}")]
+    Connect { endpoint: String, reason: String },
     #[error("grpc server failed: {0}")]
     Serve(#[source] tonic::transport::Error),
     #[error("cannot build the reflection service: {0}")]

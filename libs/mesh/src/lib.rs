@@ -20,7 +20,7 @@ pub use auth::{
 };
 pub use client::{AuthChannel, BearerToken, ClientTls, connect, connect_lazy, with_token};
 pub use config::{Component, ConfigError, Listen, MeshConfig, RetryConfig, TlsPaths, VaultConfig};
-pub use error::{ErrorCode, MeshError, ServiceError, to_status, unimplemented};
+pub use error::{ErrorCode, MeshError, ServiceError, error_chain, to_status, unimplemented};
 pub use pki::{Identity, PkiError, VaultCa, new_csr, write_secret};
 pub use quic::{ALPN_FERRY, quic_client_config, quic_peer_identity, quic_server_config};
 pub use server::{ServerTls, serve};

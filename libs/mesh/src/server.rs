@@ -29,6 +29,12 @@ use crate::tls;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Accepted connections waiting for the gRPC server to pick them up.
 const ACCEPT_BACKLOG: usize = 64;
+/// After shutdown, in-flight calls get this long to finish. Long-lived streams that do not
+/// watch the shutdown token themselves would otherwise keep the server up forever.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 pings find dead peers (an agent whose host lost power) on long-lived streams.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The server side of the mesh's TLS: the component's certificate, and the vault CA as the
 /// only root for (optional) client certificates.
@@ -105,10 +111,10 @@ pub async fn serve(
             .set_service_status(*name, ServingStatus::Serving)
             .await;
     }
-    let reflection_v1 = reflection_builder()
+    let reflection_v1 = reflection_builder(health_names)
         .build_v1()
         .map_err(|e| MeshError::Reflection(e.to_string()))?;
-    let reflection_v1alpha = reflection_builder()
+    let reflection_v1alpha = reflection_builder(health_names)
         .build_v1alpha()
         .map_err(|e| MeshError::Reflection(e.to_string()))?;
     let routes = routes
@@ -123,28 +129,56 @@ pub async fn serve(
     tracing::info!(addr = ?local, services = ?health_names, "grpc server listening");
 
     let stop = shutdown.clone();
-    let health_reporter = reporter.clone();
     let names: Vec<String> = health_names.iter().map(|s| (*s).to_owned()).collect();
-    let result = Server::builder()
+    let server = Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_routes(routes)
         .serve_with_incoming_shutdown(ReceiverStream::new(rx), async move {
             stop.cancelled().await;
             for name in names.iter().map(String::as_str).chain([""]) {
-                health_reporter
+                reporter
                     .set_service_status(name, ServingStatus::NotServing)
                     .await;
             }
-        })
-        .await;
+        });
+    let drain_deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(DRAIN_TIMEOUT).await;
+    };
+    let result = tokio::select! {
+        result = server => result.map_err(MeshError::Serve),
+        () = drain_deadline => {
+            tracing::warn!(addr = ?local, timeout = ?DRAIN_TIMEOUT, "calls still running at shutdown were cut off");
+            Ok(())
+        }
+    };
     accept_task.abort();
     tracing::info!(addr = ?local, "grpc server stopped");
-    result.map_err(MeshError::Serve)
+    result
 }
 
-fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
-    tonic_reflection::server::Builder::configure()
+/// Reflection over every Ferry proto file (so `grpcurl describe` resolves any type), but
+/// listing only the services this server runs, health and reflection; all Ferry services
+/// when `served` names none.
+fn reflection_builder(served: &[&str]) -> tonic_reflection::server::Builder<'static> {
+    let mut builder = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ferry_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+    let served: Vec<&str> = served.iter().copied().filter(|s| !s.is_empty()).collect();
+    let listed: &[&str] = if served.is_empty() {
+        ferry_proto::SERVICE_NAMES
+    } else {
+        &served
+    };
+    for name in listed.iter().chain(&[
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]) {
+        builder = builder.with_service_name(*name);
+    }
+    builder
 }
 
 /// Accepts TCP connections and hands each to its own handshake task, so one slow client

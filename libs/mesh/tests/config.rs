@@ -79,11 +79,12 @@ fn nested_env_form_works() {
         jail.clear_env();
         jail.set_env("FERRY_RETRY__TIME_UNIT", "250ms");
         jail.set_env("FERRY_STORE_URL", "az://container/prefix");
-        jail.set_env("FERRY_VAULT__ID", "vault-7");
+        jail.set_env("FERRY_VAULT__ID", "7");
+        jail.set_env("FERRY_REDIS_URL", "redis://127.0.0.1:6390/0");
         let cfg = MeshConfig::load(None, figment::Figment::new()).map_err(|e| e.to_string())?;
         assert_eq!(cfg.retry.time_unit, Duration::from_millis(250));
         assert_eq!(cfg.store_url, "az://container/prefix");
-        assert_eq!(cfg.vault.id, "vault-7");
+        assert_eq!(cfg.vault.id, "7");
         Ok(())
     });
 }

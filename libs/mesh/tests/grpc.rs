@@ -163,12 +163,16 @@ async fn health_and_reflection_need_only_the_ca() {
     let v1 = reflection::list_v1(channel.clone()).await;
     let v1alpha = reflection::list_v1alpha(channel.clone()).await;
     for services in [&v1, &v1alpha] {
-        for name in ferry_proto::SERVICE_NAMES
-            .iter()
-            .chain(&["grpc.health.v1.Health"])
-        {
+        for name in [
+            SCHEDULER,
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ] {
             assert!(services.iter().any(|s| s == name), "{name} in {services:?}");
         }
+        // Only what this server runs is listed.
+        assert!(!services.iter().any(|s| s == "ferry.registry.v1.Registry"));
     }
     let descriptor = reflection::file_containing_v1(channel.clone(), SCHEDULER).await;
     assert!(!descriptor.is_empty());
@@ -285,7 +289,8 @@ async fn foreign_ca_is_rejected_both_ways() {
         ca_pem: foreign.cert_pem(),
         identity: None,
     };
-    assert!(connect(&mesh.endpoint, &tls).await.is_err());
+    let err = connect(&mesh.endpoint, &tls).await.unwrap_err().to_string();
+    assert!(err.contains("certificate"), "{err}");
     mesh.stop().await;
 }
 
@@ -365,4 +370,83 @@ mod reflection {
             other => panic!("unexpected reflection response {other:?}"),
         }
     }
+}
+
+/// The real grpcurl, when installed: it lists through reflection, checks health with only
+/// the CA, and calls a Ferry RPC with a bearer token and with a host certificate.
+#[tokio::test]
+async fn grpcurl_lists_checks_and_authenticates() {
+    let installed = tokio::process::Command::new("grpcurl")
+        .arg("-version")
+        .output()
+        .await
+        .is_ok_and(|out| out.status.success());
+    if !installed {
+        eprintln!("grpcurl is not installed; skipping");
+        return;
+    }
+    let mesh = start().await;
+    let addr = mesh.endpoint.trim_start_matches("https://").to_owned();
+    let ca = mesh.cfg.tls.ca_cert.display().to_string();
+    let grpcurl = |args: Vec<String>| async move {
+        let out = tokio::process::Command::new("grpcurl")
+            .args(&args)
+            .output()
+            .await
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut v = vec!["-cacert".to_owned(), ca.clone()];
+        v.extend(extra.iter().map(|s| (*s).to_owned()));
+        v
+    };
+
+    let (ok, list) = grpcurl(args(&[&addr, "list"])).await;
+    assert!(
+        ok && list.contains(SCHEDULER) && list.contains("grpc.health.v1.Health"),
+        "{list}"
+    );
+
+    let (ok, check) = grpcurl(args(&[
+        "-d",
+        &format!("{{\"service\":\"{SCHEDULER}\"}}"),
+        &addr,
+        "grpc.health.v1.Health/Check",
+    ]))
+    .await;
+    assert!(ok && check.contains("SERVING"), "{check}");
+
+    let token = mesh.cfg.admin_token().unwrap();
+    let auth = format!("authorization: Bearer {token}");
+    let method = format!("{SCHEDULER}/ListQueue");
+    let (ok, out) = grpcurl(args(&["-H", &auth, &addr, &method])).await;
+    assert!(ok && out.contains("operator:admin"), "{out}");
+
+    let (ok, out) = grpcurl(args(&["-H", "authorization: Bearer wrong", &addr, &method])).await;
+    assert!(!ok && out.contains("Unauthenticated"), "{out}");
+
+    let tls = mesh.host_tls("hv-07");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = tls.identity.clone().unwrap();
+    let cert_path = dir.path().join("host.pem");
+    let key_path = dir.path().join("host.key");
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    let (ok, out) = grpcurl(args(&[
+        "-cert",
+        &cert_path.display().to_string(),
+        "-key",
+        &key_path.display().to_string(),
+        &addr,
+        &method,
+    ]))
+    .await;
+    assert!(ok && out.contains("host:hv-07"), "{out}");
+    mesh.stop().await;
 }
