@@ -12,7 +12,7 @@ use crate::CoordError;
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Idle dedicated connections kept for blocking calls.
-const BLOCKING_POOL: usize = 4;
+const BLOCKING_POOL: usize = 32;
 
 /// Acquire: fails with the current value if another holder has the lease; otherwise bumps the
 /// fencing counter and (re)writes the lease. A counter that does not exist yet starts at the

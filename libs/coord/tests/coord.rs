@@ -417,3 +417,46 @@ async fn blocking_pool_survives_a_redis_restart() {
     let got = coord.next_work("hr", Duration::from_secs(2)).await.unwrap();
     assert_eq!(got.map(|(id, _)| id).as_deref(), Some("w1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_acquirers_have_exactly_one_winner() {
+    let Some((_d, _s, coord)) = setup().await else {
+        return;
+    };
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let c = coord.clone();
+        tasks.push(tokio::spawn(async move {
+            c.acquire_lease("disk-c", &format!("holder-{i}"), TTL).await
+        }));
+    }
+    let mut winners = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(l) => winners.push(l),
+            Err(CoordError::LeaseHeld { .. }) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(winners.len(), 1);
+    let w = &winners[0];
+    assert_eq!(
+        coord.lease_holder("disk-c").await.unwrap(),
+        Some((w.holder.clone(), w.token))
+    );
+}
+
+#[test]
+fn dropping_the_server_kills_the_child() {
+    if !redis_server_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = RedisServer::start(dir.path()).unwrap();
+    let pid = server.pid();
+    let port = server.port();
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    drop(server);
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+}

@@ -68,7 +68,10 @@ impl Store {
     /// Commits a recovery point. `m.seq` must be the latest point's seq + 1 (1 for the first)
     /// or this fails with [`StoreError::Conflict`]; a disk whose fencing token is lower than
     /// the same disk's token in the latest point fails with [`StoreError::Fenced`]. Retrying a
-    /// commit whose first attempt actually landed (an ambiguous failure) returns `Ok`.
+    /// commit whose first attempt actually landed (an ambiguous failure) returns `Ok`, and so
+    /// does committing again what the latest point already holds (same non-empty `cycle_id`,
+    /// kind, consistency and disks; seq, id and time may differ): then the existing point is
+    /// returned and nothing is written.
     pub async fn commit_point(&self, mut m: PointManifest) -> Result<PointManifest, StoreError> {
         check_segment("vm name", &m.vm)?;
         if m.seq == 0 {
@@ -90,6 +93,10 @@ impl Store {
         if latest_seq == m.seq && self.same_bytes(&key, &bytes).await? {
             debug!(vm = %m.vm, seq = m.seq, "point already committed");
             return Ok(m);
+        }
+        if let Some(latest) = latest.as_ref().filter(|l| is_recommit(&m, l)) {
+            debug!(vm = %m.vm, seq = latest.seq, cycle = %m.cycle_id, "cycle already committed");
+            return Ok(latest.clone());
         }
         if m.seq != latest_seq + 1 {
             return Err(StoreError::Conflict {
@@ -193,6 +200,16 @@ impl Store {
         }
         Ok(p)
     }
+}
+
+/// True if `m` is `latest` again: the same cycle with the same content, whatever its seq,
+/// id and time (a retry built after the first attempt landed).
+fn is_recommit(m: &PointManifest, latest: &PointManifest) -> bool {
+    !m.cycle_id.is_empty()
+        && m.cycle_id == latest.cycle_id
+        && m.kind == latest.kind
+        && m.consistency == latest.consistency
+        && m.disks == latest.disks
 }
 
 fn check_fencing(m: &PointManifest, latest: &PointManifest) -> Result<(), StoreError> {

@@ -299,8 +299,10 @@ async fn commit_point_sequence_conflict_and_fencing() {
     let mut custom = point("vm1", 3, &[("d1", 11)]);
     custom.id = "6b1c3c1e-custom".into();
     store.commit_point(custom).await.unwrap();
+    let mut other_cycle = point("vm1", 3, &[("d1", 11)]);
+    other_cycle.cycle_id = "another".into();
     assert!(matches!(
-        store.commit_point(point("vm1", 3, &[("d1", 11)])).await,
+        store.commit_point(other_cycle).await,
         Err(StoreError::Conflict { .. })
     ));
 
@@ -341,6 +343,32 @@ async fn commit_point_sequence_conflict_and_fencing() {
         Err(StoreError::Invalid { .. })
     ));
     assert!(store.commit_point(point("a/b", 1, &[])).await.is_err());
+}
+
+#[tokio::test]
+async fn recommitting_the_latest_cycle_returns_the_existing_point() {
+    let store = Store::from_url("memory://").unwrap();
+    let first = store
+        .commit_point(point("vm", 1, &[("d", 5)]))
+        .await
+        .unwrap();
+    // A retry of cycle-1 built after the first attempt landed: seq 2, a new time.
+    let mut retry = point("vm", 2, &[("d", 5)]);
+    retry.cycle_id = "cycle-1".into();
+    retry.time_ms += 1000;
+    assert_eq!(store.commit_point(retry.clone()).await.unwrap(), first);
+    assert_eq!(store.list_points("vm").await.unwrap().len(), 1);
+    // The same cycle id with other content is a new point, not a silent success.
+    retry.disks[0].stored_blocks = 6;
+    assert_eq!(store.commit_point(retry).await.unwrap().seq, 2);
+    // Points without a cycle id are never deduplicated.
+    let mut a = point("vm", 3, &[("d", 5)]);
+    a.cycle_id = String::new();
+    store.commit_point(a).await.unwrap();
+    let mut b = point("vm", 4, &[("d", 5)]);
+    b.cycle_id = String::new();
+    store.commit_point(b).await.unwrap();
+    assert_eq!(store.list_points("vm").await.unwrap().len(), 4);
 }
 
 #[tokio::test]
