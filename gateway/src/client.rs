@@ -125,7 +125,11 @@ impl Uploader {
         } else {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         };
-        let endpoint = quinn::Endpoint::client(bind).map_err(UploadError::Bind)?;
+        let socket = std::net::UdpSocket::bind(bind).map_err(UploadError::Bind)?;
+        let runtime = Arc::new(quinn::TokioRuntime);
+        let endpoint =
+            quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+                .map_err(UploadError::Bind)?;
         let mut cfg = cfg;
         cfg.transport_config(Arc::new(crate::transport_config()));
         let connecting = endpoint

@@ -265,7 +265,7 @@ async fn handle_stream(ctx: Arc<Conn>, mut send: SendStream, mut recv: RecvStrea
         debug!(peer = %ctx.peer, identity = %ctx.identity, cycle, error = %e, "stream abandoned");
         return;
     };
-    warn!(peer = %ctx.peer, identity = %ctx.identity, cycle, code = ?code, error = %e, "batch rejected");
+    warn!(peer = %ctx.peer, identity = %ctx.identity, cycle, code = ?code, error = %e, "stream rejected");
     let reply = frame::encode_error(code, &e.to_string());
     match tokio::time::timeout(ERROR_REPLY_TIMEOUT, send.write_all(&reply)).await {
         Ok(Ok(())) => {

@@ -136,6 +136,10 @@ impl Harness {
 
     /// With `ingest_up == false` the gateway's ingest endpoint is a closed port.
     pub async fn start_with(ingest_up: bool) -> Self {
+        Self::start_opts(ingest_up, BLOCK).await
+    }
+
+    pub async fn start_opts(ingest_up: bool, block_size: u32) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ca = VaultCa::create("test").unwrap();
         let (server_cert, server_key) = ca.issue_server(&[]).unwrap();
@@ -153,7 +157,7 @@ impl Harness {
         cfg.tls.server_key = write(d, "server.key", &server_key);
         cfg.tls.service_cert = write(d, "service.pem", &service_cert);
         cfg.tls.service_key = write(d, "service.key", &service_key);
-        cfg.vault.block_size = BLOCK;
+        cfg.vault.block_size = block_size;
 
         let shutdown = CancellationToken::new();
         let ingest = Arc::new(TestIngest::default());
