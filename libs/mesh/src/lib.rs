@@ -23,7 +23,7 @@ pub use config::{Component, ConfigError, Listen, MeshConfig, RetryConfig, TlsPat
 pub use error::{ErrorCode, MeshError, ServiceError, error_chain, to_status, unimplemented};
 pub use pki::{Identity, PkiError, VaultCa, new_csr, write_secret};
 pub use quic::{ALPN_FERRY, quic_client_config, quic_peer_identity, quic_server_config};
-pub use server::{ServerTls, serve};
+pub use server::{ServerTls, serve, serve_with_drain};
 pub use shutdown::shutdown_on_signal;
 pub use telemetry::init_tracing;
 pub use vault::{SERVICE_NAME, bootstrap_vault, load_ca};

@@ -330,7 +330,12 @@ pub(crate) fn write_file(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()>
         file.set_permissions(std::fs::Permissions::from_mode(mode))?;
         file.write_all(bytes)?;
         file.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        // Make the rename itself durable; not every filesystem lets a directory be synced.
+        if let Ok(dir) = std::fs::File::open(dir) {
+            let _ = dir.sync_all();
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -446,6 +451,20 @@ mod tests {
                 .is_err()
         );
         assert!(ca.sign_csr(&csr, &host, Duration::ZERO).is_err());
+        // A CSR altered in transit (here: in its signature) is refused.
+        let mut lines: Vec<String> = csr.lines().map(str::to_owned).collect();
+        let last_body = lines.len() - 2;
+        let flipped = if lines[last_body].starts_with('A') {
+            "B"
+        } else {
+            "A"
+        };
+        lines[last_body].replace_range(0..1, flipped);
+        let tampered = lines.join("\n");
+        let err = ca
+            .sign_csr(&tampered, &host, Duration::from_secs(60))
+            .unwrap_err();
+        assert!(matches!(err, PkiError::InvalidCsr(_)), "{err}");
     }
 
     #[test]

@@ -29,9 +29,9 @@ use crate::tls;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Accepted connections waiting for the gRPC server to pick them up.
 const ACCEPT_BACKLOG: usize = 64;
-/// After shutdown, in-flight calls get this long to finish. Long-lived streams that do not
+/// After shutdown, in-flight calls get this long to finish (see [`serve_with_drain`]). Long-lived streams that do not
 /// watch the shutdown token themselves would otherwise keep the server up forever.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 pings find dead peers (an agent whose host lost power) on long-lived streams.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -105,6 +105,19 @@ pub async fn serve(
     health_names: &[&str],
     shutdown: CancellationToken,
 ) -> Result<(), MeshError> {
+    serve_with_drain(listener, tls, routes, health_names, shutdown, DRAIN_TIMEOUT).await
+}
+
+/// [`serve`] with a chosen drain timeout: how long calls still running at shutdown (e.g.
+/// server streams that do not watch the token) may go on before the server returns anyway.
+pub async fn serve_with_drain(
+    listener: TcpListener,
+    tls: &ServerTls,
+    routes: Routes,
+    health_names: &[&str],
+    shutdown: CancellationToken,
+    drain_timeout: Duration,
+) -> Result<(), MeshError> {
     let (reporter, health) = tonic_health::server::health_reporter();
     for name in health_names {
         reporter
@@ -144,12 +157,12 @@ pub async fn serve(
         });
     let drain_deadline = async {
         shutdown.cancelled().await;
-        tokio::time::sleep(DRAIN_TIMEOUT).await;
+        tokio::time::sleep(drain_timeout).await;
     };
     let result = tokio::select! {
         result = server => result.map_err(MeshError::Serve),
         () = drain_deadline => {
-            tracing::warn!(addr = ?local, timeout = ?DRAIN_TIMEOUT, "calls still running at shutdown were cut off");
+            tracing::warn!(addr = ?local, timeout = ?drain_timeout, "calls still running at shutdown were cut off");
             Ok(())
         }
     };

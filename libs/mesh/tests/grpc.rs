@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use ferry_mesh::{
     Authenticator, CancellationToken, ClientTls, Component, Identity, MeshConfig, Role, ServerTls,
-    VaultCa, bootstrap_vault, caller, connect, load_ca, require_host, require_role,
-    require_service, serve, unimplemented, with_token,
+    VaultCa, bootstrap_vault, caller, connect, connect_lazy, load_ca, require_host, require_role,
+    require_service, serve, serve_with_drain, unimplemented, with_token,
 };
 use ferry_proto::scheduler::v1::scheduler_client::SchedulerClient;
 use ferry_proto::scheduler::v1::scheduler_server::{Scheduler, SchedulerServer};
@@ -32,13 +32,17 @@ struct Probe;
 
 #[tonic::async_trait]
 impl Scheduler for Probe {
-    type WorkStreamStream = tokio_stream::Empty<Result<WorkItem, Status>>;
+    type WorkStreamStream = tokio_stream::Pending<Result<WorkItem, Status>>;
 
+    /// A stream that never ends and ignores shutdown, as a careless handler would.
     async fn work_stream(
         &self,
-        _: Request<WorkStreamRequest>,
+        req: Request<WorkStreamRequest>,
     ) -> Result<Response<Self::WorkStreamStream>, Status> {
-        Err(unimplemented("work stream"))
+        if req.get_ref().host_name.is_empty() {
+            return Err(unimplemented("work stream without a host"));
+        }
+        Ok(Response::new(tokio_stream::pending()))
     }
 
     async fn complete_work(
@@ -292,6 +296,65 @@ async fn foreign_ca_is_rejected_both_ways() {
     let err = connect(&mesh.endpoint, &tls).await.unwrap_err().to_string();
     assert!(err.contains("certificate"), "{err}");
     mesh.stop().await;
+}
+
+#[tokio::test]
+async fn lazy_channels_connect_on_first_use() {
+    let mesh = start().await;
+    let tls = ClientTls::service(&mesh.cfg).unwrap();
+    let channel = connect_lazy(&mesh.endpoint, &tls).unwrap();
+    assert_eq!(whoami(channel).await.unwrap(), "service:ferry");
+
+    // Nothing listens there: creating the channel works, calls fail as unavailable.
+    let free = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = format!("https://{}", free.local_addr().unwrap());
+    drop(free);
+    let channel = connect_lazy(&dead, &tls).unwrap();
+    assert_eq!(whoami(channel).await.unwrap_err().code(), Code::Unavailable);
+
+    for bad in ["http://127.0.0.1:1", "not a url", "https://"] {
+        assert!(connect_lazy(bad, &tls).is_err(), "{bad}");
+    }
+    mesh.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_cuts_off_streams_after_the_drain_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = MeshConfig::load(None, Serialized::default("data_dir", dir.path())).unwrap();
+    bootstrap_vault(&cfg, &[]).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("https://{}", listener.local_addr().unwrap());
+    let auth = Authenticator::default();
+    let routes = Routes::new(SchedulerServer::with_interceptor(Probe, auth.interceptor()));
+    let tls = ServerTls::load(&cfg).unwrap();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            let drain = std::time::Duration::from_millis(300);
+            serve_with_drain(listener, &tls, routes, &[SCHEDULER], shutdown, drain).await
+        }
+    });
+    let channel = connect(&endpoint, &ClientTls::operator(&cfg).unwrap())
+        .await
+        .unwrap();
+    let stream = SchedulerClient::new(channel)
+        .work_stream(WorkStreamRequest {
+            host_name: "hv-01".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    shutdown.cancel();
+    // Generous bound: only guards against hanging forever.
+    tokio::time::timeout(std::time::Duration::from_secs(30), server)
+        .await
+        .expect("the server did not stop")
+        .unwrap()
+        .unwrap();
+    // The stream was open (and never ended) for the whole shutdown.
+    drop(stream);
 }
 
 #[tokio::test]
