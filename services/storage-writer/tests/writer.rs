@@ -592,3 +592,51 @@ async fn every_call_is_authorized() {
     assert_eq!(err.code(), tonic::Code::Unimplemented);
     assert!(err.message().contains("retention"));
 }
+
+/// Waits (bounded) until `cond` holds.
+async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    for _ in 0..1000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+#[tokio::test]
+async fn dropped_materialize_removes_the_partial_file() {
+    let e = env().await;
+    let token = e.lease("big", "agent-a").await.token;
+    let blocks = 160u64;
+    let mut entries = Vec::new();
+    for i in 0..blocks {
+        entries.push((i, e.put(&block(i as u8, BS as usize)).await));
+    }
+    let big = Disk {
+        virtual_size: blocks * u64::from(BS),
+        ..disk("big", "raw", "")
+    };
+    e.writer
+        .commit_point(commit("web", big, &entries, &[], true, token))
+        .await
+        .unwrap();
+    let out = e.path("dropped.raw");
+    let req = MaterializeDiskRequest {
+        disk_id: "big".into(),
+        ..materialize_req(&out, "")
+    };
+    let call = e.writer.materialize_disk(req, CancellationToken::new());
+    let created = async {
+        while !out.exists() {
+            tokio::task::yield_now().await;
+        }
+    };
+    // What a gRPC server does when the client goes away: the call's future is dropped.
+    tokio::select! {
+        biased;
+        () = created => {}
+        res = call => panic!("materialise finished before the file was seen: {res:?}"),
+    }
+    eventually("the partial file is removed", || !out.exists()).await;
+}
