@@ -240,4 +240,34 @@ mod tests {
         assert!(!check_page_key("index/ab/../x"));
         assert!(!check_page_key(&format!("index/00/{}", "a".repeat(64))));
     }
+
+    #[test]
+    fn garbage_pages_never_panic() {
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let valid = encode_page(0, &[(1, [3u8; 32]), (2, [4u8; 32])]);
+        for round in 0..2000 {
+            let mut bytes = if round % 2 == 0 {
+                valid.clone()
+            } else {
+                (0..(next() % 200) as usize).map(|_| next() as u8).collect()
+            };
+            if !bytes.is_empty() {
+                for _ in 0..1 + next() % 4 {
+                    let i = (next() as usize) % bytes.len();
+                    bytes[i] = next() as u8;
+                }
+            }
+            let r = PageRef {
+                page: next() % 1000,
+                key: page_key(&bytes),
+            };
+            let _ = decode_page(&r, &bytes);
+        }
+    }
 }
