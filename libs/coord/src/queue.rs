@@ -17,6 +17,8 @@ use crate::{Coord, CoordError};
 
 /// Extra time allowed for a blocking call's answer beyond its own timeout.
 const BLOCKING_GRACE: Duration = Duration::from_secs(5);
+/// Longest single wait in `next_work`; longer requests are cut to this (callers loop anyway).
+const MAX_WAIT: Duration = Duration::from_secs(3600);
 
 pub(crate) const PUSH: &str = r"
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
@@ -105,7 +107,8 @@ impl Coord {
         Ok(())
     }
 
-    /// The next work item `(id, payload)` of `host`, waiting up to `wait` (zero: don't wait).
+    /// The next work item `(id, payload)` of `host`, waiting up to `wait` (zero: don't wait;
+    /// at most an hour).
     /// The item moves to in-flight until [`Coord::ack_work`]. Waiting happens on a dedicated
     /// connection, never on the shared one. If the returned future is dropped while waiting, an
     /// item may still have moved to in-flight: [`Coord::requeue_inflight`] recovers it.
@@ -115,7 +118,7 @@ impl Coord {
         wait: Duration,
     ) -> Result<Option<(String, String)>, CoordError> {
         check_name("host", host)?;
-        let deadline = Instant::now() + wait;
+        let deadline = Instant::now() + wait.min(MAX_WAIT);
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let Some(id) = self.move_next(host, remaining).await? else {

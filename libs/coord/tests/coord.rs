@@ -183,6 +183,12 @@ async fn bad_names_are_rejected() {
     assert!(coord.acquire_lease("r", "a\nb", TTL).await.is_err());
     assert!(coord.acquire_lease("r", "a", Duration::ZERO).await.is_err());
     assert!(coord.set_ex("k", "v", Duration::ZERO).await.is_err());
+    // Absurd durations are refused or capped, never a panic.
+    assert!(coord.acquire_lease("r", "a", Duration::MAX).await.is_err());
+    assert!(coord.set_ex("k", "v", Duration::MAX).await.is_err());
+    coord.push_work("hm", "w", "{}").await.unwrap();
+    let got = coord.next_work("hm", Duration::MAX).await.unwrap();
+    assert_eq!(got.map(|(id, _)| id).as_deref(), Some("w"));
 }
 
 #[tokio::test]
