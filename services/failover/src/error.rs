@@ -26,6 +26,9 @@ pub enum FailoverError {
         #[source]
         source: std::io::Error,
     },
+    /// The service is shutting down.
+    #[error("cancelled: the failover service is shutting down")]
+    Cancelled,
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -60,6 +63,7 @@ impl ServiceError for FailoverError {
             FailoverError::NotFound(_) => ErrorCode::NotFound,
             FailoverError::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
             FailoverError::Remote { code, .. } => *code,
+            FailoverError::Cancelled => ErrorCode::Cancelled,
             FailoverError::Store(e) if e.is_transient() => ErrorCode::Unavailable,
             FailoverError::Store(_) | FailoverError::Io { .. } | FailoverError::Internal(_) => {
                 ErrorCode::Internal

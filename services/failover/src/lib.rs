@@ -42,6 +42,9 @@ pub struct Orchestrator {
     ledger: Arc<Ledger>,
     /// VMs with a failover operation running in this process.
     busy: Arc<Mutex<HashSet<String>>>,
+    /// Server shutdown: running jobs stop, clean up and end as failed instead of being cut
+    /// off while the registry still shows them running.
+    shutdown: CancellationToken,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -73,7 +76,14 @@ impl Orchestrator {
             storage: StorageWriterClient::new(storage),
             ledger: Arc::new(Ledger::new(store)),
             busy: Arc::default(),
+            shutdown: CancellationToken::new(),
         }
+    }
+
+    /// Stops running jobs when `shutdown` is cancelled.
+    pub fn with_shutdown(mut self, shutdown: CancellationToken) -> Self {
+        self.shutdown = shutdown;
+        self
     }
 
     /// Connects (lazily: peers may start later) to the peers named in the config.
@@ -120,7 +130,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let orchestrator = Orchestrator::from_config(&cfg)?;
+    let orchestrator = Orchestrator::from_config(&cfg)?.with_shutdown(shutdown.clone());
     let tls = ServerTls::load(&cfg).context("loading the server certificate")?;
     let auth =
         Authenticator::with_admin_token(&cfg.admin_token().context("reading the admin token")?);

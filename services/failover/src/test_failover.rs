@@ -187,10 +187,14 @@ impl Orchestrator {
         .await?;
         let mut created_dir = false;
         let mut made = Vec::new();
-        match self
-            .run_test(&mut job, &vm, &point, &dir, &mut created_dir, &mut made)
-            .await
-        {
+        let run = self.run_test(&mut job, &vm, &point, &dir, &mut created_dir, &mut made);
+        // Dropping `run` on shutdown drops the storage-writer calls, which then remove their
+        // partial files; the files already made are removed below.
+        let outcome = tokio::select! {
+            res = run => res,
+            () = self.shutdown.cancelled() => Err(FailoverError::Cancelled),
+        };
+        match outcome {
             Ok(()) => Ok(job.succeed().await),
             Err(e) => {
                 // Nothing of a failed test failover stays behind.

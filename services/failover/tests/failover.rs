@@ -360,6 +360,33 @@ async fn bad_input_and_failed_jobs() {
     );
     assert!(!target.join("web.vm.json").exists());
     assert!(orch.list_failovers().await.unwrap().is_empty());
+
+    // Shutting down mid-job: the job ends as failed (also in the registry), nothing stays.
+    let stopping = CancellationToken::new();
+    stopping.cancel();
+    let orch = Orchestrator::from_config(&m.cfg)
+        .unwrap()
+        .with_shutdown(stopping);
+    let fresh = m.path("tf2");
+    let job = orch.test_failover(test_req(&fresh)).await.unwrap();
+    assert_eq!(job.status, StepStatus::Failed as i32, "{job:?}");
+    assert!(job.error.contains("shutting down"), "{}", job.error);
+    assert!(!fresh.exists());
+    let jobs = m
+        .registry()
+        .await
+        .list_jobs(ListJobsRequest {
+            target: "web".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    let listed = jobs
+        .iter()
+        .find(|j| j.id == job.id)
+        .expect("job in the registry");
+    assert_eq!(listed.status, StepStatus::Failed as i32);
 }
 
 fn as_caller<T>(msg: T, caller: Option<Caller>) -> tonic::Request<T> {

@@ -232,6 +232,14 @@ fn write_thread(
         ferry_disk::DiskError::AlreadyExists { path } => {
             WriterError::AlreadyExists(path.display().to_string())
         }
+        ferry_disk::DiskError::Io { path, source, .. }
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            WriterError::FailedPrecondition(format!(
+                "the directory of {} does not exist",
+                path.display()
+            ))
+        }
         e => WriterError::Disk(e),
     })?;
     let _ = created.send(());

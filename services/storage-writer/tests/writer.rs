@@ -519,6 +519,15 @@ async fn failed_or_cancelled_materialize_leaves_no_file() {
     let err = e
         .writer
         .materialize_disk(
+            materialize_req(&e.path("no/such/dir/x.raw"), ""),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::FailedPrecondition, "{err}");
+    let err = e
+        .writer
+        .materialize_disk(
             materialize_req(Path::new("relative.raw"), ""),
             CancellationToken::new(),
         )
