@@ -253,7 +253,7 @@ impl HrlLog {
             if prev == 0 {
                 break;
             }
-            if prev < ms || m < first + prev {
+            if prev < ms || m.checked_sub(prev).is_none_or(|p| p < first) {
                 return Err(DiskError::corrupt(
                     &self.f.path,
                     "hrl metadata block previous location",

@@ -425,12 +425,18 @@ impl VhdxDisk {
                     ST_PARTIALLY_PRESENT if self.has_parent => {}
                     s => return Err(bad(format!("payload entry {i} has state {s}"))),
                 }
-                bs.min(self.size - block * bs)
+                let start = block * bs;
+                if start >= self.size {
+                    return Err(bad(format!(
+                        "payload entry {i} is allocated but its block starts past the virtual size"
+                    )));
+                }
+                bs.min(self.size - start)
             };
-            if off < MIB || off + len > self.f.len {
+            if off < MIB || off.saturating_add(len) > self.f.len {
                 return Err(bad(format!(
                     "entry {i} points at {off:#x}..{:#x}, outside the file (length {:#x})",
-                    off + len,
+                    off.saturating_add(len),
                     self.f.len
                 )));
             }
