@@ -123,6 +123,15 @@ impl Authenticator {
         self
     }
 
+    /// Adds a token known only by its hash ([`token_hash`]), so a token store never needs
+    /// to hold the tokens themselves.
+    pub fn add_token_hash(mut self, hash_hex: &str, role: Role) -> Result<Self, Status> {
+        let hash = blake3::Hash::from_hex(hash_hex.trim())
+            .map_err(|_| Status::invalid_argument("a token hash is 64 hex characters"))?;
+        Arc::make_mut(&mut self.tokens).push((hash, role));
+        Ok(self)
+    }
+
     /// Sets the check for removed hosts.
     pub fn with_revocation(mut self, revoked: RevocationCheck) -> Self {
         self.revoked = revoked;
@@ -173,6 +182,12 @@ impl Authenticator {
             tracing::debug!(error = %e, "client certificate without a ferry identity");
             Status::unauthenticated(format!("client certificate rejected: {e}"))
         })?;
+        self.identify(identity)
+    }
+
+    /// The caller for a verified certificate identity, refusing removed hosts; for
+    /// transports other than gRPC (the QUIC gateway, after [`crate::quic_peer_identity`]).
+    pub fn identify(&self, identity: Identity) -> Result<Caller, Status> {
         match identity {
             Identity::Host(name) => {
                 if (self.revoked)(&name) {
@@ -190,6 +205,11 @@ impl Authenticator {
 
 fn hash_token(token: &str) -> blake3::Hash {
     blake3::hash(token.as_bytes())
+}
+
+/// The hash under which a token is stored (BLAKE3, 64 hex characters).
+pub fn token_hash(token: &str) -> String {
+    hash_token(token).to_hex().to_string()
 }
 
 /// Puts the [`Caller`] into the request extensions.
@@ -293,6 +313,30 @@ mod tests {
         assert_eq!(err.code(), Code::Unauthenticated);
         assert!(!err.message().contains("sekrit"));
         let err = icpt.call(with_token("Basic abc")).unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
+
+    #[test]
+    fn hashed_tokens_and_identities() {
+        let auth = Authenticator::default()
+            .add_token_hash(&token_hash("op-token"), Role::Operator)
+            .unwrap()
+            .with_revocation(Arc::new(|host: &str| host == "gone"));
+        let req = auth
+            .interceptor()
+            .call(with_token("Bearer op-token"))
+            .unwrap();
+        assert_eq!(caller(&req), Caller::Operator(Role::Operator));
+        assert!(
+            Authenticator::default()
+                .add_token_hash("zz", Role::Admin)
+                .is_err()
+        );
+        assert_eq!(
+            auth.identify(Identity::Host("hv".into())).unwrap(),
+            Caller::Host("hv".into())
+        );
+        let err = auth.identify(Identity::Host("gone".into())).unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated);
     }
 

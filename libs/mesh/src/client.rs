@@ -51,15 +51,18 @@ impl ClientTls {
     /// A Ferry component calling another: the CA plus the service certificate.
     pub fn service(cfg: &MeshConfig) -> Result<Self, MeshError> {
         Ok(Self {
-            ca_pem: read(&cfg.tls.ca_cert)?,
-            identity: Some((read(&cfg.tls.service_cert)?, read(&cfg.tls.service_key)?)),
+            ca_pem: read(&cfg.path(&cfg.tls.ca_cert))?,
+            identity: Some((
+                read(&cfg.path(&cfg.tls.service_cert))?,
+                read(&cfg.path(&cfg.tls.service_key))?,
+            )),
         })
     }
 
     /// An operator (CLI): the CA only; authenticate with [`with_token`].
     pub fn operator(cfg: &MeshConfig) -> Result<Self, MeshError> {
         Ok(Self {
-            ca_pem: read(&cfg.tls.ca_cert)?,
+            ca_pem: read(&cfg.path(&cfg.tls.ca_cert))?,
             identity: None,
         })
     }

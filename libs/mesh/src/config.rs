@@ -337,9 +337,26 @@ impl MeshConfig {
         format!("https://{}", SocketAddr::new(ip, addr.port()))
     }
 
+    /// `p` resolved against `data_dir` when relative. Paths are already resolved after
+    /// [`MeshConfig::load`] / [`MeshConfig::finish`]; this keeps a hand-built config working.
+    pub fn path(&self, p: &Path) -> PathBuf {
+        if p.is_relative() {
+            self.data_dir.join(p)
+        } else {
+            p.to_owned()
+        }
+    }
+
+    /// A copy with every relative path resolved against `data_dir` (not validated).
+    pub(crate) fn with_resolved_paths(&self) -> MeshConfig {
+        let mut cfg = self.clone();
+        cfg.resolve_relative_paths();
+        cfg
+    }
+
     /// The vault data key (32 bytes). Errors never include the key.
     pub fn data_key(&self) -> Result<[u8; 32], ConfigError> {
-        let path = &self.vault.data_key_file;
+        let path = &self.path(&self.vault.data_key_file);
         let bytes = std::fs::read(path).map_err(|e| secret_error(path, e.to_string()))?;
         if let Ok(key) = <[u8; 32]>::try_from(bytes.as_slice()) {
             return Ok(key);
@@ -355,7 +372,7 @@ impl MeshConfig {
 
     /// The admin bearer token. Errors never include the token.
     pub fn admin_token(&self) -> Result<String, ConfigError> {
-        let path = &self.vault.admin_token_file;
+        let path = &self.path(&self.vault.admin_token_file);
         let text = std::fs::read_to_string(path).map_err(|e| secret_error(path, e.to_string()))?;
         let token = text.trim();
         if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
@@ -382,6 +399,12 @@ impl MeshConfig {
         }
         self.data_dir =
             std::path::absolute(&self.data_dir).map_err(|e| invalid("data_dir", e.to_string()))?;
+        self.resolve_relative_paths();
+        self.store_url = self.store_url();
+        Ok(())
+    }
+
+    fn resolve_relative_paths(&mut self) {
         let dir = self.data_dir.clone();
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() {
@@ -403,8 +426,6 @@ impl MeshConfig {
         }
         resolve(&mut self.vault.data_key_file);
         resolve(&mut self.vault.admin_token_file);
-        self.store_url = self.store_url();
-        Ok(())
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

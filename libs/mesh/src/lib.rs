@@ -16,7 +16,7 @@ pub mod vault;
 
 pub use auth::{
     AuthInterceptor, Authenticator, Caller, RevocationCheck, Role, caller, require_host,
-    require_role, require_service,
+    require_role, require_service, token_hash,
 };
 pub use client::{AuthChannel, BearerToken, ClientTls, connect, connect_lazy, with_token};
 pub use config::{Component, ConfigError, Listen, MeshConfig, RetryConfig, TlsPaths, VaultConfig};

@@ -52,9 +52,9 @@ impl std::fmt::Debug for ServerTls {
 impl ServerTls {
     /// Reads the server certificate, its key and the CA certificate named in the config.
     pub fn load(cfg: &MeshConfig) -> Result<Self, MeshError> {
-        let ca = read(&cfg.tls.ca_cert)?;
-        let cert = read(&cfg.tls.server_cert)?;
-        let key = read(&cfg.tls.server_key)?;
+        let ca = read(&cfg.path(&cfg.tls.ca_cert))?;
+        let cert = read(&cfg.path(&cfg.tls.server_cert))?;
+        let key = read(&cfg.path(&cfg.tls.server_key))?;
         Ok(Self::from_pem(&ca, &cert, &key)?)
     }
 

@@ -17,6 +17,7 @@ pub const SERVICE_NAME: &str = "ferry";
 /// alone, so it is safe to run on every start. `server_sans` are extra DNS names or IP
 /// addresses for the server certificate (`localhost`, `127.0.0.1` and `::1` are always in).
 pub fn bootstrap_vault(cfg: &MeshConfig, server_sans: &[String]) -> Result<(), MeshError> {
+    let cfg = &cfg.with_resolved_paths();
     let tls = &cfg.tls;
     let need_server = !tls.server_cert.exists() || !tls.server_key.exists();
     let need_service = !tls.service_cert.exists() || !tls.service_key.exists();
@@ -54,6 +55,7 @@ pub fn bootstrap_vault(cfg: &MeshConfig, server_sans: &[String]) -> Result<(), M
 /// The vault CA from the files in `cfg` (needs `tls.ca_key`), e.g. for the registry to sign
 /// host certificates.
 pub fn load_ca(cfg: &MeshConfig) -> Result<VaultCa, MeshError> {
+    let cfg = &cfg.with_resolved_paths();
     let key_path = cfg.tls.ca_key.as_ref().ok_or_else(|| {
         PkiError::Tls("tls.ca_key is not set: this node cannot sign certificates".into())
     })?;

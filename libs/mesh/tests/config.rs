@@ -146,3 +146,21 @@ fn secrets_load_without_leaking() {
         Ok(())
     });
 }
+
+#[test]
+fn hand_built_config_resolves_paths_at_use() {
+    let dir = tempfile::tempdir().unwrap();
+    // Not passed through `load`/`finish`: paths stay relative in the struct.
+    let cfg = MeshConfig {
+        data_dir: dir.path().to_path_buf(),
+        ..MeshConfig::default()
+    };
+    ferry_mesh::bootstrap_vault(&cfg, &["gw.example".into()]).unwrap();
+    assert!(dir.path().join("pki/ca.pem").is_file());
+    assert!(dir.path().join("admin.token").is_file());
+    cfg.data_key().unwrap();
+    cfg.admin_token().unwrap();
+    ferry_mesh::ServerTls::load(&cfg).unwrap();
+    ferry_mesh::ClientTls::service(&cfg).unwrap();
+    ferry_mesh::load_ca(&cfg).unwrap();
+}
