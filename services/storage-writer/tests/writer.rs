@@ -466,6 +466,20 @@ async fn materialize_raw_and_vhdx() {
     assert!(read_back(&vhdx) == expected, "vhdx content differs");
     qemu_check(&vhdx, "vhdx", &reference);
 
+    for subformat in ["fixed", "dynamic"] {
+        let vhd = e.path(&format!("out-{subformat}.vhd"));
+        let req = MaterializeDiskRequest {
+            subformat: subformat.into(),
+            ..materialize_req(&vhd, "vhd")
+        };
+        e.writer
+            .materialize_disk(req, CancellationToken::new())
+            .await
+            .unwrap();
+        assert!(read_back(&vhd) == expected, "vhd {subformat} content differs");
+        qemu_check(&vhd, "vpc", &reference);
+    }
+
     // Never overwrites.
     let err = e
         .writer
