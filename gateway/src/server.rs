@@ -262,10 +262,10 @@ async fn handle_stream(ctx: Arc<Conn>, mut send: SendStream, mut recv: RecvStrea
     };
     let cycle = cycle.as_deref().unwrap_or("-");
     let Some(code) = e.code() else {
-        debug!(peer = %ctx.peer, identity = %ctx.identity, cycle, error = %e, "stream abandoned");
+        debug!(peer = %ctx.peer, identity = %ctx.identity, cycle = %cycle, error = %e, "stream abandoned");
         return;
     };
-    warn!(peer = %ctx.peer, identity = %ctx.identity, cycle, code = ?code, error = %e, "stream rejected");
+    warn!(peer = %ctx.peer, identity = %ctx.identity, cycle = %cycle, code = ?code, error = %e, "stream rejected");
     let reply = frame::encode_error(code, &e.to_string());
     match tokio::time::timeout(ERROR_REPLY_TIMEOUT, send.write_all(&reply)).await {
         Ok(Ok(())) => {

@@ -33,9 +33,10 @@ async fn assert_still_serving(h: &Harness, seed: u8) {
 
 #[tokio::test]
 async fn malformed_offers_get_error_frames() {
+    let (logs, _guard) = capture_logs();
     let h = Harness::start().await;
     h.ingest.open_cycle("c1", "host-a");
-    let conn = h.raw("host-a").await;
+    let (conn, local) = h.raw_with_addr("host-a").await;
     let (offers, _) = chunks(3, 1);
     let good = offer_bytes("c1", &offers);
 
@@ -90,6 +91,25 @@ async fn malformed_offers_get_error_frames() {
         &exchange(&conn, &bad).await,
         ErrorCode::Checksum,
         "checksum",
+    );
+
+    // every rejection was logged at warn, naming the peer, its identity and the problem
+    let warned = warnings(&logs);
+    let rejected: Vec<_> = warned
+        .iter()
+        .filter(|l| l.contains("stream rejected"))
+        .collect();
+    assert_eq!(rejected.len(), 12, "{warned:#?}");
+    for line in &rejected {
+        assert!(line.contains(&format!("peer={local}")), "{line}");
+        assert!(line.contains("identity=host:host-a"), "{line}");
+        assert!(line.contains("error="), "{line}");
+    }
+    assert!(
+        rejected
+            .iter()
+            .any(|l| l.contains("chunk count 4294967295")),
+        "{rejected:#?}"
     );
 
     // the same connection still works, and no stray authorization was asked for

@@ -9,6 +9,7 @@ use ferry_mesh::{Identity, VaultCa};
 
 #[tokio::test]
 async fn round_trip_stores_chunks_byte_identical_and_reports() {
+    let (logs, _guard) = capture_logs();
     let h = Harness::start().await;
     h.ingest.open_cycle("c1", "host-a");
     let up = h.uploader("host-a").await;
@@ -39,7 +40,12 @@ async fn round_trip_stores_chunks_byte_identical_and_reports() {
 
     let ms = up.ping().await.unwrap();
     assert!(ms > 1_600_000_000_000, "gateway clock {ms}");
+    up.close();
     h.stop().await;
+    // a clean session logs nothing at warn
+    assert_eq!(warnings(&logs), Vec::<String>::new());
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(text.contains("batch landed"), "{text}");
 }
 
 #[tokio::test]

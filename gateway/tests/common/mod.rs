@@ -207,13 +207,19 @@ impl Harness {
 
     /// A bare quinn connection as `host`, for sending hand-made frames.
     pub async fn raw(&self, host: &str) -> quinn::Connection {
+        self.raw_with_addr(host).await.0
+    }
+
+    /// Like [`Harness::raw`], also returning the client's own address (as the gateway sees it).
+    pub async fn raw_with_addr(&self, host: &str) -> (quinn::Connection, SocketAddr) {
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         endpoint.set_default_client_config(self.client_config(Identity::Host(host.into())));
-        endpoint
+        let conn = endpoint
             .connect(self.addr, "localhost")
             .unwrap()
             .await
-            .unwrap()
+            .unwrap();
+        (conn, endpoint.local_addr().unwrap())
     }
 
     pub async fn stop(self) {
@@ -305,4 +311,38 @@ pub fn payloads(sealed: &[Bytes]) -> Vec<u8> {
         buf.extend_from_slice(&frame::payload_hash(s));
     }
     buf
+}
+
+/// Captures the log lines of everything that runs on this thread (the tests use tokio's
+/// current-thread runtime, so the gateway's tasks do) while the returned guard lives.
+pub fn capture_logs() -> (Arc<Mutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let sink = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || LogSink(sink.clone()))
+        .finish();
+    (buf, tracing::subscriber::set_default(subscriber))
+}
+
+pub struct LogSink(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The `warn` lines captured so far.
+pub fn warnings(buf: &Mutex<Vec<u8>>) -> Vec<String> {
+    let text = String::from_utf8_lossy(&buf.lock().unwrap()).into_owned();
+    text.lines()
+        .filter(|l| l.contains(" WARN "))
+        .map(str::to_owned)
+        .collect()
 }

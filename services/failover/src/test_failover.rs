@@ -272,7 +272,12 @@ impl Orchestrator {
         // From here on the record owns the files: cleanup removes them.
         made.clear();
         *created_dir = false;
-        self.set_failover_state(&vm.name, "test").await?;
+        if let Err(e) = self.set_failover_state(&vm.name, "test").await {
+            return Err(FailoverError::FailedPrecondition(format!(
+                "{e}; the test copy in {} is recorded: run cleanup to remove it",
+                dir.display()
+            )));
+        }
         job.step_done(2, format!("{}", description.display())).await;
         info!(vm = %vm.name, point = %point.id, dir = %dir.display(), "test failover ready");
         Ok(())

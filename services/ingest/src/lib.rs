@@ -3,7 +3,7 @@
 //! landed, CommitCycle hands the block maps to storage-writer, which re-checks the fencing
 //! tokens and commits the recovery point, and the registry hears of it.
 //!
-//! Cycles live in Redis (`ferry:cycle:{id}`) so any ingest replica can serve any call; a
+//! Cycles live in Redis (`ferry:cycle:<id>`) so any ingest replica can serve any call; a
 //! lost cycle costs a restart of the copy, never data (chunks are durable and deduplicated).
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -114,7 +114,7 @@ pub async fn run(cfg: MeshConfig, listener: TcpListener, shutdown: CancellationT
 }
 
 fn cycle_key(id: &str) -> String {
-    format!("ferry:cycle:{{{id}}}")
+    format!("ferry:cycle:{id}")
 }
 
 fn coord_status(e: CoordError) -> Status {

@@ -44,11 +44,7 @@ impl VhdWriter {
         let size = opts.virtual_size;
         match opts.subformat {
             Subformat::Fixed => {
-                if opts.block_size.is_some() {
-                    return Err(DiskError::InvalidArgument(
-                        "a fixed vhd has no block size".into(),
-                    ));
-                }
+                // A fixed VHD has no blocks; a requested block size has nothing to apply to.
                 let mut f = DiskFile::create_new(path)?;
                 let footer = Footer::new(size, TYPE_FIXED, u64::MAX);
                 f.set_len(size)?;

@@ -59,6 +59,7 @@ impl VhdxWriter {
         }
         // New blocks and payload data are durable before the log makes them reachable.
         self.d.f.sync()?;
+        self.begin_log()?;
         let writes: Vec<(u64, &[u8])> = sectors.iter().map(|(o, s)| (*o, s.as_slice())).collect();
         let desc_sectors = (writes.len() as u64 + 2).div_ceil(128);
         let need = (desc_sectors + writes.len() as u64) * SECTOR as u64;

@@ -266,19 +266,28 @@ impl VhdxWriter {
         Ok(())
     }
 
-    /// First modification of an in-place session: new file and data GUIDs, and a log GUID so
-    /// BAT updates can go through the log.
+    /// First modification of an in-place session: new FileWriteGuid, and a new DataWriteGuid
+    /// because the data is about to change (children of this disk no longer match it).
     pub(super) fn begin_session(&mut self) -> Result<(), DiskError> {
         if self.session {
             return Ok(());
         }
-        let log_guid = Uuid::new_v4();
         self.update_header(|h| {
             h.file_write_guid = Uuid::new_v4();
             h.data_write_guid = Uuid::new_v4();
-            h.log_guid = log_guid;
         })?;
         self.session = true;
+        Ok(())
+    }
+
+    /// Before the first log write: a fresh LogGuid, so entries of older sessions never count.
+    /// Set only now, so a session that never logs leaves an empty, clean log.
+    pub(super) fn begin_log(&mut self) -> Result<(), DiskError> {
+        if !self.d.header.log_guid.is_nil() {
+            return Ok(());
+        }
+        let log_guid = Uuid::new_v4();
+        self.update_header(|h| h.log_guid = log_guid)?;
         self.log_pos = 0;
         self.log_seq = 1;
         Ok(())
@@ -358,6 +367,9 @@ fn write_metadata(
 impl DiskWriter for VhdxWriter {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
         check_range(offset, data.len(), self.d.size)?;
+        if !self.fresh {
+            self.begin_session()?;
+        }
         let bs = self.d.block_size as u64;
         let mut done = 0usize;
         while done < data.len() {
