@@ -205,6 +205,7 @@ async fn service_identity_may_ping_but_not_upload() {
 
 #[tokio::test]
 async fn client_certificate_from_another_ca_is_refused() {
+    let (logs, _guard) = capture_logs();
     let h = Harness::start().await;
     let rogue = VaultCa::create("rogue").unwrap();
     let (cert, key) = rogue
@@ -222,6 +223,13 @@ async fn client_certificate_from_another_ca_is_refused() {
         Ok(up) => up.ping().await.is_err(),
     };
     assert!(refused, "a rogue client certificate was accepted");
+    let warned = warnings(&logs);
+    assert!(
+        warned
+            .iter()
+            .any(|l| l.contains("quic handshake failed") && l.contains("peer=127.0.0.1:")),
+        "{warned:#?}"
+    );
     // the gateway keeps serving good clients
     h.uploader("host-a").await.ping().await.unwrap();
     h.stop().await;
