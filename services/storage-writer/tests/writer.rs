@@ -99,7 +99,7 @@ fn commit(
     let id = disk.id.clone();
     CommitPointRequest {
         vm: vm.into(),
-        cycle_id: format!("cycle-{token}"),
+        cycle_id: uuid::Uuid::new_v4().to_string(),
         kind: if full { "initial" } else { "delta" }.into(),
         consistency: "crash".into(),
         disks: vec![CommitDisk {
@@ -175,6 +175,15 @@ async fn commit_full_then_patch() {
         .unwrap();
     assert_eq!(p2.seq, 2);
     assert_eq!(p2.disks[0].stored_blocks, 3);
+    // A retried commit (same cycle, its first attempt landed) returns the same point.
+    let mut retry = commit("web", disk1.clone(), &[(5, d), (2, c)], &[1], false, token);
+    retry.cycle_id = "retried-cycle".into();
+    let first = e.writer.commit_point(retry.clone()).await.unwrap();
+    let again = e.writer.commit_point(retry).await.unwrap();
+    assert_eq!(
+        (first.seq, again.seq, again.id.as_str()),
+        (3, 3, first.id.as_str())
+    );
     assert_eq!(
         map_of(&e.writer, "web", "latest", "d1").await,
         [(0, a), (2, c), (5, d)]
@@ -200,7 +209,7 @@ async fn commit_full_then_patch() {
         .iter()
         .map(|p| p.seq)
         .collect();
-    assert_eq!(listed, [1, 2, 3]);
+    assert_eq!(listed, [1, 2, 3, 4]);
     assert_eq!(e.writer.get_point("web", "latest").await.unwrap().id, p3.id);
     assert_eq!(e.writer.get_point("web", &p1.id).await.unwrap().seq, 1);
     let missing = e
@@ -476,7 +485,10 @@ async fn materialize_raw_and_vhdx() {
             .materialize_disk(req, CancellationToken::new())
             .await
             .unwrap();
-        assert!(read_back(&vhd) == expected, "vhd {subformat} content differs");
+        assert!(
+            read_back(&vhd) == expected,
+            "vhd {subformat} content differs"
+        );
         qemu_check(&vhd, "vpc", &reference);
     }
 
