@@ -191,7 +191,10 @@ fn pending_logs(d: &DiskInput, prev: Option<&DiskManifest>) -> Vec<String> {
 }
 
 impl Writer {
-    /// Commits a cycle as the VM's next recovery point and returns it.
+    /// Commits a cycle as the VM's next recovery point and returns it. The point holds exactly
+    /// the request's disks (all disks of a VM are cut at the same instant, so a disk left out
+    /// is not carried over from an older point). Retrying a cycle whose first attempt landed
+    /// returns that point.
     pub async fn commit_point(&self, req: CommitPointRequest) -> Result<RecoveryPoint> {
         let input = CommitInput::try_from(req)?;
         self.check_fencing(&input).await?;
@@ -289,6 +292,9 @@ impl Writer {
             cycle_id: input.cycle_id.clone(),
             disks,
         };
+        // Again right before the manifest lands: the lease may have moved while pages were
+        // written (the store itself only refuses tokens lower than the latest point's).
+        self.check_fencing(input).await?;
         let committed = self.store.commit_point(manifest).await?;
         info!(
             vm = %committed.vm,
