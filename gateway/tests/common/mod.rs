@@ -140,6 +140,7 @@ impl Harness {
     }
 
     pub async fn start_opts(ingest_up: bool, block_size: u32) -> Self {
+        init_logs();
         let dir = tempfile::tempdir().unwrap();
         let ca = VaultCa::create("test").unwrap();
         let (server_cert, server_key) = ca.issue_server(&[]).unwrap();
@@ -313,24 +314,52 @@ pub fn payloads(sealed: &[Bytes]) -> Vec<u8> {
     buf
 }
 
-/// Captures the log lines of everything that runs on this thread (the tests use tokio's
-/// current-thread runtime, so the gateway's tasks do) while the returned guard lives.
-pub fn capture_logs() -> (Arc<Mutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
-    let buf = Arc::new(Mutex::new(Vec::new()));
-    let sink = buf.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .with_writer(move || LogSink(sink.clone()))
-        .finish();
-    (buf, tracing::subscriber::set_default(subscriber))
+thread_local! {
+    static LOG_SINK: std::cell::RefCell<Option<Arc<Mutex<Vec<u8>>>>> = const { std::cell::RefCell::new(None) };
 }
 
-pub struct LogSink(Arc<Mutex<Vec<u8>>>);
+/// Installs one global subscriber for the test binary that writes each event into the
+/// capture buffer of the thread it happens on, if any. A global subscriber installed before
+/// any gateway code runs avoids tracing's callsite-interest caching, which makes per-thread
+/// `set_default` subscribers miss events when tests run in parallel.
+pub fn init_logs() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(|| ThreadSink)
+            .finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+    });
+}
 
-impl std::io::Write for LogSink {
+/// Captures the log lines of everything that runs on this thread (the tests use tokio's
+/// current-thread runtime, so the gateway's tasks do) until the guard is dropped.
+pub fn capture_logs() -> (Arc<Mutex<Vec<u8>>>, CaptureGuard) {
+    init_logs();
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    LOG_SINK.with(|s| *s.borrow_mut() = Some(buf.clone()));
+    (buf, CaptureGuard)
+}
+
+pub struct CaptureGuard;
+
+impl Drop for CaptureGuard {
+    fn drop(&mut self) {
+        LOG_SINK.with(|s| *s.borrow_mut() = None);
+    }
+}
+
+struct ThreadSink;
+
+impl std::io::Write for ThreadSink {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(data);
+        LOG_SINK.with(|s| {
+            if let Some(buf) = &*s.borrow() {
+                buf.lock().unwrap().extend_from_slice(data);
+            }
+        });
         Ok(data.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
