@@ -51,30 +51,46 @@ fn default_inflight() -> usize {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading agent config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("agent config {path}: {message}")]
     Invalid { path: PathBuf, message: String },
 }
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        let mut cfg: AgentConfig = toml::from_str(&text)
-            .map_err(|e| ConfigError::Invalid { path: path.to_path_buf(), message: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg: AgentConfig = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
         let base = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
         let base = std::path::absolute(&base).unwrap_or(base);
-        let abs = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+        let abs = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
         cfg.registration_key = abs(&cfg.registration_key);
         cfg.data_dir = abs(&cfg.data_dir);
         for vm in &mut cfg.vms {
             vm.disks = vm.disks.iter().map(|d| abs(d)).collect();
         }
-        cfg.validate().map_err(|message| ConfigError::Invalid { path: path.to_path_buf(), message })?;
+        cfg.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
         Ok(cfg)
     }
 
@@ -93,7 +109,11 @@ impl AgentConfig {
             let mut files = std::collections::HashSet::new();
             for d in &vm.disks {
                 if !files.insert(d.file_name()) {
-                    return Err(format!("vm {} has two disks named {:?}", vm.name, d.file_name()));
+                    return Err(format!(
+                        "vm {} has two disks named {:?}",
+                        vm.name,
+                        d.file_name()
+                    ));
                 }
             }
         }

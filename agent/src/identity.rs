@@ -69,12 +69,19 @@ pub struct Credentials {
 
 impl Credentials {
     pub fn client_tls(&self) -> ClientTls {
-        ClientTls { ca_pem: self.ca_pem.clone(), identity: Some((self.cert_pem.clone(), self.key_pem.clone())) }
+        ClientTls {
+            ca_pem: self.ca_pem.clone(),
+            identity: Some((self.cert_pem.clone(), self.key_pem.clone())),
+        }
     }
 }
 
 fn paths(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    (dir.join("identity.json"), dir.join("host.key"), dir.join("vault-data.key"))
+    (
+        dir.join("identity.json"),
+        dir.join("host.key"),
+        dir.join("vault-data.key"),
+    )
 }
 
 /// Loads saved credentials, or registers with the one-time key and saves them.
@@ -115,13 +122,25 @@ pub async fn load_or_register(cfg: &AgentConfig) -> anyhow::Result<Credentials> 
 async fn register(cfg: &AgentConfig) -> anyhow::Result<Credentials> {
     let kf_path = &cfg.registration_key;
     let kf: RegistrationKeyFile = serde_json::from_slice(
-        &std::fs::read(kf_path).map_err(|e| anyhow::anyhow!("reading registration key {}: {e}", kf_path.display()))?,
+        &std::fs::read(kf_path)
+            .map_err(|e| anyhow::anyhow!("reading registration key {}: {e}", kf_path.display()))?,
     )
-    .map_err(|e| anyhow::anyhow!("registration key {} is not a ferry key file: {e}", kf_path.display()))?;
-    let endpoint = cfg.registry.clone().unwrap_or_else(|| kf.registry_endpoint.clone());
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "registration key {} is not a ferry key file: {e}",
+            kf_path.display()
+        )
+    })?;
+    let endpoint = cfg
+        .registry
+        .clone()
+        .unwrap_or_else(|| kf.registry_endpoint.clone());
     let identity = Identity::Host(cfg.host.name.clone());
     let (csr_pem, key_pem) = ferry_mesh::new_csr(&identity)?;
-    let tls = ClientTls { ca_pem: kf.ca_pem.clone(), identity: None };
+    let tls = ClientTls {
+        ca_pem: kf.ca_pem.clone(),
+        identity: None,
+    };
     let ch = ferry_mesh::connect(&endpoint, &tls).await?;
     let resp = RegistryClient::new(ch)
         .register_host(RegisterHostRequest {
@@ -134,13 +153,16 @@ async fn register(cfg: &AgentConfig) -> anyhow::Result<Credentials> {
         .await
         .map_err(|s| anyhow::anyhow!("registration refused: {}", s.message()))?
         .into_inner();
-    let vk: [u8; 32] = resp
-        .vault_data_key
-        .as_slice()
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("registry sent a vault key of {} bytes, expected 32", resp.vault_data_key.len()))?;
-    let endpoints: EndpointsJson =
-        resp.endpoints.ok_or_else(|| anyhow::anyhow!("registry sent no endpoints"))?.into();
+    let vk: [u8; 32] = resp.vault_data_key.as_slice().try_into().map_err(|_| {
+        anyhow::anyhow!(
+            "registry sent a vault key of {} bytes, expected 32",
+            resp.vault_data_key.len()
+        )
+    })?;
+    let endpoints: EndpointsJson = resp
+        .endpoints
+        .ok_or_else(|| anyhow::anyhow!("registry sent no endpoints"))?
+        .into();
     let (id_path, key_path, vk_path) = paths(&cfg.data_dir);
     std::fs::create_dir_all(&cfg.data_dir)?;
     ferry_mesh::write_secret(&key_path, key_pem.as_bytes())?;

@@ -8,7 +8,11 @@ use crate::config::VmConfig;
 /// error so the enable-protection prerequisites can name it.
 pub fn describe_disk(vm: &str, path: &std::path::Path) -> Disk {
     let path_s = path.to_string_lossy().to_string();
-    let mut d = Disk { id: ferry_proto::disk_id(vm, &path_s), path: path_s, ..Default::default() };
+    let mut d = Disk {
+        id: ferry_proto::disk_id(vm, &path_s),
+        path: path_s,
+        ..Default::default()
+    };
     match ferry_disk::open(path) {
         Ok(dev) => {
             let info = dev.info();
@@ -24,5 +28,12 @@ pub fn describe_disk(vm: &str, path: &std::path::Path) -> Disk {
 }
 
 pub fn describe_vm(vm: &VmConfig) -> VmInventory {
-    VmInventory { name: vm.name.clone(), disks: vm.disks.iter().map(|p| describe_disk(&vm.name, p)).collect() }
+    VmInventory {
+        name: vm.name.clone(),
+        disks: vm
+            .disks
+            .iter()
+            .map(|p| describe_disk(&vm.name, p))
+            .collect(),
+    }
 }

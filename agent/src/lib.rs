@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use ferry_gateway::client::Uploader;
 use ferry_proto::registry::v1::{HeartbeatRequest, registry_client::RegistryClient};
-use ferry_proto::scheduler::v1::{CompleteWorkRequest, WorkItem, WorkKind, WorkStreamRequest, scheduler_client::SchedulerClient};
+use ferry_proto::scheduler::v1::{
+    CompleteWorkRequest, WorkItem, WorkKind, WorkStreamRequest, scheduler_client::SchedulerClient,
+};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -52,12 +54,16 @@ impl Agent {
         loop {
             let inv: Vec<_> = {
                 let vms = self.cfg.vms.clone();
-                tokio::task::spawn_blocking(move || vms.iter().map(inventory::describe_vm).collect())
-                    .await
-                    .unwrap_or_default()
+                tokio::task::spawn_blocking(move || {
+                    vms.iter().map(inventory::describe_vm).collect()
+                })
+                .await
+                .unwrap_or_default()
             };
             let res = async {
-                let ch = ferry_mesh::connect(&self.creds.endpoints.registry, &self.creds.client_tls()).await?;
+                let ch =
+                    ferry_mesh::connect(&self.creds.endpoints.registry, &self.creds.client_tls())
+                        .await?;
                 let r = RegistryClient::new(ch)
                     .heartbeat(HeartbeatRequest {
                         host_name: self.creds.host.clone(),
@@ -86,7 +92,9 @@ impl Agent {
         loop {
             match self.stream_work(&shutdown).await {
                 Ok(()) => return,
-                Err(e) => tracing::warn!(error = %e, retry_ms = delay.as_millis() as u64, "work stream lost"),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_ms = delay.as_millis() as u64, "work stream lost")
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -97,7 +105,8 @@ impl Agent {
     }
 
     async fn scheduler(&self) -> anyhow::Result<SchedulerClient<tonic::transport::Channel>> {
-        let ch = ferry_mesh::connect(&self.creds.endpoints.scheduler, &self.creds.client_tls()).await?;
+        let ch =
+            ferry_mesh::connect(&self.creds.endpoints.scheduler, &self.creds.client_tls()).await?;
         Ok(SchedulerClient::new(ch))
     }
 
@@ -106,7 +115,9 @@ impl Agent {
         let mut stream = self
             .scheduler()
             .await?
-            .work_stream(WorkStreamRequest { host_name: self.creds.host.clone() })
+            .work_stream(WorkStreamRequest {
+                host_name: self.creds.host.clone(),
+            })
             .await?
             .into_inner();
         tracing::info!(host = %self.creds.host, "waiting for work");
@@ -115,8 +126,14 @@ impl Agent {
                 _ = shutdown.cancelled() => return Ok(()),
                 m = stream.message() => m?,
             };
-            let Some(item) = item else { anyhow::bail!("scheduler closed the work stream") };
-            let fresh = self.busy.lock().map(|mut b| b.insert(item.vm.clone())).unwrap_or(false);
+            let Some(item) = item else {
+                anyhow::bail!("scheduler closed the work stream")
+            };
+            let fresh = self
+                .busy
+                .lock()
+                .map(|mut b| b.insert(item.vm.clone()))
+                .unwrap_or(false);
             if !fresh {
                 tracing::info!(vm = %item.vm, work = %item.id, "vm is already replicating; ignoring duplicate work");
                 continue;
@@ -135,8 +152,14 @@ impl Agent {
     async fn handle(&self, item: WorkItem, stop: CancellationToken) {
         tracing::info!(vm = %item.vm, work = %item.id, kind = item.kind, attempt = item.attempt, "work received");
         let result = match WorkKind::try_from(item.kind) {
-            Ok(WorkKind::InitialReplication) => self.initial_replication(&item.vm, &item.job_id, &stop).await,
-            _ => Err(ReplError::Permanent(format!("work kind {} is not supported by this agent", item.kind))),
+            Ok(WorkKind::InitialReplication) => {
+                self.initial_replication(&item.vm, &item.job_id, &stop)
+                    .await
+            }
+            _ => Err(ReplError::Permanent(format!(
+                "work kind {} is not supported by this agent",
+                item.kind
+            ))),
         };
         if stop.is_cancelled() {
             return; // shutting down: the work stays in flight and is re-sent on reconnect
@@ -148,7 +171,13 @@ impl Agent {
                 (false, e.to_string(), e.recoverable())
             }
         };
-        let req = CompleteWorkRequest { work_id: item.id.clone(), host_name: self.creds.host.clone(), ok, error, recoverable };
+        let req = CompleteWorkRequest {
+            work_id: item.id.clone(),
+            host_name: self.creds.host.clone(),
+            ok,
+            error,
+            recoverable,
+        };
         for attempt in 0..5u32 {
             match self.scheduler().await {
                 Ok(mut s) => match s.complete_work(req.clone()).await {

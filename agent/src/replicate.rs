@@ -77,18 +77,27 @@ impl Agent {
     /// One QUIC connection to the gateway, re-made when it closed.
     pub(crate) async fn uploader(&self) -> Result<Uploader, ReplError> {
         let mut slot = self.uploader.lock().await;
-        if let Some(u) = slot.as_ref() {
-            if u.connection().close_reason().is_none() {
-                return Ok(u.clone());
-            }
+        if let Some(u) = slot.as_ref()
+            && u.connection().close_reason().is_none()
+        {
+            return Ok(u.clone());
         }
         let addr = tokio::net::lookup_host(&self.creds.endpoints.gateway)
             .await
             .ok()
             .and_then(|mut a| a.next())
-            .ok_or_else(|| ReplError::Permanent(format!("gateway address {:?} does not resolve", self.creds.endpoints.gateway)))?;
-        let qcfg = ferry_mesh::quic_client_config(&self.creds.ca_pem, &self.creds.cert_pem, &self.creds.key_pem)
-            .map_err(|e| ReplError::Permanent(format!("quic client config: {e}")))?;
+            .ok_or_else(|| {
+                ReplError::Permanent(format!(
+                    "gateway address {:?} does not resolve",
+                    self.creds.endpoints.gateway
+                ))
+            })?;
+        let qcfg = ferry_mesh::quic_client_config(
+            &self.creds.ca_pem,
+            &self.creds.cert_pem,
+            &self.creds.key_pem,
+        )
+        .map_err(|e| ReplError::Permanent(format!("quic client config: {e}")))?;
         let u = Uploader::connect(addr, qcfg)
             .await
             .map_err(|e| ReplError::Recoverable(format!("gateway {addr}: {e}")))?;
@@ -96,17 +105,34 @@ impl Agent {
         Ok(u)
     }
 
-    pub(crate) async fn initial_replication(&self, vm: &str, job_id: &str, cancel: &CancellationToken) -> Result<(), ReplError> {
+    pub(crate) async fn initial_replication(
+        &self,
+        vm: &str,
+        job_id: &str,
+        cancel: &CancellationToken,
+    ) -> Result<(), ReplError> {
         let vm_cfg = self
             .cfg
             .vms
             .iter()
             .find(|v| v.name == vm)
-            .ok_or_else(|| ReplError::Permanent(format!("vm {vm} is not configured on host {}", self.creds.host)))?
+            .ok_or_else(|| {
+                ReplError::Permanent(format!(
+                    "vm {vm} is not configured on host {}",
+                    self.creds.host
+                ))
+            })?
             .clone();
-        let disks: Vec<Disk> = vm_cfg.disks.iter().map(|p| crate::inventory::describe_disk(vm, p)).collect();
+        let disks: Vec<Disk> = vm_cfg
+            .disks
+            .iter()
+            .map(|p| crate::inventory::describe_disk(vm, p))
+            .collect();
         if let Some(d) = disks.iter().find(|d| !d.error.is_empty()) {
-            return Err(ReplError::Permanent(format!("disk {}: {}", d.path, d.error)));
+            return Err(ReplError::Permanent(format!(
+                "disk {}: {}",
+                d.path, d.error
+            )));
         }
         let mut ingest = self.ingest().await?;
         let begun = ingest
@@ -124,14 +150,23 @@ impl Agent {
         let cycle = begun.cycle_id.clone();
         tracing::info!(vm, cycle = %cycle, disks = disks.len(), "initial replication started");
         let lost = CancellationToken::new();
-        let renew = self.spawn_renewer(cycle.clone(), Duration::from_millis(begun.lease_ttl_ms.max(3000) / 3), lost.clone());
+        let renew = self.spawn_renewer(
+            cycle.clone(),
+            Duration::from_millis(begun.lease_ttl_ms.max(3000) / 3),
+            lost.clone(),
+        );
         let work = async {
             let mut maps = Vec::new();
             for d in &disks {
                 let blocks = self
                     .copy_disk(&cycle, d, begun.block_size, cancel, &lost)
                     .await?;
-                maps.push(DiskBlockMap { disk_id: d.id.clone(), blocks, zeroed: vec![], logs: vec![] });
+                maps.push(DiskBlockMap {
+                    disk_id: d.id.clone(),
+                    blocks,
+                    zeroed: vec![],
+                    logs: vec![],
+                });
             }
             Ok::<_, ReplError>(maps)
         };
@@ -140,12 +175,21 @@ impl Agent {
         let maps = match result {
             Ok(m) => m,
             Err(e) => {
-                let _ = ingest.abort_cycle(AbortCycleRequest { cycle_id: cycle.clone(), reason: e.to_string() }).await;
+                let _ = ingest
+                    .abort_cycle(AbortCycleRequest {
+                        cycle_id: cycle.clone(),
+                        reason: e.to_string(),
+                    })
+                    .await;
                 return Err(e);
             }
         };
         let point = ingest
-            .commit_cycle(CommitCycleRequest { cycle_id: cycle.clone(), disks: maps, fencing_tokens: begun.fencing_tokens })
+            .commit_cycle(CommitCycleRequest {
+                cycle_id: cycle.clone(),
+                disks: maps,
+                fencing_tokens: begun.fencing_tokens,
+            })
             .await
             .map_err(|s| from_status("commit cycle", s))?
             .into_inner()
@@ -155,7 +199,12 @@ impl Agent {
         Ok(())
     }
 
-    fn spawn_renewer(&self, cycle: String, every: Duration, lost: CancellationToken) -> CancellationToken {
+    fn spawn_renewer(
+        &self,
+        cycle: String,
+        every: Duration,
+        lost: CancellationToken,
+    ) -> CancellationToken {
         let stop = CancellationToken::new();
         let stop2 = stop.clone();
         let me = self.clone();
@@ -166,17 +215,31 @@ impl Agent {
                     _ = tokio::time::sleep(every) => {}
                 }
                 let res = match me.ingest().await {
-                    Ok(mut c) => c.renew_cycle(RenewCycleRequest { cycle_id: cycle.clone() }).await.map(|_| ()),
+                    Ok(mut c) => c
+                        .renew_cycle(RenewCycleRequest {
+                            cycle_id: cycle.clone(),
+                        })
+                        .await
+                        .map(|_| ()),
                     Err(e) => Err(tonic::Status::unavailable(e.to_string())),
                 };
                 match res {
                     Ok(()) => {}
-                    Err(s) if matches!(s.code(), tonic::Code::Aborted | tonic::Code::NotFound | tonic::Code::PermissionDenied) => {
+                    Err(s)
+                        if matches!(
+                            s.code(),
+                            tonic::Code::Aborted
+                                | tonic::Code::NotFound
+                                | tonic::Code::PermissionDenied
+                        ) =>
+                    {
                         tracing::warn!(cycle = %cycle, error = %s.message(), "cycle lease lost");
                         lost.cancel();
                         return;
                     }
-                    Err(s) => tracing::warn!(cycle = %cycle, error = %s.message(), "lease renewal failed; will retry"),
+                    Err(s) => {
+                        tracing::warn!(cycle = %cycle, error = %s.message(), "lease renewal failed; will retry")
+                    }
                 }
             }
         });
@@ -198,7 +261,9 @@ impl Agent {
             let key = self.creds.vault_key.clone();
             let stats = stats.clone();
             let stop = cancel.clone();
-            tokio::task::spawn_blocking(move || read_blocks(&path, block_size, &key, &tx, &stats, &stop))
+            tokio::task::spawn_blocking(move || {
+                read_blocks(&path, block_size, &key, &tx, &stats, &stop)
+            })
         };
         let uploader = self.uploader().await?;
         let mut map: Vec<BlockRef> = Vec::new();
@@ -212,7 +277,10 @@ impl Agent {
             };
             let done = next.is_none();
             if let Some(b) = next {
-                map.push(BlockRef { index: b.index, chunk: b.id.to_vec() });
+                map.push(BlockRef {
+                    index: b.index,
+                    chunk: b.id.to_vec(),
+                });
                 batch.push(b);
             }
             if batch.len() >= self.cfg.batch_blocks || (done && !batch.is_empty()) {
@@ -222,7 +290,13 @@ impl Agent {
                     }
                 }
                 let blocks = std::mem::take(&mut batch);
-                inflight.spawn(upload_batch(uploader.clone(), cycle.to_string(), blocks, self.creds.vault_key.clone(), stats.clone()));
+                inflight.spawn(upload_batch(
+                    uploader.clone(),
+                    cycle.to_string(),
+                    blocks,
+                    self.creds.vault_key.clone(),
+                    stats.clone(),
+                ));
             }
             if done {
                 break;
@@ -231,7 +305,9 @@ impl Agent {
         while let Some(r) = inflight.join_next().await {
             r.map_err(|e| ReplError::Recoverable(format!("upload task: {e}")))??;
         }
-        reader.await.map_err(|e| ReplError::Recoverable(format!("disk reader: {e}")))??;
+        reader
+            .await
+            .map_err(|e| ReplError::Recoverable(format!("disk reader: {e}")))??;
         tracing::info!(
             disk = %disk.path,
             blocks_read = stats.blocks_read.load(Ordering::Relaxed),
@@ -254,14 +330,29 @@ async fn upload_batch(
     key: VaultKey,
     stats: Arc<CopyStats>,
 ) -> Result<(), ReplError> {
-    let offers: Vec<Offer> = blocks.iter().map(|b| Offer { id: b.id, plain_len: b.data.len() as u32 }).collect();
+    let offers: Vec<Offer> = blocks
+        .iter()
+        .map(|b| Offer {
+            id: b.id,
+            plain_len: b.data.len() as u32,
+        })
+        .collect();
     let pending = up.offer(&cycle, &offers).await.map_err(upload_err)?;
-    let needed: Vec<ReadBlock> =
-        blocks.into_iter().zip(pending.needed.iter()).filter(|(_, n)| **n).map(|(b, _)| b).collect();
+    let needed: Vec<ReadBlock> = blocks
+        .into_iter()
+        .zip(pending.needed.iter())
+        .filter(|(_, n)| **n)
+        .map(|(b, _)| b)
+        .collect();
     let skipped = offers.len() - needed.len();
-    stats.blocks_skipped.fetch_add(skipped as u64, Ordering::Relaxed);
+    stats
+        .blocks_skipped
+        .fetch_add(skipped as u64, Ordering::Relaxed);
     let sealed = tokio::task::spawn_blocking(move || {
-        needed.iter().map(|b| Bytes::from(ferry_store::seal_chunk(&key, &b.id, &b.data))).collect::<Vec<_>>()
+        needed
+            .iter()
+            .map(|b| Bytes::from(ferry_store::seal_chunk(&key, &b.id, &b.data)))
+            .collect::<Vec<_>>()
     })
     .await
     .map_err(|e| ReplError::Recoverable(format!("sealing blocks: {e}")))?;
@@ -290,12 +381,18 @@ fn read_blocks(
     stats: &CopyStats,
     stop: &CancellationToken,
 ) -> Result<(), ReplError> {
-    let dev = ferry_disk::open(path).map_err(|e| ReplError::Permanent(format!("{}: {e}", path.display())))?;
+    let dev = ferry_disk::open(path)
+        .map_err(|e| ReplError::Permanent(format!("{}: {e}", path.display())))?;
     let size = dev.virtual_size();
     let bs = u64::from(block_size.max(4096));
-    let extents = dev.extents().map_err(|e| ReplError::Permanent(format!("{}: allocation map: {e}", path.display())))?;
+    let extents = dev
+        .extents()
+        .map_err(|e| ReplError::Permanent(format!("{}: allocation map: {e}", path.display())))?;
     let mut last_index: Option<u64> = None;
-    for ext in extents.iter().filter(|e| matches!(e.kind, ferry_disk::ExtentKind::Allocated)) {
+    for ext in extents
+        .iter()
+        .filter(|e| matches!(e.kind, ferry_disk::ExtentKind::Allocated))
+    {
         let first = ext.offset / bs;
         let end = (ext.offset + ext.len).div_ceil(bs);
         for index in first..end {
@@ -309,7 +406,9 @@ fn read_blocks(
             let off = index * bs;
             let len = bs.min(size - off) as usize;
             let mut data = vec![0u8; len];
-            dev.read_at(off, &mut data).map_err(|e| ReplError::Permanent(format!("{}: read at {off}: {e}", path.display())))?;
+            dev.read_at(off, &mut data).map_err(|e| {
+                ReplError::Permanent(format!("{}: read at {off}: {e}", path.display()))
+            })?;
             stats.blocks_read.fetch_add(1, Ordering::Relaxed);
             if ferry_store::is_zero(&data) {
                 stats.blocks_zero.fetch_add(1, Ordering::Relaxed);

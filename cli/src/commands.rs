@@ -20,13 +20,21 @@ fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
 }
 
 fn ctl(cli: &Cli) -> anyhow::Result<Ctl> {
-    let path = cli.config.clone().context("--config D/ferry.toml is required (or FERRY_CONFIG)")?;
+    let path = cli
+        .config
+        .clone()
+        .context("--config D/ferry.toml is required (or FERRY_CONFIG)")?;
     Ctl::load(&path)
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.cmd {
-        Cmd::Up { data_dir, redis, store, without } => {
+        Cmd::Up {
+            data_dir,
+            redis,
+            store,
+            without,
+        } => {
             let without = without
                 .iter()
                 .filter(|s| !s.is_empty())
@@ -40,7 +48,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 retry_time_unit: None,
             })
             .await?;
-            println!("ferry is up; operate it with: ferry --config {} status", mesh.config_path.display());
+            println!(
+                "ferry is up; operate it with: ferry --config {} status",
+                mesh.config_path.display()
+            );
             let stop = ferry_mesh::shutdown_on_signal();
             let res = tokio::select! {
                 _ = stop.cancelled() => Ok(()),
@@ -56,13 +67,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if *output == OutputFormat::Json {
                 print_json(&serde_json::to_value(&st)?)?;
             } else {
-                let rows: Vec<Vec<String>> =
-                    st.iter().map(|s| vec![s.component.clone(), s.endpoint.clone(), s.status.clone()]).collect();
+                let rows: Vec<Vec<String>> = st
+                    .iter()
+                    .map(|s| vec![s.component.clone(), s.endpoint.clone(), s.status.clone()])
+                    .collect();
                 println!("{}", table(&["component", "endpoint", "status"], &rows));
             }
-            Ok(if st.iter().all(|s| s.ok()) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if st.iter().all(|s| s.ok()) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
-        Cmd::Vault { cmd: VaultCmd::RegistrationKey { out, ttl, site } } => {
+        Cmd::Vault {
+            cmd: VaultCmd::RegistrationKey { out, ttl, site },
+        } => {
             let c = ctl(&cli)?;
             let r = c
                 .registry()
@@ -84,13 +103,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             ferry_mesh::write_secret(out, serde_json::to_string_pretty(&file)?.as_bytes())
                 .with_context(|| format!("writing {}", out.display()))?;
-            println!("registration key {} written to {} (valid until {})", r.key_id, out.display(), time(r.expires_at_ms));
+            println!(
+                "registration key {} written to {} (valid until {})",
+                r.key_id,
+                out.display(),
+                time(r.expires_at_ms)
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Host { cmd } => host(&cli, cmd).await,
         Cmd::Vm { cmd } => vm(&cli, cmd).await,
         Cmd::Jobs { cmd } => jobs(&cli, cmd).await,
-        Cmd::Points { cmd: PointsCmd::List { vm, output } } => {
+        Cmd::Points {
+            cmd: PointsCmd::List { vm, output },
+        } => {
             let c = ctl(&cli)?;
             let points = c
                 .storage()
@@ -101,11 +127,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .into_inner()
                 .points;
             if *output == OutputFormat::Json {
-                print_json(&serde_json::Value::Array(points.iter().map(point_json).collect()))?;
+                print_json(&serde_json::Value::Array(
+                    points.iter().map(point_json).collect(),
+                ))?;
             } else {
                 let rows: Vec<Vec<String>> = points
                     .iter()
-                    .map(|p| vec![p.id.clone(), time(p.time_ms), p.consistency.clone(), p.kind.clone()])
+                    .map(|p| {
+                        vec![
+                            p.id.clone(),
+                            time(p.time_ms),
+                            p.consistency.clone(),
+                            p.kind.clone(),
+                        ]
+                    })
                     .collect();
                 println!("{}", table(&["id", "time", "consistency", "kind"], &rows));
             }
@@ -137,9 +172,20 @@ async fn host(cli: &Cli, cmd: &HostCmd) -> anyhow::Result<ExitCode> {
             } else {
                 let rows: Vec<Vec<String>> = hosts
                     .iter()
-                    .map(|h| vec![h.name.clone(), h.site.clone(), h.status.clone(), time(h.last_heartbeat_ms), h.vms.join(",")])
+                    .map(|h| {
+                        vec![
+                            h.name.clone(),
+                            h.site.clone(),
+                            h.status.clone(),
+                            time(h.last_heartbeat_ms),
+                            h.vms.join(","),
+                        ]
+                    })
                     .collect();
-                println!("{}", table(&["name", "site", "status", "last heartbeat", "vms"], &rows));
+                println!(
+                    "{}",
+                    table(&["name", "site", "status", "last heartbeat", "vms"], &rows)
+                );
             }
         }
         HostCmd::Remove { host } => {
@@ -172,10 +218,23 @@ async fn vm(cli: &Cli, cmd: &VmCmd) -> anyhow::Result<ExitCode> {
                 let rows: Vec<Vec<String>> = vms
                     .iter()
                     .map(|v| {
-                        vec![v.name.clone(), v.host.clone(), v.state.clone(), v.health.clone(), v.disks.len().to_string(), time(v.last_point_ms)]
+                        vec![
+                            v.name.clone(),
+                            v.host.clone(),
+                            v.state.clone(),
+                            v.health.clone(),
+                            v.disks.len().to_string(),
+                            time(v.last_point_ms),
+                        ]
                     })
                     .collect();
-                println!("{}", table(&["name", "host", "state", "health", "disks", "last point"], &rows));
+                println!(
+                    "{}",
+                    table(
+                        &["name", "host", "state", "health", "disks", "last point"],
+                        &rows
+                    )
+                );
             }
         }
         VmCmd::Show { name, output } => {
@@ -189,20 +248,45 @@ async fn vm(cli: &Cli, cmd: &VmCmd) -> anyhow::Result<ExitCode> {
             if *output == OutputFormat::Json {
                 print_json(&vm_json(&v))?;
             } else {
-                println!("name:        {}\nhost:        {}\nstate:       {}\nhealth:      {}", v.name, v.host, v.state, v.health);
-                println!("last point:  {} {}\nrpo:         {} s", v.last_point_id, time(v.last_point_ms), v.rpo_seconds);
+                println!(
+                    "name:        {}\nhost:        {}\nstate:       {}\nhealth:      {}",
+                    v.name, v.host, v.state, v.health
+                );
+                println!(
+                    "last point:  {} {}\nrpo:         {} s",
+                    v.last_point_id,
+                    time(v.last_point_ms),
+                    v.rpo_seconds
+                );
                 if !v.last_error.is_empty() {
                     println!("last error:  {}", v.last_error);
                 }
                 let rows: Vec<Vec<String>> = v
                     .disks
                     .iter()
-                    .map(|d| vec![d.path.clone(), d.format.clone(), d.subformat.clone(), bytes(d.virtual_size), bytes(d.allocated_bytes)])
+                    .map(|d| {
+                        vec![
+                            d.path.clone(),
+                            d.format.clone(),
+                            d.subformat.clone(),
+                            bytes(d.virtual_size),
+                            bytes(d.allocated_bytes),
+                        ]
+                    })
                     .collect();
-                println!("{}", table(&["disk", "format", "subformat", "size", "allocated"], &rows));
+                println!(
+                    "{}",
+                    table(&["disk", "format", "subformat", "size", "allocated"], &rows)
+                );
             }
         }
-        VmCmd::Protect { name, frequency, retention, wait, output } => {
+        VmCmd::Protect {
+            name,
+            frequency,
+            retention,
+            wait,
+            output,
+        } => {
             let policy = ReplicationPolicy {
                 frequency_seconds: Duration::from(*frequency).as_secs().max(1),
                 retention_hours: (Duration::from(*retention).as_secs() / 3600).max(1),
@@ -211,7 +295,10 @@ async fn vm(cli: &Cli, cmd: &VmCmd) -> anyhow::Result<ExitCode> {
             let job = c
                 .registry()
                 .await?
-                .protect_vm(reg::ProtectVmRequest { name: name.clone(), policy: Some(policy) })
+                .protect_vm(reg::ProtectVmRequest {
+                    name: name.clone(),
+                    policy: Some(policy),
+                })
                 .await
                 .map_err(|s| status_err("enabling protection", s))?
                 .into_inner();
@@ -231,9 +318,21 @@ fn print_job(j: &Job, output: OutputFormat) -> anyhow::Result<()> {
     if output == OutputFormat::Json {
         return print_json(&job_json(j));
     }
-    println!("job {} ({} {}): {}", j.id, j.kind, j.target, output::step_status(j.status));
+    println!(
+        "job {} ({} {}): {}",
+        j.id,
+        j.kind,
+        j.target,
+        output::step_status(j.status)
+    );
     for s in &j.steps {
-        println!("  {:<26} {:<10} {:>3}%  {}", s.name, output::step_status(s.status), s.progress_percent, s.message);
+        println!(
+            "  {:<26} {:<10} {:>3}%  {}",
+            s.name,
+            output::step_status(s.status),
+            s.progress_percent,
+            s.message
+        );
     }
     if !j.error.is_empty() {
         println!("  error: {}", j.error);
@@ -242,7 +341,11 @@ fn print_job(j: &Job, output: OutputFormat) -> anyhow::Result<()> {
 }
 
 fn job_exit(j: &Job) -> ExitCode {
-    if j.status == StepStatus::Succeeded as i32 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if j.status == StepStatus::Succeeded as i32 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 async fn wait_job(c: &Ctl, id: &str, timeout: Duration) -> anyhow::Result<Job> {
@@ -259,14 +362,20 @@ async fn wait_job(c: &Ctl, id: &str, timeout: Duration) -> anyhow::Result<Job> {
         if j.status != StepStatus::Running as i32 && j.status != StepStatus::Pending as i32 {
             return Ok(j);
         }
-        if let Some(s) = j.steps.iter().find(|s| s.status == StepStatus::Running as i32) {
-            if s.progress_percent != last_pct {
-                last_pct = s.progress_percent;
-                eprintln!("{}: {}% {}", s.name, s.progress_percent, s.message);
-            }
+        if let Some(s) = j
+            .steps
+            .iter()
+            .find(|s| s.status == StepStatus::Running as i32)
+            && s.progress_percent != last_pct
+        {
+            last_pct = s.progress_percent;
+            eprintln!("{}: {}% {}", s.name, s.progress_percent, s.message);
         }
         if tokio::time::Instant::now() > deadline {
-            anyhow::bail!("job {id} still running after {}", humantime::format_duration(timeout));
+            anyhow::bail!(
+                "job {id} still running after {}",
+                humantime::format_duration(timeout)
+            );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -279,22 +388,44 @@ async fn jobs(cli: &Cli, cmd: &JobsCmd) -> anyhow::Result<ExitCode> {
             let jobs = c
                 .registry()
                 .await?
-                .list_jobs(reg::ListJobsRequest { target: vm.clone().unwrap_or_default() })
+                .list_jobs(reg::ListJobsRequest {
+                    target: vm.clone().unwrap_or_default(),
+                })
                 .await
                 .map_err(|s| status_err("listing jobs", s))?
                 .into_inner()
                 .jobs;
             if *output == OutputFormat::Json {
-                print_json(&serde_json::Value::Array(jobs.iter().map(job_json).collect()))?;
+                print_json(&serde_json::Value::Array(
+                    jobs.iter().map(job_json).collect(),
+                ))?;
             } else {
                 let rows: Vec<Vec<String>> = jobs
                     .iter()
                     .map(|j| {
-                        let step = j.steps.iter().find(|s| s.status == StepStatus::Running as i32).map(|s| s.name.clone()).unwrap_or_default();
-                        vec![j.id.clone(), j.kind.clone(), j.target.clone(), output::step_status(j.status).into(), step, time(j.created_at_ms)]
+                        let step = j
+                            .steps
+                            .iter()
+                            .find(|s| s.status == StepStatus::Running as i32)
+                            .map(|s| s.name.clone())
+                            .unwrap_or_default();
+                        vec![
+                            j.id.clone(),
+                            j.kind.clone(),
+                            j.target.clone(),
+                            output::step_status(j.status).into(),
+                            step,
+                            time(j.created_at_ms),
+                        ]
                     })
                     .collect();
-                println!("{}", table(&["id", "kind", "target", "status", "current step", "created"], &rows));
+                println!(
+                    "{}",
+                    table(
+                        &["id", "kind", "target", "status", "current step", "created"],
+                        &rows
+                    )
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -320,7 +451,12 @@ async fn jobs(cli: &Cli, cmd: &JobsCmd) -> anyhow::Result<ExitCode> {
 async fn failover(cli: &Cli, cmd: &FailoverCmd) -> anyhow::Result<ExitCode> {
     let c = ctl(cli)?;
     let (job, output) = match cmd {
-        FailoverCmd::Test { vm, point, target, output } => {
+        FailoverCmd::Test {
+            vm,
+            point,
+            target,
+            output,
+        } => {
             let target = std::path::absolute(target)?;
             let job = c
                 .failover()

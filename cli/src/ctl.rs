@@ -33,19 +33,27 @@ impl Ctl {
     }
 
     pub async fn registry(&self) -> anyhow::Result<RegistryClient<AuthChannel>> {
-        Ok(RegistryClient::new(self.channel(Component::Registry).await?))
+        Ok(RegistryClient::new(
+            self.channel(Component::Registry).await?,
+        ))
     }
 
     pub async fn scheduler(&self) -> anyhow::Result<SchedulerClient<AuthChannel>> {
-        Ok(SchedulerClient::new(self.channel(Component::Scheduler).await?))
+        Ok(SchedulerClient::new(
+            self.channel(Component::Scheduler).await?,
+        ))
     }
 
     pub async fn storage(&self) -> anyhow::Result<StorageWriterClient<AuthChannel>> {
-        Ok(StorageWriterClient::new(self.channel(Component::StorageWriter).await?))
+        Ok(StorageWriterClient::new(
+            self.channel(Component::StorageWriter).await?,
+        ))
     }
 
     pub async fn failover(&self) -> anyhow::Result<FailoverClient<AuthChannel>> {
-        Ok(FailoverClient::new(self.channel(Component::Failover).await?))
+        Ok(FailoverClient::new(
+            self.channel(Component::Failover).await?,
+        ))
     }
 }
 

@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "Ferry disaster recovery: run and operate the mesh")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Ferry disaster recovery: run and operate the mesh"
+)]
 pub struct Cli {
     /// Mesh config written by `ferry up` (D/ferry.toml).
     #[arg(long, global = true, env = "FERRY_CONFIG")]

@@ -1,7 +1,9 @@
 //! `ferry status`: every component's health, Redis and the object store included.
 use ferry_mesh::{Component, MeshConfig};
 use serde::Serialize;
-use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 use crate::up::GRPC_COMPONENTS;
 
@@ -24,7 +26,12 @@ async fn grpc(cfg: &MeshConfig, c: Component) -> String {
         Ok(t) => t,
         Err(e) => return format!("error: {e}"),
     };
-    let ch = match tokio::time::timeout(std::time::Duration::from_secs(5), ferry_mesh::connect(&endpoint, &tls)).await {
+    let ch = match tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        ferry_mesh::connect(&endpoint, &tls),
+    )
+    .await
+    {
         Ok(Ok(ch)) => ch,
         Ok(Err(e)) => return format!("unreachable: {e}"),
         Err(_) => return "unreachable: timed out".into(),
@@ -37,7 +44,12 @@ async fn grpc(cfg: &MeshConfig, c: Component) -> String {
         Component::Failover => "ferry.failover.v1.Failover",
         Component::Gateway => "",
     };
-    match HealthClient::new(ch).check(HealthCheckRequest { service: service.into() }).await {
+    match HealthClient::new(ch)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+    {
         Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => "serving".into(),
         Ok(r) => format!("not serving ({})", r.get_ref().status),
         Err(s) => format!("unhealthy: {}", s.message()),
@@ -46,7 +58,9 @@ async fn grpc(cfg: &MeshConfig, c: Component) -> String {
 
 async fn gateway(cfg: &MeshConfig) -> String {
     let res: anyhow::Result<()> = async {
-        let read = |p: &std::path::Path| std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()));
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+        };
         let qcfg = ferry_mesh::quic_client_config(
             &read(&cfg.tls.ca_cert)?,
             &read(&cfg.tls.service_cert)?,
@@ -67,7 +81,11 @@ async fn gateway(cfg: &MeshConfig) -> String {
 pub async fn collect(cfg: &MeshConfig) -> Vec<ComponentStatus> {
     let mut out = Vec::new();
     for c in GRPC_COMPONENTS {
-        out.push(ComponentStatus { component: c.to_string(), endpoint: cfg.endpoint(c), status: grpc(cfg, c).await });
+        out.push(ComponentStatus {
+            component: c.to_string(),
+            endpoint: cfg.endpoint(c),
+            status: grpc(cfg, c).await,
+        });
     }
     out.push(ComponentStatus {
         component: Component::Gateway.to_string(),
@@ -81,7 +99,11 @@ pub async fn collect(cfg: &MeshConfig) -> Vec<ComponentStatus> {
         },
         Err(e) => format!("unreachable: {e}"),
     };
-    out.push(ComponentStatus { component: "redis".into(), endpoint: cfg.redis_url.clone(), status: redis });
+    out.push(ComponentStatus {
+        component: "redis".into(),
+        endpoint: cfg.redis_url.clone(),
+        status: redis,
+    });
     let store = match ferry_store::Store::from_url(&cfg.store_url()) {
         Ok(s) => match s.list("points/").await {
             Ok(_) => "serving".to_string(),
@@ -89,6 +111,10 @@ pub async fn collect(cfg: &MeshConfig) -> Vec<ComponentStatus> {
         },
         Err(e) => format!("unreachable: {e}"),
     };
-    out.push(ComponentStatus { component: "store".into(), endpoint: cfg.store_url(), status: store });
+    out.push(ComponentStatus {
+        component: "store".into(),
+        endpoint: cfg.store_url(),
+        status: store,
+    });
     out
 }

@@ -63,14 +63,25 @@ fn init(dir: &Path) -> anyhow::Result<MeshConfig> {
     let (cert, key) = ca.issue_client(&Identity::Service("ferry".into()))?;
     std::fs::write(pki.join("service.pem"), cert)?;
     ferry_mesh::write_secret(&pki.join("service.key"), key.as_bytes())?;
-    ferry_mesh::write_secret(&dir.join("vault").join("data.key"), &rand::random::<[u8; 32]>())?;
-    ferry_mesh::write_secret(&dir.join("admin.token"), hex::encode(rand::random::<[u8; 32]>()).as_bytes())?;
-    let mut cfg = MeshConfig { data_dir: dir.to_path_buf(), ..MeshConfig::default() };
+    ferry_mesh::write_secret(
+        &dir.join("vault").join("data.key"),
+        &rand::random::<[u8; 32]>(),
+    )?;
+    ferry_mesh::write_secret(
+        &dir.join("admin.token"),
+        hex::encode(rand::random::<[u8; 32]>()).as_bytes(),
+    )?;
+    let mut cfg = MeshConfig {
+        data_dir: dir.to_path_buf(),
+        ..MeshConfig::default()
+    };
     cfg.vault.id = vault_id;
     for c in GRPC_COMPONENTS {
         cfg.set_listen(c, free_tcp()?);
     }
-    cfg.gateway = Listen { listen: free_udp()? };
+    cfg.gateway = Listen {
+        listen: free_udp()?,
+    };
     tracing::info!(dir = %dir.display(), vault = %cfg.vault.id, "vault created");
     Ok(cfg)
 }
@@ -90,7 +101,8 @@ impl Mesh {
         cfg.redis_url = match &opts.redis {
             Some(url) => url.clone(),
             None => {
-                let r = RedisServer::start(&dir.join("redis")).context("starting redis-server (install it: apt-get install redis-server)")?;
+                let r = RedisServer::start(&dir.join("redis"))
+                    .context("starting redis-server (install it: apt-get install redis-server)")?;
                 let url = r.url();
                 redis = Some(r);
                 url
@@ -115,7 +127,13 @@ impl Mesh {
             spawn_component(&mut tasks, c, cfg.clone(), shutdown.clone()).await?;
         }
         tracing::info!(config = %config_path.display(), redis = %cfg.redis_url, store = %cfg.store_url, "ferry mesh up");
-        Ok(Mesh { cfg, config_path, shutdown, tasks, redis })
+        Ok(Mesh {
+            cfg,
+            config_path,
+            shutdown,
+            tasks,
+            redis,
+        })
     }
 
     /// Waits until shutdown is requested or a component stops on its own (an error).
@@ -164,7 +182,9 @@ pub async fn spawn_component(
         tasks.spawn(async move { (c, ferry_gateway::run(cfg, sock, shutdown).await) });
         return Ok(());
     }
-    let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {c} on {addr}"))?;
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {c} on {addr}"))?;
     tasks.spawn(async move {
         let res = match c {
             Component::Registry => ferry_registry::run(cfg, l, shutdown).await,

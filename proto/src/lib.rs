@@ -2,7 +2,8 @@
 //! reflection so grpcurl can list and call every service without local `.proto` files.
 
 /// Encoded `FileDescriptorSet` of every Ferry proto file.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ferry_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/ferry_descriptor.bin"));
 
 #[allow(clippy::all, clippy::pedantic)]
 pub mod common {

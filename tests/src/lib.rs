@@ -50,7 +50,11 @@ impl TestMesh {
             if st.iter().all(|s| s.ok()) {
                 return Ok(());
             }
-            last = st.into_iter().filter(|s| !s.ok()).map(|s| format!("{}: {}", s.component, s.status)).collect();
+            last = st
+                .into_iter()
+                .filter(|s| !s.ok())
+                .map(|s| format!("{}: {}", s.component, s.status))
+                .collect();
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         bail!("mesh not serving: {}", last.join("; "))
@@ -62,7 +66,10 @@ impl TestMesh {
             .ctl
             .registry()
             .await?
-            .create_registration_key(reg::CreateRegistrationKeyRequest { ttl_seconds, site: String::new() })
+            .create_registration_key(reg::CreateRegistrationKeyRequest {
+                ttl_seconds,
+                site: String::new(),
+            })
             .await?
             .into_inner();
         let file = ferry_agent::RegistrationKeyFile {
@@ -78,15 +85,26 @@ impl TestMesh {
     }
 
     /// Writes `agent.toml` in `dir` (with a fresh registration key) and returns its path.
-    pub async fn agent_config(&self, dir: &Path, host: &str, vms: &[(&str, Vec<PathBuf>)]) -> anyhow::Result<PathBuf> {
+    pub async fn agent_config(
+        &self,
+        dir: &Path,
+        host: &str,
+        vms: &[(&str, Vec<PathBuf>)],
+    ) -> anyhow::Result<PathBuf> {
         std::fs::create_dir_all(dir)?;
         self.registration_key(&dir.join("key.json"), 3600).await?;
         let mut toml = format!(
             "registration_key = \"key.json\"\ndata_dir = \"agent-data\"\n[host]\nname = \"{host}\"\nsite = \"site-a\"\n"
         );
         for (name, disks) in vms {
-            let list: Vec<String> = disks.iter().map(|d| format!("{:?}", d.display().to_string())).collect();
-            toml.push_str(&format!("[[vm]]\nname = \"{name}\"\ndisks = [{}]\n", list.join(", ")));
+            let list: Vec<String> = disks
+                .iter()
+                .map(|d| format!("{:?}", d.display().to_string()))
+                .collect();
+            toml.push_str(&format!(
+                "[[vm]]\nname = \"{name}\"\ndisks = [{}]\n",
+                list.join(", ")
+            ));
         }
         let path = dir.join("agent.toml");
         std::fs::write(&path, toml)?;
@@ -94,16 +112,22 @@ impl TestMesh {
     }
 
     pub async fn vm(&self, name: &str) -> anyhow::Result<reg::Vm> {
-        Ok(self.ctl.registry().await?.get_vm(reg::GetVmRequest { name: name.into() }).await?.into_inner())
+        Ok(self
+            .ctl
+            .registry()
+            .await?
+            .get_vm(reg::GetVmRequest { name: name.into() })
+            .await?
+            .into_inner())
     }
 
     /// Waits until a host has reported the VM.
     pub async fn wait_vm(&self, name: &str) -> anyhow::Result<reg::Vm> {
         for _ in 0..300 {
-            if let Ok(v) = self.vm(name).await {
-                if !v.disks.is_empty() {
-                    return Ok(v);
-                }
+            if let Ok(v) = self.vm(name).await
+                && !v.disks.is_empty()
+            {
+                return Ok(v);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -111,18 +135,30 @@ impl TestMesh {
     }
 
     pub async fn protect(&self, name: &str) -> anyhow::Result<Job> {
-        let policy = ferry_proto::common::v1::ReplicationPolicy { frequency_seconds: 300, ..Default::default() };
+        let policy = ferry_proto::common::v1::ReplicationPolicy {
+            frequency_seconds: 300,
+            ..Default::default()
+        };
         Ok(self
             .ctl
             .registry()
             .await?
-            .protect_vm(reg::ProtectVmRequest { name: name.into(), policy: Some(policy) })
+            .protect_vm(reg::ProtectVmRequest {
+                name: name.into(),
+                policy: Some(policy),
+            })
             .await?
             .into_inner())
     }
 
     pub async fn job(&self, id: &str) -> anyhow::Result<Job> {
-        Ok(self.ctl.registry().await?.get_job(reg::GetJobRequest { id: id.into() }).await?.into_inner())
+        Ok(self
+            .ctl
+            .registry()
+            .await?
+            .get_job(reg::GetJobRequest { id: id.into() })
+            .await?
+            .into_inner())
     }
 
     /// Waits until the job ends, up to `timeout`.
@@ -168,10 +204,16 @@ impl InProcessAgent {
 /// A workspace binary built next to the test executable (`cargo build --workspace --bins`).
 pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let dir = exe.parent().and_then(|d| d.parent()).context("test executable has no target dir")?;
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .context("test executable has no target dir")?;
     let p = dir.join(name);
     if !p.exists() {
-        bail!("{} not built; run `cargo build --workspace --bins` first", p.display());
+        bail!(
+            "{} not built; run `cargo build --workspace --bins` first",
+            p.display()
+        );
     }
     Ok(p)
 }
@@ -179,7 +221,11 @@ pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
 pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -208,18 +254,29 @@ pub fn qemu_io(path: &Path, fmt: &str, cmds: &[&str]) -> anyhow::Result<()> {
 
 /// `qemu-img compare`: Ok(true) when identical.
 pub fn qemu_compare(a: &Path, fa: &str, b: &Path, fb: &str) -> anyhow::Result<bool> {
-    let out = Command::new("qemu-img").args(["compare", "-f", fa, "-F", fb]).arg(a).arg(b).output()?;
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", fa, "-F", fb])
+        .arg(a)
+        .arg(b)
+        .output()?;
     match out.status.code() {
         Some(0) => Ok(true),
         Some(1) => Ok(false),
-        _ => bail!("qemu-img compare failed: {}", String::from_utf8_lossy(&out.stderr)),
+        _ => bail!(
+            "qemu-img compare failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
     }
 }
 
 pub fn qemu_virtual_size(path: &Path, fmt: &str) -> anyhow::Result<u64> {
-    let out = run(Command::new("qemu-img").args(["info", "--output=json", "-f", fmt]).arg(path))?;
+    let out = run(Command::new("qemu-img")
+        .args(["info", "--output=json", "-f", fmt])
+        .arg(path))?;
     let v: serde_json::Value = serde_json::from_str(&out)?;
-    v["virtual-size"].as_u64().context("qemu-img info has no virtual-size")
+    v["virtual-size"]
+        .as_u64()
+        .context("qemu-img info has no virtual-size")
 }
 
 /// Writes deterministic incompressible-ish data into a raw file region via qemu-io patterns

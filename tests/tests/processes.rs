@@ -43,18 +43,47 @@ async fn components_as_separate_processes_join_one_mesh() -> anyhow::Result<()> 
     let t = TestMesh { mesh, dir, ctl };
     t.wait_serving().await?;
     // The CLI binary sees the same mesh.
-    let out = run(Command::new(bin("ferry")?).arg("--config").arg(&t.mesh.config_path).args(["status", "-o", "json"]))?;
+    let out = run(Command::new(bin("ferry")?)
+        .arg("--config")
+        .arg(&t.mesh.config_path)
+        .args(["status", "-o", "json"]))?;
     let st: serde_json::Value = serde_json::from_str(&out)?;
-    let names: Vec<&str> = st.as_array().into_iter().flatten().filter_map(|c| c["component"].as_str()).collect();
-    for want in ["registry", "scheduler", "ingest", "storage-writer", "failover", "gateway", "redis", "store"] {
+    let names: Vec<&str> = st
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["component"].as_str())
+        .collect();
+    for want in [
+        "registry",
+        "scheduler",
+        "ingest",
+        "storage-writer",
+        "failover",
+        "gateway",
+        "redis",
+        "store",
+    ] {
         assert!(names.contains(&want), "status lists {want}: {out}");
     }
-    assert!(st.as_array().into_iter().flatten().all(|c| c["status"] == "serving"), "{out}");
+    assert!(
+        st.as_array()
+            .into_iter()
+            .flatten()
+            .all(|c| c["status"] == "serving"),
+        "{out}"
+    );
 
     let disk = t.path("small.vhdx");
     qemu_create(&disk, "vhdx", "subformat=dynamic", "24M")?;
-    qemu_io(&disk, "vhdx", &["write -P 0x33 1M 5M", "write -P 0x44 20M 1M"])?;
-    let cfg = t.agent_config(&t.path("agent"), "hv01", &[("small01", vec![disk.clone()])]).await?;
+    qemu_io(
+        &disk,
+        "vhdx",
+        &["write -P 0x33 1M 5M", "write -P 0x44 20M 1M"],
+    )?;
+    let cfg = t
+        .agent_config(&t.path("agent"), "hv01", &[("small01", vec![disk.clone()])])
+        .await?;
     let agent = InProcessAgent::start(&cfg)?;
     t.wait_vm("small01").await?;
     let job = t.protect("small01").await?;
@@ -65,11 +94,20 @@ async fn components_as_separate_processes_join_one_mesh() -> anyhow::Result<()> 
         .ctl
         .failover()
         .await?
-        .test_failover(TestFailoverRequest { vm: "small01".into(), point: "latest".into(), target_dir: out.display().to_string() })
+        .test_failover(TestFailoverRequest {
+            vm: "small01".into(),
+            point: "latest".into(),
+            target_dir: out.display().to_string(),
+        })
         .await?
         .into_inner();
     assert_eq!(fo.status, StepStatus::Succeeded as i32, "{fo:?}");
-    assert!(qemu_compare(&disk, "vhdx", &out.join("small.vhdx"), "vhdx")?);
+    assert!(qemu_compare(
+        &disk,
+        "vhdx",
+        &out.join("small.vhdx"),
+        "vhdx"
+    )?);
     agent.shutdown().await?;
     drop(procs);
     t.stop().await;

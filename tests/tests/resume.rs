@@ -8,7 +8,10 @@ use ferry_proto::failover::v1::TestFailoverRequest;
 use ferry_tests::*;
 
 fn spawn_agent(config: &std::path::Path, log: &std::path::Path) -> anyhow::Result<Child> {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
     Ok(Command::new(bin("ferry-agent")?)
         .arg("--config")
         .arg(config)
@@ -24,7 +27,9 @@ async fn agent_killed_mid_copy_resumes_without_resending() -> anyhow::Result<()>
     let disk = t.path("big.raw");
     qemu_create(&disk, "raw", "", "320M")?;
     fill_random(&disk, 0, 300 << 20, 42)?;
-    let cfg = t.agent_config(&t.path("agent"), "hv01", &[("big01", vec![disk.clone()])]).await?;
+    let cfg = t
+        .agent_config(&t.path("agent"), "hv01", &[("big01", vec![disk.clone()])])
+        .await?;
     let log = t.path("agent.log");
     let mut child = spawn_agent(&cfg, &log)?;
     t.wait_vm("big01").await?;
@@ -46,28 +51,50 @@ async fn agent_killed_mid_copy_resumes_without_resending() -> anyhow::Result<()>
     child.kill()?; // SIGKILL
     child.wait()?;
     let before = t.job(&job.id).await?;
-    assert_eq!(before.status, StepStatus::Running as i32, "job still running after the kill");
-    assert!(before.bytes_done < 300 << 20, "killed mid-copy, not after it");
+    assert_eq!(
+        before.status,
+        StepStatus::Running as i32,
+        "job still running after the kill"
+    );
+    assert!(
+        before.bytes_done < 300 << 20,
+        "killed mid-copy, not after it"
+    );
 
     let mut child = spawn_agent(&cfg, &log)?;
     let j = t.wait_job(&job.id, Duration::from_secs(600)).await?;
     child.kill()?;
     child.wait()?;
     assert_eq!(j.status, StepStatus::Succeeded as i32, "{j:?}");
-    assert!(j.bytes_skipped >= killed_at / 2, "resumed copy skipped stored blocks: skipped {} after {killed_at} had landed", j.bytes_skipped);
+    assert!(
+        j.bytes_skipped >= killed_at / 2,
+        "resumed copy skipped stored blocks: skipped {} after {killed_at} had landed",
+        j.bytes_skipped
+    );
     let step = &j.steps[2];
-    assert!(step.message.contains("skipped as already stored"), "job says what it skipped: {}", step.message);
+    assert!(
+        step.message.contains("skipped as already stored"),
+        "job says what it skipped: {}",
+        step.message
+    );
 
     let out = t.path("out");
     let fo = t
         .ctl
         .failover()
         .await?
-        .test_failover(TestFailoverRequest { vm: "big01".into(), point: "latest".into(), target_dir: out.display().to_string() })
+        .test_failover(TestFailoverRequest {
+            vm: "big01".into(),
+            point: "latest".into(),
+            target_dir: out.display().to_string(),
+        })
         .await?
         .into_inner();
     assert_eq!(fo.status, StepStatus::Succeeded as i32, "{fo:?}");
-    assert!(qemu_compare(&disk, "raw", &out.join("big.raw"), "raw")?, "recovered disk differs");
+    assert!(
+        qemu_compare(&disk, "raw", &out.join("big.raw"), "raw")?,
+        "recovered disk differs"
+    );
     t.stop().await;
     Ok(())
 }

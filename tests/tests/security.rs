@@ -4,21 +4,39 @@ use std::time::Duration;
 
 use ferry_mesh::{ClientTls, Component, Identity};
 use ferry_proto::common::v1::Disk;
-use ferry_proto::ingest::v1::{BeginCycleRequest, BlockRef, CommitCycleRequest, CycleKind, DiskBlockMap, ingest_client::IngestClient};
+use ferry_proto::ingest::v1::{
+    BeginCycleRequest, BlockRef, CommitCycleRequest, CycleKind, DiskBlockMap,
+    ingest_client::IngestClient,
+};
 use ferry_proto::registry::v1::{RegisterHostRequest, registry_client::RegistryClient};
 use ferry_tests::*;
 use tonic::Code;
 
-async fn register(t: &TestMesh, host: &str, key: &std::path::Path) -> Result<(String, String, String), tonic::Status> {
-    let kf: ferry_agent::RegistrationKeyFile = serde_json::from_slice(&std::fs::read(key).unwrap_or_default())
+async fn register(
+    t: &TestMesh,
+    host: &str,
+    key: &std::path::Path,
+) -> Result<(String, String, String), tonic::Status> {
+    let kf: ferry_agent::RegistrationKeyFile =
+        serde_json::from_slice(&std::fs::read(key).unwrap_or_default())
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
+    let (csr, key_pem) = ferry_mesh::new_csr(&Identity::Host(host.into()))
         .map_err(|e| tonic::Status::internal(e.to_string()))?;
-    let (csr, key_pem) = ferry_mesh::new_csr(&Identity::Host(host.into())).map_err(|e| tonic::Status::internal(e.to_string()))?;
-    let tls = ClientTls { ca_pem: kf.ca_pem.clone(), identity: None };
+    let tls = ClientTls {
+        ca_pem: kf.ca_pem.clone(),
+        identity: None,
+    };
     let ch = ferry_mesh::connect(&t.ctl.cfg.endpoint(Component::Registry), &tls)
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let r = RegistryClient::new(ch)
-        .register_host(RegisterHostRequest { key_id: kf.key_id, secret: kf.secret, host_name: host.into(), site: String::new(), csr_pem: csr })
+        .register_host(RegisterHostRequest {
+            key_id: kf.key_id,
+            secret: kf.secret,
+            host_name: host.into(),
+            site: String::new(),
+            csr_pem: csr,
+        })
         .await?
         .into_inner();
     Ok((r.cert_pem, key_pem, r.ca_pem))
@@ -30,14 +48,22 @@ async fn registration_key_is_one_time_and_expires() -> anyhow::Result<()> {
     let key = t.path("key.json");
     t.registration_key(&key, 3600).await?;
     register(&t, "hv01", &key).await?;
-    let err = register(&t, "hv02", &key).await.expect_err("a reused key must be refused");
+    let err = register(&t, "hv02", &key)
+        .await
+        .expect_err("a reused key must be refused");
     assert_eq!(err.code(), Code::PermissionDenied);
-    assert!(err.message().contains("already used by host hv01"), "{}", err.message());
+    assert!(
+        err.message().contains("already used by host hv01"),
+        "{}",
+        err.message()
+    );
 
     let short = t.path("short.json");
     t.registration_key(&short, 1).await?;
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let err = register(&t, "hv03", &short).await.expect_err("an expired key must be refused");
+    let err = register(&t, "hv03", &short)
+        .await
+        .expect_err("an expired key must be refused");
     assert_eq!(err.code(), Code::Unauthenticated);
     assert!(err.message().contains("expired"), "{}", err.message());
     t.stop().await;
@@ -53,11 +79,24 @@ async fn disk_lease_refuses_second_host_and_fences_stale_commit() -> anyhow::Res
         let key = t.path(&format!("{host}.json"));
         t.registration_key(&key, 3600).await?;
         let (cert, key_pem, ca) = register(&t, host, &key).await?;
-        let ch = ferry_mesh::connect(&ingest_ep, &ClientTls { ca_pem: ca, identity: Some((cert, key_pem)) }).await?;
+        let ch = ferry_mesh::connect(
+            &ingest_ep,
+            &ClientTls {
+                ca_pem: ca,
+                identity: Some((cert, key_pem)),
+            },
+        )
+        .await?;
         clients.push(IngestClient::new(ch));
     }
     let path = "/srv/vms/db01-os.vhdx";
-    let disk = Disk { id: ferry_proto::disk_id("db01", path), path: path.into(), format: "raw".into(), virtual_size: 1 << 20, ..Default::default() };
+    let disk = Disk {
+        id: ferry_proto::disk_id("db01", path),
+        path: path.into(),
+        format: "raw".into(),
+        virtual_size: 1 << 20,
+        ..Default::default()
+    };
     let begin = |host: &str| BeginCycleRequest {
         vm: "db01".into(),
         host_name: host.into(),
@@ -67,23 +106,52 @@ async fn disk_lease_refuses_second_host_and_fences_stale_commit() -> anyhow::Res
         consistency: "crash".into(),
     };
     let first = clients[0].begin_cycle(begin("hv01")).await?.into_inner();
-    let err = clients[1].begin_cycle(begin("hv02")).await.expect_err("second host must be refused");
+    let err = clients[1]
+        .begin_cycle(begin("hv02"))
+        .await
+        .expect_err("second host must be refused");
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("hv01"), "names the holder: {}", err.message());
+    assert!(
+        err.message().contains("hv01"),
+        "names the holder: {}",
+        err.message()
+    );
 
     // The same host begins again (as after a crash): a new token; the old one is stale.
     let second = clients[0].begin_cycle(begin("hv01")).await?.into_inner();
     assert!(second.fencing_tokens[&disk.id] > first.fencing_tokens[&disk.id]);
-    let empty = DiskBlockMap { disk_id: disk.id.clone(), blocks: Vec::<BlockRef>::new(), zeroed: vec![], logs: vec![] };
+    let empty = DiskBlockMap {
+        disk_id: disk.id.clone(),
+        blocks: Vec::<BlockRef>::new(),
+        zeroed: vec![],
+        logs: vec![],
+    };
     let err = clients[0]
-        .commit_cycle(CommitCycleRequest { cycle_id: first.cycle_id.clone(), disks: vec![empty.clone()], fencing_tokens: first.fencing_tokens.clone() })
+        .commit_cycle(CommitCycleRequest {
+            cycle_id: first.cycle_id.clone(),
+            disks: vec![empty.clone()],
+            fencing_tokens: first.fencing_tokens.clone(),
+        })
         .await
         .expect_err("a stale holder's commit must be rejected");
-    assert!(matches!(err.code(), Code::Aborted | Code::FailedPrecondition), "{err:?}");
-    assert!(err.message().contains("fenc") || err.message().contains("lease") || err.message().contains("token"), "{}", err.message());
+    assert!(
+        matches!(err.code(), Code::Aborted | Code::FailedPrecondition),
+        "{err:?}"
+    );
+    assert!(
+        err.message().contains("fenc")
+            || err.message().contains("lease")
+            || err.message().contains("token"),
+        "{}",
+        err.message()
+    );
     // The current holder commits.
     clients[0]
-        .commit_cycle(CommitCycleRequest { cycle_id: second.cycle_id, disks: vec![empty], fencing_tokens: second.fencing_tokens })
+        .commit_cycle(CommitCycleRequest {
+            cycle_id: second.cycle_id,
+            disks: vec![empty],
+            fencing_tokens: second.fencing_tokens,
+        })
         .await?;
     t.stop().await;
     Ok(())

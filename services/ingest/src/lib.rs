@@ -15,7 +15,9 @@ use ferry_mesh::{ClientTls, Component, MeshConfig, Role};
 use ferry_proto::common::v1::Disk;
 use ferry_proto::ingest::v1::{self as pb, CycleKind, ingest_server::Ingest};
 use ferry_proto::now_ms;
-use ferry_proto::registry::v1::{ReportCommittedRequest, ReportProgressRequest, registry_client::RegistryClient};
+use ferry_proto::registry::v1::{
+    ReportCommittedRequest, ReportProgressRequest, registry_client::RegistryClient,
+};
 use ferry_proto::storage::v1::{
     BlockEntry, CommitDisk, CommitPointRequest, storage_writer_client::StorageWriterClient,
 };
@@ -98,9 +100,19 @@ pub struct IngestService {
     lock: tokio::sync::Mutex<()>,
 }
 
-pub async fn run(cfg: MeshConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let coord = Coord::connect(&cfg.redis_url).await.context("connecting to redis")?;
-    let svc = Arc::new(IngestService { cfg: cfg.clone(), coord, lock: Default::default() });
+pub async fn run(
+    cfg: MeshConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let coord = Coord::connect(&cfg.redis_url)
+        .await
+        .context("connecting to redis")?;
+    let svc = Arc::new(IngestService {
+        cfg: cfg.clone(),
+        coord,
+        lock: Default::default(),
+    });
     let auth = ferry_mesh::Authenticator::with_admin_token(&cfg.admin_token()?);
     let server = pb::ingest_server::IngestServer::new(Api(svc)).max_decoding_message_size(64 << 20);
     let routes = tonic::service::Routes::new(tonic::service::interceptor::InterceptedService::new(
@@ -109,7 +121,14 @@ pub async fn run(cfg: MeshConfig, listener: TcpListener, shutdown: CancellationT
     ));
     let tls = ferry_mesh::ServerTls::load(&cfg)?;
     tracing::info!(addr = %listener.local_addr()?, "ingest serving");
-    ferry_mesh::serve(listener, &tls, routes, &["ferry.ingest.v1.Ingest"], shutdown).await?;
+    ferry_mesh::serve(
+        listener,
+        &tls,
+        routes,
+        &["ferry.ingest.v1.Ingest"],
+        shutdown,
+    )
+    .await?;
     Ok(())
 }
 
@@ -122,9 +141,9 @@ fn coord_status(e: CoordError) -> Status {
         CoordError::LeaseHeld { resource, holder } => Status::failed_precondition(format!(
             "disk {resource} is being replicated by host {holder}; its lease is held"
         )),
-        CoordError::LeaseLost { resource } => {
-            Status::aborted(format!("the lease on disk {resource} was lost; begin a new cycle"))
-        }
+        CoordError::LeaseLost { resource } => Status::aborted(format!(
+            "the lease on disk {resource} was lost; begin a new cycle"
+        )),
         other => Status::unavailable(format!("lease store unavailable: {other}")),
     }
 }
@@ -136,25 +155,37 @@ impl IngestService {
             .get(&cycle_key(id))
             .await
             .map_err(coord_status)?
-            .ok_or_else(|| Status::not_found(format!("cycle {id} is not open (unknown or expired)")))?;
-        serde_json::from_str(&raw).map_err(|e| Status::internal(format!("cycle {id} record is unreadable: {e}")))
+            .ok_or_else(|| {
+                Status::not_found(format!("cycle {id} is not open (unknown or expired)"))
+            })?;
+        serde_json::from_str(&raw)
+            .map_err(|e| Status::internal(format!("cycle {id} record is unreadable: {e}")))
     }
 
     async fn save(&self, c: &CycleRecord) -> Result<(), Status> {
         let raw = serde_json::to_string(c).map_err(|e| Status::internal(e.to_string()))?;
-        self.coord.set_ex(&cycle_key(&c.id), &raw, CYCLE_TTL).await.map_err(coord_status)
+        self.coord
+            .set_ex(&cycle_key(&c.id), &raw, CYCLE_TTL)
+            .await
+            .map_err(coord_status)
     }
 
     fn leases(c: &CycleRecord) -> Vec<Lease> {
         c.tokens
             .iter()
-            .map(|(disk, token)| Lease { resource: disk.clone(), holder: c.host.clone(), token: *token })
+            .map(|(disk, token)| Lease {
+                resource: disk.clone(),
+                holder: c.host.clone(),
+                token: *token,
+            })
             .collect()
     }
 
     async fn registry(&self) -> anyhow::Result<RegistryClient<tonic::transport::Channel>> {
         let tls = ClientTls::service(&self.cfg)?;
-        Ok(RegistryClient::new(ferry_mesh::connect(&self.cfg.endpoint(Component::Registry), &tls).await?))
+        Ok(RegistryClient::new(
+            ferry_mesh::connect(&self.cfg.endpoint(Component::Registry), &tls).await?,
+        ))
     }
 
     async fn report_progress(&self, c: &CycleRecord) {
@@ -178,11 +209,12 @@ impl IngestService {
                     tracing::debug!(cycle = %c.id, error = %e, "progress report failed");
                 }
             }
-            Err(e) => tracing::debug!(cycle = %c.id, error = %e, "registry unreachable for progress"),
+            Err(e) => {
+                tracing::debug!(cycle = %c.id, error = %e, "registry unreachable for progress")
+            }
         }
     }
 }
-
 
 /// The gRPC face of the service (a newtype: the orphan rule forbids `impl Trait for Arc<_>`).
 #[derive(Clone)]
@@ -209,7 +241,10 @@ impl Ingest for Api {
             )));
         }
         if req.disks.is_empty() {
-            return Err(Status::invalid_argument(format!("cycle for vm {} names no disks", req.vm)));
+            return Err(Status::invalid_argument(format!(
+                "cycle for vm {} names no disks",
+                req.vm
+            )));
         }
         for d in &req.disks {
             let expected = ferry_proto::disk_id(&req.vm, &d.path);
@@ -239,10 +274,17 @@ impl Ingest for Api {
             host: host.clone(),
             kind: req.kind,
             job_id: req.job_id.clone(),
-            consistency: if req.consistency.is_empty() { "crash".into() } else { req.consistency.clone() },
+            consistency: if req.consistency.is_empty() {
+                "crash".into()
+            } else {
+                req.consistency.clone()
+            },
             state: "open".into(),
             started_at_ms: now_ms(),
-            tokens: leases.iter().map(|l| (l.resource.clone(), l.token)).collect(),
+            tokens: leases
+                .iter()
+                .map(|l| (l.resource.clone(), l.token))
+                .collect(),
             disks: req.disks.iter().map(DiskJson::from).collect(),
             stats: Stats::default(),
         };
@@ -260,23 +302,38 @@ impl Ingest for Api {
         let host = ferry_mesh::require_host(&req)?;
         let c = self.load(&req.into_inner().cycle_id).await?;
         if c.host != host {
-            return Err(Status::permission_denied(format!("cycle {} belongs to another host", c.id)));
+            return Err(Status::permission_denied(format!(
+                "cycle {} belongs to another host",
+                c.id
+            )));
         }
         for l in IngestService::leases(&c) {
-            self.coord.renew_lease(&l, LEASE_TTL).await.map_err(coord_status)?;
+            self.coord
+                .renew_lease(&l, LEASE_TTL)
+                .await
+                .map_err(coord_status)?;
         }
         Ok(Response::new(pb::RenewCycleResponse {}))
     }
 
-    async fn commit_cycle(&self, req: Request<pb::CommitCycleRequest>) -> R<pb::CommitCycleResponse> {
+    async fn commit_cycle(
+        &self,
+        req: Request<pb::CommitCycleRequest>,
+    ) -> R<pb::CommitCycleResponse> {
         let host = ferry_mesh::require_host(&req)?;
         let req = req.into_inner();
         let mut c = self.load(&req.cycle_id).await?;
         if c.host != host {
-            return Err(Status::permission_denied(format!("cycle {} belongs to another host", c.id)));
+            return Err(Status::permission_denied(format!(
+                "cycle {} belongs to another host",
+                c.id
+            )));
         }
         if c.state != "open" {
-            return Err(Status::failed_precondition(format!("cycle {} is {}", c.id, c.state)));
+            return Err(Status::failed_precondition(format!(
+                "cycle {} is {}",
+                c.id, c.state
+            )));
         }
         for (disk, token) in &c.tokens {
             match req.fencing_tokens.get(disk) {
@@ -291,13 +348,27 @@ impl Ingest for Api {
         let full = c.kind != CycleKind::Delta as i32;
         let mut disks = Vec::new();
         for d in &c.disks {
-            let map = req.disks.iter().find(|m| m.disk_id == d.id).ok_or_else(|| {
-                Status::invalid_argument(format!("commit of cycle {} lacks the block map of disk {}", c.id, d.id))
-            })?;
+            let map = req
+                .disks
+                .iter()
+                .find(|m| m.disk_id == d.id)
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "commit of cycle {} lacks the block map of disk {}",
+                        c.id, d.id
+                    ))
+                })?;
             disks.push(CommitDisk {
                 disk: Some(d.to_proto()),
                 block_size: self.cfg.vault.block_size,
-                blocks: map.blocks.iter().map(|b| BlockEntry { index: b.index, chunk: b.chunk.clone() }).collect(),
+                blocks: map
+                    .blocks
+                    .iter()
+                    .map(|b| BlockEntry {
+                        index: b.index,
+                        chunk: b.chunk.clone(),
+                    })
+                    .collect(),
                 zeroed: map.zeroed.clone(),
                 logs: map.logs.clone(),
                 full,
@@ -347,9 +418,13 @@ impl Ingest for Api {
                     tracing::warn!(vm = %c.vm, error = %e, "registry did not take the commit report");
                 }
             }
-            Err(e) => tracing::warn!(vm = %c.vm, error = %e, "registry unreachable for the commit report"),
+            Err(e) => {
+                tracing::warn!(vm = %c.vm, error = %e, "registry unreachable for the commit report")
+            }
         }
-        Ok(Response::new(pb::CommitCycleResponse { point: Some(point) }))
+        Ok(Response::new(pb::CommitCycleResponse {
+            point: Some(point),
+        }))
     }
 
     async fn abort_cycle(&self, req: Request<pb::AbortCycleRequest>) -> R<pb::AbortCycleResponse> {
@@ -357,7 +432,10 @@ impl Ingest for Api {
         let req = req.into_inner();
         let mut c = self.load(&req.cycle_id).await?;
         if c.host != host {
-            return Err(Status::permission_denied(format!("cycle {} belongs to another host", c.id)));
+            return Err(Status::permission_denied(format!(
+                "cycle {} belongs to another host",
+                c.id
+            )));
         }
         c.state = "aborted".into();
         self.save(&c).await?;
@@ -368,14 +446,20 @@ impl Ingest for Api {
         Ok(Response::new(pb::AbortCycleResponse {}))
     }
 
-    async fn report_landed(&self, req: Request<pb::ReportLandedRequest>) -> R<pb::ReportLandedResponse> {
+    async fn report_landed(
+        &self,
+        req: Request<pb::ReportLandedRequest>,
+    ) -> R<pb::ReportLandedResponse> {
         ferry_mesh::require_service(&req)?;
         let req = req.into_inner();
         let c = {
             let _g = self.lock.lock().await;
             let mut c = self.load(&req.cycle_id).await?;
             if c.host != req.host_name {
-                return Err(Status::permission_denied(format!("cycle {} belongs to another host", c.id)));
+                return Err(Status::permission_denied(format!(
+                    "cycle {} belongs to another host",
+                    c.id
+                )));
             }
             c.stats.chunks_written += req.chunks_written;
             c.stats.bytes_written += req.bytes_written;
@@ -389,17 +473,25 @@ impl Ingest for Api {
         Ok(Response::new(pb::ReportLandedResponse {}))
     }
 
-    async fn authorize_upload(&self, req: Request<pb::AuthorizeUploadRequest>) -> R<pb::AuthorizeUploadResponse> {
+    async fn authorize_upload(
+        &self,
+        req: Request<pb::AuthorizeUploadRequest>,
+    ) -> R<pb::AuthorizeUploadResponse> {
         ferry_mesh::require_service(&req)?;
         let req = req.into_inner();
         let (allowed, reason) = match self.load(&req.cycle_id).await {
-            Ok(c) if c.host != req.host_name => (false, format!("cycle {} belongs to another host", c.id)),
+            Ok(c) if c.host != req.host_name => {
+                (false, format!("cycle {} belongs to another host", c.id))
+            }
             Ok(c) if c.state != "open" => (false, format!("cycle {} is {}", c.id, c.state)),
             Ok(_) => (true, String::new()),
             Err(s) if s.code() == tonic::Code::NotFound => (false, s.message().to_string()),
             Err(s) => return Err(s),
         };
-        Ok(Response::new(pb::AuthorizeUploadResponse { allowed, reason }))
+        Ok(Response::new(pb::AuthorizeUploadResponse {
+            allowed,
+            reason,
+        }))
     }
 
     async fn get_cycle(&self, req: Request<pb::GetCycleRequest>) -> R<pb::Cycle> {

@@ -15,8 +15,12 @@ use crate::service::RegistryService;
 use crate::state::{Event, JobRecord, PolicyRecord};
 
 pub(crate) const KIND_ENABLE: &str = "enable-protection";
-const STEPS: [&str; 4] =
-    ["prerequisites check", "replication relationship", "initial replication", "finalize protection"];
+const STEPS: [&str; 4] = [
+    "prerequisites check",
+    "replication relationship",
+    "initial replication",
+    "finalize protection",
+];
 const SUPPORTED_FORMATS: [&str; 3] = ["raw", "vhd", "vhdx"];
 
 fn new_job(kind: &str, target: &str, steps: &[&str]) -> Job {
@@ -27,7 +31,11 @@ fn new_job(kind: &str, target: &str, steps: &[&str]) -> Job {
         status: StepStatus::Running as i32,
         steps: steps
             .iter()
-            .map(|s| JobStep { name: s.to_string(), status: StepStatus::Pending as i32, ..Default::default() })
+            .map(|s| JobStep {
+                name: s.to_string(),
+                status: StepStatus::Pending as i32,
+                ..Default::default()
+            })
             .collect(),
         created_at_ms: now_ms(),
         updated_at_ms: now_ms(),
@@ -47,12 +55,17 @@ impl RegistryService {
         policy: PolicyRecord,
     ) -> Result<Job, RegistryError> {
         if policy.frequency_seconds == 0 {
-            return Err(RegistryError::InvalidArgument("replication frequency must be at least 1 s".into()));
+            return Err(RegistryError::InvalidArgument(
+                "replication frequency must be at least 1 s".into(),
+            ));
         }
         let job = new_job(KIND_ENABLE, vm, &STEPS);
         {
             let st = self.state.lock().await;
-            let v = st.vms.get(vm).ok_or_else(|| RegistryError::VmNotFound(vm.to_string()))?;
+            let v = st
+                .vms
+                .get(vm)
+                .ok_or_else(|| RegistryError::VmNotFound(vm.to_string()))?;
             if v.state != "unprotected" && v.state != "error" {
                 return Err(RegistryError::FailedPrecondition(format!(
                     "vm {vm} is already {} (job {})",
@@ -62,7 +75,11 @@ impl RegistryService {
         }
         self.persist(vec![
             Event::Job(JobRecord::encode(&job)),
-            Event::VmProtection { vm: vm.to_string(), policy, job_id: job.id.clone() },
+            Event::VmProtection {
+                vm: vm.to_string(),
+                policy,
+                job_id: job.id.clone(),
+            },
             Event::VmState {
                 vm: vm.to_string(),
                 state: "enabling".into(),
@@ -105,7 +122,13 @@ impl RegistryService {
         });
     }
 
-    async fn set_step(&self, job: &mut Job, i: usize, status: StepStatus, msg: &str) -> Result<(), RegistryError> {
+    async fn set_step(
+        &self,
+        job: &mut Job,
+        i: usize,
+        status: StepStatus,
+        msg: &str,
+    ) -> Result<(), RegistryError> {
         // Progress reports update the job in memory; start from the newest copy.
         if let Ok(cur) = self.job(&job.id).await {
             job.bytes_total = cur.bytes_total;
@@ -133,9 +156,16 @@ impl RegistryService {
     async fn run_protection(self: &Arc<Self>, id: &str) -> Result<(), RegistryError> {
         let mut job = self.job(id).await?;
         let vm = job.target.clone();
-        for i in 0..job.steps.len() {
-            if job.steps[i].status == StepStatus::Succeeded as i32 {
-                continue;
+        for (i, step_name) in STEPS.iter().enumerate() {
+            match job.steps.get(i) {
+                Some(s) if s.status == StepStatus::Succeeded as i32 => continue,
+                Some(_) => {}
+                None => {
+                    return Err(RegistryError::Internal(format!(
+                        "job {} has no step {step_name:?}",
+                        job.id
+                    )));
+                }
             }
             self.set_step(&mut job, i, StepStatus::Running, "").await?;
             let outcome = match i {
@@ -146,11 +176,16 @@ impl RegistryService {
             };
             match outcome {
                 Outcome::Done => {
-                    let msg = if i == 2 { self.copy_summary(&job.id).await } else { String::new() };
-                    self.set_step(&mut job, i, StepStatus::Succeeded, &msg).await?;
+                    let msg = if i == 2 {
+                        self.copy_summary(&job.id).await
+                    } else {
+                        String::new()
+                    };
+                    self.set_step(&mut job, i, StepStatus::Succeeded, &msg)
+                        .await?;
                 }
                 Outcome::Failed(err) => {
-                    tracing::warn!(vm = %vm, job = %job.id, step = STEPS[i], error = %err, "enable protection failed");
+                    tracing::warn!(vm = %vm, job = %job.id, step = step_name, error = %err, "enable protection failed");
                     self.set_step(&mut job, i, StepStatus::Failed, &err).await?;
                     job.status = StepStatus::Failed as i32;
                     job.error = err.clone();
@@ -184,11 +219,16 @@ impl RegistryService {
 
     async fn check_prerequisites(&self, vm: &str) -> Result<Outcome, RegistryError> {
         let st = self.state.lock().await;
-        let v = st.vms.get(vm).ok_or_else(|| RegistryError::VmNotFound(vm.to_string()))?;
+        let v = st
+            .vms
+            .get(vm)
+            .ok_or_else(|| RegistryError::VmNotFound(vm.to_string()))?;
         let mut problems = Vec::new();
         match st.hosts.get(&v.host) {
             None => problems.push(format!("host {} is not registered", v.host)),
-            Some(h) if h.removed => problems.push(format!("host {} was removed from the vault", v.host)),
+            Some(h) if h.removed => {
+                problems.push(format!("host {} was removed from the vault", v.host))
+            }
             Some(_) if !self.host_connected(&v.host) => {
                 problems.push(format!("host {} has not sent a heartbeat recently", v.host))
             }
@@ -201,14 +241,21 @@ impl RegistryService {
             if !d.error.is_empty() {
                 problems.push(format!("disk {} is not readable: {}", d.path, d.error));
             } else if !SUPPORTED_FORMATS.contains(&d.format.as_str()) {
-                problems.push(format!("disk {} has unsupported format {:?}", d.path, d.format));
+                problems.push(format!(
+                    "disk {} has unsupported format {:?}",
+                    d.path, d.format
+                ));
             }
         }
         match &v.policy {
             Some(p) if p.frequency_seconds >= 1 => {}
             _ => problems.push("replication policy is missing or invalid".to_string()),
         }
-        Ok(if problems.is_empty() { Outcome::Done } else { Outcome::Failed(problems.join("; ")) })
+        Ok(if problems.is_empty() {
+            Outcome::Done
+        } else {
+            Outcome::Failed(problems.join("; "))
+        })
     }
 
     async fn create_relationship(&self, vm: &str) -> Result<Outcome, RegistryError> {
@@ -222,10 +269,17 @@ impl RegistryService {
         Ok(Outcome::Done)
     }
 
-    async fn initial_replication(self: &Arc<Self>, vm: &str, job: &Job) -> Result<Outcome, RegistryError> {
+    async fn initial_replication(
+        self: &Arc<Self>,
+        vm: &str,
+        job: &Job,
+    ) -> Result<Outcome, RegistryError> {
         let host = {
             let st = self.state.lock().await;
-            let v = st.vms.get(vm).ok_or_else(|| RegistryError::VmNotFound(vm.to_string()))?;
+            let v = st
+                .vms
+                .get(vm)
+                .ok_or_else(|| RegistryError::VmNotFound(vm.to_string()))?;
             if !v.last_point_id.is_empty() {
                 return Ok(Outcome::Done);
             }

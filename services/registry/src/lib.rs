@@ -28,13 +28,22 @@ pub async fn run(
     let svc = Arc::new(svc);
     svc.resume_jobs();
     let auth = svc.authenticator()?;
-    let server = ferry_proto::registry::v1::registry_server::RegistryServer::new(service::RegistryApi(svc.clone()));
+    let server = ferry_proto::registry::v1::registry_server::RegistryServer::new(
+        service::RegistryApi(svc.clone()),
+    );
     let routes = tonic::service::Routes::new(tonic::service::interceptor::InterceptedService::new(
         server,
         auth.interceptor(),
     ));
     let tls = ferry_mesh::ServerTls::load(&cfg)?;
     tracing::info!(addr = %listener.local_addr()?, "registry serving");
-    ferry_mesh::serve(listener, &tls, routes, &["ferry.registry.v1.Registry"], shutdown).await?;
+    ferry_mesh::serve(
+        listener,
+        &tls,
+        routes,
+        &["ferry.registry.v1.Registry"],
+        shutdown,
+    )
+    .await?;
     Ok(())
 }

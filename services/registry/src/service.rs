@@ -103,16 +103,23 @@ impl RegistryService {
     }
 
     pub(crate) fn host_connected(&self, host: &str) -> bool {
-        let last = self.heartbeats.lock().map(|h| h.get(host).copied()).unwrap_or(None);
+        let last = self
+            .heartbeats
+            .lock()
+            .map(|h| h.get(host).copied())
+            .unwrap_or(None);
         last.is_some_and(|t| now_ms() - t < (3 * HEARTBEAT_SECS * 1000) as i64)
     }
 
     fn vault_ca(&self) -> Result<ferry_mesh::VaultCa, RegistryError> {
         let key_path = self.cfg.tls.ca_key.as_ref().ok_or_else(|| {
-            RegistryError::Pki("the registry needs the vault ca key (tls.ca_key) to sign host certificates".into())
+            RegistryError::Pki(
+                "the registry needs the vault ca key (tls.ca_key) to sign host certificates".into(),
+            )
         })?;
         let read = |p: &std::path::Path| {
-            std::fs::read_to_string(p).map_err(|e| RegistryError::Pki(format!("reading {}: {e}", p.display())))
+            std::fs::read_to_string(p)
+                .map_err(|e| RegistryError::Pki(format!("reading {}: {e}", p.display())))
         };
         ferry_mesh::VaultCa::from_pem(&read(&self.cfg.tls.ca_cert)?, &read(key_path)?)
             .map_err(|e| RegistryError::Pki(e.to_string()))
@@ -120,14 +127,25 @@ impl RegistryService {
 
     async fn vm_proto(&self, name: &str) -> Result<pb::Vm, RegistryError> {
         let st = self.state.lock().await;
-        let v = st.vms.get(name).ok_or_else(|| RegistryError::VmNotFound(name.to_string()))?;
-        let site = st.hosts.get(&v.host).map(|h| h.site.clone()).unwrap_or_default();
+        let v = st
+            .vms
+            .get(name)
+            .ok_or_else(|| RegistryError::VmNotFound(name.to_string()))?;
+        let site = st
+            .hosts
+            .get(&v.host)
+            .map(|h| h.site.clone())
+            .unwrap_or_default();
         Ok(vm_to_proto(v, site))
     }
 }
 
 fn vm_to_proto(v: &crate::state::VmRecord, site: String) -> pb::Vm {
-    let rpo = if v.last_point_ms > 0 { ((now_ms() - v.last_point_ms).max(0) / 1000) as u64 } else { 0 };
+    let rpo = if v.last_point_ms > 0 {
+        ((now_ms() - v.last_point_ms).max(0) / 1000) as u64
+    } else {
+        0
+    };
     pb::Vm {
         name: v.name.clone(),
         host: v.host.clone(),
@@ -157,7 +175,8 @@ fn secret_hash(secret: &str) -> String {
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 fn fmt_ms(ms: i64) -> String {
@@ -187,7 +206,11 @@ impl Registry for RegistryApi {
     ) -> R<pb::CreateRegistrationKeyResponse> {
         ferry_mesh::require_role(&req, Role::Admin)?;
         let req = req.into_inner();
-        let ttl = if req.ttl_seconds == 0 { KEY_TTL_DEFAULT_SECS } else { req.ttl_seconds };
+        let ttl = if req.ttl_seconds == 0 {
+            KEY_TTL_DEFAULT_SECS
+        } else {
+            req.ttl_seconds
+        };
         let key_id = uuid::Uuid::new_v4().to_string();
         let secret = hex::encode(rand::random::<[u8; 32]>());
         let expires_at_ms = now_ms() + (ttl as i64) * 1000;
@@ -212,7 +235,10 @@ impl Registry for RegistryApi {
         }))
     }
 
-    async fn register_host(&self, req: Request<pb::RegisterHostRequest>) -> R<pb::RegisterHostResponse> {
+    async fn register_host(
+        &self,
+        req: Request<pb::RegisterHostRequest>,
+    ) -> R<pb::RegisterHostResponse> {
         let req = req.into_inner();
         if !valid_name(&req.host_name) {
             return Err(RegistryError::InvalidArgument(format!(
@@ -223,12 +249,19 @@ impl Registry for RegistryApi {
         }
         {
             let st = self.state.lock().await;
-            let key = st.keys.get(&req.key_id).ok_or_else(|| RegistryError::BadKey(req.key_id.clone()))?;
+            let key = st
+                .keys
+                .get(&req.key_id)
+                .ok_or_else(|| RegistryError::BadKey(req.key_id.clone()))?;
             if key.secret_hash != secret_hash(&req.secret) {
                 return Err(RegistryError::BadKey(req.key_id.clone()).into());
             }
             if let Some(host) = &key.used_by {
-                return Err(RegistryError::KeyReused { key_id: req.key_id.clone(), host: host.clone() }.into());
+                return Err(RegistryError::KeyReused {
+                    key_id: req.key_id.clone(),
+                    host: host.clone(),
+                }
+                .into());
             }
             if key.expires_at_ms < now_ms() {
                 return Err(RegistryError::KeyExpired {
@@ -240,11 +273,24 @@ impl Registry for RegistryApi {
         }
         let ca = self.vault_ca()?;
         let cert_pem = ca
-            .sign_csr(&req.csr_pem, &ferry_mesh::Identity::Host(req.host_name.clone()), Duration::from_secs(365 * 24 * 3600))
-            .map_err(|e| RegistryError::InvalidArgument(format!("certificate signing request: {e}")))?;
-        let site = if req.site.is_empty() { "default".to_string() } else { req.site.clone() };
+            .sign_csr(
+                &req.csr_pem,
+                &ferry_mesh::Identity::Host(req.host_name.clone()),
+                Duration::from_secs(365 * 24 * 3600),
+            )
+            .map_err(|e| {
+                RegistryError::InvalidArgument(format!("certificate signing request: {e}"))
+            })?;
+        let site = if req.site.is_empty() {
+            "default".to_string()
+        } else {
+            req.site.clone()
+        };
         self.persist(vec![
-            Event::KeyUsed { key_id: req.key_id.clone(), host: req.host_name.clone() },
+            Event::KeyUsed {
+                key_id: req.key_id.clone(),
+                host: req.host_name.clone(),
+            },
             Event::HostRegistered(HostRecord {
                 name: req.host_name.clone(),
                 site,
@@ -254,7 +300,10 @@ impl Registry for RegistryApi {
         ])
         .await?;
         tracing::info!(host = %req.host_name, key_id = %req.key_id, "host registered");
-        let data_key = self.cfg.data_key().map_err(|e| RegistryError::Internal(e.to_string()))?;
+        let data_key = self
+            .cfg
+            .data_key()
+            .map_err(|e| RegistryError::Internal(e.to_string()))?;
         Ok(Response::new(pb::RegisterHostResponse {
             host_id: req.host_name.clone(),
             cert_pem,
@@ -295,7 +344,11 @@ impl Registry for RegistryApi {
                         tracing::warn!(vm = %vm.name, owner = %v.host, host = %host, "vm is protected from another host; inventory ignored");
                     }
                     Some(v) if v.host == host && v.disks == disks => {}
-                    _ => events.push(Event::Inventory { host: host.clone(), vm: vm.name.clone(), disks }),
+                    _ => events.push(Event::Inventory {
+                        host: host.clone(),
+                        vm: vm.name.clone(),
+                        disks,
+                    }),
                 }
             }
         }
@@ -306,13 +359,19 @@ impl Registry for RegistryApi {
             tracing::info!(host = %host, changed = events.len(), "inventory changed");
             self.persist(events).await?;
         }
-        Ok(Response::new(pb::HeartbeatResponse { heartbeat_interval_seconds: HEARTBEAT_SECS }))
+        Ok(Response::new(pb::HeartbeatResponse {
+            heartbeat_interval_seconds: HEARTBEAT_SECS,
+        }))
     }
 
     async fn list_hosts(&self, req: Request<pb::ListHostsRequest>) -> R<pb::ListHostsResponse> {
         ferry_mesh::require_role(&req, Role::Reader)?;
         let st = self.state.lock().await;
-        let hb = self.heartbeats.lock().map(|h| h.clone()).unwrap_or_default();
+        let hb = self
+            .heartbeats
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_default();
         let hosts = st
             .hosts
             .values()
@@ -329,7 +388,12 @@ impl Registry for RegistryApi {
                 } else {
                     "disconnected".into()
                 },
-                vms: st.vms.values().filter(|v| v.host == h.name).map(|v| v.name.clone()).collect(),
+                vms: st
+                    .vms
+                    .values()
+                    .filter(|v| v.host == h.name)
+                    .map(|v| v.name.clone())
+                    .collect(),
             })
             .collect();
         Ok(Response::new(pb::ListHostsResponse { hosts }))
@@ -341,7 +405,8 @@ impl Registry for RegistryApi {
         if !self.state.lock().await.hosts.contains_key(&name) {
             return Err(RegistryError::HostNotFound(name).into());
         }
-        self.persist(vec![Event::HostRemoved { name: name.clone() }]).await?;
+        self.persist(vec![Event::HostRemoved { name: name.clone() }])
+            .await?;
         tracing::info!(host = %name, "host removed from the vault");
         Ok(Response::new(pb::RemoveHostResponse {}))
     }
@@ -352,7 +417,15 @@ impl Registry for RegistryApi {
         let vms = st
             .vms
             .values()
-            .map(|v| vm_to_proto(v, st.hosts.get(&v.host).map(|h| h.site.clone()).unwrap_or_default()))
+            .map(|v| {
+                vm_to_proto(
+                    v,
+                    st.hosts
+                        .get(&v.host)
+                        .map(|h| h.site.clone())
+                        .unwrap_or_default(),
+                )
+            })
             .collect();
         Ok(Response::new(pb::ListVmsResponse { vms }))
     }
@@ -365,36 +438,51 @@ impl Registry for RegistryApi {
     async fn protect_vm(&self, req: Request<pb::ProtectVmRequest>) -> R<Job> {
         ferry_mesh::require_role(&req, Role::Operator)?;
         let req = req.into_inner();
-        let job = self.0.start_protection(&req.name, PolicyRecord::from_proto(req.policy.as_ref())).await?;
+        let job = self
+            .0
+            .start_protection(&req.name, PolicyRecord::from_proto(req.policy.as_ref()))
+            .await?;
         Ok(Response::new(job))
     }
 
     async fn unprotect_vm(&self, req: Request<pb::UnprotectVmRequest>) -> R<Job> {
         ferry_mesh::require_role(&req, Role::Operator)?;
-        Err(ferry_mesh::unimplemented("disabling protection (delta replication issue)"))
+        Err(ferry_mesh::unimplemented(
+            "disabling protection (delta replication issue)",
+        ))
     }
 
     async fn update_policy(&self, req: Request<pb::UpdatePolicyRequest>) -> R<pb::Vm> {
         ferry_mesh::require_role(&req, Role::Operator)?;
-        Err(ferry_mesh::unimplemented("changing a protected vm's policy (delta replication issue)"))
+        Err(ferry_mesh::unimplemented(
+            "changing a protected vm's policy (delta replication issue)",
+        ))
     }
 
     async fn resync_vm(&self, req: Request<pb::ResyncVmRequest>) -> R<Job> {
         ferry_mesh::require_role(&req, Role::Operator)?;
-        Err(ferry_mesh::unimplemented("resynchronization (resync and retry issue)"))
+        Err(ferry_mesh::unimplemented(
+            "resynchronization (resync and retry issue)",
+        ))
     }
 
     async fn repair_vm(&self, req: Request<pb::RepairVmRequest>) -> R<pb::Vm> {
         ferry_mesh::require_role(&req, Role::Operator)?;
-        Err(ferry_mesh::unimplemented("repairing a critical vm (resync and retry issue)"))
+        Err(ferry_mesh::unimplemented(
+            "repairing a critical vm (resync and retry issue)",
+        ))
     }
 
     async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> R<pb::ListJobsResponse> {
         ferry_mesh::require_role(&req, Role::Reader)?;
         let target = req.into_inner().target;
         let st = self.state.lock().await;
-        let mut jobs: Vec<Job> =
-            st.jobs.values().filter(|j| target.is_empty() || j.target == target).cloned().collect();
+        let mut jobs: Vec<Job> = st
+            .jobs
+            .values()
+            .filter(|j| target.is_empty() || j.target == target)
+            .cloned()
+            .collect();
         jobs.sort_by_key(|j| j.created_at_ms);
         Ok(Response::new(pb::ListJobsResponse { jobs }))
     }
@@ -409,20 +497,30 @@ impl Registry for RegistryApi {
         Err(ferry_mesh::unimplemented("cancelling jobs"))
     }
 
-    async fn report_committed(&self, req: Request<pb::ReportCommittedRequest>) -> R<pb::ReportCommittedResponse> {
+    async fn report_committed(
+        &self,
+        req: Request<pb::ReportCommittedRequest>,
+    ) -> R<pb::ReportCommittedResponse> {
         ferry_mesh::require_service(&req)?;
         let req = req.into_inner();
         let point = req.point.unwrap_or_default();
         if !self.state.lock().await.vms.contains_key(&req.vm) {
             return Err(RegistryError::VmNotFound(req.vm).into());
         }
-        self.persist(vec![Event::VmPoint { vm: req.vm.clone(), point_id: point.id.clone(), time_ms: point.time_ms }])
-            .await?;
+        self.persist(vec![Event::VmPoint {
+            vm: req.vm.clone(),
+            point_id: point.id.clone(),
+            time_ms: point.time_ms,
+        }])
+        .await?;
         tracing::info!(vm = %req.vm, point = %point.id, job = %req.job_id, "recovery point committed");
         Ok(Response::new(pb::ReportCommittedResponse {}))
     }
 
-    async fn report_progress(&self, req: Request<pb::ReportProgressRequest>) -> R<pb::ReportProgressResponse> {
+    async fn report_progress(
+        &self,
+        req: Request<pb::ReportProgressRequest>,
+    ) -> R<pb::ReportProgressResponse> {
         ferry_mesh::require_service(&req)?;
         let req = req.into_inner();
         let mut job = self.job(&req.job_id).await?;
@@ -430,7 +528,11 @@ impl Registry for RegistryApi {
         job.bytes_done = req.bytes_done;
         job.bytes_skipped = req.bytes_skipped;
         job.updated_at_ms = now_ms();
-        if let Some(step) = job.steps.iter_mut().find(|s| s.status == StepStatus::Running as i32) {
+        if let Some(step) = job
+            .steps
+            .iter_mut()
+            .find(|s| s.status == StepStatus::Running as i32)
+        {
             if job.bytes_total > 0 {
                 let done = (job.bytes_done + job.bytes_skipped).min(job.bytes_total);
                 step.progress_percent = (done * 100 / job.bytes_total) as u32;
@@ -441,7 +543,10 @@ impl Registry for RegistryApi {
         }
         // Progress is advisory: keep it in memory and persist at most every two seconds.
         let flush = {
-            let mut f = self.progress_flushed.lock().map_err(|_| Status::internal("progress lock poisoned"))?;
+            let mut f = self
+                .progress_flushed
+                .lock()
+                .map_err(|_| Status::internal("progress lock poisoned"))?;
             let last = f.get(&job.id).copied().unwrap_or(0);
             if now_ms() - last > 2000 {
                 f.insert(job.id.clone(), now_ms());
@@ -466,11 +571,28 @@ impl Registry for RegistryApi {
         let req = req.into_inner();
         let (state, health) = {
             let st = self.state.lock().await;
-            let v = st.vms.get(&req.vm).ok_or_else(|| RegistryError::VmNotFound(req.vm.clone()))?;
-            (v.state.clone(), if req.recoverable { "warning" } else { "critical" }.to_string())
+            let v = st
+                .vms
+                .get(&req.vm)
+                .ok_or_else(|| RegistryError::VmNotFound(req.vm.clone()))?;
+            (
+                v.state.clone(),
+                if req.recoverable {
+                    "warning"
+                } else {
+                    "critical"
+                }
+                .to_string(),
+            )
         };
         tracing::warn!(vm = %req.vm, recoverable = req.recoverable, error = %req.error, "replication error");
-        self.persist(vec![Event::VmState { vm: req.vm, state, health, last_error: req.error }]).await?;
+        self.persist(vec![Event::VmState {
+            vm: req.vm,
+            state,
+            health,
+            last_error: req.error,
+        }])
+        .await?;
         Ok(Response::new(pb::ReportReplicationErrorResponse {}))
     }
 
@@ -492,7 +614,11 @@ impl Registry for RegistryApi {
         if !self.state.lock().await.vms.contains_key(&req.vm) {
             return Err(RegistryError::VmNotFound(req.vm).into());
         }
-        self.persist(vec![Event::VmFailover { vm: req.vm.clone(), failover_state: req.failover_state }]).await?;
+        self.persist(vec![Event::VmFailover {
+            vm: req.vm.clone(),
+            failover_state: req.failover_state,
+        }])
+        .await?;
         Ok(Response::new(self.vm_proto(&req.vm).await?))
     }
 }

@@ -99,8 +99,16 @@ impl PolicyRecord {
         let d = ReplicationPolicy::default();
         let p = p.unwrap_or(&d);
         Self {
-            frequency_seconds: if p.frequency_seconds == 0 { 300 } else { p.frequency_seconds },
-            retention_hours: if p.retention_hours == 0 { 24 } else { p.retention_hours },
+            frequency_seconds: if p.frequency_seconds == 0 {
+                300
+            } else {
+                p.frequency_seconds
+            },
+            retention_hours: if p.retention_hours == 0 {
+                24
+            } else {
+                p.retention_hours
+            },
             app_consistent_seconds: p.app_consistent_seconds,
             resync_window_start: if p.resync_window_start.is_empty() {
                 "18:30".into()
@@ -135,7 +143,9 @@ pub struct JobRecord {
 impl JobRecord {
     pub fn encode(job: &Job) -> Self {
         use prost::Message;
-        Self { job_hex: hex::encode(job.encode_to_vec()) }
+        Self {
+            job_hex: hex::encode(job.encode_to_vec()),
+        }
     }
 
     pub fn decode(&self) -> Option<Job> {
@@ -149,14 +159,39 @@ impl JobRecord {
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     KeyCreated(KeyRecord),
-    KeyUsed { key_id: String, host: String },
+    KeyUsed {
+        key_id: String,
+        host: String,
+    },
     HostRegistered(HostRecord),
-    HostRemoved { name: String },
-    Inventory { host: String, vm: String, disks: Vec<DiskRecord> },
-    VmState { vm: String, state: String, health: String, last_error: String },
-    VmProtection { vm: String, policy: PolicyRecord, job_id: String },
-    VmPoint { vm: String, point_id: String, time_ms: i64 },
-    VmFailover { vm: String, failover_state: String },
+    HostRemoved {
+        name: String,
+    },
+    Inventory {
+        host: String,
+        vm: String,
+        disks: Vec<DiskRecord>,
+    },
+    VmState {
+        vm: String,
+        state: String,
+        health: String,
+        last_error: String,
+    },
+    VmProtection {
+        vm: String,
+        policy: PolicyRecord,
+        job_id: String,
+    },
+    VmPoint {
+        vm: String,
+        point_id: String,
+        time_ms: i64,
+    },
+    VmFailover {
+        vm: String,
+        failover_state: String,
+    },
     Job(JobRecord),
 }
 
@@ -206,7 +241,12 @@ impl State {
                 rec.host = host.clone();
                 rec.disks = disks.clone();
             }
-            Event::VmState { vm, state, health, last_error } => {
+            Event::VmState {
+                vm,
+                state,
+                health,
+                last_error,
+            } => {
                 if let Some(v) = self.vms.get_mut(vm) {
                     v.state = state.clone();
                     v.health = health.clone();
@@ -219,7 +259,11 @@ impl State {
                     v.protection_job_id = job_id.clone();
                 }
             }
-            Event::VmPoint { vm, point_id, time_ms } => {
+            Event::VmPoint {
+                vm,
+                point_id,
+                time_ms,
+            } => {
                 if let Some(v) = self.vms.get_mut(vm) {
                     v.last_point_id = point_id.clone();
                     v.last_point_ms = *time_ms;

@@ -51,7 +51,10 @@ impl QueuedWork {
 
 /// Delay before retry `attempt` (1-based) in the configured time unit.
 pub fn backoff(attempt: u32, unit: Duration) -> Duration {
-    let steps = BACKOFF_UNITS.get(attempt.saturating_sub(1) as usize).copied().unwrap_or(BACKOFF_TAIL_UNITS);
+    let steps = BACKOFF_UNITS
+        .get(attempt.saturating_sub(1) as usize)
+        .copied()
+        .unwrap_or(BACKOFF_TAIL_UNITS);
     unit * steps
 }
 
@@ -61,9 +64,19 @@ pub struct SchedulerService {
     shutdown: CancellationToken,
 }
 
-pub async fn run(cfg: MeshConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let coord = Coord::connect(&cfg.redis_url).await.context("connecting to redis")?;
-    let svc = Arc::new(SchedulerService { cfg: cfg.clone(), coord, shutdown: shutdown.clone() });
+pub async fn run(
+    cfg: MeshConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let coord = Coord::connect(&cfg.redis_url)
+        .await
+        .context("connecting to redis")?;
+    let svc = Arc::new(SchedulerService {
+        cfg: cfg.clone(),
+        coord,
+        shutdown: shutdown.clone(),
+    });
     tokio::spawn(svc.clone().retry_loop());
     let auth = ferry_mesh::Authenticator::with_admin_token(&cfg.admin_token()?);
     let server = pb::scheduler_server::SchedulerServer::new(Api(svc));
@@ -73,14 +86,22 @@ pub async fn run(cfg: MeshConfig, listener: TcpListener, shutdown: CancellationT
     ));
     let tls = ferry_mesh::ServerTls::load(&cfg)?;
     tracing::info!(addr = %listener.local_addr()?, "scheduler serving");
-    ferry_mesh::serve(listener, &tls, routes, &["ferry.scheduler.v1.Scheduler"], shutdown).await?;
+    ferry_mesh::serve(
+        listener,
+        &tls,
+        routes,
+        &["ferry.scheduler.v1.Scheduler"],
+        shutdown,
+    )
+    .await?;
     Ok(())
 }
 
 impl SchedulerService {
     /// Moves due retries back into their host's queue.
     async fn retry_loop(self: Arc<Self>) {
-        let tick = (self.cfg.retry.time_unit / 10).clamp(Duration::from_millis(20), Duration::from_secs(5));
+        let tick = (self.cfg.retry.time_unit / 10)
+            .clamp(Duration::from_millis(20), Duration::from_secs(5));
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -150,7 +171,11 @@ impl Scheduler for Api {
 
     async fn work_stream(&self, req: Request<pb::WorkStreamRequest>) -> R<WorkStream> {
         let host = ferry_mesh::require_host(&req)?;
-        let requeued = self.coord.requeue_inflight(&host).await.map_err(coord_status)?;
+        let requeued = self
+            .coord
+            .requeue_inflight(&host)
+            .await
+            .map_err(coord_status)?;
         tracing::info!(host = %host, requeued, "agent connected to the work stream");
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<WorkItem, Status>>(4);
         let me = self.0.clone();
@@ -184,19 +209,30 @@ impl Scheduler for Api {
             }
             tracing::info!(host = %host, "work stream closed");
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
-    async fn complete_work(&self, req: Request<pb::CompleteWorkRequest>) -> R<pb::CompleteWorkResponse> {
+    async fn complete_work(
+        &self,
+        req: Request<pb::CompleteWorkRequest>,
+    ) -> R<pb::CompleteWorkResponse> {
         let host = ferry_mesh::require_host(&req)?;
         let req = req.into_inner();
         let items = self.coord.list_work(&host).await.map_err(coord_status)?;
         let Some((_, _, payload)) = items.into_iter().find(|(id, _, _)| *id == req.work_id) else {
-            return Err(Status::not_found(format!("work {} is not queued for host {host}", req.work_id)));
+            return Err(Status::not_found(format!(
+                "work {} is not queued for host {host}",
+                req.work_id
+            )));
         };
         let mut w: QueuedWork = serde_json::from_str(&payload)
             .map_err(|e| Status::internal(format!("work {} is unreadable: {e}", req.work_id)))?;
-        self.coord.ack_work(&host, &req.work_id).await.map_err(coord_status)?;
+        self.coord
+            .ack_work(&host, &req.work_id)
+            .await
+            .map_err(coord_status)?;
         if req.ok {
             tracing::info!(host = %host, work = %req.work_id, vm = %w.vm, "work completed");
         } else if req.recoverable {
@@ -205,7 +241,10 @@ impl Scheduler for Api {
             w.last_error = req.error.clone();
             let due = now_ms() + delay.as_millis() as i64;
             let payload = serde_json::to_string(&w).map_err(|e| Status::internal(e.to_string()))?;
-            self.coord.schedule_retry(&w.id, due, &payload).await.map_err(coord_status)?;
+            self.coord
+                .schedule_retry(&w.id, due, &payload)
+                .await
+                .map_err(coord_status)?;
             tracing::warn!(host = %host, work = %w.id, vm = %w.vm, attempt = w.attempt, delay_ms = delay.as_millis() as u64, error = %req.error, "work failed; retry scheduled");
         } else {
             tracing::warn!(host = %host, work = %w.id, vm = %w.vm, error = %req.error, "work failed; not recoverable");
@@ -218,10 +257,16 @@ impl Scheduler for Api {
         ferry_mesh::require_service(&req)?;
         let req = req.into_inner();
         if req.host_name.is_empty() || req.vm.is_empty() {
-            return Err(Status::invalid_argument("dispatch needs a host_name and a vm"));
+            return Err(Status::invalid_argument(
+                "dispatch needs a host_name and a vm",
+            ));
         }
         // One work item per job: a registry that resumes a job re-dispatches the same id.
-        let id = if req.job_id.is_empty() { uuid::Uuid::new_v4().to_string() } else { format!("job-{}", req.job_id) };
+        let id = if req.job_id.is_empty() {
+            uuid::Uuid::new_v4().to_string()
+        } else {
+            format!("job-{}", req.job_id)
+        };
         let w = QueuedWork {
             id: id.clone(),
             kind: req.kind,
@@ -233,7 +278,10 @@ impl Scheduler for Api {
             last_error: String::new(),
         };
         let payload = serde_json::to_string(&w).map_err(|e| Status::internal(e.to_string()))?;
-        self.coord.push_work(&req.host_name, &id, &payload).await.map_err(coord_status)?;
+        self.coord
+            .push_work(&req.host_name, &id, &payload)
+            .await
+            .map_err(coord_status)?;
         tracing::info!(host = %req.host_name, work = %id, vm = %w.vm, "work queued");
         Ok(Response::new(pb::DispatchResponse { work_id: id }))
     }
@@ -266,7 +314,9 @@ impl Scheduler for Api {
 
     async fn reschedule(&self, req: Request<pb::RescheduleRequest>) -> R<pb::RescheduleResponse> {
         ferry_mesh::require_service(&req)?;
-        Err(ferry_mesh::unimplemented("delta cycle scheduling (change tracking issue)"))
+        Err(ferry_mesh::unimplemented(
+            "delta cycle scheduling (change tracking issue)",
+        ))
     }
 }
 

@@ -26,8 +26,30 @@ fn make_image(path: &Path, size: u64) -> anyhow::Result<u64> {
         rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
     };
     const WORDS: [&str; 24] = [
-        "the", "replication", "disk", "error", "info", "recovery", "point", "host", "vm", "cycle", "commit",
-        "kernel", "user", "session", "GET", "/api/v1/", "200", "404", "ms", "debug", "timeout", "retry", "2026-11-27", "\n",
+        "the",
+        "replication",
+        "disk",
+        "error",
+        "info",
+        "recovery",
+        "point",
+        "host",
+        "vm",
+        "cycle",
+        "commit",
+        "kernel",
+        "user",
+        "session",
+        "GET",
+        "/api/v1/",
+        "200",
+        "404",
+        "ms",
+        "debug",
+        "timeout",
+        "retry",
+        "2026-11-27",
+        "\n",
     ];
     let mut off = 0u64;
     let mut data = 0u64;
@@ -87,14 +109,25 @@ fn usage() -> Usage {
         libc::getrusage(libc::RUSAGE_SELF, &mut me);
         libc::getrusage(libc::RUSAGE_CHILDREN, &mut ch);
     }
-    Usage { cpu: tv(me.ru_utime) + tv(me.ru_stime), children_cpu: tv(ch.ru_utime) + tv(ch.ru_stime) }
+    Usage {
+        cpu: tv(me.ru_utime) + tv(me.ru_stime),
+        children_cpu: tv(ch.ru_utime) + tv(ch.ru_stime),
+    }
 }
 
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.to_string()))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(|l| l.to_string())
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<f64>().ok())
+        })
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
 }
@@ -111,7 +144,10 @@ fn timed(cmd: &mut Command) -> anyhow::Result<(f64, f64)> {
     if !out.status.success() {
         anyhow::bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    Ok((t0.elapsed().as_secs_f64(), usage().children_cpu - u0.children_cpu))
+    Ok((
+        t0.elapsed().as_secs_f64(),
+        usage().children_cpu - u0.children_cpu,
+    ))
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -134,7 +170,13 @@ async fn main() -> anyhow::Result<()> {
 
     // Ferry: the whole mesh in this process; the agent too.
     let t = TestMesh::start().await?;
-    let cfg = t.agent_config(&t.path("agent"), "bench01", &[("bench", vec![image.clone()])]).await?;
+    let cfg = t
+        .agent_config(
+            &t.path("agent"),
+            "bench01",
+            &[("bench", vec![image.clone()])],
+        )
+        .await?;
     let agent = InProcessAgent::start(&cfg)?;
     t.wait_vm("bench").await?;
     drop_caches();
@@ -144,7 +186,11 @@ async fn main() -> anyhow::Result<()> {
     let job = t.wait_job(&job.id, Duration::from_secs(3600)).await?;
     let ferry_s = t0.elapsed().as_secs_f64();
     let ferry_cpu = usage().cpu - u0.cpu;
-    anyhow::ensure!(job.status == StepStatus::Succeeded as i32, "replication failed: {}", job.error);
+    anyhow::ensure!(
+        job.status == StepStatus::Succeeded as i32,
+        "replication failed: {}",
+        job.error
+    );
     let stored: u64 = walk_size(&t.mesh.cfg.data_dir.join("store").join("chunks"));
     let peak = peak_rss_mib();
     agent.shutdown().await?;
@@ -154,7 +200,11 @@ async fn main() -> anyhow::Result<()> {
     let repo = tmp.path().join("restic-repo");
     let restic = |args: &[&str]| {
         let mut c = Command::new("restic");
-        c.args(args).arg("-r").arg(&repo).env("RESTIC_PASSWORD", "bench-only-not-a-secret").env("RESTIC_CACHE_DIR", tmp.path().join("restic-cache"));
+        c.args(args)
+            .arg("-r")
+            .arg(&repo)
+            .env("RESTIC_PASSWORD", "bench-only-not-a-secret")
+            .env("RESTIC_CACHE_DIR", tmp.path().join("restic-cache"));
         c
     };
     timed(restic(&["init", "-q"]).arg("--repository-version").arg("2"))?;
@@ -164,12 +214,27 @@ async fn main() -> anyhow::Result<()> {
     // qemu-img convert of the same file (raw -> vhdx, Ferry's native target format).
     drop_caches();
     let out = tmp.path().join("convert.vhdx");
-    let (qemu_s, qemu_cpu) = timed(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "vhdx"]).arg(&image).arg(&out))?;
+    let (qemu_s, qemu_cpu) = timed(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "vhdx"])
+            .arg(&image)
+            .arg(&out),
+    )?;
 
     let mb = size as f64 / 1e6;
-    println!("ferry:   {ferry_s:.2} s, {:.0} MB/s, cpu {ferry_cpu:.1} s, peak rss {peak:.0} MiB (mesh + agent in one process), stored {} MiB", mb / ferry_s, stored >> 20);
-    println!("restic:  {restic_s:.2} s, {:.0} MB/s, cpu {restic_cpu:.1} s", mb / restic_s);
-    println!("qemu-img convert: {qemu_s:.2} s, {:.0} MB/s, cpu {qemu_cpu:.1} s", mb / qemu_s);
+    println!(
+        "ferry:   {ferry_s:.2} s, {:.0} MB/s, cpu {ferry_cpu:.1} s, peak rss {peak:.0} MiB (mesh + agent in one process), stored {} MiB",
+        mb / ferry_s,
+        stored >> 20
+    );
+    println!(
+        "restic:  {restic_s:.2} s, {:.0} MB/s, cpu {restic_cpu:.1} s",
+        mb / restic_s
+    );
+    println!(
+        "qemu-img convert: {qemu_s:.2} s, {:.0} MB/s, cpu {qemu_cpu:.1} s",
+        mb / qemu_s
+    );
     println!(
         "mb_per_s={:.1} cpu_s={ferry_cpu:.1} peak_rss_mib={peak:.0} stored_mib={} restic_s={restic_s:.2} qemu_convert_s={qemu_s:.2} speedup_vs_restic={:.2} speedup_vs_qemu_convert={:.2}",
         mb / ferry_s,
@@ -181,7 +246,9 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn walk_size(p: &Path) -> u64 {
-    let Ok(rd) = std::fs::read_dir(p) else { return 0 };
+    let Ok(rd) = std::fs::read_dir(p) else {
+        return 0;
+    };
     rd.flatten()
         .map(|e| match e.file_type() {
             Ok(t) if t.is_dir() => walk_size(&e.path()),
