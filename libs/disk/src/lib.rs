@@ -287,3 +287,9 @@ pub fn create_differencing(
         )),
     }
 }
+
+/// The DataWriteGuid of a VHDX's current header: what an `.hrl` log records as
+/// Vhd2DataWriteGuid and what a differencing child's `parent_linkage` names.
+pub fn vhdx_data_write_guid(path: &Path) -> Result<uuid::Uuid, DiskError> {
+    Ok(vhdx::VhdxDisk::open(path)?.data_write_guid())
+}

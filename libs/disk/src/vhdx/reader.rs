@@ -176,13 +176,15 @@ impl VhdxDisk {
                     ),
                 ));
             }
-            if r.offset.saturating_add(r.length as u64) > self.logical_len() {
+            // Regions must exist in the file itself (not only up to a logged LastFileOffset):
+            // that also bounds the BAT memory by the file size.
+            if r.offset.saturating_add(r.length as u64) > self.f.len {
                 return Err(DiskError::Truncated {
                     path: self.f.path.clone(),
                     structure: "vhdx region",
                     offset: r.offset,
                     needed: r.length as u64,
-                    file_len: self.logical_len(),
+                    file_len: self.f.len,
                 });
             }
             if r.guid == BAT_GUID {
