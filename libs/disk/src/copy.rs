@@ -1,8 +1,8 @@
 //! Streaming copy from any block device into any writer: only data that exists is read, zero
 //! chunks are never written (new files read zeros there), and memory is one chunk buffer.
 
-use crate::io::{AlignedBuf, is_zero};
-use crate::{BlockDevice, DiskError, DiskWriter, ExtentKind};
+use crate::io::{AlignedBuf, is_zero, push_extent};
+use crate::{BlockDevice, DiskError, DiskWriter, Extent, ExtentKind};
 
 /// Bytes per read: large enough for sequential throughput, small enough to bound memory.
 pub const COPY_CHUNK: usize = 4 << 20;
@@ -15,19 +15,54 @@ pub struct CopyStats {
     pub written: u64,
 }
 
+/// The allocation map of what `dev` shows through its whole chain: a run is Allocated if some
+/// layer holds data there, Zero if the topmost layer that decides says zeros, Absent if no
+/// layer has it (reads zeros). Covers `[0, virtual_size)`.
+pub fn visible_extents(dev: &dyn BlockDevice) -> Result<Vec<Extent>, DiskError> {
+    let own = dev.extents()?;
+    let Some(parent) = dev.parent() else {
+        return Ok(own);
+    };
+    let below = visible_extents(parent)?;
+    let psize = parent.virtual_size();
+    let mut out = Vec::with_capacity(own.len());
+    let mut j = 0;
+    for e in own {
+        if e.kind != ExtentKind::Absent {
+            push_extent(&mut out, e.offset, e.len, e.kind);
+            continue;
+        }
+        let end = e.offset + e.len;
+        let mut pos = e.offset;
+        // Both maps are sorted: one sweep over the parent's runs.
+        while pos < end {
+            while j < below.len() && below[j].offset + below[j].len <= pos {
+                j += 1;
+            }
+            match below.get(j) {
+                Some(b) if pos < psize => {
+                    let n = (b.offset + b.len).min(end) - pos;
+                    push_extent(&mut out, pos, n, b.kind);
+                    pos += n;
+                }
+                // Past the parent's end a child reads zeros.
+                _ => {
+                    push_extent(&mut out, pos, end - pos, ExtentKind::Absent);
+                    pos = end;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Copies the visible content of `src` (its whole chain) into `dst`, which must read zeros
 /// wherever it is not written (a new file). Writes arrive in increasing offset order.
 pub fn copy_into(src: &dyn BlockDevice, dst: &mut dyn DiskWriter) -> Result<CopyStats, DiskError> {
-    let has_parent = src.parent().is_some();
     let mut buf = AlignedBuf::new(COPY_CHUNK);
     let mut stats = CopyStats::default();
-    for e in src.extents()? {
-        let needed = match e.kind {
-            ExtentKind::Allocated => true,
-            ExtentKind::Zero => false,
-            ExtentKind::Absent => has_parent,
-        };
-        if !needed {
+    for e in visible_extents(src)? {
+        if e.kind != ExtentKind::Allocated {
             continue;
         }
         let mut off = e.offset;

@@ -227,6 +227,21 @@ fn exercise(path: &Path, hrl: bool) {
     }
 }
 
+/// In-place writes into a damaged file: errors are fine, panics are not.
+fn write_some(path: &Path) {
+    let Ok(mut w) = ferry_disk::open_rw(path) else {
+        return;
+    };
+    let size = w.virtual_size();
+    for (i, off) in [0u64, 4096 + 512, 3 * MIB + 100].into_iter().enumerate() {
+        let len = 700 * (i + 1);
+        if off + len as u64 <= size {
+            let _ = w.write_at(off, &vec![i as u8 + 1; len]);
+        }
+    }
+    let _ = w.finish();
+}
+
 fn read_some(d: &dyn BlockDevice) {
     let _ = d.info();
     let size = d.virtual_size();
@@ -270,7 +285,12 @@ fn campaign(iters: u64) {
         for i in 0..iters {
             let b = mutate(seed, &mut r);
             std::fs::write(&path, &b).expect("write mutant");
-            let res = std::panic::catch_unwind(|| exercise(&path, seed.name == "hrl"));
+            let res = std::panic::catch_unwind(|| {
+                exercise(&path, seed.name == "hrl");
+                if i % 10 == 0 && seed.name != "hrl" {
+                    write_some(&path);
+                }
+            });
             assert!(
                 res.is_ok(),
                 "panic on {} mutant {i}; kept at {}",
