@@ -424,7 +424,12 @@ impl BlockDevice for VhdxWriter {
 /// durable and before its BAT update reaches the file, leaving a VHDX whose log must be
 /// replayed — what a crash at that instant leaves.
 pub fn crash_after_log(path: &Path, offset: u64, data: &[u8]) -> Result<(), DiskError> {
-    let mut w = VhdxWriter::open(path, None)?;
+    let parent = crate::chain::open_parent_for_rw(
+        path,
+        crate::Format::Vhdx,
+        &crate::OpenOptions::default(),
+    )?;
+    let mut w = VhdxWriter::open(path, parent)?;
     w.crash_after_log = true;
     w.write_at(offset, data)?;
     w.d.f.sync()?;
