@@ -22,7 +22,9 @@ pub use client::{AuthChannel, BearerToken, ClientTls, connect, connect_lazy, wit
 pub use config::{Component, ConfigError, Listen, MeshConfig, RetryConfig, TlsPaths, VaultConfig};
 pub use error::{ErrorCode, MeshError, ServiceError, error_chain, to_status, unimplemented};
 pub use pki::{Identity, PkiError, VaultCa, new_csr, write_secret};
-pub use quic::{ALPN_FERRY, quic_client_config, quic_peer_identity, quic_server_config};
+pub use quic::{
+    ALPN_FERRY, quic_client_config, quic_peer_identity, quic_server_config, quic_transport_config,
+};
 pub use server::{ServerTls, serve, serve_with_drain};
 pub use shutdown::shutdown_on_signal;
 pub use telemetry::init_tracing;
