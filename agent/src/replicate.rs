@@ -92,12 +92,20 @@ impl Agent {
                     self.creds.endpoints.gateway
                 ))
             })?;
-        let qcfg = ferry_mesh::quic_client_config(
+        let mut qcfg = ferry_mesh::quic_client_config(
             &self.creds.ca_pem,
             &self.creds.cert_pem,
             &self.creds.key_pem,
         )
         .map_err(|e| ReplError::Permanent(format!("quic client config: {e}")))?;
+        // A dead gateway is noticed within seconds (keep-alive 2 s, idle 8 s) so the batch
+        // retry reconnects to its replacement instead of waiting out the server's 30 s.
+        let mut transport = ferry_gateway::transport_config();
+        transport.keep_alive_interval(Some(Duration::from_secs(2)));
+        if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(8)) {
+            transport.max_idle_timeout(Some(idle));
+        }
+        qcfg.transport_config(Arc::new(transport));
         let u = Uploader::connect(addr, qcfg)
             .await
             .map_err(|e| ReplError::Recoverable(format!("gateway {addr}: {e}")))?;
@@ -265,7 +273,6 @@ impl Agent {
                 read_blocks(&path, block_size, &key, &tx, &stats, &stop)
             })
         };
-        let uploader = self.uploader().await?;
         let mut map: Vec<BlockRef> = Vec::new();
         let mut inflight: JoinSet<Result<(), ReplError>> = JoinSet::new();
         let mut batch: Vec<ReadBlock> = Vec::with_capacity(self.cfg.batch_blocks);
@@ -290,12 +297,11 @@ impl Agent {
                     }
                 }
                 let blocks = std::mem::take(&mut batch);
-                inflight.spawn(upload_batch(
-                    uploader.clone(),
+                inflight.spawn(self.clone().upload_with_retry(
                     cycle.to_string(),
                     blocks,
-                    self.creds.vault_key.clone(),
                     stats.clone(),
+                    lost.clone(),
                 ));
             }
             if done {
@@ -322,13 +328,53 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// Uploads a batch, riding out a gateway restart or a network blip: a transient failure
+    /// reconnects and offers the batch again (storage keeps what landed, so nothing stored is
+    /// sent twice); after about half a minute of failures the cycle gives up and the
+    /// scheduler's retry takes over.
+    async fn upload_with_retry(
+        self,
+        cycle: String,
+        blocks: Vec<ReadBlock>,
+        stats: Arc<CopyStats>,
+        lost: CancellationToken,
+    ) -> Result<(), ReplError> {
+        let blocks = Arc::new(blocks);
+        let mut delay = Duration::from_millis(250);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let res = match self.uploader().await {
+                Ok(up) => {
+                    let key = self.creds.vault_key.clone();
+                    let r = upload_batch(&up, &cycle, blocks.clone(), key, &stats).await;
+                    if r.as_ref().is_err_and(ReplError::recoverable) {
+                        up.close(); // the next attempt reconnects
+                    }
+                    r
+                }
+                Err(e) => Err(e),
+            };
+            match res {
+                Err(e) if e.recoverable() && attempt < 8 && !lost.is_cancelled() => {
+                    tracing::warn!(cycle = %cycle, attempt, retry_ms = delay.as_millis() as u64, error = %e, "upload failed; retrying the batch");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
 /// Offers a batch, seals only what the gateway lacks, sends it.
 async fn upload_batch(
-    up: Uploader,
-    cycle: String,
-    blocks: Vec<ReadBlock>,
+    up: &Uploader,
+    cycle: &str,
+    blocks: Arc<Vec<ReadBlock>>,
     key: VaultKey,
-    stats: Arc<CopyStats>,
+    stats: &CopyStats,
 ) -> Result<(), ReplError> {
     let offers: Vec<Offer> = blocks
         .iter()
@@ -337,12 +383,13 @@ async fn upload_batch(
             plain_len: b.data.len() as u32,
         })
         .collect();
-    let pending = up.offer(&cycle, &offers).await.map_err(upload_err)?;
-    let needed: Vec<ReadBlock> = blocks
-        .into_iter()
-        .zip(pending.needed.iter())
+    let pending = up.offer(cycle, &offers).await.map_err(upload_err)?;
+    let needed: Vec<usize> = pending
+        .needed
+        .iter()
+        .enumerate()
         .filter(|(_, n)| **n)
-        .map(|(b, _)| b)
+        .map(|(i, _)| i)
         .collect();
     let skipped = offers.len() - needed.len();
     stats
@@ -351,7 +398,13 @@ async fn upload_batch(
     let sealed = tokio::task::spawn_blocking(move || {
         needed
             .iter()
-            .map(|b| Bytes::from(ferry_store::seal_chunk(&key, &b.id, &b.data)))
+            .map(|&i| {
+                Bytes::from(ferry_store::seal_chunk(
+                    &key,
+                    &blocks[i].id,
+                    &blocks[i].data,
+                ))
+            })
             .collect::<Vec<_>>()
     })
     .await

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Sequential read of a 2 GiB dynamic VHDX and VHD (qemu-made, deterministic content written by
-# qemu-io): ferry-disk's reader against `qemu-img convert` into qemu's null target (the
-# /dev/null of its block layer), same files, warm page cache, best of N runs each.
+# qemu-io): ferry-disk's reader (examples/readbench: 8 MiB page-aligned reads handed out in
+# order to one thread per core, as qemu-img keeps several requests in flight) against
+# `qemu-img convert` into qemu's null target (the /dev/null of its block layer), same files,
+# warm page cache, best of N runs each.
 # Last line: key=value figures, ratio_vs_qemu = the lower of the two throughput ratios.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"

@@ -98,3 +98,88 @@ async fn agent_killed_mid_copy_resumes_without_resending() -> anyhow::Result<()>
     t.stop().await;
     Ok(())
 }
+
+/// `kill -9` of the gateway (running as its own process) in the middle of an initial copy:
+/// the agent rides it out, the copy completes after the gateway restarts, identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_killed_mid_copy_resumes() -> anyhow::Result<()> {
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let mesh = ferry::up::Mesh::start(ferry::up::UpOptions {
+        data_dir: dir.path().join("mesh"),
+        without: vec![ferry_mesh::Component::Gateway],
+        retry_time_unit: Some(Duration::from_millis(100)),
+        ..Default::default()
+    })
+    .await?;
+    let config_path = mesh.config_path.clone();
+    let gateway = |log: &std::path::Path| -> anyhow::Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        Ok(Command::new(bin("ferry-gateway")?)
+            .arg("--config")
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?)
+    };
+    let glog = dir.path().join("gateway.log");
+    let mut gw = gateway(&glog)?;
+    let ctl = ferry::ctl::Ctl::load(&mesh.config_path)?;
+    let t = TestMesh { mesh, dir, ctl };
+    t.wait_serving().await?;
+
+    let disk = t.path("big.raw");
+    qemu_create(&disk, "raw", "", "320M")?;
+    fill_random(&disk, 0, 300 << 20, 7)?;
+    let cfg = t
+        .agent_config(&t.path("agent"), "hv01", &[("big02", vec![disk.clone()])])
+        .await?;
+    let agent = InProcessAgent::start(&cfg)?;
+    t.wait_vm("big02").await?;
+    let job = t.protect("big02").await?;
+    let mut landed = 0;
+    for _ in 0..6000 {
+        let j = t.job(&job.id).await?;
+        anyhow::ensure!(
+            j.status == StepStatus::Running as i32,
+            "job ended before the gateway was killed: {j:?}"
+        );
+        if j.bytes_done >= 24 << 20 {
+            landed = j.bytes_done;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(landed > 0, "copy never made progress");
+    gw.kill()?; // SIGKILL
+    gw.wait()?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut gw = gateway(&glog)?;
+    let j = t.wait_job(&job.id, Duration::from_secs(600)).await?;
+    assert_eq!(j.status, StepStatus::Succeeded as i32, "{j:?}");
+    let out = t.path("out");
+    let fo = t
+        .ctl
+        .failover()
+        .await?
+        .test_failover(TestFailoverRequest {
+            vm: "big02".into(),
+            point: "latest".into(),
+            target_dir: out.display().to_string(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(fo.status, StepStatus::Succeeded as i32, "{fo:?}");
+    assert!(
+        qemu_compare(&disk, "raw", &out.join("big.raw"), "raw")?,
+        "recovered disk differs"
+    );
+    agent.shutdown().await?;
+    gw.kill()?;
+    gw.wait()?;
+    t.stop().await;
+    Ok(())
+}
