@@ -144,6 +144,8 @@ pub async fn serve_with_drain(
     let stop = shutdown.clone();
     let names: Vec<String> = health_names.iter().map(|s| (*s).to_owned()).collect();
     let server = Server::builder()
+        // Every log line of a handler names the RPC it belongs to.
+        .trace_fn(|req| tracing::info_span!("grpc", method = %req.uri().path()))
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_routes(routes)

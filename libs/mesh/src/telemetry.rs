@@ -28,3 +28,13 @@ pub fn init_tracing(component: &str) {
         tracing::debug!(component, "tracing initialised");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn init_is_idempotent() {
+        super::init_tracing("test");
+        super::init_tracing("test");
+        tracing::info!(component = "test", "still logging");
+    }
+}
