@@ -438,8 +438,8 @@ fn read_blocks(
         .map_err(|e| ReplError::Permanent(format!("{}: {e}", path.display())))?;
     let size = dev.virtual_size();
     let bs = u64::from(block_size.max(4096));
-    let extents = dev
-        .extents()
+    // Through the whole parent chain: a differencing disk's data may live in its parents.
+    let extents = ferry_disk::visible_extents(&*dev)
         .map_err(|e| ReplError::Permanent(format!("{}: allocation map: {e}", path.display())))?;
     let mut last_index: Option<u64> = None;
     for ext in extents
