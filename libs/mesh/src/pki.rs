@@ -425,6 +425,32 @@ mod tests {
     }
 
     #[test]
+    fn server_certificates_carry_local_and_extra_names() {
+        let ca = VaultCa::create("v1").unwrap();
+        let (cert, _key) = ca
+            .issue_server(&["gw.example".into(), "10.1.2.3".into()])
+            .unwrap();
+        let der = leaf_der(&cert);
+        let (_, x509) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let san = x509.subject_alternative_name().unwrap().unwrap().value;
+        let names: Vec<String> = san.general_names.iter().map(|n| n.to_string()).collect();
+        for want in [
+            "DNSName(localhost)",
+            "DNSName(gw.example)",
+            "IPAddress(7f:00:00:01)",
+            "IPAddress(0a:01:02:03)",
+        ] {
+            assert!(
+                names.iter().any(|n| n.contains(want)),
+                "{want} in {names:?}"
+            );
+        }
+        // A server certificate is no caller identity.
+        assert!(Identity::from_cert_der(&der).is_err());
+        assert!(Identity::from_cert_der(b"not der").is_err());
+    }
+
+    #[test]
     fn from_pem_rejects_a_foreign_key() {
         let a = VaultCa::create("a").unwrap();
         let b = VaultCa::create("b").unwrap();
