@@ -147,6 +147,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Failover { cmd } => failover(&cli, cmd).await,
+        Cmd::Disk { .. } | Cmd::Hrl { .. } => {
+            anyhow::bail!("disk and hrl commands run without the mesh")
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! `ferry`: run the mesh (`ferry up`) and operate it.
 mod commands;
+mod disk_cmd;
 
 use std::path::PathBuf;
 
@@ -76,6 +77,16 @@ pub enum Cmd {
     Failover {
         #[command(subcommand)]
         cmd: FailoverCmd,
+    },
+    /// Disk images: info, allocation map, convert.
+    Disk {
+        #[command(subcommand)]
+        cmd: disk_cmd::DiskCmd,
+    },
+    /// Hyper-V Replica Logs (.hrl).
+    Hrl {
+        #[command(subcommand)]
+        cmd: disk_cmd::HrlCmd,
     },
 }
 
@@ -187,6 +198,27 @@ pub enum FailoverCmd {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     ferry_mesh::init_tracing("ferry");
+    // Disk and log tools work on local files: no runtime, no mesh.
+    let local = match cli.cmd {
+        Cmd::Disk { cmd } => disk_cmd::run_disk(cmd),
+        Cmd::Hrl { cmd } => disk_cmd::run_hrl(cmd),
+        cmd => {
+            return run_mesh_command(Cli {
+                config: cli.config,
+                cmd,
+            });
+        }
+    };
+    match local {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_mesh_command(cli: Cli) -> std::process::ExitCode {
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
