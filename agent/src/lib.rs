@@ -4,6 +4,7 @@ pub mod config;
 pub mod identity;
 pub mod inventory;
 mod replicate;
+pub mod tracker;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,0 +1,445 @@
+//! One tracked disk: the open image, its current `.hrl`, and the thread that applies writes.
+//!
+//! All writes of a disk go through one dedicated thread, in arrival order. It takes whatever
+//! requests are queued (group commit), appends their data to the log, writes one metadata block
+//! for them, then applies them to the image, then answers: an acknowledged write is in the log
+//! and in the image (a process crash loses neither), and the log is a superset of the image (a
+//! crash between the two leaves a record of an unacknowledged write, never an image change the
+//! log misses). FLUSH and FUA sync the log, then the image. Reads take the image's read lock on
+//! the blocking pool and run alongside one another.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use ferry_disk::DiskRw;
+use tokio::sync::{OwnedRwLockReadGuard, OwnedSemaphorePermit, mpsc, oneshot};
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use super::TrackerError;
+use super::log::{LogAppender, SealedLog, log_path};
+
+/// Zero writes (TRIM, WRITE_ZEROES) are checked and recorded in pieces of this size.
+pub(crate) const ZERO_PIECE: usize = 1 << 20;
+/// Most requests one batch takes from the queue.
+const MAX_BATCH: usize = 128;
+
+pub(crate) const NBD_EIO: u32 = 5;
+pub(crate) const NBD_ESHUTDOWN: u32 = 108;
+
+/// An answer for the connection that sent the request; `permit` bounds the connection's memory
+/// until the answer is on the wire.
+pub(crate) struct Reply {
+    pub handle: u64,
+    pub error: u32,
+    pub data: Option<Vec<u8>>,
+    pub permit: Option<OwnedSemaphorePermit>,
+}
+
+pub(crate) type ReplyTx = mpsc::UnboundedSender<Reply>;
+
+/// A request waiting for the disk thread. `gate` is the VM's cut barrier, held until answered.
+pub(crate) struct Req {
+    pub handle: u64,
+    pub reply: ReplyTx,
+    pub permit: Option<OwnedSemaphorePermit>,
+    pub gate: Option<OwnedRwLockReadGuard<()>>,
+}
+
+pub(crate) enum Op {
+    Write {
+        req: Req,
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    },
+    Zero {
+        req: Req,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    Flush {
+        req: Req,
+    },
+    /// Seal the current log and open the next (the caller holds the VM's barrier).
+    Rotate {
+        done: oneshot::Sender<Result<SealedLog, TrackerError>>,
+    },
+    /// Seal the log, close the image and stop the thread.
+    Close {
+        done: oneshot::Sender<Result<Option<SealedLog>, TrackerError>>,
+    },
+}
+
+impl Op {
+    fn reject(self, error: u32) {
+        match self {
+            Op::Write { req, .. } | Op::Zero { req, .. } | Op::Flush { req } => {
+                answer(req, error, None)
+            }
+            Op::Rotate { done } => {
+                let _ = done.send(Err(TrackerError::Stopped));
+            }
+            Op::Close { done } => {
+                let _ = done.send(Ok(None));
+            }
+        }
+    }
+}
+
+pub(crate) fn answer(req: Req, error: u32, data: Option<Vec<u8>>) {
+    // The connection may be gone; then nobody waits for the answer.
+    let _ = req.reply.send(Reply {
+        handle: req.handle,
+        error,
+        data,
+        permit: req.permit,
+    });
+    drop(req.gate);
+}
+
+/// What connections see of a disk.
+pub(crate) struct Export {
+    pub name: String,
+    pub vm: String,
+    pub path: PathBuf,
+    pub size: u64,
+    pub image: Arc<RwLock<Option<Box<dyn DiskRw>>>>,
+    pub ops: mpsc::UnboundedSender<Op>,
+    /// Size of the current log file.
+    pub pending: Arc<AtomicU64>,
+}
+
+/// State owned by the disk thread.
+struct Worker {
+    name: String,
+    path: PathBuf,
+    image: Arc<RwLock<Option<Box<dyn DiskRw>>>>,
+    log: Option<LogAppender>,
+    /// UniqueId the next log chains to and its sequence number, when no log is open.
+    next: (u64, Uuid),
+    vhd2: Uuid,
+    pending: Arc<AtomicU64>,
+    zeros: Vec<u8>,
+}
+
+/// A write of the current batch: data (or zero pieces) to apply after the log block is written.
+enum Apply {
+    Data(u64, Vec<u8>),
+    Zeros(Vec<(u64, usize)>),
+    None,
+}
+
+impl Export {
+    /// Starts the disk thread with `log` as the current log.
+    pub(crate) fn start(
+        name: String,
+        vm: String,
+        path: PathBuf,
+        image: Box<dyn DiskRw>,
+        log: LogAppender,
+        vhd2: Uuid,
+    ) -> Result<Arc<Export>, TrackerError> {
+        let size = image.virtual_size();
+        let image = Arc::new(RwLock::new(Some(image)));
+        let pending = Arc::new(AtomicU64::new(log.bytes()));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let next = (log.seq() + 1, log.unique_id());
+        let worker = Worker {
+            name: name.clone(),
+            path: path.clone(),
+            image: image.clone(),
+            log: Some(log),
+            next,
+            vhd2,
+            pending: pending.clone(),
+            zeros: vec![0u8; ZERO_PIECE],
+        };
+        std::thread::Builder::new()
+            .name(format!("ferry-track-{name}"))
+            .spawn(move || worker.run(rx))
+            .map_err(|e| TrackerError::Io {
+                path: path.clone(),
+                what: "disk thread",
+                source: e,
+            })?;
+        Ok(Arc::new(Export {
+            name,
+            vm,
+            path,
+            size,
+            image,
+            ops: tx,
+            pending,
+        }))
+    }
+
+    /// Queues an op; a stopped disk answers ESHUTDOWN at once.
+    pub(crate) fn submit(&self, op: Op) {
+        if let Err(mpsc::error::SendError(op)) = self.ops.send(op) {
+            op.reject(NBD_ESHUTDOWN);
+        }
+    }
+
+    /// Reads on the calling (blocking) thread.
+    pub(crate) fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), u32> {
+        let guard = self.image.read().unwrap_or_else(|e| e.into_inner());
+        let Some(img) = guard.as_ref() else {
+            return Err(NBD_ESHUTDOWN);
+        };
+        img.read_at(offset, buf).map_err(|e| {
+            warn!(export = %self.name, offset, len = buf.len(), error = %e, "disk read failed");
+            NBD_EIO
+        })
+    }
+}
+
+impl Worker {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Op>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(op) = rx.blocking_recv() {
+            batch.push(op);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            if self.run_batch(&mut batch) {
+                break;
+            }
+        }
+        // Stopped: whatever is still queued gets ESHUTDOWN.
+        rx.close();
+        while let Ok(op) = rx.try_recv() {
+            op.reject(NBD_ESHUTDOWN);
+        }
+    }
+
+    /// Runs the batch in segments ending at a flush, rotate or close; true when closed.
+    fn run_batch(&mut self, batch: &mut Vec<Op>) -> bool {
+        let mut seg: Vec<(Req, Apply, bool)> = Vec::new();
+        let mut closed = false;
+        for op in batch.drain(..) {
+            if closed {
+                op.reject(NBD_ESHUTDOWN);
+                continue;
+            }
+            match op {
+                Op::Write {
+                    req,
+                    offset,
+                    data,
+                    fua,
+                } => seg.push((req, Apply::Data(offset, data), fua)),
+                Op::Zero {
+                    req,
+                    offset,
+                    len,
+                    fua,
+                } => seg.push((req, Apply::Zeros(vec![(offset, len as usize)]), fua)),
+                Op::Flush { req } => {
+                    seg.push((req, Apply::None, true));
+                    self.run_segment(&mut seg);
+                }
+                Op::Rotate { done } => {
+                    self.run_segment(&mut seg);
+                    let _ = done.send(self.rotate());
+                }
+                Op::Close { done } => {
+                    self.run_segment(&mut seg);
+                    let _ = done.send(self.close());
+                    closed = true;
+                }
+            }
+        }
+        self.run_segment(&mut seg);
+        closed
+    }
+
+    /// Log, then image, then (if asked) sync both, then answer.
+    fn run_segment(&mut self, seg: &mut Vec<(Req, Apply, bool)>) {
+        if seg.is_empty() {
+            return;
+        }
+        let sync = seg.iter().any(|(_, _, s)| *s);
+        let image = self.image.clone();
+        let mut guard = image.write().unwrap_or_else(|e| e.into_inner());
+        let result = match guard.as_mut() {
+            None => Err(NBD_ESHUTDOWN),
+            Some(img) => self.log_segment(img.as_ref(), seg),
+        };
+        let mut errors = vec![result.err(); seg.len()];
+        if result.is_ok()
+            && let Some(img) = guard.as_mut()
+        {
+            for (i, (req, apply, _)) in seg.iter().enumerate() {
+                let r = match apply {
+                    Apply::Data(off, data) => img.write_at(*off, data),
+                    Apply::Zeros(pieces) => pieces
+                        .iter()
+                        .try_for_each(|&(off, n)| img.write_at(off, &self.zeros[..n])),
+                    Apply::None => Ok(()),
+                };
+                if let Err(e) = r {
+                    warn!(export = %self.name, handle = req.handle, error = %e, "disk write failed after it was logged");
+                    errors[i] = Some(NBD_EIO);
+                }
+            }
+            if sync {
+                let synced = self
+                    .log
+                    .as_ref()
+                    .map_or(Ok(()), |l| l.sync())
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| img.flush().map_err(|e| e.to_string()));
+                if let Err(e) = synced {
+                    warn!(export = %self.name, error = %e, "flush failed");
+                    for (i, (_, _, s)) in seg.iter().enumerate() {
+                        if *s {
+                            errors[i] = Some(NBD_EIO);
+                        }
+                    }
+                }
+            }
+        }
+        drop(guard);
+        for ((req, _, _), err) in seg.drain(..).zip(errors) {
+            answer(req, err.unwrap_or(0), None);
+        }
+    }
+
+    /// Appends every write of the segment to the log and writes its block. Zero ranges become
+    /// pieces; a piece that already reads as zero (and no earlier write of this segment
+    /// touches) needs neither a record nor a write: the replica, which equals the image once the
+    /// log is applied, reads zero there too.
+    fn log_segment(&mut self, img: &dyn DiskRw, seg: &mut [(Req, Apply, bool)]) -> Result<(), u32> {
+        if self.log.is_none() {
+            self.reopen_log()?;
+        }
+        let Some(log) = self.log.as_mut() else {
+            return Err(NBD_EIO);
+        };
+        let mut touched: Vec<(u64, u64)> = Vec::new();
+        let mut scratch = Vec::new();
+        let mut run = || -> Result<(), String> {
+            for (_, apply, _) in seg.iter_mut() {
+                match apply {
+                    Apply::Data(off, data) => {
+                        log.append(*off, data).map_err(|e| e.to_string())?;
+                        touched.push((*off, *off + data.len() as u64));
+                    }
+                    Apply::Zeros(ranges) => {
+                        let (start, len) = ranges.first().copied().unwrap_or((0, 0));
+                        let mut pieces = Vec::new();
+                        let mut at = start;
+                        let end = start + len as u64;
+                        while at < end {
+                            let n = ((end - at) as usize).min(ZERO_PIECE);
+                            let overlaps =
+                                touched.iter().any(|&(a, b)| a < at + n as u64 && at < b);
+                            scratch.resize(n, 0);
+                            let already_zero = !overlaps
+                                && img.read_at(at, &mut scratch[..n]).is_ok()
+                                && scratch[..n].iter().all(|&b| b == 0);
+                            if !already_zero {
+                                log.append(at, &self.zeros[..n])
+                                    .map_err(|e| e.to_string())?;
+                                pieces.push((at, n));
+                            }
+                            at += n as u64;
+                        }
+                        touched.push((start, end));
+                        *ranges = pieces;
+                    }
+                    Apply::None => {}
+                }
+            }
+            log.commit().map_err(|e| e.to_string())
+        };
+        let r = run();
+        if let Err(e) = r {
+            warn!(export = %self.name, log = %log.path().display(), error = %e, "log append failed; the writes are refused");
+            log.rollback();
+            return Err(NBD_EIO);
+        }
+        self.pending.store(log.bytes(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Opens the next log after a failed rotation left none.
+    fn reopen_log(&mut self) -> Result<(), u32> {
+        let (seq, prev) = self.next;
+        let p = log_path(&self.path, seq);
+        match LogAppender::create(&p, seq, prev, self.vhd2) {
+            Ok(l) => {
+                info!(export = %self.name, log = %p.display(), "log opened");
+                self.pending.store(l.bytes(), Ordering::Relaxed);
+                self.log = Some(l);
+                Ok(())
+            }
+            Err(e) => {
+                warn!(export = %self.name, log = %p.display(), error = %e, "cannot open the next log; writes are refused");
+                Err(NBD_EIO)
+            }
+        }
+    }
+
+    /// Syncs the image, seals the current log (which syncs it) and opens the next.
+    fn rotate(&mut self) -> Result<SealedLog, TrackerError> {
+        let sealed = self.seal()?;
+        // A failure here is retried by the next write (reopen_log); the sealed log stands.
+        let _ = self.reopen_log();
+        Ok(sealed)
+    }
+
+    fn seal(&mut self) -> Result<SealedLog, TrackerError> {
+        {
+            let mut guard = self.image.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(img) = guard.as_mut() {
+                img.flush().map_err(|e| TrackerError::Disk {
+                    path: self.path.clone(),
+                    source: e,
+                })?;
+            }
+        }
+        if self.log.is_none() {
+            self.reopen_log().map_err(|_| TrackerError::Io {
+                path: log_path(&self.path, self.next.0),
+                what: "open log",
+                source: std::io::Error::other("cannot create the log"),
+            })?;
+        }
+        let Some(log) = self.log.take() else {
+            return Err(TrackerError::Stopped);
+        };
+        let lp = log.path().to_path_buf();
+        self.next = (log.seq() + 1, log.unique_id());
+        let sealed = log.close(&self.path).map_err(|e| TrackerError::Io {
+            path: lp,
+            what: "seal log",
+            source: e,
+        })?;
+        self.pending.store(0, Ordering::Relaxed);
+        info!(export = %self.name, log = %sealed.log.display(), records = sealed.records, bytes = sealed.bytes, "log sealed");
+        Ok(sealed)
+    }
+
+    fn close(&mut self) -> Result<Option<SealedLog>, TrackerError> {
+        let sealed = match self.log.is_some() {
+            true => Some(self.seal()?),
+            false => None,
+        };
+        let img = self.image.write().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(img) = img {
+            img.finish().map_err(|e| TrackerError::Disk {
+                path: self.path.clone(),
+                source: e,
+            })?;
+        }
+        info!(export = %self.name, "disk closed");
+        Ok(sealed)
+    }
+}

@@ -1,0 +1,487 @@
+//! The write tracker: every protected disk is served over NBD, and every write a VM makes
+//! through it is recorded in the disk's current MS-HRL log before it is acknowledged.
+//!
+//! ```text
+//!  qemu / qemu-io / nbdcopy ──NBD (unix socket, loopback TCP)──▶ connection task (nbd.rs)
+//!        reads: blocking pool, image read lock          writes: queue ─▶ disk thread (export.rs)
+//!                                                        log data + metadata block (log.rs),
+//!                                                        then the image, then the answer
+//! ```
+//!
+//! * [`Tracker::start`] opens each disk for writing (raw, VHD, VHDX through `ferry-disk`),
+//!   starts a fresh `<disk file>.<seq:08>.hrl` next to it, chained by PreviousUniqueId to the
+//!   last log already there, and serves all disks on one Unix socket
+//!   (`<socket_dir>/ferry-tracker.sock`, mode 0600) and, when configured, one loopback TCP port.
+//!   Disks are NBD exports named by [`TrackedDisk::export`]; [`Tracker::nbd_uri`] gives the
+//!   URI to hand to qemu (`-drive file=nbd+unix:///EXPORT?socket=/abs/sock`).
+//! * Durability: an acknowledged write is in the log (data and its metadata block) and in the
+//!   image, so killing the agent loses nothing a client was told is written. FLUSH and FUA make
+//!   both durable (fdatasync of the log, then the image's flush). Without them, a power loss
+//!   can lose writes as with any disk cache; the log is written first, so it never misses an
+//!   image change that survived.
+//! * TRIM and WRITE_ZEROES are applied as zeros and recorded as write records of zeros (MS-HRL
+//!   has only writes), in pieces of at most 1 MiB; pieces that already read as zero are
+//!   skipped, so discarding free space does not fill the log.
+//! * [`Tracker::cut`] seals the logs of all disks of a VM at one instant: new writes to the
+//!   VM's disks wait, writes in flight finish and are acknowledged, each log is closed (EOL
+//!   set, synced, after the image is flushed) and the next one opened, then writes resume.
+//!   Every write acknowledged before the cut is in a sealed log, and no write that started
+//!   after it is, on every disk of the VM: each sealed set is a consistent cut.
+//! * When `shutdown` fires, connections are dropped, each current log is sealed and each image
+//!   closed cleanly; [`Tracker::stopped`] returns those last sealed logs. The next start
+//!   chains its new logs to them.
+//! * Broken or hostile clients get an NBD error (out-of-range requests, unknown commands) or
+//!   are disconnected with a warning (bad magic, oversized payloads, handshake garbage or
+//!   timeout); other connections are not affected.
+//!
+//! Sealed logs stay next to the disk until the shipper deletes them after their recovery point
+//! is durable ([`list_logs`] finds them again after a restart).
+
+mod export;
+mod log;
+mod nbd;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ferry_disk::{DiskError, DiskRw, Format};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{RwLock, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use export::{Export, Op};
+use log::{LogAppender, next_in_chain};
+pub use log::{SealedLog, list_logs, log_path};
+
+/// File name of the tracker's Unix socket inside [`TrackerConfig::socket_dir`].
+pub const SOCKET_NAME: &str = "ferry-tracker.sock";
+
+/// A disk to track.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackedDisk {
+    /// The VM the disk belongs to: a cut seals the logs of all its disks at once.
+    pub vm: String,
+    /// The image file (raw, VHD or VHDX; detected by content).
+    pub path: PathBuf,
+    /// NBD export name: letters, digits, `.`, `_`, `-`.
+    pub export: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackerConfig {
+    /// Folder of the Unix socket (created if missing).
+    pub socket_dir: PathBuf,
+    /// Also serve NBD on this loopback address (port 0 picks one).
+    pub tcp_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerError {
+    #[error("invalid tracker configuration: {0}")]
+    Config(String),
+    #[error("{path}: {source}")]
+    Disk {
+        path: PathBuf,
+        #[source]
+        source: DiskError,
+    },
+    #[error("{path}: {what}: {source}")]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("unknown vm {0:?}")]
+    UnknownVm(String),
+    #[error("the tracker has stopped")]
+    Stopped,
+}
+
+/// The running tracker; cheap to clone.
+#[derive(Clone)]
+pub struct Tracker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    exports: Arc<nbd::Exports>,
+    by_path: HashMap<PathBuf, Arc<Export>>,
+    vms: HashMap<String, Vec<Arc<Export>>>,
+    socket: PathBuf,
+    tcp: Option<SocketAddr>,
+    /// Fires once every disk is closed after shutdown.
+    stopped: CancellationToken,
+    last_logs: Mutex<Vec<SealedLog>>,
+}
+
+/// A disk opened for tracking, before its thread starts.
+struct Opened {
+    disk: TrackedDisk,
+    image: Box<dyn DiskRw>,
+    vhd2: Uuid,
+}
+
+fn valid_export(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+}
+
+fn validate(cfg: &TrackerConfig, disks: &[TrackedDisk]) -> Result<(), TrackerError> {
+    if let Some(a) = cfg.tcp_listen
+        && !a.ip().is_loopback()
+    {
+        return Err(TrackerError::Config(format!(
+            "tcp_listen {a} is not a loopback address (nbd has no authentication)"
+        )));
+    }
+    let mut names = std::collections::HashSet::new();
+    for d in disks {
+        if !valid_export(&d.export) {
+            return Err(TrackerError::Config(format!(
+                "export name {:?} must be 1-255 letters, digits, '.', '_' or '-'",
+                d.export
+            )));
+        }
+        if !names.insert(d.export.as_str()) {
+            return Err(TrackerError::Config(format!(
+                "export name {:?} is used twice",
+                d.export
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Opens the image for writing. A VHDX gets its new DataWriteGuid now (the first write of a
+/// session changes it), so the logs record the guid the tracked data carries.
+fn open_image(disk: TrackedDisk) -> Result<Opened, TrackerError> {
+    let derr = |path: &Path, source| TrackerError::Disk {
+        path: path.to_path_buf(),
+        source,
+    };
+    let path = std::fs::canonicalize(&disk.path).map_err(|e| TrackerError::Io {
+        path: disk.path.clone(),
+        what: "disk file",
+        source: e,
+    })?;
+    let format = ferry_disk::detect(&path).map_err(|e| derr(&path, e))?;
+    let mut image = ferry_disk::open_rw(&path).map_err(|e| derr(&path, e))?;
+    let vhd2 = if format == Format::Vhdx {
+        image.write_at(0, &[]).map_err(|e| derr(&path, e))?;
+        ferry_disk::vhdx_data_write_guid(&path).map_err(|e| derr(&path, e))?
+    } else {
+        Uuid::nil()
+    };
+    Ok(Opened {
+        disk: TrackedDisk { path, ..disk },
+        image,
+        vhd2,
+    })
+}
+
+/// Opens every image, then every first log; on failure removes the logs it created.
+fn open_all(disks: Vec<TrackedDisk>) -> Result<Vec<(Opened, LogAppender)>, TrackerError> {
+    let mut opened = Vec::with_capacity(disks.len());
+    let mut seen = std::collections::HashSet::new();
+    for d in disks {
+        let o = open_image(d)?;
+        if !seen.insert(o.disk.path.clone()) {
+            return Err(TrackerError::Config(format!(
+                "{} is tracked twice",
+                o.disk.path.display()
+            )));
+        }
+        opened.push(o);
+    }
+    let mut out: Vec<(Opened, LogAppender)> = Vec::with_capacity(opened.len());
+    for o in opened {
+        let first = next_in_chain(&o.disk.path).and_then(|(seq, prev)| {
+            LogAppender::create(&log_path(&o.disk.path, seq), seq, prev, o.vhd2)
+        });
+        match first {
+            Ok(l) => out.push((o, l)),
+            Err(e) => {
+                for (_, l) in &out {
+                    let _ = std::fs::remove_file(l.path());
+                }
+                return Err(TrackerError::Io {
+                    path: o.disk.path,
+                    what: "first log",
+                    source: e,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn bind_unix(dir: &Path) -> Result<(UnixListener, PathBuf), TrackerError> {
+    let ioerr = |path: &Path, what, source| TrackerError::Io {
+        path: path.to_path_buf(),
+        what,
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| ioerr(dir, "socket folder", e))?;
+    let dir = std::fs::canonicalize(dir).map_err(|e| ioerr(dir, "socket folder", e))?;
+    let sock = dir.join(SOCKET_NAME);
+    if let Ok(meta) = std::fs::symlink_metadata(&sock) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(TrackerError::Config(format!(
+                "{} exists and is not a socket",
+                sock.display()
+            )));
+        }
+        // A socket left by an earlier run that did not stop cleanly.
+        std::fs::remove_file(&sock).map_err(|e| ioerr(&sock, "stale socket", e))?;
+    }
+    let l = UnixListener::bind(&sock).map_err(|e| ioerr(&sock, "bind", e))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| ioerr(&sock, "socket permissions", e))?;
+    Ok((l, sock))
+}
+
+impl Tracker {
+    /// Opens the disks, starts their logs and serves NBD until `shutdown` fires.
+    pub async fn start(
+        cfg: TrackerConfig,
+        disks: Vec<TrackedDisk>,
+        shutdown: CancellationToken,
+    ) -> Result<Self, TrackerError> {
+        validate(&cfg, &disks)?;
+        let opened = tokio::task::spawn_blocking(move || open_all(disks))
+            .await
+            .map_err(|_| TrackerError::Stopped)??;
+        let (unix, socket) = bind_unix(&cfg.socket_dir).await?;
+        let tcp = match cfg.tcp_listen {
+            Some(a) => Some(TcpListener::bind(a).await.map_err(|e| TrackerError::Io {
+                path: PathBuf::from(a.to_string()),
+                what: "tcp bind",
+                source: e,
+            })?),
+            None => None,
+        };
+        let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
+
+        let mut by_name = HashMap::new();
+        let mut by_path = HashMap::new();
+        let mut vms: HashMap<String, Vec<Arc<Export>>> = HashMap::new();
+        let mut gates = HashMap::new();
+        for (o, first) in opened {
+            info!(export = %o.disk.export, vm = %o.disk.vm, disk = %o.disk.path.display(), log = %first.path().display(), "tracking disk");
+            let e = Export::start(
+                o.disk.export.clone(),
+                o.disk.vm.clone(),
+                o.disk.path.clone(),
+                o.image,
+                first,
+                o.vhd2,
+            )?;
+            by_name.insert(o.disk.export, e.clone());
+            by_path.insert(o.disk.path, e.clone());
+            gates
+                .entry(o.disk.vm.clone())
+                .or_insert_with(|| Arc::new(RwLock::new(())));
+            vms.entry(o.disk.vm).or_default().push(e);
+        }
+        let exports = Arc::new(nbd::Exports { by_name, gates });
+        let inner = Arc::new(Inner {
+            exports: exports.clone(),
+            by_path,
+            vms,
+            socket,
+            tcp: tcp_addr,
+            stopped: CancellationToken::new(),
+            last_logs: Mutex::new(Vec::new()),
+        });
+        let conns = shutdown.child_token();
+        tokio::spawn(accept_unix(unix, exports.clone(), conns.clone()));
+        if let Some(l) = tcp {
+            tokio::spawn(accept_tcp(l, exports.clone(), conns.clone()));
+        }
+        tokio::spawn(stop_on(shutdown, inner.clone()));
+        info!(socket = %inner.socket.display(), tcp = ?inner.tcp, disks = inner.by_path.len(), "tracker serving nbd");
+        Ok(Tracker { inner })
+    }
+
+    fn export(&self, path: &Path) -> Option<&Arc<Export>> {
+        self.inner.by_path.get(path).or_else(|| {
+            let p = std::fs::canonicalize(path).ok()?;
+            self.inner.by_path.get(&p)
+        })
+    }
+
+    /// `nbd+unix:///EXPORT?socket=/abs/sock` for a tracked disk.
+    pub fn nbd_uri(&self, path: &Path) -> Option<String> {
+        let e = self.export(path)?;
+        Some(format!(
+            "nbd+unix:///{}?socket={}",
+            e.name,
+            self.inner.socket.display()
+        ))
+    }
+
+    /// `nbd://127.0.0.1:PORT/EXPORT` when TCP is configured.
+    pub fn nbd_tcp_uri(&self, path: &Path) -> Option<String> {
+        let e = self.export(path)?;
+        let a = self.inner.tcp?;
+        Some(format!("nbd://{a}/{}", e.name))
+    }
+
+    pub fn socket_path(&self) -> &Path {
+        &self.inner.socket
+    }
+
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.inner.tcp
+    }
+
+    /// Size of the disk's current log file (0 for an unknown disk).
+    pub fn pending_bytes(&self, path: &Path) -> u64 {
+        self.export(path)
+            .map_or(0, |e| e.pending.load(Ordering::Relaxed))
+    }
+
+    /// Seals the current logs of all disks of `vm` at one instant and opens the next ones.
+    pub async fn cut(&self, vm: &str) -> Result<Vec<SealedLog>, TrackerError> {
+        let disks = self
+            .inner
+            .vms
+            .get(vm)
+            .ok_or_else(|| TrackerError::UnknownVm(vm.to_string()))?;
+        let gate = self
+            .inner
+            .exports
+            .gates
+            .get(vm)
+            .ok_or_else(|| TrackerError::UnknownVm(vm.to_string()))?;
+        let t0 = Instant::now();
+        let barrier = gate.write().await;
+        let waited = t0.elapsed();
+        let mut waits = Vec::with_capacity(disks.len());
+        for d in disks {
+            let (tx, rx) = oneshot::channel();
+            d.submit(Op::Rotate { done: tx });
+            waits.push(rx);
+        }
+        let mut sealed = Vec::with_capacity(disks.len());
+        let mut first_err = None;
+        for rx in waits {
+            match rx.await.unwrap_or(Err(TrackerError::Stopped)) {
+                Ok(s) => sealed.push(s),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        drop(barrier);
+        let held = t0.elapsed() - waited;
+        if let Some(e) = first_err {
+            warn!(vm, error = %e, sealed = sealed.len(), "cut failed; logs sealed so far stay on disk");
+            return Err(e);
+        }
+        info!(
+            vm,
+            disks = sealed.len(),
+            drain_us = waited.as_micros() as u64,
+            barrier_us = held.as_micros() as u64,
+            "logs cut"
+        );
+        Ok(sealed)
+    }
+
+    /// Waits until the tracker stopped after shutdown; returns the logs sealed at shutdown.
+    pub async fn stopped(&self) -> Vec<SealedLog> {
+        self.inner.stopped.cancelled().await;
+        self.inner
+            .last_logs
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default()
+    }
+}
+
+async fn stop_on(shutdown: CancellationToken, inner: Arc<Inner>) {
+    shutdown.cancelled().await;
+    let mut waits = Vec::new();
+    for e in inner.by_path.values() {
+        let (tx, rx) = oneshot::channel();
+        e.submit(Op::Close { done: tx });
+        waits.push((e.clone(), rx));
+    }
+    let mut last = Vec::new();
+    for (e, rx) in waits {
+        match rx.await {
+            Ok(Ok(Some(s))) => last.push(s),
+            Ok(Ok(None)) => {}
+            Ok(Err(err)) => {
+                warn!(export = %e.name, disk = %e.path.display(), error = %err, "disk did not close cleanly")
+            }
+            Err(_) => warn!(export = %e.name, "disk thread ended before closing"),
+        }
+    }
+    let _ = std::fs::remove_file(&inner.socket);
+    if let Ok(mut l) = inner.last_logs.lock() {
+        *l = last;
+    }
+    info!("tracker stopped");
+    inner.stopped.cancel();
+}
+
+async fn accept_unix(l: UnixListener, exports: Arc<nbd::Exports>, cancel: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => return,
+            a = l.accept() => a,
+        };
+        match accepted {
+            Ok((s, _)) => {
+                tokio::spawn(nbd::serve(
+                    s,
+                    "unix".into(),
+                    exports.clone(),
+                    cancel.clone(),
+                ));
+            }
+            Err(e) => {
+                warn!(error = %e, "nbd accept failed on the unix socket");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn accept_tcp(l: TcpListener, exports: Arc<nbd::Exports>, cancel: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => return,
+            a = l.accept() => a,
+        };
+        match accepted {
+            Ok((s, peer)) => {
+                let _ = s.set_nodelay(true);
+                tokio::spawn(nbd::serve(
+                    s,
+                    peer.to_string(),
+                    exports.clone(),
+                    cancel.clone(),
+                ));
+            }
+            Err(e) => {
+                warn!(error = %e, "nbd accept failed on tcp");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
