@@ -233,3 +233,24 @@ async fn accept_loop(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::VaultCa;
+
+    #[test]
+    fn mismatched_or_bad_keys_are_refused_without_leaking() {
+        let ca = VaultCa::create("v1").unwrap();
+        let (cert, key) = ca.issue_server(&[]).unwrap();
+        assert!(ServerTls::from_pem(&ca.cert_pem(), &cert, &key).is_ok());
+
+        let (_, other_key) = ca.issue_server(&[]).unwrap();
+        let err = ServerTls::from_pem(&ca.cert_pem(), &cert, &other_key).unwrap_err();
+        let body = other_key.lines().nth(1).unwrap();
+        assert!(!err.to_string().contains(body), "{err}");
+
+        assert!(ServerTls::from_pem(&ca.cert_pem(), &cert, "not a key").is_err());
+        assert!(ServerTls::from_pem("not a ca", &cert, &key).is_err());
+    }
+}
