@@ -29,6 +29,9 @@ use crate::tls;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Accepted connections waiting for the gRPC server to pick them up.
 const ACCEPT_BACKLOG: usize = 64;
+/// TLS handshakes in progress at once; past this, accepting waits (the kernel backlog holds
+/// new connections), so a connection flood costs bounded memory and CPU.
+const MAX_HANDSHAKES: usize = 256;
 /// After shutdown, in-flight calls get this long to finish (see [`serve_with_drain`]). Long-lived streams that do not
 /// watch the shutdown token themselves would otherwise keep the server up forever.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -204,7 +207,15 @@ async fn accept_loop(
     tx: mpsc::Sender<Result<TlsStream<TcpStream>, std::io::Error>>,
     shutdown: CancellationToken,
 ) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            permit = handshakes.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+        };
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tx.closed() => return,
@@ -223,7 +234,9 @@ async fn accept_loop(
         let acceptor = acceptor.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+            drop(permit);
+            match handshake {
                 Ok(Ok(tls)) => {
                     let _ = tx.send(Ok(tls)).await;
                 }

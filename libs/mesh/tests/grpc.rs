@@ -358,6 +358,37 @@ async fn shutdown_cuts_off_streams_after_the_drain_timeout() {
 }
 
 #[tokio::test]
+async fn a_silent_or_plaintext_peer_blocks_nobody() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mesh = start().await;
+    let addr = mesh.endpoint.trim_start_matches("https://").to_owned();
+    // Connects and never says hello.
+    let _silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    // Speaks plaintext HTTP/2: the handshake fails and the connection is closed.
+    let mut plain = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    plain
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(30), plain.read(&mut buf))
+        .await
+        .expect("a plaintext peer is answered or dropped")
+        .unwrap_or(0);
+    assert!(
+        n == 0 || buf[0] == 0x15,
+        "no tls alert or close: {:?}",
+        &buf[..n]
+    );
+
+    let channel = connect(&mesh.endpoint, &ClientTls::service(&mesh.cfg).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(whoami(channel).await.unwrap(), "service:ferry");
+    mesh.stop().await;
+}
+
+#[tokio::test]
 async fn shutdown_stops_the_server() {
     let mesh = start().await;
     let endpoint = mesh.endpoint.clone();
