@@ -22,7 +22,7 @@ impl RawDisk {
 
 /// Data and hole runs of a file via lseek(SEEK_DATA/SEEK_HOLE); a filesystem that does not
 /// support them reports one data run, which is correct, only less sparse.
-fn file_extents(f: &DiskFile, size: u64) -> Result<Vec<Extent>, DiskError> {
+pub(crate) fn file_extents(f: &DiskFile, size: u64) -> Result<Vec<Extent>, DiskError> {
     let fd = f.file.as_raw_fd();
     let mut out = Vec::new();
     let mut pos = 0u64;

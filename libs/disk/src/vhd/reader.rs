@@ -323,8 +323,8 @@ impl VhdDisk {
         let size = self.size();
         let mut out = Vec::new();
         if self.header.is_none() {
-            push_extent(&mut out, 0, size, ExtentKind::Allocated);
-            return Ok(out);
+            // Fixed: the data area is the file's first `size` bytes; its holes are absent.
+            return crate::raw::file_extents(&self.f, size);
         }
         let bs = self.block_size();
         for block in 0..self.bat.len() {
