@@ -253,3 +253,361 @@ async fn vhdx_dynamic_writes_land_in_disk_and_log() {
 async fn vhd_dynamic_writes_land_in_disk_and_log() {
     writes_through_nbd("vpc", "subformat=dynamic", 3).await;
 }
+
+/// A minimal NBD client (fixed newstyle, OPT_GO, simple replies) to drive exact request
+/// sequences and malformed input.
+struct Nbd {
+    s: UnixStream,
+    size: u64,
+    next: u64,
+}
+
+const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
+const REQ_MAGIC: u32 = 0x2560_9513;
+
+impl Nbd {
+    async fn connect(sock: &Path, export: &str) -> Nbd {
+        let mut s = UnixStream::connect(sock).await.expect("connect");
+        let mut hello = [0u8; 18];
+        s.read_exact(&mut hello).await.expect("hello");
+        assert_eq!(&hello[0..8], b"NBDMAGIC");
+        s.write_all(&3u32.to_be_bytes()).await.expect("flags");
+        let mut opt = Vec::new();
+        opt.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        opt.extend_from_slice(&7u32.to_be_bytes());
+        opt.extend_from_slice(&(4 + export.len() as u32 + 2).to_be_bytes());
+        opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
+        opt.extend_from_slice(export.as_bytes());
+        opt.extend_from_slice(&0u16.to_be_bytes());
+        s.write_all(&opt).await.expect("opt go");
+        let mut size = None;
+        loop {
+            let mut h = [0u8; 20];
+            s.read_exact(&mut h).await.expect("option reply");
+            let kind = u32::from_be_bytes(h[12..16].try_into().expect("4"));
+            let len = u32::from_be_bytes(h[16..20].try_into().expect("4"));
+            let mut d = vec![0u8; len as usize];
+            s.read_exact(&mut d).await.expect("option data");
+            match kind {
+                1 => break,
+                3 if d[0..2] == [0, 0] => {
+                    size = Some(u64::from_be_bytes(d[2..10].try_into().expect("8")))
+                }
+                3 => {}
+                k => panic!("option error {k:#x}"),
+            }
+        }
+        Nbd {
+            s,
+            size: size.expect("export size"),
+            next: 1,
+        }
+    }
+
+    async fn send(&mut self, kind: u16, flags: u16, offset: u64, len: u32, data: &[u8]) -> u64 {
+        let h = self.next;
+        self.next += 1;
+        let mut b = Vec::with_capacity(28 + data.len());
+        b.extend_from_slice(&REQ_MAGIC.to_be_bytes());
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&h.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(data);
+        self.s.write_all(&b).await.expect("request");
+        h
+    }
+
+    /// Reads one simple reply: (handle, error).
+    async fn reply(&mut self) -> (u64, u32) {
+        let mut r = [0u8; 16];
+        self.s.read_exact(&mut r).await.expect("reply");
+        assert_eq!(r[0..4], 0x6744_6698u32.to_be_bytes());
+        (
+            u64::from_be_bytes(r[8..16].try_into().expect("8")),
+            u32::from_be_bytes(r[4..8].try_into().expect("4")),
+        )
+    }
+
+    async fn write(&mut self, offset: u64, data: &[u8]) -> u32 {
+        let h = self.send(1, 0, offset, data.len() as u32, data).await;
+        let (got, err) = self.reply().await;
+        assert_eq!(got, h);
+        err
+    }
+
+    async fn read(&mut self, offset: u64, len: u32) -> Result<Vec<u8>, u32> {
+        let h = self.send(0, 0, offset, len, &[]).await;
+        let (got, err) = self.reply().await;
+        assert_eq!(got, h);
+        if err != 0 {
+            return Err(err);
+        }
+        let mut d = vec![0u8; len as usize];
+        self.s.read_exact(&mut d).await.expect("read data");
+        Ok(d)
+    }
+}
+
+/// Write `i` of the sequence: 4 KiB on disk `i % 2` at slot `i / 2`, stamped with `i`.
+fn stamped(i: u64) -> Vec<u8> {
+    let mut b = vec![0u8; 4096];
+    for c in b.chunks_mut(8) {
+        c.copy_from_slice(&(i + 1).to_le_bytes());
+    }
+    b
+}
+
+/// Two disks of one VM; one client writes alternately to both, each write sent only after the
+/// previous one (on the other disk) was acknowledged, while the VM is cut again and again.
+/// Every sealed set must hold a prefix of that sequence: a cut never keeps a write while
+/// missing one acknowledged before it, on either disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cuts_across_a_vms_disks_are_consistent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disks: Vec<PathBuf> = ["a.vhdx", "b.raw"]
+        .iter()
+        .map(|n| dir.path().join(n))
+        .collect();
+    qemu_img_create(&disks[0], "vhdx", "subformat=dynamic", 32 * MIB);
+    qemu_img_create(&disks[1], "raw", "", 32 * MIB);
+    let shutdown = CancellationToken::new();
+    let tracker = Tracker::start(
+        config(dir.path()),
+        vec![
+            TrackedDisk {
+                vm: "vm".into(),
+                path: disks[0].clone(),
+                export: "a".into(),
+            },
+            TrackedDisk {
+                vm: "vm".into(),
+                path: disks[1].clone(),
+                export: "b".into(),
+            },
+        ],
+        shutdown.clone(),
+    )
+    .await
+    .expect("start");
+    let sock = tracker.socket_path().to_path_buf();
+    let total = 3000u64;
+    let writer = tokio::spawn(async move {
+        let mut c = [
+            Nbd::connect(&sock, "a").await,
+            Nbd::connect(&sock, "b").await,
+        ];
+        for i in 0..total {
+            let err = c[(i % 2) as usize].write(i / 2 * 4096, &stamped(i)).await;
+            assert_eq!(err, 0, "write {i}");
+        }
+    });
+    let mut cuts = Vec::new();
+    while !writer.is_finished() {
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        // Every other cut pauses between the two disks' rotations: only the barrier keeps
+        // the writer from crossing the cut during the pause.
+        let cut = match cuts.len() % 2 {
+            0 => tracker.cut("vm").await,
+            _ => tracker.cut_staggered("vm", Duration::from_millis(5)).await,
+        };
+        cuts.push(cut.expect("cut"));
+    }
+    writer.await.expect("writer");
+    cuts.push(tracker.cut("vm").await.expect("last cut"));
+    assert!(
+        cuts.len() >= 4,
+        "the cuts ran while writing ({} cuts)",
+        cuts.len()
+    );
+    stop(&tracker, &shutdown).await;
+
+    // Which writes each sealed log holds, read back from the log files.
+    let writes_in = |s: &SealedLog| -> Vec<u64> {
+        let disk = if s.disk.ends_with("a.vhdx") { 0 } else { 1 };
+        let log = HrlLog::open(&s.log).expect("open sealed log");
+        assert!(log.clean);
+        let mut buf = vec![0u8; 4096];
+        log.records
+            .iter()
+            .map(|r| {
+                assert_eq!(r.length, 4096);
+                log.read_record(r, &mut buf).expect("record");
+                let i = u64::from_le_bytes(buf[0..8].try_into().expect("8")) - 1;
+                assert_eq!(i, r.offset / 4096 * 2 + disk, "record at its slot");
+                i
+            })
+            .collect()
+    };
+    let mut seen = Vec::new();
+    let mut nonempty = 0;
+    for (k, cut) in cuts.iter().enumerate() {
+        assert_eq!(cut.len(), 2);
+        let before = seen.len();
+        for s in cut {
+            seen.extend(writes_in(s));
+        }
+        nonempty += usize::from(seen.len() > before);
+        seen.sort_unstable();
+        let prefix: Vec<u64> = (0..seen.len() as u64).collect();
+        assert_eq!(
+            seen, prefix,
+            "cut {k} is not a prefix of the write sequence"
+        );
+    }
+    assert_eq!(seen.len() as u64, total);
+    assert!(nonempty >= 3, "several cuts split the sequence");
+    // The chains link up per disk.
+    for d in &disks {
+        let chain = order_chain(opened_logs(d)).expect("chain");
+        assert_eq!(chain.len(), cuts.len() + 1);
+    }
+}
+
+/// Every acknowledged write is in the current log before any cut or shutdown: replaying the
+/// unsealed log (as after a crash) onto the base image gives the disk as it is now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_are_in_the_open_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = dir.path().join("d.raw");
+    qemu_img_create(&disk, "raw", "", 16 * MIB);
+    let base = dir.path().join("base.raw");
+    std::fs::copy(&disk, &base).expect("copy");
+    let shutdown = CancellationToken::new();
+    let tracker = Tracker::start(
+        config(dir.path()),
+        vec![TrackedDisk {
+            vm: "vm".into(),
+            path: disk.clone(),
+            export: "d".into(),
+        }],
+        shutdown.clone(),
+    )
+    .await
+    .expect("start");
+    let mut c = Nbd::connect(tracker.socket_path(), "d").await;
+    let mut rng = Rng(9);
+    for i in 0..200u64 {
+        let len = 512 * (1 + rng.below(64)) as usize;
+        let off = rng.below((16 * MIB - len as u64) / 512) * 512;
+        assert_eq!(c.write(off, &vec![(i % 250 + 1) as u8; len]).await, 0);
+    }
+    // TRIM of a written range, and of a never-written one (skipped: it reads zero already).
+    let h = c.send(4, 0, 0, 4 * MIB as u32, &[]).await;
+    assert_eq!(c.reply().await, (h, 0));
+    let logs = opened_logs(&disk);
+    assert_eq!(logs.len(), 1);
+    assert!(!logs[0].clean, "the log is still open");
+    assert_eq!(
+        logs[0].records.len(),
+        200 + 4,
+        "200 writes and 4 zero pieces"
+    );
+    replay(logs, &base);
+    assert!(
+        same(&base, "raw", &disk, "raw"),
+        "open log + base differs from the disk"
+    );
+    stop(&tracker, &shutdown).await;
+}
+
+/// Malformed clients get errors or are dropped; the server keeps serving the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_clients_do_not_break_the_server() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = dir.path().join("d.vhd");
+    qemu_img_create(&disk, "vpc", "subformat=dynamic", 8 * MIB);
+    let shutdown = CancellationToken::new();
+    let tracker = Tracker::start(
+        config(dir.path()),
+        vec![TrackedDisk {
+            vm: "vm".into(),
+            path: disk.clone(),
+            export: "d".into(),
+        }],
+        shutdown.clone(),
+    )
+    .await
+    .expect("start");
+    let sock = tracker.socket_path().to_path_buf();
+
+    // Handshake garbage: bad client flags, bad option magic, a 4 GiB option, unknown export.
+    for garbage in [
+        vec![0xff; 4],
+        [3u32.to_be_bytes().to_vec(), vec![0xab; 16]].concat(),
+        [
+            3u32.to_be_bytes().to_vec(),
+            IHAVEOPT.to_be_bytes().to_vec(),
+            7u32.to_be_bytes().to_vec(),
+            u32::MAX.to_be_bytes().to_vec(),
+        ]
+        .concat(),
+        [
+            3u32.to_be_bytes().to_vec(),
+            IHAVEOPT.to_be_bytes().to_vec(),
+            1u32.to_be_bytes().to_vec(),
+            4u32.to_be_bytes().to_vec(),
+            b"nope".to_vec(),
+        ]
+        .concat(),
+    ] {
+        let mut s = UnixStream::connect(&sock).await.expect("connect");
+        let mut hello = [0u8; 18];
+        s.read_exact(&mut hello).await.expect("hello");
+        s.write_all(&garbage).await.expect("garbage");
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+            .await
+            .expect("server closes the connection")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "no answer to garbage");
+    }
+
+    let mut c = Nbd::connect(&sock, "d").await;
+    let size = c.size;
+    assert_eq!(c.write(0, &[7u8; 4096]).await, 0);
+    // Beyond the end, straddling the end, offset overflow: errors, connection still usable.
+    assert_eq!(c.write(size, &[1u8; 512]).await, 28);
+    assert_eq!(c.write(size - 512, &[1u8; 1024]).await, 28);
+    assert_eq!(c.read(u64::MAX - 100, 512).await, Err(22));
+    assert_eq!(c.read(0, u32::MAX).await, Err(75), "absurd read length");
+    let h = c.send(6, 0, size - 4096, 8192, &[]).await;
+    assert_eq!(c.reply().await, (h, 28), "zeroes beyond the end");
+    let h = c.send(42, 0, 0, 0, &[]).await;
+    assert_eq!(c.reply().await, (h, 22), "unknown command");
+    assert_eq!(c.read(0, 4096).await, Ok(vec![7u8; 4096]));
+
+    // A write whose payload never fully arrives, then a 4 GiB write header: dropped.
+    let mut d = Nbd::connect(&sock, "d").await;
+    d.send(1, 0, 0, 65536, &[9u8; 1000]).await;
+    drop(d);
+    let mut d = Nbd::connect(&sock, "d").await;
+    d.send(1, 0, 0, u32::MAX, &[]).await;
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(10), d.s.read_to_end(&mut rest))
+        .await
+        .expect("server drops the client")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    // A bad request magic mid-stream.
+    let mut d = Nbd::connect(&sock, "d").await;
+    d.s.write_all(&[0x55u8; 28]).await.expect("junk");
+    let n = tokio::time::timeout(Duration::from_secs(10), d.s.read_to_end(&mut rest))
+        .await
+        .expect("server drops the client")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+
+    // The good client and a new one still work; the partial write changed nothing.
+    assert_eq!(c.read(0, 4096).await, Ok(vec![7u8; 4096]));
+    let u = tracker.nbd_uri(&disk).expect("uri");
+    let out =
+        tokio::task::spawn_blocking(move || qemu_io("raw", &u, &["read -P 7 0 4k".to_string()]))
+            .await
+            .expect("join");
+    assert!(out.contains("read 4096/4096"), "{out}");
+    drop(c);
+    let last = stop(&tracker, &shutdown).await;
+    assert_eq!(last[0].records, 1, "only the one good write was recorded");
+}

@@ -355,6 +355,18 @@ impl Tracker {
 
     /// Seals the current logs of all disks of `vm` at one instant and opens the next ones.
     pub async fn cut(&self, vm: &str) -> Result<Vec<SealedLog>, TrackerError> {
+        self.cut_staggered(vm, std::time::Duration::ZERO).await
+    }
+
+    /// Fault injection for tests: [`cut`](Self::cut) with a pause between the rotations of
+    /// successive disks. The barrier must keep the cut consistent all the same; without it the
+    /// pause lets writes cross the cut.
+    #[doc(hidden)]
+    pub async fn cut_staggered(
+        &self,
+        vm: &str,
+        stagger: std::time::Duration,
+    ) -> Result<Vec<SealedLog>, TrackerError> {
         let disks = self
             .inner
             .vms
@@ -370,7 +382,10 @@ impl Tracker {
         let barrier = gate.write().await;
         let waited = t0.elapsed();
         let mut waits = Vec::with_capacity(disks.len());
-        for d in disks {
+        for (i, d) in disks.iter().enumerate() {
+            if i > 0 && !stagger.is_zero() {
+                tokio::time::sleep(stagger).await;
+            }
             let (tx, rx) = oneshot::channel();
             d.submit(Op::Rotate { done: tx });
             waits.push(rx);
