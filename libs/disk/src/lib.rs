@@ -26,7 +26,7 @@ pub use vhdx::VhdxCreateOptions;
 /// Hooks for tests that need files only a crash can make.
 #[doc(hidden)]
 pub mod testing {
-    pub use crate::vhdx::crash_after_log;
+    pub use crate::vhdx::{crash_after_log, crash_after_writes};
 }
 
 /// Container format of an image file.

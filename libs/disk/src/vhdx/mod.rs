@@ -11,4 +11,4 @@ pub use writer::VhdxCreateOptions;
 pub(crate) use writer::VhdxWriter;
 
 #[doc(hidden)]
-pub use writer::crash_after_log;
+pub use writer::{crash_after_log, crash_after_writes};

@@ -424,14 +424,21 @@ impl BlockDevice for VhdxWriter {
 /// durable and before its BAT update reaches the file, leaving a VHDX whose log must be
 /// replayed — what a crash at that instant leaves.
 pub fn crash_after_log(path: &Path, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+    crash_after_writes(path, &[(offset, data)])
+}
+
+/// Test hook: performs all `writes` in one in-place session; the metadata update of the last
+/// one stops after its log entry, as a crash would.
+pub fn crash_after_writes(path: &Path, writes: &[(u64, &[u8])]) -> Result<(), DiskError> {
     let parent = crate::chain::open_parent_for_rw(
         path,
         crate::Format::Vhdx,
         &crate::OpenOptions::default(),
     )?;
     let mut w = VhdxWriter::open(path, parent)?;
-    w.crash_after_log = true;
-    w.write_at(offset, data)?;
-    w.d.f.sync()?;
-    Ok(())
+    for (i, (offset, data)) in writes.iter().enumerate() {
+        w.crash_after_log = i + 1 == writes.len();
+        w.write_at(*offset, data)?;
+    }
+    w.d.f.sync()
 }
