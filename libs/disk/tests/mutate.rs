@@ -3,7 +3,8 @@
 //! with checksums sometimes re-sealed so the damage reaches the structures behind them. Opening,
 //! mapping and reading each result must end in Ok or a DiskError, never a panic or a hang.
 //!
-//! `FERRY_MUTATE_ITERS=N` raises the per-seed count; the `#[ignore]`d test runs a long campaign.
+//! `FERRY_MUTATE_ITERS=N` raises the per-seed count, `FERRY_MUTATE_SEED=S` picks other mutants;
+//! the `#[ignore]`d test runs a long campaign.
 
 mod common;
 
@@ -281,7 +282,14 @@ fn campaign(iters: u64) {
         } else {
             read_some(open(&path).expect("seed opens").as_ref());
         }
-        let mut r = Rng(0x9E37_79B9_7F4A_7C15 ^ si as u64);
+        // FERRY_MUTATE_SEED explores other mutants; the default keeps `cargo test` deterministic.
+        let base: u64 = std::env::var("FERRY_MUTATE_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let mut r = Rng((0x9E37_79B9_7F4A_7C15 ^ si as u64)
+            .wrapping_add(base.wrapping_mul(0x1000_0000_01B3))
+            | 1);
         for i in 0..iters {
             let b = mutate(seed, &mut r);
             std::fs::write(&path, &b).expect("write mutant");
