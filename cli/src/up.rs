@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use ferry_coord::RedisServer;
-use ferry_mesh::{Component, Identity, Listen, MeshConfig, VaultCa};
+use ferry_mesh::{Component, Listen, MeshConfig};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -49,39 +49,21 @@ fn free_udp() -> anyhow::Result<SocketAddr> {
     Ok(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?)
 }
 
-/// Creates the vault (CA, certificates, data key, admin token) and a config with free ports.
+/// A config with free ports and a new vault (CA, certificates, data key, admin token).
 fn init(dir: &Path) -> anyhow::Result<MeshConfig> {
-    let vault_id = uuid::Uuid::new_v4().to_string();
-    let ca = VaultCa::create(&vault_id)?;
-    let pki = dir.join("pki");
-    std::fs::create_dir_all(&pki)?;
-    std::fs::write(pki.join("ca.pem"), ca.cert_pem())?;
-    ferry_mesh::write_secret(&pki.join("ca.key"), ca.key_pem().as_bytes())?;
-    let (cert, key) = ca.issue_server(&[])?;
-    std::fs::write(pki.join("server.pem"), cert)?;
-    ferry_mesh::write_secret(&pki.join("server.key"), key.as_bytes())?;
-    let (cert, key) = ca.issue_client(&Identity::Service("ferry".into()))?;
-    std::fs::write(pki.join("service.pem"), cert)?;
-    ferry_mesh::write_secret(&pki.join("service.key"), key.as_bytes())?;
-    ferry_mesh::write_secret(
-        &dir.join("vault").join("data.key"),
-        &rand::random::<[u8; 32]>(),
-    )?;
-    ferry_mesh::write_secret(
-        &dir.join("admin.token"),
-        hex::encode(rand::random::<[u8; 32]>()).as_bytes(),
-    )?;
     let mut cfg = MeshConfig {
         data_dir: dir.to_path_buf(),
         ..MeshConfig::default()
     };
-    cfg.vault.id = vault_id;
+    cfg.vault.id = uuid::Uuid::new_v4().to_string();
     for c in GRPC_COMPONENTS {
         cfg.set_listen(c, free_tcp()?);
     }
     cfg.gateway = Listen {
         listen: free_udp()?,
     };
+    let cfg = cfg.finish()?;
+    ferry_mesh::bootstrap_vault(&cfg, &[])?;
     tracing::info!(dir = %dir.display(), vault = %cfg.vault.id, "vault created");
     Ok(cfg)
 }

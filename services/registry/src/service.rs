@@ -27,6 +27,8 @@ pub struct RegistryService {
     heartbeats: std::sync::Mutex<HashMap<String, i64>>,
     /// Wakes job runners when something they wait for changed.
     pub(crate) changed: Notify,
+    /// Hosts removed from the vault, read by the authenticator on every call (no await).
+    revoked: Arc<std::sync::RwLock<std::collections::HashSet<String>>>,
     /// Progress writes are throttled: last persisted time per job.
     progress_flushed: std::sync::Mutex<HashMap<String, i64>>,
     pub(crate) shutdown: CancellationToken,
@@ -47,6 +49,12 @@ impl RegistryService {
             jobs = state.jobs.len(),
             "registry catalog loaded"
         );
+        let removed = state
+            .hosts
+            .values()
+            .filter(|h| h.removed)
+            .map(|h| h.name.clone())
+            .collect();
         Ok(Self {
             cfg,
             catalog,
@@ -54,6 +62,7 @@ impl RegistryService {
             heartbeats: Default::default(),
             changed: Notify::new(),
             progress_flushed: Default::default(),
+            revoked: Arc::new(std::sync::RwLock::new(removed)),
             shutdown,
         })
     }
@@ -61,16 +70,10 @@ impl RegistryService {
     /// Hosts removed from the vault are refused even though their certificate is valid.
     pub fn authenticator(self: &Arc<Self>) -> anyhow::Result<Authenticator> {
         let token = self.cfg.admin_token()?;
-        let me = Arc::downgrade(self);
-        let revoked = Arc::new(move |host: &str| {
-            me.upgrade().is_some_and(|s| {
-                s.state
-                    .try_lock()
-                    .map(|st| st.hosts.get(host).is_some_and(|h| h.removed))
-                    .unwrap_or(false)
-            })
-        });
-        Ok(Authenticator::with_admin_token(&token).with_revocation(revoked))
+        let revoked = self.revoked.clone();
+        let check =
+            Arc::new(move |host: &str| revoked.read().map(|r| r.contains(host)).unwrap_or(true));
+        Ok(Authenticator::with_admin_token(&token).with_revocation(check))
     }
 
     /// Appends events (after catching up with other writers) and applies them.
@@ -82,6 +85,14 @@ impl RegistryService {
         for ev in events {
             let seq = self.catalog.append(&ev).await?;
             st.apply(seq, &ev);
+        }
+        if let Ok(mut r) = self.revoked.write() {
+            *r = st
+                .hosts
+                .values()
+                .filter(|h| h.removed)
+                .map(|h| h.name.clone())
+                .collect();
         }
         drop(st);
         self.changed.notify_waiters();
