@@ -179,10 +179,13 @@ pub fn detect(path: &Path) -> Result<Format, DiskError> {
             return Ok(Format::Vhd);
         }
     }
-    if f.len >= 512 {
-        f.read_exact_at(f.len - 512, &mut sig, "vhd footer")?;
-        if &sig == b"conectix" {
-            return Ok(Format::Vhd);
+    // 512-byte footers, and the 511-byte ones of Virtual PC before 2004.
+    for footer in [512, 511] {
+        if f.len >= footer {
+            f.read_exact_at(f.len - footer, &mut sig, "vhd footer")?;
+            if &sig == b"conectix" {
+                return Ok(Format::Vhd);
+            }
         }
     }
     Ok(Format::Raw)

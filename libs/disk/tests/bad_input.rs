@@ -247,3 +247,18 @@ fn raw_of_any_bytes_opens() {
         Err(DiskError::OutOfRange { .. })
     ));
 }
+
+#[test]
+fn vhd_511_byte_footer_opens() {
+    let dir = tempdir();
+    let p = make(&dir, "f.vhd", Format::Vhd, Subformat::Fixed);
+    let mut b = std::fs::read(&p).expect("read");
+    // Drop the last reserved byte, as Virtual PC before 2004 did.
+    assert_eq!(b.pop(), Some(0));
+    std::fs::write(&p, &b).expect("write");
+    let d = open(&p).expect("511-byte footer");
+    assert_eq!(d.info().format, "vhd");
+    let mut buf = vec![0u8; 4096];
+    d.read_at(5 * MIB, &mut buf).expect("read");
+    assert!(buf.iter().all(|&x| x == 0x62));
+}

@@ -216,6 +216,22 @@ fn chain(fmt: &str, base_opts: &str, ext: &str) {
         read_all(d.as_ref()) == model,
         "grandchild reads through the chain"
     );
+    // Two threads share the open chain (BlockDevice is Sync; reads are preads).
+    std::thread::scope(|sc| {
+        for t in 0..2u64 {
+            let (d, model) = (&d, &model);
+            sc.spawn(move || {
+                let mut r = Rng(100 + t);
+                for _ in 0..200 {
+                    let len = 1 + r.below(300_000) as usize;
+                    let off = r.below(size - len as u64);
+                    let mut buf = vec![0u8; len];
+                    d.read_at(off, &mut buf).expect("concurrent read");
+                    assert!(buf[..] == model[off as usize..off as usize + len]);
+                }
+            });
+        }
+    });
     assert!(read_all(open(&child).expect("child").as_ref()) == after_child);
 
     // In-place writes into the child, then the chain moved to another folder: relative

@@ -53,6 +53,15 @@ impl VhdDisk {
         let (footer, sum_ok, data_end, at) = match Footer::parse(&buf) {
             Some((ft, ok)) => (ft, ok, tail_at, tail_at),
             None => {
+                // Virtual PC before 2004 wrote 511-byte footers (the last reserved byte is
+                // missing); the checksum covers the same bytes.
+                let mut short = [0u8; FOOTER_SIZE];
+                f.read_exact_at(tail_at + 1, &mut short[..FOOTER_SIZE - 1], "vhd footer")?;
+                if let Some((ft, ok)) = Footer::parse(&short) {
+                    tracing::info!(path = %path.display(), "vhd with a 511-byte footer");
+                    let (sum_ok, data_end, at) = (ok, tail_at + 1, tail_at + 1);
+                    return Self::finish_parse(f, ft, sum_ok, data_end, at);
+                }
                 // A dynamic disk keeps a copy at 0; use it if the trailing one is gone.
                 f.read_exact_at(0, &mut buf, "vhd footer copy")?;
                 match Footer::parse(&buf) {
@@ -71,6 +80,17 @@ impl VhdDisk {
                 }
             }
         };
+        Self::finish_parse(f, footer, sum_ok, data_end, at)
+    }
+
+    fn finish_parse(
+        f: DiskFile,
+        footer: Footer,
+        sum_ok: bool,
+        data_end: u64,
+        at: u64,
+    ) -> Result<Self, DiskError> {
+        let path = f.path.clone();
         if !sum_ok {
             // Never fixed silently: the file may be evidence; reads only warn.
             tracing::warn!(path = %path.display(), offset = at, stored = footer.checksum, "vhd footer checksum mismatch");
