@@ -6,8 +6,8 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use ferry_disk::hrl::HrlLog;
 use ferry_disk::{
-    BlockDevice, CreateOptions, ExtentKind, Format, OpenOptions, Subformat, copy_into, create,
-    open_with,
+    BlockDevice, CreateOptions, DiskWriter, ExtentKind, Format, OpenOptions, Subformat,
+    VhdxCreateOptions, copy_into, create, create_vhdx, open_with,
 };
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -152,8 +152,14 @@ pub fn run_disk(cmd: DiskCmd) -> Result<()> {
             parent,
         } => {
             let src = open_disk(&input, parent)?;
-            let sector = if format == Format::Raw { 1 } else { 512 };
-            // VHD and VHDX sizes are whole sectors; the padding reads as zeros.
+            let info = src.info();
+            // VHD sizes are whole 512-byte sectors, VHDX sizes whole logical sectors (the
+            // source's, so a 4096-byte-sector disk stays one); the padding reads as zeros.
+            let sector = match format {
+                Format::Raw => 1,
+                Format::Vhd => 512,
+                Format::Vhdx => u64::from(info.logical_sector_size.max(512)),
+            };
             let size = src.virtual_size().div_ceil(sector) * sector;
             let sub = match (format, subformat) {
                 (Format::Raw, _) => Subformat::Fixed,
@@ -164,16 +170,31 @@ pub fn run_disk(cmd: DiskCmd) -> Result<()> {
                 (_, None) => Subformat::Dynamic,
             };
             let started = Instant::now();
-            let mut w = create(
-                &output,
-                format,
-                &CreateOptions {
-                    virtual_size: size,
-                    subformat: sub,
-                    block_size,
-                },
-            )
-            .with_context(|| format!("creating {}", output.display()))?;
+            let mut w: Box<dyn DiskWriter> = if format == Format::Vhdx {
+                create_vhdx(
+                    &output,
+                    &VhdxCreateOptions {
+                        virtual_size: size,
+                        fixed: sub == Subformat::Fixed,
+                        block_size,
+                        logical_sector_size: info.logical_sector_size,
+                        physical_sector_size: info.physical_sector_size.max(512),
+                        parent: None,
+                    },
+                )
+                .with_context(|| format!("creating {}", output.display()))?
+            } else {
+                create(
+                    &output,
+                    format,
+                    &CreateOptions {
+                        virtual_size: size,
+                        subformat: sub,
+                        block_size,
+                    },
+                )
+                .with_context(|| format!("creating {}", output.display()))?
+            };
             let stats = copy_into(src.as_ref(), w.as_mut()).with_context(|| {
                 format!("copying {} into {}", input.display(), output.display())
             })?;
