@@ -172,8 +172,7 @@ impl Agent {
                 maps.push(DiskBlockMap {
                     disk_id: d.id.clone(),
                     blocks,
-                    zeroed: vec![],
-                    logs: vec![],
+                    ..Default::default()
                 });
             }
             Ok::<_, ReplError>(maps)

@@ -123,8 +123,7 @@ async fn disk_lease_refuses_second_host_and_fences_stale_commit() -> anyhow::Res
     let empty = DiskBlockMap {
         disk_id: disk.id.clone(),
         blocks: Vec::<BlockRef>::new(),
-        zeroed: vec![],
-        logs: vec![],
+        ..Default::default()
     };
     let err = clients[0]
         .commit_cycle(CommitCycleRequest {

@@ -180,6 +180,7 @@ impl Mesh {
                     block_size: BS,
                     blocks,
                     full: true,
+                    shipped_logs: vec![],
                     ..CommitDisk::default()
                 }],
                 fencing_tokens: [(disk().id, lease.token)].into_iter().collect(),

@@ -372,6 +372,7 @@ impl Ingest for Api {
                 zeroed: map.zeroed.clone(),
                 logs: map.logs.clone(),
                 full,
+                shipped_logs: map.shipped_logs.clone(),
             });
         }
         let kind = match CycleKind::try_from(c.kind) {

@@ -115,6 +115,7 @@ fn commit(
             zeroed: zeroed.to_vec(),
             logs: vec![],
             full,
+            shipped_logs: vec![],
         }],
         fencing_tokens: [(id, token)].into_iter().collect(),
     }
