@@ -10,6 +10,7 @@ use tracing::{debug, info, warn};
 
 use crate::Writer;
 use crate::error::{Result, WriterError};
+use crate::logs::{LogDescriptor, put_descriptor};
 use crate::points::{check_vm, chunk_from_bytes, point_to_proto, read_map, write_map};
 
 /// Lost races for the next sequence number before giving up (each loss is someone else's
@@ -24,6 +25,8 @@ struct DiskInput {
     blocks: Vec<(u64, ChunkId)>,
     zeroed: Vec<u64>,
     logs: Vec<String>,
+    /// Change logs shipped with this cycle, oldest first.
+    shipped: Vec<LogDescriptor>,
     full: bool,
     token: u64,
 }
@@ -120,12 +123,18 @@ fn disk_input(d: CommitDisk, tokens: &HashMap<String, u64>) -> Result<DiskInput>
             )));
         }
     }
+    let shipped = d
+        .shipped_logs
+        .iter()
+        .map(|l| LogDescriptor::from_proto(&id, l))
+        .collect::<Result<Vec<_>>>()?;
     Ok(DiskInput {
         disk,
         block_size: d.block_size,
         blocks,
         zeroed: d.zeroed,
         logs: d.logs,
+        shipped,
         full: d.full,
         token,
     })
@@ -181,12 +190,22 @@ fn changed(disk: &str, new: &BlockMap, prev: Option<&BlockMap>) -> Vec<(String, 
 }
 
 /// Shipped logs not merged yet: a patch keeps the previous point's, a full map starts over.
+/// A log shipped again (an agent that could not tell its commit landed) is listed once.
 fn pending_logs(d: &DiskInput, prev: Option<&DiskManifest>) -> Vec<String> {
     let mut logs = match prev {
         Some(p) if !d.full => p.logs.clone(),
         _ => Vec::new(),
     };
-    logs.extend(d.logs.iter().cloned());
+    for key in d
+        .logs
+        .iter()
+        .cloned()
+        .chain(d.shipped.iter().map(LogDescriptor::key))
+    {
+        if !logs.contains(&key) {
+            logs.push(key);
+        }
+    }
     logs
 }
 
@@ -257,6 +276,17 @@ impl Writer {
                     .into_iter()
                     .filter(|(_, _, id)| !verified.contains(id)),
             );
+            for log in &d.shipped {
+                for (i, id) in log.chunk_ids()?.into_iter().enumerate() {
+                    if !verified.contains(&id) {
+                        to_check.push((
+                            format!("{} (log {})", d.disk.id, log.unique_id),
+                            i as u64,
+                            id,
+                        ));
+                    }
+                }
+            }
             maps.push((d, prev_disk, map));
         }
         if let Some((disk, index, chunk)) = self.first_missing(&to_check).await? {
@@ -264,6 +294,11 @@ impl Writer {
             return Err(WriterError::MissingChunk { disk, index, chunk });
         }
         verified.extend(to_check.iter().map(|(_, _, id)| *id));
+        for d in &input.disks {
+            for log in &d.shipped {
+                put_descriptor(&self.store, log).await?;
+            }
+        }
         let mut disks = Vec::with_capacity(maps.len());
         for (d, prev_disk, map) in maps {
             let previous = prev_disk.map_or(&[][..], |p| p.pages.as_slice());

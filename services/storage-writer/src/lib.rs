@@ -7,6 +7,7 @@
 
 mod commit;
 pub mod error;
+pub mod logs;
 mod materialize;
 mod points;
 pub mod service;

@@ -128,7 +128,14 @@ impl Writer {
         let written = join(thread.await);
         match (outcome, written) {
             (Ok(bytes_written), Ok(())) => {
-                info!(disk = %disk.disk_id, target = %target.display(), bytes_written, "disk materialised");
+                if !disk.logs.is_empty()
+                    && let Err(e) = self.apply_logs(&disk, &target, &cancel).await
+                {
+                    warn!(disk = %disk.disk_id, target = %target.display(), error = %e, "applying shipped logs failed; partial file removed");
+                    let _ = std::fs::remove_file(&target);
+                    return Err(e);
+                }
+                info!(disk = %disk.disk_id, target = %target.display(), bytes_written, logs = disk.logs.len(), "disk materialised");
                 Ok(MaterializeDiskResponse {
                     bytes_written,
                     virtual_size: vsize,
@@ -194,6 +201,44 @@ impl Writer {
                 return Ok(bytes);
             }
         }
+    }
+
+    /// Applies the point's shipped logs, oldest first, onto the written image (the point is
+    /// the block map plus its logs not merged yet).
+    async fn apply_logs(
+        &self,
+        disk: &DiskManifest,
+        target: &Path,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        let dir = target.parent().unwrap_or(Path::new("."));
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let mut spools = Vec::new();
+        let res = async {
+            for (i, key) in disk.logs.iter().enumerate() {
+                if cancel.is_cancelled() {
+                    return Err(WriterError::Cancelled);
+                }
+                let d = crate::logs::get_descriptor(&self.store, key).await?;
+                let spool = dir.join(format!(".{name}.{i:06}.hrl.spool"));
+                spools.push(spool.clone());
+                crate::logs::spool(&self.store, &self.key, &d, &spool).await?;
+            }
+            let (t, s) = (target.to_path_buf(), spools.clone());
+            let bytes = tokio::task::spawn_blocking(move || crate::logs::replay(&t, &s))
+                .await
+                .map_err(|e| WriterError::Internal(format!("log replay task failed: {e}")))??;
+            debug!(disk = %disk.disk_id, logs = disk.logs.len(), bytes, "shipped logs applied");
+            Ok(())
+        }
+        .await;
+        for s in &spools {
+            let _ = std::fs::remove_file(s);
+        }
+        res
     }
 
     async fn fetch_block(&self, disk: &str, index: u64, id: ChunkId) -> Result<Vec<u8>> {
