@@ -262,3 +262,25 @@ fn vhd_511_byte_footer_opens() {
     d.read_at(5 * MIB, &mut buf).expect("read");
     assert!(buf.iter().all(|&x| x == 0x62));
 }
+
+#[test]
+fn vhdx_log_descriptor_outside_bounds_is_refused() {
+    let dir = tempdir();
+    let p = make(&dir, "d.vhdx", Format::Vhdx, Subformat::Dynamic);
+    ferry_disk::testing::crash_after_log(&p, 7 * MIB, &[0x77; 4096]).expect("hook");
+    let b = std::fs::read(&p).expect("read");
+    let entry = MIB as usize;
+    let len = u32::from_le_bytes(b[entry + 8..entry + 12].try_into().expect("4 bytes")) as usize;
+    // First descriptor's FileOffset -> the header section, which is never logged.
+    patch(&p, MIB + 64 + 16, &(64u64 << 10).to_le_bytes());
+    vhdx_crc(&p, MIB, len);
+    let e = err_of(open(&p));
+    assert!(e.contains("vhdx log descriptor at offset 0x100000"), "{e}");
+    // Zero descriptor reaching far past the file.
+    std::fs::write(&p, &b).expect("restore");
+    patch(&p, MIB + 64, b"zero");
+    patch(&p, MIB + 64 + 8, &(1u64 << 50).to_le_bytes());
+    vhdx_crc(&p, MIB, len);
+    let e = err_of(open(&p));
+    assert!(e.contains("vhdx log"), "{e}");
+}

@@ -13,6 +13,9 @@ use crate::{BlockDevice, DiskError, DiskInfo, Extent, ExtentKind};
 
 /// Largest log read into memory; Hyper-V and qemu use 1 MiB.
 const MAX_LOG: u64 = 256 * MIB;
+/// How far LastFileOffset may lie past the end of the file: a crashed writer's last block
+/// (at most 256 MiB) plus alignment.
+const LOG_SLACK: u64 = 512 * MIB;
 
 pub(crate) struct VhdxDisk {
     pub f: DiskFile,
@@ -114,6 +117,38 @@ impl VhdxDisk {
                 needed: replay.flushed_file_offset,
                 file_len: self.f.len,
             });
+        }
+        // Bound what a replay may touch: everything lies below LastFileOffset, and that may
+        // exceed the file only by what a crashed writer had not extended yet.
+        let limit = self.f.len.saturating_add(LOG_SLACK);
+        if replay.last_file_offset > limit {
+            return Err(DiskError::corrupt(
+                &self.f.path,
+                "vhdx log entry last file offset",
+                lo,
+                format!(
+                    "{:#x} is far beyond the end of the file ({:#x})",
+                    replay.last_file_offset, self.f.len
+                ),
+            ));
+        }
+        let bound = replay.last_file_offset.max(self.f.len);
+        for op in &replay.ops {
+            let (o, n) = match op {
+                LogOp::Data { offset, sector } => (*offset, sector.len() as u64),
+                LogOp::Zero { offset, len } => (*offset, *len),
+            };
+            // The identifier and the headers are never logged; region tables may be.
+            if o.checked_add(n).is_none_or(|e| e > bound) || o < REGION1 {
+                return Err(DiskError::corrupt(
+                    &self.f.path,
+                    "vhdx log descriptor",
+                    lo,
+                    format!(
+                        "write of {n:#x} bytes at {o:#x} lies outside {REGION1:#x}..{bound:#x}"
+                    ),
+                ));
+            }
         }
         tracing::info!(path = %self.f.path.display(), seq = replay.head_seq, writes = replay.ops.len(), "vhdx log replayed in memory");
         self.ops = replay.ops.clone();

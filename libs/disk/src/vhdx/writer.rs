@@ -220,6 +220,8 @@ impl VhdxWriter {
         let Some(r) = self.d.replay.take() else {
             return Ok(());
         };
+        // FileWriteGuid is renewed before the first modification, the replay included.
+        self.update_header(|h| h.file_write_guid = Uuid::new_v4())?;
         for op in &r.ops {
             match op {
                 LogOp::Data { offset, sector } => {
@@ -243,10 +245,10 @@ impl VhdxWriter {
         self.d.ops.clear();
         self.next_free = self.d.f.len.div_ceil(MIB) * MIB;
         tracing::info!(path = %self.d.f.path.display(), seq = r.head_seq, "vhdx log replayed into the file");
-        self.update_header(|h| {
-            h.file_write_guid = Uuid::new_v4();
-            h.log_guid = Uuid::nil();
-        })
+        // The log is applied and durable: empty it, as qemu does.
+        self.update_header(|h| h.log_guid = Uuid::nil())?;
+        self.session = true;
+        Ok(())
     }
 
     /// Writes the changed header over the non-current slot, flushes, and repeats once so both
