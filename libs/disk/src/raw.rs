@@ -102,6 +102,9 @@ pub(crate) struct RawWriter {
     f: DiskFile,
     size: u64,
     fresh: bool,
+    /// End of the highest write so far: only zero writes past it can be skipped, because
+    /// nothing was ever written there (a new file reads zeros).
+    written_end: u64,
 }
 
 impl RawWriter {
@@ -112,6 +115,7 @@ impl RawWriter {
             f,
             size,
             fresh: true,
+            written_end: 0,
         })
     }
 
@@ -122,6 +126,7 @@ impl RawWriter {
             f,
             size,
             fresh: false,
+            written_end: 0,
         })
     }
 }
@@ -129,9 +134,10 @@ impl RawWriter {
 impl DiskWriter for RawWriter {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
         check_range(offset, data.len(), self.size)?;
-        if self.fresh && is_zero(data) {
+        if self.fresh && offset >= self.written_end && is_zero(data) {
             return Ok(());
         }
+        self.written_end = self.written_end.max(offset + data.len() as u64);
         self.f.write_all_at(offset, data, "raw data")
     }
     fn flush(&mut self) -> Result<(), DiskError> {

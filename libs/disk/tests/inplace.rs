@@ -455,3 +455,48 @@ fn vhdx_log_wraps_during_in_place_writes() {
     let (code, text) = qemu_compare(&img2, "vhdx", &raw, "raw");
     assert_eq!(code, 0, "qemu replay of the wrapped log: {text}");
 }
+
+/// New files skip zero writes only where nothing was written: zeros over earlier data stick.
+#[test]
+fn fresh_writers_honour_zero_overwrites() {
+    use ferry_disk::{CreateOptions, Subformat, create};
+    let dir = tempdir();
+    let size = 9 * MIB;
+    let w = [
+        (MIB, vec![0x41u8; 3 * MIB as usize]),
+        (2 * MIB, vec![0u8; 4096]),
+        (3 * MIB, vec![0u8; MIB as usize]),
+        (6 * MIB, vec![0u8; 8192]),
+        (8 * MIB, vec![0x42u8; 512]),
+    ];
+    let mut model = vec![0u8; size as usize];
+    apply(&mut model, &w);
+    let model_raw = file(&dir, "model.raw");
+    std::fs::write(&model_raw, &model).expect("model");
+    for (i, (format, sub, q)) in [
+        (Format::Raw, Subformat::Fixed, "raw"),
+        (Format::Vhd, Subformat::Fixed, "vpc"),
+        (Format::Vhd, Subformat::Dynamic, "vpc"),
+        (Format::Vhdx, Subformat::Fixed, "vhdx"),
+        (Format::Vhdx, Subformat::Dynamic, "vhdx"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = file(&dir, &format!("o{i}"));
+        let mut d = create(
+            &out,
+            format,
+            &CreateOptions {
+                virtual_size: size,
+                subformat: sub,
+                block_size: Some(MIB as u32),
+            },
+        )
+        .expect("create");
+        write_all(d.as_mut(), &w);
+        d.finish().expect("finish");
+        let (code, text) = qemu_compare(&out, q, &model_raw, "raw");
+        assert_eq!(code, 0, "{format} {sub}: {text}");
+    }
+}

@@ -22,6 +22,8 @@ pub(crate) struct VhdWriter {
     next_free: u64,
     fresh: bool,
     bat_dirty: bool,
+    /// Fixed files: end of the highest write so far; zero writes past it are skipped.
+    written_end: u64,
 }
 
 fn check_size(size: u64) -> Result<(), DiskError> {
@@ -55,6 +57,7 @@ impl VhdWriter {
                     next_free: size,
                     fresh: true,
                     bat_dirty: false,
+                    written_end: 0,
                 })
             }
             Subformat::Dynamic => {
@@ -131,6 +134,7 @@ impl VhdWriter {
             next_free,
             fresh: true,
             bat_dirty: true,
+            written_end: 0,
         };
         w.write_metadata()?;
         Ok(w)
@@ -219,6 +223,7 @@ impl VhdWriter {
             next_free,
             fresh: false,
             bat_dirty: false,
+            written_end: 0,
         })
     }
 
@@ -346,9 +351,10 @@ impl DiskWriter for VhdWriter {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
         check_range(offset, data.len(), self.d.size())?;
         if self.d.header.is_none() {
-            if self.fresh && is_zero(data) {
+            if self.fresh && offset >= self.written_end && is_zero(data) {
                 return Ok(());
             }
+            self.written_end = self.written_end.max(offset + data.len() as u64);
             return self.d.f.write_all_at(offset, data, "vhd fixed data");
         }
         let bs = self.d.block_size();
