@@ -17,12 +17,27 @@ pub struct AgentConfig {
     /// Override of the registry endpoint in the key file.
     #[serde(default)]
     pub registry: Option<String>,
+    /// Change tracking: serve the disks over NBD and record every write in `.hrl` logs.
+    /// Without this section the agent copies disks but cannot run delta cycles.
+    #[serde(default)]
+    pub tracker: Option<TrackerSection>,
     /// Blocks in one upload batch (one QUIC stream).
     #[serde(default = "default_batch")]
     pub batch_blocks: usize,
     /// Upload batches in flight at once.
     #[serde(default = "default_inflight")]
     pub batches_in_flight: usize,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrackerSection {
+    /// Folder of the NBD Unix socket (default: `<data_dir>/nbd`).
+    #[serde(default)]
+    pub socket_dir: Option<PathBuf>,
+    /// Also serve NBD on this loopback address.
+    #[serde(default)]
+    pub tcp_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -84,6 +99,12 @@ impl AgentConfig {
         };
         cfg.registration_key = abs(&cfg.registration_key);
         cfg.data_dir = abs(&cfg.data_dir);
+        if let Some(t) = &mut cfg.tracker {
+            t.socket_dir = Some(match &t.socket_dir {
+                Some(d) => abs(d),
+                None => cfg.data_dir.join("nbd"),
+            });
+        }
         for vm in &mut cfg.vms {
             vm.disks = vm.disks.iter().map(|d| abs(d)).collect();
         }

@@ -6,7 +6,11 @@ use crate::config::VmConfig;
 
 /// A disk as reported to the registry; a disk that cannot be opened is reported with its
 /// error so the enable-protection prerequisites can name it.
-pub fn describe_disk(vm: &str, path: &std::path::Path) -> Disk {
+pub fn describe_disk(
+    vm: &str,
+    path: &std::path::Path,
+    tracker: Option<&crate::tracker::Tracker>,
+) -> Disk {
     let path_s = path.to_string_lossy().to_string();
     let mut d = Disk {
         id: ferry_proto::disk_id(vm, &path_s),
@@ -24,16 +28,19 @@ pub fn describe_disk(vm: &str, path: &std::path::Path) -> Disk {
         }
         Err(e) => d.error = e.to_string(),
     }
+    if let Some(uri) = tracker.and_then(|t| t.nbd_uri(path)) {
+        d.nbd_uri = uri;
+    }
     d
 }
 
-pub fn describe_vm(vm: &VmConfig) -> VmInventory {
+pub fn describe_vm(vm: &VmConfig, tracker: Option<&crate::tracker::Tracker>) -> VmInventory {
     VmInventory {
         name: vm.name.clone(),
         disks: vm
             .disks
             .iter()
-            .map(|p| describe_disk(&vm.name, p))
+            .map(|p| describe_disk(&vm.name, p, tracker))
             .collect(),
     }
 }

@@ -1,6 +1,7 @@
 //! The host agent: registers with the vault, reports its VMs and disks, takes work from the
 //! scheduler over a server stream and replicates disks to the gateway over QUIC.
 pub mod config;
+mod delta;
 pub mod identity;
 pub mod inventory;
 mod replicate;
@@ -28,21 +29,72 @@ pub struct Agent {
     uploader: Arc<Mutex<Option<Uploader>>>,
     /// VMs with a replication running, so a re-sent work item does not start a second copy.
     busy: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// The write tracker, when `[tracker]` is configured.
+    tracker: Option<tracker::Tracker>,
 }
 
 /// Registers if needed, then heartbeats and works until `shutdown`.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let creds = identity::load_or_register(&cfg).await?;
+    let tracker = match &cfg.tracker {
+        Some(t) => Some(start_tracker(&cfg, t, shutdown.clone()).await?),
+        None => None,
+    };
     let agent = Agent {
         cfg: Arc::new(cfg),
         creds: Arc::new(creds),
         uploader: Default::default(),
         busy: Default::default(),
+        tracker,
     };
     let hb = tokio::spawn(agent.clone().heartbeat_loop(shutdown.clone()));
     agent.work_loop(shutdown.clone()).await;
     hb.abort();
     Ok(())
+}
+
+/// NBD export name of a disk: `<vm>-<file name>`, restricted to what the tracker accepts.
+pub fn export_name(vm: &str, path: &std::path::Path) -> String {
+    let file = path
+        .file_name()
+        .map(|f| f.to_string_lossy().to_string())
+        .unwrap_or_default();
+    format!("{vm}-{file}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+async fn start_tracker(
+    cfg: &AgentConfig,
+    t: &config::TrackerSection,
+    shutdown: CancellationToken,
+) -> anyhow::Result<tracker::Tracker> {
+    let disks = cfg
+        .vms
+        .iter()
+        .flat_map(|vm| {
+            vm.disks.iter().map(|p| tracker::TrackedDisk {
+                vm: vm.name.clone(),
+                path: p.clone(),
+                export: export_name(&vm.name, p),
+            })
+        })
+        .collect();
+    let tcfg = tracker::TrackerConfig {
+        socket_dir: t
+            .socket_dir
+            .clone()
+            .unwrap_or_else(|| cfg.data_dir.join("nbd")),
+        tcp_listen: t.tcp_listen,
+    };
+    Ok(tracker::Tracker::start(tcfg, disks, shutdown).await?)
 }
 
 impl Agent {
@@ -55,8 +107,11 @@ impl Agent {
         loop {
             let inv: Vec<_> = {
                 let vms = self.cfg.vms.clone();
+                let tracker = self.tracker.clone();
                 tokio::task::spawn_blocking(move || {
-                    vms.iter().map(inventory::describe_vm).collect()
+                    vms.iter()
+                        .map(|v| inventory::describe_vm(v, tracker.as_ref()))
+                        .collect()
                 })
                 .await
                 .unwrap_or_default()
@@ -157,6 +212,7 @@ impl Agent {
                 self.initial_replication(&item.vm, &item.job_id, &stop)
                     .await
             }
+            Ok(WorkKind::DeltaCycle) => self.delta_cycle(&item.vm, &stop).await,
             _ => Err(ReplError::Permanent(format!(
                 "work kind {} is not supported by this agent",
                 item.kind

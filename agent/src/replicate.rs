@@ -39,7 +39,7 @@ impl ReplError {
     }
 }
 
-fn from_status(what: &str, s: tonic::Status) -> ReplError {
+pub(crate) fn from_status(what: &str, s: tonic::Status) -> ReplError {
     use tonic::Code;
     let msg = format!("{what}: {}", s.message());
     match s.code() {
@@ -60,10 +60,10 @@ pub struct CopyStats {
     pub bytes_sent: AtomicU64,
 }
 
-struct ReadBlock {
-    index: u64,
-    id: ChunkId,
-    data: Vec<u8>,
+pub(crate) struct ReadBlock {
+    pub(crate) index: u64,
+    pub(crate) id: ChunkId,
+    pub(crate) data: Vec<u8>,
 }
 
 impl Agent {
@@ -119,29 +119,7 @@ impl Agent {
         job_id: &str,
         cancel: &CancellationToken,
     ) -> Result<(), ReplError> {
-        let vm_cfg = self
-            .cfg
-            .vms
-            .iter()
-            .find(|v| v.name == vm)
-            .ok_or_else(|| {
-                ReplError::Permanent(format!(
-                    "vm {vm} is not configured on host {}",
-                    self.creds.host
-                ))
-            })?
-            .clone();
-        let disks: Vec<Disk> = vm_cfg
-            .disks
-            .iter()
-            .map(|p| crate::inventory::describe_disk(vm, p))
-            .collect();
-        if let Some(d) = disks.iter().find(|d| !d.error.is_empty()) {
-            return Err(ReplError::Permanent(format!(
-                "disk {}: {}",
-                d.path, d.error
-            )));
-        }
+        let disks = self.vm_disks(vm)?;
         let mut ingest = self.ingest().await?;
         let begun = ingest
             .begin_cycle(BeginCycleRequest {
@@ -163,7 +141,20 @@ impl Agent {
             Duration::from_millis(begun.lease_ttl_ms.max(3000) / 3),
             lost.clone(),
         );
+        let mut shipped_files = Vec::new();
         let work = async {
+            // Tracking starts before the copy: logs sealed now hold writes the copy reads
+            // anyway, so they go; writes made during the copy land in the next logs, which
+            // are shipped with the copy and applied on top of it (a consistent point as of
+            // the end of those logs).
+            if self.tracker.is_some() {
+                self.cut(vm).await?;
+                for d in &disks {
+                    crate::delta::remove_logs(&crate::delta::sealed_logs(std::path::Path::new(
+                        &d.path,
+                    ))?);
+                }
+            }
             let mut maps = Vec::new();
             for d in &disks {
                 let blocks = self
@@ -174,6 +165,16 @@ impl Agent {
                     blocks,
                     ..Default::default()
                 });
+            }
+            if self.tracker.is_some() {
+                self.cut(vm).await?;
+                for (d, m) in disks.iter().zip(maps.iter_mut()) {
+                    let (logs, files) = self
+                        .ship_disk_logs(&cycle, d, begun.block_size, &lost)
+                        .await?;
+                    m.shipped_logs = logs;
+                    shipped_files.extend(files);
+                }
             }
             Ok::<_, ReplError>(maps)
         };
@@ -202,11 +203,12 @@ impl Agent {
             .into_inner()
             .point
             .unwrap_or_default();
+        crate::delta::remove_logs(&shipped_files);
         tracing::info!(vm, cycle = %cycle, point = %point.id, "initial replication committed");
         Ok(())
     }
 
-    fn spawn_renewer(
+    pub(crate) fn spawn_renewer(
         &self,
         cycle: String,
         every: Duration,
@@ -332,7 +334,7 @@ impl Agent {
     /// reconnects and offers the batch again (storage keeps what landed, so nothing stored is
     /// sent twice); after about half a minute of failures the cycle gives up and the
     /// scheduler's retry takes over.
-    async fn upload_with_retry(
+    pub(crate) async fn upload_with_retry(
         self,
         cycle: String,
         blocks: Vec<ReadBlock>,

@@ -347,6 +347,19 @@ impl RegistryService {
             last_error: String::new(),
         }])
         .await?;
+        // Delta cycles start at once; the scheduler also finds the VM on its next sync.
+        if let Err(e) = self.reschedule(vm).await {
+            tracing::debug!(vm, error = %e, "scheduler not told of the new protected vm; it will sync");
+        }
         Ok(Outcome::Done)
+    }
+
+    async fn reschedule(&self, vm: &str) -> anyhow::Result<()> {
+        let tls = ClientTls::service(&self.cfg)?;
+        let ch = ferry_mesh::connect(&self.cfg.endpoint(Component::Scheduler), &tls).await?;
+        SchedulerClient::new(ch)
+            .reschedule(ferry_proto::scheduler::v1::RescheduleRequest { vm: vm.to_string() })
+            .await?;
+        Ok(())
     }
 }

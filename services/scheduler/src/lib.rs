@@ -2,6 +2,7 @@
 //! host's agent. Work that was sent but never completed is re-sent when the host's agent
 //! reconnects, so an agent killed mid-copy picks its copy up again after a restart. Failed
 //! recoverable work goes to the retry set with backoff (DESIGN §2.6).
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +11,9 @@ use anyhow::Context;
 use ferry_coord::Coord;
 use ferry_mesh::{ClientTls, Component, MeshConfig, Role};
 use ferry_proto::now_ms;
-use ferry_proto::registry::v1::{ReportReplicationErrorRequest, registry_client::RegistryClient};
+use ferry_proto::registry::v1::{
+    ListVmsRequest, ReportReplicationErrorRequest, registry_client::RegistryClient,
+};
 use ferry_proto::scheduler::v1::{self as pb, WorkItem, scheduler_server::Scheduler};
 use futures::Stream;
 use serde::{Deserialize, Serialize};
@@ -62,7 +65,20 @@ pub struct SchedulerService {
     cfg: MeshConfig,
     coord: Coord,
     shutdown: CancellationToken,
+    /// Delta cycle timing per protected VM. Rebuilt from the registry (the catalog) every few
+    /// seconds and at start, so losing this process or Redis loses no schedule.
+    cycles: tokio::sync::Mutex<HashMap<String, CycleSchedule>>,
 }
+
+#[derive(Clone, Debug)]
+struct CycleSchedule {
+    host: String,
+    every: Duration,
+    next_due_ms: i64,
+}
+
+/// How often the schedule is re-read from the registry.
+const SCHEDULE_SYNC: Duration = Duration::from_secs(5);
 
 pub async fn run(
     cfg: MeshConfig,
@@ -76,8 +92,10 @@ pub async fn run(
         cfg: cfg.clone(),
         coord,
         shutdown: shutdown.clone(),
+        cycles: Default::default(),
     });
     tokio::spawn(svc.clone().retry_loop());
+    tokio::spawn(svc.clone().cycle_loop());
     let auth = ferry_mesh::Authenticator::with_admin_token(&cfg.admin_token()?);
     let server = pb::scheduler_server::SchedulerServer::new(Api(svc));
     let routes = tonic::service::Routes::new(tonic::service::interceptor::InterceptedService::new(
@@ -98,6 +116,87 @@ pub async fn run(
 }
 
 impl SchedulerService {
+    /// Dispatches a delta cycle to each protected VM's host every policy interval. One work
+    /// item per VM (`delta-<vm>`): while a cycle is queued or running, no second one piles up.
+    async fn cycle_loop(self: Arc<Self>) {
+        let mut last_sync = 0i64;
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            if now_ms() - last_sync >= SCHEDULE_SYNC.as_millis() as i64 {
+                last_sync = now_ms();
+                if let Err(e) = self.sync_schedule().await {
+                    tracing::debug!(error = %e, "schedule sync with the registry failed");
+                }
+            }
+            let due: Vec<(String, CycleSchedule)> = {
+                let mut cycles = self.cycles.lock().await;
+                let now = now_ms();
+                cycles
+                    .iter_mut()
+                    .filter(|(_, c)| c.next_due_ms <= now)
+                    .map(|(vm, c)| {
+                        c.next_due_ms = now + c.every.as_millis() as i64;
+                        (vm.clone(), c.clone())
+                    })
+                    .collect()
+            };
+            for (vm, c) in due {
+                let w = QueuedWork {
+                    id: format!("delta-{vm}"),
+                    kind: pb::WorkKind::DeltaCycle as i32,
+                    vm: vm.clone(),
+                    job_id: String::new(),
+                    attempt: 1,
+                    created_at_ms: now_ms(),
+                    host: c.host.clone(),
+                    last_error: String::new(),
+                };
+                let Ok(payload) = serde_json::to_string(&w) else {
+                    continue;
+                };
+                match self.coord.push_work(&c.host, &w.id, &payload).await {
+                    Ok(()) => tracing::debug!(vm = %vm, host = %c.host, "delta cycle queued"),
+                    Err(e) => tracing::warn!(vm = %vm, error = %e, "queueing a delta cycle failed"),
+                }
+            }
+        }
+    }
+
+    /// Protected VMs and their policies, from the registry.
+    async fn sync_schedule(&self) -> anyhow::Result<()> {
+        let tls = ClientTls::service(&self.cfg)?;
+        let ch = ferry_mesh::connect(&self.cfg.endpoint(Component::Registry), &tls).await?;
+        let vms = RegistryClient::new(ch)
+            .list_vms(ListVmsRequest {})
+            .await?
+            .into_inner()
+            .vms;
+        let mut cycles = self.cycles.lock().await;
+        let mut keep = std::collections::HashSet::new();
+        for v in vms.into_iter().filter(|v| v.state == "protected") {
+            let every = Duration::from_secs(
+                v.policy
+                    .as_ref()
+                    .map_or(300, |p| p.frequency_seconds.max(1)),
+            );
+            keep.insert(v.name.clone());
+            let e = cycles.entry(v.name.clone()).or_insert_with(|| {
+                tracing::info!(vm = %v.name, host = %v.host, every_s = every.as_secs(), "delta cycles scheduled");
+                CycleSchedule { host: v.host.clone(), every, next_due_ms: now_ms() + every.as_millis() as i64 }
+            });
+            e.host = v.host.clone();
+            if e.every != every {
+                e.next_due_ms = e.next_due_ms.min(now_ms() + every.as_millis() as i64);
+                e.every = every;
+            }
+        }
+        cycles.retain(|vm, _| keep.contains(vm));
+        Ok(())
+    }
+
     /// Moves due retries back into their host's queue.
     async fn retry_loop(self: Arc<Self>) {
         let tick = (self.cfg.retry.time_unit / 10)

@@ -1,0 +1,238 @@
+//! Delta replication: each cycle the tracker seals the logs of all the VM's disks at one
+//! instant, the sealed `.hrl` files travel to storage as content-addressed chunks (the same
+//! offer/need protocol as blocks), the cycle commits them as the VM's next recovery point, and
+//! only then are the files deleted on the host. A cycle that fails leaves its sealed logs in
+//! place; the next cycle ships them first (oldest first), so no write is lost in between.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_proto::common::v1::{Disk, ShippedLog};
+use ferry_proto::ingest::v1::{
+    AbortCycleRequest, BeginCycleRequest, CommitCycleRequest, CycleKind, DiskBlockMap,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::Agent;
+use crate::replicate::{CopyStats, ReadBlock, ReplError, from_status};
+use crate::tracker::list_logs;
+
+/// Every log next to `disk` except the tracker's current one (the highest sequence number):
+/// those are sealed and waiting to be shipped, oldest first.
+pub(crate) fn sealed_logs(disk: &Path) -> Result<Vec<PathBuf>, ReplError> {
+    let mut logs = list_logs(disk)
+        .map_err(|e| ReplError::Recoverable(format!("{}: listing logs: {e}", disk.display())))?;
+    logs.pop();
+    Ok(logs.into_iter().map(|(_, p)| p).collect())
+}
+
+pub(crate) fn remove_logs(logs: &[PathBuf]) {
+    for p in logs {
+        if let Err(e) = std::fs::remove_file(p) {
+            tracing::warn!(log = %p.display(), error = %e, "cannot remove a shipped log");
+        }
+    }
+}
+
+impl Agent {
+    fn tracker_for(&self, vm: &str) -> Result<&crate::tracker::Tracker, ReplError> {
+        self.tracker.as_ref().ok_or_else(|| {
+            ReplError::Permanent(format!(
+                "vm {vm}: change tracking is not enabled on host {} (add a [tracker] section to agent.toml)",
+                self.creds.host
+            ))
+        })
+    }
+
+    /// Seals the VM's current logs (one instant across its disks).
+    pub(crate) async fn cut(&self, vm: &str) -> Result<(), ReplError> {
+        self.tracker_for(vm)?
+            .cut(vm)
+            .await
+            .map(|_| ())
+            .map_err(|e| ReplError::Recoverable(format!("vm {vm}: sealing logs: {e}")))
+    }
+
+    /// Ships one sealed log; None when it holds no write (nothing to apply).
+    pub(crate) async fn ship_log(
+        &self,
+        cycle: &str,
+        path: &Path,
+        block_size: u32,
+        lost: &CancellationToken,
+    ) -> Result<Option<ShippedLog>, ReplError> {
+        let p = path.to_path_buf();
+        let log = tokio::task::spawn_blocking(move || ferry_disk::hrl::HrlLog::open(&p))
+            .await
+            .map_err(|e| ReplError::Recoverable(format!("log reader: {e}")))?
+            .map_err(|e| {
+                ReplError::Permanent(format!("{}: {e}; the vm needs a resync", path.display()))
+            })?;
+        if !log.clean {
+            return Err(ReplError::Permanent(format!(
+                "{} was not closed cleanly (the agent stopped without sealing it); the vm needs a resync",
+                path.display()
+            )));
+        }
+        if log.records.is_empty() {
+            return Ok(None);
+        }
+        let write_bytes: u64 = log.records.iter().map(|r| u64::from(r.length)).sum();
+        let bytes = tokio::fs::read(path)
+            .await
+            .map_err(|e| ReplError::Recoverable(format!("{}: {e}", path.display())))?;
+        let length = bytes.len() as u64;
+        let key = self.creds.vault_key.clone();
+        let pieces: Vec<ReadBlock> = bytes
+            .chunks(block_size.max(4096) as usize)
+            .enumerate()
+            .map(|(i, c)| ReadBlock {
+                index: i as u64,
+                id: ferry_store::chunk_id(&key, c),
+                data: c.to_vec(),
+            })
+            .collect();
+        let chunks: Vec<Vec<u8>> = pieces.iter().map(|b| b.id.to_vec()).collect();
+        let stats = Arc::new(CopyStats::default());
+        for batch in pieces.chunks(self.cfg.batch_blocks) {
+            let batch: Vec<ReadBlock> = batch
+                .iter()
+                .map(|b| ReadBlock {
+                    index: b.index,
+                    id: b.id,
+                    data: b.data.clone(),
+                })
+                .collect();
+            self.clone()
+                .upload_with_retry(cycle.to_string(), batch, stats.clone(), lost.clone())
+                .await?;
+        }
+        Ok(Some(ShippedLog {
+            unique_id: log.header.unique_id.as_bytes().to_vec(),
+            previous_id: log.header.previous_unique_id.as_bytes().to_vec(),
+            length,
+            chunks,
+            records: log.records.len() as u64,
+            write_bytes,
+        }))
+    }
+
+    /// One delta cycle of a VM: cut, ship every sealed log, commit, delete what was shipped.
+    pub(crate) async fn delta_cycle(
+        &self,
+        vm: &str,
+        cancel: &CancellationToken,
+    ) -> Result<(), ReplError> {
+        let disks = self.vm_disks(vm)?;
+        self.cut(vm).await?;
+        let mut ingest = self.ingest().await?;
+        let begun = ingest
+            .begin_cycle(BeginCycleRequest {
+                vm: vm.to_string(),
+                host_name: self.creds.host.clone(),
+                kind: CycleKind::Delta as i32,
+                disks: disks.clone(),
+                job_id: String::new(),
+                consistency: "crash".into(),
+            })
+            .await
+            .map_err(|s| from_status("begin cycle", s))?
+            .into_inner();
+        let cycle = begun.cycle_id.clone();
+        let lost = CancellationToken::new();
+        let renew = self.spawn_renewer(
+            cycle.clone(),
+            Duration::from_millis(begun.lease_ttl_ms.max(3000) / 3),
+            lost.clone(),
+        );
+        let mut shipped_files = Vec::new();
+        let result = async {
+            let mut maps = Vec::new();
+            for d in &disks {
+                if cancel.is_cancelled() {
+                    return Err(ReplError::Recoverable("cycle cancelled".into()));
+                }
+                let (logs, files) = self
+                    .ship_disk_logs(&cycle, d, begun.block_size, &lost)
+                    .await?;
+                shipped_files.extend(files);
+                maps.push(DiskBlockMap {
+                    disk_id: d.id.clone(),
+                    shipped_logs: logs,
+                    ..Default::default()
+                });
+            }
+            Ok(maps)
+        }
+        .await;
+        renew.cancel();
+        let maps = match result {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = ingest
+                    .abort_cycle(AbortCycleRequest {
+                        cycle_id: cycle.clone(),
+                        reason: e.to_string(),
+                    })
+                    .await;
+                return Err(e);
+            }
+        };
+        let shipped: usize = maps.iter().map(|m| m.shipped_logs.len()).sum();
+        let point = ingest
+            .commit_cycle(CommitCycleRequest {
+                cycle_id: cycle.clone(),
+                disks: maps,
+                fencing_tokens: begun.fencing_tokens,
+            })
+            .await
+            .map_err(|s| from_status("commit cycle", s))?
+            .into_inner()
+            .point
+            .unwrap_or_default();
+        // The point is durable: the logs it holds may go.
+        remove_logs(&shipped_files);
+        tracing::info!(vm, cycle = %cycle, point = %point.id, logs = shipped, "delta cycle committed");
+        Ok(())
+    }
+
+    /// Ships a disk's sealed logs, oldest first. Returns them and every sealed file the cycle
+    /// covers (empty logs included), to delete once the point is durable.
+    pub(crate) async fn ship_disk_logs(
+        &self,
+        cycle: &str,
+        d: &Disk,
+        block_size: u32,
+        lost: &CancellationToken,
+    ) -> Result<(Vec<ShippedLog>, Vec<PathBuf>), ReplError> {
+        let files = sealed_logs(Path::new(&d.path))?;
+        let mut logs = Vec::new();
+        for f in &files {
+            if let Some(l) = self.ship_log(cycle, f, block_size, lost).await? {
+                logs.push(l);
+            }
+        }
+        Ok((logs, files))
+    }
+
+    pub(crate) fn vm_disks(&self, vm: &str) -> Result<Vec<Disk>, ReplError> {
+        let vm_cfg = self.cfg.vms.iter().find(|v| v.name == vm).ok_or_else(|| {
+            ReplError::Permanent(format!(
+                "vm {vm} is not configured on host {}",
+                self.creds.host
+            ))
+        })?;
+        let disks: Vec<Disk> = vm_cfg
+            .disks
+            .iter()
+            .map(|p| crate::inventory::describe_disk(vm, p, self.tracker.as_ref()))
+            .collect();
+        if let Some(d) = disks.iter().find(|d| !d.error.is_empty()) {
+            return Err(ReplError::Permanent(format!(
+                "disk {}: {}",
+                d.path, d.error
+            )));
+        }
+        Ok(disks)
+    }
+}
