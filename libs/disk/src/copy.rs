@@ -81,3 +81,50 @@ pub fn copy_into(src: &dyn BlockDevice, dst: &mut dyn DiskWriter) -> Result<Copy
     }
     Ok(stats)
 }
+
+/// Fixed-size blocks of a device that hold data in some layer of its chain, in order, as
+/// `(offset, len)` (the last block may be short). Blocks made only of Zero and Absent runs are
+/// skipped, so a reader touches only what exists; an allocated block is listed even if its
+/// bytes are zeros (checking content is the reader's job). Memory is the extent list.
+pub struct DataBlocks {
+    extents: Vec<Extent>,
+    idx: usize,
+    pos: u64,
+    block: u64,
+    size: u64,
+}
+
+impl Iterator for DataBlocks {
+    type Item = (u64, u64);
+
+    fn next(&mut self) -> Option<(u64, u64)> {
+        while let Some(e) = self.extents.get(self.idx) {
+            if e.kind != ExtentKind::Allocated || e.offset + e.len <= self.pos {
+                self.idx += 1;
+                continue;
+            }
+            let start = self.pos.max(e.offset);
+            let b = start / self.block * self.block;
+            let len = self.block.min(self.size - b);
+            self.pos = b + len;
+            return Some((b, len));
+        }
+        None
+    }
+}
+
+/// Iterates the `block`-sized blocks of `dev` that hold data (see [`DataBlocks`]).
+pub fn data_blocks(dev: &dyn BlockDevice, block: u64) -> Result<DataBlocks, DiskError> {
+    if block == 0 {
+        return Err(DiskError::InvalidArgument(
+            "block size must be positive".into(),
+        ));
+    }
+    Ok(DataBlocks {
+        extents: visible_extents(dev)?,
+        idx: 0,
+        pos: 0,
+        block,
+        size: dev.virtual_size(),
+    })
+}

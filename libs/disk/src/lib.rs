@@ -18,7 +18,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-pub use copy::{COPY_CHUNK, CopyStats, copy_into, visible_extents};
+pub use copy::{COPY_CHUNK, CopyStats, DataBlocks, copy_into, data_blocks, visible_extents};
 pub use error::DiskError;
 pub use io::{AlignedBuf, is_zero};
 pub use vhdx::VhdxCreateOptions;

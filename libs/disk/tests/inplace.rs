@@ -500,3 +500,55 @@ fn fresh_writers_honour_zero_overwrites() {
         assert_eq!(code, 0, "{format} {sub}: {text}");
     }
 }
+
+#[test]
+fn data_blocks_skip_holes_and_zero_blocks() {
+    let dir = tempdir();
+    let img = file(&dir, "d.vhdx");
+    qemu_create(
+        &img,
+        "vhdx",
+        "subformat=dynamic,block_size=1M",
+        10 * MIB + 512,
+    );
+    qemu_io(
+        &img,
+        "vhdx",
+        &[
+            "write -P 1 4096 512".to_string(),
+            format!("write -P 2 {} 3145728", 3 * MIB + 100 * 512),
+            format!("write -z {} 1048576", 8 * MIB),
+            format!("write -P 3 {} 512", 10 * MIB),
+        ],
+    );
+    let d = open(&img).expect("open");
+    let blocks: Vec<(u64, u64)> = ferry_disk::data_blocks(d.as_ref(), MIB)
+        .expect("blocks")
+        .collect();
+    assert_eq!(
+        blocks,
+        vec![
+            (0, MIB),
+            (3 * MIB, MIB),
+            (4 * MIB, MIB),
+            (5 * MIB, MIB),
+            (6 * MIB, MIB),
+            // qemu's zero write allocated this block (with zeros): allocated, so listed.
+            (8 * MIB, MIB),
+            (10 * MIB, 512)
+        ]
+    );
+    // qemu marks unwritten blocks ZERO (block_state_zero): Zero runs are skipped too.
+    assert_eq!(
+        d.extents().expect("map")[1].kind,
+        ferry_disk::ExtentKind::Zero
+    );
+    // 4 MiB blocks: the same data, coarser.
+    let blocks: Vec<(u64, u64)> = ferry_disk::data_blocks(d.as_ref(), 4 * MIB)
+        .expect("blocks")
+        .collect();
+    assert_eq!(
+        blocks,
+        vec![(0, 4 * MIB), (4 * MIB, 4 * MIB), (8 * MIB, 2 * MIB + 512)]
+    );
+}
