@@ -6,6 +6,8 @@ use crate::{BlockDevice, DiskError, DiskWriter, Extent, ExtentKind};
 
 /// Bytes per read: large enough for sequential throughput, small enough to bound memory.
 pub const COPY_CHUNK: usize = 4 << 20;
+/// Granularity of zero detection when copying: a sparse file's holes are at least this big.
+const ZERO_GRAIN: usize = 64 << 10;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CopyStats {
@@ -72,9 +74,20 @@ pub fn copy_into(src: &dyn BlockDevice, dst: &mut dyn DiskWriter) -> Result<Copy
             let b = &mut buf.as_mut_slice()[..n];
             src.read_at(off, b)?;
             stats.read += n as u64;
-            if !is_zero(b) {
-                dst.write_at(off, b)?;
-                stats.written += n as u64;
+            // Write only the runs of non-zero pieces, so zeros inside allocated blocks stay
+            // holes in sparse outputs.
+            let mut run: Option<usize> = None;
+            for p in (0..n).step_by(ZERO_GRAIN).chain(std::iter::once(n)) {
+                let zero = p == n || is_zero(&b[p..(p + ZERO_GRAIN).min(n)]);
+                match (zero, run) {
+                    (false, None) => run = Some(p),
+                    (true, Some(start)) => {
+                        dst.write_at(off + start as u64, &b[start..p])?;
+                        stats.written += (p - start) as u64;
+                        run = None;
+                    }
+                    _ => {}
+                }
             }
             off += n as u64;
         }
