@@ -28,8 +28,18 @@ pub fn describe_disk(
         }
         Err(e) => d.error = e.to_string(),
     }
-    if let Some(uri) = tracker.and_then(|t| t.nbd_uri(path)) {
+    if let Some(t) = tracker
+        && let Some(uri) = t.nbd_uri(path)
+    {
         d.nbd_uri = uri;
+        // The current log plus sealed ones still waiting for their point.
+        let sealed: u64 = crate::delta::sealed_logs(path)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
+        d.pending_log_bytes = t.pending_bytes(path) + sealed;
     }
     d
 }

@@ -40,6 +40,7 @@ pub fn vm_json(v: &Vm) -> Value {
             "logical_sector_size": d.logical_sector_size,
             "allocated_bytes": d.allocated_bytes,
             "nbd_uri": d.nbd_uri,
+            "pending_log_bytes": d.pending_log_bytes,
             "error": d.error,
         })).collect::<Vec<_>>(),
         "policy": v.policy.as_ref().map(|p| json!({
@@ -49,6 +50,8 @@ pub fn vm_json(v: &Vm) -> Value {
             "resync_window": format!("{}-{}", p.resync_window_start, p.resync_window_end),
         })),
         "rpo_seconds": v.rpo_seconds,
+        "last_cycle_duration_ms": v.last_cycle_duration_ms,
+        "last_cycle_bytes": v.last_cycle_bytes,
         "last_point_id": v.last_point_id,
         "last_point_time": time(v.last_point_ms),
         "last_error": v.last_error,

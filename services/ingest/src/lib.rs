@@ -413,6 +413,8 @@ impl Ingest for Api {
                         vm: c.vm.clone(),
                         job_id: c.job_id.clone(),
                         point: Some(point.clone()),
+                        cycle_duration_ms: (now_ms() - c.started_at_ms).max(0) as u64,
+                        cycle_bytes: c.stats.plain_bytes_written + c.stats.bytes_skipped,
                     })
                     .await;
                 if let Err(e) = res {

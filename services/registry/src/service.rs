@@ -27,6 +27,10 @@ pub struct RegistryService {
     heartbeats: std::sync::Mutex<HashMap<String, i64>>,
     /// Wakes job runners when something they wait for changed.
     pub(crate) changed: Notify,
+    /// What changes every heartbeat or cycle is kept in memory only (rebuilt by the next
+    /// heartbeat / cycle): pending log bytes per disk id, last cycle (duration ms, bytes) per VM.
+    pending_logs: std::sync::Mutex<HashMap<String, u64>>,
+    last_cycle: std::sync::Mutex<HashMap<String, (u64, u64)>>,
     /// Hosts removed from the vault, read by the authenticator on every call (no await).
     revoked: Arc<std::sync::RwLock<std::collections::HashSet<String>>>,
     /// Progress writes are throttled: last persisted time per job.
@@ -63,6 +67,8 @@ impl RegistryService {
             changed: Notify::new(),
             progress_flushed: Default::default(),
             revoked: Arc::new(std::sync::RwLock::new(removed)),
+            pending_logs: Default::default(),
+            last_cycle: Default::default(),
             shutdown,
         })
     }
@@ -147,7 +153,42 @@ impl RegistryService {
             .get(&v.host)
             .map(|h| h.site.clone())
             .unwrap_or_default();
-        Ok(vm_to_proto(v, site))
+        Ok(self.vm_view(v, site))
+    }
+
+    /// The operator's view of a VM: durable state plus what heartbeats and cycles reported
+    /// lately; a protected VM whose newest point is older than three cycles is in warning.
+    fn vm_view(&self, v: &crate::state::VmRecord, site: String) -> pb::Vm {
+        let mut vm = vm_to_proto(v, site);
+        if let Ok(p) = self.pending_logs.lock() {
+            for d in &mut vm.disks {
+                d.pending_log_bytes = p.get(&d.id).copied().unwrap_or(0);
+            }
+        }
+        if let Some((ms, bytes)) = self
+            .last_cycle
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&v.name).copied())
+        {
+            vm.last_cycle_duration_ms = ms;
+            vm.last_cycle_bytes = bytes;
+        }
+        let every = v.policy.as_ref().map_or(0, |p| p.frequency_seconds);
+        if v.state == "protected"
+            && vm.health == "normal"
+            && every > 0
+            && vm.rpo_seconds > 3 * every + 5
+        {
+            vm.health = "warning".into();
+            if vm.last_error.is_empty() {
+                vm.last_error = format!(
+                    "no recovery point for {} s (policy: every {every} s)",
+                    vm.rpo_seconds
+                );
+            }
+        }
+        vm
     }
 }
 
@@ -173,6 +214,8 @@ fn vm_to_proto(v: &crate::state::VmRecord, site: String) -> pb::Vm {
         next_retry_ms: 0,
         protection_job_id: v.protection_job_id.clone(),
         failover_state: v.failover_state.clone(),
+        last_cycle_duration_ms: 0,
+        last_cycle_bytes: 0,
     }
 }
 
@@ -366,6 +409,11 @@ impl Registry for RegistryApi {
         if let Ok(mut hb) = self.heartbeats.lock() {
             hb.insert(host.clone(), now_ms());
         }
+        if let Ok(mut p) = self.pending_logs.lock() {
+            for d in req.vms.iter().flat_map(|v| &v.disks) {
+                p.insert(d.id.clone(), d.pending_log_bytes);
+            }
+        }
         if !events.is_empty() {
             tracing::info!(host = %host, changed = events.len(), "inventory changed");
             self.persist(events).await?;
@@ -429,7 +477,7 @@ impl Registry for RegistryApi {
             .vms
             .values()
             .map(|v| {
-                vm_to_proto(
+                self.vm_view(
                     v,
                     st.hosts
                         .get(&v.host)
@@ -515,6 +563,9 @@ impl Registry for RegistryApi {
         ferry_mesh::require_service(&req)?;
         let req = req.into_inner();
         let point = req.point.unwrap_or_default();
+        if let Ok(mut c) = self.last_cycle.lock() {
+            c.insert(req.vm.clone(), (req.cycle_duration_ms, req.cycle_bytes));
+        }
         if !self.state.lock().await.vms.contains_key(&req.vm) {
             return Err(RegistryError::VmNotFound(req.vm).into());
         }

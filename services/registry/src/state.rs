@@ -81,6 +81,7 @@ impl From<&DiskRecord> for Disk {
             allocated_bytes: d.allocated_bytes,
             error: d.error.clone(),
             nbd_uri: d.nbd_uri.clone(),
+            pending_log_bytes: 0,
         }
     }
 }
