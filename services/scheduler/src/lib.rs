@@ -165,7 +165,8 @@ impl SchedulerService {
         }
     }
 
-    /// Protected VMs and their policies, from the registry.
+    /// Protected VMs and their policies, from the registry. A VM in critical health waits for
+    /// an operator instead of failing the same way every cycle.
     async fn sync_schedule(&self) -> anyhow::Result<()> {
         let tls = ClientTls::service(&self.cfg)?;
         let ch = ferry_mesh::connect(&self.cfg.endpoint(Component::Registry), &tls).await?;
@@ -176,7 +177,10 @@ impl SchedulerService {
             .vms;
         let mut cycles = self.cycles.lock().await;
         let mut keep = std::collections::HashSet::new();
-        for v in vms.into_iter().filter(|v| v.state == "protected") {
+        for v in vms
+            .into_iter()
+            .filter(|v| v.state == "protected" && v.health != "critical")
+        {
             let every = Duration::from_secs(
                 v.policy
                     .as_ref()
