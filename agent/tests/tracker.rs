@@ -228,10 +228,7 @@ async fn writes_through_nbd(fmt: &str, opts: &str, seed: u64) {
 
     let logs = opened_logs(&disk);
     assert!(logs.iter().all(|l| l.clean), "every log sealed cleanly");
-    assert!(
-        same(&base, fmt, &disk, fmt) == false,
-        "the writes changed the disk"
-    );
+    assert!(!same(&base, fmt, &disk, fmt), "the writes changed the disk");
     assert_eq!(replay(logs, &base), 2);
     assert!(
         same(&base, fmt, &disk, fmt),
@@ -610,4 +607,42 @@ async fn hostile_clients_do_not_break_the_server() {
     drop(c);
     let last = stop(&tracker, &shutdown).await;
     assert_eq!(last[0].records, 1, "only the one good write was recorded");
+}
+
+/// Not a test: the tracker side of `tests/bench/tracker-write.sh`. Serves the disk named by
+/// FERRY_BENCH_DISK (socket folder FERRY_BENCH_SOCK_DIR), writes its NBD URI to
+/// FERRY_BENCH_URI_FILE, and stops (sealing the log) when its stdin closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark server, run by tests/bench/tracker-write.sh"]
+async fn bench_server() {
+    let var = |k: &str| PathBuf::from(std::env::var_os(k).unwrap_or_else(|| panic!("{k} unset")));
+    let disk = var("FERRY_BENCH_DISK");
+    let shutdown = CancellationToken::new();
+    let tracker = Tracker::start(
+        TrackerConfig {
+            socket_dir: var("FERRY_BENCH_SOCK_DIR"),
+            tcp_listen: None,
+        },
+        vec![TrackedDisk {
+            vm: "bench".into(),
+            path: disk.clone(),
+            export: "disk".into(),
+        }],
+        shutdown.clone(),
+    )
+    .await
+    .expect("start");
+    let uri = tracker.nbd_uri(&disk).expect("uri");
+    std::fs::write(var("FERRY_BENCH_URI_FILE"), uri).expect("uri file");
+    let mut sink = Vec::new();
+    let _ = tokio::io::stdin().read_to_end(&mut sink).await;
+    let last = stop(&tracker, &shutdown).await;
+    for s in last {
+        eprintln!(
+            "sealed {} records={} bytes={}",
+            s.log.display(),
+            s.records,
+            s.bytes
+        );
+    }
 }

@@ -419,6 +419,10 @@ async fn transmission<R: AsyncRead + Unpin>(
                     answer(req, NBD_ENOSPC, None);
                     continue;
                 }
+                if q.len == 0 {
+                    answer(req, 0, None);
+                    continue;
+                }
                 req.gate = hold(&gate).await;
                 export.submit(Op::Write {
                     req,
@@ -431,6 +435,10 @@ async fn transmission<R: AsyncRead + Unpin>(
                 if !in_range(export, q.offset, q.len) {
                     debug!(export = %export.name, offset = q.offset, len = q.len, "zero range beyond the end of the disk");
                     answer(req, NBD_ENOSPC, None);
+                    continue;
+                }
+                if q.len == 0 {
+                    answer(req, 0, None);
                     continue;
                 }
                 req.gate = hold(&gate).await;
