@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_proto::common::v1::{Disk, ShippedLog};
+use ferry_proto::common::v1::{Disk, RecoveryPoint, ShippedLog};
 use ferry_proto::ingest::v1::{
     AbortCycleRequest, BeginCycleRequest, CommitCycleRequest, CycleKind, DiskBlockMap,
 };
@@ -125,75 +125,96 @@ impl Agent {
     ) -> Result<(), ReplError> {
         let disks = self.vm_disks(vm)?;
         self.cut(vm).await?;
+        let mut shipped_files = Vec::new();
+        let point = self
+            .run_cycle(
+                vm,
+                CycleKind::Delta,
+                "",
+                &disks,
+                async |cycle, block_size, lost| {
+                    let mut maps = Vec::new();
+                    for d in &disks {
+                        if cancel.is_cancelled() {
+                            return Err(ReplError::Recoverable("cycle cancelled".into()));
+                        }
+                        let (logs, files) = self.ship_disk_logs(cycle, d, block_size, lost).await?;
+                        shipped_files.extend(files);
+                        maps.push(DiskBlockMap {
+                            disk_id: d.id.clone(),
+                            shipped_logs: logs,
+                            ..Default::default()
+                        });
+                    }
+                    Ok(maps)
+                },
+            )
+            .await?;
+        // The point is durable: the logs it holds may go.
+        remove_logs(&shipped_files);
+        tracing::info!(vm, point = %point.id, logs = shipped_files.len(), "delta cycle committed");
+        Ok(())
+    }
+
+    /// One replication cycle: begin it (each disk's lease and fencing token), run `work` while
+    /// the leases are renewed, then commit the block maps it returns as a recovery point — or
+    /// abort the cycle (releasing the leases) when it fails.
+    pub(crate) async fn run_cycle(
+        &self,
+        vm: &str,
+        kind: CycleKind,
+        job_id: &str,
+        disks: &[Disk],
+        work: impl AsyncFnOnce(&str, u32, &CancellationToken) -> Result<Vec<DiskBlockMap>, ReplError>,
+    ) -> Result<RecoveryPoint, ReplError> {
         let mut ingest = self.ingest().await?;
         let begun = ingest
             .begin_cycle(BeginCycleRequest {
                 vm: vm.to_string(),
                 host_name: self.creds.host.clone(),
-                kind: CycleKind::Delta as i32,
-                disks: disks.clone(),
-                job_id: String::new(),
+                kind: kind as i32,
+                disks: disks.to_vec(),
+                job_id: job_id.to_string(),
                 consistency: "crash".into(),
             })
             .await
             .map_err(|s| from_status("begin cycle", s))?
             .into_inner();
         let cycle = begun.cycle_id.clone();
+        tracing::info!(vm, cycle = %cycle, kind = ?kind, disks = disks.len(), "cycle started");
         let lost = CancellationToken::new();
         let renew = self.spawn_renewer(
             cycle.clone(),
             Duration::from_millis(begun.lease_ttl_ms.max(3000) / 3),
             lost.clone(),
         );
-        let mut shipped_files = Vec::new();
-        let result = async {
-            let mut maps = Vec::new();
-            for d in &disks {
-                if cancel.is_cancelled() {
-                    return Err(ReplError::Recoverable("cycle cancelled".into()));
-                }
-                let (logs, files) = self
-                    .ship_disk_logs(&cycle, d, begun.block_size, &lost)
-                    .await?;
-                shipped_files.extend(files);
-                maps.push(DiskBlockMap {
-                    disk_id: d.id.clone(),
-                    shipped_logs: logs,
-                    ..Default::default()
-                });
-            }
-            Ok(maps)
-        }
-        .await;
+        let result = work(&cycle, begun.block_size, &lost).await;
         renew.cancel();
         let maps = match result {
             Ok(m) => m,
             Err(e) => {
-                let _ = ingest
-                    .abort_cycle(AbortCycleRequest {
-                        cycle_id: cycle.clone(),
-                        reason: e.to_string(),
-                    })
-                    .await;
+                let abort = AbortCycleRequest {
+                    cycle_id: cycle.clone(),
+                    reason: e.to_string(),
+                };
+                if let Err(s) = ingest.abort_cycle(abort).await {
+                    tracing::debug!(cycle = %cycle, error = %s.message(), "abort failed; the leases will expire");
+                }
                 return Err(e);
             }
         };
-        let shipped: usize = maps.iter().map(|m| m.shipped_logs.len()).sum();
-        let point = ingest
-            .commit_cycle(CommitCycleRequest {
-                cycle_id: cycle.clone(),
-                disks: maps,
-                fencing_tokens: begun.fencing_tokens,
-            })
+        let commit = CommitCycleRequest {
+            cycle_id: cycle.clone(),
+            disks: maps,
+            fencing_tokens: begun.fencing_tokens,
+        };
+        Ok(ingest
+            .commit_cycle(commit)
             .await
             .map_err(|s| from_status("commit cycle", s))?
             .into_inner()
             .point
-            .unwrap_or_default();
-        // The point is durable: the logs it holds may go.
-        remove_logs(&shipped_files);
-        tracing::info!(vm, cycle = %cycle, point = %point.id, logs = shipped, "delta cycle committed");
-        Ok(())
+            .unwrap_or_default())
     }
 
     /// Ships a disk's sealed logs, oldest first. Returns them and every sealed file the cycle

@@ -13,8 +13,7 @@ use bytes::Bytes;
 use ferry_gateway::client::{Offer, Uploader};
 use ferry_proto::common::v1::Disk;
 use ferry_proto::ingest::v1::{
-    AbortCycleRequest, BeginCycleRequest, BlockRef, CommitCycleRequest, CycleKind, DiskBlockMap,
-    RenewCycleRequest, ingest_client::IngestClient,
+    BlockRef, CycleKind, DiskBlockMap, RenewCycleRequest, ingest_client::IngestClient,
 };
 use ferry_store::{ChunkId, VaultKey};
 use tokio::sync::mpsc;
@@ -120,91 +119,49 @@ impl Agent {
         cancel: &CancellationToken,
     ) -> Result<(), ReplError> {
         let disks = self.vm_disks(vm)?;
-        let mut ingest = self.ingest().await?;
-        let begun = ingest
-            .begin_cycle(BeginCycleRequest {
-                vm: vm.to_string(),
-                host_name: self.creds.host.clone(),
-                kind: CycleKind::Initial as i32,
-                disks: disks.clone(),
-                job_id: job_id.to_string(),
-                consistency: "crash".into(),
-            })
-            .await
-            .map_err(|s| from_status("begin cycle", s))?
-            .into_inner();
-        let cycle = begun.cycle_id.clone();
-        tracing::info!(vm, cycle = %cycle, disks = disks.len(), "initial replication started");
-        let lost = CancellationToken::new();
-        let renew = self.spawn_renewer(
-            cycle.clone(),
-            Duration::from_millis(begun.lease_ttl_ms.max(3000) / 3),
-            lost.clone(),
-        );
         let mut shipped_files = Vec::new();
-        let work = async {
-            // Tracking starts before the copy: logs sealed now hold writes the copy reads
-            // anyway, so they go; writes made during the copy land in the next logs, which
-            // are shipped with the copy and applied on top of it (a consistent point as of
-            // the end of those logs).
-            if self.tracker.is_some() {
-                self.cut(vm).await?;
-                for d in &disks {
-                    crate::delta::remove_logs(&crate::delta::sealed_logs(std::path::Path::new(
-                        &d.path,
-                    ))?);
-                }
-            }
-            let mut maps = Vec::new();
-            for d in &disks {
-                let blocks = self
-                    .copy_disk(&cycle, d, begun.block_size, cancel, &lost)
-                    .await?;
-                maps.push(DiskBlockMap {
-                    disk_id: d.id.clone(),
-                    blocks,
-                    ..Default::default()
-                });
-            }
-            if self.tracker.is_some() {
-                self.cut(vm).await?;
-                for (d, m) in disks.iter().zip(maps.iter_mut()) {
-                    let (logs, files) = self
-                        .ship_disk_logs(&cycle, d, begun.block_size, &lost)
-                        .await?;
-                    m.shipped_logs = logs;
-                    shipped_files.extend(files);
-                }
-            }
-            Ok::<_, ReplError>(maps)
-        };
-        let result = work.await;
-        renew.cancel();
-        let maps = match result {
-            Ok(m) => m,
-            Err(e) => {
-                let _ = ingest
-                    .abort_cycle(AbortCycleRequest {
-                        cycle_id: cycle.clone(),
-                        reason: e.to_string(),
-                    })
-                    .await;
-                return Err(e);
-            }
-        };
-        let point = ingest
-            .commit_cycle(CommitCycleRequest {
-                cycle_id: cycle.clone(),
-                disks: maps,
-                fencing_tokens: begun.fencing_tokens,
-            })
-            .await
-            .map_err(|s| from_status("commit cycle", s))?
-            .into_inner()
-            .point
-            .unwrap_or_default();
+        let point = self
+            .run_cycle(
+                vm,
+                CycleKind::Initial,
+                job_id,
+                &disks,
+                async |cycle, block_size, lost| {
+                    // Tracking starts before the copy: logs sealed now hold writes the copy reads
+                    // anyway, so they go; writes made during the copy land in the next logs, which
+                    // ship with the copy and are applied on top of it (a point consistent as of the
+                    // end of those logs).
+                    if self.tracker.is_some() {
+                        self.cut(vm).await?;
+                        for d in &disks {
+                            let sealed = crate::delta::sealed_logs(std::path::Path::new(&d.path))?;
+                            crate::delta::remove_logs(&sealed);
+                        }
+                    }
+                    let mut maps = Vec::new();
+                    for d in &disks {
+                        let blocks = self.copy_disk(cycle, d, block_size, cancel, lost).await?;
+                        maps.push(DiskBlockMap {
+                            disk_id: d.id.clone(),
+                            blocks,
+                            ..Default::default()
+                        });
+                    }
+                    if self.tracker.is_some() {
+                        self.cut(vm).await?;
+                        for (d, m) in disks.iter().zip(maps.iter_mut()) {
+                            let (logs, files) =
+                                self.ship_disk_logs(cycle, d, block_size, lost).await?;
+                            m.shipped_logs = logs;
+                            shipped_files.extend(files);
+                        }
+                    }
+                    Ok(maps)
+                },
+            )
+            .await?;
         crate::delta::remove_logs(&shipped_files);
-        tracing::info!(vm, cycle = %cycle, point = %point.id, "initial replication committed");
+        tracing::info!(vm, point = %point.id, "initial replication committed");
         Ok(())
     }
 

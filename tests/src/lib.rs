@@ -176,6 +176,22 @@ impl TestMesh {
         }
     }
 
+    /// A test failover of `vm` to `point` ("latest" or an id) into `out`; the finished job.
+    pub async fn test_failover(&self, vm: &str, point: &str, out: &Path) -> anyhow::Result<Job> {
+        let req = ferry_proto::failover::v1::TestFailoverRequest {
+            vm: vm.into(),
+            point: point.into(),
+            target_dir: out.display().to_string(),
+        };
+        Ok(self
+            .ctl
+            .failover()
+            .await?
+            .test_failover(req)
+            .await?
+            .into_inner())
+    }
+
     pub async fn stop(self) {
         self.mesh.stop().await;
     }

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use ferry_proto::common::v1::{RecoveryPoint, StepStatus};
-use ferry_proto::failover::v1::{CleanupTestFailoverRequest, TestFailoverRequest};
+use ferry_proto::failover::v1::CleanupTestFailoverRequest;
 use ferry_proto::storage::v1::ListPointsRequest;
 use ferry_tests::*;
 
@@ -59,17 +59,7 @@ fn snapshot(src: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 async fn failover_to(t: &TestMesh, vm: &str, point: &str, out: &Path) -> anyhow::Result<()> {
-    let job = t
-        .ctl
-        .failover()
-        .await?
-        .test_failover(TestFailoverRequest {
-            vm: vm.into(),
-            point: point.into(),
-            target_dir: out.display().to_string(),
-        })
-        .await?
-        .into_inner();
+    let job = t.test_failover(vm, point, out).await?;
     anyhow::ensure!(
         job.status == StepStatus::Succeeded as i32,
         "test failover: {job:?}"

@@ -7,7 +7,6 @@ use ferry::ctl::Ctl;
 use ferry::up::{Mesh, UpOptions};
 use ferry_mesh::Component;
 use ferry_proto::common::v1::StepStatus;
-use ferry_proto::failover::v1::TestFailoverRequest;
 use ferry_tests::*;
 
 struct Kill(std::process::Child);
@@ -90,17 +89,7 @@ async fn components_as_separate_processes_join_one_mesh() -> anyhow::Result<()> 
     let j = t.wait_job(&job.id, Duration::from_secs(300)).await?;
     assert_eq!(j.status, StepStatus::Succeeded as i32, "{j:?}");
     let out = t.path("out");
-    let fo = t
-        .ctl
-        .failover()
-        .await?
-        .test_failover(TestFailoverRequest {
-            vm: "small01".into(),
-            point: "latest".into(),
-            target_dir: out.display().to_string(),
-        })
-        .await?
-        .into_inner();
+    let fo = t.test_failover("small01", "latest", &out).await?;
     assert_eq!(fo.status, StepStatus::Succeeded as i32, "{fo:?}");
     assert!(qemu_compare(
         &disk,

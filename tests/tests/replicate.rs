@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use ferry_proto::common::v1::StepStatus;
-use ferry_proto::failover::v1::{CleanupTestFailoverRequest, TestFailoverRequest};
+use ferry_proto::failover::v1::CleanupTestFailoverRequest;
 use ferry_proto::storage::v1::ListPointsRequest;
 use ferry_tests::*;
 
@@ -92,17 +92,7 @@ async fn raw_vhd_vhdx_replicate_and_test_failover_identical() -> anyhow::Result<
     }
     for c in &CASES {
         let out = t.path(&format!("failover-{}", c.vm));
-        let job = t
-            .ctl
-            .failover()
-            .await?
-            .test_failover(TestFailoverRequest {
-                vm: c.vm.into(),
-                point: "latest".into(),
-                target_dir: out.display().to_string(),
-            })
-            .await?
-            .into_inner();
+        let job = t.test_failover(c.vm, "latest", &out).await?;
         assert_eq!(
             job.status,
             StepStatus::Succeeded as i32,

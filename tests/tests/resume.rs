@@ -4,7 +4,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use ferry_proto::common::v1::StepStatus;
-use ferry_proto::failover::v1::TestFailoverRequest;
 use ferry_tests::*;
 
 fn spawn_agent(config: &std::path::Path, log: &std::path::Path) -> anyhow::Result<Child> {
@@ -79,17 +78,7 @@ async fn agent_killed_mid_copy_resumes_without_resending() -> anyhow::Result<()>
     );
 
     let out = t.path("out");
-    let fo = t
-        .ctl
-        .failover()
-        .await?
-        .test_failover(TestFailoverRequest {
-            vm: "big01".into(),
-            point: "latest".into(),
-            target_dir: out.display().to_string(),
-        })
-        .await?
-        .into_inner();
+    let fo = t.test_failover("big01", "latest", &out).await?;
     assert_eq!(fo.status, StepStatus::Succeeded as i32, "{fo:?}");
     assert!(
         qemu_compare(&disk, "raw", &out.join("big.raw"), "raw")?,
@@ -161,17 +150,7 @@ async fn gateway_killed_mid_copy_resumes() -> anyhow::Result<()> {
     let j = t.wait_job(&job.id, Duration::from_secs(600)).await?;
     assert_eq!(j.status, StepStatus::Succeeded as i32, "{j:?}");
     let out = t.path("out");
-    let fo = t
-        .ctl
-        .failover()
-        .await?
-        .test_failover(TestFailoverRequest {
-            vm: "big02".into(),
-            point: "latest".into(),
-            target_dir: out.display().to_string(),
-        })
-        .await?
-        .into_inner();
+    let fo = t.test_failover("big02", "latest", &out).await?;
     assert_eq!(fo.status, StepStatus::Succeeded as i32, "{fo:?}");
     assert!(
         qemu_compare(&disk, "raw", &out.join("big.raw"), "raw")?,
