@@ -85,6 +85,8 @@ for spec in "raw:raw:" "vhdx:vhdx:subformat=dynamic"; do
   for io in "seq4k:4096:4096:65536" "rand4k:4096:$((7919 * 4096)):65536" \
             "seq64k:65536:65536:8192" "rand64k:65536:$((7919 * 65536)):8192"; do
     IFS=: read -r ioname bs step count <<<"$io"
+    # FERRY_BENCH_CASES="raw:seq4k vhdx:rand64k" runs only those cases.
+    if [[ -n "${FERRY_BENCH_CASES:-}" && " $FERRY_BENCH_CASES " != *" $name:$ioname "* ]]; then continue; fi
     ours=$(best_of tracker "$fmt" "$opts" "$bs" "$step" "$count")
     theirs=$(best_of qemu "$fmt" "$opts" "$bs" "$step" "$count")
     ratio=$(printf '%.2f' "$(echo "$ours / $theirs" | bc -l)")
