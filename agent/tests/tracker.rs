@@ -199,6 +199,12 @@ async fn writes_through_nbd(fmt: &str, opts: &str, seed: u64) {
         8192,
         "a fresh log after the cut"
     );
+    let current = tracker.current_log(&disk).expect("open log");
+    assert_eq!(
+        current.file_name(),
+        ferry_agent::tracker::log_path(&disk, 2).file_name()
+    );
+    assert_ne!(current, cut[0].log);
     let (u, s2) = (uri.clone(), second.clone());
     tokio::task::spawn_blocking(move || qemu_io("raw", &u, &s2))
         .await
@@ -216,6 +222,11 @@ async fn writes_through_nbd(fmt: &str, opts: &str, seed: u64) {
     let last = stop(&tracker, &shutdown).await;
     assert_eq!(last.len(), 1);
     assert_eq!(last[0].previous_unique_id, cut[0].unique_id);
+    assert_eq!(
+        tracker.current_log(&disk),
+        None,
+        "no open log after shutdown"
+    );
 
     let mut all = first;
     all.extend(second);
@@ -607,6 +618,79 @@ async fn hostile_clients_do_not_break_the_server() {
     drop(c);
     let last = stop(&tracker, &shutdown).await;
     assert_eq!(last[0].records, 1, "only the one good write was recorded");
+}
+
+/// A restart chains its first log to the log sealed at shutdown; loopback TCP serves the same
+/// disks; an unknown disk has no URI; a non-loopback TCP address is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_continues_the_chain_and_tcp_serves() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = dir.path().join("d.vhdx");
+    qemu_img_create(&disk, "vhdx", "subformat=dynamic", 16 * MIB);
+    let base = dir.path().join("base.vhdx");
+    std::fs::copy(&disk, &base).expect("copy");
+    let tracked = vec![TrackedDisk {
+        vm: "vm".into(),
+        path: disk.clone(),
+        export: "d".into(),
+    }];
+    let refused = Tracker::start(
+        TrackerConfig {
+            socket_dir: dir.path().join("sock"),
+            tcp_listen: Some("0.0.0.0:0".parse().expect("addr")),
+        },
+        tracked.clone(),
+        CancellationToken::new(),
+    )
+    .await;
+    assert!(refused.is_err(), "non-loopback tcp must be refused");
+    assert!(
+        list_logs(&disk).expect("list").is_empty(),
+        "a refused start leaves no log"
+    );
+
+    let mut sealed = Vec::new();
+    for (round, pattern) in [(0u64, 0x41u8), (1, 0x42)] {
+        let shutdown = CancellationToken::new();
+        let tracker = Tracker::start(
+            TrackerConfig {
+                socket_dir: dir.path().join("sock"),
+                tcp_listen: Some("127.0.0.1:0".parse().expect("addr")),
+            },
+            tracked.clone(),
+            shutdown.clone(),
+        )
+        .await
+        .expect("start");
+        assert_eq!(tracker.nbd_uri(&dir.path().join("other.raw")), None);
+        let uri = tracker.nbd_tcp_uri(&disk).expect("tcp uri");
+        assert!(uri.starts_with("nbd://127.0.0.1:"), "{uri}");
+        let cmds = vec![
+            format!("write -P {pattern} {} 2M", round * 3 * MIB + 512),
+            format!("read -P {pattern} {} 2M", round * 3 * MIB + 512),
+        ];
+        tokio::task::spawn_blocking(move || qemu_io("raw", &uri, &cmds))
+            .await
+            .expect("join");
+        sealed.extend(stop(&tracker, &shutdown).await);
+    }
+    assert_eq!(sealed.len(), 2);
+    assert_eq!(sealed[0].seq + 1, sealed[1].seq);
+    assert_eq!(sealed[1].previous_unique_id, sealed[0].unique_id);
+    let logs = opened_logs(&disk);
+    assert_eq!(logs.len(), 2);
+    // The logs carry the DataWriteGuid the disk had while they were written.
+    let guid = ferry_disk::vhdx_data_write_guid(&disk).expect("guid");
+    assert_eq!(logs[1].header.vhd2_data_write_guid, guid);
+    assert_ne!(
+        logs[0].header.vhd2_data_write_guid, guid,
+        "each session has its own"
+    );
+    replay(logs, &base);
+    assert!(
+        same(&base, "vhdx", &disk, "vhdx"),
+        "base + chain across a restart"
+    );
 }
 
 /// Not a test: the tracker side of `tests/bench/tracker-write.sh`. Serves the disk named by

@@ -353,6 +353,17 @@ impl Tracker {
             .map_or(0, |e| e.pending.load(Ordering::Relaxed))
     }
 
+    /// The disk's open log (the one writes go to now); every other log of the disk in
+    /// [`list_logs`] is sealed. None for an unknown disk, after shutdown, or while a failed
+    /// log creation is being retried.
+    pub fn current_log(&self, path: &Path) -> Option<PathBuf> {
+        let e = self.export(path)?;
+        match e.current.load(Ordering::Relaxed) {
+            0 => None,
+            seq => Some(log_path(&e.path, seq)),
+        }
+    }
+
     /// Seals the current logs of all disks of `vm` at one instant and opens the next ones.
     pub async fn cut(&self, vm: &str) -> Result<Vec<SealedLog>, TrackerError> {
         self.cut_staggered(vm, std::time::Duration::ZERO).await

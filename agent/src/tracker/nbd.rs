@@ -18,7 +18,7 @@ use tokio::sync::{RwLock, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::export::{Export, Op, Reply, ReplyTx, Req, answer};
+use super::export::{BufPool, Export, Op, Reply, ReplyTx, Req, answer};
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
@@ -113,7 +113,8 @@ pub(crate) async fn serve<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (r, w) = tokio::io::split(stream);
-    let mut r = BufReader::with_capacity(256 << 10, r);
+    // Small enough that large payloads bypass it (read straight into their buffer).
+    let mut r = BufReader::with_capacity(32 << 10, r);
     let mut w = BufWriter::with_capacity(64 << 10, w);
     let hs = tokio::select! {
         _ = cancel.cancelled() => return,
@@ -138,7 +139,7 @@ pub(crate) async fn serve<S>(
     debug!(peer = %peer, export = %export.name, "nbd client attached");
     let gate = exports.gates.get(&export.vm).cloned();
     let (tx, rx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(reply_loop(w, rx, cancel.clone()));
+    let writer = tokio::spawn(reply_loop(w, rx, export.pool.clone(), cancel.clone()));
     let res = tokio::select! {
         _ = cancel.cancelled() => Ok(()),
         res = transmission(&mut r, &export, gate, tx) => res,
@@ -293,6 +294,7 @@ async fn info_or_go<W: AsyncWrite + Unpin>(
 async fn reply_loop<W: AsyncWrite + Unpin>(
     mut w: BufWriter<W>,
     mut rx: mpsc::UnboundedReceiver<Reply>,
+    pool: Arc<BufPool>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -315,6 +317,9 @@ async fn reply_loop<W: AsyncWrite + Unpin>(
             res = w.flush().await;
         }
         drop(reply.permit);
+        if let Some(d) = reply.data {
+            pool.put(d);
+        }
         if let Err(e) = res {
             debug!(error = %e, "nbd reply not delivered; client gone");
             break;
@@ -347,6 +352,21 @@ async fn read_request<R: AsyncRead + Unpin>(r: &mut R) -> Result<Request, ConnEr
         offset: be64(16),
         len: be32(24),
     })
+}
+
+/// Reads a write payload into a fresh buffer without zero-filling it first.
+async fn read_payload<R: AsyncRead + Unpin>(
+    r: &mut R,
+    mut data: Vec<u8>,
+    len: usize,
+) -> std::io::Result<Vec<u8>> {
+    while data.len() < len {
+        let want = (len - data.len()) as u64;
+        if (&mut *r).take(want).read_buf(&mut data).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(data)
 }
 
 fn in_range(export: &Export, offset: u64, len: u32) -> bool {
@@ -396,7 +416,8 @@ async fn transmission<R: AsyncRead + Unpin>(
                 } else {
                     let e = export.clone();
                     tokio::task::spawn_blocking(move || {
-                        let mut buf = vec![0u8; q.len as usize];
+                        let mut buf = e.pool.get(q.len as usize);
+                        buf.resize(q.len as usize, 0);
                         match e.read(q.offset, &mut buf) {
                             Ok(()) => answer(req, 0, Some(buf)),
                             Err(err) => answer(req, err, None),
@@ -412,8 +433,7 @@ async fn transmission<R: AsyncRead + Unpin>(
                         q.len
                     )));
                 }
-                let mut data = vec![0u8; q.len as usize];
-                r.read_exact(&mut data).await?;
+                let data = read_payload(r, export.pool.get(q.len as usize), q.len as usize).await?;
                 if !in_range(export, q.offset, q.len) {
                     debug!(export = %export.name, offset = q.offset, len = q.len, "write beyond the end of the disk");
                     answer(req, NBD_ENOSPC, None);
