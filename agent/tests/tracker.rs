@@ -219,6 +219,19 @@ async fn writes_through_nbd(fmt: &str, opts: &str, seed: u64) {
         .await
         .expect("join");
     assert!(text.contains("read 65536/65536"), "{text}");
+    // Bulk reads through NBD see what the direct writes give.
+    let mut all = first.clone();
+    all.extend(second.clone());
+    all.push("write -P 0x5a 5M 64k".to_string());
+    qemu_io("raw", reference.to_str().expect("utf8"), &all);
+    let (u, r) = (uri.clone(), reference.clone());
+    let equal = tokio::task::spawn_blocking(move || same(Path::new(&u), "raw", &r, "raw"))
+        .await
+        .expect("join");
+    assert!(
+        equal,
+        "{fmt}: the disk read through nbd differs from the reference"
+    );
     let last = stop(&tracker, &shutdown).await;
     assert_eq!(last.len(), 1);
     assert_eq!(last[0].previous_unique_id, cut[0].unique_id);
@@ -228,10 +241,6 @@ async fn writes_through_nbd(fmt: &str, opts: &str, seed: u64) {
         "no open log after shutdown"
     );
 
-    let mut all = first;
-    all.extend(second);
-    all.push("write -P 0x5a 5M 64k".to_string());
-    qemu_io("raw", reference.to_str().expect("utf8"), &all);
     assert!(
         same(&disk, fmt, &reference, "raw"),
         "{fmt}: disk differs from the reference"

@@ -260,17 +260,32 @@ impl Tracker {
         shutdown: CancellationToken,
     ) -> Result<Self, TrackerError> {
         validate(&cfg, &disks)?;
-        let opened = tokio::task::spawn_blocking(move || open_all(disks))
-            .await
-            .map_err(|_| TrackerError::Stopped)??;
+        // Listeners first: a start that fails must not leave half-made logs behind.
         let (unix, socket) = bind_unix(&cfg.socket_dir).await?;
         let tcp = match cfg.tcp_listen {
-            Some(a) => Some(TcpListener::bind(a).await.map_err(|e| TrackerError::Io {
-                path: PathBuf::from(a.to_string()),
-                what: "tcp bind",
-                source: e,
-            })?),
+            Some(a) => match TcpListener::bind(a).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&socket);
+                    return Err(TrackerError::Io {
+                        path: PathBuf::from(a.to_string()),
+                        what: "tcp bind",
+                        source: e,
+                    });
+                }
+            },
             None => None,
+        };
+        let opened = match tokio::task::spawn_blocking(move || open_all(disks)).await {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => {
+                let _ = std::fs::remove_file(&socket);
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = std::fs::remove_file(&socket);
+                return Err(TrackerError::Stopped);
+            }
         };
         let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
 
