@@ -179,6 +179,77 @@ async fn writes_through_the_tracker_replicate_as_points() -> anyhow::Result<()> 
         "batch B changed the disk (the test can fail)"
     );
 
+    // Retention: a point being read (a reader marker, as a failover holds one) survives
+    // pruning and keeps its chunks; older points go; an unreferenced object is collected;
+    // the points left still fail over identical.
+    let store = ferry_store::Store::from_url(&t.ctl.cfg.store_url())?;
+    let marker = format!("readers/db01/{}/test-reader", p_a.id);
+    store
+        .put_if_absent(&marker, bytes::Bytes::from_static(b"0"))
+        .await?;
+    let orphan = ferry_store::chunk_key(&[7u8; 32]);
+    store
+        .put_if_absent(&orphan, bytes::Bytes::from_static(b"unreferenced"))
+        .await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let cutoff_ms = ferry_proto::now_ms() - 1000;
+    let retention = |_: ()| ferry_proto::storage::v1::RunRetentionRequest {
+        vm: "db01".into(),
+        retention_seconds: 1,
+        gc_grace_seconds: 1,
+    };
+    let r = t
+        .ctl
+        .storage()
+        .await?
+        .run_retention(retention(()))
+        .await?
+        .into_inner();
+    let after = points(&t, "db01").await?;
+    assert!(r.points_pruned >= 1, "{r:?}");
+    assert!(
+        after.iter().any(|p| p.id == p_a.id),
+        "the point being read is kept"
+    );
+    // Every other point left is newer than the window, or the newest (cycles keep running).
+    let newest = after.last().map(|p| p.seq);
+    assert!(
+        after
+            .iter()
+            .all(|p| p.id == p_a.id || p.time_ms >= cutoff_ms || Some(p.seq) == newest),
+        "old points pruned: {:?}",
+        after.iter().map(|p| (p.seq, p.time_ms)).collect::<Vec<_>>()
+    );
+    assert!(!r.sweep_deferred);
+    assert!(r.chunks_collected >= 1, "{r:?}");
+    assert!(
+        store.get(&orphan).await?.is_none(),
+        "an unreferenced chunk is collected"
+    );
+    let out_a2 = t.path("failover-a2");
+    t.ctl
+        .failover()
+        .await?
+        .cleanup_test_failover(CleanupTestFailoverRequest { vm: "db01".into() })
+        .await?;
+    failover_to(&t, "db01", &p_a.id, &out_a2).await?;
+    assert!(
+        qemu_compare(&data_a, "vhdx", &out_a2.join("db01-data.vhdx"), "vhdx")?,
+        "point A after retention"
+    );
+    store.delete(&marker).await?;
+    let r = t
+        .ctl
+        .storage()
+        .await?
+        .run_retention(retention(()))
+        .await?
+        .into_inner();
+    assert!(
+        points(&t, "db01").await?.iter().all(|p| p.id != p_a.id),
+        "unread old point pruned: {r:?}"
+    );
+
     // Shipped logs are deleted on the host once their point is durable.
     let leftover = std::fs::read_dir(&host)?
         .flatten()

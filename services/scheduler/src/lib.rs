@@ -75,7 +75,12 @@ struct CycleSchedule {
     host: String,
     every: Duration,
     next_due_ms: i64,
+    /// The policy's retention window; pruning runs every [`RETENTION_EVERY`].
+    retention: Duration,
 }
+
+/// How often each protected VM's retention (prune + collect) runs.
+const RETENTION_EVERY: Duration = Duration::from_secs(600);
 
 /// How often the schedule is re-read from the registry.
 const SCHEDULE_SYNC: Duration = Duration::from_secs(5);
@@ -120,6 +125,7 @@ impl SchedulerService {
     /// item per VM (`delta-<vm>`): while a cycle is queued or running, no second one piles up.
     async fn cycle_loop(self: Arc<Self>) {
         let mut last_sync = 0i64;
+        let mut last_retention = now_ms();
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -130,6 +136,11 @@ impl SchedulerService {
                 if let Err(e) = self.sync_schedule().await {
                     tracing::debug!(error = %e, "schedule sync with the registry failed");
                 }
+            }
+            if now_ms() - last_retention >= RETENTION_EVERY.as_millis() as i64 {
+                last_retention = now_ms();
+                let me = self.clone();
+                tokio::spawn(async move { me.run_retention().await });
             }
             let due: Vec<(String, CycleSchedule)> = {
                 let mut cycles = self.cycles.lock().await;
@@ -165,6 +176,46 @@ impl SchedulerService {
         }
     }
 
+    /// Prunes each protected VM's points past its retention window and collects what no point
+    /// references (storage-writer does the work; failures are retried next round).
+    async fn run_retention(&self) {
+        let vms: Vec<(String, Duration)> = self
+            .cycles
+            .lock()
+            .await
+            .iter()
+            .map(|(vm, c)| (vm.clone(), c.retention))
+            .collect();
+        for (vm, retention) in vms {
+            let res: anyhow::Result<ferry_proto::storage::v1::RunRetentionResponse> = async {
+                let tls = ClientTls::service(&self.cfg)?;
+                let ch =
+                    ferry_mesh::connect(&self.cfg.endpoint(Component::StorageWriter), &tls).await?;
+                let req = ferry_proto::storage::v1::RunRetentionRequest {
+                    vm: vm.clone(),
+                    retention_seconds: retention.as_secs(),
+                    gc_grace_seconds: 0,
+                };
+                let client =
+                    ferry_proto::storage::v1::storage_writer_client::StorageWriterClient::new(ch);
+                Ok(client
+                    .max_decoding_message_size(64 << 20)
+                    .run_retention(req)
+                    .await?
+                    .into_inner())
+            }
+            .await;
+            match res {
+                Ok(r) => {
+                    tracing::debug!(vm = %vm, pruned = r.points_pruned, collected = r.chunks_collected, "retention ran")
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %vm, error = %e, "retention failed; retrying next round")
+                }
+            }
+        }
+    }
+
     /// Protected VMs and their policies, from the registry. A VM in critical health waits for
     /// an operator instead of failing the same way every cycle.
     async fn sync_schedule(&self) -> anyhow::Result<()> {
@@ -186,12 +237,21 @@ impl SchedulerService {
                     .as_ref()
                     .map_or(300, |p| p.frequency_seconds.max(1)),
             );
+            let retention = Duration::from_secs(
+                3600 * v.policy.as_ref().map_or(24, |p| p.retention_hours.max(1)),
+            );
             keep.insert(v.name.clone());
             let e = cycles.entry(v.name.clone()).or_insert_with(|| {
                 tracing::info!(vm = %v.name, host = %v.host, every_s = every.as_secs(), "delta cycles scheduled");
-                CycleSchedule { host: v.host.clone(), every, next_due_ms: now_ms() + every.as_millis() as i64 }
+                CycleSchedule {
+                    host: v.host.clone(),
+                    every,
+                    next_due_ms: now_ms() + every.as_millis() as i64,
+                    retention,
+                }
             });
             e.host = v.host.clone();
+            e.retention = retention;
             if e.every != every {
                 e.next_due_ms = e.next_due_ms.min(now_ms() + every.as_millis() as i64);
                 e.every = every;

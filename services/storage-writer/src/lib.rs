@@ -10,6 +10,7 @@ pub mod error;
 pub mod logs;
 mod materialize;
 mod points;
+pub mod retention;
 pub mod service;
 
 use std::sync::Arc;

@@ -60,7 +60,23 @@ fn output_format(req: &MaterializeDiskRequest, disk: &DiskManifest) -> Result<(F
 impl Writer {
     /// Writes the disk of a point into `req.target_path` (never overwriting a file) and
     /// returns how much data it wrote. Stops, removing the partial file, when `cancel` fires.
+    /// The point is marked as being read meanwhile, so retention neither prunes it nor
+    /// collects its chunks.
     pub async fn materialize_disk(
+        &self,
+        mut req: MaterializeDiskRequest,
+        cancel: CancellationToken,
+    ) -> Result<MaterializeDiskResponse> {
+        if req.point.is_empty() || req.point == "latest" {
+            req.point = self.resolve_point(&req.vm, &req.point).await?.id;
+        }
+        let reader = self.begin_read(&req.vm, &req.point).await?;
+        let res = self.materialize_held(req, cancel).await;
+        reader.release();
+        res
+    }
+
+    async fn materialize_held(
         &self,
         req: MaterializeDiskRequest,
         cancel: CancellationToken,

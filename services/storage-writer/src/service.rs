@@ -127,9 +127,30 @@ impl StorageWriter for StorageWriterService {
         request: Request<RunRetentionRequest>,
     ) -> Result<Response<RunRetentionResponse>, Status> {
         require_role(&request, Role::Operator)?;
-        Err(ferry_mesh::unimplemented(
-            "retention (pruning points past the policy's retention and collecting unreferenced \
-             chunks, together with merging delta-replication logs)",
-        ))
+        let req = request.into_inner();
+        if req.retention_seconds == 0 {
+            return Err(Status::invalid_argument(
+                "retention_seconds must be positive",
+            ));
+        }
+        let grace = if req.gc_grace_seconds == 0 {
+            crate::retention::DEFAULT_GC_GRACE
+        } else {
+            std::time::Duration::from_secs(req.gc_grace_seconds)
+        };
+        let out = self
+            .writer
+            .run_retention(
+                &req.vm,
+                std::time::Duration::from_secs(req.retention_seconds),
+                grace,
+            )
+            .await
+            .map_err(|e| ferry_mesh::to_status(&e))?;
+        Ok(Response::new(RunRetentionResponse {
+            points_pruned: out.points_pruned,
+            chunks_collected: out.objects_collected,
+            sweep_deferred: out.sweep_deferred,
+        }))
     }
 }
