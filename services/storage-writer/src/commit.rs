@@ -217,6 +217,7 @@ impl Writer {
     pub async fn commit_point(&self, req: CommitPointRequest) -> Result<RecoveryPoint> {
         let input = CommitInput::try_from(req)?;
         self.check_fencing(&input).await?;
+        let _no_sweep = self.sweep_lock.read().await;
         // Chunks already verified in an earlier attempt are not checked again.
         let mut verified: HashSet<ChunkId> = HashSet::new();
         for attempt in 1..=MAX_COMMIT_ATTEMPTS {

@@ -42,6 +42,9 @@ pub struct Writer {
     store: Store,
     coord: Coord,
     key: Arc<VaultKey>,
+    /// Commits hold it shared, the garbage sweep exclusively: a chunk a commit has verified
+    /// cannot be swept before that commit's manifest lands.
+    sweep_lock: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -58,6 +61,7 @@ impl Writer {
             store,
             coord,
             key: Arc::new(key),
+            sweep_lock: Default::default(),
         }
     }
 

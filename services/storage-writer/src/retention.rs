@@ -7,11 +7,16 @@
 //! readers and are ignored).
 //!
 //! Collection then marks everything the remaining points of every VM reference (index pages,
-//! their chunks, shipped-log descriptors and their chunks) and deletes unmarked objects under
-//! `chunks/`, `index/` and `logs/` that are older than a grace period, which protects the
-//! uploads of cycles still in flight (their chunks land before their point does). Readers are
-//! checked again after the manifests are gone and before anything is swept: a reader that
-//! started in between holds the point it read, so the sweep waits for a later run.
+//! their chunks, shipped-log descriptors and their chunks). An unmarked object is deleted only
+//! when it is older than a grace period (uploads of cycles in flight land before their point)
+//! *and* it was already unmarked in the previous run (`gc/condemned.json`): a cycle that
+//! deduplicated against an old unreferenced chunk (the gateway said "stored", so it was not
+//! sent again) has until the next run to commit its point, which marks the chunk live again.
+//! Commits hold the writer's sweep lock shared and collection holds it exclusively from mark to
+//! sweep, so a chunk a commit verified is never swept before that commit's manifest lands
+//! (one storage-writer; replicas will need the same lock in Redis). Readers are checked
+//! again after the manifests are gone and before anything is swept: a reader that started in
+//! between holds the point it read, so the sweep waits for a later run.
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -26,6 +31,9 @@ use crate::Writer;
 use crate::error::{Result, WriterError};
 use crate::logs::get_descriptor;
 use crate::points::read_map;
+
+/// Objects found unreferenced by the last collection: deleted by the next one if still so.
+const CONDEMNED: &str = "gc/condemned.json";
 
 /// A reader marker older than this belongs to a reader that died.
 pub const READER_STALE: Duration = Duration::from_secs(6 * 3600);
@@ -153,8 +161,10 @@ impl Writer {
         Ok(out)
     }
 
-    /// Mark and sweep over every VM's remaining points.
+    /// Mark and sweep over every VM's remaining points. Commits wait while it runs (they hold
+    /// the sweep lock shared), so the mark sees every committed point.
     async fn collect(&self, grace: Duration) -> Result<u64> {
+        let _sweep = self.sweep_lock.write().await;
         let mut live: HashSet<String> = HashSet::new();
         let vms: HashSet<String> = self
             .store
@@ -178,7 +188,7 @@ impl Writer {
             }
         }
         let now = chrono::Utc::now();
-        let mut collected = 0u64;
+        let mut unreferenced: Vec<String> = Vec::new();
         for prefix in ["chunks", "index", "logs"] {
             let p = ObjPath::from(prefix);
             let metas: Vec<_> = match self.store.object_store().list(Some(&p)).try_collect().await {
@@ -192,11 +202,28 @@ impl Writer {
                     .to_std()
                     .is_ok_and(|age| age >= grace);
                 if old && !live.contains(&key) {
-                    self.store.delete(&key).await?;
-                    collected += 1;
+                    unreferenced.push(key);
                 }
             }
         }
+        let condemned: HashSet<String> = match self.store.get(CONDEMNED).await? {
+            Some(b) => serde_json::from_slice(&b).unwrap_or_default(),
+            None => HashSet::new(),
+        };
+        let mut collected = 0u64;
+        for key in unreferenced.iter().filter(|k| condemned.contains(*k)) {
+            self.store.delete(key).await?;
+            collected += 1;
+        }
+        let next: Vec<&String> = unreferenced
+            .iter()
+            .filter(|k| !condemned.contains(*k))
+            .collect();
+        let body = serde_json::to_vec(&next).map_err(|e| WriterError::Internal(e.to_string()))?;
+        self.store.delete(CONDEMNED).await?;
+        self.store
+            .put_if_absent(CONDEMNED, Bytes::from(body))
+            .await?;
         if collected > 0 {
             info!(
                 collected,
