@@ -267,3 +267,77 @@ async fn writes_through_the_tracker_replicate_as_points() -> anyhow::Result<()> 
     t.stop().await;
     Ok(())
 }
+
+/// `kill -9` of the agent while cycles run: after a restart no point is built from a log the
+/// killed agent could not seal — the VM is marked critical with "needs a resync" instead, and
+/// the scheduler stops cycling it (no retry storm).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_agent_never_yields_a_point_from_an_unsealed_log() -> anyhow::Result<()> {
+    let t = TestMesh::start().await?;
+    let host = t.path("host");
+    std::fs::create_dir_all(&host)?;
+    let os = host.join("app01-os.raw");
+    qemu_create(&os, "raw", "", "16M")?;
+    let cfg_path = t
+        .agent_config(&t.path("agent"), "hv01", &[("app01", vec![os.clone()])])
+        .await?;
+    std::fs::write(
+        &cfg_path,
+        std::fs::read_to_string(&cfg_path)? + "[tracker]\n",
+    )?;
+    let spawn = || -> anyhow::Result<std::process::Child> {
+        Ok(Command::new(bin("ferry-agent")?)
+            .arg("--config")
+            .arg(&cfg_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?)
+    };
+    let mut agent = spawn()?;
+    let vm = t.wait_vm("app01").await?;
+    let uri = vm.disks[0].nbd_uri.clone();
+    let policy = ferry_proto::common::v1::ReplicationPolicy {
+        frequency_seconds: 1,
+        ..Default::default()
+    };
+    let job = t
+        .ctl
+        .registry()
+        .await?
+        .protect_vm(ferry_proto::registry::v1::ProtectVmRequest {
+            name: "app01".into(),
+            policy: Some(policy),
+        })
+        .await?
+        .into_inner();
+    let j = t.wait_job(&job.id, Duration::from_secs(300)).await?;
+    assert_eq!(j.status, StepStatus::Succeeded as i32, "{j:?}");
+    nbd_write(&uri, &["write -P 0x61 1M 1M"])?;
+    let n = points(&t, "app01").await?.len();
+    wait_two_more(&t, "app01", n).await?;
+    // Acknowledged writes, then the kill before their cycle could seal them.
+    nbd_write(&uri, &["write -P 0x62 2M 1M"])?;
+    agent.kill()?;
+    agent.wait()?;
+    let before = points(&t, "app01").await?;
+    let mut agent = spawn()?;
+    let mut critical = None;
+    for _ in 0..300 {
+        let v = t.vm("app01").await?;
+        if v.health == "critical" {
+            critical = Some(v);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let v = critical.ok_or_else(|| anyhow::anyhow!("vm never marked after the kill"))?;
+    assert!(v.last_error.contains("resync"), "{}", v.last_error);
+    // No point was committed from the unsealed log, and cycles stopped (no retry storm).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let after = points(&t, "app01").await?;
+    assert_eq!(after.len(), before.len(), "no point after the kill");
+    agent.kill()?;
+    agent.wait()?;
+    t.stop().await;
+    Ok(())
+}
