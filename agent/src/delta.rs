@@ -227,6 +227,18 @@ impl Agent {
         lost: &CancellationToken,
     ) -> Result<(Vec<ShippedLog>, Vec<PathBuf>), ReplError> {
         let files = sealed_logs(Path::new(&d.path))?;
+        // Logs this large cost more than a checksum resync would (DESIGN §2.5).
+        let pending: u64 = files
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).ok())
+            .map(|m| m.len())
+            .sum();
+        if d.virtual_size > 0 && pending >= d.virtual_size / 2 {
+            return Err(ReplError::Permanent(format!(
+                "pending logs of disk {} reached {pending} bytes, half its size or more; the vm needs a resync",
+                d.path
+            )));
+        }
         let mut logs = Vec::new();
         for f in &files {
             if let Some(l) = self.ship_log(cycle, f, block_size, lost).await? {
