@@ -3,9 +3,8 @@
 //!
 //! ```text
 //!  qemu / qemu-io / nbdcopy ──NBD (unix socket, loopback TCP)──▶ connection task (nbd.rs)
-//!        reads: blocking pool, image read lock          writes: queue ─▶ disk thread (export.rs)
-//!                                                        log data + metadata block (log.rs),
-//!                                                        then the image, then the answer
+//!    reads: blocking pool, image read lock
+//!    writes: queue ─▶ log thread: data + metadata block (log.rs) ─▶ apply thread: image, answer
 //! ```
 //!
 //! * [`Tracker::start`] opens each disk for writing (raw, VHD, VHDX through `ferry-disk`),
@@ -17,8 +16,10 @@
 //! * Durability: an acknowledged write is in the log (data and its metadata block) and in the
 //!   image, so killing the agent loses nothing a client was told is written. FLUSH and FUA make
 //!   both durable (fdatasync of the log, then the image's flush). Without them, a power loss
-//!   can lose writes as with any disk cache; the log is written first, so it never misses an
-//!   image change that survived.
+//!   can lose writes as with any disk cache; the log is written first, so after a process
+//!   crash it never misses an image change. A log's writeback is started every 8 MiB so a
+//!   FLUSH finds little dirty log data. An unclosed log (EOL 0, after a crash) is read back by
+//!   `ferry_disk::hrl::HrlLog` up to its last metadata block; the next start chains to it.
 //! * TRIM and WRITE_ZEROES are applied as zeros and recorded as write records of zeros (MS-HRL
 //!   has only writes), in pieces of at most 1 MiB; pieces that already read as zero are
 //!   skipped, so discarding free space does not fill the log.
@@ -35,7 +36,13 @@
 //!   timeout); other connections are not affected.
 //!
 //! Sealed logs stay next to the disk until the shipper deletes them after their recovery point
-//! is durable ([`list_logs`] finds them again after a restart).
+//! is durable: [`list_logs`] lists a disk's logs (also after a restart), and
+//! [`Tracker::current_log`] says which one is still open; every other one is sealed.
+//!
+//! API: [`Tracker::start`], [`Tracker::cut`] (returns [`SealedLog`]s: disk, log, seq, unique
+//! id, previous id, bytes, records), [`Tracker::nbd_uri`] / [`Tracker::nbd_tcp_uri`],
+//! [`Tracker::pending_bytes`] (size of the open log), [`Tracker::current_log`],
+//! [`Tracker::stopped`]; [`log_path`] is the naming rule.
 
 mod export;
 mod log;
@@ -427,7 +434,7 @@ impl Tracker {
             }
         }
         drop(barrier);
-        let held = t0.elapsed() - waited;
+        let held = t0.elapsed().saturating_sub(waited);
         if let Some(e) = first_err {
             warn!(vm, error = %e, sealed = sealed.len(), "cut failed; logs sealed so far stay on disk");
             return Err(e);
