@@ -17,13 +17,20 @@ use crate::Agent;
 use crate::replicate::{CopyStats, ReadBlock, ReplError, from_status};
 use crate::tracker::list_logs;
 
-/// Every log next to `disk` except the tracker's current one (the highest sequence number):
+/// Every log next to `disk` except the tracker's current one (the one writes go to now):
 /// those are sealed and waiting to be shipped, oldest first.
-pub(crate) fn sealed_logs(disk: &Path) -> Result<Vec<PathBuf>, ReplError> {
-    let mut logs = list_logs(disk)
+pub(crate) fn sealed_logs(
+    disk: &Path,
+    tracker: Option<&crate::tracker::Tracker>,
+) -> Result<Vec<PathBuf>, ReplError> {
+    let logs = list_logs(disk)
         .map_err(|e| ReplError::Recoverable(format!("{}: listing logs: {e}", disk.display())))?;
-    logs.pop();
-    Ok(logs.into_iter().map(|(_, p)| p).collect())
+    let current = tracker.and_then(|t| t.current_log(disk));
+    Ok(logs
+        .into_iter()
+        .map(|(_, p)| p)
+        .filter(|p| Some(p) != current.as_ref())
+        .collect())
 }
 
 pub(crate) fn remove_logs(logs: &[PathBuf]) {
@@ -226,7 +233,7 @@ impl Agent {
         block_size: u32,
         lost: &CancellationToken,
     ) -> Result<(Vec<ShippedLog>, Vec<PathBuf>), ReplError> {
-        let files = sealed_logs(Path::new(&d.path))?;
+        let files = sealed_logs(Path::new(&d.path), self.tracker.as_ref())?;
         // Logs this large cost more than a checksum resync would (DESIGN §2.5).
         let pending: u64 = files
             .iter()

@@ -33,7 +33,7 @@ pub fn describe_disk(
     {
         d.nbd_uri = uri;
         // The current log plus sealed ones still waiting for their point.
-        let sealed: u64 = crate::delta::sealed_logs(path)
+        let sealed: u64 = crate::delta::sealed_logs(path, Some(t))
             .unwrap_or_default()
             .iter()
             .filter_map(|p| std::fs::metadata(p).ok())

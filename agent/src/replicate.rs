@@ -134,7 +134,10 @@ impl Agent {
                     if self.tracker.is_some() {
                         self.cut(vm).await?;
                         for d in &disks {
-                            let sealed = crate::delta::sealed_logs(std::path::Path::new(&d.path))?;
+                            let sealed = crate::delta::sealed_logs(
+                                std::path::Path::new(&d.path),
+                                self.tracker.as_ref(),
+                            )?;
                             crate::delta::remove_logs(&sealed);
                         }
                     }
