@@ -84,6 +84,18 @@ impl TestMesh {
         Ok(())
     }
 
+    /// `agent.toml` as [`agent_config`](Self::agent_config) writes it, with change tracking on.
+    pub async fn agent_config_tracked(
+        &self,
+        dir: &Path,
+        host: &str,
+        vms: &[(&str, Vec<PathBuf>)],
+    ) -> anyhow::Result<PathBuf> {
+        let path = self.agent_config(dir, host, vms).await?;
+        std::fs::write(&path, std::fs::read_to_string(&path)? + "[tracker]\n")?;
+        Ok(path)
+    }
+
     /// Writes `agent.toml` in `dir` (with a fresh registration key) and returns its path.
     pub async fn agent_config(
         &self,
@@ -135,18 +147,24 @@ impl TestMesh {
     }
 
     pub async fn protect(&self, name: &str) -> anyhow::Result<Job> {
+        self.protect_every(name, 300).await
+    }
+
+    /// Starts enable-protection with delta cycles every `frequency_seconds`.
+    pub async fn protect_every(&self, name: &str, frequency_seconds: u64) -> anyhow::Result<Job> {
         let policy = ferry_proto::common::v1::ReplicationPolicy {
-            frequency_seconds: 300,
+            frequency_seconds,
             ..Default::default()
+        };
+        let req = reg::ProtectVmRequest {
+            name: name.into(),
+            policy: Some(policy),
         };
         Ok(self
             .ctl
             .registry()
             .await?
-            .protect_vm(reg::ProtectVmRequest {
-                name: name.into(),
-                policy: Some(policy),
-            })
+            .protect_vm(req)
             .await?
             .into_inner())
     }

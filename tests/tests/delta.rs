@@ -79,16 +79,12 @@ async fn writes_through_the_tracker_replicate_as_points() -> anyhow::Result<()> 
     qemu_io(&os, "raw", &["write -P 0x11 0 4M"])?;
     qemu_io(&data, "vhdx", &["write -P 0x22 8M 4M"])?;
     let cfg_path = t
-        .agent_config(
+        .agent_config_tracked(
             &t.path("agent"),
             "hv01",
             &[("db01", vec![os.clone(), data.clone()])],
         )
         .await?;
-    std::fs::write(
-        &cfg_path,
-        std::fs::read_to_string(&cfg_path)? + "[tracker]\n",
-    )?;
     let agent = InProcessAgent::start(&cfg_path)?;
     let vm = t.wait_vm("db01").await?;
     let uris: Vec<String> = vm.disks.iter().map(|d| d.nbd_uri.clone()).collect();
@@ -98,20 +94,7 @@ async fn writes_through_the_tracker_replicate_as_points() -> anyhow::Result<()> 
     );
 
     // Protect with one-second cycles while the VM writes through the tracker.
-    let policy = ferry_proto::common::v1::ReplicationPolicy {
-        frequency_seconds: 1,
-        ..Default::default()
-    };
-    let job = t
-        .ctl
-        .registry()
-        .await?
-        .protect_vm(ferry_proto::registry::v1::ProtectVmRequest {
-            name: "db01".into(),
-            policy: Some(policy),
-        })
-        .await?
-        .into_inner();
+    let job = t.protect_every("db01", 1).await?;
     nbd_write(&uris[0], &["write -P 0x33 1M 1M", "write -P 0x34 20M 64k"])?;
     let j = t.wait_job(&job.id, Duration::from_secs(300)).await?;
     assert_eq!(j.status, StepStatus::Succeeded as i32, "{j:?}");
@@ -279,12 +262,8 @@ async fn killed_agent_never_yields_a_point_from_an_unsealed_log() -> anyhow::Res
     let os = host.join("app01-os.raw");
     qemu_create(&os, "raw", "", "16M")?;
     let cfg_path = t
-        .agent_config(&t.path("agent"), "hv01", &[("app01", vec![os.clone()])])
+        .agent_config_tracked(&t.path("agent"), "hv01", &[("app01", vec![os.clone()])])
         .await?;
-    std::fs::write(
-        &cfg_path,
-        std::fs::read_to_string(&cfg_path)? + "[tracker]\n",
-    )?;
     let spawn = || -> anyhow::Result<std::process::Child> {
         Ok(Command::new(bin("ferry-agent")?)
             .arg("--config")
@@ -296,20 +275,7 @@ async fn killed_agent_never_yields_a_point_from_an_unsealed_log() -> anyhow::Res
     let mut agent = spawn()?;
     let vm = t.wait_vm("app01").await?;
     let uri = vm.disks[0].nbd_uri.clone();
-    let policy = ferry_proto::common::v1::ReplicationPolicy {
-        frequency_seconds: 1,
-        ..Default::default()
-    };
-    let job = t
-        .ctl
-        .registry()
-        .await?
-        .protect_vm(ferry_proto::registry::v1::ProtectVmRequest {
-            name: "app01".into(),
-            policy: Some(policy),
-        })
-        .await?
-        .into_inner();
+    let job = t.protect_every("app01", 1).await?;
     let j = t.wait_job(&job.id, Duration::from_secs(300)).await?;
     assert_eq!(j.status, StepStatus::Succeeded as i32, "{j:?}");
     nbd_write(&uri, &["write -P 0x61 1M 1M"])?;

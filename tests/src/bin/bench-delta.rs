@@ -56,30 +56,16 @@ async fn main() -> anyhow::Result<()> {
     // Ferry: protected with the tracker; cycles only when this benchmark asks for one.
     let t = TestMesh::start().await?;
     let cfg = t
-        .agent_config(
+        .agent_config_tracked(
             &t.path("agent"),
             "bench01",
             &[("bench", vec![image.clone()])],
         )
         .await?;
-    std::fs::write(&cfg, std::fs::read_to_string(&cfg)? + "[tracker]\n")?;
     let agent = InProcessAgent::start(&cfg)?;
     let vm = t.wait_vm("bench").await?;
     let uri = vm.disks[0].nbd_uri.clone();
-    let policy = ferry_proto::common::v1::ReplicationPolicy {
-        frequency_seconds: 86_400,
-        ..Default::default()
-    };
-    let job = t
-        .ctl
-        .registry()
-        .await?
-        .protect_vm(ferry_proto::registry::v1::ProtectVmRequest {
-            name: "bench".into(),
-            policy: Some(policy),
-        })
-        .await?
-        .into_inner();
+    let job = t.protect_every("bench", 86_400).await?;
     let job = t.wait_job(&job.id, Duration::from_secs(3600)).await?;
     anyhow::ensure!(job.error.is_empty(), "protection failed: {}", job.error);
 

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use ferry_proto::registry::v1::{ListVmsRequest, ProtectVmRequest};
+use ferry_proto::registry::v1::ListVmsRequest;
 use ferry_tests::{InProcessAgent, TestMesh, qemu_create};
 
 const WRITE: usize = 512 << 10;
@@ -45,27 +45,15 @@ async fn main() -> anyhow::Result<()> {
     }
     let refs: Vec<(&str, Vec<std::path::PathBuf>)> =
         list.iter().map(|(n, d)| (n.as_str(), d.clone())).collect();
-    let cfg = t.agent_config(&t.path("agent"), "bench01", &refs).await?;
-    std::fs::write(&cfg, std::fs::read_to_string(&cfg)? + "[tracker]\n")?;
+    let cfg = t
+        .agent_config_tracked(&t.path("agent"), "bench01", &refs)
+        .await?;
     let agent = InProcessAgent::start(&cfg)?;
     let mut uris = Vec::new();
     for (name, _) in &list {
         let vm = t.wait_vm(name).await?;
         uris.push(vm.disks[0].nbd_uri.clone());
-        let policy = ferry_proto::common::v1::ReplicationPolicy {
-            frequency_seconds: 5,
-            ..Default::default()
-        };
-        let job = t
-            .ctl
-            .registry()
-            .await?
-            .protect_vm(ProtectVmRequest {
-                name: name.clone(),
-                policy: Some(policy),
-            })
-            .await?
-            .into_inner();
+        let job = t.protect_every(name, 5).await?;
         let job = t.wait_job(&job.id, Duration::from_secs(600)).await?;
         anyhow::ensure!(job.error.is_empty(), "protecting {name}: {}", job.error);
     }
