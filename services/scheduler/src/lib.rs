@@ -82,6 +82,9 @@ struct CycleSchedule {
 /// How often each protected VM's retention (prune + collect) runs.
 const RETENTION_EVERY: Duration = Duration::from_secs(600);
 
+/// When a VM's previous cycle is still running at its next due time, check again this soon.
+const CYCLE_BUSY_RETRY: Duration = Duration::from_millis(200);
+
 /// How often the schedule is re-read from the registry.
 const SCHEDULE_SYNC: Duration = Duration::from_secs(5);
 
@@ -168,6 +171,18 @@ impl SchedulerService {
                 let Ok(payload) = serde_json::to_string(&w) else {
                     continue;
                 };
+                // The previous cycle is still queued or running: try again shortly instead of
+                // skipping a whole interval, so the next cut follows it at once.
+                let busy = match self.coord.list_work(&c.host).await {
+                    Ok(items) => items.iter().any(|(id, _, _)| *id == w.id),
+                    Err(_) => false,
+                };
+                if busy {
+                    if let Some(e) = self.cycles.lock().await.get_mut(&vm) {
+                        e.next_due_ms = now_ms() + CYCLE_BUSY_RETRY.as_millis() as i64;
+                    }
+                    continue;
+                }
                 match self.coord.push_work(&c.host, &w.id, &payload).await {
                     Ok(()) => tracing::debug!(vm = %vm, host = %c.host, "delta cycle queued"),
                     Err(e) => tracing::warn!(vm = %vm, error = %e, "queueing a delta cycle failed"),
