@@ -482,6 +482,17 @@ pub mod bench {
         ))
     }
 
+    /// `restic ARGS -r <dir>/restic-repo` with a throwaway password and its cache under `dir`.
+    pub fn restic(dir: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new("restic");
+        c.args(args)
+            .arg("-r")
+            .arg(dir.join("restic-repo"))
+            .env("RESTIC_PASSWORD", "bench-only-not-a-secret")
+            .env("RESTIC_CACHE_DIR", dir.join("restic-cache"));
+        c
+    }
+
     /// Bytes of the files below `p`.
     pub fn walk_size(p: &Path) -> u64 {
         let Ok(rd) = std::fs::read_dir(p) else {

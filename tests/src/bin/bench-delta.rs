@@ -41,15 +41,7 @@ async fn main() -> anyhow::Result<()> {
         .arg(&image)
         .arg(&mirror))?;
     let repo = tmp.path().join("restic-repo");
-    let restic = |args: &[&str]| {
-        let mut c = Command::new("restic");
-        c.args(args)
-            .arg("-r")
-            .arg(&repo)
-            .env("RESTIC_PASSWORD", "bench-only-not-a-secret")
-            .env("RESTIC_CACHE_DIR", tmp.path().join("restic-cache"));
-        c
-    };
+    let restic = |args: &[&str]| ferry_tests::bench::restic(tmp.path(), args);
     run(restic(&["init", "-q"]).arg("--repository-version").arg("2"))?;
     run(restic(&["backup", "-q"]).arg(&image))?;
 

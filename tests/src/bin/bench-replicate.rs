@@ -60,16 +60,7 @@ async fn main() -> anyhow::Result<()> {
     t.stop().await;
 
     // restic backup of the same file into a local repository.
-    let repo = tmp.path().join("restic-repo");
-    let restic = |args: &[&str]| {
-        let mut c = Command::new("restic");
-        c.args(args)
-            .arg("-r")
-            .arg(&repo)
-            .env("RESTIC_PASSWORD", "bench-only-not-a-secret")
-            .env("RESTIC_CACHE_DIR", tmp.path().join("restic-cache"));
-        c
-    };
+    let restic = |args: &[&str]| ferry_tests::bench::restic(tmp.path(), args);
     timed(restic(&["init", "-q"]).arg("--repository-version").arg("2"))?;
     drop_caches();
     let (restic_s, restic_cpu) = timed(restic(&["backup", "-q"]).arg(&image))?;
