@@ -61,6 +61,7 @@ pub(crate) struct Scripts {
     pub(crate) requeue: Script,
     pub(crate) schedule: Script,
     pub(crate) take_due: Script,
+    pub(crate) push_slot: Script,
 }
 
 /// A handle on Redis (cheap to clone). Ordinary commands share one multiplexed connection
@@ -161,6 +162,7 @@ impl Coord {
             requeue: Script::new(crate::queue::REQUEUE),
             schedule: Script::new(crate::queue::SCHEDULE),
             take_due: Script::new(crate::queue::TAKE_DUE),
+            push_slot: Script::new(crate::slots::PUSH_SLOT),
         };
         debug!(addr = %client.get_connection_info().addr(), "connected to redis");
         Ok(Coord {

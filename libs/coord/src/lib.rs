@@ -12,13 +12,18 @@
 //! | `ferry:items:{host}` | hash id -> payload | payloads of both lists |
 //! | `ferry:{retry}:due` | sorted set id by due ms | retry queue |
 //! | `ferry:{retry}:payload` | hash id -> payload | retry payloads |
+//! | `ferry:slots:{host}` | hash series -> last slot, `~fence` -> token | scheduled work queued once per slot |
 //! | `ferry:kv:{key}` | string, PX ttl | heartbeats, progress |
 
 mod coord;
 mod error;
+mod keeper;
 mod queue;
 mod server;
+mod slots;
 
 pub use coord::{Coord, Lease};
 pub use error::CoordError;
+pub use keeper::KeptLease;
 pub use server::{RedisServer, redis_server_available};
+pub use slots::SlotPush;
