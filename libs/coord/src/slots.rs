@@ -14,6 +14,15 @@ fn slots_key(host: &str) -> String {
     format!("ferry:slots:{{{host}}}")
 }
 
+/// The host's queue and payloads, as `queue.rs` names them.
+fn work_key(host: &str) -> String {
+    format!("ferry:work:{{{host}}}")
+}
+
+fn items_key(host: &str) -> String {
+    format!("ferry:items:{{{host}}}")
+}
+
 /// Refuses a token below the highest seen, a slot not after the last queued, and an id already
 /// queued or in flight; otherwise queues the id and records the slot and token.
 pub(crate) const PUSH_SLOT: &str = r"
@@ -69,8 +78,8 @@ impl Coord {
             .scripts
             .push_slot
             .key(slots_key(host))
-            .key(crate::queue::items_key(host))
-            .key(crate::queue::work_key(host))
+            .key(items_key(host))
+            .key(work_key(host))
             .arg(lease.token)
             .arg(series)
             .arg(slot)
