@@ -20,6 +20,9 @@ pub enum FailoverError {
     },
     #[error("catalog: {0}")]
     Store(#[from] ferry_store::StoreError),
+    /// The job lease (Redis) refused: lost, taken over, or Redis out of reach.
+    #[error("job lease: {0}")]
+    Lease(#[source] ferry_coord::CoordError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -64,6 +67,8 @@ impl ServiceError for FailoverError {
             FailoverError::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
             FailoverError::Remote { code, .. } => *code,
             FailoverError::Cancelled => ErrorCode::Cancelled,
+            FailoverError::Lease(e) if e.is_transient() => ErrorCode::Unavailable,
+            FailoverError::Lease(_) => ErrorCode::Aborted,
             FailoverError::Store(e) if e.is_transient() => ErrorCode::Unavailable,
             FailoverError::Store(_) | FailoverError::Io { .. } | FailoverError::Internal(_) => {
                 ErrorCode::Internal

@@ -2,6 +2,7 @@
 //! step starts, progresses and ends. Updates after creation are best effort: a registry that
 //! is briefly unreachable must not fail a failover that is otherwise going well.
 use ferry_proto::common::v1::{Job, JobStep, StepStatus};
+use ferry_proto::registry::v1::GetJobRequest;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use tonic::transport::Channel;
 use tracing::{info, warn};
@@ -61,6 +62,23 @@ impl JobTracker {
                 ..job
             },
         })
+    }
+
+    /// Takes over a job another replica started (it stopped or died mid-way).
+    pub(crate) async fn resume(registry: RegistryClient<Channel>, id: &str) -> Result<Self> {
+        let mut client = registry.clone();
+        let job = client
+            .get_job(GetJobRequest { id: id.to_owned() })
+            .await
+            .map_err(|s| FailoverError::remote("registry", "get job", &s))?
+            .into_inner();
+        info!(job = %job.id, kind = %job.kind, target = %job.target, "job resumed");
+        Ok(Self { registry, job })
+    }
+
+    /// The job as it stands (a job handed over to another replica).
+    pub(crate) fn snapshot(&self) -> Job {
+        self.job.clone()
     }
 
     pub(crate) fn id(&self) -> &str {

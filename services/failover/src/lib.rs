@@ -5,6 +5,12 @@
 //!
 //! The logic lives on [`Orchestrator`] as plain async methods; [`service`] adds authorization
 //! and maps errors to statuses.
+//!
+//! Replicas: any number of orchestrators may serve one vault. A job runs under a lease on its
+//! record (`failover-job-<job id>`, renewed in the background); its state lives in the catalog
+//! (see [`records`]), every entry written with the lease's fencing token. Each replica scans
+//! the catalog for records with a job in progress whose lease is free (the replica running it
+//! stopped or died, or Redis lost its data) and resumes that job.
 
 pub mod error;
 mod job;
@@ -14,9 +20,11 @@ mod test_failover;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context as _;
-use ferry_mesh::{Authenticator, ClientTls, Component, MeshConfig, ServerTls};
+use ferry_coord::Coord;
+use ferry_mesh::{ClientTls, Component, MeshConfig, ServerTls};
 use ferry_proto::failover::v1::failover_server::FailoverServer;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_proto::storage::v1::storage_writer_client::StorageWriterClient;
@@ -42,9 +50,39 @@ pub struct Orchestrator {
     ledger: Arc<Ledger>,
     /// VMs with a failover operation running in this process.
     busy: Arc<Mutex<HashSet<String>>>,
-    /// Server shutdown: running jobs stop, clean up and end as failed instead of being cut
-    /// off while the registry still shows them running.
+    /// Server shutdown: running jobs stop and release their leases, so another replica
+    /// resumes them at once.
     shutdown: CancellationToken,
+    /// Job leases.
+    coord: Coord,
+    /// This process, in lease holders.
+    replica: String,
+    /// Jobs running in this process (the resume scan skips them).
+    running: Arc<Mutex<HashSet<String>>>,
+}
+
+/// The lease ttl of a job: a job whose replica died is resumed within about this.
+pub const JOB_LEASE_TTL: Duration = Duration::from_secs(5);
+/// How often each replica looks for jobs to resume.
+pub const RESUME_SCAN: Duration = Duration::from_secs(1);
+
+/// The lease guarding the jobs on the record made by job `job_id`.
+pub(crate) fn job_resource(job_id: &str) -> String {
+    format!("failover-job-{job_id}")
+}
+
+/// Forgets a job marked by [`Orchestrator::mark_running`].
+struct Running {
+    running: Arc<Mutex<HashSet<String>>>,
+    job: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(mut running) = self.running.lock() {
+            running.remove(&self.job);
+        }
+    }
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -69,14 +107,18 @@ impl Drop for Claim {
 
 impl Orchestrator {
     /// An orchestrator over channels to the registry and the storage-writer (authenticated
-    /// with the service certificate) and the object store holding the catalog.
-    pub fn new(registry: Channel, storage: Channel, store: Store) -> Self {
+    /// with the service certificate), the object store holding the catalog, and Redis for
+    /// job leases.
+    pub fn new(registry: Channel, storage: Channel, store: Store, coord: Coord) -> Self {
         Self {
             registry: RegistryClient::new(registry),
             storage: StorageWriterClient::new(storage),
             ledger: Arc::new(Ledger::new(store)),
             busy: Arc::default(),
             shutdown: CancellationToken::new(),
+            coord,
+            replica: format!("failover-{}", uuid::Uuid::new_v4()),
+            running: Arc::default(),
         }
     }
 
@@ -86,22 +128,95 @@ impl Orchestrator {
         self
     }
 
-    /// Connects (lazily: peers may start later) to the peers named in the config.
-    pub fn from_config(cfg: &MeshConfig) -> anyhow::Result<Self> {
+    /// Connects to Redis, and (lazily: peers may start later) to the peers named in the
+    /// config.
+    pub async fn from_config(cfg: &MeshConfig) -> anyhow::Result<Self> {
         let tls = ClientTls::service(cfg).context("loading the service certificate")?;
         let registry = ferry_mesh::connect_lazy(&cfg.endpoint(Component::Registry), &tls)?;
         let storage = ferry_mesh::connect_lazy(&cfg.endpoint(Component::StorageWriter), &tls)?;
         let store = Store::from_url(&cfg.store_url()).context("opening the object store")?;
-        Ok(Self::new(registry, storage, store))
+        let coord = Coord::connect(&cfg.redis_url)
+            .await
+            .context("connecting to redis")?;
+        Ok(Self::new(registry, storage, store, coord))
+    }
+
+    /// A lease holder name for one run of a job here.
+    pub(crate) fn holder(&self) -> String {
+        format!("{}/{}", self.replica, uuid::Uuid::new_v4())
+    }
+
+    /// Notes that `job` runs here until the result is dropped; None if it already does.
+    fn mark_running(&self, job: &str) -> Option<Running> {
+        let mut running = self.running.lock().ok()?;
+        running.insert(job.to_owned()).then(|| Running {
+            running: self.running.clone(),
+            job: job.to_owned(),
+        })
+    }
+
+    /// Every [`RESUME_SCAN`] until shutdown: resumes the jobs whose lease is free.
+    pub async fn resume_loop(self) {
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = tokio::time::sleep(RESUME_SCAN) => {}
+            }
+            if let Err(e) = self.resume_orphans().await {
+                tracing::warn!(error = %e, "scanning for failover jobs to resume failed");
+            }
+        }
+    }
+
+    /// One scan: every record with a job in progress that no replica holds is resumed here
+    /// (in the background). Returns how many were taken.
+    pub async fn resume_orphans(&self) -> error::Result<usize> {
+        let mut taken = 0;
+        for rec in self.ledger.records().await? {
+            if !rec.is_in_progress() || self.shutdown.is_cancelled() {
+                continue;
+            }
+            let Some(running) = self.mark_running(rec.working_job()) else {
+                continue;
+            };
+            let kept = match self
+                .coord
+                .acquire_kept(&job_resource(&rec.job_id), &self.holder(), JOB_LEASE_TTL)
+                .await
+            {
+                Ok(k) => k,
+                Err(ferry_coord::CoordError::LeaseHeld { .. }) => continue,
+                Err(e) => return Err(FailoverError::Lease(e)),
+            };
+            taken += 1;
+            let me = self.clone();
+            tokio::spawn(async move {
+                let job = rec.working_job().to_owned();
+                match me.resume(rec, kept).await {
+                    Ok(Some(j)) => {
+                        tracing::info!(job = %job, status = j.status, "resumed failover job ended")
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(job = %job, error = %e, "resuming a failover job failed")
+                    }
+                }
+                drop(running);
+            });
+        }
+        Ok(taken)
     }
 
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
     }
 
-    /// Every failover record in its latest state, oldest first.
+    /// Every failover record in its latest state, oldest first; failed ones (which left
+    /// nothing behind) are not listed.
     pub async fn list_failovers(&self) -> error::Result<Vec<Record>> {
-        self.ledger.records().await
+        let mut records = self.ledger.records().await?;
+        records.retain(|r| r.state != records::STATE_FAILED);
+        Ok(records)
     }
 
     /// One failover operation per VM at a time in this process; the catalog state catches
@@ -130,10 +245,14 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let orchestrator = Orchestrator::from_config(&cfg)?.with_shutdown(shutdown.clone());
+    let orchestrator = Orchestrator::from_config(&cfg)
+        .await?
+        .with_shutdown(shutdown.clone());
+    tokio::spawn(orchestrator.clone().resume_loop());
     let tls = ServerTls::load(&cfg).context("loading the server certificate")?;
-    let auth =
-        Authenticator::with_admin_token(&cfg.admin_token().context("reading the admin token")?);
+    let auth = ferry_mesh::component_authenticator(&cfg, shutdown.clone())
+        .await
+        .context("setting up authentication")?;
     let server =
         FailoverServer::with_interceptor(FailoverService::new(orchestrator), auth.interceptor());
     let routes = tonic::service::Routes::new(server);

@@ -1,17 +1,31 @@
 //! Failover records in the catalog namespace `failover`. Every change appends the record's
 //! full new state; the current state is the last entry per job, found by replaying the log.
+//!
+//! A record is also the durable state of the job working on it: `running` while a test
+//! failover is being made, `cleaning` while it is being removed. Each entry carries the
+//! fencing token of the job lease its writer held; replay ignores an entry whose token is below
+//! one already applied for the same record, so a replica that lost its lease cannot overwrite
+//! what the replica that took the job over committed.
 use ferry_proto::failover::v1::FailoverRecord;
 use ferry_store::{Catalog, Store};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use crate::error::Result;
+use ferry_coord::{Coord, Lease};
+
+use crate::error::{FailoverError, Result};
 
 /// The catalog namespace of failover records.
 pub const NAMESPACE: &str = "failover";
 
 pub const STATE_ACTIVE: &str = "active";
 pub const STATE_CLEANED_UP: &str = "cleaned-up";
+/// A test failover job is making the copy (any replica resumes it when its lease is free).
+pub const STATE_RUNNING: &str = "running";
+/// A cleanup job is removing the copy (resumed like `running`).
+pub const STATE_CLEANING: &str = "cleaning";
+/// The test failover job failed; nothing of it was left behind.
+pub const STATE_FAILED: &str = "failed";
 
 /// One failover of one VM, as stored (a superset of the API's `FailoverRecord`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +47,19 @@ pub struct Record {
     /// The job that last changed the state (cleanup), if any.
     #[serde(default)]
     pub last_job_id: String,
+    /// Fencing token of the job lease held by the writer of this entry.
+    #[serde(default)]
+    pub fence: u64,
+    /// Which run of the job wrote this entry (replica and attempt).
+    #[serde(default)]
+    pub holder: String,
+    /// Files the running job creates (known once its target was checked): a job resumed
+    /// elsewhere removes them before making them again.
+    #[serde(default)]
+    pub planned: Vec<String>,
+    /// The job created `target_dir` (so a failed job removes it again).
+    #[serde(default)]
+    pub created_dir: bool,
 }
 
 impl Record {
@@ -52,6 +79,20 @@ impl Record {
     pub fn is_active(&self) -> bool {
         self.state == STATE_ACTIVE
     }
+
+    /// A job is working on the record (it is resumed if its lease is free).
+    pub fn is_in_progress(&self) -> bool {
+        self.state == STATE_RUNNING || self.state == STATE_CLEANING
+    }
+
+    /// The job working on the record: the test failover job, or the cleanup job.
+    pub fn working_job(&self) -> &str {
+        if self.state == STATE_CLEANING {
+            &self.last_job_id
+        } else {
+            &self.job_id
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -66,6 +107,10 @@ impl Replayed {
     fn apply(&mut self, seq: u64, rec: Record) {
         self.seq = self.seq.max(seq);
         match self.records.iter_mut().find(|r| r.job_id == rec.job_id) {
+            // Written by a holder whose lease was already taken over: ignored.
+            Some(slot) if rec.fence < slot.fence => {
+                tracing::warn!(job = %rec.job_id, fence = rec.fence, current = slot.fence, seq, "stale failover record ignored");
+            }
             Some(slot) => *slot = rec,
             None => self.records.push(rec),
         }
@@ -103,6 +148,42 @@ impl Ledger {
             .into_iter()
             .rev()
             .find(|r| r.vm == vm && r.is_active()))
+    }
+
+    /// The VM's failover that is active or has a job working on it, if any.
+    pub async fn current(&self, vm: &str) -> Result<Option<Record>> {
+        Ok(self
+            .records()
+            .await?
+            .into_iter()
+            .rev()
+            .find(|r| r.vm == vm && (r.is_active() || r.is_in_progress())))
+    }
+
+    /// The record created by job `job_id`, in its latest state.
+    pub async fn get(&self, job_id: &str) -> Result<Option<Record>> {
+        Ok(self
+            .records()
+            .await?
+            .into_iter()
+            .find(|r| r.job_id == job_id))
+    }
+
+    /// Appends a record's new state, written under `lease` (the record's job lease): refused
+    /// when the lease is no longer held with its token, and recorded with the token so replay
+    /// ignores it should a newer holder have written meanwhile.
+    pub async fn put_fenced(
+        &self,
+        record: &mut Record,
+        coord: &Coord,
+        lease: &Lease,
+    ) -> Result<()> {
+        record.fence = lease.token;
+        coord
+            .check_fence(&lease.resource, lease.token)
+            .await
+            .map_err(FailoverError::Lease)?;
+        self.put(record).await
     }
 
     /// Appends a record's new state.

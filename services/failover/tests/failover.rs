@@ -226,7 +226,7 @@ async fn test_failover_then_cleanup() {
     let m = mesh().await;
     m.add_vm().await;
     let image = m.commit_point().await;
-    let orch = Orchestrator::from_config(&m.cfg).unwrap();
+    let orch = Orchestrator::from_config(&m.cfg).await.unwrap();
     let target = m.path("tf/web");
 
     let job = orch.test_failover(test_req(&target)).await.unwrap();
@@ -298,7 +298,7 @@ async fn test_failover_then_cleanup() {
         .into_inner();
     assert_eq!(vm.failover_state, "");
     // A fresh orchestrator (another replica) replays the same state from the catalog.
-    let replayed = Orchestrator::from_config(&m.cfg).unwrap();
+    let replayed = Orchestrator::from_config(&m.cfg).await.unwrap();
     let records = replayed.list_failovers().await.unwrap();
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].state, "cleaned-up");
@@ -323,7 +323,7 @@ async fn test_failover_then_cleanup() {
 async fn bad_input_and_failed_jobs() {
     let m = mesh().await;
     m.add_vm().await;
-    let orch = Orchestrator::from_config(&m.cfg).unwrap();
+    let orch = Orchestrator::from_config(&m.cfg).await.unwrap();
     let target = m.path("tf");
 
     // No recovery point yet: not found, and no job.
@@ -362,32 +362,17 @@ async fn bad_input_and_failed_jobs() {
     assert!(!target.join("web.vm.json").exists());
     assert!(orch.list_failovers().await.unwrap().is_empty());
 
-    // Shutting down mid-job: the job ends as failed (also in the registry), nothing stays.
+    // A replica shutting down starts no new job (another replica takes the call).
     let stopping = CancellationToken::new();
     stopping.cancel();
     let orch = Orchestrator::from_config(&m.cfg)
+        .await
         .unwrap()
         .with_shutdown(stopping);
     let fresh = m.path("tf2");
-    let job = orch.test_failover(test_req(&fresh)).await.unwrap();
-    assert_eq!(job.status, StepStatus::Failed as i32, "{job:?}");
-    assert!(job.error.contains("shutting down"), "{}", job.error);
+    let err = orch.test_failover(test_req(&fresh)).await.unwrap_err();
+    assert!(matches!(err, FailoverError::Cancelled), "{err}");
     assert!(!fresh.exists());
-    let jobs = m
-        .registry()
-        .await
-        .list_jobs(ListJobsRequest {
-            target: "web".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs;
-    let listed = jobs
-        .iter()
-        .find(|j| j.id == job.id)
-        .expect("job in the registry");
-    assert_eq!(listed.status, StepStatus::Failed as i32);
 }
 
 fn as_caller<T>(msg: T, caller: Option<Caller>) -> tonic::Request<T> {
@@ -401,7 +386,7 @@ fn as_caller<T>(msg: T, caller: Option<Caller>) -> tonic::Request<T> {
 #[tokio::test]
 async fn every_call_is_authorized() {
     let m = mesh().await;
-    let svc = FailoverService::new(Orchestrator::from_config(&m.cfg).unwrap());
+    let svc = FailoverService::new(Orchestrator::from_config(&m.cfg).await.unwrap());
     let reader = Some(Caller::Operator(Role::Reader));
     let operator = Some(Caller::Operator(Role::Operator));
     let target = m.path("tf");
@@ -442,4 +427,131 @@ async fn every_call_is_authorized() {
         "{}",
         err.message()
     );
+}
+
+/// A replica died mid-job: its lease expires, another replica's scan takes the job over,
+/// removes what the dead run left, finishes it, and records it under a newer token; the dead
+/// run can no longer write, and a stale entry in the catalog is ignored on replay.
+#[tokio::test]
+async fn a_job_whose_replica_died_is_resumed_elsewhere() {
+    use ferry_failover::records::{NAMESPACE, STATE_RUNNING};
+    let m = mesh().await;
+    m.add_vm().await;
+    let image = m.commit_point().await;
+    let target = m.path("tf/web");
+    std::fs::create_dir_all(&target).unwrap();
+    // What the dead replica left: a job running in the registry, its record, a half-made
+    // disk file and a partial file of its own, and a lease nobody renews.
+    let job = m
+        .registry()
+        .await
+        .upsert_job(Job {
+            kind: "test-failover".into(),
+            target: "web".into(),
+            status: StepStatus::Running as i32,
+            steps: ferry_failover::TEST_FAILOVER_STEPS
+                .iter()
+                .map(|n| ferry_proto::common::v1::JobStep {
+                    name: (*n).into(),
+                    status: StepStatus::Pending as i32,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Job::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let coord = Coord::connect(&m.cfg.redis_url).await.unwrap();
+    let dead = coord
+        .acquire_lease(
+            &format!("failover-job-{}", job.id),
+            "dead-replica",
+            std::time::Duration::from_millis(500),
+        )
+        .await
+        .unwrap();
+    let store = Store::from_url(&m.cfg.store_url()).unwrap();
+    let ledger = ferry_failover::Ledger::new(store.clone());
+    let disk_file = target.join("disk0.raw");
+    let desc_file = target.join("web.vm.json");
+    let mut record = ferry_failover::Record {
+        vm: "web".into(),
+        kind: "test".into(),
+        point_id: "latest".into(),
+        target_dir: target.display().to_string(),
+        files: vec![],
+        state: STATE_RUNNING.into(),
+        created_at_ms: 1,
+        job_id: job.id.clone(),
+        updated_at_ms: 1,
+        last_job_id: job.id.clone(),
+        fence: 0,
+        holder: "dead-replica".into(),
+        planned: vec![
+            disk_file.display().to_string(),
+            desc_file.display().to_string(),
+        ],
+        created_dir: true,
+    };
+    ledger.put_fenced(&mut record, &coord, &dead).await.unwrap();
+    std::fs::write(&disk_file, b"half").unwrap();
+    std::fs::write(target.join(".disk0.raw.17.partial"), b"half").unwrap();
+
+    // The lease is still live: a scan leaves the job alone.
+    let orch = Orchestrator::from_config(&m.cfg).await.unwrap();
+    assert_eq!(orch.resume_orphans().await.unwrap(), 0);
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert_eq!(orch.resume_orphans().await.unwrap(), 1);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let done = loop {
+        let j = m
+            .registry()
+            .await
+            .get_job(ferry_proto::registry::v1::GetJobRequest { id: job.id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if j.status != StepStatus::Running as i32 {
+            break j;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job never ended: {j:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_succeeded(&done, 3);
+    assert_eq!(std::fs::read(&disk_file).unwrap(), image);
+    assert!(desc_file.exists());
+    let names: Vec<String> = std::fs::read_dir(&target)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "only the copy stays: {names:?}");
+    let records = orch.list_failovers().await.unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].state, "active");
+    // Nothing left to resume.
+    assert_eq!(orch.resume_orphans().await.unwrap(), 0);
+
+    // The dead run cannot write any more; an entry it slipped in is ignored on replay.
+    let mut stale = record.clone();
+    stale.state = "cleaned-up".into();
+    assert!(ledger.put_fenced(&mut stale, &coord, &dead).await.is_err());
+    stale.fence = dead.token;
+    ledger.put(&stale).await.unwrap();
+    let replayed = Orchestrator::from_config(&m.cfg).await.unwrap();
+    let records = replayed.list_failovers().await.unwrap();
+    assert_eq!(records[0].state, "active");
+    // Two runs wrote the record: the dead one and the one that resumed it.
+    let holders: std::collections::BTreeSet<String> = ferry_store::Catalog::new(store, NAMESPACE)
+        .read_from::<ferry_failover::Record>(0)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|(_, r)| r.job_id == job.id)
+        .map(|(_, r)| r.holder)
+        .collect();
+    assert_eq!(holders.len(), 2, "{holders:?}");
 }
