@@ -94,7 +94,10 @@ impl ClientTls {
     }
 }
 
-/// Connects to `endpoint` (`https://host:port`) and checks the connection works.
+/// Connects to `endpoint` (`https://host:port`, or several comma-separated addresses of
+/// replicas: `https://10.0.0.1:7402,10.0.0.2:7402`) and checks the connection works. Addresses
+/// are tried in turn and the first that connects wins; so does every reconnection of the
+/// channel, which therefore moves to a surviving replica when the one it used goes away.
 pub async fn connect(endpoint: &str, tls: &ClientTls) -> Result<Channel, MeshError> {
     let (ep, connector) = prepare(endpoint, tls)?;
     ep.connect_with_connector(tower::service_fn(connector))
@@ -123,6 +126,83 @@ type ConnectFuture = std::pin::Pin<
     >,
 >;
 
+/// One address of an endpoint: where to connect and the name its certificate must carry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Target {
+    host: String,
+    port: u16,
+    server_name: ServerName<'static>,
+}
+
+impl Target {
+    /// `host:port` for a URI authority (IPv6 in brackets).
+    fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// The addresses of an endpoint, in order. The first carries the scheme (`https://`); later
+/// ones may repeat it or leave it out.
+fn parse_targets(endpoint: &str) -> Result<Vec<Target>, MeshError> {
+    let bad = |reason: &str| MeshError::InvalidEndpoint {
+        endpoint: endpoint.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let mut out = Vec::new();
+    for (i, part) in endpoint.split(',').map(str::trim).enumerate() {
+        if part.is_empty() {
+            return Err(bad("an empty address in the list"));
+        }
+        let url = if i > 0 && !part.contains("://") {
+            format!("https://{part}")
+        } else {
+            part.to_owned()
+        };
+        let uri: Uri = url.parse().map_err(|_| bad("not a url"))?;
+        if uri.scheme_str() != Some("https") {
+            return Err(bad("the scheme must be https"));
+        }
+        let host = uri
+            .host()
+            .ok_or_else(|| bad("no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(443);
+        // Server certificates always carry `localhost`; for an IP address that is the name we
+        // check, so a certificate works whichever local address a component listens on.
+        let server_name = match host.parse::<IpAddr>() {
+            Ok(_) => ServerName::try_from("localhost".to_owned()),
+            Err(_) => ServerName::try_from(host.clone()),
+        }
+        .map_err(|_| bad("invalid host name"))?;
+        out.push(Target {
+            host,
+            port,
+            server_name,
+        });
+    }
+    Ok(out)
+}
+
+/// TCP + TLS to one address, checking that HTTP/2 was negotiated.
+async fn connect_one(
+    connector: &TlsConnector,
+    t: &Target,
+) -> Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>, std::io::Error> {
+    let tcp = TcpStream::connect((t.host.as_str(), t.port)).await?;
+    tcp.set_nodelay(true)?;
+    let stream = connector.connect(t.server_name.clone(), tcp).await?;
+    if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+        return Err(std::io::Error::other("the server did not negotiate http/2"));
+    }
+    Ok(TokioIo::new(stream))
+}
+
 fn prepare(
     endpoint: &str,
     tls: &ClientTls,
@@ -133,52 +213,40 @@ fn prepare(
     ),
     MeshError,
 > {
-    let bad = |reason: &str| MeshError::InvalidEndpoint {
+    let targets = Arc::new(parse_targets(endpoint)?);
+    let first = targets.first().ok_or_else(|| MeshError::InvalidEndpoint {
         endpoint: endpoint.to_owned(),
-        reason: reason.to_owned(),
-    };
-    let uri: Uri = endpoint.parse().map_err(|_| bad("not a url"))?;
-    if uri.scheme_str() != Some("https") {
-        return Err(bad("the scheme must be https"));
-    }
-    let host = uri
-        .host()
-        .ok_or_else(|| bad("no host"))?
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let port = uri.port_u16().unwrap_or(443);
-    // Server certificates always carry `localhost`; for an IP address that is the name we
-    // check, so a certificate works whichever local address a component listens on.
-    let server_name = match host.parse::<IpAddr>() {
-        Ok(_) => ServerName::try_from("localhost".to_owned()),
-        Err(_) => ServerName::try_from(host.clone()),
-    }
-    .map_err(|_| bad("invalid host name"))?;
+        reason: "no address".to_owned(),
+    })?;
     let connector = TlsConnector::from(tls.rustls_config()?);
-    let authority = if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    };
-    let ep = Endpoint::from_shared(format!("http://{authority}"))
-        .map_err(|_| bad("not a url"))?
+    let ep = Endpoint::from_shared(format!("http://{}", first.authority()))
+        .map_err(|_| MeshError::InvalidEndpoint {
+            endpoint: endpoint.to_owned(),
+            reason: "not a url".to_owned(),
+        })?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEPALIVE)
         .keep_alive_while_idle(true);
+    // Each address gets its share of the connect timeout, so a dead one cannot use it all.
+    let per_target = CONNECT_TIMEOUT / u32::try_from(targets.len()).unwrap_or(u32::MAX).max(1);
     let connect = move |_: Uri| -> ConnectFuture {
         let connector = connector.clone();
-        let server_name = server_name.clone();
-        let host = host.clone();
+        let targets = targets.clone();
         Box::pin(async move {
-            let tcp = TcpStream::connect((host.as_str(), port)).await?;
-            tcp.set_nodelay(true)?;
-            let stream = connector.connect(server_name, tcp).await?;
-            if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
-                return Err(std::io::Error::other("the server did not negotiate http/2"));
+            let mut errors = Vec::new();
+            for t in targets.iter() {
+                let res = tokio::time::timeout(per_target, connect_one(&connector, t)).await;
+                match res {
+                    Ok(Ok(io)) => return Ok(io),
+                    Ok(Err(e)) => errors.push(format!("{}: {e}", t.authority())),
+                    Err(_) => errors.push(format!("{}: timed out", t.authority())),
+                }
             }
-            Ok(TokioIo::new(stream))
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                errors.join("; "),
+            ))
         })
     };
     Ok((ep, connect))
@@ -223,4 +291,25 @@ pub type AuthChannel = InterceptedService<Channel, BearerToken>;
 /// `new`.
 pub fn with_token(channel: Channel, token: &str) -> Result<AuthChannel, MeshError> {
     Ok(InterceptedService::new(channel, BearerToken::new(token)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_lists() {
+        let t = parse_targets("https://127.0.0.1:7001,127.0.0.1:7101, https://[::1]:7201").unwrap();
+        let got: Vec<String> = t.iter().map(Target::authority).collect();
+        assert_eq!(got, ["127.0.0.1:7001", "127.0.0.1:7101", "[::1]:7201"]);
+        let one = parse_targets("https://reg.example:9000").unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(
+            one[0].server_name,
+            ServerName::try_from("reg.example").unwrap()
+        );
+        assert!(parse_targets("https://127.0.0.1:7001,").is_err());
+        assert!(parse_targets("http://127.0.0.1:7001").is_err());
+        assert!(parse_targets("https://127.0.0.1:7001,http://127.0.0.1:7101").is_err());
+    }
 }

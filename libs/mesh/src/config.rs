@@ -6,6 +6,7 @@
 //! (`FERRY_REGISTRY__LISTEN=127.0.0.1:7401`, `FERRY_VAULT__BLOCK_SIZE=65536`), and the
 //! shorthand `FERRY_RETRY_TIME_UNIT=100ms`. Other `FERRY_*` variables (`FERRY_LOG`) are ignored.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -37,6 +38,7 @@ const ENV_KEYS: &[&str] = &[
     "failover",
     "gateway",
     "retry",
+    "endpoints",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +98,11 @@ pub struct MeshConfig {
     /// The QUIC gateway's UDP address.
     pub gateway: Listen,
     pub retry: RetryConfig,
+    /// What clients use to reach a component when it is not its `listen` address, by component
+    /// name: a load balancer, or several replicas as comma-separated addresses tried in turn
+    /// (`scheduler = "https://10.0.0.1:7402,10.0.0.2:7402"`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub endpoints: BTreeMap<String, String>,
 }
 
 /// Where the vault's PKI files are.
@@ -153,6 +160,7 @@ impl Default for MeshConfig {
             failover: Listen::local(7405),
             gateway: Listen::local(7406),
             retry: RetryConfig::default(),
+            endpoints: BTreeMap::new(),
         }
     }
 }
@@ -325,9 +333,13 @@ impl MeshConfig {
         slot.listen = addr;
     }
 
-    /// The URL clients use to reach a component: `https://<ip>:<port>`, with a wildcard
-    /// listen address replaced by the loopback address of the same family.
+    /// The URL clients use to reach a component: its entry in `endpoints` if it has one
+    /// (possibly several comma-separated addresses), else `https://<ip>:<port>` of its listen
+    /// address, with a wildcard replaced by the loopback address of the same family.
     pub fn endpoint(&self, c: Component) -> String {
+        if let Some(e) = self.endpoints.get(c.as_str()) {
+            return e.clone();
+        }
         let addr = self.listen(c);
         let ip = match addr.ip() {
             IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -461,6 +473,21 @@ impl MeshConfig {
             &self.redis_url,
             &["redis", "rediss", "redis+unix", "unix"],
         )?;
+        for (name, endpoint) in &self.endpoints {
+            let c: Component = name.parse()?;
+            if c == Component::Gateway {
+                return Err(invalid(
+                    "endpoints",
+                    "the gateway's address is gateway.listen",
+                ));
+            }
+            if endpoint.split(',').any(|a| a.trim().is_empty()) {
+                return Err(invalid(
+                    "endpoints",
+                    format!("{name} = {endpoint:?} has an empty address"),
+                ));
+            }
+        }
         self.check_ports()
     }
 
@@ -559,6 +586,32 @@ mod tests {
         cfg.set_listen(Component::Failover, "[::]:9001".parse().unwrap());
         assert_eq!(cfg.endpoint(Component::Ingest), "https://127.0.0.1:9000");
         assert_eq!(cfg.endpoint(Component::Failover), "https://[::1]:9001");
+    }
+
+    #[test]
+    fn endpoint_overrides() {
+        let mut cfg = MeshConfig::default();
+        cfg.endpoints.insert(
+            "scheduler".into(),
+            "https://127.0.0.1:7001,127.0.0.1:7101".into(),
+        );
+        let cfg = cfg.finish().unwrap();
+        assert_eq!(
+            cfg.endpoint(Component::Scheduler),
+            "https://127.0.0.1:7001,127.0.0.1:7101"
+        );
+        assert_eq!(cfg.endpoint(Component::Registry), "https://127.0.0.1:7401");
+        let text = toml::to_string_pretty(&cfg).unwrap();
+        let back: MeshConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back.endpoints, cfg.endpoints);
+        let mut bad = MeshConfig::default();
+        bad.endpoints
+            .insert("nope".into(), "https://127.0.0.1:1".into());
+        assert!(bad.finish().is_err());
+        let mut bad = MeshConfig::default();
+        bad.endpoints
+            .insert("ingest".into(), "https://127.0.0.1:1,".into());
+        assert!(bad.finish().is_err());
     }
 
     #[test]

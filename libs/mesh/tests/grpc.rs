@@ -544,3 +544,62 @@ async fn grpcurl_lists_checks_and_authenticates() {
     assert!(ok && out.contains("host:hv-07"), "{out}");
     mesh.stop().await;
 }
+
+/// An endpoint listing several replicas: a dead address is skipped, and a channel whose
+/// replica goes away reconnects to the next one that answers.
+#[tokio::test]
+async fn endpoint_lists_reach_a_surviving_replica() {
+    let a = start().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b_addr = listener.local_addr().unwrap();
+    let auth = Authenticator::with_admin_token(&a.cfg.admin_token().unwrap());
+    let routes = Routes::new(SchedulerServer::with_interceptor(Probe, auth.interceptor()));
+    let tls = ServerTls::load(&a.cfg).unwrap();
+    let b_stop = CancellationToken::new();
+    let b = tokio::spawn({
+        let stop = b_stop.clone();
+        async move { serve(listener, &tls, routes, &[SCHEDULER], stop).await }
+    });
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let a_addr = a.endpoint.trim_start_matches("https://").to_owned();
+    let list = format!("https://{dead},{a_addr},https://{b_addr}");
+    let tls = ClientTls::service(&a.cfg).unwrap();
+    let channel = connect(&list, &tls).await.unwrap();
+    assert_eq!(whoami(channel.clone()).await.unwrap(), "service:ferry");
+    let lazy = connect_lazy(&list, &tls).unwrap();
+    assert_eq!(whoami(lazy.clone()).await.unwrap(), "service:ferry");
+
+    // Replica a goes away: both channels carry on through b.
+    a.stop().await;
+    for ch in [channel, lazy] {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match whoami(ch.clone()).await {
+                Ok(who) => {
+                    assert_eq!(who, "service:ferry");
+                    break;
+                }
+                Err(s) if tokio::time::Instant::now() < deadline => {
+                    assert_eq!(s.code(), Code::Unavailable, "{s}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(s) => panic!("no replica reached after a stopped: {s}"),
+            }
+        }
+    }
+
+    // Nothing answers: the error names every address tried.
+    b_stop.cancel();
+    b.await.unwrap().unwrap();
+    let err = connect(&format!("https://{dead},{b_addr}"), &tls)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&dead.to_string()) && err.contains(&b_addr.to_string()),
+        "{err}"
+    );
+}
