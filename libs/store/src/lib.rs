@@ -11,12 +11,14 @@
 //! | `chunks/<aa>/<64 hex>` | sealed block ([`seal_chunk`]) |
 //! | `index/<aa>/<64 hex>` | block-map index page ([`Store::write_block_map`]) |
 //! | `points/<vm>/<seq:020>.json` | recovery point manifest ([`Store::commit_point`]) |
+//! | `merged/<vm>/<seq:020>.json` | a point's block maps with its logs applied ([`Store::put_merged`]) |
 //! | `catalog/<ns>/<seq:020>.json` | transaction log entry ([`Catalog::append`]) |
 
 mod blockmap;
 mod catalog;
 mod chunk;
 mod error;
+mod merged;
 mod points;
 mod store;
 mod unreliable;
@@ -28,6 +30,7 @@ pub use chunk::{
     parse_chunk_hex, seal_chunk,
 };
 pub use error::StoreError;
+pub use merged::{MergedDisk, MergedManifest, merged_key};
 pub use points::{DiskManifest, PointManifest};
 pub use store::{Store, chunk_key};
 pub use unreliable::UnreliableStore;

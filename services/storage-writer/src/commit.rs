@@ -5,7 +5,9 @@ use std::collections::{HashMap, HashSet};
 use ferry_coord::CoordError;
 use ferry_proto::common::v1::RecoveryPoint;
 use ferry_proto::storage::v1::{CommitDisk, CommitPointRequest};
-use ferry_store::{BlockMap, ChunkId, DiskManifest, PointManifest, StoreError};
+use ferry_store::{
+    BlockMap, ChunkId, DiskManifest, MergedManifest, PageRef, PointManifest, StoreError,
+};
 use tracing::{debug, info, warn};
 
 use crate::Writer;
@@ -189,11 +191,43 @@ fn changed(disk: &str, new: &BlockMap, prev: Option<&BlockMap>) -> Vec<(String, 
         .collect()
 }
 
-/// Shipped logs not merged yet: a patch keeps the previous point's, a full map starts over.
-/// A log shipped again (an agent that could not tell its commit landed) is listed once.
-fn pending_logs(d: &DiskInput, prev: Option<&DiskManifest>) -> Vec<String> {
-    let mut logs = match prev {
-        Some(p) if !d.full => p.logs.clone(),
+/// What a disk's new map builds on: the previous point's pages and pending logs, or — when the
+/// VM has a merged map of that base — the merged pages and only the logs not merged into them.
+#[derive(Debug)]
+struct Base {
+    pages: Vec<PageRef>,
+    /// Logs still to apply on top of `pages`, oldest first.
+    logs: Vec<String>,
+    /// Logs already in `pages` (a log shipped again is not listed again).
+    merged: Vec<String>,
+}
+
+impl Base {
+    fn of(prev: &DiskManifest, merged: Option<&MergedManifest>) -> Self {
+        match merged
+            .and_then(|m| m.disk(&prev.disk_id))
+            .filter(|m| m.is_prefix_of(prev))
+        {
+            Some(m) => Base {
+                pages: m.pages.clone(),
+                logs: prev.logs[m.logs.len()..].to_vec(),
+                merged: m.logs.clone(),
+            },
+            None => Base {
+                pages: prev.pages.clone(),
+                logs: prev.logs.clone(),
+                merged: Vec::new(),
+            },
+        }
+    }
+}
+
+/// Shipped logs not merged yet: a patch keeps its base's, a full map starts over. A log
+/// shipped again (an agent that could not tell its commit landed) is listed once, and not at
+/// all when it is merged into the base already.
+fn pending_logs(d: &DiskInput, base: Option<&Base>) -> Vec<String> {
+    let mut logs = match base {
+        Some(b) if !d.full => b.logs.clone(),
         _ => Vec::new(),
     };
     for key in d
@@ -202,14 +236,49 @@ fn pending_logs(d: &DiskInput, prev: Option<&DiskManifest>) -> Vec<String> {
         .cloned()
         .chain(d.shipped.iter().map(LogDescriptor::key))
     {
-        if !logs.contains(&key) {
+        let merged = !d.full && base.is_some_and(|b| b.merged.contains(&key));
+        if !merged && !logs.contains(&key) {
             logs.push(key);
         }
     }
     logs
 }
 
+/// True if `latest` is this very cycle, committed by an earlier attempt: the same non-empty
+/// cycle id (ingest names each cycle uniquely), kind, consistency and disks.
+fn is_retry_of(input: &CommitInput, latest: &PointManifest) -> bool {
+    !input.cycle_id.is_empty()
+        && latest.cycle_id == input.cycle_id
+        && latest.kind == input.kind
+        && latest.consistency == input.consistency
+        && latest.disks.len() == input.disks.len()
+        && input.disks.iter().all(|d| {
+            latest
+                .disks
+                .iter()
+                .any(|l| l.disk_id == d.disk.id && l.fencing_token == d.token)
+        })
+}
+
+/// True if the disk's blocks change in this commit on top of its previous map (not a full map,
+/// not logs only): such a patch is newer than the base's pending logs.
+fn is_patch(d: &DiskInput) -> bool {
+    !d.full && (!d.blocks.is_empty() || !d.zeroed.is_empty())
+}
+
 impl Writer {
+    /// The newest merged map of `vm` at or before point `seq`; a commit that cannot read one
+    /// builds on the latest point as it is (logged, not an error).
+    async fn newest_merged(&self, vm: &str, seq: u64) -> Option<MergedManifest> {
+        match self.store.newest_merged(vm, seq).await {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(vm, error = %e, "cannot read the newest merged map; building on the latest point");
+                None
+            }
+        }
+    }
+
     /// Commits a cycle as the VM's next recovery point and returns it. The point holds exactly
     /// the request's disks (all disks of a VM are cut at the same instant, so a disk left out
     /// is not carried over from an older point). Retrying a cycle whose first attempt landed
@@ -222,7 +291,12 @@ impl Writer {
         let mut verified: HashSet<ChunkId> = HashSet::new();
         for attempt in 1..=MAX_COMMIT_ATTEMPTS {
             match self.try_commit(&input, &mut verified).await {
-                Ok(m) => return Ok(point_to_proto(&m)),
+                Ok(m) => {
+                    if m.disks.iter().any(|d| !d.logs.is_empty()) {
+                        self.schedule_merge(&m.vm);
+                    }
+                    return Ok(point_to_proto(&m));
+                }
                 Err(WriterError::Store(StoreError::Conflict { what })) => {
                     debug!(vm = %input.vm, attempt, %what, "lost the race for the next point; reloading");
                 }
@@ -261,14 +335,39 @@ impl Writer {
         verified: &mut HashSet<ChunkId>,
     ) -> Result<PointManifest> {
         let latest = self.store.latest_point(&input.vm).await?;
+        // A retry of the cycle that made the latest point (its first attempt landed, the
+        // caller could not tell): that point is the answer. Rebuilding it would not reproduce
+        // it when a merge was recorded in between.
+        if let Some(l) = latest.as_ref().filter(|l| is_retry_of(input, l)) {
+            debug!(vm = %input.vm, seq = l.seq, cycle = %input.cycle_id, "cycle already committed");
+            return Ok(l.clone());
+        }
+        let mut merged = match &latest {
+            Some(l) => self.newest_merged(&input.vm, l.seq).await,
+            None => None,
+        };
         let mut maps = Vec::with_capacity(input.disks.len());
         let mut to_check = Vec::new();
         for d in &input.disks {
             let prev_disk = latest
                 .as_ref()
                 .and_then(|p| p.disks.iter().find(|x| x.disk_id == d.disk.id));
-            let prev_map = match prev_disk {
-                Some(pd) => Some(read_map(&self.store, &pd.pages).await?),
+            let mut base = prev_disk.map(|pd| Base::of(pd, merged.as_ref()));
+            if let (Some(l), Some(pd), Some(b)) = (&latest, prev_disk, &base)
+                && is_patch(d)
+                && !b.logs.is_empty()
+            {
+                // The patch is newer than the logs pending on its base: merge them first, so
+                // the point does not replay them over it.
+                info!(vm = %input.vm, disk = %d.disk.id, logs = b.logs.len(), "merging pending logs before a patch");
+                let m = self
+                    .merge_locked(l, &tokio_util::sync::CancellationToken::new())
+                    .await?;
+                base = Some(Base::of(pd, Some(&m)));
+                merged = Some(m);
+            }
+            let prev_map = match &base {
+                Some(b) => Some(read_map(&self.store, &b.pages).await?),
                 None => None,
             };
             let map = build_map(d, prev_disk.zip(prev_map.as_ref()))?;
@@ -288,7 +387,7 @@ impl Writer {
                     }
                 }
             }
-            maps.push((d, prev_disk, map));
+            maps.push((d, base, map));
         }
         if let Some((disk, index, chunk)) = self.first_missing(&to_check).await? {
             warn!(vm = %input.vm, disk = %disk, index, chunk = %chunk, "commit references a missing chunk");
@@ -301,8 +400,8 @@ impl Writer {
             }
         }
         let mut disks = Vec::with_capacity(maps.len());
-        for (d, prev_disk, map) in maps {
-            let previous = prev_disk.map_or(&[][..], |p| p.pages.as_slice());
+        for (d, base, map) in maps {
+            let previous = base.as_ref().map_or(&[][..], |b| b.pages.as_slice());
             let (map, pages) = write_map(&self.store, map, previous).await?;
             disks.push(DiskManifest {
                 disk_id: d.disk.id.clone(),
@@ -314,7 +413,7 @@ impl Writer {
                 block_size: d.block_size,
                 pages,
                 stored_blocks: map.entries.len() as u64,
-                logs: pending_logs(d, prev_disk),
+                logs: pending_logs(d, base.as_ref()),
                 fencing_token: d.token,
             });
         }

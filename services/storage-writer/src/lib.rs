@@ -1,6 +1,7 @@
 //! Ferry storage-writer: the object layout's gRPC face. Commits recovery points (fencing,
 //! block maps, chunk checks), lists and reads them, answers chunk presence and block-hash
-//! lists, and materialises a point's disk as an image file.
+//! lists, and materialises a point's disk as an image file. In the background it merges
+//! shipped change logs into block maps ([`merge`]).
 //!
 //! The handler logic lives on [`Writer`] as plain async methods (tests call them without
 //! gRPC); [`service`] adds authorization and maps errors to statuses.
@@ -9,15 +10,17 @@ mod commit;
 pub mod error;
 pub mod logs;
 mod materialize;
+pub mod merge;
 mod points;
 pub mod retention;
 pub mod service;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use ferry_coord::Coord;
-use ferry_mesh::{Authenticator, MeshConfig, ServerTls};
+use ferry_mesh::{MeshConfig, ServerTls};
 use ferry_proto::storage::v1::storage_writer_server::StorageWriterServer;
 use ferry_store::{Store, VaultKey};
 use tokio::net::TcpListener;
@@ -43,8 +46,12 @@ pub struct Writer {
     coord: Coord,
     key: Arc<VaultKey>,
     /// Commits hold it shared, the garbage sweep exclusively: a chunk a commit has verified
-    /// cannot be swept before that commit's manifest lands.
+    /// cannot be swept before that commit's manifest lands. Merges hold it shared too.
     sweep_lock: Arc<tokio::sync::RwLock<()>>,
+    /// The merge queue and the per-VM merge locks.
+    merges: Arc<merge::Merges>,
+    /// Where merges spool shipped logs (removed when each merge ends).
+    spool_dir: Arc<PathBuf>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -62,7 +69,15 @@ impl Writer {
             coord,
             key: Arc::new(key),
             sweep_lock: Default::default(),
+            merges: Default::default(),
+            spool_dir: Arc::new(std::env::temp_dir()),
         }
+    }
+
+    /// Spools logs being merged under `dir` instead of the system's temporary directory.
+    pub fn with_spool_dir(mut self, dir: PathBuf) -> Self {
+        self.spool_dir = Arc::new(dir);
+        self
     }
 
     /// Opens the store, Redis and the vault key named in the config.
@@ -72,7 +87,9 @@ impl Writer {
             .await
             .context("connecting to redis")?;
         let key = VaultKey::from_bytes(cfg.data_key().context("reading the vault data key")?);
-        Ok(Self::new(store, coord, key))
+        let spool = cfg.data_dir.join("merge-spool");
+        merge::clean_spool_dir(&spool);
+        Ok(Self::new(store, coord, key).with_spool_dir(spool))
     }
 
     pub fn store(&self) -> &Store {
@@ -89,11 +106,20 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let writer = Writer::from_config(&cfg).await?;
     let tls = ServerTls::load(&cfg).context("loading the server certificate")?;
-    let auth =
-        Authenticator::with_admin_token(&cfg.admin_token().context("reading the admin token")?);
+    let auth = ferry_mesh::component_authenticator(&cfg, shutdown.clone())
+        .await
+        .context("setting up authentication")?;
+    let stop_merger = shutdown.child_token();
+    let merger = writer.spawn_merger(stop_merger.clone());
     let svc = StorageWriterService::new(writer, shutdown.clone());
     let server = StorageWriterServer::new(svc).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let routes = tonic::service::Routes::new(InterceptedService::new(server, auth.interceptor()));
-    ferry_mesh::serve(listener, &tls, routes, &[SERVICE_NAME], shutdown).await?;
+    let served = ferry_mesh::serve(listener, &tls, routes, &[SERVICE_NAME], shutdown).await;
+    // The merger stops with the server (also when serving failed).
+    stop_merger.cancel();
+    if let Err(e) = merger.await {
+        tracing::warn!(error = %e, "merger task failed");
+    }
+    served?;
     Ok(())
 }

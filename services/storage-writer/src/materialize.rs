@@ -93,7 +93,20 @@ impl Writer {
         if tokio::fs::symlink_metadata(&target).await.is_ok() {
             return Err(WriterError::AlreadyExists(target.display().to_string()));
         }
-        let map = read_map(&self.store, &disk.pages).await?;
+        // A merged map is the whole point: nothing to replay. Without one (the merger has not
+        // got to the point, or failed) the logs are replayed; this never waits for a merge.
+        let merged = match disk.logs.is_empty() {
+            true => None,
+            false => self
+                .merged_of(&point)
+                .await
+                .and_then(|m| m.disk(&disk.disk_id).filter(|m| m.merges(&disk)).cloned()),
+        };
+        let (pages, replay) = match &merged {
+            Some(m) => (&m.pages, false),
+            None => (&disk.pages, !disk.logs.is_empty()),
+        };
+        let map = read_map(&self.store, pages).await?;
         let bs = u64::from(disk.block_size);
         let vsize = disk.virtual_size;
         if bs == 0 {
@@ -112,7 +125,8 @@ impl Writer {
         }
         info!(
             vm = %point.vm, point = %point.id, disk = %disk.disk_id, target = %target.display(),
-            %format, %subformat, blocks = map.entries.len(), "materialising disk"
+            %format, %subformat, blocks = map.entries.len(), merged = merged.is_some(),
+            "materialising disk"
         );
         let opts = CreateOptions {
             virtual_size: vsize,
@@ -144,14 +158,13 @@ impl Writer {
         let written = join(thread.await);
         match (outcome, written) {
             (Ok(bytes_written), Ok(())) => {
-                if !disk.logs.is_empty()
-                    && let Err(e) = self.apply_logs(&disk, &target, &cancel).await
-                {
+                if replay && let Err(e) = self.apply_logs(&disk, &target, &cancel).await {
                     warn!(disk = %disk.disk_id, target = %target.display(), error = %e, "applying shipped logs failed; partial file removed");
                     let _ = std::fs::remove_file(&target);
                     return Err(e);
                 }
-                info!(disk = %disk.disk_id, target = %target.display(), bytes_written, logs = disk.logs.len(), "disk materialised");
+                let replayed = if replay { disk.logs.len() } else { 0 };
+                info!(disk = %disk.disk_id, target = %target.display(), bytes_written, logs = replayed, "disk materialised");
                 Ok(MaterializeDiskResponse {
                     bytes_written,
                     virtual_size: vsize,

@@ -181,11 +181,30 @@ impl Writer {
         Ok(present)
     }
 
-    /// The block map of a point's disk (its block-hash list: chunk ids are keyed BLAKE3
-    /// hashes of the plaintext blocks, the same the agent computes for resync).
+    /// The full block map of a point's disk as of that point (its block-hash list: chunk ids
+    /// are keyed BLAKE3 hashes of the plaintext blocks, the same the agent computes for
+    /// resync). A disk with shipped logs is served from the point's merged map, merged now
+    /// when the background merger has not got to it yet.
     pub async fn block_map(&self, req: &BlockHashesRequest) -> Result<BlockMap> {
-        let (_, disk) = self.resolve_disk(&req.vm, &req.point, &req.disk_id).await?;
-        read_map(&self.store, &disk.pages).await
+        let (point, disk) = self.resolve_disk(&req.vm, &req.point, &req.disk_id).await?;
+        if disk.logs.is_empty() {
+            return read_map(&self.store, &disk.pages).await;
+        }
+        let merged = match self.merged_of(&point).await {
+            Some(m) => m,
+            None => {
+                let _no_sweep = self.sweep_lock.read().await;
+                self.merge_locked(&point, &tokio_util::sync::CancellationToken::new())
+                    .await?
+            }
+        };
+        match merged.disk(&disk.disk_id).filter(|m| m.merges(&disk)) {
+            Some(m) => read_map(&self.store, &m.pages).await,
+            None => Err(WriterError::Corrupt(format!(
+                "merged map of point {} of vm {} does not match disk {}",
+                point.id, point.vm, disk.disk_id
+            ))),
+        }
     }
 
     /// The first of `chunks` (with the disk and block naming them) that the store lacks.

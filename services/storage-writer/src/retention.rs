@@ -7,7 +7,9 @@
 //! readers and are ignored).
 //!
 //! Collection then marks everything the remaining points of every VM reference (index pages,
-//! their chunks, shipped-log descriptors and their chunks). An unmarked object is deleted only
+//! their chunks, shipped-log descriptors and their chunks) and everything their merged maps
+//! (`merged/<vm>/<seq>.json`) reference; a pruned point's merged map is deleted with it (and
+//! by collection, if a merge recorded it after the prune). An unmarked object is deleted only
 //! when it is older than a grace period (uploads of cycles in flight land before their point)
 //! *and* it was already unmarked in the previous run (`gc/condemned.json`): a cycle that
 //! deduplicated against an old unreferenced chunk (the gateway said "stored", so it was not
@@ -136,6 +138,8 @@ impl Writer {
             self.store
                 .delete(&format!("points/{vm}/{:020}.json", p.seq))
                 .await?;
+            // The point's merged map goes with it (collection removes any left behind).
+            self.store.delete_merged(vm, p.seq).await?;
             out.points_pruned += 1;
         }
         if out.points_pruned > 0 {
@@ -161,6 +165,41 @@ impl Writer {
         Ok(out)
     }
 
+    /// Marks what the merged maps of `vm`'s remaining points reference. A merged map whose
+    /// point is gone (pruned while a merge of it ran) or that cannot be read (no reader uses
+    /// one) is removed, so what only it referenced is collected.
+    async fn mark_merged(
+        &self,
+        vm: &str,
+        points: &[PointManifest],
+        live: &mut HashSet<String>,
+    ) -> Result<()> {
+        let kept: HashSet<u64> = points.iter().map(|p| p.seq).collect();
+        for seq in self.store.merged_seqs(vm).await? {
+            if !kept.contains(&seq) {
+                info!(vm, seq, "removing the merged map of a pruned point");
+                self.store.delete_merged(vm, seq).await?;
+                continue;
+            }
+            let m = match self.store.get_merged(vm, seq).await {
+                Ok(Some(m)) => m,
+                Ok(None) => continue,
+                Err(e @ ferry_store::StoreError::Corrupt { .. }) => {
+                    warn!(vm, seq, error = %e, "removing an unreadable merged map");
+                    self.store.delete_merged(vm, seq).await?;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            for d in &m.disks {
+                live.extend(d.pages.iter().map(|r| r.key.clone()));
+                let map = read_map(&self.store, &d.pages).await?;
+                live.extend(map.entries.values().map(chunk_key));
+            }
+        }
+        Ok(())
+    }
+
     /// Mark and sweep over every VM's remaining points. Commits wait while it runs (they hold
     /// the sweep lock shared), so the mark sees every committed point.
     async fn collect(&self, grace: Duration) -> Result<u64> {
@@ -174,7 +213,9 @@ impl Writer {
             .filter_map(|k| k.split('/').nth(1).map(str::to_string))
             .collect();
         for vm in &vms {
-            for p in self.store.list_points(vm).await? {
+            let points = self.store.list_points(vm).await?;
+            self.mark_merged(vm, &points, &mut live).await?;
+            for p in points {
                 for d in &p.disks {
                     live.extend(d.pages.iter().map(|r| r.key.clone()));
                     let map = read_map(&self.store, &d.pages).await?;
