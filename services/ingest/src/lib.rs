@@ -155,8 +155,12 @@ impl IngestService {
             .get(&cycle_key(id))
             .await
             .map_err(coord_status)?
+            // Aborted, not NotFound: a cycle that expired or vanished with Redis's data is
+            // recoverable (the agent begins a new one and ships the same sealed logs).
             .ok_or_else(|| {
-                Status::not_found(format!("cycle {id} is not open (unknown or expired)"))
+                Status::aborted(format!(
+                    "cycle {id} is not open (unknown, expired, or lost by redis); begin a new cycle"
+                ))
             })?;
         serde_json::from_str(&raw)
             .map_err(|e| Status::internal(format!("cycle {id} record is unreadable: {e}")))
