@@ -507,3 +507,176 @@ pub mod bench {
             .sum()
     }
 }
+
+/// One replica of a component that a test started and may stop on its own.
+pub struct Replica {
+    pub component: ferry_mesh::Component,
+    pub addr: std::net::SocketAddr,
+    pub stop: CancellationToken,
+    tasks: tokio::task::JoinSet<(ferry_mesh::Component, anyhow::Result<()>)>,
+}
+
+impl Replica {
+    /// Stops the replica (cancels its token) and waits for it to end.
+    pub async fn kill(&mut self) {
+        self.stop.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// `https://<addr>`.
+    pub fn endpoint(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+}
+
+/// A free loopback TCP address.
+fn free_addr() -> anyhow::Result<std::net::SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+impl TestMesh {
+    /// The mesh with `replicas` replicas of each of `components` (started by the test, each
+    /// with its own token: [`Replica::kill`] stops one). The config lists every replica's
+    /// address as the component's endpoint, so agents, components and the CLI reach whichever
+    /// answers.
+    pub async fn start_replicated(
+        components: &[ferry_mesh::Component],
+        replicas: usize,
+    ) -> anyhow::Result<(Self, Vec<Replica>)> {
+        init_logs();
+        let dir = tempfile::tempdir()?;
+        let data_dir = dir.path().join("mesh");
+        let opts = |without: Vec<ferry_mesh::Component>| UpOptions {
+            data_dir: data_dir.clone(),
+            retry_time_unit: Some(Duration::from_millis(100)),
+            without,
+            ..Default::default()
+        };
+        // A first start makes the vault and the config; nothing runs.
+        let all: Vec<_> = ferry::up::GRPC_COMPONENTS
+            .into_iter()
+            .chain([ferry_mesh::Component::Gateway])
+            .collect();
+        let config_path = Mesh::start(opts(all)).await?.config_path.clone();
+        let mut cfg: ferry_mesh::MeshConfig =
+            toml::from_str(&std::fs::read_to_string(&config_path)?)?;
+        let mut addrs = Vec::new();
+        for &c in components {
+            let list: Vec<std::net::SocketAddr> = (0..replicas)
+                .map(|_| free_addr())
+                .collect::<Result<_, _>>()?;
+            cfg.set_listen(c, list[0]);
+            let endpoint: Vec<String> = list.iter().map(|a| format!("https://{a}")).collect();
+            cfg.endpoints
+                .insert(c.as_str().to_owned(), endpoint.join(","));
+            addrs.extend(list.into_iter().map(|a| (c, a)));
+        }
+        cfg.finish()?.write_toml(&config_path)?;
+        let mesh = Mesh::start(opts(components.to_vec())).await?;
+        let mut out = Vec::new();
+        for (c, addr) in addrs {
+            let mut cfg = mesh.cfg.clone();
+            cfg.set_listen(c, addr);
+            let stop = CancellationToken::new();
+            let mut tasks = tokio::task::JoinSet::new();
+            ferry::up::spawn_component(&mut tasks, c, cfg, stop.clone()).await?;
+            out.push(Replica {
+                component: c,
+                addr,
+                stop,
+                tasks,
+            });
+        }
+        let ctl = Ctl::load(&mesh.config_path)?;
+        let t = Self { mesh, dir, ctl };
+        t.wait_serving().await?;
+        Ok((t, out))
+    }
+
+    /// `redis-cli -p <port> FLUSHALL` on the mesh's Redis.
+    pub fn redis_flushall(&self) -> anyhow::Result<()> {
+        let port = self
+            .mesh
+            .redis()
+            .context("the mesh runs no redis of its own")?
+            .port();
+        let out = run(Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .arg("FLUSHALL"))?;
+        anyhow::ensure!(out.trim() == "OK", "FLUSHALL answered {out:?}");
+        Ok(())
+    }
+
+    /// Every recovery point of `vm`, oldest first.
+    pub async fn points(
+        &self,
+        vm: &str,
+    ) -> anyhow::Result<Vec<ferry_proto::common::v1::RecoveryPoint>> {
+        Ok(self
+            .ctl
+            .storage()
+            .await?
+            .list_points(ferry_proto::storage::v1::ListPointsRequest { vm: vm.into() })
+            .await?
+            .into_inner()
+            .points)
+    }
+
+    /// Waits until `vm` has at least `n` points; returns them.
+    pub async fn wait_points(
+        &self,
+        vm: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<ferry_proto::common::v1::RecoveryPoint>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let p = self.points(vm).await?;
+            if p.len() >= n {
+                return Ok(p);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{vm} has {} points, not {n}, after {timeout:?}", p.len());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A mesh like [`TestMesh::start`] whose vault names blocks of `block_size` bytes: the vault
+/// is created, the mesh stopped, `vault.block_size` set in its `ferry.toml`, and the mesh
+/// started again from that file (before any data exists).
+pub async fn start_mesh_with_block_size(block_size: u32) -> anyhow::Result<TestMesh> {
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let opts = UpOptions {
+        data_dir: dir.path().join("mesh"),
+        retry_time_unit: Some(Duration::from_millis(100)),
+        ..Default::default()
+    };
+    let first = Mesh::start(opts.clone()).await?;
+    let path = first.config_path.clone();
+    first.stop().await;
+    let mut doc: toml::Table = std::fs::read_to_string(&path)?.parse()?;
+    let vault = doc
+        .entry("vault")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let Some(vault) = vault.as_table_mut() else {
+        bail!("{}: [vault] is not a table", path.display());
+    };
+    vault.insert(
+        "block_size".into(),
+        toml::Value::Integer(i64::from(block_size)),
+    );
+    std::fs::write(&path, toml::to_string(&doc)?)?;
+    let mesh = Mesh::start(opts).await?;
+    anyhow::ensure!(
+        mesh.cfg.vault.block_size == block_size,
+        "the restarted mesh uses blocks of {} bytes",
+        mesh.cfg.vault.block_size
+    );
+    let ctl = Ctl::load(&mesh.config_path)?;
+    let t = TestMesh { mesh, dir, ctl };
+    t.wait_serving().await?;
+    Ok(t)
+}

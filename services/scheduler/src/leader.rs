@@ -38,9 +38,10 @@ impl Term {
     }
 }
 
-/// A name for this replica's lease, unique per process.
-pub fn replica_id() -> String {
-    format!("scheduler-{}", uuid::Uuid::new_v4())
+/// A name for this replica's lease: its address (for operators) and a unique suffix.
+pub fn replica_id(addr: Option<std::net::SocketAddr>) -> String {
+    let addr = addr.map_or_else(|| "-".to_owned(), |a| a.to_string());
+    format!("scheduler@{addr}/{}", uuid::Uuid::new_v4())
 }
 
 /// Campaigns for leadership until `shutdown`: for each term won calls `start(term)` (which
