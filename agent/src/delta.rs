@@ -131,6 +131,12 @@ impl Agent {
         cancel: &CancellationToken,
     ) -> Result<(), ReplError> {
         let disks = self.vm_disks(vm)?;
+        if self.resync_in_progress(vm) {
+            // Its point carries the writes since it began; shipping (and deleting) those logs
+            // on top of the old map would lose the ones made to blocks it already read.
+            tracing::info!(vm, "a resync of the vm is in progress; delta cycle skipped");
+            return Ok(());
+        }
         self.cut(vm).await?;
         let mut shipped_files = Vec::new();
         let point = self

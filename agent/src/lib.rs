@@ -5,6 +5,7 @@ mod delta;
 pub mod identity;
 pub mod inventory;
 mod replicate;
+mod resync;
 pub mod tracker;
 
 use std::sync::Arc;
@@ -213,6 +214,7 @@ impl Agent {
                     .await
             }
             Ok(WorkKind::DeltaCycle) => self.delta_cycle(&item.vm, &stop).await,
+            Ok(WorkKind::Resync) => self.resync(&item.vm, &item.job_id, &stop).await,
             _ => Err(ReplError::Permanent(format!(
                 "work kind {} is not supported by this agent",
                 item.kind

@@ -231,7 +231,7 @@ impl Agent {
             let stats = stats.clone();
             let stop = cancel.clone();
             tokio::task::spawn_blocking(move || {
-                read_blocks(&path, block_size, &key, &tx, &stats, &stop)
+                read_blocks(&path, block_size, &key, &tx, &stats, &stop, 0)
             })
         };
         let mut map: Vec<BlockRef> = Vec::new();
@@ -386,14 +386,16 @@ fn upload_err(e: ferry_gateway::client::UploadError) -> ReplError {
     }
 }
 
-/// Reads the allocated blocks of a disk in order, skipping zero blocks, naming each one.
-fn read_blocks(
+/// Reads the allocated blocks of a disk in order from block `from`, skipping zero blocks,
+/// naming each one.
+pub(crate) fn read_blocks(
     path: &std::path::Path,
     block_size: u32,
     key: &VaultKey,
     tx: &mpsc::Sender<ReadBlock>,
     stats: &CopyStats,
     stop: &CancellationToken,
+    from: u64,
 ) -> Result<(), ReplError> {
     let dev = ferry_disk::open(path)
         .map_err(|e| ReplError::Permanent(format!("{}: {e}", path.display())))?;
@@ -407,7 +409,7 @@ fn read_blocks(
         .iter()
         .filter(|e| matches!(e.kind, ferry_disk::ExtentKind::Allocated))
     {
-        let first = ext.offset / bs;
+        let first = (ext.offset / bs).max(from);
         let end = (ext.offset + ext.len).div_ceil(bs);
         for index in first..end {
             if last_index.is_some_and(|l| index <= l) {

@@ -1,9 +1,10 @@
 //! The gRPC face of [`Writer`]: authorization for every call, then the plain handler, with
 //! errors mapped through `ferry_mesh::to_status` only.
 //!
-//! Agents never call this service. The ingest service commits points with the service
-//! certificate; operators read with the reader role and act with the operator role.
-use ferry_mesh::{Role, require_role, require_service, to_status};
+//! The ingest service commits points with the service certificate; operators read with the
+//! reader role and act with the operator role. Hosts may read points and block-hash lists
+//! (keyed BLAKE3 ids, not data) for a checksum resync.
+use ferry_mesh::{Caller, Role, caller, require_role, require_service, to_status};
 use ferry_proto::common::v1::RecoveryPoint;
 use ferry_proto::storage::v1::storage_writer_server::StorageWriter;
 use ferry_proto::storage::v1::{
@@ -31,6 +32,14 @@ impl StorageWriterService {
     }
 }
 
+/// Reader role, the service, or a registered host (resync reads points and block hashes).
+fn require_reader_or_host<T>(req: &Request<T>) -> Result<(), Status> {
+    match caller(req) {
+        Caller::Host(_) => Ok(()),
+        _ => require_role(req, Role::Reader),
+    }
+}
+
 type HashStream = tokio_stream::Iter<std::vec::IntoIter<Result<BlockHashesChunk, Status>>>;
 
 #[tonic::async_trait]
@@ -52,7 +61,7 @@ impl StorageWriter for StorageWriterService {
         &self,
         request: Request<ListPointsRequest>,
     ) -> Result<Response<ListPointsResponse>, Status> {
-        require_role(&request, Role::Reader)?;
+        require_reader_or_host(&request)?;
         let points = self
             .writer
             .list_points(&request.get_ref().vm)
@@ -65,7 +74,7 @@ impl StorageWriter for StorageWriterService {
         &self,
         request: Request<GetPointRequest>,
     ) -> Result<Response<RecoveryPoint>, Status> {
-        require_role(&request, Role::Reader)?;
+        require_reader_or_host(&request)?;
         let req = request.get_ref();
         let point = self
             .writer
@@ -94,7 +103,7 @@ impl StorageWriter for StorageWriterService {
         &self,
         request: Request<BlockHashesRequest>,
     ) -> Result<Response<Self::BlockHashesStream>, Status> {
-        require_role(&request, Role::Reader)?;
+        require_reader_or_host(&request)?;
         let map = self
             .writer
             .block_map(request.get_ref())
