@@ -73,10 +73,10 @@ impl Agent {
             .await
             .map_err(|e| ReplError::Recoverable(format!("log reader: {e}")))?
             .map_err(|e| {
-                ReplError::Permanent(format!("{}: {e}; the vm needs a resync", path.display()))
+                ReplError::ResyncRequired(format!("{}: {e}; the vm needs a resync", path.display()))
             })?;
         if !log.clean {
-            return Err(ReplError::Permanent(format!(
+            return Err(ReplError::ResyncRequired(format!(
                 "{} was not closed cleanly (the agent stopped without sealing it); the vm needs a resync",
                 path.display()
             )));
@@ -247,7 +247,7 @@ impl Agent {
             .map(|m| m.len())
             .sum();
         if d.virtual_size > 0 && pending >= d.virtual_size / 2 {
-            return Err(ReplError::Permanent(format!(
+            return Err(ReplError::ResyncRequired(format!(
                 "pending logs of disk {} reached {pending} bytes, half its size or more; the vm needs a resync",
                 d.path
             )));

@@ -32,6 +32,8 @@ pub struct Agent {
     busy: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     /// The write tracker, when `[tracker]` is configured.
     tracker: Option<tracker::Tracker>,
+    /// The mesh's retry time unit in ms, as the last work item said (0: not known yet).
+    retry_unit_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Registers if needed, then heartbeats and works until `shutdown`.
@@ -47,6 +49,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         uploader: Default::default(),
         busy: Default::default(),
         tracker,
+        retry_unit_ms: Default::default(),
     };
     let hb = tokio::spawn(agent.clone().heartbeat_loop(shutdown.clone()));
     agent.work_loop(shutdown.clone()).await;
@@ -150,6 +153,13 @@ impl Agent {
             match self.stream_work(&shutdown).await {
                 Ok(()) => return,
                 Err(e) => {
+                    // Refused credentials (the host was removed from the vault) do not heal by
+                    // retrying fast: ask again rarely, until the host is registered again.
+                    if e.downcast_ref::<tonic::Status>()
+                        .is_some_and(|s| s.code() == tonic::Code::Unauthenticated)
+                    {
+                        delay = Duration::from_secs(60);
+                    }
                     tracing::warn!(error = %e, retry_ms = delay.as_millis() as u64, "work stream lost")
                 }
             }
@@ -208,6 +218,12 @@ impl Agent {
 
     async fn handle(&self, item: WorkItem, stop: CancellationToken) {
         tracing::info!(vm = %item.vm, work = %item.id, kind = item.kind, attempt = item.attempt, "work received");
+        if item.retry_time_unit_ms > 0 {
+            self.retry_unit_ms.store(
+                item.retry_time_unit_ms,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
         let result = match WorkKind::try_from(item.kind) {
             Ok(WorkKind::InitialReplication) => {
                 self.initial_replication(&item.vm, &item.job_id, &stop)
@@ -223,11 +239,11 @@ impl Agent {
         if stop.is_cancelled() {
             return; // shutting down: the work stays in flight and is re-sent on reconnect
         }
-        let (ok, error, recoverable) = match &result {
-            Ok(()) => (true, String::new(), false),
+        let (ok, error, recoverable, resync_required) = match &result {
+            Ok(()) => (true, String::new(), false, false),
             Err(e) => {
-                tracing::warn!(vm = %item.vm, work = %item.id, error = %e, recoverable = e.recoverable(), "work failed");
-                (false, e.to_string(), e.recoverable())
+                tracing::warn!(vm = %item.vm, work = %item.id, error = %e, recoverable = e.recoverable(), resync_required = e.resync_required(), "work failed");
+                (false, e.to_string(), e.recoverable(), e.resync_required())
             }
         };
         let req = CompleteWorkRequest {
@@ -236,6 +252,7 @@ impl Agent {
             ok,
             error,
             recoverable,
+            resync_required,
         };
         for attempt in 0..5u32 {
             match self.scheduler().await {

@@ -30,11 +30,19 @@ pub enum ReplError {
     Recoverable(String),
     #[error("{0}")]
     Permanent(String),
+    /// The change logs cannot carry the VM forward (a log lost, broken, not closed cleanly, or
+    /// too large): only a checksum resync makes its replica consistent again.
+    #[error("{0}")]
+    ResyncRequired(String),
 }
 
 impl ReplError {
     pub fn recoverable(&self) -> bool {
         matches!(self, Self::Recoverable(_))
+    }
+
+    pub fn resync_required(&self) -> bool {
+        matches!(self, Self::ResyncRequired(_))
     }
 }
 
@@ -290,9 +298,19 @@ impl Agent {
 }
 
 impl Agent {
+    /// How long a cycle rides out upload failures before it fails (recoverable) and the
+    /// scheduler's backoff takes over: half the mesh's retry time unit, 1 s to 30 s.
+    pub(crate) fn ride_out(&self) -> Duration {
+        let unit = self.retry_unit_ms.load(Ordering::Relaxed);
+        if unit == 0 {
+            return Duration::from_secs(30);
+        }
+        (Duration::from_millis(unit) / 2).clamp(Duration::from_secs(1), Duration::from_secs(30))
+    }
+
     /// Uploads a batch, riding out a gateway restart or a network blip: a transient failure
     /// reconnects and offers the batch again (storage keeps what landed, so nothing stored is
-    /// sent twice); after about half a minute of failures the cycle gives up and the
+    /// sent twice); after [`Agent::ride_out`] of failures the cycle gives up and the
     /// scheduler's retry takes over.
     pub(crate) async fn upload_with_retry(
         self,
@@ -304,9 +322,23 @@ impl Agent {
         let blocks = Arc::new(blocks);
         let mut delay = Duration::from_millis(250);
         let mut attempt = 0u32;
+        let budget = self.ride_out();
+        let started = tokio::time::Instant::now();
         loop {
             attempt += 1;
-            let res = match self.uploader().await {
+            let left = budget.saturating_sub(started.elapsed());
+            let connected =
+                match tokio::time::timeout(left.max(Duration::from_millis(100)), self.uploader())
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(ReplError::Recoverable(format!(
+                        "gateway {}: no connection within {} ms",
+                        self.creds.endpoints.gateway,
+                        left.as_millis()
+                    ))),
+                };
+            let res = match connected {
                 Ok(up) => {
                     let key = self.creds.vault_key.clone();
                     let r = upload_batch(&up, &cycle, blocks.clone(), key, &stats).await;
@@ -318,7 +350,11 @@ impl Agent {
                 Err(e) => Err(e),
             };
             match res {
-                Err(e) if e.recoverable() && attempt < 8 && !lost.is_cancelled() => {
+                Err(e)
+                    if e.recoverable()
+                        && started.elapsed() + delay < budget
+                        && !lost.is_cancelled() =>
+                {
                     tracing::warn!(cycle = %cycle, attempt, retry_ms = delay.as_millis() as u64, error = %e, "upload failed; retrying the batch");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));

@@ -264,6 +264,20 @@ async fn vm(cli: &Cli, cmd: &VmCmd) -> anyhow::Result<ExitCode> {
                 if !v.last_error.is_empty() {
                     println!("last error:  {}", v.last_error);
                 }
+                if v.retry_attempts > 0 {
+                    println!(
+                        "retrying:    attempt {} failed; next retry {}",
+                        v.retry_attempts,
+                        time(v.next_retry_ms)
+                    );
+                }
+                if v.last_cycle_duration_ms > 0 {
+                    println!(
+                        "last cycle:  {} ms, {}",
+                        v.last_cycle_duration_ms,
+                        bytes(v.last_cycle_bytes)
+                    );
+                }
                 let rows: Vec<Vec<String>> = v
                     .disks
                     .iter()
@@ -274,26 +288,67 @@ async fn vm(cli: &Cli, cmd: &VmCmd) -> anyhow::Result<ExitCode> {
                             d.subformat.clone(),
                             bytes(d.virtual_size),
                             bytes(d.allocated_bytes),
+                            bytes(d.pending_log_bytes),
                         ]
                     })
                     .collect();
                 println!(
                     "{}",
-                    table(&["disk", "format", "subformat", "size", "allocated"], &rows)
+                    table(
+                        &["disk", "format", "subformat", "size", "allocated", "pending logs"],
+                        &rows
+                    )
                 );
+            }
+        }
+        VmCmd::Resync { name, wait, output } => {
+            let job = c
+                .registry()
+                .await?
+                .resync_vm(reg::ResyncVmRequest { name: name.clone() })
+                .await
+                .map_err(|s| status_err("starting the resync", s))?
+                .into_inner();
+            if !*wait {
+                print_job(&job, *output)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let job = wait_job(&c, &job.id, Duration::from_secs(24 * 3600)).await?;
+            print_job(&job, *output)?;
+            return Ok(job_exit(&job));
+        }
+        VmCmd::Repair { name, output } => {
+            let v = c
+                .registry()
+                .await?
+                .repair_vm(reg::RepairVmRequest { name: name.clone() })
+                .await
+                .map_err(|s| status_err("repairing the vm", s))?
+                .into_inner();
+            if *output == OutputFormat::Json {
+                print_json(&vm_json(&v))?;
+            } else {
+                println!("vm {}: {} ({})", v.name, v.state, v.health);
             }
         }
         VmCmd::Protect {
             name,
             frequency,
             retention,
+            app_consistent,
+            resync_window,
             wait,
             output,
         } => {
+            let (window_start, window_end) = resync_window.split_once('-').ok_or_else(|| {
+                anyhow::anyhow!("--resync-window {resync_window:?}: expected START-END, e.g. 18:30-06:00")
+            })?;
             let policy = ReplicationPolicy {
                 frequency_seconds: Duration::from(*frequency).as_secs().max(1),
                 retention_hours: (Duration::from(*retention).as_secs() / 3600).max(1),
-                ..Default::default()
+                app_consistent_seconds: Duration::from(*app_consistent).as_secs(),
+                resync_window_start: window_start.trim().to_string(),
+                resync_window_end: window_end.trim().to_string(),
             };
             let job = c
                 .registry()

@@ -134,9 +134,33 @@ pub enum VmCmd {
         /// Recovery point retention.
         #[arg(long, default_value = "24h")]
         retention: humantime::Duration,
+        /// How often a cycle is app-consistent (quiesce hooks on the host); 0 = never.
+        #[arg(long, default_value = "0s")]
+        app_consistent: humantime::Duration,
+        /// Automatic resyncs wait for this window, host local time (START-END, HH:MM-HH:MM;
+        /// equal ends: any time).
+        #[arg(long, default_value = "18:30-06:00")]
+        resync_window: String,
         /// Wait until the job ends; exit non-zero if it failed.
         #[arg(long)]
         wait: bool,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Checksum resync now: the host compares its disks with the latest point's block hashes
+    /// and ships only the blocks that differ.
+    Resync {
+        name: String,
+        /// Wait until the resync ends; exit non-zero if it failed.
+        #[arg(long)]
+        wait: bool,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Clear a critical VM after fixing the cause; replication resumes (with a resync when
+    /// the VM needs one).
+    Repair {
+        name: String,
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },

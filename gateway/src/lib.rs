@@ -109,7 +109,9 @@ pub async fn run(
     let tls = ferry_mesh::ClientTls::service(&cfg).map_err(GatewayError::from)?;
     let ingest = ingest::IngestLink::new(&cfg.endpoint(Component::Ingest), &tls)
         .map_err(GatewayError::from)?;
-    let gateway = Arc::new(server::Gateway::new(store, ingest, block_size));
+    let revoked = ferry_mesh::RevocationList::watch(&cfg, shutdown.clone()).await;
+    let gateway =
+        Arc::new(server::Gateway::new(store, ingest, block_size).with_revocation(revoked));
 
     socket.set_nonblocking(true).map_err(GatewayError::Socket)?;
     let runtime = Arc::new(quinn::TokioRuntime);

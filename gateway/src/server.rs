@@ -44,6 +44,8 @@ pub(crate) struct Gateway {
     max_block: u32,
     /// Permits are KiB of payload held in memory; bounds memory across all streams.
     memory: Arc<Semaphore>,
+    /// Host certificates the registry no longer accepts.
+    revoked: ferry_mesh::RevocationList,
 }
 
 impl Gateway {
@@ -55,7 +57,14 @@ impl Gateway {
             ingest,
             max_block,
             memory: Arc::new(Semaphore::new(budget)),
+            revoked: Default::default(),
         }
+    }
+
+    /// Refuses connections with a revoked host certificate (the registry's list).
+    pub(crate) fn with_revocation(mut self, revoked: ferry_mesh::RevocationList) -> Self {
+        self.revoked = revoked;
+        self
     }
 
     /// Which offers the store lacks. A chunk offered twice is asked for once.
@@ -153,6 +162,17 @@ async fn handle_connection(
             return;
         }
     };
+    if let ferry_mesh::Identity::Host(host) = &identity {
+        let serial = ferry_mesh::quic_peer_serial(&conn).unwrap_or_default();
+        if gw.revoked.is_revoked(host, &serial) {
+            warn!(%peer, host = %host, "refused a removed host's certificate");
+            conn.close(
+                ErrorCode::NotHost.as_u32().into(),
+                b"host certificate revoked: the host was removed from the vault",
+            );
+            return;
+        }
+    }
     debug!(%peer, %identity, "connection accepted");
     let ctx = Arc::new(Conn {
         gw,

@@ -271,6 +271,24 @@ impl Coord {
         Ok(())
     }
 
+    /// The retry scheduled for `id`, if any: `(due_ms, payload)`.
+    pub async fn pending_retry(&self, id: &str) -> Result<Option<(i64, String)>, CoordError> {
+        check_id(id)?;
+        let mut conn = self.conn.clone();
+        let due: Option<f64> = redis::cmd("ZSCORE")
+            .arg(RETRY_DUE)
+            .arg(id)
+            .query_async(&mut conn)
+            .await?;
+        let Some(due) = due else { return Ok(None) };
+        let payload: Option<String> = redis::cmd("HGET")
+            .arg(RETRY_PAYLOAD)
+            .arg(id)
+            .query_async(&mut conn)
+            .await?;
+        Ok(payload.map(|p| (due as i64, p)))
+    }
+
     /// Removes and returns up to `max` retries due at `now_ms`, earliest first.
     pub async fn take_due(
         &self,

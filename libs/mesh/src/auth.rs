@@ -74,9 +74,9 @@ impl fmt::Display for Caller {
     }
 }
 
-/// Returns true when a host has been removed from the vault and its certificate must no
-/// longer be accepted.
-pub type RevocationCheck = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+/// Returns true when a host certificate must no longer be accepted: called with the host name
+/// and the certificate's serial number (lowercase hex; empty when unknown).
+pub type RevocationCheck = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
 
 /// Checks callers' credentials. Tokens are kept only as BLAKE3 hashes.
 #[derive(Clone)]
@@ -108,7 +108,7 @@ impl Authenticator {
             .collect();
         Self {
             tokens: Arc::new(tokens),
-            revoked: Arc::new(|_| false),
+            revoked: Arc::new(|_, _| false),
         }
     }
 
@@ -182,15 +182,16 @@ impl Authenticator {
             tracing::debug!(error = %e, "client certificate without a ferry identity");
             Status::unauthenticated(format!("client certificate rejected: {e}"))
         })?;
-        self.identify(identity)
+        let serial = crate::pki::cert_serial_hex(leaf).unwrap_or_default();
+        self.identify(identity, &serial)
     }
 
-    /// The caller for a verified certificate identity, refusing removed hosts; for
-    /// transports other than gRPC (the QUIC gateway, after [`crate::quic_peer_identity`]).
-    pub fn identify(&self, identity: Identity) -> Result<Caller, Status> {
+    /// The caller for a verified certificate identity with its serial number (hex), refusing
+    /// revoked host certificates; for transports other than gRPC (the QUIC gateway).
+    pub fn identify(&self, identity: Identity, serial: &str) -> Result<Caller, Status> {
         match identity {
             Identity::Host(name) => {
-                if (self.revoked)(&name) {
+                if (self.revoked)(&name, serial) {
                     tracing::info!(host = %name, "rejected a call from a removed host");
                     return Err(Status::unauthenticated(format!(
                         "host {name} has been removed from the vault; register it again"
@@ -321,7 +322,9 @@ mod tests {
         let auth = Authenticator::default()
             .add_token_hash(&token_hash("op-token"), Role::Operator)
             .unwrap()
-            .with_revocation(Arc::new(|host: &str| host == "gone"));
+            .with_revocation(Arc::new(|host: &str, serial: &str| {
+                host == "gone" || serial == "0bad"
+            }));
         let req = auth
             .interceptor()
             .call(with_token("Bearer op-token"))
@@ -333,10 +336,16 @@ mod tests {
                 .is_err()
         );
         assert_eq!(
-            auth.identify(Identity::Host("hv".into())).unwrap(),
+            auth.identify(Identity::Host("hv".into()), "01").unwrap(),
             Caller::Host("hv".into())
         );
-        let err = auth.identify(Identity::Host("gone".into())).unwrap_err();
+        let err = auth
+            .identify(Identity::Host("gone".into()), "01")
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+        let err = auth
+            .identify(Identity::Host("hv".into()), "0bad")
+            .unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated);
     }
 

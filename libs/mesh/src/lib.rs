@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod pki;
 pub mod quic;
+pub mod revocation;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
@@ -21,10 +22,14 @@ pub use auth::{
 pub use client::{AuthChannel, BearerToken, ClientTls, connect, connect_lazy, with_token};
 pub use config::{Component, ConfigError, Listen, MeshConfig, RetryConfig, TlsPaths, VaultConfig};
 pub use error::{ErrorCode, MeshError, ServiceError, error_chain, to_status, unimplemented};
-pub use pki::{Identity, PkiError, VaultCa, new_csr, write_secret};
-pub use quic::{
-    ALPN_FERRY, quic_client_config, quic_peer_identity, quic_server_config, quic_transport_config,
+pub use pki::{
+    Identity, PkiError, VaultCa, cert_serial_hex, cert_serial_hex_pem, new_csr, write_secret,
 };
+pub use quic::{
+    ALPN_FERRY, quic_client_config, quic_peer_identity, quic_peer_serial, quic_server_config,
+    quic_transport_config,
+};
+pub use revocation::{RevocationList, component_authenticator};
 pub use server::{ServerTls, serve, serve_with_drain};
 pub use shutdown::shutdown_on_signal;
 pub use telemetry::init_tracing;

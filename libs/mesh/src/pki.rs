@@ -137,6 +137,22 @@ impl Identity {
     }
 }
 
+/// The serial number of a DER certificate, lowercase hex without leading zero bytes.
+pub fn cert_serial_hex(der: &[u8]) -> Result<String, PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| PkiError::InvalidCertificate(e.to_string()))?;
+    Ok(cert.tbs_certificate.serial.to_str_radix(16))
+}
+
+/// The serial number (hex) of the first certificate in a PEM text.
+pub fn cert_serial_hex_pem(pem: &str) -> Result<String, PkiError> {
+    let der = crate::tls::certs_from_pem(pem, "certificate")?
+        .into_iter()
+        .next()
+        .ok_or_else(|| PkiError::InvalidCertificate("no certificate in the pem text".into()))?;
+    cert_serial_hex(&der)
+}
+
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

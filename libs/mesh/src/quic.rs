@@ -90,6 +90,16 @@ pub fn quic_client_config(
     Ok(config)
 }
 
+/// The serial number (hex) of a QUIC connection's client certificate, for revocation checks.
+pub fn quic_peer_serial(conn: &quinn::Connection) -> Result<String, PkiError> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or(PkiError::NoPeerCertificate)?;
+    let leaf = certs.first().ok_or(PkiError::NoPeerCertificate)?;
+    crate::pki::cert_serial_hex(leaf)
+}
+
 /// The identity in the (already verified) client certificate of a QUIC connection.
 pub fn quic_peer_identity(conn: &quinn::Connection) -> Result<Identity, PkiError> {
     let certs = conn

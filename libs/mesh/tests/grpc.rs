@@ -100,7 +100,7 @@ async fn start() -> Mesh {
     cfg.set_listen(Component::Scheduler, listener.local_addr().unwrap());
     let auth = Authenticator::with_admin_token(&cfg.admin_token().unwrap())
         .add_token("reader-token", Role::Reader)
-        .with_revocation(Arc::new(|host: &str| host == "removed"));
+        .with_revocation(Arc::new(|host: &str, _serial: &str| host == "removed"));
     let routes = Routes::new(SchedulerServer::with_interceptor(Probe, auth.interceptor()));
     let tls = ServerTls::load(&cfg).unwrap();
     let shutdown = CancellationToken::new();

@@ -113,7 +113,7 @@ pub async fn run(
         coord,
         lock: Default::default(),
     });
-    let auth = ferry_mesh::Authenticator::with_admin_token(&cfg.admin_token()?);
+    let auth = ferry_mesh::component_authenticator(&cfg, shutdown.clone()).await?;
     let server = pb::ingest_server::IngestServer::new(Api(svc)).max_decoding_message_size(64 << 20);
     let routes = tonic::service::Routes::new(tonic::service::interceptor::InterceptedService::new(
         server,

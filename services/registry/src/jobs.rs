@@ -15,6 +15,10 @@ use crate::service::RegistryService;
 use crate::state::{Event, JobRecord, PolicyRecord};
 
 pub(crate) const KIND_ENABLE: &str = "enable-protection";
+pub(crate) const KIND_RESYNC: &str = "resync";
+/// How often a running job's work is queued again: `Dispatch` is idempotent while the work
+/// is queued or in flight, and this rebuilds it after Redis lost its data.
+const REDISPATCH_EVERY: Duration = Duration::from_secs(10);
 const STEPS: [&str; 4] = [
     "prerequisites check",
     "replication relationship",
@@ -58,6 +62,13 @@ impl RegistryService {
             return Err(RegistryError::InvalidArgument(
                 "replication frequency must be at least 1 s".into(),
             ));
+        }
+        for t in [&policy.resync_window_start, &policy.resync_window_end] {
+            if chrono::NaiveTime::parse_from_str(t, "%H:%M").is_err() {
+                return Err(RegistryError::InvalidArgument(format!(
+                    "resync window time {t:?} is not a time of day (HH:MM)"
+                )));
+            }
         }
         let job = new_job(KIND_ENABLE, vm, &STEPS);
         {
@@ -103,7 +114,10 @@ impl RegistryService {
                 .await
                 .jobs
                 .values()
-                .filter(|j| j.kind == KIND_ENABLE && j.status == StepStatus::Running as i32)
+                .filter(|j| {
+                    matches!(j.kind.as_str(), KIND_ENABLE | KIND_RESYNC)
+                        && j.status == StepStatus::Running as i32
+                })
                 .map(|j| j.id.clone())
                 .collect();
             for id in running {
@@ -116,7 +130,13 @@ impl RegistryService {
     fn spawn_job(self: &Arc<Self>, id: String) {
         let me = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = me.run_protection(&id).await {
+            let kind = me.job(&id).await.map(|j| j.kind).unwrap_or_default();
+            let res = if kind == KIND_RESYNC {
+                me.run_resync(&id).await
+            } else {
+                me.run_protection(&id).await
+            };
+            if let Err(e) = res {
                 tracing::error!(job = %id, error = %e, "job runner failed");
             }
         });
@@ -285,8 +305,15 @@ impl RegistryService {
             }
             v.host.clone()
         };
-        self.dispatch(&host, vm, &job.id).await?;
+        self.dispatch(&host, vm, &job.id, WorkKind::InitialReplication)
+            .await?;
+        let mut dispatched = tokio::time::Instant::now();
         loop {
+            if dispatched.elapsed() >= REDISPATCH_EVERY {
+                dispatched = tokio::time::Instant::now();
+                self.redispatch(&host, vm, &job.id, WorkKind::InitialReplication)
+                    .await;
+            }
             let notified = self.changed.notified();
             {
                 let st = self.state.lock().await;
@@ -307,11 +334,17 @@ impl RegistryService {
         }
     }
 
-    /// Queues the initial copy with the scheduler, retrying while it is unreachable.
-    async fn dispatch(&self, host: &str, vm: &str, job_id: &str) -> Result<(), RegistryError> {
+    /// Queues a job's work with the scheduler, retrying while it is unreachable.
+    async fn dispatch(
+        &self,
+        host: &str,
+        vm: &str,
+        job_id: &str,
+        kind: WorkKind,
+    ) -> Result<(), RegistryError> {
         let mut delay = Duration::from_millis(200);
         loop {
-            match self.try_dispatch(host, vm, job_id).await {
+            match self.try_dispatch(host, vm, job_id, kind).await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     tracing::warn!(vm, job = job_id, error = %e, "scheduler unreachable; retrying dispatch");
@@ -325,13 +358,26 @@ impl RegistryService {
         }
     }
 
-    async fn try_dispatch(&self, host: &str, vm: &str, job_id: &str) -> anyhow::Result<()> {
+    /// Queues the work again, once; a failure waits for the next round.
+    async fn redispatch(&self, host: &str, vm: &str, job_id: &str, kind: WorkKind) {
+        if let Err(e) = self.try_dispatch(host, vm, job_id, kind).await {
+            tracing::debug!(vm, job = job_id, error = %e, "re-dispatch failed; next round");
+        }
+    }
+
+    async fn try_dispatch(
+        &self,
+        host: &str,
+        vm: &str,
+        job_id: &str,
+        kind: WorkKind,
+    ) -> anyhow::Result<()> {
         let tls = ClientTls::service(&self.cfg)?;
         let ch = ferry_mesh::connect(&self.cfg.endpoint(Component::Scheduler), &tls).await?;
         SchedulerClient::new(ch)
             .dispatch(DispatchRequest {
                 host_name: host.to_string(),
-                kind: WorkKind::InitialReplication as i32,
+                kind: kind as i32,
                 vm: vm.to_string(),
                 job_id: job_id.to_string(),
             })
@@ -360,6 +406,176 @@ impl RegistryService {
         SchedulerClient::new(ch)
             .reschedule(ferry_proto::scheduler::v1::RescheduleRequest { vm: vm.to_string() })
             .await?;
+        Ok(())
+    }
+}
+
+impl RegistryService {
+    /// Starts a checksum resync of `vm` now, or returns the one already running.
+    pub(crate) async fn start_resync(self: &Arc<Self>, vm: &str) -> Result<Job, RegistryError> {
+        let job = new_job(KIND_RESYNC, vm, &["resync"]);
+        {
+            let st = self.state.lock().await;
+            let v = st
+                .vms
+                .get(vm)
+                .ok_or_else(|| RegistryError::VmNotFound(vm.to_string()))?;
+            if let Some(running) = st.jobs.values().find(|j| {
+                j.kind == KIND_RESYNC
+                    && j.target == vm
+                    && j.status == StepStatus::Running as i32
+            }) {
+                return Ok(running.clone());
+            }
+            if !matches!(
+                v.state.as_str(),
+                "protected" | "resync-pending" | "resyncing"
+            ) {
+                return Err(RegistryError::FailedPrecondition(format!(
+                    "vm {vm} is {}; only a protected vm can be resynchronized",
+                    v.state
+                )));
+            }
+            if matches!(
+                v.failover_state.as_str(),
+                "planned" | "unplanned" | "committed"
+            ) {
+                return Err(RegistryError::FailedPrecondition(format!(
+                    "vm {vm} has failed over ({}); it replicates again after reprotect",
+                    v.failover_state
+                )));
+            }
+            if st.hosts.get(&v.host).is_none_or(|h| h.removed) {
+                return Err(RegistryError::FailedPrecondition(format!(
+                    "host {} of vm {vm} is not registered; register it again first",
+                    v.host
+                )));
+            }
+        }
+        self.persist(vec![
+            Event::Job(JobRecord::encode(&job)),
+            Event::VmState {
+                vm: vm.to_string(),
+                state: "resyncing".into(),
+                health: "warning".into(),
+                last_error: String::new(),
+            },
+            Event::VmRetry {
+                vm: vm.to_string(),
+                attempts: 0,
+                next_retry_ms: 0,
+            },
+        ])
+        .await?;
+        tracing::info!(vm, job = %job.id, "resync started");
+        self.spawn_job(job.id.clone());
+        Ok(job)
+    }
+
+    /// The resync job: the agent compares the disks with the latest point's block hashes and
+    /// ships what differs; ingest's `ReportCommitted` for this job ends it (and makes the VM
+    /// protected again). A non-recoverable failure fails it and leaves the VM critical.
+    async fn run_resync(self: &Arc<Self>, id: &str) -> Result<(), RegistryError> {
+        let mut job = self.job(id).await?;
+        let vm = job.target.clone();
+        let host = {
+            let st = self.state.lock().await;
+            st.vms
+                .get(&vm)
+                .map(|v| v.host.clone())
+                .ok_or_else(|| RegistryError::VmNotFound(vm.clone()))?
+        };
+        self.set_step(&mut job, 0, StepStatus::Running, "").await?;
+        self.dispatch(&host, &vm, id, WorkKind::Resync).await?;
+        let mut dispatched = tokio::time::Instant::now();
+        loop {
+            if dispatched.elapsed() >= REDISPATCH_EVERY {
+                dispatched = tokio::time::Instant::now();
+                self.redispatch(&host, &vm, id, WorkKind::Resync).await;
+            }
+            let notified = self.changed.notified();
+            let failed = {
+                let st = self.state.lock().await;
+                match st.jobs.get(id) {
+                    Some(j) if j.status != StepStatus::Running as i32 => return Ok(()),
+                    _ => {}
+                }
+                st.vms
+                    .get(&vm)
+                    .filter(|v| v.health == "critical" && !v.last_error.is_empty())
+                    .map(|v| v.last_error.clone())
+            };
+            if let Some(err) = failed {
+                tracing::warn!(vm = %vm, job = %id, error = %err, "resync failed");
+                self.set_step(&mut job, 0, StepStatus::Failed, &err).await?;
+                job.status = StepStatus::Failed as i32;
+                job.error = err;
+                self.save_job(&job).await?;
+                return Ok(());
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = self.shutdown.cancelled() => return Err(RegistryError::Internal("registry shutting down".into())),
+            }
+        }
+    }
+
+    /// Clears a VM's critical health after the operator fixed the cause. A VM that needs a
+    /// resync gets it now; otherwise replication resumes with the next cycle.
+    pub(crate) async fn repair(self: &Arc<Self>, vm: &str) -> Result<(), RegistryError> {
+        let (state, needs_resync) = {
+            let st = self.state.lock().await;
+            let v = st
+                .vms
+                .get(vm)
+                .ok_or_else(|| RegistryError::VmNotFound(vm.to_string()))?;
+            match st.hosts.get(&v.host) {
+                Some(h) if !h.removed => {}
+                _ => {
+                    return Err(RegistryError::FailedPrecondition(format!(
+                        "host {} of vm {vm} is not registered; register it again with a new registration key, then repair",
+                        v.host
+                    )));
+                }
+            }
+            if matches!(v.state.as_str(), "unprotected" | "enabling") {
+                return Err(RegistryError::FailedPrecondition(format!(
+                    "vm {vm} is {}; protect it again instead of repairing it",
+                    v.state
+                )));
+            }
+            let needs_resync = v.state == "resync-pending"
+                || (v.state == "resyncing"
+                    && !st.jobs.values().any(|j| {
+                        j.kind == KIND_RESYNC
+                            && j.target == vm
+                            && j.status == StepStatus::Running as i32
+                    }));
+            (v.state.clone(), needs_resync)
+        };
+        tracing::info!(vm, state = %state, needs_resync, "vm repaired by an operator");
+        if needs_resync {
+            self.start_resync(vm).await?;
+            return Ok(());
+        }
+        self.persist(vec![
+            Event::VmState {
+                vm: vm.to_string(),
+                state,
+                health: "normal".into(),
+                last_error: String::new(),
+            },
+            Event::VmRetry {
+                vm: vm.to_string(),
+                attempts: 0,
+                next_retry_ms: 0,
+            },
+        ])
+        .await?;
+        if let Err(e) = self.reschedule(vm).await {
+            tracing::debug!(vm, error = %e, "scheduler not told of the repaired vm; it will sync");
+        }
         Ok(())
     }
 }

@@ -31,8 +31,9 @@ pub struct RegistryService {
     /// heartbeat / cycle): pending log bytes per disk id, last cycle (duration ms, bytes) per VM.
     pending_logs: std::sync::Mutex<HashMap<String, u64>>,
     last_cycle: std::sync::Mutex<HashMap<String, (u64, u64)>>,
-    /// Hosts removed from the vault, read by the authenticator on every call (no await).
-    revoked: Arc<std::sync::RwLock<std::collections::HashSet<String>>>,
+    /// Host certificates refused: revoked serials and removed hosts, read by the
+    /// authenticator on every call (no await).
+    revoked: ferry_mesh::RevocationList,
     /// Progress writes are throttled: last persisted time per job.
     progress_flushed: std::sync::Mutex<HashMap<String, i64>>,
     pub(crate) shutdown: CancellationToken,
@@ -53,12 +54,11 @@ impl RegistryService {
             jobs = state.jobs.len(),
             "registry catalog loaded"
         );
-        let removed = state
-            .hosts
-            .values()
-            .filter(|h| h.removed)
-            .map(|h| h.name.clone())
-            .collect();
+        let revoked = ferry_mesh::RevocationList::default();
+        revoked.set(
+            state.revoked_serials.iter().cloned(),
+            removed_hosts(&state),
+        );
         Ok(Self {
             cfg,
             catalog,
@@ -66,7 +66,7 @@ impl RegistryService {
             heartbeats: Default::default(),
             changed: Notify::new(),
             progress_flushed: Default::default(),
-            revoked: Arc::new(std::sync::RwLock::new(removed)),
+            revoked,
             pending_logs: Default::default(),
             last_cycle: Default::default(),
             shutdown,
@@ -76,10 +76,7 @@ impl RegistryService {
     /// Hosts removed from the vault are refused even though their certificate is valid.
     pub fn authenticator(self: &Arc<Self>) -> anyhow::Result<Authenticator> {
         let token = self.cfg.admin_token()?;
-        let revoked = self.revoked.clone();
-        let check =
-            Arc::new(move |host: &str| revoked.read().map(|r| r.contains(host)).unwrap_or(true));
-        Ok(Authenticator::with_admin_token(&token).with_revocation(check))
+        Ok(Authenticator::with_admin_token(&token).with_revocation(self.revoked.check()))
     }
 
     /// Appends events (after catching up with other writers) and applies them.
@@ -92,14 +89,8 @@ impl RegistryService {
             let seq = self.catalog.append(&ev).await?;
             st.apply(seq, &ev);
         }
-        if let Ok(mut r) = self.revoked.write() {
-            *r = st
-                .hosts
-                .values()
-                .filter(|h| h.removed)
-                .map(|h| h.name.clone())
-                .collect();
-        }
+        self.revoked
+            .set(st.revoked_serials.iter().cloned(), removed_hosts(&st));
         drop(st);
         self.changed.notify_waiters();
         Ok(())
@@ -192,6 +183,15 @@ impl RegistryService {
     }
 }
 
+/// Hosts removed and not registered again: their certificates are refused by name.
+fn removed_hosts(st: &State) -> Vec<String> {
+    st.hosts
+        .values()
+        .filter(|h| h.removed)
+        .map(|h| h.name.clone())
+        .collect()
+}
+
 fn vm_to_proto(v: &crate::state::VmRecord, site: String) -> pb::Vm {
     let rpo = if v.last_point_ms > 0 {
         ((now_ms() - v.last_point_ms).max(0) / 1000) as u64
@@ -210,8 +210,8 @@ fn vm_to_proto(v: &crate::state::VmRecord, site: String) -> pb::Vm {
         last_point_id: v.last_point_id.clone(),
         last_point_ms: v.last_point_ms,
         last_error: v.last_error.clone(),
-        retry_attempts: 0,
-        next_retry_ms: 0,
+        retry_attempts: v.retry_attempts,
+        next_retry_ms: v.next_retry_ms,
         protection_job_id: v.protection_job_id.clone(),
         failover_state: v.failover_state.clone(),
         last_cycle_duration_ms: 0,
@@ -340,6 +340,8 @@ impl Registry for RegistryApi {
         } else {
             req.site.clone()
         };
+        let cert_serial = ferry_mesh::cert_serial_hex_pem(&cert_pem)
+            .map_err(|e| RegistryError::Internal(format!("reading the signed certificate: {e}")))?;
         self.persist(vec![
             Event::KeyUsed {
                 key_id: req.key_id.clone(),
@@ -350,6 +352,7 @@ impl Registry for RegistryApi {
                 site,
                 registered_at_ms: now_ms(),
                 removed: false,
+                cert_serial,
             }),
         ])
         .await?;
@@ -464,8 +467,32 @@ impl Registry for RegistryApi {
         if !self.state.lock().await.hosts.contains_key(&name) {
             return Err(RegistryError::HostNotFound(name).into());
         }
-        self.persist(vec![Event::HostRemoved { name: name.clone() }])
-            .await?;
+        // Its VMs cannot replicate any more: critical at once, so nothing retries in vain.
+        let mut events = vec![Event::HostRemoved { name: name.clone() }];
+        {
+            let st = self.state.lock().await;
+            for v in st
+                .vms
+                .values()
+                .filter(|v| v.host == name && v.state != "unprotected")
+            {
+                events.push(Event::VmState {
+                    vm: v.name.clone(),
+                    state: v.state.clone(),
+                    health: "critical".into(),
+                    last_error: format!(
+                        "host {name} was removed from the vault and its certificate is refused; register the host again, then run `ferry vm repair {}`",
+                        v.name
+                    ),
+                });
+                events.push(Event::VmRetry {
+                    vm: v.name.clone(),
+                    attempts: 0,
+                    next_retry_ms: 0,
+                });
+            }
+        }
+        self.persist(events).await?;
         tracing::info!(host = %name, "host removed from the vault");
         Ok(Response::new(pb::RemoveHostResponse {}))
     }
@@ -519,17 +546,19 @@ impl Registry for RegistryApi {
     }
 
     async fn resync_vm(&self, req: Request<pb::ResyncVmRequest>) -> R<Job> {
-        ferry_mesh::require_role(&req, Role::Operator)?;
-        Err(ferry_mesh::unimplemented(
-            "resynchronization (resync and retry issue)",
-        ))
+        // Operators start one now; the scheduler starts automatic ones in the resync window.
+        if !matches!(ferry_mesh::caller(&req), ferry_mesh::Caller::Service(_)) {
+            ferry_mesh::require_role(&req, Role::Operator)?;
+        }
+        let name = req.into_inner().name;
+        Ok(Response::new(self.0.start_resync(&name).await?))
     }
 
     async fn repair_vm(&self, req: Request<pb::RepairVmRequest>) -> R<pb::Vm> {
         ferry_mesh::require_role(&req, Role::Operator)?;
-        Err(ferry_mesh::unimplemented(
-            "repairing a critical vm (resync and retry issue)",
-        ))
+        let name = req.into_inner().name;
+        self.0.repair(&name).await?;
+        Ok(Response::new(self.vm_proto(&name).await?))
     }
 
     async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> R<pb::ListJobsResponse> {
@@ -566,15 +595,59 @@ impl Registry for RegistryApi {
         if let Ok(mut c) = self.last_cycle.lock() {
             c.insert(req.vm.clone(), (req.cycle_duration_ms, req.cycle_bytes));
         }
-        if !self.state.lock().await.vms.contains_key(&req.vm) {
-            return Err(RegistryError::VmNotFound(req.vm).into());
-        }
-        self.persist(vec![Event::VmPoint {
+        let mut events = vec![Event::VmPoint {
             vm: req.vm.clone(),
             point_id: point.id.clone(),
             time_ms: point.time_ms,
-        }])
-        .await?;
+        }];
+        {
+            let st = self.state.lock().await;
+            let v = st
+                .vms
+                .get(&req.vm)
+                .ok_or_else(|| RegistryError::VmNotFound(req.vm.clone()))?;
+            // A point after failed attempts: the retries are over and the warning with them.
+            if v.retry_attempts > 0 {
+                events.push(Event::VmRetry {
+                    vm: v.name.clone(),
+                    attempts: 0,
+                    next_retry_ms: 0,
+                });
+            }
+            let resync_job = st.jobs.get(&req.job_id).filter(|j| {
+                j.kind == crate::jobs::KIND_RESYNC && j.status == StepStatus::Running as i32
+            });
+            if let Some(job) = resync_job {
+                let mut job = job.clone();
+                let summary = format!(
+                    "{} bytes sent, {} bytes equal or already stored",
+                    job.bytes_done, job.bytes_skipped
+                );
+                for s in &mut job.steps {
+                    s.status = StepStatus::Succeeded as i32;
+                    s.progress_percent = 100;
+                    s.ended_at_ms = now_ms();
+                    s.message = summary.clone();
+                }
+                job.status = StepStatus::Succeeded as i32;
+                job.updated_at_ms = now_ms();
+                events.push(Event::Job(JobRecord::encode(&job)));
+                events.push(Event::VmState {
+                    vm: v.name.clone(),
+                    state: "protected".into(),
+                    health: "normal".into(),
+                    last_error: String::new(),
+                });
+            } else if v.health == "warning" && v.state == "protected" {
+                events.push(Event::VmState {
+                    vm: v.name.clone(),
+                    state: v.state.clone(),
+                    health: "normal".into(),
+                    last_error: String::new(),
+                });
+            }
+        }
+        self.persist(events).await?;
         tracing::info!(vm = %req.vm, point = %point.id, job = %req.job_id, "recovery point committed");
         Ok(Response::new(pb::ReportCommittedResponse {}))
     }
@@ -637,23 +710,35 @@ impl Registry for RegistryApi {
                 .vms
                 .get(&req.vm)
                 .ok_or_else(|| RegistryError::VmNotFound(req.vm.clone()))?;
-            (
-                v.state.clone(),
-                if req.recoverable {
-                    "warning"
-                } else {
-                    "critical"
-                }
-                .to_string(),
-            )
+            if req.resync_required && matches!(v.state.as_str(), "protected" | "resyncing") {
+                // Never replicated from an inconsistent log: deltas stop until a resync
+                // (the scheduler starts it in the policy's window; `ferry vm resync` now).
+                ("resync-pending".to_string(), "warning".to_string())
+            } else if req.recoverable {
+                (v.state.clone(), "warning".to_string())
+            } else {
+                (v.state.clone(), "critical".to_string())
+            }
         };
-        tracing::warn!(vm = %req.vm, recoverable = req.recoverable, error = %req.error, "replication error");
-        self.persist(vec![Event::VmState {
-            vm: req.vm,
-            state,
-            health,
-            last_error: req.error,
-        }])
+        tracing::warn!(vm = %req.vm, recoverable = req.recoverable, resync_required = req.resync_required, attempts = req.attempts, error = %req.error, "replication error");
+        let (attempts, next_retry_ms) = if req.recoverable {
+            (req.attempts.max(1), req.next_retry_ms)
+        } else {
+            (0, 0)
+        };
+        self.persist(vec![
+            Event::VmState {
+                vm: req.vm.clone(),
+                state,
+                health,
+                last_error: req.error,
+            },
+            Event::VmRetry {
+                vm: req.vm,
+                attempts,
+                next_retry_ms,
+            },
+        ])
         .await?;
         Ok(Response::new(pb::ReportReplicationErrorResponse {}))
     }
@@ -668,6 +753,18 @@ impl Registry for RegistryApi {
         job.updated_at_ms = now_ms();
         self.save_job(&job).await?;
         Ok(Response::new(job))
+    }
+
+    async fn list_revoked_certificates(
+        &self,
+        req: Request<pb::ListRevokedCertificatesRequest>,
+    ) -> R<pb::ListRevokedCertificatesResponse> {
+        ferry_mesh::require_service(&req)?;
+        let st = self.state.lock().await;
+        Ok(Response::new(pb::ListRevokedCertificatesResponse {
+            serials: st.revoked_serials.iter().cloned().collect(),
+            removed_hosts: removed_hosts(&st),
+        }))
     }
 
     async fn set_failover_state(&self, req: Request<pb::SetFailoverStateRequest>) -> R<pb::Vm> {

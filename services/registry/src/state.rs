@@ -22,6 +22,9 @@ pub struct HostRecord {
     pub site: String,
     pub registered_at_ms: i64,
     pub removed: bool,
+    /// Serial number (hex) of the certificate the registry signed for the host.
+    #[serde(default)]
+    pub cert_serial: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -37,6 +40,11 @@ pub struct VmRecord {
     pub last_point_ms: i64,
     pub last_error: String,
     pub failover_state: String,
+    /// Recoverable failures in a row and when the next retry runs (0: none pending).
+    #[serde(default)]
+    pub retry_attempts: u32,
+    #[serde(default)]
+    pub next_retry_ms: i64,
 }
 
 /// Serializable mirror of [`Disk`] (prost types do not derive serde).
@@ -193,6 +201,12 @@ pub enum Event {
         vm: String,
         failover_state: String,
     },
+    /// A recoverable failure waiting for its retry (attempts 0 clears the retry state).
+    VmRetry {
+        vm: String,
+        attempts: u32,
+        next_retry_ms: i64,
+    },
     Job(JobRecord),
 }
 
@@ -203,6 +217,8 @@ pub struct State {
     pub hosts: BTreeMap<String, HostRecord>,
     pub vms: BTreeMap<String, VmRecord>,
     pub jobs: BTreeMap<String, Job>,
+    /// Host certificates no longer accepted: of removed hosts, and replaced by a registration.
+    pub revoked_serials: std::collections::BTreeSet<String>,
 }
 
 impl State {
@@ -218,11 +234,21 @@ impl State {
                 }
             }
             Event::HostRegistered(h) => {
+                // A host registered again gets a new certificate; the old one is revoked.
+                if let Some(old) = self.hosts.get(&h.name)
+                    && !old.cert_serial.is_empty()
+                    && old.cert_serial != h.cert_serial
+                {
+                    self.revoked_serials.insert(old.cert_serial.clone());
+                }
                 self.hosts.insert(h.name.clone(), h.clone());
             }
             Event::HostRemoved { name } => {
                 if let Some(h) = self.hosts.get_mut(name) {
                     h.removed = true;
+                    if !h.cert_serial.is_empty() {
+                        self.revoked_serials.insert(h.cert_serial.clone());
+                    }
                 }
             }
             Event::Inventory { host, vm, disks } => {
@@ -238,6 +264,8 @@ impl State {
                     last_point_ms: 0,
                     last_error: String::new(),
                     failover_state: String::new(),
+                    retry_attempts: 0,
+                    next_retry_ms: 0,
                 });
                 rec.host = host.clone();
                 rec.disks = disks.clone();
@@ -268,6 +296,16 @@ impl State {
                 if let Some(v) = self.vms.get_mut(vm) {
                     v.last_point_id = point_id.clone();
                     v.last_point_ms = *time_ms;
+                }
+            }
+            Event::VmRetry {
+                vm,
+                attempts,
+                next_retry_ms,
+            } => {
+                if let Some(v) = self.vms.get_mut(vm) {
+                    v.retry_attempts = *attempts;
+                    v.next_retry_ms = *next_retry_ms;
                 }
             }
             Event::VmFailover { vm, failover_state } => {

@@ -2,6 +2,8 @@
 //! host's agent. Work that was sent but never completed is re-sent when the host's agent
 //! reconnects, so an agent killed mid-copy picks its copy up again after a restart. Failed
 //! recoverable work goes to the retry set with backoff (DESIGN §2.6).
+pub mod leader;
+
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -48,6 +50,7 @@ impl QueuedWork {
             job_id: self.job_id.clone(),
             attempt: self.attempt,
             created_at_ms: self.created_at_ms,
+            retry_time_unit_ms: 0,
         }
     }
 }
@@ -102,9 +105,20 @@ pub async fn run(
         shutdown: shutdown.clone(),
         cycles: Default::default(),
     });
-    tokio::spawn(svc.clone().retry_loop());
-    tokio::spawn(svc.clone().cycle_loop());
-    let auth = ferry_mesh::Authenticator::with_admin_token(&cfg.admin_token()?);
+    // Only the leader replica runs the timing loops; every replica serves the API.
+    tokio::spawn(leader::campaign(
+        svc.coord.clone(),
+        leader::replica_id(listener.local_addr().ok()),
+        shutdown.clone(),
+        {
+            let svc = svc.clone();
+            move |term| {
+                tokio::spawn(svc.clone().retry_loop(term.clone()));
+                tokio::spawn(svc.clone().cycle_loop(term));
+            }
+        },
+    ));
+    let auth = ferry_mesh::component_authenticator(&cfg, shutdown.clone()).await?;
     let server = pb::scheduler_server::SchedulerServer::new(Api(svc));
     let routes = tonic::service::Routes::new(tonic::service::interceptor::InterceptedService::new(
         server,
@@ -126,12 +140,12 @@ pub async fn run(
 impl SchedulerService {
     /// Dispatches a delta cycle to each protected VM's host every policy interval. One work
     /// item per VM (`delta-<vm>`): while a cycle is queued or running, no second one piles up.
-    async fn cycle_loop(self: Arc<Self>) {
+    async fn cycle_loop(self: Arc<Self>, term: leader::Term) {
         let mut last_sync = 0i64;
         let mut last_retention = now_ms();
         loop {
             tokio::select! {
-                _ = self.shutdown.cancelled() => return,
+                _ = term.ended() => return,
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
             if now_ms() - last_sync >= SCHEDULE_SYNC.as_millis() as i64 {
@@ -171,6 +185,16 @@ impl SchedulerService {
                 let Ok(payload) = serde_json::to_string(&w) else {
                     continue;
                 };
+                // A failed cycle waiting for its backoff is this VM's next cycle: the retry
+                // loop queues it when due, so the schedule does not reset its attempts.
+                match self.coord.pending_retry(&w.id).await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(vm = %vm, error = %e, "reading the retry set failed");
+                        continue;
+                    }
+                }
                 // The previous cycle is still queued or running: try again shortly instead of
                 // skipping a whole interval, so the next cut follows it at once.
                 let busy = match self.coord.list_work(&c.host).await {
@@ -183,8 +207,32 @@ impl SchedulerService {
                     }
                     continue;
                 }
-                match self.coord.push_work(&c.host, &w.id, &payload).await {
-                    Ok(()) => tracing::debug!(vm = %vm, host = %c.host, "delta cycle queued"),
+                // Fenced by the leader lease, at most once per slot of the policy interval: a
+                // deposed leader and its successor cannot both queue one slot.
+                let slot = (now_ms().max(0) as u64) / (c.every.as_millis().max(1) as u64);
+                match self
+                    .coord
+                    .push_slot(&term.lease, &c.host, &vm, slot, &w.id, &payload)
+                    .await
+                {
+                    Ok(ferry_coord::SlotPush::Queued) => {
+                        tracing::debug!(vm = %vm, host = %c.host, slot, "delta cycle queued")
+                    }
+                    Ok(ferry_coord::SlotPush::AlreadyQueued { last }) => {
+                        tracing::debug!(vm = %vm, slot, last, "delta cycle of this slot already queued")
+                    }
+                    Ok(ferry_coord::SlotPush::Busy) => {
+                        if let Some(e) = self.cycles.lock().await.get_mut(&vm) {
+                            e.next_due_ms = now_ms() + CYCLE_BUSY_RETRY.as_millis() as i64;
+                        }
+                    }
+                    Err(
+                        e @ (ferry_coord::CoordError::LeaseLost { .. }
+                        | ferry_coord::CoordError::Fenced { .. }),
+                    ) => {
+                        tracing::info!(vm = %vm, error = %e, "no longer the scheduler leader; cycle not queued");
+                        return;
+                    }
                     Err(e) => tracing::warn!(vm = %vm, error = %e, "queueing a delta cycle failed"),
                 }
             }
@@ -241,6 +289,7 @@ impl SchedulerService {
             .await?
             .into_inner()
             .vms;
+        self.start_due_resyncs(&vms).await;
         let mut cycles = self.cycles.lock().await;
         let mut keep = std::collections::HashSet::new();
         for v in vms
@@ -277,12 +326,12 @@ impl SchedulerService {
     }
 
     /// Moves due retries back into their host's queue.
-    async fn retry_loop(self: Arc<Self>) {
+    async fn retry_loop(self: Arc<Self>, term: leader::Term) {
         let tick = (self.cfg.retry.time_unit / 10)
             .clamp(Duration::from_millis(20), Duration::from_secs(5));
         loop {
             tokio::select! {
-                _ = self.shutdown.cancelled() => return,
+                _ = term.ended() => return,
                 _ = tokio::time::sleep(tick) => {}
             }
             match self.coord.take_due(now_ms(), 100).await {
@@ -302,23 +351,59 @@ impl SchedulerService {
         }
     }
 
-    async fn report_critical(&self, w: &QueuedWork, error: &str) {
+    /// Tells the registry how a VM's work failed: it shows the error, the retry attempts and
+    /// the next retry time in the VM's health, marks it for resync, or makes it critical.
+    async fn report_error(&self, w: &QueuedWork, req: ReportReplicationErrorRequest) {
         let res: anyhow::Result<()> = async {
             let tls = ClientTls::service(&self.cfg)?;
             let ch = ferry_mesh::connect(&self.cfg.endpoint(Component::Registry), &tls).await?;
             RegistryClient::new(ch)
-                .report_replication_error(ReportReplicationErrorRequest {
-                    vm: w.vm.clone(),
-                    job_id: w.job_id.clone(),
-                    error: error.to_string(),
-                    recoverable: false,
-                })
+                .report_replication_error(req)
                 .await?;
             Ok(())
         }
         .await;
         if let Err(e) = res {
-            tracing::warn!(vm = %w.vm, error = %e, "could not report a non-recoverable error to the registry");
+            tracing::warn!(vm = %w.vm, error = %e, "could not report a replication error to the registry");
+        }
+    }
+
+    /// VMs marked for resync whose policy window is open now get their resync started (the
+    /// registry answers with the running job when one already runs).
+    async fn start_due_resyncs(&self, vms: &[ferry_proto::registry::v1::Vm]) {
+        let now = chrono::Local::now().time();
+        for v in vms.iter().filter(|v| v.state == "resync-pending") {
+            let (start, end) = v.policy.as_ref().map_or(("18:30", "06:00"), |p| {
+                (p.resync_window_start.as_str(), p.resync_window_end.as_str())
+            });
+            match in_window(now, start, end) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::warn!(vm = %v.name, error = %e, "the resync window is invalid; resync waits for an operator");
+                    continue;
+                }
+            }
+            let res: anyhow::Result<String> = async {
+                let tls = ClientTls::service(&self.cfg)?;
+                let ch = ferry_mesh::connect(&self.cfg.endpoint(Component::Registry), &tls).await?;
+                let job = RegistryClient::new(ch)
+                    .resync_vm(ferry_proto::registry::v1::ResyncVmRequest {
+                        name: v.name.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                Ok(job.id)
+            }
+            .await;
+            match res {
+                Ok(job) => {
+                    tracing::info!(vm = %v.name, job = %job, "resync window open; resync started")
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %v.name, error = %e, "starting a resync failed; trying again")
+                }
+            }
         }
     }
 }
@@ -368,7 +453,9 @@ impl Scheduler for Api {
                     Ok(Some((id, payload))) => match serde_json::from_str::<QueuedWork>(&payload) {
                         Ok(w) => {
                             tracing::info!(host = %host, work = %id, vm = %w.vm, attempt = w.attempt, "work sent");
-                            if tx.send(Ok(w.to_proto())).await.is_err() {
+                            let mut item = w.to_proto();
+                            item.retry_time_unit_ms = me.cfg.retry.time_unit.as_millis() as u64;
+                            if tx.send(Ok(item)).await.is_err() {
                                 // The agent left; the item stays in flight and is re-sent on reconnect.
                                 break;
                             }
@@ -424,9 +511,27 @@ impl Scheduler for Api {
                 .await
                 .map_err(coord_status)?;
             tracing::warn!(host = %host, work = %w.id, vm = %w.vm, attempt = w.attempt, delay_ms = delay.as_millis() as u64, error = %req.error, "work failed; retry scheduled");
+            let report = ReportReplicationErrorRequest {
+                vm: w.vm.clone(),
+                job_id: w.job_id.clone(),
+                error: req.error.clone(),
+                recoverable: true,
+                attempts: w.attempt - 1,
+                next_retry_ms: due,
+                ..Default::default()
+            };
+            self.report_error(&w, report).await;
         } else {
-            tracing::warn!(host = %host, work = %w.id, vm = %w.vm, error = %req.error, "work failed; not recoverable");
-            self.report_critical(&w, &req.error).await;
+            tracing::warn!(host = %host, work = %w.id, vm = %w.vm, error = %req.error, resync_required = req.resync_required, "work failed; not recoverable");
+            let report = ReportReplicationErrorRequest {
+                vm: w.vm.clone(),
+                job_id: w.job_id.clone(),
+                error: req.error.clone(),
+                resync_required: req.resync_required,
+                attempts: w.attempt,
+                ..Default::default()
+            };
+            self.report_error(&w, report).await;
         }
         Ok(Response::new(pb::CompleteWorkResponse {}))
     }
@@ -455,12 +560,23 @@ impl Scheduler for Api {
             host: req.host_name.clone(),
             last_error: String::new(),
         };
+        // Work waiting for its retry stays there: dispatching it again (the registry does so
+        // periodically, to rebuild queues Redis lost) must not cut its backoff short.
+        if self
+            .coord
+            .pending_retry(&id)
+            .await
+            .map_err(coord_status)?
+            .is_some()
+        {
+            return Ok(Response::new(pb::DispatchResponse { work_id: id }));
+        }
         let payload = serde_json::to_string(&w).map_err(|e| Status::internal(e.to_string()))?;
         self.coord
             .push_work(&req.host_name, &id, &payload)
             .await
             .map_err(coord_status)?;
-        tracing::info!(host = %req.host_name, work = %id, vm = %w.vm, "work queued");
+        tracing::debug!(host = %req.host_name, work = %id, vm = %w.vm, "work queued");
         Ok(Response::new(pb::DispatchResponse { work_id: id }))
     }
 
@@ -498,9 +614,38 @@ impl Scheduler for Api {
     }
 }
 
+/// Whether `now` falls in the window `[start, end)` ("HH:MM", local time). A window that
+/// ends before it starts runs over midnight; equal ends mean always.
+pub fn in_window(now: chrono::NaiveTime, start: &str, end: &str) -> Result<bool, String> {
+    let parse = |s: &str| {
+        chrono::NaiveTime::parse_from_str(s.trim(), "%H:%M")
+            .map_err(|_| format!("{s:?} is not a time of day (HH:MM)"))
+    };
+    let (s, e) = (parse(start)?, parse(end)?);
+    Ok(if s == e {
+        true
+    } else if s < e {
+        s <= now && now < e
+    } else {
+        now >= s || now < e
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resync_window_runs_over_midnight() {
+        let t = |h, m| chrono::NaiveTime::from_hms_opt(h, m, 0).unwrap();
+        assert!(in_window(t(23, 0), "18:30", "06:00").unwrap());
+        assert!(in_window(t(5, 59), "18:30", "06:00").unwrap());
+        assert!(!in_window(t(12, 0), "18:30", "06:00").unwrap());
+        assert!(in_window(t(12, 0), "09:00", "17:00").unwrap());
+        assert!(!in_window(t(17, 0), "09:00", "17:00").unwrap());
+        assert!(in_window(t(3, 0), "00:00", "00:00").unwrap());
+        assert!(in_window(t(3, 0), "25:00", "00:00").is_err());
+    }
 
     #[test]
     fn backoff_follows_the_design_schedule() {

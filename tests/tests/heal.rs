@@ -1,0 +1,326 @@
+//! Replication that heals itself: a gateway outage is retried on the backoff schedule (in the
+//! test's 100 ms time unit) and caught up without an operator; a host removed from the vault
+//! makes its VM critical at once (no retry storm), its old certificate is refused everywhere,
+//! and after it registers again with a new key `RepairVm` resumes replication.
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use ferry_mesh::Component;
+use ferry_proto::common::v1::StepStatus;
+use ferry_proto::registry::v1 as reg;
+use ferry_proto::storage::v1::ListPointsRequest;
+use ferry_tests::*;
+use tokio_util::sync::CancellationToken;
+
+async fn point_count(t: &TestMesh, vm: &str) -> anyhow::Result<usize> {
+    Ok(t.ctl
+        .storage()
+        .await?
+        .list_points(ListPointsRequest { vm: vm.into() })
+        .await?
+        .into_inner()
+        .points
+        .len())
+}
+
+async fn wait_points(t: &TestMesh, vm: &str, n: usize) -> anyhow::Result<()> {
+    for _ in 0..1200 {
+        if point_count(t, vm).await? >= n {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("{vm} never reached {n} recovery points")
+}
+
+fn nbd_write(uri: &str, cmds: &[&str]) -> anyhow::Result<()> {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for x in cmds {
+        c.arg("-c").arg(x);
+    }
+    c.arg(uri);
+    run(&mut c).map(|_| ())
+}
+
+/// The latest point, materialised, equals the source disk.
+async fn latest_equals_source(
+    t: &TestMesh,
+    vm: &str,
+    disk: &Path,
+    out: &str,
+) -> anyhow::Result<()> {
+    let out = t.path(out);
+    let fo = t.test_failover(vm, "latest", &out).await?;
+    anyhow::ensure!(fo.status == StepStatus::Succeeded as i32, "{fo:?}");
+    let name = disk.file_name().unwrap_or_default();
+    anyhow::ensure!(
+        qemu_compare(disk, "raw", &out.join(name), "raw")?,
+        "the latest point of {vm} differs from its source"
+    );
+    Ok(())
+}
+
+/// A gateway in this process that can be stopped and started again on the same address.
+struct Gateway {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Gateway {
+    fn start(cfg: &ferry_mesh::MeshConfig) -> anyhow::Result<Self> {
+        let sock = std::net::UdpSocket::bind(cfg.listen(Component::Gateway))?;
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(ferry_gateway::run(cfg.clone(), sock, stop.clone()));
+        Ok(Self { stop, task })
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.task.await?
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_outage_backs_off_then_catches_up() -> anyhow::Result<()> {
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let mesh = ferry::up::Mesh::start(ferry::up::UpOptions {
+        data_dir: dir.path().join("mesh"),
+        without: vec![Component::Gateway],
+        retry_time_unit: Some(Duration::from_millis(100)),
+        ..Default::default()
+    })
+    .await?;
+    let cfg = mesh.cfg.clone();
+    let ctl = ferry::ctl::Ctl::load(&mesh.config_path)?;
+    let t = TestMesh { mesh, dir, ctl };
+    t.wait_serving().await?;
+    let gw = Gateway::start(&cfg)?;
+
+    let disk = t.path("web.raw");
+    qemu_create(&disk, "raw", "", "32M")?;
+    fill_random(&disk, 0, 8 << 20, 11)?;
+    let acfg = t
+        .agent_config_tracked(&t.path("agent"), "hv-g", &[("web", vec![disk.clone()])])
+        .await?;
+    let agent = InProcessAgent::start(&acfg)?;
+    let vm = t.wait_vm("web").await?;
+    let uri = vm.disks[0].nbd_uri.clone();
+    let job = t.protect_every("web", 1).await?;
+    let j = t.wait_job(&job.id, Duration::from_secs(120)).await?;
+    assert_eq!(j.status, StepStatus::Succeeded as i32, "{j:?}");
+    wait_points(&t, "web", 2).await?;
+
+    gw.stop().await?;
+    nbd_write(&uri, &["write -P 0x5a 1M 256k", "write -P 0x6b 9M 64k"])?;
+    // Watch the retries: each failed attempt a reports when attempt a+1 runs. Attempt a+1
+    // starts no earlier than that, so the next report's time is at least backoff(a+1) later:
+    // the schedule 1, 2, 4, 8, 10, 30 units shows in the gaps.
+    let unit = Duration::from_millis(100);
+    let mut seen: Vec<(u32, i64)> = Vec::new();
+    for _ in 0..1200 {
+        let v = t.vm("web").await?;
+        if v.retry_attempts > 0 && seen.last().is_none_or(|(a, _)| *a != v.retry_attempts) {
+            assert_eq!(v.health, "warning", "{v:?}");
+            assert!(!v.last_error.is_empty(), "{v:?}");
+            seen.push((v.retry_attempts, v.next_retry_ms));
+        }
+        if v.retry_attempts >= 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        seen.last().is_some_and(|(a, _)| *a >= 6),
+        "retries never reached attempt 6: {seen:?}"
+    );
+    let mut checked = 0;
+    for w in seen.windows(2) {
+        let ((a, due_a), (b, due_b)) = (w[0], w[1]);
+        assert!(b > a, "attempts went backwards: {seen:?}");
+        if b == a + 1 {
+            let min_gap = ferry_scheduler::backoff(b, unit).as_millis() as i64;
+            assert!(
+                due_b - due_a >= min_gap,
+                "retry {b} came {} ms after retry {a}, less than its backoff {min_gap} ms: {seen:?}",
+                due_b - due_a
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 2,
+        "too few consecutive attempts observed: {seen:?}"
+    );
+    // While retrying, the work waits in the scheduler's retry set.
+    let queue = t
+        .ctl
+        .scheduler()
+        .await?
+        .list_queue(ferry_proto::scheduler::v1::ListQueueRequest {
+            host_name: "hv-g".into(),
+        })
+        .await?
+        .into_inner();
+    let before = point_count(&t, "web").await?;
+
+    // The gateway comes back: the next retry (at most 30 units away) catches up by itself.
+    let gw = Gateway::start(&cfg)?;
+    wait_points(&t, "web", before + 1).await?;
+    for _ in 0..600 {
+        let v = t.vm("web").await?;
+        if v.retry_attempts == 0 && v.health == "normal" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let v = t.vm("web").await?;
+    assert_eq!(
+        (v.retry_attempts, v.health.as_str()),
+        (0, "normal"),
+        "{v:?} queue was {queue:?}"
+    );
+    // Writes stop; two more points surely hold all of them.
+    let n = point_count(&t, "web").await?;
+    wait_points(&t, "web", n + 2).await?;
+    latest_equals_source(&t, "web", &disk, "out").await?;
+    agent.shutdown().await?;
+    gw.stop().await?;
+    t.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_host_goes_critical_and_repair_resumes() -> anyhow::Result<()> {
+    let t = TestMesh::start().await?;
+    let disk = t.path("db.raw");
+    qemu_create(&disk, "raw", "", "32M")?;
+    fill_random(&disk, 0, 4 << 20, 5)?;
+    let adir = t.path("agent");
+    let acfg = t
+        .agent_config_tracked(&adir, "hv-r", &[("db", vec![disk.clone()])])
+        .await?;
+    let agent = InProcessAgent::start(&acfg)?;
+    let vm = t.wait_vm("db").await?;
+    let uri = vm.disks[0].nbd_uri.clone();
+    let job = t.protect_every("db", 1).await?;
+    let j = t.wait_job(&job.id, Duration::from_secs(120)).await?;
+    assert_eq!(j.status, StepStatus::Succeeded as i32, "{j:?}");
+    wait_points(&t, "db", 2).await?;
+
+    // The host's current certificate, to try it after the removal.
+    let id: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(adir.join("agent-data/identity.json"))?)?;
+    let old_tls = ferry_mesh::ClientTls::host(
+        id["ca_pem"].as_str().unwrap_or_default().to_string(),
+        id["cert_pem"].as_str().unwrap_or_default().to_string(),
+        std::fs::read_to_string(adir.join("agent-data/host.key"))?,
+    );
+
+    t.ctl
+        .registry()
+        .await?
+        .remove_host(reg::RemoveHostRequest {
+            host: "hv-r".into(),
+        })
+        .await?;
+    let v = t.vm("db").await?;
+    assert_eq!(v.health, "critical", "{v:?}");
+    assert!(v.last_error.contains("removed"), "{v:?}");
+    // At most the cycle already running commits; then nothing: no cycle, no retry.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let frozen = point_count(&t, "db").await?;
+    nbd_write(&uri, &["write -P 0x33 2M 128k"])?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        point_count(&t, "db").await?,
+        frozen,
+        "a removed host kept replicating"
+    );
+    let v = t.vm("db").await?;
+    assert_eq!(
+        (v.health.as_str(), v.retry_attempts),
+        ("critical", 0),
+        "{v:?}"
+    );
+    // The old certificate is refused by every component, not only the registry.
+    let ingest = ferry_mesh::connect(&t.mesh.cfg.endpoint(Component::Ingest), &old_tls).await?;
+    let err = ferry_proto::ingest::v1::ingest_client::IngestClient::new(ingest)
+        .get_cycle(ferry_proto::ingest::v1::GetCycleRequest {
+            cycle_id: "none".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    let sched = ferry_mesh::connect(&t.mesh.cfg.endpoint(Component::Scheduler), &old_tls).await?;
+    let err = ferry_proto::scheduler::v1::scheduler_client::SchedulerClient::new(sched)
+        .complete_work(ferry_proto::scheduler::v1::CompleteWorkRequest {
+            work_id: "delta-db".into(),
+            host_name: "hv-r".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    // Repair before the host is back is refused with the reason.
+    let err = t
+        .ctl
+        .registry()
+        .await?
+        .repair_vm(reg::RepairVmRequest { name: "db".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+
+    // The host registers again with a new key (a new identity); the old one stays refused.
+    agent.shutdown().await?;
+    for f in ["identity.json", "host.key", "vault-data.key"] {
+        std::fs::remove_file(adir.join("agent-data").join(f))?;
+    }
+    t.registration_key(&adir.join("key.json"), 3600).await?;
+    let agent = InProcessAgent::start(&acfg)?;
+    for _ in 0..300 {
+        let hosts = t
+            .ctl
+            .registry()
+            .await?
+            .list_hosts(reg::ListHostsRequest {})
+            .await?
+            .into_inner()
+            .hosts;
+        if hosts
+            .iter()
+            .any(|h| h.name == "hv-r" && h.status == "connected")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reg_ch = ferry_mesh::connect(&t.mesh.cfg.endpoint(Component::Registry), &old_tls).await?;
+    let err = ferry_proto::registry::v1::registry_client::RegistryClient::new(reg_ch)
+        .heartbeat(reg::HeartbeatRequest {
+            host_name: "hv-r".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+
+    let v = t
+        .ctl
+        .registry()
+        .await?
+        .repair_vm(reg::RepairVmRequest { name: "db".into() })
+        .await?
+        .into_inner();
+    assert_eq!(v.health, "normal", "{v:?}");
+    wait_points(&t, "db", frozen + 2).await?;
+    let n = point_count(&t, "db").await?;
+    wait_points(&t, "db", n + 2).await?;
+    latest_equals_source(&t, "db", &disk, "out").await?;
+    agent.shutdown().await?;
+    t.stop().await;
+    Ok(())
+}
