@@ -295,7 +295,14 @@ async fn vm(cli: &Cli, cmd: &VmCmd) -> anyhow::Result<ExitCode> {
                 println!(
                     "{}",
                     table(
-                        &["disk", "format", "subformat", "size", "allocated", "pending logs"],
+                        &[
+                            "disk",
+                            "format",
+                            "subformat",
+                            "size",
+                            "allocated",
+                            "pending logs"
+                        ],
                         &rows
                     )
                 );
@@ -341,7 +348,9 @@ async fn vm(cli: &Cli, cmd: &VmCmd) -> anyhow::Result<ExitCode> {
             output,
         } => {
             let (window_start, window_end) = resync_window.split_once('-').ok_or_else(|| {
-                anyhow::anyhow!("--resync-window {resync_window:?}: expected START-END, e.g. 18:30-06:00")
+                anyhow::anyhow!(
+                    "--resync-window {resync_window:?}: expected START-END, e.g. 18:30-06:00"
+                )
             })?;
             let policy = ReplicationPolicy {
                 frequency_seconds: Duration::from(*frequency).as_secs().max(1),

@@ -421,9 +421,7 @@ impl RegistryService {
                 .get(vm)
                 .ok_or_else(|| RegistryError::VmNotFound(vm.to_string()))?;
             if let Some(running) = st.jobs.values().find(|j| {
-                j.kind == KIND_RESYNC
-                    && j.target == vm
-                    && j.status == StepStatus::Running as i32
+                j.kind == KIND_RESYNC && j.target == vm && j.status == StepStatus::Running as i32
             }) {
                 return Ok(running.clone());
             }

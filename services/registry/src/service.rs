@@ -55,10 +55,7 @@ impl RegistryService {
             "registry catalog loaded"
         );
         let revoked = ferry_mesh::RevocationList::default();
-        revoked.set(
-            state.revoked_serials.iter().cloned(),
-            removed_hosts(&state),
-        );
+        revoked.set(state.revoked_serials.iter().cloned(), removed_hosts(&state));
         Ok(Self {
             cfg,
             catalog,
