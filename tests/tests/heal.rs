@@ -95,9 +95,9 @@ async fn gateway_outage_backs_off_then_catches_up() -> anyhow::Result<()> {
     .await?;
     let cfg = mesh.cfg.clone();
     let ctl = ferry::ctl::Ctl::load(&mesh.config_path)?;
+    let gw = Gateway::start(&cfg)?;
     let t = TestMesh { mesh, dir, ctl };
     t.wait_serving().await?;
-    let gw = Gateway::start(&cfg)?;
 
     let disk = t.path("web.raw");
     qemu_create(&disk, "raw", "", "32M")?;
