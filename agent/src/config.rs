@@ -53,6 +53,18 @@ pub struct HostConfig {
 pub struct VmConfig {
     pub name: String,
     pub disks: Vec<PathBuf>,
+    /// App-consistent cycles: a command run (`sh -c`) just before the cut, e.g. a guest agent
+    /// freeze (`virsh domfsfreeze VM`, `qm guest cmd ID fsfreeze-freeze`); the cut waits for
+    /// it. Without it, cycles the policy wants app-consistent are crash-consistent.
+    #[serde(default)]
+    pub quiesce_pre: Option<String>,
+    /// Run right after the cut (and after a failed pre command), e.g. the thaw.
+    #[serde(default)]
+    pub quiesce_post: Option<String>,
+    /// Longest time each quiesce command may take (default 60 s); past it the command is
+    /// killed and the cycle falls back to crash consistency.
+    #[serde(default, with = "humantime_serde")]
+    pub quiesce_timeout: Option<std::time::Duration>,
 }
 
 fn default_batch() -> usize {

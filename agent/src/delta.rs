@@ -124,10 +124,48 @@ impl Agent {
         }))
     }
 
-    /// One delta cycle of a VM: cut, ship every sealed log, commit, delete what was shipped.
+    /// Seals the VM's logs between its quiesce hooks (pre: e.g. a guest freeze; post: the
+    /// thaw). Returns the consistency of the cut: "app" only when the pre hook succeeded; a
+    /// VM without hooks, or whose hook failed, gets a crash-consistent cut instead.
+    pub(crate) async fn quiesced_cut(&self, vm: &str) -> Result<&'static str, ReplError> {
+        let Some(v) = self.cfg.vms.iter().find(|v| v.name == vm) else {
+            return Err(ReplError::Permanent(format!(
+                "vm {vm} is not configured on host {}",
+                self.creds.host
+            )));
+        };
+        let Some(pre) = v.quiesce_pre.as_deref() else {
+            tracing::warn!(
+                vm,
+                "the policy asks for an app-consistent point but the vm has no quiesce_pre hook; the point is crash-consistent"
+            );
+            self.cut(vm).await?;
+            return Ok("crash");
+        };
+        let timeout = v.quiesce_timeout.unwrap_or(Duration::from_secs(60));
+        let frozen = match run_hook(vm, "pre", pre, timeout).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(vm, error = %e, "quiesce hook failed; the point is crash-consistent");
+                false
+            }
+        };
+        let cut = self.cut(vm).await;
+        if let Some(post) = v.quiesce_post.as_deref()
+            && let Err(e) = run_hook(vm, "post", post, timeout).await
+        {
+            tracing::warn!(vm, error = %e, "post-cut hook failed");
+        }
+        cut?;
+        Ok(if frozen { "app" } else { "crash" })
+    }
+
+    /// One delta cycle of a VM: cut (between the quiesce hooks when the policy wants this one
+    /// app-consistent), ship every sealed log, commit, delete what was shipped.
     pub(crate) async fn delta_cycle(
         &self,
         vm: &str,
+        app_consistent: bool,
         cancel: &CancellationToken,
     ) -> Result<(), ReplError> {
         let disks = self.vm_disks(vm)?;
@@ -137,13 +175,19 @@ impl Agent {
             tracing::info!(vm, "a resync of the vm is in progress; delta cycle skipped");
             return Ok(());
         }
-        self.cut(vm).await?;
+        let consistency = if app_consistent {
+            self.quiesced_cut(vm).await?
+        } else {
+            self.cut(vm).await?;
+            "crash"
+        };
         let mut shipped_files = Vec::new();
         let point = self
-            .run_cycle(
+            .run_cycle_as(
                 vm,
                 CycleKind::Delta,
                 "",
+                consistency,
                 &disks,
                 async |cycle, block_size, lost| {
                     let mut maps = Vec::new();
@@ -165,18 +209,33 @@ impl Agent {
             .await?;
         // The point is durable: the logs it holds may go.
         remove_logs(&shipped_files);
-        tracing::info!(vm, point = %point.id, logs = shipped_files.len(), "delta cycle committed");
+        tracing::info!(vm, point = %point.id, consistency, logs = shipped_files.len(), "delta cycle committed");
         Ok(())
     }
 
-    /// One replication cycle: begin it (each disk's lease and fencing token), run `work` while
-    /// the leases are renewed, then commit the block maps it returns as a recovery point — or
-    /// abort the cycle (releasing the leases) when it fails.
+    /// A crash-consistent [`Agent::run_cycle_as`].
     pub(crate) async fn run_cycle(
         &self,
         vm: &str,
         kind: CycleKind,
         job_id: &str,
+        disks: &[Disk],
+        work: impl AsyncFnOnce(&str, u32, &CancellationToken) -> Result<Vec<DiskBlockMap>, ReplError>,
+    ) -> Result<RecoveryPoint, ReplError> {
+        self.run_cycle_as(vm, kind, job_id, "crash", disks, work)
+            .await
+    }
+
+    /// One replication cycle: begin it (each disk's lease and fencing token), run `work` while
+    /// the leases are renewed, then commit the block maps it returns as a recovery point of
+    /// the given consistency ("crash" or "app") — or abort the cycle (releasing the leases)
+    /// when it fails.
+    pub(crate) async fn run_cycle_as(
+        &self,
+        vm: &str,
+        kind: CycleKind,
+        job_id: &str,
+        consistency: &str,
         disks: &[Disk],
         work: impl AsyncFnOnce(&str, u32, &CancellationToken) -> Result<Vec<DiskBlockMap>, ReplError>,
     ) -> Result<RecoveryPoint, ReplError> {
@@ -188,7 +247,7 @@ impl Agent {
                 kind: kind as i32,
                 disks: disks.to_vec(),
                 job_id: job_id.to_string(),
-                consistency: "crash".into(),
+                consistency: consistency.into(),
             })
             .await
             .map_err(|s| from_status("begin cycle", s))?
@@ -280,5 +339,28 @@ impl Agent {
             )));
         }
         Ok(disks)
+    }
+}
+
+/// Runs a quiesce hook (`sh -c`, with `FERRY_VM` and `FERRY_QUIESCE=pre|post` set) and waits
+/// for it, at most `timeout`.
+async fn run_hook(vm: &str, stage: &str, cmd: &str, timeout: Duration) -> Result<(), String> {
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .env("FERRY_VM", vm)
+        .env("FERRY_QUIESCE", stage)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("{stage} hook: cannot start sh: {e}"))?;
+    match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) if status.success() => Ok(()),
+        Ok(Ok(status)) => Err(format!("{stage} hook exited with {status}")),
+        Ok(Err(e)) => Err(format!("{stage} hook: {e}")),
+        Err(_) => {
+            let _ = child.kill().await;
+            Err(format!("{stage} hook did not finish within {timeout:?}"))
+        }
     }
 }

@@ -229,7 +229,10 @@ impl Agent {
                 self.initial_replication(&item.vm, &item.job_id, &stop)
                     .await
             }
-            Ok(WorkKind::DeltaCycle) => self.delta_cycle(&item.vm, &stop).await,
+            Ok(WorkKind::DeltaCycle) => {
+                self.delta_cycle(&item.vm, item.app_consistent, &stop)
+                    .await
+            }
             Ok(WorkKind::Resync) => self.resync(&item.vm, &item.job_id, &stop).await,
             _ => Err(ReplError::Permanent(format!(
                 "work kind {} is not supported by this agent",

@@ -39,6 +39,8 @@ struct QueuedWork {
     host: String,
     #[serde(default)]
     last_error: String,
+    #[serde(default)]
+    app_consistent: bool,
 }
 
 impl QueuedWork {
@@ -51,6 +53,7 @@ impl QueuedWork {
             attempt: self.attempt,
             created_at_ms: self.created_at_ms,
             retry_time_unit_ms: 0,
+            app_consistent: self.app_consistent,
         }
     }
 }
@@ -80,6 +83,9 @@ struct CycleSchedule {
     next_due_ms: i64,
     /// The policy's retention window; pruning runs every [`RETENTION_EVERY`].
     retention: Duration,
+    /// How often a cycle is app-consistent (policy), and when the last one was queued.
+    app_every: Option<Duration>,
+    last_app_ms: i64,
 }
 
 /// How often each protected VM's retention (prune + collect) runs.
@@ -159,7 +165,7 @@ impl SchedulerService {
                 let me = self.clone();
                 tokio::spawn(async move { me.run_retention().await });
             }
-            let due: Vec<(String, CycleSchedule)> = {
+            let due: Vec<(String, CycleSchedule, bool)> = {
                 let mut cycles = self.cycles.lock().await;
                 let now = now_ms();
                 cycles
@@ -167,11 +173,17 @@ impl SchedulerService {
                     .filter(|(_, c)| c.next_due_ms <= now)
                     .map(|(vm, c)| {
                         c.next_due_ms = now + c.every.as_millis() as i64;
-                        (vm.clone(), c.clone())
+                        let app = c
+                            .app_every
+                            .is_some_and(|e| now - c.last_app_ms >= e.as_millis() as i64);
+                        if app {
+                            c.last_app_ms = now;
+                        }
+                        (vm.clone(), c.clone(), app)
                     })
                     .collect()
             };
-            for (vm, c) in due {
+            for (vm, c, app) in due {
                 let w = QueuedWork {
                     id: format!("delta-{vm}"),
                     kind: pb::WorkKind::DeltaCycle as i32,
@@ -181,6 +193,7 @@ impl SchedulerService {
                     created_at_ms: now_ms(),
                     host: c.host.clone(),
                     last_error: String::new(),
+                    app_consistent: app,
                 };
                 let Ok(payload) = serde_json::to_string(&w) else {
                     continue;
@@ -304,6 +317,12 @@ impl SchedulerService {
             let retention = Duration::from_secs(
                 3600 * v.policy.as_ref().map_or(24, |p| p.retention_hours.max(1)),
             );
+            let app_every = v
+                .policy
+                .as_ref()
+                .map(|p| p.app_consistent_seconds)
+                .filter(|s| *s > 0)
+                .map(Duration::from_secs);
             keep.insert(v.name.clone());
             let e = cycles.entry(v.name.clone()).or_insert_with(|| {
                 tracing::info!(vm = %v.name, host = %v.host, every_s = every.as_secs(), "delta cycles scheduled");
@@ -312,10 +331,13 @@ impl SchedulerService {
                     every,
                     next_due_ms: now_ms() + every.as_millis() as i64,
                     retention,
+                    app_every,
+                    last_app_ms: 0,
                 }
             });
             e.host = v.host.clone();
             e.retention = retention;
+            e.app_every = app_every;
             if e.every != every {
                 e.next_due_ms = e.next_due_ms.min(now_ms() + every.as_millis() as i64);
                 e.every = every;
@@ -559,6 +581,7 @@ impl Scheduler for Api {
             created_at_ms: now_ms(),
             host: req.host_name.clone(),
             last_error: String::new(),
+            app_consistent: false,
         };
         // Work waiting for its retry stays there: dispatching it again (the registry does so
         // periodically, to rebuild queues Redis lost) must not cut its backoff short.
