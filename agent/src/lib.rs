@@ -230,8 +230,7 @@ impl Agent {
                     .await
             }
             Ok(WorkKind::DeltaCycle) => {
-                self.delta_cycle(&item.vm, item.app_consistent, &stop)
-                    .await
+                self.delta_cycle(&item.vm, item.app_consistent, &stop).await
             }
             Ok(WorkKind::Resync) => self.resync(&item.vm, &item.job_id, &stop).await,
             _ => Err(ReplError::Permanent(format!(
