@@ -33,7 +33,57 @@ pub(crate) fn sealed_logs(
         .collect())
 }
 
-pub(crate) fn remove_logs(logs: &[PathBuf]) {
+/// Where the agent remembers, per disk, the UniqueId of the last log it is done with
+/// (committed in a point, or superseded by a full copy): the next sealed log must chain to it.
+fn tip_path(data_dir: &Path, disk: &Path) -> PathBuf {
+    let h = blake3::hash(disk.as_os_str().as_encoded_bytes());
+    data_dir
+        .join("chain")
+        .join(format!("{}.tip", &h.to_hex()[..32]))
+}
+
+/// The chain tip of `disk`, when the agent recorded one.
+pub(crate) fn chain_tip(data_dir: &Path, disk: &Path) -> Option<uuid::Uuid> {
+    let text = std::fs::read_to_string(tip_path(data_dir, disk)).ok()?;
+    uuid::Uuid::parse_str(text.trim()).ok()
+}
+
+/// The disk a log file belongs to: `<disk file>.<seq:08>.hrl` → `<disk file>`.
+fn disk_of_log(log: &Path) -> Option<PathBuf> {
+    let name = log.file_name()?.to_str()?;
+    let stem = name.strip_suffix(".hrl")?;
+    let (disk, seq) = stem.rsplit_once('.')?;
+    seq.parse::<u64>().ok()?;
+    Some(log.with_file_name(disk))
+}
+
+/// Records, for each disk, the last of `logs` (they are in order) as the chain tip, then
+/// deletes them. Called once their writes are durable in a point or superseded by a copy.
+pub(crate) fn remove_logs(data_dir: &Path, logs: &[PathBuf]) {
+    let mut last: std::collections::HashMap<PathBuf, &PathBuf> = Default::default();
+    for p in logs {
+        if let Some(d) = disk_of_log(p) {
+            last.insert(d, p);
+        }
+    }
+    for (disk, log) in last {
+        let tip = ferry_disk::hrl::HrlLog::open(log).map(|l| l.header.unique_id);
+        let path = tip_path(data_dir, &disk);
+        let res = match tip {
+            Ok(id) => path
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| ferry_mesh::write_secret(&path, id.to_string().as_bytes())),
+            // An unreadable log has no id to chain to: forget the tip rather than keep a stale one.
+            Err(_) => match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        };
+        if let Err(e) = res {
+            tracing::warn!(disk = %disk.display(), error = %e, "cannot record the log chain tip");
+        }
+    }
     for p in logs {
         if let Err(e) = std::fs::remove_file(p) {
             tracing::warn!(log = %p.display(), error = %e, "cannot remove a shipped log");
@@ -60,14 +110,17 @@ impl Agent {
             .map_err(|e| ReplError::Recoverable(format!("vm {vm}: sealing logs: {e}")))
     }
 
-    /// Ships one sealed log; None when it holds no write (nothing to apply).
+    /// Ships one sealed log, which must chain to `follows` when given (a log lost in between,
+    /// or a tracker that restarted without its logs, breaks the chain: the VM needs a resync).
+    /// Returns the log's UniqueId and what was shipped: None when it holds no write.
     pub(crate) async fn ship_log(
         &self,
         cycle: &str,
         path: &Path,
         block_size: u32,
         lost: &CancellationToken,
-    ) -> Result<Option<ShippedLog>, ReplError> {
+        follows: Option<uuid::Uuid>,
+    ) -> Result<(uuid::Uuid, Option<ShippedLog>), ReplError> {
         let p = path.to_path_buf();
         let log = tokio::task::spawn_blocking(move || ferry_disk::hrl::HrlLog::open(&p))
             .await
@@ -75,6 +128,16 @@ impl Agent {
             .map_err(|e| {
                 ReplError::ResyncRequired(format!("{}: {e}; the vm needs a resync", path.display()))
             })?;
+        if let Some(prev) = follows
+            && log.header.previous_unique_id != prev
+        {
+            return Err(ReplError::ResyncRequired(format!(
+                "{} does not follow log {prev} (it follows {}): a log of the chain is missing; the vm needs a resync",
+                path.display(),
+                log.header.previous_unique_id
+            )));
+        }
+        let unique = log.header.unique_id;
         if !log.clean {
             return Err(ReplError::ResyncRequired(format!(
                 "{} was not closed cleanly (the agent stopped without sealing it); the vm needs a resync",
@@ -82,7 +145,7 @@ impl Agent {
             )));
         }
         if log.records.is_empty() {
-            return Ok(None);
+            return Ok((unique, None));
         }
         let write_bytes: u64 = log.records.iter().map(|r| u64::from(r.length)).sum();
         let bytes = tokio::fs::read(path)
@@ -114,14 +177,17 @@ impl Agent {
                 .upload_with_retry(cycle.to_string(), batch, stats.clone(), lost.clone())
                 .await?;
         }
-        Ok(Some(ShippedLog {
-            unique_id: log.header.unique_id.as_bytes().to_vec(),
-            previous_id: log.header.previous_unique_id.as_bytes().to_vec(),
-            length,
-            chunks,
-            records: log.records.len() as u64,
-            write_bytes,
-        }))
+        Ok((
+            unique,
+            Some(ShippedLog {
+                unique_id: log.header.unique_id.as_bytes().to_vec(),
+                previous_id: log.header.previous_unique_id.as_bytes().to_vec(),
+                length,
+                chunks,
+                records: log.records.len() as u64,
+                write_bytes,
+            }),
+        ))
     }
 
     /// Seals the VM's logs between its quiesce hooks (pre: e.g. a guest freeze; post: the
@@ -208,7 +274,7 @@ impl Agent {
             )
             .await?;
         // The point is durable: the logs it holds may go.
-        remove_logs(&shipped_files);
+        remove_logs(&self.cfg.data_dir, &shipped_files);
         tracing::info!(vm, point = %point.id, consistency, logs = shipped_files.len(), "delta cycle committed");
         Ok(())
     }
@@ -312,10 +378,11 @@ impl Agent {
             )));
         }
         let mut logs = Vec::new();
+        let mut follows = chain_tip(&self.cfg.data_dir, Path::new(&d.path));
         for f in &files {
-            if let Some(l) = self.ship_log(cycle, f, block_size, lost).await? {
-                logs.push(l);
-            }
+            let (id, shipped) = self.ship_log(cycle, f, block_size, lost, follows).await?;
+            follows = Some(id);
+            logs.extend(shipped);
         }
         Ok((logs, files))
     }

@@ -146,7 +146,7 @@ impl Agent {
                                 std::path::Path::new(&d.path),
                                 self.tracker.as_ref(),
                             )?;
-                            crate::delta::remove_logs(&sealed);
+                            crate::delta::remove_logs(&self.cfg.data_dir, &sealed);
                         }
                     }
                     let mut maps = Vec::new();
@@ -171,7 +171,7 @@ impl Agent {
                 },
             )
             .await?;
-        crate::delta::remove_logs(&shipped_files);
+        crate::delta::remove_logs(&self.cfg.data_dir, &shipped_files);
         tracing::info!(vm, point = %point.id, "initial replication committed");
         Ok(())
     }

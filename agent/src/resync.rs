@@ -451,7 +451,7 @@ impl Agent {
                 // unclean ones included.
                 let old = crate::delta::sealed_logs(Path::new(&d.path), Some(t))?;
                 tracing::info!(vm, disk = %d.path, logs = old.len(), "resync supersedes the sealed logs");
-                crate::delta::remove_logs(&old);
+                crate::delta::remove_logs(&self.cfg.data_dir, &old);
             }
         }
         prog.start_cut_done = true;
@@ -511,7 +511,7 @@ impl Agent {
             )
             .await?;
         files.remove_all();
-        crate::delta::remove_logs(&shipped_files);
+        crate::delta::remove_logs(&self.cfg.data_dir, &shipped_files);
         tracing::info!(vm, job = job_id, point = %point.id, logs = shipped_files.len(), "resync committed");
         Ok(())
     }

@@ -324,3 +324,83 @@ async fn removed_host_goes_critical_and_repair_resumes() -> anyhow::Result<()> {
     t.stop().await;
     Ok(())
 }
+
+/// A sealed log lost on the host (deleted while the agent was stopped): the next log does not
+/// chain to the last one committed, so no point is built from the broken chain — the VM is
+/// marked for resync; after `ResyncVm` the latest point equals the source, the lost write
+/// included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_log_marks_for_resync_and_resync_heals() -> anyhow::Result<()> {
+    let t = TestMesh::start().await?;
+    let host = t.path("host");
+    std::fs::create_dir_all(&host)?;
+    let disk = host.join("mail.raw");
+    qemu_create(&disk, "raw", "", "32M")?;
+    fill_random(&disk, 0, 4 << 20, 9)?;
+    let acfg = t
+        .agent_config_tracked(&t.path("agent"), "hv-l", &[("mail", vec![disk.clone()])])
+        .await?;
+    let agent = InProcessAgent::start(&acfg)?;
+    let vm = t.wait_vm("mail").await?;
+    let uri = vm.disks[0].nbd_uri.clone();
+    let job = t.protect_every("mail", 1).await?;
+    let j = t.wait_job(&job.id, Duration::from_secs(120)).await?;
+    assert_eq!(j.status, StepStatus::Succeeded as i32, "{j:?}");
+    wait_points(&t, "mail", 2).await?;
+
+    // An acknowledged write, then a clean stop (its log is sealed) and the log is lost.
+    nbd_write(&uri, &["write -P 0x4c 3M 192k"])?;
+    agent.shutdown().await?;
+    let before = point_count(&t, "mail").await?;
+    let mut lost = 0;
+    for e in std::fs::read_dir(&host)? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "hrl") {
+            std::fs::remove_file(&p)?;
+            lost += 1;
+        }
+    }
+    assert!(lost > 0, "no sealed log to lose");
+    let agent = InProcessAgent::start(&acfg)?;
+    let mut marked = None;
+    for _ in 0..300 {
+        let v = t.vm("mail").await?;
+        if v.state == "resync-pending" {
+            marked = Some(v);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let v = marked.ok_or_else(|| anyhow::anyhow!("the broken chain was never noticed"))?;
+    assert!(v.last_error.contains("does not follow"), "{v:?}");
+    assert_eq!(
+        point_count(&t, "mail").await?,
+        before,
+        "a point from a broken chain"
+    );
+
+    let job = t
+        .ctl
+        .registry()
+        .await?
+        .resync_vm(reg::ResyncVmRequest {
+            name: "mail".into(),
+        })
+        .await?
+        .into_inner();
+    let j = t.wait_job(&job.id, Duration::from_secs(120)).await?;
+    assert_eq!(j.status, StepStatus::Succeeded as i32, "{j:?}");
+    let v = t.vm("mail").await?;
+    assert_eq!(
+        (v.state.as_str(), v.health.as_str()),
+        ("protected", "normal"),
+        "{v:?}"
+    );
+    // Delta cycles resume by themselves after the resync.
+    let n = point_count(&t, "mail").await?;
+    wait_points(&t, "mail", n + 2).await?;
+    latest_equals_source(&t, "mail", &disk, "out").await?;
+    agent.shutdown().await?;
+    t.stop().await;
+    Ok(())
+}
