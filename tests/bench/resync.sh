@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Checksum resync of a 2 GiB disk after 1 % of its 64 KiB blocks were rewritten behind the
-# tracker's back, against rsync --no-whole-file --inplace of the same change, in one run.
+# tracker's back, against rsync --no-whole-file --inplace --ignore-times of the same change,
+# in one run.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$repo"
