@@ -28,8 +28,10 @@ pub struct Agent {
     cfg: Arc<AgentConfig>,
     creds: Arc<Credentials>,
     uploader: Arc<Mutex<Option<Uploader>>>,
-    /// VMs with a replication running, so a re-sent work item does not start a second copy.
-    busy: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// VMs with a replication running, so a re-sent work item does not start a second copy;
+    /// with the last work item for the VM that arrived while it ran (run after it, unless it
+    /// is the same item and the running one's completion acknowledged it).
+    busy: Arc<std::sync::Mutex<std::collections::HashMap<String, Option<WorkItem>>>>,
     /// The write tracker, when `[tracker]` is configured.
     tracker: Option<tracker::Tracker>,
     /// The mesh's retry time unit in ms, as the last work item said (0: not known yet).
@@ -199,24 +201,49 @@ impl Agent {
             let fresh = self
                 .busy
                 .lock()
-                .map(|mut b| b.insert(item.vm.clone()))
+                .map(|mut b| match b.get_mut(&item.vm) {
+                    Some(later) => {
+                        *later = Some(item.clone());
+                        false
+                    }
+                    None => {
+                        b.insert(item.vm.clone(), None);
+                        true
+                    }
+                })
                 .unwrap_or(false);
             if !fresh {
-                tracing::info!(vm = %item.vm, work = %item.id, "vm is already replicating; ignoring duplicate work");
+                // Not dropped: an item in flight that nobody completes would stay in flight
+                // (a re-dispatch of it is a no-op) until the agent reconnects.
+                tracing::info!(vm = %item.vm, work = %item.id, "vm is already replicating; the work runs after it");
                 continue;
             }
             let me = self.clone();
             let stop = shutdown.child_token();
             tokio::spawn(async move {
-                me.handle(item.clone(), stop).await;
-                if let Ok(mut b) = me.busy.lock() {
-                    b.remove(&item.vm);
+                let mut item = item;
+                loop {
+                    let completed = me.handle(item.clone(), stop.clone()).await;
+                    if stop.is_cancelled() {
+                        break;
+                    }
+                    let Ok(mut b) = me.busy.lock() else { break };
+                    match b.get_mut(&item.vm).and_then(Option::take) {
+                        // The same item re-sent (a re-dispatch after Redis lost it): the
+                        // completion just made acknowledged it, unless it failed.
+                        Some(next) if !(completed && next.id == item.id) => item = next,
+                        _ => {
+                            b.remove(&item.vm);
+                            break;
+                        }
+                    }
                 }
             });
         }
     }
 
-    async fn handle(&self, item: WorkItem, stop: CancellationToken) {
+    /// Runs one work item and completes it; false when it could not be completed.
+    async fn handle(&self, item: WorkItem, stop: CancellationToken) -> bool {
         tracing::info!(vm = %item.vm, work = %item.id, kind = item.kind, attempt = item.attempt, "work received");
         if item.retry_time_unit_ms > 0 {
             self.retry_unit_ms.store(
@@ -239,7 +266,7 @@ impl Agent {
             ))),
         };
         if stop.is_cancelled() {
-            return; // shutting down: the work stays in flight and is re-sent on reconnect
+            return true; // shutting down: the work stays in flight and is re-sent on reconnect
         }
         let (ok, error, recoverable, resync_required) = match &result {
             Ok(()) => (true, String::new(), false, false),
@@ -257,14 +284,17 @@ impl Agent {
             resync_required,
         };
         for attempt in 0..5u32 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(200 << (attempt - 1))).await;
+            }
             match self.scheduler().await {
                 Ok(mut s) => match s.complete_work(req.clone()).await {
-                    Ok(_) => return,
+                    Ok(_) => return true,
                     Err(e) => tracing::warn!(work = %item.id, error = %e, "completing work failed"),
                 },
                 Err(e) => tracing::warn!(work = %item.id, error = %e, "scheduler unreachable"),
             }
-            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
         }
+        false
     }
 }
