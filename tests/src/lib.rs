@@ -680,3 +680,156 @@ pub async fn start_mesh_with_block_size(block_size: u32) -> anyhow::Result<TestM
     t.wait_serving().await?;
     Ok(t)
 }
+
+impl TestMesh {
+    /// Starts enable-protection with `policy` as given (frequency, resync window).
+    pub async fn protect_with(
+        &self,
+        name: &str,
+        policy: ferry_proto::common::v1::ReplicationPolicy,
+    ) -> anyhow::Result<Job> {
+        let req = reg::ProtectVmRequest {
+            name: name.into(),
+            policy: Some(policy),
+        };
+        Ok(self
+            .ctl
+            .registry()
+            .await?
+            .protect_vm(req)
+            .await?
+            .into_inner())
+    }
+
+    /// `Registry.ResyncVm`: the resync job started now (or the one already running).
+    pub async fn resync_vm(&self, name: &str) -> anyhow::Result<Job> {
+        Ok(self
+            .ctl
+            .registry()
+            .await?
+            .resync_vm(reg::ResyncVmRequest { name: name.into() })
+            .await?
+            .into_inner())
+    }
+
+    /// Waits until `vm` is in `state`, up to `timeout`; the VM as it was then.
+    pub async fn wait_vm_state(
+        &self,
+        vm: &str,
+        state: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<reg::Vm> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let v = self.vm(vm).await?;
+            if v.state == state {
+                return Ok(v);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{vm} is not {state} after {timeout:?}: {v:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The replication cycles of `vm` open in ingest now (their ids from the Redis keys
+    /// `ferry:kv:{ferry:cycle:<id>}`, their state and landed counters from `Ingest.GetCycle`).
+    pub async fn open_cycles(
+        &self,
+        vm: &str,
+    ) -> anyhow::Result<Vec<ferry_proto::ingest::v1::Cycle>> {
+        let port = self
+            .mesh
+            .redis()
+            .context("the mesh runs no redis of its own")?
+            .port();
+        let keys = run(Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(["--scan", "--pattern", "ferry:kv:{ferry:cycle:*}"]))?;
+        let mut ingest = ferry_proto::ingest::v1::ingest_client::IngestClient::new(
+            self.ctl.channel(ferry_mesh::Component::Ingest).await?,
+        );
+        let mut out = Vec::new();
+        for id in keys.lines().filter_map(|k| {
+            k.trim()
+                .strip_prefix("ferry:kv:{ferry:cycle:")
+                .and_then(|k| k.strip_suffix('}'))
+        }) {
+            // A cycle may end (and its key go) between the scan and the read.
+            let Ok(c) = ingest
+                .get_cycle(ferry_proto::ingest::v1::GetCycleRequest {
+                    cycle_id: id.into(),
+                })
+                .await
+            else {
+                continue;
+            };
+            let c = c.into_inner();
+            if c.vm == vm && c.state == "open" {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A policy of cycles every `frequency_seconds` whose resync window is closed now and for
+/// the next six hours (it opens six hours from now, local time), so a VM marked for resync
+/// waits for `ResyncVm` instead of the scheduler's automatic resync.
+pub fn policy_resync_window_closed(
+    frequency_seconds: u64,
+) -> ferry_proto::common::v1::ReplicationPolicy {
+    let now = chrono::Local::now();
+    let at = |h: i64| {
+        (now + chrono::Duration::hours(h))
+            .format("%H:%M")
+            .to_string()
+    };
+    ferry_proto::common::v1::ReplicationPolicy {
+        frequency_seconds,
+        resync_window_start: at(6),
+        resync_window_end: at(7),
+        ..Default::default()
+    }
+}
+
+/// `ferry-agent --config CONFIG` as a child process (killable with SIGKILL), its log
+/// (`RUST_LOG=info`) appended to `log`.
+pub fn spawn_agent_process(config: &Path, log: &Path) -> anyhow::Result<std::process::Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    Ok(Command::new(bin("ferry-agent")?)
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()?)
+}
+
+/// Waits until every change log of `disk` is closed cleanly (a stopped agent's tracker seals
+/// them on its own threads after `run` returned).
+pub async fn wait_logs_closed(disk: &Path) -> anyhow::Result<()> {
+    for _ in 0..300 {
+        let logs = ferry_agent::tracker::list_logs(disk)?;
+        if logs
+            .iter()
+            .all(|(_, p)| ferry_disk::hrl::HrlLog::open(p).is_ok_and(|l| l.clean))
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("logs of {} never sealed", disk.display())
+}
+
+/// The change logs of `disk` that are not closed cleanly (what a killed tracker leaves).
+pub fn unclean_logs(disk: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    Ok(ferry_agent::tracker::list_logs(disk)?
+        .into_iter()
+        .map(|(_, p)| p)
+        .filter(|p| !ferry_disk::hrl::HrlLog::open(p).is_ok_and(|l| l.clean))
+        .collect())
+}

@@ -600,23 +600,119 @@ async fn every_call_is_authorized() {
             .await
             .is_ok()
     );
-    let err = svc
-        .list_points(as_caller(list, Some(Caller::Host("h1".into()))))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::PermissionDenied);
     let out = e.path("x.raw");
     let err = svc
         .materialize_disk(as_caller(materialize_req(&out, ""), reader.clone()))
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
-    // Errors come back as statuses with their codes.
-    let err = svc
-        .materialize_disk(as_caller(
-            materialize_req(&out, ""),
-            Some(Caller::Operator(Role::Operator)),
+
+    // Hosts may make exactly the three reads a checksum resync needs — list the points, get
+    // one, stream a disk's block hashes — and nothing else; without credentials, not even
+    // those. A point exists so the reads answer with data, not NotFound.
+    let token = e.lease("d1", "agent-a").await.token;
+    let chunk = e.put(&block(7, BS as usize)).await;
+    let committed = e
+        .writer
+        .commit_point(commit(
+            "web",
+            disk("d1", "raw", ""),
+            &[(3, chunk)],
+            &[],
+            true,
+            token,
         ))
+        .await
+        .unwrap();
+    let host = || Some(Caller::Host("h1".into()));
+    let points = svc
+        .list_points(as_caller(list.clone(), host()))
+        .await
+        .expect("a host lists points")
+        .into_inner()
+        .points;
+    assert_eq!(
+        points.iter().map(|p| p.id.clone()).collect::<Vec<_>>(),
+        vec![committed.id.clone()]
+    );
+    let get = ferry_proto::storage::v1::GetPointRequest {
+        vm: "web".into(),
+        point: "latest".into(),
+    };
+    let got = svc
+        .get_point(as_caller(get.clone(), host()))
+        .await
+        .expect("a host gets a point")
+        .into_inner();
+    assert_eq!(got.id, committed.id);
+    let hashes = BlockHashesRequest {
+        vm: "web".into(),
+        point: committed.id.clone(),
+        disk_id: "d1".into(),
+    };
+    let mut stream = svc
+        .block_hashes(as_caller(hashes.clone(), host()))
+        .await
+        .expect("a host reads block hashes")
+        .into_inner();
+    let mut entries = Vec::new();
+    while let Some(page) = tokio_stream::StreamExt::next(&mut stream).await {
+        entries.extend(page.unwrap().blocks.into_iter().map(|b| (b.index, b.chunk)));
+    }
+    assert_eq!(entries, vec![(3, chunk.to_vec())]);
+    for code in [
+        svc.list_points(as_caller(list.clone(), None))
+            .await
+            .unwrap_err()
+            .code(),
+        svc.get_point(as_caller(get, None))
+            .await
+            .unwrap_err()
+            .code(),
+        svc.block_hashes(as_caller(hashes, None))
+            .await
+            .map(|_| ())
+            .unwrap_err()
+            .code(),
+    ] {
+        assert_eq!(code, tonic::Code::Unauthenticated);
+    }
+    // Everything else stays refused to a host (committing is checked above).
+    let has = ferry_proto::storage::v1::HasChunksRequest {
+        chunks: vec![chunk.to_vec()],
+    };
+    let err = svc.has_chunks(as_caller(has, host())).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let err = svc
+        .materialize_disk(as_caller(materialize_req(&out, ""), host()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(!out.exists(), "a refused materialise writes nothing");
+    let err = svc
+        .run_retention(as_caller(
+            ferry_proto::storage::v1::RunRetentionRequest {
+                vm: "web".into(),
+                retention_seconds: 1,
+                gc_grace_seconds: 1,
+            },
+            host(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert_eq!(
+        e.writer.list_points("web").await.unwrap().len(),
+        1,
+        "a refused retention run prunes nothing"
+    );
+    // Errors come back as statuses with their codes.
+    let missing = MaterializeDiskRequest {
+        vm: "nope".into(),
+        ..materialize_req(&out, "")
+    };
+    let err = svc
+        .materialize_disk(as_caller(missing, Some(Caller::Operator(Role::Operator))))
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
