@@ -289,6 +289,14 @@ async fn resync_resumes_from_its_block_after_clean_restart() -> anyhow::Result<(
     let cfg = t
         .agent_config_tracked(&agent_dir, "hv01", &[("app03", vec![disk.clone()])])
         .await?;
+    // Small batches one at a time: the recorded block moves with every 2 MiB stored, so a
+    // stop after 16 MiB landed finds a block to record (with 4 large batches in flight none
+    // may have finished yet, and the pass would rightly record block 0).
+    let text = std::fs::read_to_string(&cfg)?;
+    std::fs::write(
+        &cfg,
+        format!("batch_blocks = 2\nbatches_in_flight = 1\n{text}"),
+    )?;
     let agent = InProcessAgent::start(&cfg)?;
     t.wait_vm("app03").await?;
     let job = t.protect_every("app03", 3600).await?;
