@@ -156,17 +156,7 @@ impl TestMesh {
             frequency_seconds,
             ..Default::default()
         };
-        let req = reg::ProtectVmRequest {
-            name: name.into(),
-            policy: Some(policy),
-        };
-        Ok(self
-            .ctl
-            .registry()
-            .await?
-            .protect_vm(req)
-            .await?
-            .into_inner())
+        self.protect_with(name, policy).await
     }
 
     pub async fn job(&self, id: &str) -> anyhow::Result<Job> {
@@ -233,6 +223,18 @@ impl InProcessAgent {
         self.stop.cancel();
         self.task.await?
     }
+}
+
+/// Runs qemu-io commands (`write -P 0x5a 1M 64k`, ...) against an NBD URI: a guest writing
+/// through the tracker.
+pub fn nbd_write(uri: &str, cmds: &[&str]) -> anyhow::Result<()> {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for x in cmds {
+        c.arg("-c").arg(x);
+    }
+    c.arg(uri);
+    run(&mut c).map(|_| ())
 }
 
 /// A workspace binary built next to the test executable (`cargo build --workspace --bins`).

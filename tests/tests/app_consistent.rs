@@ -5,20 +5,9 @@
 //! hook fails still replicates, crash-consistent.
 use std::time::Duration;
 
-use ferry_proto::common::v1::{RecoveryPoint, ReplicationPolicy, StepStatus};
+use ferry_proto::common::v1::{ReplicationPolicy, StepStatus};
 use ferry_proto::registry::v1 as reg;
-use ferry_proto::storage::v1::ListPointsRequest;
 use ferry_tests::*;
-
-async fn points(t: &TestMesh, vm: &str) -> anyhow::Result<Vec<RecoveryPoint>> {
-    Ok(t.ctl
-        .storage()
-        .await?
-        .list_points(ListPointsRequest { vm: vm.into() })
-        .await?
-        .into_inner()
-        .points)
-}
 
 async fn protect(t: &TestMesh, vm: &str) -> anyhow::Result<()> {
     let policy = ReplicationPolicy {
@@ -107,7 +96,7 @@ async fn quiesce_hooks_make_app_consistent_points() -> anyhow::Result<()> {
 
     let mut app_points = Vec::new();
     for _ in 0..600 {
-        app_points = points(&t, "app").await?;
+        app_points = t.points("app").await?;
         if app_points.iter().filter(|p| p.consistency == "app").count() >= 2 {
             break;
         }
@@ -142,7 +131,7 @@ async fn quiesce_hooks_make_app_consistent_points() -> anyhow::Result<()> {
     );
 
     // The failing hook: points keep coming, all crash-consistent.
-    let bad_points = points(&t, "bad").await?;
+    let bad_points = t.points("bad").await?;
     assert!(bad_points.len() >= 3, "{bad_points:?}");
     assert!(
         bad_points.iter().all(|p| p.consistency == "crash"),

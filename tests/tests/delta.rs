@@ -7,40 +7,19 @@ use std::time::Duration;
 
 use ferry_proto::common::v1::{RecoveryPoint, StepStatus};
 use ferry_proto::failover::v1::CleanupTestFailoverRequest;
-use ferry_proto::storage::v1::ListPointsRequest;
 use ferry_tests::*;
-
-async fn points(t: &TestMesh, vm: &str) -> anyhow::Result<Vec<RecoveryPoint>> {
-    Ok(t.ctl
-        .storage()
-        .await?
-        .list_points(ListPointsRequest { vm: vm.into() })
-        .await?
-        .into_inner()
-        .points)
-}
 
 /// Waits until two more points than `after` exist: the second one's cut surely came after
 /// every write made before this call.
 async fn wait_two_more(t: &TestMesh, vm: &str, after: usize) -> anyhow::Result<RecoveryPoint> {
     for _ in 0..600 {
-        let p = points(t, vm).await?;
+        let p = t.points(vm).await?;
         if p.len() >= after + 2 {
             return Ok(p[after + 1].clone());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     anyhow::bail!("no new recovery points for {vm}")
-}
-
-fn nbd_write(uri: &str, cmds: &[&str]) -> anyhow::Result<()> {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for x in cmds {
-        c.arg("-c").arg(x);
-    }
-    c.arg(uri);
-    run(&mut c).map(|_| ())
 }
 
 /// A copy of a live disk. The tracker writes a VHDX in place through its metadata log, so a
@@ -116,7 +95,7 @@ async fn writes_through_the_tracker_replicate_as_points() -> anyhow::Result<()> 
             "write -z 9M 512k",
         ],
     )?;
-    let n = points(&t, "db01").await?.len();
+    let n = t.points("db01").await?.len();
     let p_a = wait_two_more(&t, "db01", n).await?;
     let snap = t.path("snap");
     let (os_a, data_a) = (snapshot(&os, &snap)?, snapshot(&data, &snap)?);
@@ -124,7 +103,7 @@ async fn writes_through_the_tracker_replicate_as_points() -> anyhow::Result<()> 
     // Batch B, then the latest point.
     nbd_write(&uris[0], &["write -P 0x66 5M 2M"])?;
     nbd_write(&uris[1], &["write -P 0x77 16M 5M"])?;
-    let n = points(&t, "db01").await?.len();
+    let n = t.points("db01").await?.len();
     let p_b = wait_two_more(&t, "db01", n).await?;
     assert_eq!(p_b.kind, "delta");
 
@@ -188,7 +167,7 @@ async fn writes_through_the_tracker_replicate_as_points() -> anyhow::Result<()> 
         .run_retention(retention(()))
         .await?
         .into_inner();
-    let after = points(&t, "db01").await?;
+    let after = t.points("db01").await?;
     assert!(r.points_pruned >= 1, "{r:?}");
     assert!(
         after.iter().any(|p| p.id == p_a.id),
@@ -228,7 +207,7 @@ async fn writes_through_the_tracker_replicate_as_points() -> anyhow::Result<()> 
         .await?
         .into_inner();
     assert!(
-        points(&t, "db01").await?.iter().all(|p| p.id != p_a.id),
+        t.points("db01").await?.iter().all(|p| p.id != p_a.id),
         "unread old point pruned: {r:?}"
     );
     assert!(r.chunks_collected >= 1, "{r:?}");
@@ -287,7 +266,7 @@ async fn killed_agent_never_yields_a_point_from_an_unsealed_log() -> anyhow::Res
     let j = t.wait_job(&job.id, Duration::from_secs(300)).await?;
     assert_eq!(j.status, StepStatus::Succeeded as i32, "{j:?}");
     nbd_write(&uri, &["write -P 0x61 1M 1M"])?;
-    let n = points(&t, "app01").await?.len();
+    let n = t.points("app01").await?.len();
     wait_two_more(&t, "app01", n).await?;
     // An acknowledged write, then the kill before a cycle could seal it.
     nbd_write(&uri, &["write -P 0x62 2M 1M"])?;
@@ -298,7 +277,7 @@ async fn killed_agent_never_yields_a_point_from_an_unsealed_log() -> anyhow::Res
         !unclean.is_empty(),
         "the killed agent left its current log unsealed"
     );
-    let before = points(&t, "app01").await?;
+    let before = t.points("app01").await?;
 
     let mut agent = spawn_agent_process(&cfg_path, &log)?;
     let v = t
@@ -318,7 +297,7 @@ async fn killed_agent_never_yields_a_point_from_an_unsealed_log() -> anyhow::Res
         "{v:?}"
     );
     // No point came from the unsealed log: the first point after the kill is the resync's.
-    let after = points(&t, "app01").await?;
+    let after = t.points("app01").await?;
     assert_eq!(
         after[..before.len()]
             .iter()
@@ -427,7 +406,7 @@ async fn agent_killed_mid_shipment_never_yields_a_wrong_point() -> anyhow::Resul
             .arg(format!("write -s {} {} 1M", f.display(), (FIRST + i) * MIB));
     }
     let old = std::fs::read(&disk)?;
-    let base = points(&t, vm).await?.len();
+    let base = t.points(vm).await?.len();
     let mut writer = writer
         .arg(&uri)
         .stdout(std::process::Stdio::piped())
@@ -453,7 +432,7 @@ async fn agent_killed_mid_shipment_never_yields_a_wrong_point() -> anyhow::Resul
     agent.kill()?;
     agent.wait()?;
     let writer_running = writer.try_wait()?.is_none();
-    let killed_at = points(&t, vm).await?.len();
+    let killed_at = t.points(vm).await?.len();
     let w = writer.wait_with_output()?;
     let acked = String::from_utf8_lossy(&w.stdout)
         .lines()
@@ -492,7 +471,7 @@ async fn agent_killed_mid_shipment_never_yields_a_wrong_point() -> anyhow::Resul
             break true;
         }
         // Two points after the restart: the second one's cut follows every write.
-        if points(&t, vm).await?.len() >= killed_at + 2 {
+        if t.points(vm).await?.len() >= killed_at + 2 {
             break false;
         }
         anyhow::ensure!(
@@ -513,7 +492,7 @@ async fn agent_killed_mid_shipment_never_yields_a_wrong_point() -> anyhow::Resul
 
     // Every point since the writes began holds a prefix of them, never less than the point
     // before it; the latest holds them all.
-    let all = points(&t, vm).await?;
+    let all = t.points(vm).await?;
     if resynced {
         // The restarted agent built no point before the resync (one the killed agent had
         // already asked ingest to commit may still have landed after the kill).

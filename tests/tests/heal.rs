@@ -3,45 +3,22 @@
 //! makes its VM critical at once (no retry storm), its old certificate is refused everywhere,
 //! and after it registers again with a new key `RepairVm` resumes replication.
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use ferry_mesh::Component;
 use ferry_proto::common::v1::StepStatus;
 use ferry_proto::registry::v1 as reg;
-use ferry_proto::storage::v1::ListPointsRequest;
 use ferry_tests::*;
 use tokio_util::sync::CancellationToken;
 
 async fn point_count(t: &TestMesh, vm: &str) -> anyhow::Result<usize> {
-    Ok(t.ctl
-        .storage()
-        .await?
-        .list_points(ListPointsRequest { vm: vm.into() })
-        .await?
-        .into_inner()
-        .points
-        .len())
+    Ok(t.points(vm).await?.len())
 }
 
 async fn wait_points(t: &TestMesh, vm: &str, n: usize) -> anyhow::Result<()> {
-    for _ in 0..1200 {
-        if point_count(t, vm).await? >= n {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    anyhow::bail!("{vm} never reached {n} recovery points")
-}
-
-fn nbd_write(uri: &str, cmds: &[&str]) -> anyhow::Result<()> {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for x in cmds {
-        c.arg("-c").arg(x);
-    }
-    c.arg(uri);
-    run(&mut c).map(|_| ())
+    t.wait_points(vm, n, Duration::from_secs(120))
+        .await
+        .map(|_| ())
 }
 
 /// The latest point, materialised, equals the source disk.

@@ -2,23 +2,12 @@
 //! the VM writes through the tracker and cycles run every second: the protection job ends,
 //! cycles carry on, no recovery point is lost, and the latest point after the writer stops
 //! equals the source.
-use std::process::Command;
 use std::time::Duration;
 
 use ferry_proto::common::v1::StepStatus;
 use ferry_tests::*;
 
 const VM: &str = "db02";
-
-fn nbd_write(uri: &str, cmds: &[&str]) -> anyhow::Result<()> {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for x in cmds {
-        c.arg("-c").arg(x);
-    }
-    c.arg(uri);
-    run(&mut c).map(|_| ())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flushall_mid_replication_and_mid_cycle_loses_nothing() -> anyhow::Result<()> {

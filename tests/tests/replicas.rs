@@ -3,7 +3,6 @@
 //! cycle slot runs twice, test failovers each run once, the leader scheduler's death leaves
 //! cycles going, and a job whose orchestrator dies mid-way is finished by the other one.
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -14,16 +13,6 @@ use ferry_proto::failover::v1::{CleanupTestFailoverRequest, TestFailoverRequest}
 use ferry_tests::*;
 
 const VM: &str = "app01";
-
-fn nbd_write(uri: &str, cmds: &[&str]) -> anyhow::Result<()> {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for x in cmds {
-        c.arg("-c").arg(x);
-    }
-    c.arg(uri);
-    run(&mut c).map(|_| ())
-}
 
 /// A failover catalog entry (`ferry_failover::Record`), the fields counted here.
 #[derive(Debug, serde::Deserialize)]

@@ -6,22 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use ferry_proto::common::v1::{Job, RecoveryPoint, StepStatus};
+use ferry_proto::common::v1::{Job, StepStatus};
 use ferry_proto::registry::v1::ResyncVmRequest;
-use ferry_proto::storage::v1::ListPointsRequest;
 use ferry_tests::*;
 
 const MIB: u64 = 1 << 20;
-
-async fn points(t: &TestMesh, vm: &str) -> anyhow::Result<Vec<RecoveryPoint>> {
-    Ok(t.ctl
-        .storage()
-        .await?
-        .list_points(ListPointsRequest { vm: vm.into() })
-        .await?
-        .into_inner()
-        .points)
-}
 
 async fn resync(t: &TestMesh, vm: &str) -> anyhow::Result<Job> {
     Ok(t.ctl
@@ -109,7 +98,7 @@ async fn resync_ships_only_changed_blocks() -> anyhow::Result<()> {
         "shipped {} bytes for {changed} bytes of changed blocks",
         j.bytes_done
     );
-    let latest = points(&t, "web01").await?;
+    let latest = t.points("web01").await?;
     assert!(
         latest.iter().any(|p| p.kind == "resync"),
         "a resync point: {:?}",
@@ -139,13 +128,13 @@ async fn resync_ships_only_changed_blocks() -> anyhow::Result<()> {
 
     // Delta replication resumes by itself: a write through the tracker reaches a new point.
     let uri = t.vm("web01").await?.disks[0].nbd_uri.clone();
-    let n = points(&t, "web01").await?.len();
+    let n = t.points("web01").await?.len();
     run(Command::new("qemu-io")
         .args(["-f", "raw", "-c", "write -P 0xb7 5M 64k"])
         .arg(&uri))?;
     let mut after = Vec::new();
     for _ in 0..600 {
-        after = points(&t, "web01").await?;
+        after = t.points("web01").await?;
         if after.len() >= n + 2 {
             break;
         }
