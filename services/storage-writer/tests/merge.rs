@@ -710,7 +710,7 @@ async fn a_corrupt_log_is_an_error_naming_it() {
 /// --nocapture merge_timing`. A 64 MiB disk in 1 MiB blocks, 50 logs of 200 random 4 KiB
 /// writes each (10 000 writes, 39 MiB), pending on one point: replay vs merge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
+#[ignore = "timing, not a check: run by hand with --ignored --nocapture"]
 async fn merge_timing() {
     const MIB: u64 = 1 << 20;
     let (blocks, logs, writes_per_log) = (64u64, 50usize, 200usize);
