@@ -6,20 +6,6 @@ use std::time::Duration;
 use ferry_proto::common::v1::StepStatus;
 use ferry_tests::*;
 
-fn spawn_agent(config: &std::path::Path, log: &std::path::Path) -> anyhow::Result<Child> {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
-    Ok(Command::new(bin("ferry-agent")?)
-        .arg("--config")
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()?)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_killed_mid_copy_resumes_without_resending() -> anyhow::Result<()> {
     let t = TestMesh::start().await?;
@@ -30,7 +16,7 @@ async fn agent_killed_mid_copy_resumes_without_resending() -> anyhow::Result<()>
         .agent_config(&t.path("agent"), "hv01", &[("big01", vec![disk.clone()])])
         .await?;
     let log = t.path("agent.log");
-    let mut child = spawn_agent(&cfg, &log)?;
+    let mut child = spawn_agent_process(&cfg, &log)?;
     t.wait_vm("big01").await?;
     let job = t.protect("big01").await?;
     // Kill as soon as part of the disk has landed, well before the end.
@@ -60,7 +46,7 @@ async fn agent_killed_mid_copy_resumes_without_resending() -> anyhow::Result<()>
         "killed mid-copy, not after it"
     );
 
-    let mut child = spawn_agent(&cfg, &log)?;
+    let mut child = spawn_agent_process(&cfg, &log)?;
     let j = t.wait_job(&job.id, Duration::from_secs(600)).await?;
     child.kill()?;
     child.wait()?;

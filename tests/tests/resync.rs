@@ -3,7 +3,7 @@
 //! with the latest point's block hashes and ships only the ones that differ; a test failover
 //! to the resync point equals the source (qemu-img compare). An interrupted resync resumes.
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use ferry_proto::common::v1::{Job, StepStatus};
@@ -27,20 +27,6 @@ fn progress_file(agent_dir: &Path, vm: &str) -> PathBuf {
         .join("agent-data")
         .join("resync")
         .join(format!("{vm}.json"))
-}
-
-fn spawn_agent(config: &Path, log: &Path) -> anyhow::Result<Child> {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
-    Ok(Command::new(bin("ferry-agent")?)
-        .arg("--config")
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()?)
 }
 
 /// Rewrites `blocks` whole 1 MiB blocks of a raw image with fresh random data, directly in
@@ -70,7 +56,7 @@ async fn resync_ships_only_changed_blocks() -> anyhow::Result<()> {
     let j = t.wait_job(&job.id, Duration::from_secs(300)).await?;
     assert_eq!(j.status, StepStatus::Succeeded as i32, "{j:?}");
     agent.shutdown().await?;
-    wait_logs_sealed(&disk).await?;
+    wait_logs_closed(&disk).await?;
 
     // Behind the tracker's back, in 1 MiB blocks (the vault block size): four data blocks
     // rewritten (one only in part), one block of the zero tail written, one block zeroed.
@@ -190,7 +176,7 @@ async fn resync_resumes_after_agent_kill() -> anyhow::Result<()> {
         .agent_config_tracked(&agent_dir, "hv01", &[("db02", vec![disk.clone()])])
         .await?;
     let log = t.path("agent.log");
-    let mut agent = spawn_agent(&cfg, &log)?;
+    let mut agent = spawn_agent_process(&cfg, &log)?;
     t.wait_vm("db02").await?;
     let job = t.protect_every("db02", 3600).await?;
     let j = t.wait_job(&job.id, Duration::from_secs(600)).await?;
@@ -201,7 +187,7 @@ async fn resync_resumes_after_agent_kill() -> anyhow::Result<()> {
     let blocks: Vec<u64> = (0..96).map(|i| i * 2 + 1).collect(); // 96 MiB over the data
     change_blocks(&disk, &blocks, 500)?;
 
-    let mut agent = spawn_agent(&cfg, &log)?;
+    let mut agent = spawn_agent_process(&cfg, &log)?;
     let job = resync(&t, "db02").await?;
     let landed = wait_landed(&t, &job.id, 16 * MIB).await?;
     agent.kill()?; // SIGKILL mid-resync
@@ -210,7 +196,7 @@ async fn resync_resumes_after_agent_kill() -> anyhow::Result<()> {
         progress_file(&agent_dir, "db02").exists(),
         "progress is on disk when the agent dies"
     );
-    let mut agent = spawn_agent(&cfg, &log)?;
+    let mut agent = spawn_agent_process(&cfg, &log)?;
     let j = t.wait_job(&job.id, Duration::from_secs(600)).await?;
     agent.kill()?;
     agent.wait()?;
@@ -235,22 +221,6 @@ async fn resync_resumes_after_agent_kill() -> anyhow::Result<()> {
     );
     t.stop().await;
     Ok(())
-}
-
-/// Waits until every change log of `disk` is sealed (a stopped agent's tracker closes them
-/// on its own threads after `run` returned).
-async fn wait_logs_sealed(disk: &Path) -> anyhow::Result<()> {
-    for _ in 0..300 {
-        let logs = ferry_agent::tracker::list_logs(disk)?;
-        if logs
-            .iter()
-            .all(|(_, p)| ferry_disk::hrl::HrlLog::open(p).is_ok_and(|l| l.clean))
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    anyhow::bail!("logs of {} never sealed", disk.display())
 }
 
 /// The block index the saved progress of a VM's first disk has reached (0 when none).
@@ -292,7 +262,7 @@ async fn resync_resumes_from_its_block_after_clean_restart() -> anyhow::Result<(
     let j = t.wait_job(&job.id, Duration::from_secs(600)).await?;
     assert_eq!(j.status, StepStatus::Succeeded as i32, "{j:?}");
     agent.shutdown().await?;
-    wait_logs_sealed(&disk).await?;
+    wait_logs_closed(&disk).await?;
     let blocks: Vec<u64> = (0..96).map(|i| i * 2).collect();
     change_blocks(&disk, &blocks, 900)?;
 
@@ -313,7 +283,7 @@ async fn resync_resumes_from_its_block_after_clean_restart() -> anyhow::Result<(
         ])
         .arg(&uri))?;
     agent.shutdown().await?;
-    wait_logs_sealed(&disk).await?;
+    wait_logs_closed(&disk).await?;
     // The stopped pass records what was stored (its task ends just after the agent's).
     let mut next_index = 0;
     for _ in 0..100 {
@@ -341,7 +311,7 @@ async fn resync_resumes_from_its_block_after_clean_restart() -> anyhow::Result<(
         "resumed from block {next_index} after {landed} bytes landed: offered {offered} bytes"
     );
     agent.shutdown().await?;
-    wait_logs_sealed(&disk).await?;
+    wait_logs_closed(&disk).await?;
     let out = t.path("out");
     let fo = t.test_failover("app03", "latest", &out).await?;
     assert_eq!(fo.status, StepStatus::Succeeded as i32, "{fo:?}");
