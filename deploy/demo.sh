@@ -47,6 +47,7 @@ site = "site-a"
 [[vm]]
 name = "web01"
 disks = ["web01-os.vhdx", "web01-data.vhdx"]
+[tracker]
 TOML
 "$bin/ferry-agent" --config "$work/host/agent.toml" >"$work/agent.log" 2>&1 &
 pids+=($!)

@@ -27,6 +27,10 @@ pub struct AgentConfig {
     /// Upload batches in flight at once.
     #[serde(default = "default_inflight")]
     pub batches_in_flight: usize,
+    /// Longest a stop (SIGTERM, SIGINT) may take to seal the change logs and close the disks
+    /// (default 30 s); past it the agent says what it left open and exits non-zero.
+    #[serde(default, with = "humantime_serde")]
+    pub shutdown_timeout: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -66,6 +70,9 @@ pub struct VmConfig {
     #[serde(default, with = "humantime_serde")]
     pub quiesce_timeout: Option<std::time::Duration>,
 }
+
+/// How long a stop may take when `shutdown_timeout` is not set.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn default_batch() -> usize {
     16
@@ -155,6 +162,9 @@ impl AgentConfig {
         }
         if self.batches_in_flight == 0 || self.batches_in_flight > 64 {
             return Err("batches_in_flight must be 1..=64".into());
+        }
+        if self.shutdown_timeout.is_some_and(|t| t.is_zero()) {
+            return Err("shutdown_timeout must be more than 0 s".into());
         }
         Ok(())
     }

@@ -40,6 +40,17 @@ pub fn describe_disk(
             .map(|m| m.len())
             .sum();
         d.pending_log_bytes = t.pending_bytes(path) + sealed;
+    } else if let Some(t) = tracker
+        && d.error.is_empty()
+    {
+        // Readable now, but the tracker could not take it at start: no write to it is
+        // recorded, so a delta cycle would miss them.
+        d.error = match t.failure(path) {
+            Some(why) => format!(
+                "change tracking could not open it when the agent started ({why}); restart the agent once it can be opened for writing"
+            ),
+            None => "change tracking does not serve it (it could not be opened when the agent started); restart the agent".into(),
+        };
     }
     d
 }

@@ -38,13 +38,27 @@ pub struct Agent {
     retry_unit_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// Registers if needed, then heartbeats and works until `shutdown`.
+/// Registers if needed, then heartbeats and works until `shutdown`. A configured disk that
+/// cannot be opened is warned about here and reported with its error; the rest still work.
+///
+/// On `shutdown` the agent stops taking work and NBD connections, and returns only once the
+/// tracker has sealed every log and closed every disk — or, past `shutdown_timeout` (30 s),
+/// with an error naming the disks it left open.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    warn_unopenable_disks(&cfg).await;
     let creds = identity::load_or_register(&cfg).await?;
     let tracker = match &cfg.tracker {
         Some(t) => Some(start_tracker(&cfg, t, shutdown.clone()).await?),
-        None => None,
+        None => {
+            tracing::info!(
+                "no [tracker] section in agent.toml: disks are not tracked, so this host can copy disks but not run delta cycles"
+            );
+            None
+        }
     };
+    let stop_timeout = cfg
+        .shutdown_timeout
+        .unwrap_or(config::DEFAULT_SHUTDOWN_TIMEOUT);
     let agent = Agent {
         cfg: Arc::new(cfg),
         creds: Arc::new(creds),
@@ -56,7 +70,66 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     let hb = tokio::spawn(agent.clone().heartbeat_loop(shutdown.clone()));
     agent.work_loop(shutdown.clone()).await;
     hb.abort();
+    tracing::info!("stopping: no new work or nbd connections");
+    if let Some(t) = &agent.tracker {
+        wait_tracker_stopped(t, stop_timeout).await?;
+    }
+    tracing::info!("agent stopped");
     Ok(())
+}
+
+/// Waits, at most `timeout`, for a tracker whose shutdown fired to seal its logs and close
+/// its disks. Past it, logs each disk still open (and its unsealed log) and fails naming them.
+pub async fn wait_tracker_stopped(
+    tracker: &tracker::Tracker,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    match tokio::time::timeout(timeout, tracker.stopped()).await {
+        Ok(sealed) => {
+            tracing::info!(logs = sealed.len(), "change logs sealed and disks closed");
+            Ok(())
+        }
+        Err(_) => {
+            let open = tracker.open_disks();
+            let mut names = Vec::with_capacity(open.len());
+            for (disk, log) in &open {
+                let log = log
+                    .as_ref()
+                    .map(|l| l.display().to_string())
+                    .unwrap_or_default();
+                tracing::error!(disk = %disk.display(), log = %log, timeout_ms = timeout.as_millis() as u64, "stop timed out with the disk still open: its log is not sealed (the vm will need a resync) and a vhdx may keep a metadata log to replay");
+                names.push(if log.is_empty() {
+                    disk.display().to_string()
+                } else {
+                    format!("{} (log {log})", disk.display())
+                });
+            }
+            anyhow::bail!(
+                "stop did not finish within {timeout:?}; left open: {}",
+                if names.is_empty() {
+                    "the tracker (its disks closed, its socket not yet removed)".to_string()
+                } else {
+                    names.join(", ")
+                }
+            )
+        }
+    }
+}
+
+/// Warns about every configured disk that cannot be opened: it is still reported to the
+/// registry, with the error, and protecting its VM is refused until it opens.
+async fn warn_unopenable_disks(cfg: &AgentConfig) {
+    let vms = cfg.vms.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        for vm in &vms {
+            for p in &vm.disks {
+                if let Err(e) = ferry_disk::open(p) {
+                    tracing::warn!(vm = %vm.name, disk = %p.display(), error = %e, "configured disk cannot be opened; it is reported with this error and the vm cannot be protected until it opens");
+                }
+            }
+        }
+    })
+    .await;
 }
 
 /// NBD export name of a disk: `<vm>-<file name>`, restricted to what the tracker accepts.
@@ -131,6 +204,7 @@ impl Agent {
                         host_name: self.creds.host.clone(),
                         vms: inv,
                         agent_version: env!("CARGO_PKG_VERSION").into(),
+                        change_tracking: self.tracker.as_ref().is_some_and(|t| !t.is_stopped()),
                     })
                     .await?
                     .into_inner();
@@ -152,7 +226,11 @@ impl Agent {
     async fn work_loop(&self, shutdown: CancellationToken) {
         let mut delay = Duration::from_millis(200);
         loop {
-            match self.stream_work(&shutdown).await {
+            let streamed = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = self.stream_work(&shutdown) => r,
+            };
+            match streamed {
                 Ok(()) => return,
                 Err(e) => {
                     // Refused credentials (the host was removed from the vault) do not heal by

@@ -14,5 +14,11 @@ async fn main() -> anyhow::Result<()> {
     ferry_mesh::init_tracing("agent");
     let args = Args::parse();
     let cfg = ferry_agent::AgentConfig::load(&args.config)?;
-    ferry_agent::run(cfg, ferry_mesh::shutdown_on_signal()).await
+    if let Err(e) = ferry_agent::run(cfg, ferry_mesh::shutdown_on_signal()).await {
+        eprintln!("Error: {e:?}");
+        // At once: a disk stuck closing (or a read on a hung filesystem) must not hold up
+        // the exit that reports it.
+        std::process::exit(1);
+    }
+    Ok(())
 }

@@ -81,7 +81,7 @@ async fn components_as_separate_processes_join_one_mesh() -> anyhow::Result<()> 
         &["write -P 0x33 1M 5M", "write -P 0x44 20M 1M"],
     )?;
     let cfg = t
-        .agent_config(&t.path("agent"), "hv01", &[("small01", vec![disk.clone()])])
+        .agent_config_tracked(&t.path("agent"), "hv01", &[("small01", vec![disk.clone()])])
         .await?;
     let agent = InProcessAgent::start(&cfg)?;
     t.wait_vm("small01").await?;

@@ -58,7 +58,9 @@ async fn raw_vhd_vhdx_replicate_and_test_failover_identical() -> anyhow::Result<
         )?;
         vms.push((c.vm, vec![p]));
     }
-    let agent_cfg = t.agent_config(&t.path("agent"), "hv01", &vms).await?;
+    let agent_cfg = t
+        .agent_config_tracked(&t.path("agent"), "hv01", &vms)
+        .await?;
     let agent = InProcessAgent::start(&agent_cfg)?;
     for c in &CASES {
         t.wait_vm(c.vm).await?;

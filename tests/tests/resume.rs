@@ -13,7 +13,7 @@ async fn agent_killed_mid_copy_resumes_without_resending() -> anyhow::Result<()>
     qemu_create(&disk, "raw", "", "320M")?;
     fill_random(&disk, 0, 300 << 20, 42)?;
     let cfg = t
-        .agent_config(&t.path("agent"), "hv01", &[("big01", vec![disk.clone()])])
+        .agent_config_tracked(&t.path("agent"), "hv01", &[("big01", vec![disk.clone()])])
         .await?;
     let log = t.path("agent.log");
     let mut child = spawn_agent_process(&cfg, &log)?;
@@ -110,7 +110,7 @@ async fn gateway_killed_mid_copy_resumes() -> anyhow::Result<()> {
     qemu_create(&disk, "raw", "", "320M")?;
     fill_random(&disk, 0, 300 << 20, 7)?;
     let cfg = t
-        .agent_config(&t.path("agent"), "hv01", &[("big02", vec![disk.clone()])])
+        .agent_config_tracked(&t.path("agent"), "hv01", &[("big02", vec![disk.clone()])])
         .await?;
     let agent = InProcessAgent::start(&cfg)?;
     t.wait_vm("big02").await?;

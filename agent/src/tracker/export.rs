@@ -11,7 +11,7 @@
 //! the image's read lock on the blocking pool and run alongside one another.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use ferry_disk::{DiskError, DiskRw};
@@ -155,6 +155,8 @@ pub(crate) struct Export {
     /// Sequence number of the open log; 0 when none is open.
     pub current: Arc<AtomicU64>,
     pub pool: Arc<BufPool>,
+    /// Set when the disk's thread has ended (after its close, or when it gave up).
+    pub closed: Arc<AtomicBool>,
 }
 
 /// The log stage: owns the current log.
@@ -171,6 +173,7 @@ struct LogStage {
     apply: std::sync::mpsc::Sender<Stage2>,
     /// Whether the apply stage may still have work queued (zero checks must not run ahead).
     apply_busy: bool,
+    closed: Arc<AtomicBool>,
 }
 
 /// The apply stage: writes logged batches to the image and answers.
@@ -227,6 +230,7 @@ impl Export {
         let next = (log.seq() + 1, log.unique_id());
         let (atx, arx) = std::sync::mpsc::channel();
         let current = Arc::new(AtomicU64::new(log.seq()));
+        let closed = Arc::new(AtomicBool::new(false));
         let log_stage = LogStage {
             name: name.clone(),
             path: path.clone(),
@@ -238,6 +242,7 @@ impl Export {
             current: current.clone(),
             apply: atx,
             apply_busy: false,
+            closed: closed.clone(),
         };
         let pool = Arc::new(BufPool::new());
         let apply_stage = ApplyStage {
@@ -268,6 +273,7 @@ impl Export {
             pending,
             current,
             pool,
+            closed,
         }))
     }
 
@@ -308,6 +314,7 @@ impl LogStage {
         }
         // Stopped: whatever is still queued gets ESHUTDOWN.
         rx.close();
+        self.closed.store(true, Ordering::Release);
         while let Ok(op) = rx.try_recv() {
             op.reject(NBD_ESHUTDOWN);
         }
@@ -351,7 +358,9 @@ impl LogStage {
                 }
                 Op::Close { done } => {
                     self.run_segment(&mut seg);
-                    let _ = done.send(self.close());
+                    let r = self.close();
+                    self.closed.store(true, Ordering::Release);
+                    let _ = done.send(r);
                     closed = true;
                 }
             }
@@ -544,7 +553,7 @@ impl LogStage {
                 source: e,
             });
         }
-        info!(export = %self.name, "disk closed");
+        info!(export = %self.name, disk = %self.path.display(), "disk closed");
         Ok(sealed)
     }
 }

@@ -28,9 +28,15 @@
 //!   set, synced, after the image is flushed) and the next one opened, then writes resume.
 //!   Every write acknowledged before the cut is in a sealed log, and no write that started
 //!   after it is, on every disk of the VM: each sealed set is a consistent cut.
-//! * When `shutdown` fires, connections are dropped, each current log is sealed and each image
-//!   closed cleanly; [`Tracker::stopped`] returns those last sealed logs. The next start
-//!   chains its new logs to them.
+//! * A disk that cannot be opened for writing (missing file, unreadable image, no room for its
+//!   first log) is not tracked: the tracker warns, serves the others, and
+//!   [`Tracker::failure`] says why (the agent reports it as the disk's error).
+//! * When `shutdown` fires, the listeners close and connections are dropped (no new writes),
+//!   each current log is sealed and each image closed cleanly (a VHDX's metadata log is
+//!   applied and cleared, as qemu leaves a closed file; "disk closed" is logged per disk);
+//!   [`Tracker::stopped`] returns those last sealed logs, and [`Tracker::open_disks`] lists
+//!   the disks not closed yet (what a stop that times out leaves). The next start chains its
+//!   new logs to them.
 //! * Broken or hostile clients get an NBD error (out-of-range requests, unknown commands) or
 //!   are disconnected with a warning (bad magic, oversized payloads, handshake garbage or
 //!   timeout); other connections are not affected.
@@ -126,6 +132,10 @@ struct Inner {
     /// Fires once every disk is closed after shutdown.
     stopped: CancellationToken,
     last_logs: Mutex<Vec<SealedLog>>,
+    /// Configured disks that could not be tracked, by configured and canonical path.
+    failed: HashMap<PathBuf, String>,
+    /// Fault injection for tests: how long the stop waits before closing the disks.
+    close_stall: Mutex<std::time::Duration>,
 }
 
 /// A disk opened for tracking, before its thread starts.
@@ -196,40 +206,55 @@ fn open_image(disk: TrackedDisk) -> Result<Opened, TrackerError> {
     })
 }
 
-/// Opens every image, then every first log; on failure removes the logs it created.
-fn open_all(disks: Vec<TrackedDisk>) -> Result<Vec<(Opened, LogAppender)>, TrackerError> {
+/// Disks opened with their first logs, and the ones that could not be (configured path, why).
+type OpenedAll = (Vec<(Opened, LogAppender)>, Vec<(TrackedDisk, String)>);
+
+/// Opens every image, then every first log. A disk that fails is left out (and named in the
+/// second list) so the others are still tracked; a disk listed twice is a configuration error,
+/// after which the logs already created are removed.
+fn open_all(disks: Vec<TrackedDisk>) -> Result<OpenedAll, TrackerError> {
     let mut opened = Vec::with_capacity(disks.len());
+    let mut failed = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for d in disks {
-        let o = open_image(d)?;
+        let o = match open_image(d.clone()) {
+            Ok(o) => o,
+            Err(e) => {
+                warn!(vm = %d.vm, disk = %d.path.display(), error = %e, "cannot track disk: it is not served over nbd and its vm cannot run delta cycles");
+                failed.push((d, e.to_string()));
+                continue;
+            }
+        };
         if !seen.insert(o.disk.path.clone()) {
             return Err(TrackerError::Config(format!(
                 "{} is tracked twice",
                 o.disk.path.display()
             )));
         }
-        opened.push(o);
+        opened.push((d, o));
     }
     let mut out: Vec<(Opened, LogAppender)> = Vec::with_capacity(opened.len());
-    for o in opened {
+    for (d, o) in opened {
         let first = next_in_chain(&o.disk.path).and_then(|(seq, prev)| {
             LogAppender::create(&log_path(&o.disk.path, seq), seq, prev, o.vhd2)
         });
         match first {
             Ok(l) => out.push((o, l)),
             Err(e) => {
-                for (_, l) in &out {
-                    let _ = std::fs::remove_file(l.path());
-                }
-                return Err(TrackerError::Io {
-                    path: o.disk.path,
+                let e = TrackerError::Io {
+                    path: o.disk.path.clone(),
                     what: "first log",
                     source: e,
-                });
+                };
+                warn!(vm = %d.vm, disk = %d.path.display(), error = %e, "cannot track disk: it is not served over nbd and its vm cannot run delta cycles");
+                if let Err(e) = o.image.finish() {
+                    warn!(disk = %d.path.display(), error = %e, "closing the untracked disk failed");
+                }
+                failed.push((d, e.to_string()));
             }
         }
     }
-    Ok(out)
+    Ok((out, failed))
 }
 
 async fn bind_unix(dir: &Path) -> Result<(UnixListener, PathBuf), TrackerError> {
@@ -283,7 +308,8 @@ impl Tracker {
             },
             None => None,
         };
-        let opened = match tokio::task::spawn_blocking(move || open_all(disks)).await {
+        let (opened, not_tracked) = match tokio::task::spawn_blocking(move || open_all(disks)).await
+        {
             Ok(Ok(o)) => o,
             Ok(Err(e)) => {
                 let _ = std::fs::remove_file(&socket);
@@ -317,6 +343,13 @@ impl Tracker {
                 .or_insert_with(|| Arc::new(RwLock::new(())));
             vms.entry(o.disk.vm).or_default().push(e);
         }
+        let mut failed = HashMap::new();
+        for (d, why) in not_tracked {
+            if let Ok(p) = std::fs::canonicalize(&d.path) {
+                failed.insert(p, why.clone());
+            }
+            failed.insert(d.path, why);
+        }
         let exports = Arc::new(nbd::Exports { by_name, gates });
         let inner = Arc::new(Inner {
             exports: exports.clone(),
@@ -326,6 +359,8 @@ impl Tracker {
             tcp: tcp_addr,
             stopped: CancellationToken::new(),
             last_logs: Mutex::new(Vec::new()),
+            failed,
+            close_stall: Mutex::new(std::time::Duration::ZERO),
         });
         let conns = shutdown.child_token();
         tokio::spawn(accept_unix(unix, exports.clone(), conns.clone()));
@@ -333,7 +368,7 @@ impl Tracker {
             tokio::spawn(accept_tcp(l, exports.clone(), conns.clone()));
         }
         tokio::spawn(stop_on(shutdown, inner.clone()));
-        info!(socket = %inner.socket.display(), tcp = ?inner.tcp, disks = inner.by_path.len(), "tracker serving nbd");
+        info!(socket = %inner.socket.display(), tcp = ?inner.tcp, disks = inner.by_path.len(), not_tracked = inner.failed.len(), "tracker serving nbd");
         Ok(Tracker { inner })
     }
 
@@ -367,6 +402,51 @@ impl Tracker {
 
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
         self.inner.tcp
+    }
+
+    /// Why a configured disk is not tracked (it could not be opened for writing, or its first
+    /// log not created, when the tracker started); None for a tracked or unknown disk.
+    pub fn failure(&self, path: &Path) -> Option<String> {
+        if self.export(path).is_some() {
+            return None;
+        }
+        self.inner.failed.get(path).cloned().or_else(|| {
+            let p = std::fs::canonicalize(path).ok()?;
+            self.inner.failed.get(&p).cloned()
+        })
+    }
+
+    /// Tracked disks not closed yet (before shutdown: all of them), each with its open log.
+    pub fn open_disks(&self) -> Vec<(PathBuf, Option<PathBuf>)> {
+        let mut open: Vec<_> = self
+            .inner
+            .by_path
+            .values()
+            .filter(|e| !e.closed.load(Ordering::Acquire))
+            .map(|e| {
+                let log = match e.current.load(Ordering::Relaxed) {
+                    0 => None,
+                    seq => Some(log_path(&e.path, seq)),
+                };
+                (e.path.clone(), log)
+            })
+            .collect();
+        open.sort();
+        open
+    }
+
+    /// Whether the tracker has stopped (every disk closed, or given up on) after shutdown.
+    pub fn is_stopped(&self) -> bool {
+        self.inner.stopped.is_cancelled()
+    }
+
+    /// Fault injection for tests: the stop waits this long before it closes the disks (a
+    /// disk on a hung filesystem), so a bounded stop can be seen giving up.
+    #[doc(hidden)]
+    pub fn stall_close(&self, d: std::time::Duration) {
+        if let Ok(mut s) = self.inner.close_stall.lock() {
+            *s = d;
+        }
     }
 
     /// Size of the disk's current log file (0 for an unknown disk).
@@ -462,6 +542,10 @@ impl Tracker {
 
 async fn stop_on(shutdown: CancellationToken, inner: Arc<Inner>) {
     shutdown.cancelled().await;
+    let stall = inner.close_stall.lock().map(|s| *s).unwrap_or_default();
+    if !stall.is_zero() {
+        tokio::time::sleep(stall).await;
+    }
     let mut waits = Vec::new();
     for e in inner.by_path.values() {
         let (tx, rx) = oneshot::channel();
@@ -476,7 +560,9 @@ async fn stop_on(shutdown: CancellationToken, inner: Arc<Inner>) {
             Ok(Err(err)) => {
                 warn!(export = %e.name, disk = %e.path.display(), error = %err, "disk did not close cleanly")
             }
-            Err(_) => warn!(export = %e.name, "disk thread ended before closing"),
+            Err(_) => {
+                warn!(export = %e.name, disk = %e.path.display(), "disk thread ended before closing")
+            }
         }
     }
     let _ = std::fs::remove_file(&inner.socket);

@@ -138,6 +138,7 @@ impl Mesh {
                 disks: vec![disk()],
             }],
             agent_version: "test".into(),
+            change_tracking: true,
         })
         .await
         .unwrap();

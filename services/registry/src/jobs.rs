@@ -244,22 +244,43 @@ impl RegistryService {
             .get(vm)
             .ok_or_else(|| RegistryError::VmNotFound(vm.to_string()))?;
         let mut problems = Vec::new();
-        match st.hosts.get(&v.host) {
-            None => problems.push(format!("host {} is not registered", v.host)),
+        let connected = match st.hosts.get(&v.host) {
+            None => {
+                problems.push(format!("host {} is not registered", v.host));
+                false
+            }
             Some(h) if h.removed => {
-                problems.push(format!("host {} was removed from the vault", v.host))
+                problems.push(format!("host {} was removed from the vault", v.host));
+                false
             }
             Some(_) if !self.host_connected(&v.host) => {
-                problems.push(format!("host {} has not sent a heartbeat recently", v.host))
+                problems.push(format!("host {} has not sent a heartbeat recently", v.host));
+                false
             }
-            Some(_) => {}
+            Some(_) => true,
+        };
+        // Every protection runs delta cycles at its frequency (the policy cannot ask for a
+        // copy only), and a delta cycle needs the host's tracker: without it the first cycle
+        // would make the vm critical. The flag comes with the fresh heartbeat checked above.
+        if connected
+            && let Some(p) = &v.policy
+            && p.frequency_seconds >= 1
+            && !self.host_tracks_changes(&v.host)
+        {
+            problems.push(format!(
+                "host {} has no change tracking, so the vm cannot run delta cycles every {} s: add a [tracker] section to the host's agent.toml and restart the agent, then protect the vm again",
+                v.host, p.frequency_seconds
+            ));
         }
         if v.disks.is_empty() {
             problems.push("the vm has no disks".to_string());
         }
         for d in &v.disks {
             if !d.error.is_empty() {
-                problems.push(format!("disk {} is not readable: {}", d.path, d.error));
+                problems.push(format!(
+                    "disk {} cannot be read on host {}: {}; fix the disk or its path in the host's agent.toml, then protect the vm again",
+                    d.path, v.host, d.error
+                ));
             } else if !SUPPORTED_FORMATS.contains(&d.format.as_str()) {
                 problems.push(format!(
                     "disk {} has unsupported format {:?}",

@@ -25,6 +25,10 @@ pub struct RegistryService {
     pub(crate) state: Mutex<State>,
     /// Last heartbeat per host (memory only: rebuilt by the next heartbeat).
     heartbeats: std::sync::Mutex<HashMap<String, i64>>,
+    /// Whether each host's last heartbeat said it tracks changes. Memory only, like the
+    /// heartbeat time: the prerequisites that read it also require a fresh heartbeat, which
+    /// brings it again after a registry restart.
+    change_tracking: std::sync::Mutex<HashMap<String, bool>>,
     /// Wakes job runners when something they wait for changed.
     pub(crate) changed: Notify,
     /// What changes every heartbeat or cycle is kept in memory only (rebuilt by the next
@@ -61,6 +65,7 @@ impl RegistryService {
             catalog,
             state: Mutex::new(state),
             heartbeats: Default::default(),
+            change_tracking: Default::default(),
             changed: Notify::new(),
             progress_flushed: Default::default(),
             revoked,
@@ -114,6 +119,14 @@ impl RegistryService {
             .map(|h| h.get(host).copied())
             .unwrap_or(None);
         last.is_some_and(|t| now_ms() - t < (3 * HEARTBEAT_SECS * 1000) as i64)
+    }
+
+    /// Whether the host's last heartbeat said its tracker runs (false before any heartbeat).
+    pub(crate) fn host_tracks_changes(&self, host: &str) -> bool {
+        self.change_tracking
+            .lock()
+            .map(|t| t.get(host).copied().unwrap_or(false))
+            .unwrap_or(false)
     }
 
     fn vault_ca(&self) -> Result<ferry_mesh::VaultCa, RegistryError> {
@@ -405,6 +418,9 @@ impl Registry for RegistryApi {
                     }),
                 }
             }
+        }
+        if let Ok(mut t) = self.change_tracking.lock() {
+            t.insert(host.clone(), req.change_tracking);
         }
         if let Ok(mut hb) = self.heartbeats.lock() {
             hb.insert(host.clone(), now_ms());

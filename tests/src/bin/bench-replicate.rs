@@ -34,7 +34,7 @@ async fn main() -> anyhow::Result<()> {
     // Ferry: the whole mesh in this process; the agent too.
     let t = TestMesh::start().await?;
     let cfg = t
-        .agent_config(
+        .agent_config_tracked(
             &t.path("agent"),
             "bench01",
             &[("bench", vec![image.clone()])],
