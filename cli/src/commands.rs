@@ -7,7 +7,7 @@ use ferry::ctl::{Ctl, status_err};
 use ferry::output::{self, bytes, job_json, point_json, table, time, vm_json};
 use ferry::up::{Mesh, UpOptions};
 use ferry_mesh::Component;
-use ferry_proto::common::v1::{Job, ReplicationPolicy, StepStatus};
+use ferry_proto::common::v1::{Job, StepStatus};
 use ferry_proto::failover::v1::{CleanupTestFailoverRequest, TestFailoverRequest};
 use ferry_proto::registry::v1 as reg;
 use ferry_proto::storage::v1::ListPointsRequest;
@@ -46,6 +46,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 store: store.clone(),
                 without,
                 retry_time_unit: None,
+                retention_interval: None,
             })
             .await?;
             println!(
@@ -342,23 +343,22 @@ async fn vm(cli: &Cli, cmd: &VmCmd) -> anyhow::Result<ExitCode> {
             name,
             frequency,
             retention,
+            keep_all,
+            thin_to,
             app_consistent,
             resync_window,
             wait,
             output,
         } => {
-            let (window_start, window_end) = resync_window.split_once('-').ok_or_else(|| {
-                anyhow::anyhow!(
-                    "--resync-window {resync_window:?}: expected START-END, e.g. 18:30-06:00"
-                )
+            // Refused here, with the allowed range, before anything reaches the registry.
+            let policy = crate::protect::policy(&crate::protect::PolicyFlags {
+                frequency: (*frequency).into(),
+                retention: (*retention).into(),
+                keep_all: (*keep_all).into(),
+                thin_to: (*thin_to).into(),
+                app_consistent: (*app_consistent).into(),
+                resync_window: resync_window.clone(),
             })?;
-            let policy = ReplicationPolicy {
-                frequency_seconds: Duration::from(*frequency).as_secs().max(1),
-                retention_hours: (Duration::from(*retention).as_secs() / 3600).max(1),
-                app_consistent_seconds: Duration::from(*app_consistent).as_secs(),
-                resync_window_start: window_start.trim().to_string(),
-                resync_window_end: window_end.trim().to_string(),
-            };
             let job = c
                 .registry()
                 .await?

@@ -1,6 +1,7 @@
 //! `ferry`: run the mesh (`ferry up`) and operate it.
 mod commands;
 mod disk_cmd;
+mod protect;
 
 use std::path::PathBuf;
 
@@ -128,13 +129,21 @@ pub enum VmCmd {
     /// Enable protection: prerequisites, relationship, initial replication, finalize.
     Protect {
         name: String,
-        /// Replication frequency (30s, 5m, 15m, any duration >= 1s).
+        /// Replication frequency (30s, 5m, 15m: whole seconds from 1s to 24h).
         #[arg(long, default_value = "5m")]
         frequency: humantime::Duration,
-        /// Recovery point retention.
+        /// Recovery point retention (whole hours, 1h to 8760h).
         #[arg(long, default_value = "24h")]
         retention: humantime::Duration,
-        /// How often a cycle is app-consistent (quiesce hooks on the host); 0 = never.
+        /// Every point younger than this is kept (whole seconds, 1s up to the retention).
+        #[arg(long, default_value = "1h")]
+        keep_all: humantime::Duration,
+        /// Older points are thinned to one per this interval, plus every app-consistent point
+        /// (whole seconds, 1s up to the retention).
+        #[arg(long, default_value = "5m")]
+        thin_to: humantime::Duration,
+        /// How often a cycle is app-consistent (quiesce hooks on the host); 0 = never, else at
+        /// least the frequency.
         #[arg(long, default_value = "0s")]
         app_consistent: humantime::Duration,
         /// Automatic resyncs wait for this window, host local time (START-END, HH:MM-HH:MM;

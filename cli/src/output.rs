@@ -47,6 +47,8 @@ pub fn vm_json(v: &Vm) -> Value {
             "frequency_seconds": p.frequency_seconds,
             "retention_hours": p.retention_hours,
             "app_consistent_seconds": p.app_consistent_seconds,
+            "keep_all_seconds": p.keep_all_seconds,
+            "thin_to_seconds": p.thin_to_seconds,
             "resync_window": format!("{}-{}", p.resync_window_start, p.resync_window_end),
         })),
         "rpo_seconds": v.rpo_seconds,

@@ -30,6 +30,9 @@ pub struct UpOptions {
     pub without: Vec<Component>,
     /// Retry schedule unit (tests use milliseconds).
     pub retry_time_unit: Option<std::time::Duration>,
+    /// How often the scheduler runs retention (`[retention] interval`, default 10 min; tests
+    /// use seconds).
+    pub retention_interval: Option<std::time::Duration>,
 }
 
 /// A running mesh. Dropping it without [`Mesh::stop`] still stops the Redis child.
@@ -97,6 +100,9 @@ impl Mesh {
         }
         if let Some(u) = opts.retry_time_unit {
             cfg.retry.time_unit = u;
+        }
+        if let Some(i) = opts.retention_interval {
+            cfg.retention.interval = i;
         }
         let cfg = cfg.finish()?;
         cfg.write_toml(&config_path)?;

@@ -24,14 +24,21 @@ pub fn init_logs() {
 
 impl TestMesh {
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// [`TestMesh::start`] with its options changed by `change` first (e.g.
+    /// `retention_interval`).
+    pub async fn start_with(change: impl FnOnce(&mut UpOptions)) -> anyhow::Result<Self> {
         init_logs();
         let dir = tempfile::tempdir()?;
-        let mesh = Mesh::start(UpOptions {
+        let mut opts = UpOptions {
             data_dir: dir.path().join("mesh"),
             retry_time_unit: Some(Duration::from_millis(100)),
             ..Default::default()
-        })
-        .await?;
+        };
+        change(&mut opts);
+        let mesh = Mesh::start(opts).await?;
         let ctl = Ctl::load(&mesh.config_path)?;
         let t = Self { mesh, dir, ctl };
         t.wait_serving().await?;

@@ -159,6 +159,7 @@ async fn writes_through_the_tracker_replicate_as_points() -> anyhow::Result<()> 
         vm: "db01".into(),
         retention_seconds: 1,
         gc_grace_seconds: 1,
+        ..Default::default()
     };
     let r = t
         .ctl

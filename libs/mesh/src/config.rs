@@ -3,8 +3,9 @@
 //!
 //! Environment variables: `FERRY_<FIELD>` for top-level fields (`FERRY_REDIS_URL`,
 //! `FERRY_STORE_URL`, `FERRY_DATA_DIR`), `FERRY_<SECTION>__<FIELD>` for nested ones
-//! (`FERRY_REGISTRY__LISTEN=127.0.0.1:7401`, `FERRY_VAULT__BLOCK_SIZE=65536`), and the
-//! shorthand `FERRY_RETRY_TIME_UNIT=100ms`. Other `FERRY_*` variables (`FERRY_LOG`) are ignored.
+//! (`FERRY_REGISTRY__LISTEN=127.0.0.1:7401`, `FERRY_VAULT__BLOCK_SIZE=65536`,
+//! `FERRY_RETENTION__INTERVAL=2s`), and the shorthand `FERRY_RETRY_TIME_UNIT=100ms`. Other
+//! `FERRY_*` variables (`FERRY_LOG`) are ignored.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -38,6 +39,7 @@ const ENV_KEYS: &[&str] = &[
     "failover",
     "gateway",
     "retry",
+    "retention",
     "endpoints",
 ];
 
@@ -98,6 +100,7 @@ pub struct MeshConfig {
     /// The QUIC gateway's UDP address.
     pub gateway: Listen,
     pub retry: RetryConfig,
+    pub retention: RetentionConfig,
     /// What clients use to reach a component when it is not its `listen` address, by component
     /// name: a load balancer, or several replicas as comma-separated addresses tried in turn
     /// (`scheduler = "https://10.0.0.1:7402,10.0.0.2:7402"`).
@@ -145,6 +148,23 @@ pub struct RetryConfig {
     pub time_unit: Duration,
 }
 
+/// When the scheduler runs retention (thinning, pruning, garbage collection).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct RetentionConfig {
+    /// How often each protected VM's retention runs: 10 min by default, seconds in tests.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(600),
+        }
+    }
+}
+
 impl Default for MeshConfig {
     fn default() -> Self {
         Self {
@@ -160,6 +180,7 @@ impl Default for MeshConfig {
             failover: Listen::local(7405),
             gateway: Listen::local(7406),
             retry: RetryConfig::default(),
+            retention: RetentionConfig::default(),
             endpoints: BTreeMap::new(),
         }
     }
@@ -463,6 +484,9 @@ impl MeshConfig {
         if self.retry.time_unit.is_zero() {
             return Err(invalid("retry.time_unit", "must be greater than zero"));
         }
+        if self.retention.interval < Duration::from_secs(1) {
+            return Err(invalid("retention.interval", "must be at least 1s"));
+        }
         check_url(
             "store_url",
             &self.store_url,
@@ -637,5 +661,28 @@ mod tests {
         cfg.scheduler = Listen::local(7402);
         cfg.redis_url = "localhost:6379".into();
         assert!(cfg.finish().is_err());
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
+    fn retention_interval_from_toml_and_env() {
+        assert_eq!(
+            MeshConfig::default().retention.interval,
+            Duration::from_secs(600)
+        );
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("ferry.toml", "[retention]\ninterval = \"90s\"\n")?;
+            let load = || {
+                MeshConfig::load(Some(Path::new("ferry.toml")), Figment::new())
+                    .map_err(|e| e.to_string())
+            };
+            assert_eq!(load()?.retention.interval, Duration::from_secs(90));
+            jail.set_env("FERRY_RETENTION__INTERVAL", "2s");
+            assert_eq!(load()?.retention.interval, Duration::from_secs(2));
+            jail.set_env("FERRY_RETENTION__INTERVAL", "10ms");
+            let err = load().unwrap_err();
+            assert!(err.contains("retention.interval"), "{err}");
+            Ok(())
+        });
     }
 }

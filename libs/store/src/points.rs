@@ -125,13 +125,21 @@ impl Store {
         Ok(self.get(key).await?.is_some_and(|b| b == bytes))
     }
 
-    /// All points of a VM, oldest first.
+    /// All points of a VM, oldest first. A point pruned between the listing and its read
+    /// (retention thins points in the middle at any time) is left out.
     pub async fn list_points(&self, vm: &str) -> Result<Vec<PointManifest>, StoreError> {
         let seqs = self.point_seqs(vm).await?;
-        futures::stream::iter(seqs.into_iter().map(|s| self.read_point(vm, s)))
-            .buffered(PARALLEL)
-            .try_collect()
-            .await
+        futures::stream::iter(seqs.into_iter().map(|s| async move {
+            match self.read_point(vm, s).await {
+                Ok(p) => Ok(Some(p)),
+                Err(StoreError::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
+        }))
+        .buffered(PARALLEL)
+        .try_filter_map(|p| std::future::ready(Ok(p)))
+        .try_collect()
+        .await
     }
 
     /// The newest point of a VM, if any.

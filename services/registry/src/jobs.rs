@@ -58,11 +58,7 @@ impl RegistryService {
         vm: &str,
         policy: PolicyRecord,
     ) -> Result<Job, RegistryError> {
-        if policy.frequency_seconds == 0 {
-            return Err(RegistryError::InvalidArgument(
-                "replication frequency must be at least 1 s".into(),
-            ));
-        }
+        policy.check()?;
         for t in [&policy.resync_window_start, &policy.resync_window_end] {
             if chrono::NaiveTime::parse_from_str(t, "%H:%M").is_err() {
                 return Err(RegistryError::InvalidArgument(format!(

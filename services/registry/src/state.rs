@@ -101,6 +101,32 @@ pub struct PolicyRecord {
     pub app_consistent_seconds: u64,
     pub resync_window_start: String,
     pub resync_window_end: String,
+    /// Every point younger than this is kept (catalogs from before it was recorded: 1 h).
+    #[serde(default = "default_keep_all")]
+    pub keep_all_seconds: u64,
+    /// Older points are thinned to one per this interval (older catalogs: 5 min).
+    #[serde(default = "default_thin_to")]
+    pub thin_to_seconds: u64,
+}
+
+/// Policy defaults and limits (a 0 in the request means the default).
+pub const DEFAULT_FREQUENCY_SECONDS: u64 = 300;
+pub const MAX_FREQUENCY_SECONDS: u64 = 24 * 3600;
+pub const DEFAULT_RETENTION_HOURS: u64 = 24;
+pub const MAX_RETENTION_HOURS: u64 = 8760;
+pub const DEFAULT_KEEP_ALL_SECONDS: u64 = 3600;
+pub const DEFAULT_THIN_TO_SECONDS: u64 = 300;
+
+fn default_keep_all() -> u64 {
+    DEFAULT_KEEP_ALL_SECONDS
+}
+
+fn default_thin_to() -> u64 {
+    DEFAULT_THIN_TO_SECONDS
+}
+
+fn or_default(v: u64, default: u64) -> u64 {
+    if v == 0 { default } else { v }
 }
 
 impl PolicyRecord {
@@ -108,16 +134,10 @@ impl PolicyRecord {
         let d = ReplicationPolicy::default();
         let p = p.unwrap_or(&d);
         Self {
-            frequency_seconds: if p.frequency_seconds == 0 {
-                300
-            } else {
-                p.frequency_seconds
-            },
-            retention_hours: if p.retention_hours == 0 {
-                24
-            } else {
-                p.retention_hours
-            },
+            frequency_seconds: or_default(p.frequency_seconds, DEFAULT_FREQUENCY_SECONDS),
+            retention_hours: or_default(p.retention_hours, DEFAULT_RETENTION_HOURS),
+            keep_all_seconds: or_default(p.keep_all_seconds, DEFAULT_KEEP_ALL_SECONDS),
+            thin_to_seconds: or_default(p.thin_to_seconds, DEFAULT_THIN_TO_SECONDS),
             app_consistent_seconds: p.app_consistent_seconds,
             resync_window_start: if p.resync_window_start.is_empty() {
                 "18:30".into()
@@ -132,6 +152,44 @@ impl PolicyRecord {
         }
     }
 
+    /// Refuses values out of range (after the defaults for 0 are applied), naming the field
+    /// and what is allowed: the registry never changes what the operator asked for.
+    pub fn check(&self) -> Result<(), crate::error::RegistryError> {
+        let refuse = |msg: String| Err(crate::error::RegistryError::InvalidArgument(msg));
+        let f = self.frequency_seconds;
+        if !(1..=MAX_FREQUENCY_SECONDS).contains(&f) {
+            return refuse(format!(
+                "policy frequency_seconds is {f}: allowed 1 s to {MAX_FREQUENCY_SECONDS} s (24 h)"
+            ));
+        }
+        let r = self.retention_hours;
+        if !(1..=MAX_RETENTION_HOURS).contains(&r) {
+            return refuse(format!(
+                "policy retention_hours is {r}: retention is kept in whole hours, 1 to {MAX_RETENTION_HOURS} (1 h to 8760 h)"
+            ));
+        }
+        let retention_s = r * 3600;
+        if self.keep_all_seconds > retention_s {
+            return refuse(format!(
+                "policy keep_all_seconds is {}: allowed 1 s up to the retention ({retention_s} s)",
+                self.keep_all_seconds
+            ));
+        }
+        if !(1..=retention_s).contains(&self.thin_to_seconds) {
+            return refuse(format!(
+                "policy thin_to_seconds is {}: allowed 1 s up to the retention ({retention_s} s)",
+                self.thin_to_seconds
+            ));
+        }
+        let a = self.app_consistent_seconds;
+        if a != 0 && a < f {
+            return refuse(format!(
+                "policy app_consistent_seconds is {a}: allowed 0 (never) or at least the frequency ({f} s)"
+            ));
+        }
+        Ok(())
+    }
+
     pub fn to_proto(&self) -> ReplicationPolicy {
         ReplicationPolicy {
             frequency_seconds: self.frequency_seconds,
@@ -139,6 +197,8 @@ impl PolicyRecord {
             app_consistent_seconds: self.app_consistent_seconds,
             resync_window_start: self.resync_window_start.clone(),
             resync_window_end: self.resync_window_end.clone(),
+            keep_all_seconds: self.keep_all_seconds,
+            thin_to_seconds: self.thin_to_seconds,
         }
     }
 }
@@ -318,6 +378,79 @@ impl State {
                     self.jobs.insert(job.id.clone(), job);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+
+    fn policy(f: u64, r: u64, k: u64, t: u64, a: u64) -> PolicyRecord {
+        PolicyRecord::from_proto(Some(&ReplicationPolicy {
+            frequency_seconds: f,
+            retention_hours: r,
+            keep_all_seconds: k,
+            thin_to_seconds: t,
+            app_consistent_seconds: a,
+            ..Default::default()
+        }))
+    }
+
+    #[test]
+    fn old_catalogs_load_with_the_default_thinning() {
+        let old = r#"{"frequency_seconds":300,"retention_hours":24,"app_consistent_seconds":0,
+            "resync_window_start":"18:30","resync_window_end":"06:00"}"#;
+        let p: PolicyRecord = serde_json::from_str(old).unwrap();
+        assert_eq!((p.keep_all_seconds, p.thin_to_seconds), (3600, 300));
+        assert!(p.check().is_ok());
+    }
+
+    #[test]
+    fn zero_is_the_default_and_out_of_range_is_refused() {
+        let p = policy(0, 0, 0, 0, 0);
+        assert_eq!(
+            (
+                p.frequency_seconds,
+                p.retention_hours,
+                p.keep_all_seconds,
+                p.thin_to_seconds
+            ),
+            (300, 24, 3600, 300)
+        );
+        assert!(p.check().is_ok());
+        assert!(policy(1, 1, 3600, 1, 1).check().is_ok());
+        assert!(policy(86_400, 8760, 10, 5, 0).check().is_ok());
+        for (p, field, range) in [
+            (
+                policy(86_401, 0, 0, 0, 0),
+                "frequency_seconds",
+                "1 s to 86400 s",
+            ),
+            (policy(0, 8761, 0, 0, 0), "retention_hours", "1 h to 8760 h"),
+            (
+                policy(0, 1, 3601, 0, 0),
+                "keep_all_seconds",
+                "up to the retention (3600 s)",
+            ),
+            (
+                policy(0, 1, 0, 3601, 0),
+                "thin_to_seconds",
+                "up to the retention (3600 s)",
+            ),
+            (
+                policy(60, 0, 0, 0, 59),
+                "app_consistent_seconds",
+                "at least the frequency (60 s)",
+            ),
+        ] {
+            let e = p.check().unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains(field) && msg.contains(range), "{msg}");
+            assert_eq!(
+                ferry_mesh::to_status(&e).code(),
+                tonic::Code::InvalidArgument
+            );
         }
     }
 }

@@ -81,15 +81,15 @@ struct CycleSchedule {
     host: String,
     every: Duration,
     next_due_ms: i64,
-    /// The policy's retention window; pruning runs every [`RETENTION_EVERY`].
+    /// The policy's retention window and thinning (every point for `keep_all_seconds`, then
+    /// one per `thin_to_seconds`); retention runs every `[retention] interval` of the config.
     retention: Duration,
+    keep_all_seconds: u64,
+    thin_to_seconds: u64,
     /// How often a cycle is app-consistent (policy), and when the last one was queued.
     app_every: Option<Duration>,
     last_app_ms: i64,
 }
-
-/// How often each protected VM's retention (prune + collect) runs.
-const RETENTION_EVERY: Duration = Duration::from_secs(600);
 
 /// When a VM's previous cycle is still running at its next due time, check again this soon.
 const CYCLE_BUSY_RETRY: Duration = Duration::from_millis(200);
@@ -149,6 +149,8 @@ impl SchedulerService {
     async fn cycle_loop(self: Arc<Self>, term: leader::Term) {
         let mut last_sync = 0i64;
         let mut last_retention = now_ms();
+        let every_retention = self.cfg.retention.interval.as_millis() as i64;
+        let mut retention: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             tokio::select! {
                 _ = term.ended() => return,
@@ -160,10 +162,13 @@ impl SchedulerService {
                     tracing::debug!(error = %e, "schedule sync with the registry failed");
                 }
             }
-            if now_ms() - last_retention >= RETENTION_EVERY.as_millis() as i64 {
+            // One run at a time: a run longer than the interval delays the next one.
+            if now_ms() - last_retention >= every_retention
+                && retention.as_ref().is_none_or(|r| r.is_finished())
+            {
                 last_retention = now_ms();
                 let me = self.clone();
-                tokio::spawn(async move { me.run_retention().await });
+                retention = Some(tokio::spawn(async move { me.run_retention().await }));
             }
             let due: Vec<(String, CycleSchedule, bool)> = {
                 let mut cycles = self.cycles.lock().await;
@@ -252,17 +257,21 @@ impl SchedulerService {
         }
     }
 
-    /// Prunes each protected VM's points past its retention window and collects what no point
-    /// references (storage-writer does the work; failures are retried next round).
+    /// Thins each protected VM's points, prunes those past its retention window and collects
+    /// what no point references (storage-writer does the work; failures are retried next
+    /// round).
     async fn run_retention(&self) {
-        let vms: Vec<(String, Duration)> = self
+        let vms: Vec<(String, Duration, u64, u64)> = self
             .cycles
             .lock()
             .await
             .iter()
-            .map(|(vm, c)| (vm.clone(), c.retention))
+            .map(|(vm, c)| {
+                let (k, t) = (c.keep_all_seconds, c.thin_to_seconds);
+                (vm.clone(), c.retention, k, t)
+            })
             .collect();
-        for (vm, retention) in vms {
+        for (vm, retention, keep_all_seconds, thin_to_seconds) in vms {
             let res: anyhow::Result<ferry_proto::storage::v1::RunRetentionResponse> = async {
                 let tls = ClientTls::service(&self.cfg)?;
                 let ch =
@@ -271,6 +280,8 @@ impl SchedulerService {
                     vm: vm.clone(),
                     retention_seconds: retention.as_secs(),
                     gc_grace_seconds: 0,
+                    keep_all_seconds,
+                    thin_to_seconds,
                 };
                 let client =
                     ferry_proto::storage::v1::storage_writer_client::StorageWriterClient::new(ch);
@@ -317,6 +328,11 @@ impl SchedulerService {
             let retention = Duration::from_secs(
                 3600 * v.policy.as_ref().map_or(24, |p| p.retention_hours.max(1)),
             );
+            // 0 (a policy from before thinning) is the storage-writer's default.
+            let (keep_all_seconds, thin_to_seconds) = v
+                .policy
+                .as_ref()
+                .map_or((0, 0), |p| (p.keep_all_seconds, p.thin_to_seconds));
             let app_every = v
                 .policy
                 .as_ref()
@@ -331,12 +347,16 @@ impl SchedulerService {
                     every,
                     next_due_ms: now_ms() + every.as_millis() as i64,
                     retention,
+                    keep_all_seconds,
+                    thin_to_seconds,
                     app_every,
                     last_app_ms: 0,
                 }
             });
             e.host = v.host.clone();
             e.retention = retention;
+            e.keep_all_seconds = keep_all_seconds;
+            e.thin_to_seconds = thin_to_seconds;
             e.app_every = app_every;
             if e.every != every {
                 e.next_due_ms = e.next_due_ms.min(now_ms() + every.as_millis() as i64);

@@ -1,7 +1,13 @@
 //! Retention and garbage collection.
 //!
-//! Pruning deletes the manifests of a VM's points older than its retention window; the newest
-//! point always stays, and so does every point a failover or restore is reading. A reader
+//! Pruning thins a VM's points ([`select_pruned`]): every point younger than `keep_all` stays;
+//! older ones inside the retention window are thinned to one per `thin_to` (greedy from the
+//! oldest: a point stays when it is at least `thin_to` after the previous point kept), plus
+//! every app-consistent point; points older than the window go. The newest point always
+//! stays, and so does every point a failover or restore is reading. A kept point never depends
+//! on a pruned one: each manifest lists its own index pages (the full map of its base) and the
+//! logs shipped since, and a merged map belongs to its own point only, so pruning points in the
+//! middle leaves every other point materialising as before. A reader
 //! announces itself with a marker object `readers/<vm>/<point>/<uuid>` *before* it reads the
 //! manifest and removes it when done (markers older than [`READER_STALE`] are from crashed
 //! readers and are ignored).
@@ -41,11 +47,120 @@ const CONDEMNED: &str = "gc/condemned.json";
 pub const READER_STALE: Duration = Duration::from_secs(6 * 3600);
 /// Default age below which an unreferenced object is never collected.
 pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(3600);
+/// Default window in which every point is kept (at most the retention window).
+pub const DEFAULT_KEEP_ALL: Duration = Duration::from_secs(3600);
+/// Default interval older points are thinned to.
+pub const DEFAULT_THIN_TO: Duration = Duration::from_secs(300);
+
+/// Which of a VM's points retention keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    /// Points older than this are pruned.
+    pub retention: Duration,
+    /// Every point younger than this is kept (a value above `retention` acts as `retention`).
+    pub keep_all: Duration,
+    /// Points between `keep_all` and `retention` old are thinned to one per this interval,
+    /// plus every app-consistent point.
+    pub thin_to: Duration,
+}
+
+/// Only the retention window: every point inside it is kept (no thinning).
+impl From<Duration> for RetentionPolicy {
+    fn from(retention: Duration) -> Self {
+        Self {
+            retention,
+            keep_all: retention,
+            thin_to: DEFAULT_THIN_TO,
+        }
+    }
+}
+
+impl RetentionPolicy {
+    /// The policy of a `RunRetention` request: 0 means the default (`keep_all` 1 h but at most
+    /// the retention window, `thin_to` 5 min); a retention of 0, or a `keep_all` or `thin_to`
+    /// given above the retention window, is refused.
+    pub fn from_seconds(retention: u64, keep_all: u64, thin_to: u64) -> Result<Self> {
+        if retention == 0 {
+            return Err(WriterError::InvalidArgument(
+                "retention_seconds must be positive".into(),
+            ));
+        }
+        for (field, v) in [("keep_all_seconds", keep_all), ("thin_to_seconds", thin_to)] {
+            if v > retention {
+                return Err(WriterError::InvalidArgument(format!(
+                    "{field} is {v}; it must be at most retention_seconds ({retention}), or 0 for the default"
+                )));
+            }
+        }
+        let retention = Duration::from_secs(retention);
+        Ok(Self {
+            retention,
+            keep_all: match keep_all {
+                0 => DEFAULT_KEEP_ALL.min(retention),
+                s => Duration::from_secs(s),
+            },
+            thin_to: match thin_to {
+                0 => DEFAULT_THIN_TO,
+                s => Duration::from_secs(s),
+            },
+        })
+    }
+}
+
+/// One point as [`select_pruned`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    pub seq: u64,
+    pub time_ms: i64,
+    /// An app-consistent point (kept for the whole retention window).
+    pub app: bool,
+    /// Being read by a failover or restore (kept while read).
+    pub held: bool,
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The seqs of the points to prune at `now_ms`, ascending; `points` oldest first.
+///
+/// A point older than the retention window goes; one younger than `keep_all` stays; in
+/// between an app-consistent point stays, and a crash-consistent one stays when it is at least
+/// `thin_to` after the previous point that stayed by this rule (oldest to newest). The newest
+/// point and points being read stay too but do not count as "the previous point": once read,
+/// such a point goes, and the choice of every other point is the same as if it never stayed.
+/// So the choice is stable across runs: a point kept once is only ever pruned for leaving the
+/// retention window, and the kept points of the thinned range are `thin_to` apart.
+pub fn select_pruned(points: &[Candidate], now_ms: i64, policy: &RetentionPolicy) -> Vec<u64> {
+    let cutoff = now_ms.saturating_sub(millis(policy.retention));
+    let recent = now_ms.saturating_sub(millis(policy.keep_all)).max(cutoff);
+    let thin_to = millis(policy.thin_to);
+    let newest = points.iter().map(|p| p.seq).max();
+    let mut previous: Option<i64> = None;
+    let mut doomed = Vec::new();
+    for p in points {
+        let keep = if p.time_ms < cutoff {
+            false
+        } else if p.time_ms >= recent || p.app {
+            true
+        } else {
+            previous.is_none_or(|t| p.time_ms.saturating_sub(t) >= thin_to)
+        };
+        if keep {
+            previous = Some(p.time_ms);
+        } else if !p.held && Some(p.seq) != newest {
+            doomed.push(p.seq);
+        }
+    }
+    doomed
+}
 
 /// What a retention run did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RetentionOutcome {
     pub points_pruned: u32,
+    /// Points of the VM left after pruning.
+    pub points_kept: u32,
     pub objects_collected: u64,
     /// The sweep was skipped because a reader appeared while pruning.
     pub sweep_deferred: bool,
@@ -117,28 +232,45 @@ impl Writer {
             .collect())
     }
 
-    /// Prunes `vm`'s points older than `retention`, then collects objects no point references.
+    /// Thins and prunes `vm`'s points as `policy` says ([`select_pruned`]; a bare retention
+    /// window keeps every point inside it), then collects objects no point references.
     pub async fn run_retention(
         &self,
         vm: &str,
-        retention: Duration,
+        policy: impl Into<RetentionPolicy>,
         grace: Duration,
     ) -> Result<RetentionOutcome> {
         crate::points::check_vm(vm)?;
+        let policy = policy.into();
         let points = self.store.list_points(vm).await?;
-        let cutoff = chrono::Utc::now().timestamp_millis() - retention.as_millis() as i64;
         let reading = self.read_points(vm).await?;
-        let latest_seq = points.last().map(|p| p.seq);
+        let candidates: Vec<Candidate> = points
+            .iter()
+            .map(|p| Candidate {
+                seq: p.seq,
+                time_ms: p.time_ms,
+                app: p.consistency == "app",
+                held: reading.contains(&p.id),
+            })
+            .collect();
+        let doomed_seqs: HashSet<u64> =
+            select_pruned(&candidates, chrono::Utc::now().timestamp_millis(), &policy)
+                .into_iter()
+                .collect();
         let doomed: Vec<&PointManifest> = points
             .iter()
-            .filter(|p| Some(p.seq) != latest_seq && p.time_ms < cutoff && !reading.contains(&p.id))
+            .filter(|p| doomed_seqs.contains(&p.seq))
             .collect();
-        let mut out = RetentionOutcome::default();
+        let mut out = RetentionOutcome {
+            points_kept: u32::try_from(points.len() - doomed.len()).unwrap_or(u32::MAX),
+            ..Default::default()
+        };
         for p in &doomed {
             self.store
                 .delete(&format!("points/{vm}/{:020}.json", p.seq))
                 .await?;
-            // The point's merged map goes with it (collection removes any left behind).
+            // The point's merged map goes with it (collection removes any left behind). No
+            // other point needs it: a later point lists the pages it was based on itself.
             self.store.delete_merged(vm, p.seq).await?;
             out.points_pruned += 1;
         }
@@ -146,7 +278,7 @@ impl Writer {
             info!(
                 vm,
                 pruned = out.points_pruned,
-                kept = points.len() - doomed.len(),
+                kept = out.points_kept,
                 "points pruned"
             );
         }

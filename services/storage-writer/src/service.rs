@@ -137,11 +137,12 @@ impl StorageWriter for StorageWriterService {
     ) -> Result<Response<RunRetentionResponse>, Status> {
         require_role(&request, Role::Operator)?;
         let req = request.into_inner();
-        if req.retention_seconds == 0 {
-            return Err(Status::invalid_argument(
-                "retention_seconds must be positive",
-            ));
-        }
+        let policy = crate::retention::RetentionPolicy::from_seconds(
+            req.retention_seconds,
+            req.keep_all_seconds,
+            req.thin_to_seconds,
+        )
+        .map_err(|e| to_status(&e))?;
         let grace = if req.gc_grace_seconds == 0 {
             crate::retention::DEFAULT_GC_GRACE
         } else {
@@ -149,11 +150,7 @@ impl StorageWriter for StorageWriterService {
         };
         let out = self
             .writer
-            .run_retention(
-                &req.vm,
-                std::time::Duration::from_secs(req.retention_seconds),
-                grace,
-            )
+            .run_retention(&req.vm, policy, grace)
             .await
             .map_err(|e| ferry_mesh::to_status(&e))?;
         Ok(Response::new(RunRetentionResponse {

@@ -695,6 +695,7 @@ async fn every_call_is_authorized() {
                 vm: "web".into(),
                 retention_seconds: 1,
                 gc_grace_seconds: 1,
+                ..Default::default()
             },
             host(),
         ))
