@@ -4,5 +4,6 @@ pub mod ctl;
 pub mod output;
 pub mod status;
 pub mod up;
+pub mod verify;
 
 pub use up::{Mesh, UpOptions};

@@ -1,6 +1,7 @@
 //! `ferry`: run the mesh (`ferry up`) and operate it.
 mod commands;
 mod disk_cmd;
+mod points_cmd;
 mod protect;
 
 use std::path::PathBuf;
@@ -97,7 +98,7 @@ pub enum VaultCmd {
     RegistrationKey {
         #[arg(long)]
         out: PathBuf,
-        /// Validity (e.g. 1h, 24h).
+        /// Validity (e.g. 1h, 24h; whole seconds, 1s to 365d).
         #[arg(long, default_value = "24h")]
         ttl: humantime::Duration,
         #[arg(long, default_value = "")]
@@ -201,6 +202,13 @@ pub enum JobsCmd {
 pub enum PointsCmd {
     /// Recovery points of a VM, oldest first.
     List {
+        vm: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Check that each point was committed by the VM's host at the time; exit 1 when one was
+    /// committed by another host (do not fail over to it).
+    Verify {
         vm: String,
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,

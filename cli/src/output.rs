@@ -94,6 +94,7 @@ pub fn point_json(p: &RecoveryPoint) -> Value {
         "consistency": p.consistency,
         "kind": p.kind,
         "seq": p.seq,
+        "host": p.host,
         "disks": p.disks.iter().map(|d| json!({
             "disk_id": d.disk_id,
             "path": d.path,
@@ -145,4 +146,29 @@ pub fn bytes(n: u64) -> String {
     } else {
         format!("{v:.1} {}", U[i])
     }
+}
+
+/// Writes a line to stdout. A reader that went away (`ferry … -o json | head`) ends the
+/// command quietly with status 0, as Unix tools do, instead of the panic `println!` gives.
+pub fn emit(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` through [`emit`].
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::output::emit(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::output::emit(format_args!($($arg)*))
+    };
 }

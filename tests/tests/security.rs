@@ -8,7 +8,9 @@ use ferry_proto::ingest::v1::{
     BeginCycleRequest, BlockRef, CommitCycleRequest, CycleKind, DiskBlockMap,
     ingest_client::IngestClient,
 };
-use ferry_proto::registry::v1::{RegisterHostRequest, registry_client::RegistryClient};
+use ferry_proto::registry::v1::{
+    HeartbeatRequest, RegisterHostRequest, VmInventory, registry_client::RegistryClient,
+};
 use ferry_tests::*;
 use tonic::Code;
 
@@ -75,19 +77,19 @@ async fn disk_lease_refuses_second_host_and_fences_stale_commit() -> anyhow::Res
     let t = TestMesh::start().await?;
     let ingest_ep = t.ctl.cfg.endpoint(Component::Ingest);
     let mut clients = Vec::new();
+    let mut registries = Vec::new();
     for host in ["hv01", "hv02"] {
         let key = t.path(&format!("{host}.json"));
         t.registration_key(&key, 3600).await?;
         let (cert, key_pem, ca) = register(&t, host, &key).await?;
-        let ch = ferry_mesh::connect(
-            &ingest_ep,
-            &ClientTls {
-                ca_pem: ca,
-                identity: Some((cert, key_pem)),
-            },
-        )
-        .await?;
+        let tls = ClientTls {
+            ca_pem: ca,
+            identity: Some((cert, key_pem)),
+        };
+        let ch = ferry_mesh::connect(&ingest_ep, &tls).await?;
         clients.push(IngestClient::new(ch));
+        let ch = ferry_mesh::connect(&t.ctl.cfg.endpoint(Component::Registry), &tls).await?;
+        registries.push(RegistryClient::new(ch));
     }
     let path = "/srv/vms/db01-os.vhdx";
     let disk = Disk {
@@ -97,6 +99,27 @@ async fn disk_lease_refuses_second_host_and_fences_stale_commit() -> anyhow::Res
         virtual_size: 1 << 20,
         ..Default::default()
     };
+    // Hosts begin cycles only for the VMs they report: db01 is reported by hv01, then moves
+    // to hv02 (an unprotected VM follows the host that reports it) while hv01 still holds the
+    // disk's lease, then comes back. Ingest caches the owner for OWNER_TTL.
+    let report = |i: usize| {
+        let mut r = registries[i].clone();
+        let disk = disk.clone();
+        async move {
+            r.heartbeat(HeartbeatRequest {
+                host_name: ["hv01", "hv02"][i].into(),
+                vms: vec![VmInventory {
+                    name: "db01".into(),
+                    disks: vec![disk],
+                }],
+                ..Default::default()
+            })
+            .await?;
+            tokio::time::sleep(ferry_mesh::scope::OWNER_TTL + Duration::from_millis(100)).await;
+            anyhow::Ok(())
+        }
+    };
+    report(0).await?;
     let begin = |host: &str| BeginCycleRequest {
         vm: "db01".into(),
         host_name: host.into(),
@@ -106,6 +129,7 @@ async fn disk_lease_refuses_second_host_and_fences_stale_commit() -> anyhow::Res
         consistency: "crash".into(),
     };
     let first = clients[0].begin_cycle(begin("hv01")).await?.into_inner();
+    report(1).await?;
     let err = clients[1]
         .begin_cycle(begin("hv02"))
         .await
@@ -118,6 +142,7 @@ async fn disk_lease_refuses_second_host_and_fences_stale_commit() -> anyhow::Res
     );
 
     // The same host begins again (as after a crash): a new token; the old one is stale.
+    report(0).await?;
     let second = clients[0].begin_cycle(begin("hv01")).await?.into_inner();
     assert!(second.fencing_tokens[&disk.id] > first.fencing_tokens[&disk.id]);
     let empty = DiskBlockMap {

@@ -9,6 +9,7 @@ pub mod error;
 pub mod pki;
 pub mod quic;
 pub mod revocation;
+pub mod scope;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
@@ -30,6 +31,7 @@ pub use quic::{
     quic_transport_config,
 };
 pub use revocation::{RevocationList, component_authenticator};
+pub use scope::VmOwners;
 pub use server::{ServerTls, serve, serve_with_drain};
 pub use shutdown::shutdown_on_signal;
 pub use telemetry::init_tracing;

@@ -44,6 +44,10 @@ pub struct PointManifest {
     pub consistency: String,
     pub cycle_id: String,
     pub disks: Vec<DiskManifest>,
+    /// The host whose cycle committed the point (`ferry points verify` checks it against the
+    /// VM's host at the time); empty in points committed before it was recorded.
+    #[serde(default)]
+    pub host: String,
 }
 
 fn point_prefix(vm: &str) -> String {

@@ -246,6 +246,7 @@ fn point(vm: &str, seq: u64, tokens: &[(&str, u64)]) -> PointManifest {
         consistency: "crash-consistent".into(),
         cycle_id: format!("cycle-{seq}"),
         disks: tokens.iter().map(|(d, t)| disk(d, *t)).collect(),
+        host: "h1".into(),
     }
 }
 

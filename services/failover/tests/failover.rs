@@ -185,6 +185,7 @@ impl Mesh {
                     ..CommitDisk::default()
                 }],
                 fencing_tokens: [(disk().id, lease.token)].into_iter().collect(),
+                host: "h1".into(),
             })
             .await
             .unwrap();

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ferry_coord::{Coord, CoordError, Lease};
-use ferry_mesh::{ClientTls, Component, MeshConfig, Role};
+use ferry_mesh::{ClientTls, Component, MeshConfig, Role, VmOwners};
 use ferry_proto::common::v1::Disk;
 use ferry_proto::ingest::v1::{self as pb, CycleKind, ingest_server::Ingest};
 use ferry_proto::now_ms;
@@ -96,6 +96,9 @@ impl DiskJson {
 pub struct IngestService {
     cfg: MeshConfig,
     coord: Coord,
+    /// Which host each VM belongs to (the registry's answer): a host begins cycles only for
+    /// its own VMs.
+    owners: VmOwners,
     /// Serialises read-modify-write of a cycle record within this replica.
     lock: tokio::sync::Mutex<()>,
 }
@@ -111,6 +114,7 @@ pub async fn run(
     let svc = Arc::new(IngestService {
         cfg: cfg.clone(),
         coord,
+        owners: VmOwners::registry(&cfg)?,
         lock: Default::default(),
     });
     let auth = ferry_mesh::component_authenticator(&cfg, shutdown.clone()).await?;
@@ -145,6 +149,20 @@ fn coord_status(e: CoordError) -> Status {
             "the lease on disk {resource} was lost; begin a new cycle"
         )),
         other => Status::unavailable(format!("lease store unavailable: {other}")),
+    }
+}
+
+impl CycleRecord {
+    /// Only the host that began a cycle may act on it; the refusal names both hosts and the VM.
+    fn check_host(&self, host: &str, action: &str) -> Result<(), Status> {
+        if self.host == host {
+            return Ok(());
+        }
+        tracing::warn!(cycle = %self.id, vm = %self.vm, owner = %self.host, host = %host, action, "host refused: cycle of another host");
+        Err(Status::permission_denied(format!(
+            "host {host} may not {action} cycle {} of vm {}: it was begun by host {}",
+            self.id, self.vm, self.host
+        )))
     }
 }
 
@@ -250,6 +268,9 @@ impl Ingest for Api {
                 req.vm
             )));
         }
+        self.owners
+            .check_host(&host, &req.vm, "begin a replication cycle of")
+            .await?;
         for d in &req.disks {
             let expected = ferry_proto::disk_id(&req.vm, &d.path);
             if d.id != expected {
@@ -305,12 +326,7 @@ impl Ingest for Api {
     async fn renew_cycle(&self, req: Request<pb::RenewCycleRequest>) -> R<pb::RenewCycleResponse> {
         let host = ferry_mesh::require_host(&req)?;
         let c = self.load(&req.into_inner().cycle_id).await?;
-        if c.host != host {
-            return Err(Status::permission_denied(format!(
-                "cycle {} belongs to another host",
-                c.id
-            )));
-        }
+        c.check_host(&host, "renew")?;
         for l in IngestService::leases(&c) {
             self.coord
                 .renew_lease(&l, LEASE_TTL)
@@ -327,12 +343,7 @@ impl Ingest for Api {
         let host = ferry_mesh::require_host(&req)?;
         let req = req.into_inner();
         let mut c = self.load(&req.cycle_id).await?;
-        if c.host != host {
-            return Err(Status::permission_denied(format!(
-                "cycle {} belongs to another host",
-                c.id
-            )));
-        }
+        c.check_host(&host, "commit")?;
         if c.state != "open" {
             return Err(Status::failed_precondition(format!(
                 "cycle {} is {}",
@@ -396,6 +407,7 @@ impl Ingest for Api {
                 consistency: c.consistency.clone(),
                 disks,
                 fencing_tokens: c.tokens.clone(),
+                host: c.host.clone(),
             })
             .await?
             .into_inner()
@@ -438,12 +450,7 @@ impl Ingest for Api {
         let host = ferry_mesh::require_host(&req)?;
         let req = req.into_inner();
         let mut c = self.load(&req.cycle_id).await?;
-        if c.host != host {
-            return Err(Status::permission_denied(format!(
-                "cycle {} belongs to another host",
-                c.id
-            )));
-        }
+        c.check_host(&host, "abort")?;
         c.state = "aborted".into();
         self.save(&c).await?;
         for l in IngestService::leases(&c) {
@@ -462,12 +469,7 @@ impl Ingest for Api {
         let c = {
             let _g = self.lock.lock().await;
             let mut c = self.load(&req.cycle_id).await?;
-            if c.host != req.host_name {
-                return Err(Status::permission_denied(format!(
-                    "cycle {} belongs to another host",
-                    c.id
-                )));
-            }
+            c.check_host(&req.host_name, "report uploads into")?;
             c.stats.chunks_written += req.chunks_written;
             c.stats.bytes_written += req.bytes_written;
             c.stats.chunks_skipped += req.chunks_skipped;
@@ -487,11 +489,11 @@ impl Ingest for Api {
         ferry_mesh::require_service(&req)?;
         let req = req.into_inner();
         let (allowed, reason) = match self.load(&req.cycle_id).await {
-            Ok(c) if c.host != req.host_name => {
-                (false, format!("cycle {} belongs to another host", c.id))
-            }
-            Ok(c) if c.state != "open" => (false, format!("cycle {} is {}", c.id, c.state)),
-            Ok(_) => (true, String::new()),
+            Ok(c) => match c.check_host(&req.host_name, "upload into") {
+                Err(s) => (false, s.message().to_string()),
+                Ok(()) if c.state != "open" => (false, format!("cycle {} is {}", c.id, c.state)),
+                Ok(()) => (true, String::new()),
+            },
             Err(s) if s.code() == tonic::Code::NotFound => (false, s.message().to_string()),
             Err(s) => return Err(s),
         };

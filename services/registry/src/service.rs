@@ -226,6 +226,14 @@ fn vm_to_proto(v: &crate::state::VmRecord, site: String) -> pb::Vm {
         failover_state: v.failover_state.clone(),
         last_cycle_duration_ms: 0,
         last_cycle_bytes: 0,
+        host_history: v
+            .host_history
+            .iter()
+            .map(|s| pb::HostSpan {
+                host: s.host.clone(),
+                since_ms: s.since_ms,
+            })
+            .collect(),
     }
 }
 
@@ -415,6 +423,7 @@ impl Registry for RegistryApi {
                         host: host.clone(),
                         vm: vm.name.clone(),
                         disks,
+                        at_ms: now_ms(),
                     }),
                 }
             }

@@ -45,6 +45,16 @@ pub struct VmRecord {
     pub retry_attempts: u32,
     #[serde(default)]
     pub next_retry_ms: i64,
+    /// Which host reported the VM since when, oldest first.
+    #[serde(default)]
+    pub host_history: Vec<HostSpan>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HostSpan {
+    pub host: String,
+    /// 0 for spans from catalogs written before the time was recorded.
+    pub since_ms: i64,
 }
 
 /// Serializable mirror of [`Disk`] (prost types do not derive serde).
@@ -240,6 +250,9 @@ pub enum Event {
         host: String,
         vm: String,
         disks: Vec<DiskRecord>,
+        /// When the registry took the report (0 in catalogs from before it was recorded).
+        #[serde(default)]
+        at_ms: i64,
     },
     VmState {
         vm: String,
@@ -311,7 +324,12 @@ impl State {
                     }
                 }
             }
-            Event::Inventory { host, vm, disks } => {
+            Event::Inventory {
+                host,
+                vm,
+                disks,
+                at_ms,
+            } => {
                 let rec = self.vms.entry(vm.clone()).or_insert_with(|| VmRecord {
                     name: vm.clone(),
                     host: host.clone(),
@@ -326,7 +344,14 @@ impl State {
                     failover_state: String::new(),
                     retry_attempts: 0,
                     next_retry_ms: 0,
+                    host_history: Vec::new(),
                 });
+                if rec.host_history.last().is_none_or(|s| s.host != *host) {
+                    rec.host_history.push(HostSpan {
+                        host: host.clone(),
+                        since_ms: *at_ms,
+                    });
+                }
                 rec.host = host.clone();
                 rec.disks = disks.clone();
             }

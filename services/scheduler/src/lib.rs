@@ -527,6 +527,13 @@ impl Scheduler for Api {
     ) -> R<pb::CompleteWorkResponse> {
         let host = ferry_mesh::require_host(&req)?;
         let req = req.into_inner();
+        if !req.host_name.is_empty() && req.host_name != host {
+            return Err(Status::permission_denied(format!(
+                "host {host} may not complete work {} of host {}",
+                req.work_id, req.host_name
+            )));
+        }
+        // Only the caller's own queue is searched: another host's work is never found here.
         let items = self.coord.list_work(&host).await.map_err(coord_status)?;
         let Some((_, _, payload)) = items.into_iter().find(|(id, _, _)| *id == req.work_id) else {
             return Err(Status::not_found(format!(

@@ -41,6 +41,8 @@ struct CommitInput {
     kind: String,
     consistency: String,
     disks: Vec<DiskInput>,
+    /// The host whose cycle this is (ingest checked it is the VM's).
+    host: String,
 }
 
 impl TryFrom<CommitPointRequest> for CommitInput {
@@ -81,6 +83,7 @@ impl TryFrom<CommitPointRequest> for CommitInput {
             kind: req.kind,
             consistency: consistency.to_owned(),
             disks,
+            host: req.host,
         })
     }
 }
@@ -426,6 +429,7 @@ impl Writer {
             consistency: input.consistency.clone(),
             cycle_id: input.cycle_id.clone(),
             disks,
+            host: input.host.clone(),
         };
         // Again right before the manifest lands: the lease may have moved while pages were
         // written (the store itself only refuses tokens lower than the latest point's).

@@ -111,7 +111,8 @@ pub async fn run(
         .context("setting up authentication")?;
     let stop_merger = shutdown.child_token();
     let merger = writer.spawn_merger(stop_merger.clone());
-    let svc = StorageWriterService::new(writer, shutdown.clone());
+    let owners = ferry_mesh::VmOwners::registry(&cfg).context("registry client")?;
+    let svc = StorageWriterService::new(writer, owners, shutdown.clone());
     let server = StorageWriterServer::new(svc).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let routes = tonic::service::Routes::new(InterceptedService::new(server, auth.interceptor()));
     let served = ferry_mesh::serve(listener, &tls, routes, &[SERVICE_NAME], shutdown).await;

@@ -29,6 +29,7 @@ pub fn point_to_proto(m: &PointManifest) -> RecoveryPoint {
         kind: m.kind.clone(),
         seq: m.seq,
         disks: m.disks.iter().map(disk_to_proto).collect(),
+        host: m.host.clone(),
     }
 }
 

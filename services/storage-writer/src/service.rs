@@ -3,8 +3,9 @@
 //!
 //! The ingest service commits points with the service certificate; operators read with the
 //! reader role and act with the operator role. Hosts may read points and block-hash lists
-//! (keyed BLAKE3 ids, not data) for a checksum resync.
-use ferry_mesh::{Caller, Role, caller, require_role, require_service, to_status};
+//! (keyed BLAKE3 ids, not data) for a checksum resync, of their own VMs only: every host holds
+//! the vault key, so another host's block hashes would let it confirm guessed content.
+use ferry_mesh::{Role, VmOwners, require_role, require_service, to_status};
 use ferry_proto::common::v1::RecoveryPoint;
 use ferry_proto::storage::v1::storage_writer_server::StorageWriter;
 use ferry_proto::storage::v1::{
@@ -22,21 +23,31 @@ use crate::points::{HASH_PAGE_ENTRIES, hash_pages};
 #[derive(Debug, Clone)]
 pub struct StorageWriterService {
     writer: Writer,
+    /// Which host each VM belongs to: hosts read only their own VMs' points.
+    owners: VmOwners,
     /// Server shutdown: stops long calls (materialising) instead of waiting for them.
     shutdown: CancellationToken,
 }
 
 impl StorageWriterService {
-    pub fn new(writer: Writer, shutdown: CancellationToken) -> Self {
-        Self { writer, shutdown }
+    pub fn new(writer: Writer, owners: VmOwners, shutdown: CancellationToken) -> Self {
+        Self {
+            writer,
+            owners,
+            shutdown,
+        }
     }
-}
 
-/// Reader role, the service, or a registered host (resync reads points and block hashes).
-fn require_reader_or_host<T>(req: &Request<T>) -> Result<(), Status> {
-    match caller(req) {
-        Caller::Host(_) => Ok(()),
-        _ => require_role(req, Role::Reader),
+    /// Reader role, the service, or the VM's own host (resync reads points and block hashes).
+    async fn require_reader_or_owner<T>(
+        &self,
+        req: &Request<T>,
+        vm: &str,
+        action: &str,
+    ) -> Result<(), Status> {
+        self.owners
+            .require_role_or_owner(req, Role::Reader, vm, action)
+            .await
     }
 }
 
@@ -61,7 +72,8 @@ impl StorageWriter for StorageWriterService {
         &self,
         request: Request<ListPointsRequest>,
     ) -> Result<Response<ListPointsResponse>, Status> {
-        require_reader_or_host(&request)?;
+        self.require_reader_or_owner(&request, &request.get_ref().vm, "list the points of")
+            .await?;
         let points = self
             .writer
             .list_points(&request.get_ref().vm)
@@ -74,7 +86,8 @@ impl StorageWriter for StorageWriterService {
         &self,
         request: Request<GetPointRequest>,
     ) -> Result<Response<RecoveryPoint>, Status> {
-        require_reader_or_host(&request)?;
+        self.require_reader_or_owner(&request, &request.get_ref().vm, "read a point of")
+            .await?;
         let req = request.get_ref();
         let point = self
             .writer
@@ -103,7 +116,8 @@ impl StorageWriter for StorageWriterService {
         &self,
         request: Request<BlockHashesRequest>,
     ) -> Result<Response<Self::BlockHashesStream>, Status> {
-        require_reader_or_host(&request)?;
+        self.require_reader_or_owner(&request, &request.get_ref().vm, "read block hashes of")
+            .await?;
         let map = self
             .writer
             .block_map(request.get_ref())

@@ -124,6 +124,7 @@ fn request(
             shipped_logs: logs,
         }],
         fencing_tokens: [(DISK.to_string(), token)].into_iter().collect(),
+        host: "h1".into(),
     }
 }
 

@@ -118,6 +118,7 @@ fn commit(
             shipped_logs: vec![],
         }],
         fencing_tokens: [(id, token)].into_iter().collect(),
+        host: "h1".into(),
     }
 }
 
@@ -574,7 +575,11 @@ fn as_caller<T>(msg: T, caller: Option<Caller>) -> tonic::Request<T> {
 #[tokio::test]
 async fn every_call_is_authorized() {
     let e = env().await;
-    let svc = StorageWriterService::new(e.writer.clone(), CancellationToken::new());
+    // "web" belongs to host h1; h2 is another host of the vault.
+    let owners = ferry_mesh::VmOwners::from_fn(|vm| {
+        Box::pin(async move { Ok((vm == "web").then(|| "h1".to_string())) })
+    });
+    let svc = StorageWriterService::new(e.writer.clone(), owners, CancellationToken::new());
     let reader = Some(Caller::Operator(Role::Reader));
     let commit_req = || commit("web", disk("d1", "raw", ""), &[], &[], true, 1);
     // Only services commit; operators of any role and hosts may not.
@@ -676,6 +681,34 @@ async fn every_call_is_authorized() {
             .code(),
     ] {
         assert_eq!(code, tonic::Code::Unauthenticated);
+    }
+    // Another host of the vault reads none of it, and is told whose VM it is.
+    let other = || Some(Caller::Host("h2".into()));
+    let get = ferry_proto::storage::v1::GetPointRequest {
+        vm: "web".into(),
+        point: "latest".into(),
+    };
+    let hashes = BlockHashesRequest {
+        vm: "web".into(),
+        point: committed.id.clone(),
+        disk_id: "d1".into(),
+    };
+    for status in [
+        svc.list_points(as_caller(list.clone(), other()))
+            .await
+            .unwrap_err(),
+        svc.get_point(as_caller(get, other())).await.unwrap_err(),
+        svc.block_hashes(as_caller(hashes, other()))
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+    ] {
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert!(
+            status.message().contains("h2") && status.message().contains("web"),
+            "{}",
+            status.message()
+        );
     }
     // Everything else stays refused to a host (committing is checked above).
     let has = ferry_proto::storage::v1::HasChunksRequest {
