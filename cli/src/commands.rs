@@ -1,21 +1,22 @@
 //! What each `ferry` subcommand does.
+use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use ferry::ctl::{Ctl, status_err};
-use ferry::output::{self, bytes, job_json, point_json, table, time, vm_json};
+use ferry::outln;
+use ferry::output::{self, bytes, job_json, table, time, vm_json};
 use ferry::up::{Mesh, UpOptions};
 use ferry_mesh::Component;
 use ferry_proto::common::v1::{Job, StepStatus};
 use ferry_proto::failover::v1::{CleanupTestFailoverRequest, TestFailoverRequest};
 use ferry_proto::registry::v1 as reg;
-use ferry_proto::storage::v1::ListPointsRequest;
 
-use crate::{Cli, Cmd, FailoverCmd, HostCmd, JobsCmd, OutputFormat, PointsCmd, VaultCmd, VmCmd};
+use crate::{Cli, Cmd, FailoverCmd, HostCmd, JobsCmd, OutputFormat, VaultCmd, VmCmd};
 
 fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    outln!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
@@ -49,7 +50,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 retention_interval: None,
             })
             .await?;
-            println!(
+            // Not `outln!`: a closed stdout must not end the process before the mesh stops.
+            let _ = writeln!(
+                std::io::stdout(),
                 "ferry is up; operate it with: ferry --config {} status",
                 mesh.config_path.display()
             );
@@ -72,7 +75,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .iter()
                     .map(|s| vec![s.component.clone(), s.endpoint.clone(), s.status.clone()])
                     .collect();
-                println!("{}", table(&["component", "endpoint", "status"], &rows));
+                outln!("{}", table(&["component", "endpoint", "status"], &rows));
             }
             Ok(if st.iter().all(|s| s.ok()) {
                 ExitCode::SUCCESS
@@ -88,7 +91,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .registry()
                 .await?
                 .create_registration_key(reg::CreateRegistrationKeyRequest {
-                    ttl_seconds: Duration::from(*ttl).as_secs().max(1),
+                    ttl_seconds: registration_key_ttl(*ttl)?,
                     site: site.clone(),
                 })
                 .await
@@ -104,7 +107,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             ferry_mesh::write_secret(out, serde_json::to_string_pretty(&file)?.as_bytes())
                 .with_context(|| format!("writing {}", out.display()))?;
-            println!(
+            outln!(
                 "registration key {} written to {} (valid until {})",
                 r.key_id,
                 out.display(),
@@ -115,43 +118,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Host { cmd } => host(&cli, cmd).await,
         Cmd::Vm { cmd } => vm(&cli, cmd).await,
         Cmd::Jobs { cmd } => jobs(&cli, cmd).await,
-        Cmd::Points {
-            cmd: PointsCmd::List { vm, output },
-        } => {
-            let c = ctl(&cli)?;
-            let points = c
-                .storage()
-                .await?
-                .list_points(ListPointsRequest { vm: vm.clone() })
-                .await
-                .map_err(|s| status_err("listing recovery points", s))?
-                .into_inner()
-                .points;
-            if *output == OutputFormat::Json {
-                print_json(&serde_json::Value::Array(
-                    points.iter().map(point_json).collect(),
-                ))?;
-            } else {
-                let rows: Vec<Vec<String>> = points
-                    .iter()
-                    .map(|p| {
-                        vec![
-                            p.id.clone(),
-                            time(p.time_ms),
-                            p.consistency.clone(),
-                            p.kind.clone(),
-                        ]
-                    })
-                    .collect();
-                println!("{}", table(&["id", "time", "consistency", "kind"], &rows));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Cmd::Points { cmd } => crate::points_cmd::run(&ctl(&cli)?, cmd).await,
         Cmd::Failover { cmd } => failover(&cli, cmd).await,
         Cmd::Disk { .. } | Cmd::Hrl { .. } => {
             anyhow::bail!("disk and hrl commands run without the mesh")
         }
     }
+}
+
+/// Longest validity a registration key may have.
+const KEY_TTL_MAX: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The key's validity in whole seconds, refused (not rounded) outside 1 s..365 days.
+fn registration_key_ttl(ttl: humantime::Duration) -> anyhow::Result<u64> {
+    let ttl = Duration::from(ttl);
+    if ttl.subsec_nanos() != 0 || ttl.is_zero() || ttl > KEY_TTL_MAX {
+        anyhow::bail!(
+            "--ttl {} is out of range: a registration key is valid for whole seconds from 1s to 365d",
+            humantime::format_duration(ttl)
+        );
+    }
+    Ok(ttl.as_secs())
 }
 
 async fn host(cli: &Cli, cmd: &HostCmd) -> anyhow::Result<ExitCode> {
@@ -186,7 +173,7 @@ async fn host(cli: &Cli, cmd: &HostCmd) -> anyhow::Result<ExitCode> {
                         ]
                     })
                     .collect();
-                println!(
+                outln!(
                     "{}",
                     table(&["name", "site", "status", "last heartbeat", "vms"], &rows)
                 );
@@ -198,7 +185,7 @@ async fn host(cli: &Cli, cmd: &HostCmd) -> anyhow::Result<ExitCode> {
                 .remove_host(reg::RemoveHostRequest { host: host.clone() })
                 .await
                 .map_err(|s| status_err("removing the host", s))?;
-            println!("host {host} removed; its certificate is no longer accepted");
+            outln!("host {host} removed; its certificate is no longer accepted");
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -232,7 +219,7 @@ async fn vm(cli: &Cli, cmd: &VmCmd) -> anyhow::Result<ExitCode> {
                         ]
                     })
                     .collect();
-                println!(
+                outln!(
                     "{}",
                     table(
                         &["name", "host", "state", "health", "disks", "last point"],
@@ -252,28 +239,31 @@ async fn vm(cli: &Cli, cmd: &VmCmd) -> anyhow::Result<ExitCode> {
             if *output == OutputFormat::Json {
                 print_json(&vm_json(&v))?;
             } else {
-                println!(
+                outln!(
                     "name:        {}\nhost:        {}\nstate:       {}\nhealth:      {}",
-                    v.name, v.host, v.state, v.health
+                    v.name,
+                    v.host,
+                    v.state,
+                    v.health
                 );
-                println!(
+                outln!(
                     "last point:  {} {}\nrpo:         {} s",
                     v.last_point_id,
                     time(v.last_point_ms),
                     v.rpo_seconds
                 );
                 if !v.last_error.is_empty() {
-                    println!("last error:  {}", v.last_error);
+                    outln!("last error:  {}", v.last_error);
                 }
                 if v.retry_attempts > 0 {
-                    println!(
+                    outln!(
                         "retrying:    attempt {} failed; next retry {}",
                         v.retry_attempts,
                         time(v.next_retry_ms)
                     );
                 }
                 if v.last_cycle_duration_ms > 0 {
-                    println!(
+                    outln!(
                         "last cycle:  {} ms, {}",
                         v.last_cycle_duration_ms,
                         bytes(v.last_cycle_bytes)
@@ -293,7 +283,7 @@ async fn vm(cli: &Cli, cmd: &VmCmd) -> anyhow::Result<ExitCode> {
                         ]
                     })
                     .collect();
-                println!(
+                outln!(
                     "{}",
                     table(
                         &[
@@ -336,7 +326,7 @@ async fn vm(cli: &Cli, cmd: &VmCmd) -> anyhow::Result<ExitCode> {
             if *output == OutputFormat::Json {
                 print_json(&vm_json(&v))?;
             } else {
-                println!("vm {}: {} ({})", v.name, v.state, v.health);
+                outln!("vm {}: {} ({})", v.name, v.state, v.health);
             }
         }
         VmCmd::Protect {
@@ -385,7 +375,7 @@ fn print_job(j: &Job, output: OutputFormat) -> anyhow::Result<()> {
     if output == OutputFormat::Json {
         return print_json(&job_json(j));
     }
-    println!(
+    outln!(
         "job {} ({} {}): {}",
         j.id,
         j.kind,
@@ -393,7 +383,7 @@ fn print_job(j: &Job, output: OutputFormat) -> anyhow::Result<()> {
         output::step_status(j.status)
     );
     for s in &j.steps {
-        println!(
+        outln!(
             "  {:<26} {:<10} {:>3}%  {}",
             s.name,
             output::step_status(s.status),
@@ -402,7 +392,7 @@ fn print_job(j: &Job, output: OutputFormat) -> anyhow::Result<()> {
         );
     }
     if !j.error.is_empty() {
-        println!("  error: {}", j.error);
+        outln!("  error: {}", j.error);
     }
     Ok(())
 }
@@ -486,7 +476,7 @@ async fn jobs(cli: &Cli, cmd: &JobsCmd) -> anyhow::Result<ExitCode> {
                         ]
                     })
                     .collect();
-                println!(
+                outln!(
                     "{}",
                     table(
                         &["id", "kind", "target", "status", "current step", "created"],

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use ferry::outln;
 use ferry_disk::hrl::HrlLog;
 use ferry_disk::{
     BlockDevice, CreateOptions, DiskWriter, ExtentKind, Format, OpenOptions, Subformat,
@@ -86,7 +87,7 @@ pub fn run_disk(cmd: DiskCmd) -> Result<()> {
             let d = open_disk(&file, parent)?;
             let info = d.info();
             match output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&info)?),
+                Output::Json => outln!("{}", serde_json::to_string_pretty(&info)?),
                 Output::Table => {
                     let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
                     let rows = [
@@ -109,7 +110,7 @@ pub fn run_disk(cmd: DiskCmd) -> Result<()> {
                         ("parent", opt(info.parent.clone())),
                     ];
                     for (k, v) in rows {
-                        println!("{k:<22} {v}");
+                        outln!("{k:<22} {v}");
                     }
                 }
             }
@@ -124,16 +125,16 @@ pub fn run_disk(cmd: DiskCmd) -> Result<()> {
                 .extents()
                 .with_context(|| format!("mapping {}", file.display()))?;
             match output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&ext)?),
+                Output::Json => outln!("{}", serde_json::to_string_pretty(&ext)?),
                 Output::Table => {
-                    println!("{:>18} {:>18} {:>12}  kind", "offset", "length", "");
+                    outln!("{:>18} {:>18} {:>12}  kind", "offset", "length", "");
                     for e in &ext {
                         let kind = match e.kind {
                             ExtentKind::Allocated => "allocated",
                             ExtentKind::Zero => "zero",
                             ExtentKind::Absent => "absent",
                         };
-                        println!(
+                        outln!(
                             "{:>#18x} {:>#18x} {:>12}  {kind}",
                             e.offset,
                             e.len,
@@ -200,7 +201,7 @@ pub fn run_disk(cmd: DiskCmd) -> Result<()> {
             })?;
             w.finish()
                 .with_context(|| format!("closing {}", output.display()))?;
-            println!(
+            outln!(
                 "converted {} -> {} ({format}, {} virtual): read {}, wrote {} in {:.2?}",
                 input.display(),
                 output.display(),
@@ -227,7 +228,7 @@ pub fn run_hrl(cmd: HrlCmd) -> Result<()> {
                         "metadata_blocks": log.metadata_blocks,
                         "records": log.records,
                     });
-                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    outln!("{}", serde_json::to_string_pretty(&v)?);
                 }
                 Output::Table => {
                     let h = &log.header;
@@ -245,17 +246,24 @@ pub fn run_hrl(cmd: HrlCmd) -> Result<()> {
                         ("records", log.records.len().to_string()),
                     ];
                     for (k, v) in rows {
-                        println!("{k:<22} {v}");
+                        outln!("{k:<22} {v}");
                     }
-                    println!();
-                    println!(
+                    outln!();
+                    outln!(
                         "{:>8} {:>18} {:>10} {:>14} {:>12}",
-                        "#", "disk offset", "length", "file offset", "timestamp"
+                        "#",
+                        "disk offset",
+                        "length",
+                        "file offset",
+                        "timestamp"
                     );
                     for (i, r) in log.records.iter().enumerate() {
-                        println!(
+                        outln!(
                             "{i:>8} {:>#18x} {:>10} {:>#14x} {:>12}",
-                            r.offset, r.length, r.data_at, r.timestamp
+                            r.offset,
+                            r.length,
+                            r.data_at,
+                            r.timestamp
                         );
                     }
                 }

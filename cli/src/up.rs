@@ -42,6 +42,62 @@ pub struct Mesh {
     pub shutdown: CancellationToken,
     tasks: JoinSet<(Component, anyhow::Result<()>)>,
     redis: Option<RedisServer>,
+    /// Held for the mesh's life: one mesh per data dir.
+    _lock: DataDirLock,
+}
+
+/// An exclusive lock on `D/ferry.lock` (released when the process ends, however it ends).
+/// A second `ferry up` on the same data dir must not start a second Redis and rewrite
+/// `D/ferry.toml` under the running mesh's CLI.
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+impl DataDirLock {
+    pub const FILE: &str = "ferry.lock";
+
+    /// Takes the lock or fails naming the process that holds it; writes nothing then.
+    pub fn acquire(dir: &Path) -> anyhow::Result<Self> {
+        use std::io::{Read, Seek, Write};
+        let path = dir.join(Self::FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                anyhow::bail!(
+                    "data dir {} is in use by another ferry up ({}); stop it first, or use another --data-dir",
+                    dir.display(),
+                    if holder.is_empty() {
+                        "holder unknown"
+                    } else {
+                        holder
+                    }
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", path.display()));
+            }
+        }
+        file.set_len(0)?;
+        file.rewind()?;
+        write!(
+            file,
+            "pid {}, started {}",
+            std::process::id(),
+            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        )?;
+        file.flush()?;
+        Ok(Self { _file: file })
+    }
 }
 
 fn free_tcp() -> anyhow::Result<SocketAddr> {
@@ -76,6 +132,7 @@ impl Mesh {
         std::fs::create_dir_all(&opts.data_dir)
             .with_context(|| format!("creating data dir {}", opts.data_dir.display()))?;
         let dir = std::path::absolute(&opts.data_dir)?;
+        let lock = DataDirLock::acquire(&dir)?;
         let config_path = dir.join("ferry.toml");
         let mut cfg = if config_path.exists() {
             MeshConfig::load(Some(&config_path), figment::Figment::new())?
@@ -121,6 +178,7 @@ impl Mesh {
             shutdown,
             tasks,
             redis,
+            _lock: lock,
         })
     }
 

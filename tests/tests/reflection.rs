@@ -75,11 +75,12 @@ async fn every_port_lists_its_service_health_and_reflection() -> anyhow::Result<
         .expect_err("anonymous callers are refused");
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
 
-    // The real grpcurl, when installed (the test command installs it from PyPI).
-    if let Ok(out) = std::process::Command::new("grpcurl")
+    // The real grpcurl (the test command installs it from PyPI); a missing one fails the test.
+    let out = std::process::Command::new("grpcurl")
         .arg("-version")
         .output()
-        && out.status.success()
+        .map_err(|e| anyhow::anyhow!("grpcurl is required (deploy/test.sh installs it): {e}"))?;
+    anyhow::ensure!(out.status.success(), "grpcurl -version failed: {out:?}");
     {
         {
             for c in GRPC_COMPONENTS {

@@ -323,6 +323,7 @@ impl MeshConfig {
     pub fn write_toml(&self, path: &Path) -> Result<(), ConfigError> {
         let text = toml::to_string_pretty(self)
             .map_err(|e| invalid("config", format!("cannot serialize: {e}")))?;
+        // write_file is atomic (a temporary file renamed over it): no reader sees half a config.
         crate::pki::write_file(path, text.as_bytes(), 0o644).map_err(|source| ConfigError::Write {
             path: path.to_owned(),
             source,
