@@ -1,0 +1,302 @@
+//! The gRPC face of ingest: `ferry.ingest.v1.Ingest`.
+use std::sync::Arc;
+
+use ferry_coord::Lease;
+use ferry_mesh::{ClientTls, Component, Role};
+use ferry_proto::common::v1::RecoveryPoint;
+use ferry_proto::ingest::v1::{self as pb, CycleKind, ingest_server::Ingest};
+use ferry_proto::now_ms;
+use ferry_proto::storage::v1::{
+    BlockEntry, CommitDisk, CommitPointRequest, storage_writer_client::StorageWriterClient,
+};
+use tonic::{Request, Response, Status};
+
+use crate::cycle::{CycleRecord, DiskJson, Stats, coord_status};
+use crate::{IngestService, LEASE_TTL};
+
+/// The gRPC face of the service (a newtype: the orphan rule forbids `impl Trait for Arc<_>`).
+#[derive(Clone)]
+pub struct Api(pub Arc<IngestService>);
+
+impl std::ops::Deref for Api {
+    type Target = IngestService;
+    fn deref(&self) -> &IngestService {
+        &self.0
+    }
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl Ingest for Api {
+    async fn begin_cycle(&self, req: Request<pb::BeginCycleRequest>) -> R<pb::BeginCycleResponse> {
+        let host = ferry_mesh::require_host(&req)?;
+        let req = req.into_inner();
+        if req.host_name != host {
+            return Err(Status::permission_denied(format!(
+                "host {host} cannot begin a cycle for host {}",
+                req.host_name
+            )));
+        }
+        if req.disks.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "cycle for vm {} names no disks",
+                req.vm
+            )));
+        }
+        self.owners
+            .check_host(&host, &req.vm, "begin a replication cycle of")
+            .await?;
+        for d in &req.disks {
+            let expected = ferry_proto::disk_id(&req.vm, &d.path);
+            if d.id != expected {
+                return Err(Status::invalid_argument(format!(
+                    "disk {} of vm {} has id {}, expected {expected}",
+                    d.path, req.vm, d.id
+                )));
+            }
+        }
+        let mut leases: Vec<Lease> = Vec::new();
+        for d in &req.disks {
+            match self.coord.acquire_lease(&d.id, &host, LEASE_TTL).await {
+                Ok(l) => leases.push(l),
+                Err(e) => {
+                    for l in &leases {
+                        let _ = self.coord.release_lease(l).await;
+                    }
+                    tracing::warn!(vm = %req.vm, disk = %d.id, host = %host, error = %e, "lease refused");
+                    return Err(coord_status(e));
+                }
+            }
+        }
+        let c = CycleRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            vm: req.vm.clone(),
+            host: host.clone(),
+            kind: req.kind,
+            job_id: req.job_id.clone(),
+            consistency: if req.consistency.is_empty() {
+                "crash".into()
+            } else {
+                req.consistency.clone()
+            },
+            state: "open".into(),
+            started_at_ms: now_ms(),
+            tokens: leases
+                .iter()
+                .map(|l| (l.resource.clone(), l.token))
+                .collect(),
+            disks: req.disks.iter().map(DiskJson::from).collect(),
+            stats: Stats::default(),
+        };
+        self.save(&c).await?;
+        tracing::info!(cycle = %c.id, vm = %c.vm, host = %host, disks = c.disks.len(), "cycle begun");
+        Ok(Response::new(pb::BeginCycleResponse {
+            cycle_id: c.id,
+            fencing_tokens: c.tokens,
+            lease_ttl_ms: LEASE_TTL.as_millis() as u64,
+            block_size: self.cfg.vault.block_size,
+        }))
+    }
+
+    async fn renew_cycle(&self, req: Request<pb::RenewCycleRequest>) -> R<pb::RenewCycleResponse> {
+        let host = ferry_mesh::require_host(&req)?;
+        let c = self.load(&req.into_inner().cycle_id).await?;
+        c.check_host(&host, "renew")?;
+        for l in IngestService::leases(&c) {
+            self.coord
+                .renew_lease(&l, LEASE_TTL)
+                .await
+                .map_err(coord_status)?;
+        }
+        Ok(Response::new(pb::RenewCycleResponse {}))
+    }
+
+    async fn commit_cycle(
+        &self,
+        req: Request<pb::CommitCycleRequest>,
+    ) -> R<pb::CommitCycleResponse> {
+        let host = ferry_mesh::require_host(&req)?;
+        let req = req.into_inner();
+        let mut c = self.load(&req.cycle_id).await?;
+        c.check_host(&host, "commit")?;
+        if c.state != "open" {
+            return Err(Status::failed_precondition(format!(
+                "cycle {} is {}",
+                c.id, c.state
+            )));
+        }
+        let disks = self.commit_disks(&c, &req)?;
+        let point = self.commit_point(&c, disks).await?;
+        c.state = "committed".into();
+        self.save(&c).await?;
+        for l in IngestService::leases(&c) {
+            if let Err(e) = self.coord.release_lease(&l).await {
+                tracing::warn!(disk = %l.resource, error = %e, "lease release failed; it will expire");
+            }
+        }
+        tracing::info!(cycle = %c.id, vm = %c.vm, point = %point.id, "cycle committed");
+        self.report_progress(&c).await;
+        self.report_committed(&c, &point).await;
+        Ok(Response::new(pb::CommitCycleResponse {
+            point: Some(point),
+        }))
+    }
+
+    async fn abort_cycle(&self, req: Request<pb::AbortCycleRequest>) -> R<pb::AbortCycleResponse> {
+        let host = ferry_mesh::require_host(&req)?;
+        let req = req.into_inner();
+        let mut c = self.load(&req.cycle_id).await?;
+        c.check_host(&host, "abort")?;
+        c.state = "aborted".into();
+        self.save(&c).await?;
+        for l in IngestService::leases(&c) {
+            let _ = self.coord.release_lease(&l).await;
+        }
+        tracing::info!(cycle = %c.id, vm = %c.vm, reason = %req.reason, "cycle aborted");
+        Ok(Response::new(pb::AbortCycleResponse {}))
+    }
+
+    async fn report_landed(
+        &self,
+        req: Request<pb::ReportLandedRequest>,
+    ) -> R<pb::ReportLandedResponse> {
+        ferry_mesh::require_service(&req)?;
+        let req = req.into_inner();
+        let c = {
+            let _g = self.lock.lock().await;
+            let mut c = self.load(&req.cycle_id).await?;
+            c.check_host(&req.host_name, "report uploads into")?;
+            c.stats.chunks_written += req.chunks_written;
+            c.stats.bytes_written += req.bytes_written;
+            c.stats.chunks_skipped += req.chunks_skipped;
+            c.stats.bytes_skipped += req.bytes_skipped;
+            c.stats.plain_bytes_written += req.plain_bytes_written;
+            self.save(&c).await?;
+            c
+        };
+        self.report_progress(&c).await;
+        Ok(Response::new(pb::ReportLandedResponse {}))
+    }
+
+    async fn authorize_upload(
+        &self,
+        req: Request<pb::AuthorizeUploadRequest>,
+    ) -> R<pb::AuthorizeUploadResponse> {
+        ferry_mesh::require_service(&req)?;
+        let req = req.into_inner();
+        let (allowed, reason) = match self.load(&req.cycle_id).await {
+            Ok(c) => match c.check_host(&req.host_name, "upload into") {
+                Err(s) => (false, s.message().to_string()),
+                Ok(()) if c.state != "open" => (false, format!("cycle {} is {}", c.id, c.state)),
+                Ok(()) => (true, String::new()),
+            },
+            Err(s) if s.code() == tonic::Code::NotFound => (false, s.message().to_string()),
+            Err(s) => return Err(s),
+        };
+        Ok(Response::new(pb::AuthorizeUploadResponse {
+            allowed,
+            reason,
+        }))
+    }
+
+    async fn get_cycle(&self, req: Request<pb::GetCycleRequest>) -> R<pb::Cycle> {
+        ferry_mesh::require_role(&req, Role::Reader)?;
+        let c = self.load(&req.into_inner().cycle_id).await?;
+        Ok(Response::new(pb::Cycle {
+            id: c.id,
+            vm: c.vm,
+            host_name: c.host,
+            kind: c.kind,
+            state: c.state,
+            chunks_written: c.stats.chunks_written,
+            bytes_written: c.stats.bytes_written,
+            chunks_skipped: c.stats.chunks_skipped,
+            bytes_skipped: c.stats.bytes_skipped,
+            started_at_ms: c.started_at_ms,
+        }))
+    }
+}
+
+impl IngestService {
+    /// The disks of a commit: every fencing token of the cycle presented, and a block map
+    /// for each of its disks.
+    fn commit_disks(
+        &self,
+        c: &CycleRecord,
+        req: &pb::CommitCycleRequest,
+    ) -> Result<Vec<CommitDisk>, Status> {
+        for (disk, token) in &c.tokens {
+            match req.fencing_tokens.get(disk) {
+                Some(t) if t == token => {}
+                other => {
+                    return Err(Status::aborted(format!(
+                        "stale fencing token for disk {disk}: presented {other:?}, cycle holds {token}"
+                    )));
+                }
+            }
+        }
+        let full = c.kind != CycleKind::Delta as i32;
+        let mut disks = Vec::new();
+        for d in &c.disks {
+            let map = req
+                .disks
+                .iter()
+                .find(|m| m.disk_id == d.id)
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "commit of cycle {} lacks the block map of disk {}",
+                        c.id, d.id
+                    ))
+                })?;
+            disks.push(CommitDisk {
+                disk: Some(d.to_proto()),
+                block_size: self.cfg.vault.block_size,
+                blocks: map
+                    .blocks
+                    .iter()
+                    .map(|b| BlockEntry {
+                        index: b.index,
+                        chunk: b.chunk.clone(),
+                    })
+                    .collect(),
+                zeroed: map.zeroed.clone(),
+                logs: map.logs.clone(),
+                full,
+                shipped_logs: map.shipped_logs.clone(),
+            });
+        }
+        Ok(disks)
+    }
+
+    /// Has the storage-writer commit the cycle's point (it re-checks the fencing tokens).
+    async fn commit_point(
+        &self,
+        c: &CycleRecord,
+        disks: Vec<CommitDisk>,
+    ) -> Result<RecoveryPoint, Status> {
+        let kind = match CycleKind::try_from(c.kind) {
+            Ok(CycleKind::Delta) => "delta",
+            Ok(CycleKind::Resync) => "resync",
+            _ => "initial",
+        };
+        let tls = ClientTls::service(&self.cfg).map_err(|e| Status::internal(e.to_string()))?;
+        let ch = ferry_mesh::connect(&self.cfg.endpoint(Component::StorageWriter), &tls)
+            .await
+            .map_err(|e| Status::unavailable(format!("storage-writer unreachable: {e}")))?;
+        StorageWriterClient::new(ch)
+            .commit_point(CommitPointRequest {
+                vm: c.vm.clone(),
+                cycle_id: c.id.clone(),
+                kind: kind.into(),
+                consistency: c.consistency.clone(),
+                disks,
+                fencing_tokens: c.tokens.clone(),
+                host: c.host.clone(),
+            })
+            .await?
+            .into_inner()
+            .point
+            .ok_or_else(|| Status::internal("storage-writer committed no point"))
+    }
+}
