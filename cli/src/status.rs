@@ -105,7 +105,7 @@ pub async fn collect(cfg: &MeshConfig) -> Vec<ComponentStatus> {
         status: redis,
     });
     let store = match ferry_store::Store::from_url(&cfg.store_url()) {
-        Ok(s) => match s.list("points/").await {
+        Ok(s) => match s.list(ferry_store::layout::POINTS_PREFIX).await {
             Ok(_) => "serving".to_string(),
             Err(e) => format!("unhealthy: {e}"),
         },

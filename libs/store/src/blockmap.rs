@@ -18,6 +18,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use tracing::debug;
 
+use crate::layout::{index_key, parse_index_key};
 use crate::{ChunkId, Store, StoreError};
 
 /// Blocks per index page.
@@ -43,9 +44,9 @@ pub struct PageRef {
     pub key: String,
 }
 
+/// The key of a page's content: [`index_key`] of its BLAKE3.
 fn page_key(bytes: &[u8]) -> String {
-    let hex = blake3::hash(bytes).to_hex();
-    format!("index/{}/{}", &hex[..2], hex)
+    index_key(blake3::hash(bytes).as_bytes())
 }
 
 fn encode_page(page: u64, entries: &[(u64, ChunkId)]) -> Vec<u8> {
@@ -106,18 +107,7 @@ fn decode_page(r: &PageRef, bytes: &[u8]) -> Result<Vec<(u64, ChunkId)>, StoreEr
 }
 
 fn check_page_key(key: &str) -> bool {
-    let Some(rest) = key.strip_prefix("index/") else {
-        return false;
-    };
-    let Some((aa, hex)) = rest.split_once('/') else {
-        return false;
-    };
-    hex.len() == 64
-        && hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        && hex.starts_with(aa)
-        && aa.len() == 2
+    parse_index_key(key).is_some()
 }
 
 impl Store {

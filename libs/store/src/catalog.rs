@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
-use crate::store::check_segment;
+use crate::layout::{catalog_key, catalog_prefix, check_segment, parse_catalog_key};
 use crate::{Store, StoreError};
 
 const PARALLEL: usize = 8;
@@ -60,7 +60,7 @@ impl Catalog {
         Catalog {
             store,
             namespace: namespace.to_string(),
-            prefix: format!("catalog/{namespace}"),
+            prefix: catalog_prefix(namespace),
             tail: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -70,7 +70,7 @@ impl Catalog {
     }
 
     fn key(&self, seq: u64) -> String {
-        format!("{}/{seq:020}.json", self.prefix)
+        catalog_key(&self.namespace, seq)
     }
 
     /// Appends an entry at the end of the log and returns its sequence number (from 1).
@@ -166,7 +166,7 @@ impl Catalog {
             .await?;
         let tail = keys
             .iter()
-            .filter_map(|k| seq_of(k))
+            .filter_map(|k| parse_catalog_key(k).map(|(_, seq)| seq))
             .max()
             .unwrap_or(0)
             .max(at_least);
@@ -187,7 +187,7 @@ impl Catalog {
             .await?;
         let mut seqs: Vec<u64> = keys
             .iter()
-            .filter_map(|k| seq_of(k))
+            .filter_map(|k| parse_catalog_key(k).map(|(_, seq)| seq))
             .filter(|&s| s > after_seq)
             .collect();
         seqs.sort_unstable();
@@ -216,12 +216,4 @@ impl Catalog {
         .try_collect()
         .await
     }
-}
-
-fn seq_of(key: &str) -> Option<u64> {
-    let digits = key.rsplit('/').next()?.strip_suffix(".json")?;
-    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
 }

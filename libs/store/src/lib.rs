@@ -6,18 +6,14 @@
 //! put-if-absent (`PutMode::Create`). `PutMode::Update` is never used because the local
 //! filesystem backend does not support it.
 //!
-//! | key | what |
-//! |---|---|
-//! | `chunks/<aa>/<64 hex>` | sealed block ([`seal_chunk`]) |
-//! | `index/<aa>/<64 hex>` | block-map index page ([`Store::write_block_map`]) |
-//! | `points/<vm>/<seq:020>.json` | recovery point manifest ([`Store::commit_point`]) |
-//! | `merged/<vm>/<seq:020>.json` | a point's block maps with its logs applied ([`Store::put_merged`]) |
-//! | `catalog/<ns>/<seq:020>.json` | transaction log entry ([`Catalog::append`]) |
+//! Every object key is built and parsed by [`layout`] (the table of keys is there), and by no
+//! other crate.
 
 mod blockmap;
 mod catalog;
 mod chunk;
 mod error;
+pub mod layout;
 mod merged;
 mod points;
 mod store;
@@ -30,9 +26,10 @@ pub use chunk::{
     parse_chunk_hex, seal_chunk,
 };
 pub use error::StoreError;
-pub use merged::{MergedDisk, MergedManifest, merged_key};
+pub use layout::{chunk_key, merged_key};
+pub use merged::{MergedDisk, MergedManifest};
 pub use points::{DiskManifest, PointManifest};
-pub use store::{Store, chunk_key};
+pub use store::Store;
 pub use unreliable::UnreliableStore;
 
 /// Re-exported so callers can build stores for [`Store::from_object_store`] without naming

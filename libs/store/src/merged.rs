@@ -15,7 +15,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 
-use crate::store::check_segment;
+use crate::layout::{check_segment, merged_key, merged_prefix, parse_merged_key};
 use crate::{DiskManifest, PageRef, Store, StoreError};
 
 /// One disk of a merged map.
@@ -65,24 +65,6 @@ impl MergedManifest {
     pub fn disk(&self, disk_id: &str) -> Option<&MergedDisk> {
         self.disks.iter().find(|d| d.disk_id == disk_id)
     }
-}
-
-fn merged_prefix(vm: &str) -> String {
-    format!("merged/{vm}")
-}
-
-/// `merged/<vm>/<seq:020>.json`: where the merged map of point `seq` lives.
-pub fn merged_key(vm: &str, seq: u64) -> String {
-    format!("merged/{vm}/{seq:020}.json")
-}
-
-fn seq_of(key: &str) -> Option<u64> {
-    let name = key.rsplit('/').next()?;
-    let digits = name.strip_suffix(".json")?;
-    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
 }
 
 impl Store {
@@ -137,7 +119,7 @@ impl Store {
             .list(&merged_prefix(vm))
             .await?
             .iter()
-            .filter_map(|k| seq_of(k))
+            .filter_map(|k| parse_merged_key(k).map(|(_, seq)| seq))
             .collect();
         seqs.sort_unstable();
         Ok(seqs)
@@ -200,6 +182,10 @@ mod tests {
             pages: vec![],
             stored_blocks: 0,
         }
+    }
+
+    fn seq_of(key: &str) -> Option<u64> {
+        parse_merged_key(key).map(|(_, seq)| seq)
     }
 
     #[test]

@@ -6,7 +6,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 
-use crate::store::check_segment;
+use crate::layout::{check_segment, parse_point_key, point_key, point_prefix};
 use crate::{PageRef, Store, StoreError};
 
 const PARALLEL: usize = 8;
@@ -48,24 +48,6 @@ pub struct PointManifest {
     /// VM's host at the time); empty in points committed before it was recorded.
     #[serde(default)]
     pub host: String,
-}
-
-fn point_prefix(vm: &str) -> String {
-    format!("points/{vm}")
-}
-
-fn point_key(vm: &str, seq: u64) -> String {
-    format!("points/{vm}/{seq:020}.json")
-}
-
-/// The sequence number in `points/<vm>/<seq:020>.json`, if the key has that shape.
-fn seq_of(key: &str) -> Option<u64> {
-    let name = key.rsplit('/').next()?;
-    let digits = name.strip_suffix(".json")?;
-    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
 }
 
 impl Store {
@@ -191,7 +173,7 @@ impl Store {
             .list(&point_prefix(vm))
             .await?
             .iter()
-            .filter_map(|k| seq_of(k))
+            .filter_map(|k| parse_point_key(k).map(|(_, seq)| seq))
             .collect();
         seqs.sort_unstable();
         Ok(seqs)
@@ -242,6 +224,10 @@ fn check_fencing(m: &PointManifest, latest: &PointManifest) -> Result<(), StoreE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn seq_of(key: &str) -> Option<u64> {
+        parse_point_key(key).map(|(_, seq)| seq)
+    }
 
     #[test]
     fn seq_parsing() {

@@ -10,6 +10,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use tracing::debug;
 
+use crate::layout::chunk_key;
 use crate::{ChunkId, StoreError, chunk_hex};
 
 /// A handle on one object store (cheap to clone). All layout-aware operations (chunks, index
@@ -24,12 +25,6 @@ impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store").field("url", &self.url).finish()
     }
-}
-
-/// `chunks/<aa>/<64 hex>`: where a sealed chunk lives.
-pub fn chunk_key(id: &ChunkId) -> String {
-    let hex = chunk_hex(id);
-    format!("chunks/{}/{hex}", &hex[..2])
 }
 
 impl Store {
@@ -208,23 +203,4 @@ pub(crate) fn path(key: &str) -> Result<Path, StoreError> {
         return Err(StoreError::invalid("object key", format!("{key:?}")));
     }
     Path::parse(key).map_err(|e| StoreError::invalid("object key", e.to_string()))
-}
-
-/// Checks a name used as one path segment (vm name, catalog namespace).
-pub(crate) fn check_segment(what: &str, name: &str) -> Result<(), StoreError> {
-    let ok = !name.is_empty()
-        && name.len() <= 200
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'@'));
-    if ok {
-        Ok(())
-    } else {
-        Err(StoreError::invalid(
-            what,
-            format!("{name:?} (use 1-200 of A-Z a-z 0-9 - _ . : @)"),
-        ))
-    }
 }

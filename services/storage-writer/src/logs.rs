@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use ferry_proto::common::v1::ShippedLog;
-use ferry_store::{ChunkId, Store, StoreError, VaultKey, chunk_hex, open_chunk, parse_chunk_hex};
+use ferry_store::{
+    ChunkId, Store, StoreError, VaultKey, chunk_hex, layout, open_chunk, parse_chunk_hex,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, WriterError};
@@ -33,8 +35,9 @@ pub struct LogDescriptor {
 }
 
 impl LogDescriptor {
+    /// Where the descriptor is stored: [`layout::log_key`].
     pub fn key(&self) -> String {
-        format!("logs/{}/{}.json", self.disk_id, self.unique_id)
+        layout::log_key(&self.disk_id, &self.unique_id)
     }
 
     pub fn from_proto(disk_id: &str, l: &ShippedLog) -> Result<Self> {

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use ferry_store::{
     ChunkId, DiskManifest, MergedDisk, MergedManifest, PageRef, PointManifest, StoreError,
-    chunk_hex, chunk_id, is_zero, open_chunk, seal_chunk,
+    chunk_hex, chunk_id, is_zero, layout, open_chunk, seal_chunk,
 };
 use futures::StreamExt;
 use tokio::sync::Notify;
@@ -201,10 +201,12 @@ impl Writer {
     pub fn spawn_merger(&self, shutdown: CancellationToken) -> JoinHandle<()> {
         let this = self.clone();
         tokio::spawn(async move {
-            match this.store.list("points/").await {
+            match this.store.list(layout::POINTS_PREFIX).await {
                 Ok(keys) => {
-                    let vms: BTreeSet<&str> =
-                        keys.iter().filter_map(|k| k.split('/').nth(1)).collect();
+                    let vms: BTreeSet<&str> = keys
+                        .iter()
+                        .filter_map(|k| layout::vm_of_point_key(k))
+                        .collect();
                     debug!(vms = vms.len(), "merger started");
                     for vm in vms {
                         this.merges.enqueue(vm);
@@ -550,7 +552,7 @@ fn check_merged(point: &PointManifest, m: MergedManifest) -> Result<MergedManife
     } else {
         Err(WriterError::Corrupt(format!(
             "merged map {} does not match point {} of vm {}",
-            ferry_store::merged_key(&point.vm, point.seq),
+            layout::merged_key(&point.vm, point.seq),
             point.id,
             point.vm
         )))

@@ -29,6 +29,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use bytes::Bytes;
+use ferry_store::layout;
 use ferry_store::object_store::ObjectStore;
 use ferry_store::object_store::path::Path as ObjPath;
 use ferry_store::{PointManifest, chunk_key};
@@ -39,9 +40,6 @@ use crate::Writer;
 use crate::error::{Result, WriterError};
 use crate::logs::get_descriptor;
 use crate::points::read_map;
-
-/// Objects found unreferenced by the last collection: deleted by the next one if still so.
-const CONDEMNED: &str = "gc/condemned.json";
 
 /// A reader marker older than this belongs to a reader that died.
 pub const READER_STALE: Duration = Duration::from_secs(6 * 3600);
@@ -197,7 +195,7 @@ impl Drop for ReaderGuard {
 impl Writer {
     /// Registers a reader of `vm`'s point `point` ("latest" is resolved by the caller first).
     pub async fn begin_read(&self, vm: &str, point: &str) -> Result<ReaderGuard> {
-        let key = format!("readers/{vm}/{point}/{}", uuid::Uuid::new_v4());
+        let key = layout::reader_key(vm, point, &uuid::Uuid::new_v4().to_string());
         let body = chrono::Utc::now().timestamp_millis().to_string();
         self.store.put_if_absent(&key, Bytes::from(body)).await?;
         Ok(ReaderGuard {
@@ -208,7 +206,7 @@ impl Writer {
 
     /// Point ids of `vm` with a live reader.
     async fn read_points(&self, vm: &str) -> Result<HashSet<String>> {
-        let prefix = ObjPath::from(format!("readers/{vm}"));
+        let prefix = ObjPath::from(layout::reader_prefix(vm));
         let metas: Vec<_> = match self
             .store
             .object_store()
@@ -228,7 +226,9 @@ impl Writer {
                     .to_std()
                     .is_ok_and(|age| age < READER_STALE)
             })
-            .filter_map(|m| m.location.parts().nth(2).map(|p| p.as_ref().to_string()))
+            .filter_map(|m| {
+                layout::parse_reader_key(m.location.as_ref()).map(|(_, p)| p.to_string())
+            })
             .collect())
     }
 
@@ -266,9 +266,7 @@ impl Writer {
             ..Default::default()
         };
         for p in &doomed {
-            self.store
-                .delete(&format!("points/{vm}/{:020}.json", p.seq))
-                .await?;
+            self.store.delete(&layout::point_key(vm, p.seq)).await?;
             // The point's merged map goes with it (collection removes any left behind). No
             // other point needs it: a later point lists the pages it was based on itself.
             self.store.delete_merged(vm, p.seq).await?;
@@ -339,10 +337,10 @@ impl Writer {
         let mut live: HashSet<String> = HashSet::new();
         let vms: HashSet<String> = self
             .store
-            .list("points/")
+            .list(layout::POINTS_PREFIX)
             .await?
             .iter()
-            .filter_map(|k| k.split('/').nth(1).map(str::to_string))
+            .filter_map(|k| layout::vm_of_point_key(k).map(str::to_string))
             .collect();
         for vm in &vms {
             let points = self.store.list_points(vm).await?;
@@ -362,7 +360,11 @@ impl Writer {
         }
         let now = chrono::Utc::now();
         let mut unreferenced: Vec<String> = Vec::new();
-        for prefix in ["chunks", "index", "logs"] {
+        for prefix in [
+            layout::CHUNKS_PREFIX,
+            layout::INDEX_PREFIX,
+            layout::LOGS_PREFIX,
+        ] {
             let p = ObjPath::from(prefix);
             let metas: Vec<_> = match self.store.object_store().list(Some(&p)).try_collect().await {
                 Ok(m) => m,
@@ -379,7 +381,7 @@ impl Writer {
                 }
             }
         }
-        let condemned: HashSet<String> = match self.store.get(CONDEMNED).await? {
+        let condemned: HashSet<String> = match self.store.get(layout::CONDEMNED_KEY).await? {
             Some(b) => serde_json::from_slice(&b).unwrap_or_default(),
             None => HashSet::new(),
         };
@@ -393,9 +395,9 @@ impl Writer {
             .filter(|k| !condemned.contains(*k))
             .collect();
         let body = serde_json::to_vec(&next).map_err(|e| WriterError::Internal(e.to_string()))?;
-        self.store.delete(CONDEMNED).await?;
+        self.store.delete(layout::CONDEMNED_KEY).await?;
         self.store
-            .put_if_absent(CONDEMNED, Bytes::from(body))
+            .put_if_absent(layout::CONDEMNED_KEY, Bytes::from(body))
             .await?;
         if collected > 0 {
             info!(
