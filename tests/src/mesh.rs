@@ -1,0 +1,414 @@
+//! The in-process mesh of a test ([`TestMesh`]) and what tests ask of it: agents' configs,
+//! VMs, jobs, protection, points, cycles.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use ferry::ctl::Ctl;
+use ferry::up::{Mesh, UpOptions};
+use ferry_proto::common::v1::{Job, StepStatus};
+use ferry_proto::registry::v1 as reg;
+
+use crate::run;
+
+pub struct TestMesh {
+    pub mesh: Mesh,
+    pub dir: tempfile::TempDir,
+    pub ctl: Ctl,
+}
+
+pub fn init_logs() {
+    ferry_mesh::init_tracing("test");
+}
+
+impl TestMesh {
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// [`TestMesh::start`] with its options changed by `change` first (e.g.
+    /// `retention_interval`).
+    pub async fn start_with(change: impl FnOnce(&mut UpOptions)) -> anyhow::Result<Self> {
+        init_logs();
+        let dir = tempfile::tempdir()?;
+        let mut opts = UpOptions {
+            data_dir: dir.path().join("mesh"),
+            retry_time_unit: Some(Duration::from_millis(100)),
+            ..Default::default()
+        };
+        change(&mut opts);
+        let mesh = Mesh::start(opts).await?;
+        let ctl = Ctl::load(&mesh.config_path)?;
+        let t = Self { mesh, dir, ctl };
+        t.wait_serving().await?;
+        Ok(t)
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Waits until every component answers its health check.
+    pub async fn wait_serving(&self) -> anyhow::Result<()> {
+        let mut last = Vec::new();
+        for _ in 0..100 {
+            let st = ferry::status::collect(&self.ctl.cfg).await;
+            if st.iter().all(|s| s.ok()) {
+                return Ok(());
+            }
+            last = st
+                .into_iter()
+                .filter(|s| !s.ok())
+                .map(|s| format!("{}: {}", s.component, s.status))
+                .collect();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("mesh not serving: {}", last.join("; "))
+    }
+
+    /// A one-time registration key file, as `ferry vault registration-key --out` writes it.
+    pub async fn registration_key(&self, out: &Path, ttl_seconds: u64) -> anyhow::Result<()> {
+        let r = self
+            .ctl
+            .registry()
+            .await?
+            .create_registration_key(reg::CreateRegistrationKeyRequest {
+                ttl_seconds,
+                site: String::new(),
+            })
+            .await?
+            .into_inner();
+        let file = ferry_agent::RegistrationKeyFile {
+            vault_id: r.vault_id,
+            key_id: r.key_id,
+            secret: r.secret,
+            registry_endpoint: r.registry_endpoint,
+            ca_pem: r.ca_pem,
+            expires_at_ms: r.expires_at_ms,
+        };
+        std::fs::write(out, serde_json::to_vec_pretty(&file)?)?;
+        Ok(())
+    }
+
+    /// `agent.toml` as [`agent_config`](Self::agent_config) writes it, with change tracking on.
+    pub async fn agent_config_tracked(
+        &self,
+        dir: &Path,
+        host: &str,
+        vms: &[(&str, Vec<PathBuf>)],
+    ) -> anyhow::Result<PathBuf> {
+        let path = self.agent_config(dir, host, vms).await?;
+        std::fs::write(&path, std::fs::read_to_string(&path)? + "[tracker]\n")?;
+        Ok(path)
+    }
+
+    /// Writes `agent.toml` in `dir` (with a fresh registration key) and returns its path.
+    pub async fn agent_config(
+        &self,
+        dir: &Path,
+        host: &str,
+        vms: &[(&str, Vec<PathBuf>)],
+    ) -> anyhow::Result<PathBuf> {
+        std::fs::create_dir_all(dir)?;
+        self.registration_key(&dir.join("key.json"), 3600).await?;
+        let mut toml = format!(
+            "registration_key = \"key.json\"\ndata_dir = \"agent-data\"\n[host]\nname = \"{host}\"\nsite = \"site-a\"\n"
+        );
+        for (name, disks) in vms {
+            let list: Vec<String> = disks
+                .iter()
+                .map(|d| format!("{:?}", d.display().to_string()))
+                .collect();
+            toml.push_str(&format!(
+                "[[vm]]\nname = \"{name}\"\ndisks = [{}]\n",
+                list.join(", ")
+            ));
+        }
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, toml)?;
+        Ok(path)
+    }
+
+    pub async fn vm(&self, name: &str) -> anyhow::Result<reg::Vm> {
+        Ok(self
+            .ctl
+            .registry()
+            .await?
+            .get_vm(reg::GetVmRequest { name: name.into() })
+            .await?
+            .into_inner())
+    }
+
+    /// Waits until a host has reported the VM.
+    pub async fn wait_vm(&self, name: &str) -> anyhow::Result<reg::Vm> {
+        for _ in 0..300 {
+            if let Ok(v) = self.vm(name).await
+                && !v.disks.is_empty()
+            {
+                return Ok(v);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("vm {name} was never reported by its host")
+    }
+
+    pub async fn protect(&self, name: &str) -> anyhow::Result<Job> {
+        self.protect_every(name, 300).await
+    }
+
+    /// Starts enable-protection with delta cycles every `frequency_seconds`.
+    pub async fn protect_every(&self, name: &str, frequency_seconds: u64) -> anyhow::Result<Job> {
+        let policy = ferry_proto::common::v1::ReplicationPolicy {
+            frequency_seconds,
+            ..Default::default()
+        };
+        self.protect_with(name, policy).await
+    }
+
+    pub async fn job(&self, id: &str) -> anyhow::Result<Job> {
+        Ok(self
+            .ctl
+            .registry()
+            .await?
+            .get_job(reg::GetJobRequest { id: id.into() })
+            .await?
+            .into_inner())
+    }
+
+    /// Waits until the job ends, up to `timeout`.
+    pub async fn wait_job(&self, id: &str, timeout: Duration) -> anyhow::Result<Job> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let j = self.job(id).await?;
+            if j.status != StepStatus::Running as i32 && j.status != StepStatus::Pending as i32 {
+                return Ok(j);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("job {id} did not end in {timeout:?}: {j:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// A test failover of `vm` to `point` ("latest" or an id) into `out`; the finished job.
+    pub async fn test_failover(&self, vm: &str, point: &str, out: &Path) -> anyhow::Result<Job> {
+        let req = ferry_proto::failover::v1::TestFailoverRequest {
+            vm: vm.into(),
+            point: point.into(),
+            target_dir: out.display().to_string(),
+        };
+        Ok(self
+            .ctl
+            .failover()
+            .await?
+            .test_failover(req)
+            .await?
+            .into_inner())
+    }
+
+    pub async fn stop(self) {
+        self.mesh.stop().await;
+    }
+}
+
+impl TestMesh {
+    /// `redis-cli -p <port> FLUSHALL` on the mesh's Redis.
+    pub fn redis_flushall(&self) -> anyhow::Result<()> {
+        let port = self
+            .mesh
+            .redis()
+            .context("the mesh runs no redis of its own")?
+            .port();
+        let out = run(Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .arg("FLUSHALL"))?;
+        anyhow::ensure!(out.trim() == "OK", "FLUSHALL answered {out:?}");
+        Ok(())
+    }
+
+    /// Every recovery point of `vm`, oldest first.
+    pub async fn points(
+        &self,
+        vm: &str,
+    ) -> anyhow::Result<Vec<ferry_proto::common::v1::RecoveryPoint>> {
+        Ok(self
+            .ctl
+            .storage()
+            .await?
+            .list_points(ferry_proto::storage::v1::ListPointsRequest { vm: vm.into() })
+            .await?
+            .into_inner()
+            .points)
+    }
+
+    /// Waits until `vm` has at least `n` points; returns them.
+    pub async fn wait_points(
+        &self,
+        vm: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<ferry_proto::common::v1::RecoveryPoint>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let p = self.points(vm).await?;
+            if p.len() >= n {
+                return Ok(p);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{vm} has {} points, not {n}, after {timeout:?}", p.len());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A mesh like [`TestMesh::start`] whose vault names blocks of `block_size` bytes: the vault
+/// is created, the mesh stopped, `vault.block_size` set in its `ferry.toml`, and the mesh
+/// started again from that file (before any data exists).
+pub async fn start_mesh_with_block_size(block_size: u32) -> anyhow::Result<TestMesh> {
+    init_logs();
+    let dir = tempfile::tempdir()?;
+    let opts = UpOptions {
+        data_dir: dir.path().join("mesh"),
+        retry_time_unit: Some(Duration::from_millis(100)),
+        ..Default::default()
+    };
+    let first = Mesh::start(opts.clone()).await?;
+    let path = first.config_path.clone();
+    first.stop().await;
+    let mut doc: toml::Table = std::fs::read_to_string(&path)?.parse()?;
+    let vault = doc
+        .entry("vault")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let Some(vault) = vault.as_table_mut() else {
+        bail!("{}: [vault] is not a table", path.display());
+    };
+    vault.insert(
+        "block_size".into(),
+        toml::Value::Integer(i64::from(block_size)),
+    );
+    std::fs::write(&path, toml::to_string(&doc)?)?;
+    let mesh = Mesh::start(opts).await?;
+    anyhow::ensure!(
+        mesh.cfg.vault.block_size == block_size,
+        "the restarted mesh uses blocks of {} bytes",
+        mesh.cfg.vault.block_size
+    );
+    let ctl = Ctl::load(&mesh.config_path)?;
+    let t = TestMesh { mesh, dir, ctl };
+    t.wait_serving().await?;
+    Ok(t)
+}
+
+impl TestMesh {
+    /// Starts enable-protection with `policy` as given (frequency, resync window).
+    pub async fn protect_with(
+        &self,
+        name: &str,
+        policy: ferry_proto::common::v1::ReplicationPolicy,
+    ) -> anyhow::Result<Job> {
+        let req = reg::ProtectVmRequest {
+            name: name.into(),
+            policy: Some(policy),
+        };
+        Ok(self
+            .ctl
+            .registry()
+            .await?
+            .protect_vm(req)
+            .await?
+            .into_inner())
+    }
+
+    /// `Registry.ResyncVm`: the resync job started now (or the one already running).
+    pub async fn resync_vm(&self, name: &str) -> anyhow::Result<Job> {
+        Ok(self
+            .ctl
+            .registry()
+            .await?
+            .resync_vm(reg::ResyncVmRequest { name: name.into() })
+            .await?
+            .into_inner())
+    }
+
+    /// Waits until `vm` is in `state`, up to `timeout`; the VM as it was then.
+    pub async fn wait_vm_state(
+        &self,
+        vm: &str,
+        state: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<reg::Vm> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let v = self.vm(vm).await?;
+            if v.state == state {
+                return Ok(v);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{vm} is not {state} after {timeout:?}: {v:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The replication cycles of `vm` open in ingest now (their ids from the Redis keys
+    /// `ferry:kv:{ferry:cycle:<id>}`, their state and landed counters from `Ingest.GetCycle`).
+    pub async fn open_cycles(
+        &self,
+        vm: &str,
+    ) -> anyhow::Result<Vec<ferry_proto::ingest::v1::Cycle>> {
+        let port = self
+            .mesh
+            .redis()
+            .context("the mesh runs no redis of its own")?
+            .port();
+        let keys = run(Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(["--scan", "--pattern", "ferry:kv:{ferry:cycle:*}"]))?;
+        let mut ingest = ferry_proto::ingest::v1::ingest_client::IngestClient::new(
+            self.ctl.channel(ferry_mesh::Component::Ingest).await?,
+        );
+        let mut out = Vec::new();
+        for id in keys.lines().filter_map(|k| {
+            k.trim()
+                .strip_prefix("ferry:kv:{ferry:cycle:")
+                .and_then(|k| k.strip_suffix('}'))
+        }) {
+            // A cycle may end (and its key go) between the scan and the read.
+            let Ok(c) = ingest
+                .get_cycle(ferry_proto::ingest::v1::GetCycleRequest {
+                    cycle_id: id.into(),
+                })
+                .await
+            else {
+                continue;
+            };
+            let c = c.into_inner();
+            if c.vm == vm && c.state == "open" {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A policy of cycles every `frequency_seconds` whose resync window is closed now and for
+/// the next six hours (it opens six hours from now, local time), so a VM marked for resync
+/// waits for `ResyncVm` instead of the scheduler's automatic resync.
+pub fn policy_resync_window_closed(
+    frequency_seconds: u64,
+) -> ferry_proto::common::v1::ReplicationPolicy {
+    let now = chrono::Local::now();
+    let at = |h: i64| {
+        (now + chrono::Duration::hours(h))
+            .format("%H:%M")
+            .to_string()
+    };
+    ferry_proto::common::v1::ReplicationPolicy {
+        frequency_seconds,
+        resync_window_start: at(6),
+        resync_window_end: at(7),
+        ..Default::default()
+    }
+}
