@@ -13,7 +13,7 @@
 //! | `catalog/<ns>/<seq:020>.json` | [`catalog_key`], [`catalog_prefix`] | [`parse_catalog_key`] |
 //!
 //! Builders only format: they never fail. VM names and catalog namespaces are checked with
-//! [`check_segment`] by the store's point, merged-map and catalog operations, and every key,
+//! `check_segment` by the store's point, merged-map and catalog operations, and every key,
 //! whoever built it, is checked again by the store before any request (not empty, not
 //! absolute, no empty, `.` or `..` segment). Parsers are strict: a key of any other shape is
 //! `None`.
