@@ -1,0 +1,228 @@
+//! The gRPC face of the scheduler: work streams, completions, dispatch, queue listings.
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_mesh::Role;
+use ferry_proto::now_ms;
+use ferry_proto::registry::v1::ReportReplicationErrorRequest;
+use ferry_proto::scheduler::v1::{self as pb, WorkItem, scheduler_server::Scheduler};
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::work::QueuedWork;
+use crate::{SchedulerService, backoff};
+
+fn coord_status(e: ferry_coord::CoordError) -> Status {
+    tracing::warn!(error = %e, "redis operation failed");
+    Status::unavailable(format!("work queue unavailable: {e}"))
+}
+
+type WorkStream = Pin<Box<dyn Stream<Item = Result<WorkItem, Status>> + Send>>;
+
+/// The gRPC face of the service (a newtype: the orphan rule forbids `impl Trait for Arc<_>`).
+#[derive(Clone)]
+pub struct Api(pub Arc<SchedulerService>);
+
+impl std::ops::Deref for Api {
+    type Target = SchedulerService;
+    fn deref(&self) -> &SchedulerService {
+        &self.0
+    }
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl Scheduler for Api {
+    type WorkStreamStream = WorkStream;
+
+    async fn work_stream(&self, req: Request<pb::WorkStreamRequest>) -> R<WorkStream> {
+        let host = ferry_mesh::require_host(&req)?;
+        let requeued = self
+            .coord
+            .requeue_inflight(&host)
+            .await
+            .map_err(coord_status)?;
+        tracing::info!(host = %host, requeued, "agent connected to the work stream");
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<WorkItem, Status>>(4);
+        let me = self.0.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    _ = tx.closed() => break,
+                    _ = me.shutdown.cancelled() => break,
+                    n = me.coord.next_work(&host, Duration::from_secs(2)) => n,
+                };
+                match next {
+                    Ok(Some((id, payload))) => match serde_json::from_str::<QueuedWork>(&payload) {
+                        Ok(w) => {
+                            tracing::info!(host = %host, work = %id, vm = %w.vm, attempt = w.attempt, "work sent");
+                            let mut item = w.to_proto();
+                            item.retry_time_unit_ms = me.cfg.retry.time_unit.as_millis() as u64;
+                            if tx.send(Ok(item)).await.is_err() {
+                                // The agent left; the item stays in flight and is re-sent on reconnect.
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(work = %id, error = %e, "dropping unreadable work item");
+                            let _ = me.coord.ack_work(&host, &id).await;
+                        }
+                    },
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(host = %host, error = %e, "work queue read failed");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+            tracing::info!(host = %host, "work stream closed");
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn complete_work(
+        &self,
+        req: Request<pb::CompleteWorkRequest>,
+    ) -> R<pb::CompleteWorkResponse> {
+        let host = ferry_mesh::require_host(&req)?;
+        let req = req.into_inner();
+        if !req.host_name.is_empty() && req.host_name != host {
+            return Err(Status::permission_denied(format!(
+                "host {host} may not complete work {} of host {}",
+                req.work_id, req.host_name
+            )));
+        }
+        // Only the caller's own queue is searched: another host's work is never found here.
+        let items = self.coord.list_work(&host).await.map_err(coord_status)?;
+        let Some((_, _, payload)) = items.into_iter().find(|(id, _, _)| *id == req.work_id) else {
+            return Err(Status::not_found(format!(
+                "work {} is not queued for host {host}",
+                req.work_id
+            )));
+        };
+        let mut w: QueuedWork = serde_json::from_str(&payload)
+            .map_err(|e| Status::internal(format!("work {} is unreadable: {e}", req.work_id)))?;
+        self.coord
+            .ack_work(&host, &req.work_id)
+            .await
+            .map_err(coord_status)?;
+        if req.ok {
+            tracing::info!(host = %host, work = %req.work_id, vm = %w.vm, "work completed");
+        } else if req.recoverable {
+            let delay = backoff(w.attempt, self.cfg.retry.time_unit);
+            w.attempt += 1;
+            w.last_error = req.error.clone();
+            let due = now_ms() + delay.as_millis() as i64;
+            let payload = serde_json::to_string(&w).map_err(|e| Status::internal(e.to_string()))?;
+            self.coord
+                .schedule_retry(&w.id, due, &payload)
+                .await
+                .map_err(coord_status)?;
+            tracing::warn!(host = %host, work = %w.id, vm = %w.vm, attempt = w.attempt, delay_ms = delay.as_millis() as u64, error = %req.error, "work failed; retry scheduled");
+            let report = ReportReplicationErrorRequest {
+                vm: w.vm.clone(),
+                job_id: w.job_id.clone(),
+                error: req.error.clone(),
+                recoverable: true,
+                attempts: w.attempt - 1,
+                next_retry_ms: due,
+                ..Default::default()
+            };
+            self.report_error(&w, report).await;
+        } else {
+            tracing::warn!(host = %host, work = %w.id, vm = %w.vm, error = %req.error, resync_required = req.resync_required, "work failed; not recoverable");
+            let report = ReportReplicationErrorRequest {
+                vm: w.vm.clone(),
+                job_id: w.job_id.clone(),
+                error: req.error.clone(),
+                resync_required: req.resync_required,
+                attempts: w.attempt,
+                ..Default::default()
+            };
+            self.report_error(&w, report).await;
+        }
+        Ok(Response::new(pb::CompleteWorkResponse {}))
+    }
+
+    async fn dispatch(&self, req: Request<pb::DispatchRequest>) -> R<pb::DispatchResponse> {
+        ferry_mesh::require_service(&req)?;
+        let req = req.into_inner();
+        if req.host_name.is_empty() || req.vm.is_empty() {
+            return Err(Status::invalid_argument(
+                "dispatch needs a host_name and a vm",
+            ));
+        }
+        // One work item per job: a registry that resumes a job re-dispatches the same id.
+        let id = if req.job_id.is_empty() {
+            uuid::Uuid::new_v4().to_string()
+        } else {
+            format!("job-{}", req.job_id)
+        };
+        let w = QueuedWork {
+            id: id.clone(),
+            kind: req.kind,
+            vm: req.vm,
+            job_id: req.job_id,
+            attempt: 1,
+            created_at_ms: now_ms(),
+            host: req.host_name.clone(),
+            last_error: String::new(),
+            app_consistent: false,
+        };
+        // Work waiting for its retry stays there: dispatching it again (the registry does so
+        // periodically, to rebuild queues Redis lost) must not cut its backoff short.
+        if self
+            .coord
+            .pending_retry(&id)
+            .await
+            .map_err(coord_status)?
+            .is_some()
+        {
+            return Ok(Response::new(pb::DispatchResponse { work_id: id }));
+        }
+        let payload = serde_json::to_string(&w).map_err(|e| Status::internal(e.to_string()))?;
+        self.coord
+            .push_work(&req.host_name, &id, &payload)
+            .await
+            .map_err(coord_status)?;
+        tracing::debug!(host = %req.host_name, work = %id, vm = %w.vm, "work queued");
+        Ok(Response::new(pb::DispatchResponse { work_id: id }))
+    }
+
+    async fn list_queue(&self, req: Request<pb::ListQueueRequest>) -> R<pb::ListQueueResponse> {
+        ferry_mesh::require_role(&req, Role::Reader)?;
+        let host = req.into_inner().host_name;
+        if host.is_empty() {
+            return Err(Status::invalid_argument("list_queue needs a host_name"));
+        }
+        let entries = self
+            .coord
+            .list_work(&host)
+            .await
+            .map_err(coord_status)?
+            .into_iter()
+            .filter_map(|(_, state, payload)| {
+                let w: QueuedWork = serde_json::from_str(&payload).ok()?;
+                Some(pb::QueueEntry {
+                    item: Some(w.to_proto()),
+                    host_name: host.clone(),
+                    state,
+                    next_attempt_ms: 0,
+                    last_error: w.last_error,
+                })
+            })
+            .collect();
+        Ok(Response::new(pb::ListQueueResponse { entries }))
+    }
+
+    async fn reschedule(&self, req: Request<pb::RescheduleRequest>) -> R<pb::RescheduleResponse> {
+        ferry_mesh::require_service(&req)?;
+        Err(ferry_mesh::unimplemented(
+            "delta cycle scheduling (change tracking issue)",
+        ))
+    }
+}
