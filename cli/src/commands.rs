@@ -255,6 +255,7 @@ async fn vm(cli: &Cli, cmd: &VmCmd) -> anyhow::Result<ExitCode> {
                 if !v.last_error.is_empty() {
                     outln!("last error:  {}", v.last_error);
                 }
+                outln!("allowed:     {}", v.allowed_operations.join(", "));
                 if v.retry_attempts > 0 {
                     outln!(
                         "retrying:    attempt {} failed; next retry {}",

@@ -61,6 +61,7 @@ pub fn vm_json(v: &Vm) -> Value {
         "next_retry_time": time(v.next_retry_ms),
         "protection_job_id": v.protection_job_id,
         "failover_state": v.failover_state,
+        "allowed_operations": v.allowed_operations,
     })
 }
 

@@ -13,6 +13,7 @@
 //! stopped or died, or Redis lost its data) and resumes that job.
 
 pub mod error;
+mod allowed;
 mod job;
 pub mod records;
 pub mod service;

@@ -33,9 +33,14 @@ impl Failover for FailoverService {
         request: Request<TestFailoverRequest>,
     ) -> Result<Response<Job>, Status> {
         require_role(&request, Role::Operator)?;
+        let req = request.into_inner();
+        self.orchestrator
+            .require_allowed(&req.vm, ferry_model::Operation::TestFailover)
+            .await
+            .map_err(|e| to_status(&e))?;
         let job = self
             .orchestrator
-            .test_failover(request.into_inner())
+            .test_failover(req)
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(job))

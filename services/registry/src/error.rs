@@ -20,6 +20,9 @@ pub enum RegistryError {
     InvalidArgument(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The protection state machine does not allow it in the VM's state.
+    #[error(transparent)]
+    Refused(#[from] ferry_model::Refused),
     #[error("certificate authority: {0}")]
     Pki(String),
     #[error("catalog: {0}")]
@@ -37,7 +40,7 @@ impl ServiceError for RegistryError {
             Self::BadKey(_) | Self::KeyExpired { .. } => ErrorCode::Unauthenticated,
             Self::KeyReused { .. } | Self::HostRemoved(_) => ErrorCode::PermissionDenied,
             Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
-            Self::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
+            Self::FailedPrecondition(_) | Self::Refused(_) => ErrorCode::FailedPrecondition,
             Self::Store(e) if e.is_transient() => ErrorCode::Unavailable,
             Self::Pki(_) | Self::Store(_) | Self::Internal(_) => ErrorCode::Internal,
         }

@@ -6,11 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_mesh::{ClientTls, Component};
+use ferry_model::{Health, Operation, Transition, VmState};
 use ferry_proto::common::v1::{Job, JobStep, StepStatus};
 use ferry_proto::now_ms;
 use ferry_proto::scheduler::v1::{DispatchRequest, WorkKind, scheduler_client::SchedulerClient};
 
 use crate::error::RegistryError;
+use crate::lifecycle::{transition_event, vm_event};
 use crate::service::RegistryService;
 use crate::state::{Event, JobRecord, PolicyRecord};
 
@@ -67,19 +69,14 @@ impl RegistryService {
             }
         }
         let job = new_job(KIND_ENABLE, vm, &STEPS);
-        {
+        let enabling = {
             let st = self.state.lock().await;
             let v = st
                 .vms
                 .get(vm)
                 .ok_or_else(|| RegistryError::VmNotFound(vm.to_string()))?;
-            if v.state != "unprotected" && v.state != "error" {
-                return Err(RegistryError::FailedPrecondition(format!(
-                    "vm {vm} is already {} (job {})",
-                    v.state, v.protection_job_id
-                )));
-            }
-        }
+            vm_event(v, &Transition::ProtectionStarted)?
+        };
         self.persist(vec![
             Event::Job(JobRecord::encode(&job)),
             Event::VmProtection {
@@ -87,12 +84,7 @@ impl RegistryService {
                 policy,
                 job_id: job.id.clone(),
             },
-            Event::VmState {
-                vm: vm.to_string(),
-                state: "enabling".into(),
-                health: "normal".into(),
-                last_error: String::new(),
-            },
+            enabling,
         ])
         .await?;
         tracing::info!(vm, job = %job.id, "enable protection started");
@@ -206,13 +198,11 @@ impl RegistryService {
                     job.status = StepStatus::Failed as i32;
                     job.error = err.clone();
                     self.save_job(&job).await?;
-                    self.persist(vec![Event::VmState {
-                        vm: vm.clone(),
-                        state: "unprotected".into(),
-                        health: "critical".into(),
-                        last_error: err,
-                    }])
-                    .await?;
+                    let failed = Transition::ProtectionFailed { error: err };
+                    if let Err(e) = self.advance(&vm, failed).await {
+                        // The job has failed either way; the vm keeps the state it has.
+                        tracing::warn!(vm = %vm, error = %e, "vm state not changed for the failed protection");
+                    }
                     return Ok(());
                 }
             }
@@ -296,13 +286,8 @@ impl RegistryService {
     }
 
     async fn create_relationship(&self, vm: &str) -> Result<Outcome, RegistryError> {
-        self.persist(vec![Event::VmState {
-            vm: vm.to_string(),
-            state: "initial-replication".into(),
-            health: "normal".into(),
-            last_error: String::new(),
-        }])
-        .await?;
+        self.advance(vm, Transition::InitialReplicationStarted)
+            .await?;
         Ok(Outcome::Done)
     }
 
@@ -338,7 +323,7 @@ impl RegistryService {
                     if !v.last_point_id.is_empty() {
                         return Ok(Outcome::Done);
                     }
-                    if v.health == "critical" && !v.last_error.is_empty() {
+                    if v.health == Health::Critical && !v.last_error.is_empty() {
                         return Ok(Outcome::Failed(v.last_error.clone()));
                     }
                 }
@@ -403,13 +388,7 @@ impl RegistryService {
     }
 
     async fn finalize(&self, vm: &str) -> Result<Outcome, RegistryError> {
-        self.persist(vec![Event::VmState {
-            vm: vm.to_string(),
-            state: "protected".into(),
-            health: "normal".into(),
-            last_error: String::new(),
-        }])
-        .await?;
+        self.advance(vm, Transition::ProtectionFinalized).await?;
         // Delta cycles start at once; the scheduler also finds the VM on its next sync.
         if let Err(e) = self.reschedule(vm).await {
             tracing::debug!(vm, error = %e, "scheduler not told of the new protected vm; it will sync");
@@ -431,7 +410,7 @@ impl RegistryService {
     /// Starts a checksum resync of `vm` now, or returns the one already running.
     pub(crate) async fn start_resync(self: &Arc<Self>, vm: &str) -> Result<Job, RegistryError> {
         let job = new_job(KIND_RESYNC, vm, &["resync"]);
-        {
+        let resyncing = {
             let st = self.state.lock().await;
             let v = st
                 .vms
@@ -442,39 +421,20 @@ impl RegistryService {
             }) {
                 return Ok(running.clone());
             }
-            if !matches!(
-                v.state.as_str(),
-                "protected" | "resync-pending" | "resyncing"
-            ) {
-                return Err(RegistryError::FailedPrecondition(format!(
-                    "vm {vm} is {}; only a protected vm can be resynchronized",
-                    v.state
-                )));
-            }
-            if matches!(
-                v.failover_state.as_str(),
-                "planned" | "unplanned" | "committed"
-            ) {
-                return Err(RegistryError::FailedPrecondition(format!(
-                    "vm {vm} has failed over ({}); it replicates again after reprotect",
-                    v.failover_state
-                )));
-            }
+            // Failed-over VMs are in states that do not allow it: they replicate again
+            // after reprotect.
+            let resyncing = vm_event(v, &Transition::ResyncStarted)?;
             if st.hosts.get(&v.host).is_none_or(|h| h.removed) {
                 return Err(RegistryError::FailedPrecondition(format!(
                     "host {} of vm {vm} is not registered; register it again first",
                     v.host
                 )));
             }
-        }
+            resyncing
+        };
         self.persist(vec![
             Event::Job(JobRecord::encode(&job)),
-            Event::VmState {
-                vm: vm.to_string(),
-                state: "resyncing".into(),
-                health: "warning".into(),
-                last_error: String::new(),
-            },
+            resyncing,
             Event::VmRetry {
                 vm: vm.to_string(),
                 attempts: 0,
@@ -517,7 +477,7 @@ impl RegistryService {
                 }
                 st.vms
                     .get(&vm)
-                    .filter(|v| v.health == "critical" && !v.last_error.is_empty())
+                    .filter(|v| v.health == Health::Critical && !v.last_error.is_empty())
                     .map(|v| v.last_error.clone())
             };
             if let Some(err) = failed {
@@ -554,33 +514,24 @@ impl RegistryService {
                     )));
                 }
             }
-            if matches!(v.state.as_str(), "unprotected" | "enabling") {
-                return Err(RegistryError::FailedPrecondition(format!(
-                    "vm {vm} is {}; protect it again instead of repairing it",
-                    v.state
-                )));
-            }
-            let needs_resync = v.state == "resync-pending"
-                || (v.state == "resyncing"
+            v.check(Operation::Repair)?;
+            let needs_resync = v.state == VmState::ResyncPending
+                || (v.state == VmState::Resyncing
                     && !st.jobs.values().any(|j| {
                         j.kind == KIND_RESYNC
                             && j.target == vm
                             && j.status == StepStatus::Running as i32
                     }));
-            (v.state.clone(), needs_resync)
+            (v.state, needs_resync)
         };
         tracing::info!(vm, state = %state, needs_resync, "vm repaired by an operator");
         if needs_resync {
             self.start_resync(vm).await?;
             return Ok(());
         }
+        let repaired = transition_event(&*self.state.lock().await, vm, &Transition::Repaired)?;
         self.persist(vec![
-            Event::VmState {
-                vm: vm.to_string(),
-                state,
-                health: "normal".into(),
-                last_error: String::new(),
-            },
+            repaired,
             Event::VmRetry {
                 vm: vm.to_string(),
                 attempts: 0,

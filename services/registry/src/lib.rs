@@ -3,6 +3,7 @@
 //! `registry` catalog namespace in object storage (see [`state`]).
 mod error;
 mod jobs;
+mod lifecycle;
 mod service;
 pub mod state;
 

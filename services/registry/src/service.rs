@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_mesh::{Authenticator, Component, MeshConfig, Role};
+use ferry_model::{Health, Transition, VmState};
 use ferry_proto::common::v1::{Disk, Job, StepStatus};
 use ferry_proto::now_ms;
 use ferry_proto::registry::v1::{self as pb, registry_server::Registry};
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::error::RegistryError;
+use crate::lifecycle::{transition_event, vm_event};
 use crate::state::{DiskRecord, Event, HostRecord, JobRecord, KeyRecord, PolicyRecord, State};
 
 /// Hosts heartbeat this often; a host silent for three intervals is disconnected.
@@ -176,12 +178,13 @@ impl RegistryService {
             vm.last_cycle_bytes = bytes;
         }
         let every = v.policy.as_ref().map_or(0, |p| p.frequency_seconds);
-        if v.state == "protected"
-            && vm.health == "normal"
+        // A view only (nothing is persisted): late points show as a warning.
+        if v.state == VmState::Protected
+            && v.health == Health::Normal
             && every > 0
             && vm.rpo_seconds > 3 * every + 5
         {
-            vm.health = "warning".into();
+            vm.health = Health::Warning.to_string();
             if vm.last_error.is_empty() {
                 vm.last_error = format!(
                     "no recovery point for {} s (policy: every {every} s)",
@@ -212,8 +215,9 @@ fn vm_to_proto(v: &crate::state::VmRecord, site: String) -> pb::Vm {
         name: v.name.clone(),
         host: v.host.clone(),
         site,
-        state: v.state.clone(),
-        health: v.health.clone(),
+        state: v.state.to_string(),
+        health: v.health.to_string(),
+        allowed_operations: v.allowed_operations(),
         disks: v.disks.iter().map(Disk::from).collect(),
         policy: v.policy.as_ref().map(PolicyRecord::to_proto),
         rpo_seconds: rpo,
@@ -415,7 +419,7 @@ impl Registry for RegistryApi {
                 }
                 let disks: Vec<DiskRecord> = vm.disks.iter().map(DiskRecord::from).collect();
                 match st.vms.get(&vm.name) {
-                    Some(v) if v.host != host && v.state != "unprotected" => {
+                    Some(v) if v.host != host && v.state != VmState::Unprotected => {
                         tracing::warn!(vm = %vm.name, owner = %v.host, host = %host, "vm is protected from another host; inventory ignored");
                     }
                     Some(v) if v.host == host && v.disks == disks => {}
@@ -496,17 +500,17 @@ impl Registry for RegistryApi {
             for v in st
                 .vms
                 .values()
-                .filter(|v| v.host == name && v.state != "unprotected")
+                .filter(|v| v.host == name && v.state != VmState::Unprotected)
             {
-                events.push(Event::VmState {
-                    vm: v.name.clone(),
-                    state: v.state.clone(),
-                    health: "critical".into(),
-                    last_error: format!(
-                        "host {name} was removed from the vault and its certificate is refused; register the host again, then run `ferry vm repair {}`",
-                        v.name
-                    ),
-                });
+                events.push(vm_event(
+                    v,
+                    &Transition::HostRemoved {
+                        error: format!(
+                            "host {name} was removed from the vault and its certificate is refused; register the host again, then run `ferry vm repair {}`",
+                            v.name
+                        ),
+                    },
+                )?);
                 events.push(Event::VmRetry {
                     vm: v.name.clone(),
                     attempts: 0,
@@ -654,19 +658,14 @@ impl Registry for RegistryApi {
                 job.status = StepStatus::Succeeded as i32;
                 job.updated_at_ms = now_ms();
                 events.push(Event::Job(JobRecord::encode(&job)));
-                events.push(Event::VmState {
-                    vm: v.name.clone(),
-                    state: "protected".into(),
-                    health: "normal".into(),
-                    last_error: String::new(),
-                });
-            } else if v.health == "warning" && v.state == "protected" {
-                events.push(Event::VmState {
-                    vm: v.name.clone(),
-                    state: v.state.clone(),
-                    health: "normal".into(),
-                    last_error: String::new(),
-                });
+                events.push(vm_event(v, &Transition::ResyncCommitted)?);
+            } else {
+                let next = vm_event(v, &Transition::PointCommitted)?;
+                if !matches!(&next, Event::VmState { state, health, last_error, .. }
+                    if *state == v.state && *health == v.health && *last_error == v.last_error)
+                {
+                    events.push(next);
+                }
             }
         }
         self.persist(events).await?;
@@ -726,22 +725,17 @@ impl Registry for RegistryApi {
     ) -> R<pb::ReportReplicationErrorResponse> {
         ferry_mesh::require_service(&req)?;
         let req = req.into_inner();
-        let (state, health) = {
-            let st = self.state.lock().await;
-            let v = st
-                .vms
-                .get(&req.vm)
-                .ok_or_else(|| RegistryError::VmNotFound(req.vm.clone()))?;
-            if req.resync_required && matches!(v.state.as_str(), "protected" | "resyncing") {
-                // Never replicated from an inconsistent log: deltas stop until a resync
-                // (the scheduler starts it in the policy's window; `ferry vm resync` now).
-                ("resync-pending".to_string(), "warning".to_string())
-            } else if req.recoverable {
-                (v.state.clone(), "warning".to_string())
-            } else {
-                (v.state.clone(), "critical".to_string())
-            }
+        // Resync required: never replicated from an inconsistent log; deltas stop until a
+        // resync (the scheduler starts it in the policy's window; `ferry vm resync` now).
+        let error = req.error.clone();
+        let t = if req.resync_required {
+            Transition::ResyncRequired { error }
+        } else if req.recoverable {
+            Transition::RecoverableError { error }
+        } else {
+            Transition::PermanentError { error }
         };
+        let state_event = transition_event(&*self.state.lock().await, &req.vm, &t)?;
         tracing::warn!(vm = %req.vm, recoverable = req.recoverable, resync_required = req.resync_required, attempts = req.attempts, error = %req.error, "replication error");
         let (attempts, next_retry_ms) = if req.recoverable {
             (req.attempts.max(1), req.next_retry_ms)
@@ -749,12 +743,7 @@ impl Registry for RegistryApi {
             (0, 0)
         };
         self.persist(vec![
-            Event::VmState {
-                vm: req.vm.clone(),
-                state,
-                health,
-                last_error: req.error,
-            },
+            state_event,
             Event::VmRetry {
                 vm: req.vm,
                 attempts,

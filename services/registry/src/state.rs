@@ -3,6 +3,7 @@
 //! crash at any instant leaves either the old or the new state (DESIGN §3).
 use std::collections::BTreeMap;
 
+use ferry_model::protection as lc;
 use ferry_proto::common::v1::{Disk, Job, ReplicationPolicy};
 use serde::{Deserialize, Serialize};
 
@@ -32,8 +33,9 @@ pub struct VmRecord {
     pub name: String,
     pub host: String,
     pub disks: Vec<DiskRecord>,
-    pub state: String,
-    pub health: String,
+    /// Stored as the state machine's kebab-case names, as before it existed.
+    pub state: lc::VmState,
+    pub health: lc::Health,
     pub policy: Option<PolicyRecord>,
     pub protection_job_id: String,
     pub last_point_id: String,
@@ -254,10 +256,11 @@ pub enum Event {
         #[serde(default)]
         at_ms: i64,
     },
+    /// Written only with what [`lc::Lifecycle::apply`] decided (see `lifecycle.rs`).
     VmState {
         vm: String,
-        state: String,
-        health: String,
+        state: lc::VmState,
+        health: lc::Health,
         last_error: String,
     },
     VmProtection {
@@ -334,8 +337,8 @@ impl State {
                     name: vm.clone(),
                     host: host.clone(),
                     disks: Vec::new(),
-                    state: "unprotected".into(),
-                    health: "normal".into(),
+                    state: lc::VmState::Unprotected,
+                    health: lc::Health::Normal,
                     policy: None,
                     protection_job_id: String::new(),
                     last_point_id: String::new(),
@@ -362,8 +365,8 @@ impl State {
                 last_error,
             } => {
                 if let Some(v) = self.vms.get_mut(vm) {
-                    v.state = state.clone();
-                    v.health = health.clone();
+                    v.state = *state;
+                    v.health = *health;
                     v.last_error = last_error.clone();
                 }
             }

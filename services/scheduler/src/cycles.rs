@@ -4,13 +4,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_mesh::{ClientTls, Component};
+use ferry_model::{Health, VmState};
 use ferry_proto::now_ms;
 use ferry_proto::registry::v1::{ListVmsRequest, registry_client::RegistryClient};
 use ferry_proto::scheduler::v1 as pb;
 
-use crate::SchedulerService;
 use crate::leader;
 use crate::work::QueuedWork;
+use crate::{SchedulerService, lifecycle_of};
 
 #[derive(Clone, Debug)]
 pub(crate) struct CycleSchedule {
@@ -180,10 +181,9 @@ impl SchedulerService {
         self.start_due_resyncs(&vms).await;
         let mut cycles = self.cycles.lock().await;
         let mut keep = std::collections::HashSet::new();
-        for v in vms
-            .into_iter()
-            .filter(|v| v.state == "protected" && v.health != "critical")
-        {
+        for v in vms.into_iter().filter(|v| {
+            lifecycle_of(v).is_some_and(|(s, h)| s == VmState::Protected && h != Health::Critical)
+        }) {
             let every = Duration::from_secs(
                 v.policy
                     .as_ref()

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use ferry_coord::Coord;
 use ferry_mesh::MeshConfig;
+use ferry_model::{Health, VmState};
 use ferry_proto::scheduler::v1 as pb;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -79,4 +80,10 @@ pub async fn run(
     )
     .await?;
     Ok(())
+}
+
+/// A VM's state and health from the registry's wire strings (the one conversion); a name this
+/// build does not know (a newer registry) counts as neither.
+pub(crate) fn lifecycle_of(v: &ferry_proto::registry::v1::Vm) -> Option<(VmState, Health)> {
+    Some((v.state.parse().ok()?, v.health.parse().ok()?))
 }

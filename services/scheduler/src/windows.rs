@@ -1,16 +1,20 @@
 //! Resync windows: VMs marked for resync get their resync started when their policy's
 //! window opens.
 use ferry_mesh::{ClientTls, Component};
+use ferry_model::VmState;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 
-use crate::SchedulerService;
+use crate::{SchedulerService, lifecycle_of};
 
 impl SchedulerService {
     /// VMs marked for resync whose policy window is open now get their resync started (the
     /// registry answers with the running job when one already runs).
     pub(crate) async fn start_due_resyncs(&self, vms: &[ferry_proto::registry::v1::Vm]) {
         let now = chrono::Local::now().time();
-        for v in vms.iter().filter(|v| v.state == "resync-pending") {
+        for v in vms
+            .iter()
+            .filter(|v| lifecycle_of(v).is_some_and(|(s, _)| s == VmState::ResyncPending))
+        {
             let (start, end) = v.policy.as_ref().map_or(("18:30", "06:00"), |p| {
                 (p.resync_window_start.as_str(), p.resync_window_end.as_str())
             });
