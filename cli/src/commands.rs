@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use ferry::ctl::{Ctl, status_err};
 use ferry::outln;
-use ferry::output::{self, bytes, job_json, table, time, vm_json};
+use ferry::output::{self, bytes, job_json, print_json, table, time, vm_json};
 use ferry::up::{Mesh, UpOptions};
 use ferry_mesh::Component;
 use ferry_proto::common::v1::{Job, StepStatus};
@@ -14,11 +14,6 @@ use ferry_proto::failover::v1::{CleanupTestFailoverRequest, TestFailoverRequest}
 use ferry_proto::registry::v1 as reg;
 
 use crate::{Cli, Cmd, FailoverCmd, HostCmd, JobsCmd, OutputFormat, VaultCmd, VmCmd};
-
-fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
-    outln!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
-}
 
 fn ctl(cli: &Cli) -> anyhow::Result<Ctl> {
     let path = cli

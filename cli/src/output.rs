@@ -149,6 +149,12 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
+/// Pretty JSON on stdout (`-o json`).
+pub fn print_json(v: &Value) -> anyhow::Result<()> {
+    crate::outln!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
 /// Writes a line to stdout. A reader that went away (`ferry … -o json | head`) ends the
 /// command quietly with status 0, as Unix tools do, instead of the panic `println!` gives.
 pub fn emit(line: std::fmt::Arguments<'_>) {

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use ferry::ctl::{Ctl, status_err};
 use ferry::outln;
-use ferry::output::{point_json, table, time};
+use ferry::output::{point_json, print_json, table, time};
 use ferry::verify::{Verdict, check_points};
 use ferry_proto::common::v1::RecoveryPoint;
 use ferry_proto::registry::v1::GetVmRequest;
@@ -26,11 +26,6 @@ async fn points(c: &Ctl, vm: &str) -> anyhow::Result<Vec<RecoveryPoint>> {
         .map_err(|s| status_err("listing recovery points", s))?
         .into_inner()
         .points)
-}
-
-fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
-    outln!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
 }
 
 async fn list(c: &Ctl, vm: &str, output: OutputFormat) -> anyhow::Result<ExitCode> {

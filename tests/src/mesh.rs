@@ -45,6 +45,15 @@ impl TestMesh {
         Ok(t)
     }
 
+    /// Runs the `ferry` binary against this mesh (`ferry --config D/ferry.toml ARGS`).
+    pub fn ferry_cli(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        Ok(Command::new(crate::bin("ferry")?)
+            .arg("--config")
+            .arg(&self.mesh.config_path)
+            .args(args)
+            .output()?)
+    }
+
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }

@@ -247,7 +247,7 @@ async fn another_hosts_certificate_reaches_nothing_of_a_vm() -> anyhow::Result<(
     assert!(points.iter().all(|p| p.host == "hva"), "{points:?}");
     let vm = t.vm("web01").await?;
     assert_eq!(vm.health, "normal", "{vm:?}");
-    let verify = ferry_cli(&t, &["points", "verify", "web01", "-o", "json"])?;
+    let verify = t.ferry_cli(&["points", "verify", "web01", "-o", "json"])?;
     assert!(verify.status.success(), "{verify:?}");
     let report: serde_json::Value = serde_json::from_slice(&verify.stdout)?;
     assert_eq!(report["flagged"], 0, "{report}");
@@ -261,7 +261,7 @@ async fn another_hosts_certificate_reaches_nothing_of_a_vm() -> anyhow::Result<(
     // A point committed by another host (what a forger could do before cycles were scoped,
     // made here with the service certificate and hvb's name on the lease) is flagged.
     forge_point(&t, &web01.disks[0]).await?;
-    let verify = ferry_cli(&t, &["points", "verify", "web01", "-o", "json"])?;
+    let verify = t.ferry_cli(&["points", "verify", "web01", "-o", "json"])?;
     assert!(!verify.status.success(), "verify fails on a forged point");
     let report: serde_json::Value = serde_json::from_slice(&verify.stdout)?;
     assert_eq!(report["flagged"], 1, "{report}");
@@ -385,13 +385,4 @@ fn grpcurl_begin_refused(
         "{text}"
     );
     Ok(())
-}
-
-/// Runs the `ferry` binary against the test mesh.
-fn ferry_cli(t: &TestMesh, args: &[&str]) -> anyhow::Result<std::process::Output> {
-    Ok(Command::new(bin("ferry")?)
-        .arg("--config")
-        .arg(&t.mesh.config_path)
-        .args(args)
-        .output()?)
 }

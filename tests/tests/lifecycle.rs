@@ -1,7 +1,6 @@
 //! The protection state machine at the edges: `ferry vm show -o json` lists the operations
 //! the VM's state allows, and an operation it does not allow (a test failover of a VM that is
 //! not protected yet) is refused with FAILED_PRECONDITION naming the state and what it allows.
-use std::process::Command;
 use std::time::Duration;
 
 use ferry_proto::common::v1::StepStatus;
@@ -9,11 +8,7 @@ use ferry_proto::failover::v1::TestFailoverRequest;
 use ferry_tests::*;
 
 fn vm_show(t: &TestMesh, vm: &str) -> anyhow::Result<serde_json::Value> {
-    let out = Command::new(bin("ferry")?)
-        .arg("--config")
-        .arg(&t.mesh.config_path)
-        .args(["vm", "show", vm, "-o", "json"])
-        .output()?;
+    let out = t.ferry_cli(&["vm", "show", vm, "-o", "json"])?;
     anyhow::ensure!(out.status.success(), "ferry vm show: {out:?}");
     Ok(serde_json::from_slice(&out.stdout)?)
 }
@@ -66,12 +61,8 @@ async fn operations_follow_the_state_machine() -> anyhow::Result<()> {
         !t.path("tf").exists(),
         "nothing was written for a refused test failover"
     );
-    let cli = Command::new(bin("ferry")?)
-        .arg("--config")
-        .arg(&t.mesh.config_path)
-        .args(["failover", "test", "web01", "--target"])
-        .arg(t.path("tf"))
-        .output()?;
+    let target = t.path("tf").display().to_string();
+    let cli = t.ferry_cli(&["failover", "test", "web01", "--target", &target])?;
     assert!(!cli.status.success());
     assert!(String::from_utf8_lossy(&cli.stderr).contains("allowed: enable-protection"));
 

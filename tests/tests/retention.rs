@@ -5,7 +5,6 @@
 //! fail over identical to the disk as it was at their time. And out-of-range policies are
 //! refused, by the CLI before it calls the registry and by the registry itself.
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use ferry_proto::common::v1::{RecoveryPoint, ReplicationPolicy, StepStatus};
@@ -250,14 +249,6 @@ async fn old_points_are_thinned_and_every_kept_point_fails_over_identical() -> a
     Ok(())
 }
 
-fn ferry_cli(t: &TestMesh, args: &[&str]) -> anyhow::Result<std::process::Output> {
-    Ok(Command::new(bin("ferry")?)
-        .arg("--config")
-        .arg(&t.mesh.config_path)
-        .args(args)
-        .output()?)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_range_policies_are_refused_with_the_allowed_range() -> anyhow::Result<()> {
     let t = TestMesh::start().await?;
@@ -285,7 +276,7 @@ async fn out_of_range_policies_are_refused_with_the_allowed_range() -> anyhow::R
     ] {
         let mut argv = vec!["vm", "protect", VM];
         argv.extend_from_slice(args);
-        let out = ferry_cli(&t, &argv)?;
+        let out = t.ferry_cli(&argv)?;
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{argv:?} succeeded");
         assert!(err.contains(want), "{argv:?}: {err}");
@@ -295,10 +286,7 @@ async fn out_of_range_policies_are_refused_with_the_allowed_range() -> anyhow::R
         );
     }
     // A valid policy reaches the registry (which does not know the VM).
-    let out = ferry_cli(
-        &t,
-        &["vm", "protect", VM, "--keep-all", "10s", "--thin-to", "5s"],
-    )?;
+    let out = t.ferry_cli(&["vm", "protect", VM, "--keep-all", "10s", "--thin-to", "5s"])?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("not known"), "{err}");
 

@@ -12,8 +12,8 @@
 //! the catalog for records with a job in progress whose lease is free (the replica running it
 //! stopped or died, or Redis lost its data) and resumes that job.
 
-pub mod error;
 mod allowed;
+pub mod error;
 mod job;
 pub mod records;
 pub mod service;
