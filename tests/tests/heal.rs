@@ -141,6 +141,17 @@ async fn gateway_outage_backs_off_then_catches_up() -> anyhow::Result<()> {
         })
         .await?
         .into_inner();
+    let waiting: Vec<_> = queue
+        .entries
+        .iter()
+        .filter(|e| e.item.as_ref().is_some_and(|i| i.vm == "web"))
+        .collect();
+    assert!(
+        waiting
+            .iter()
+            .any(|e| e.state == "retry" && e.next_attempt_ms > 0 && !e.last_error.is_empty()),
+        "the cycle waits in the retry set with its due time and error: {queue:?}"
+    );
     let before = point_count(&t, "web").await?;
 
     // The gateway comes back: the next retry (at most 30 units away) catches up by itself.

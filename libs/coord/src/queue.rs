@@ -289,6 +289,39 @@ impl Coord {
         Ok(payload.map(|p| (due as i64, p)))
     }
 
+    /// Up to `max` retries waiting, earliest first: `(id, due_ms, payload)` (for listing; the
+    /// retry loop takes them with [`Coord::take_due`]).
+    pub async fn pending_retries(
+        &self,
+        max: usize,
+    ) -> Result<Vec<(String, i64, String)>, CoordError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        let due: Vec<(String, f64)> = redis::cmd("ZRANGE")
+            .arg(RETRY_DUE)
+            .arg(0)
+            .arg(max as i64 - 1)
+            .arg("WITHSCORES")
+            .query_async(&mut conn)
+            .await?;
+        if due.is_empty() {
+            return Ok(Vec::new());
+        }
+        let payloads: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(RETRY_PAYLOAD)
+            .arg(due.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>())
+            .query_async(&mut conn)
+            .await?;
+        // A retry taken between the two reads has no payload any more: it is not waiting.
+        Ok(due
+            .into_iter()
+            .zip(payloads)
+            .filter_map(|((id, at), p)| Some((id, at as i64, p?)))
+            .collect())
+    }
+
     /// Removes and returns up to `max` retries due at `now_ms`, earliest first.
     pub async fn take_due(
         &self,

@@ -6,8 +6,7 @@ use ferry_coord::{Coord, CoordError, RedisServer, redis_server_available};
 
 async fn setup() -> Option<(tempfile::TempDir, RedisServer, Coord)> {
     if !redis_server_available() {
-        eprintln!("redis-server not installed; skipping");
-        return None;
+        panic!("redis-server is required (deploy/test.sh installs it)");
     }
     let dir = tempfile::tempdir().unwrap();
     let server = RedisServer::start(dir.path()).unwrap();
@@ -358,6 +357,34 @@ async fn retry_queue_returns_due_items_in_due_order() {
 }
 
 #[tokio::test]
+async fn pending_retries_list_what_waits_earliest_first() {
+    let Some((_d, _s, coord)) = setup().await else {
+        return;
+    };
+    assert!(coord.pending_retries(10).await.unwrap().is_empty());
+    coord.schedule_retry("b", 2_000, "pb").await.unwrap();
+    coord.schedule_retry("a", 1_000, "pa").await.unwrap();
+    coord.schedule_retry("c", 3_000, "pc").await.unwrap();
+    assert_eq!(
+        coord.pending_retries(2).await.unwrap(),
+        vec![
+            ("a".into(), 1_000, "pa".into()),
+            ("b".into(), 2_000, "pb".into())
+        ]
+    );
+    assert!(coord.pending_retries(0).await.unwrap().is_empty());
+    // Listing takes nothing; taking removes from the list.
+    coord.take_due(1_500, 10).await.unwrap();
+    assert_eq!(
+        coord.pending_retries(10).await.unwrap(),
+        vec![
+            ("b".into(), 2_000, "pb".into()),
+            ("c".into(), 3_000, "pc".into())
+        ]
+    );
+}
+
+#[tokio::test]
 async fn kv_cache_expires() {
     let Some((_d, _s, coord)) = setup().await else {
         return;
@@ -454,9 +481,10 @@ async fn concurrent_acquirers_have_exactly_one_winner() {
 
 #[test]
 fn dropping_the_server_kills_the_child() {
-    if !redis_server_available() {
-        return;
-    }
+    assert!(
+        redis_server_available(),
+        "redis-server is required (deploy/test.sh installs it)"
+    );
     let dir = tempfile::tempdir().unwrap();
     let server = RedisServer::start(dir.path()).unwrap();
     let pid = server.pid();

@@ -7,8 +7,7 @@ use ferry_coord::{Coord, CoordError, RedisServer, SlotPush, redis_server_availab
 
 async fn setup() -> Option<(tempfile::TempDir, RedisServer, Coord)> {
     if !redis_server_available() {
-        eprintln!("redis-server not installed; skipping");
-        return None;
+        panic!("redis-server is required (deploy/test.sh installs it)");
     }
     let dir = tempfile::tempdir().unwrap();
     let server = RedisServer::start(dir.path()).unwrap();

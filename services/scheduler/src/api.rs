@@ -11,6 +11,9 @@ use futures::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::work::QueuedWork;
+
+/// Retries read for one `ListQueue` (the retry set is shared by every host).
+const LIST_RETRIES_MAX: usize = 10_000;
 use crate::{SchedulerService, backoff};
 
 fn coord_status(e: ferry_coord::CoordError) -> Status {
@@ -199,23 +202,36 @@ impl Scheduler for Api {
         if host.is_empty() {
             return Err(Status::invalid_argument("list_queue needs a host_name"));
         }
-        let entries = self
+        let entry = |state: String, next_attempt_ms: i64, payload: &str| {
+            let w: QueuedWork = serde_json::from_str(payload).ok()?;
+            Some(pb::QueueEntry {
+                item: Some(w.to_proto()),
+                host_name: w.host.clone(),
+                state,
+                next_attempt_ms,
+                last_error: w.last_error,
+            })
+        };
+        let mut entries: Vec<pb::QueueEntry> = self
             .coord
             .list_work(&host)
             .await
             .map_err(coord_status)?
             .into_iter()
-            .filter_map(|(_, state, payload)| {
-                let w: QueuedWork = serde_json::from_str(&payload).ok()?;
-                Some(pb::QueueEntry {
-                    item: Some(w.to_proto()),
-                    host_name: host.clone(),
-                    state,
-                    next_attempt_ms: 0,
-                    last_error: w.last_error,
-                })
-            })
+            .filter_map(|(_, state, payload)| entry(state, 0, &payload))
             .collect();
+        // Work waiting for its backoff sits in the (global) retry set, not the host's queue.
+        let retries = self
+            .coord
+            .pending_retries(LIST_RETRIES_MAX)
+            .await
+            .map_err(coord_status)?;
+        entries.extend(
+            retries
+                .into_iter()
+                .filter_map(|(_, due, payload)| entry("retry".into(), due, &payload))
+                .filter(|e| e.host_name == host),
+        );
         Ok(Response::new(pb::ListQueueResponse { entries }))
     }
 

@@ -102,8 +102,7 @@ mod tests {
     #[tokio::test]
     async fn one_leader_at_a_time_and_takeover() {
         if !ferry_coord::redis_server_available() {
-            eprintln!("redis-server not installed; skipping");
-            return;
+            panic!("redis-server is required (deploy/test.sh installs it)");
         }
         let dir = tempfile::tempdir().unwrap();
         let server = ferry_coord::RedisServer::start(dir.path()).unwrap();
