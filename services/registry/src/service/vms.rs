@@ -1,0 +1,100 @@
+//! VMs: listing and showing them, and the operator's protect, resync and repair requests,
+//! plus the failover service's record of a VM's failover state.
+use std::sync::Arc;
+
+use ferry_mesh::Role;
+use ferry_proto::common::v1::Job;
+use ferry_proto::registry::v1 as pb;
+use tonic::{Request, Response};
+
+use super::{R, RegistryService};
+use crate::error::RegistryError;
+use crate::state::{Event, PolicyRecord};
+
+impl RegistryService {
+    pub(super) async fn list_vms(
+        &self,
+        req: Request<pb::ListVmsRequest>,
+    ) -> R<pb::ListVmsResponse> {
+        ferry_mesh::require_role(&req, Role::Reader)?;
+        let st = self.state.lock().await;
+        let vms = st
+            .vms
+            .values()
+            .map(|v| {
+                self.vm_view(
+                    v,
+                    st.hosts
+                        .get(&v.host)
+                        .map(|h| h.site.clone())
+                        .unwrap_or_default(),
+                )
+            })
+            .collect();
+        Ok(Response::new(pb::ListVmsResponse { vms }))
+    }
+
+    pub(super) async fn get_vm(&self, req: Request<pb::GetVmRequest>) -> R<pb::Vm> {
+        ferry_mesh::require_role(&req, Role::Reader)?;
+        Ok(Response::new(self.vm_proto(&req.into_inner().name).await?))
+    }
+
+    pub(super) async fn protect_vm(self: &Arc<Self>, req: Request<pb::ProtectVmRequest>) -> R<Job> {
+        ferry_mesh::require_role(&req, Role::Operator)?;
+        let req = req.into_inner();
+        let job = self
+            .start_protection(&req.name, PolicyRecord::from_proto(req.policy.as_ref()))
+            .await?;
+        Ok(Response::new(job))
+    }
+
+    pub(super) async fn unprotect_vm(&self, req: Request<pb::UnprotectVmRequest>) -> R<Job> {
+        ferry_mesh::require_role(&req, Role::Operator)?;
+        Err(ferry_mesh::unimplemented(
+            "disabling protection (delta replication issue)",
+        ))
+    }
+
+    pub(super) async fn update_policy(&self, req: Request<pb::UpdatePolicyRequest>) -> R<pb::Vm> {
+        ferry_mesh::require_role(&req, Role::Operator)?;
+        Err(ferry_mesh::unimplemented(
+            "changing a protected vm's policy (delta replication issue)",
+        ))
+    }
+
+    pub(super) async fn resync_vm(self: &Arc<Self>, req: Request<pb::ResyncVmRequest>) -> R<Job> {
+        // Operators start one now; the scheduler starts automatic ones in the resync window.
+        if !matches!(ferry_mesh::caller(&req), ferry_mesh::Caller::Service(_)) {
+            ferry_mesh::require_role(&req, Role::Operator)?;
+        }
+        let name = req.into_inner().name;
+        Ok(Response::new(self.start_resync(&name).await?))
+    }
+
+    pub(super) async fn repair_vm(
+        self: &Arc<Self>,
+        req: Request<pb::RepairVmRequest>,
+    ) -> R<pb::Vm> {
+        ferry_mesh::require_role(&req, Role::Operator)?;
+        let name = req.into_inner().name;
+        self.repair(&name).await?;
+        Ok(Response::new(self.vm_proto(&name).await?))
+    }
+
+    pub(super) async fn set_failover_state(
+        &self,
+        req: Request<pb::SetFailoverStateRequest>,
+    ) -> R<pb::Vm> {
+        ferry_mesh::require_service(&req)?;
+        let req = req.into_inner();
+        if !self.state.lock().await.vms.contains_key(&req.vm) {
+            return Err(RegistryError::VmNotFound(req.vm).into());
+        }
+        self.persist(vec![Event::VmFailover {
+            vm: req.vm.clone(),
+            failover_state: req.failover_state,
+        }])
+        .await?;
+        Ok(Response::new(self.vm_proto(&req.vm).await?))
+    }
+}
