@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use ferry_proto::common::v1::ReplicationPolicy;
 
-const MAX_FREQUENCY: Duration = Duration::from_secs(24 * 3600);
-const MAX_RETENTION_HOURS: u64 = 8760;
+use ferry_model::policy::{MAX_FREQUENCY_SECONDS, MAX_RETENTION_HOURS};
+
+const MAX_FREQUENCY: Duration = Duration::from_secs(MAX_FREQUENCY_SECONDS);
 
 /// The protect command's policy flags as given.
 pub struct PolicyFlags {

@@ -122,12 +122,10 @@ pub struct PolicyRecord {
 }
 
 /// Policy defaults and limits (a 0 in the request means the default).
-pub const DEFAULT_FREQUENCY_SECONDS: u64 = 300;
-pub const MAX_FREQUENCY_SECONDS: u64 = 24 * 3600;
-pub const DEFAULT_RETENTION_HOURS: u64 = 24;
-pub const MAX_RETENTION_HOURS: u64 = 8760;
-pub const DEFAULT_KEEP_ALL_SECONDS: u64 = 3600;
-pub const DEFAULT_THIN_TO_SECONDS: u64 = 300;
+pub use ferry_model::policy::{
+    DEFAULT_FREQUENCY_SECONDS, DEFAULT_KEEP_ALL_SECONDS, DEFAULT_RETENTION_HOURS,
+    DEFAULT_THIN_TO_SECONDS, MAX_FREQUENCY_SECONDS, MAX_RETENTION_HOURS,
+};
 
 fn default_keep_all() -> u64 {
     DEFAULT_KEEP_ALL_SECONDS

@@ -46,9 +46,11 @@ pub const READER_STALE: Duration = Duration::from_secs(6 * 3600);
 /// Default age below which an unreferenced object is never collected.
 pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(3600);
 /// Default window in which every point is kept (at most the retention window).
-pub const DEFAULT_KEEP_ALL: Duration = Duration::from_secs(3600);
+pub const DEFAULT_KEEP_ALL: Duration =
+    Duration::from_secs(ferry_model::policy::DEFAULT_KEEP_ALL_SECONDS);
 /// Default interval older points are thinned to.
-pub const DEFAULT_THIN_TO: Duration = Duration::from_secs(300);
+pub const DEFAULT_THIN_TO: Duration =
+    Duration::from_secs(ferry_model::policy::DEFAULT_THIN_TO_SECONDS);
 
 /// Which of a VM's points retention keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +116,18 @@ pub struct Candidate {
     pub app: bool,
     /// Being read by a failover or restore (kept while read).
     pub held: bool,
+}
+
+impl Candidate {
+    /// A committed point; `held` when a reader marker names it.
+    pub fn of(p: &PointManifest, held: bool) -> Self {
+        Self {
+            seq: p.seq,
+            time_ms: p.time_ms,
+            app: p.consistency == "app",
+            held,
+        }
+    }
 }
 
 fn millis(d: Duration) -> i64 {
@@ -246,12 +260,7 @@ impl Writer {
         let reading = self.read_points(vm).await?;
         let candidates: Vec<Candidate> = points
             .iter()
-            .map(|p| Candidate {
-                seq: p.seq,
-                time_ms: p.time_ms,
-                app: p.consistency == "app",
-                held: reading.contains(&p.id),
-            })
+            .map(|p| Candidate::of(p, reading.contains(&p.id)))
             .collect();
         let doomed_seqs: HashSet<u64> =
             select_pruned(&candidates, chrono::Utc::now().timestamp_millis(), &policy)

@@ -482,15 +482,7 @@ async fn thinned_middle_points_leave_every_kept_point_identical() {
     // times are fixed now and nothing is younger than keep_all = 0, so the choice is known:
     // take the shortest interval that prunes a point whose merged map later points built on.
     let points = e.store.list_points(VM).await.unwrap();
-    let candidates: Vec<Candidate> = points
-        .iter()
-        .map(|p| Candidate {
-            seq: p.seq,
-            time_ms: p.time_ms,
-            app: p.consistency == "app",
-            held: false,
-        })
-        .collect();
+    let candidates: Vec<Candidate> = points.iter().map(|p| Candidate::of(p, false)).collect();
     let now = chrono::Utc::now().timestamp_millis() + 1;
     let (thin, expected) = [150u64, 200, 300, 400, 600]
         .into_iter()
