@@ -1,81 +1,25 @@
 //! Merging shipped logs into block maps: exactness against replay, commits after a merge,
 //! the background merger, retention with merged maps, interrupted and failed merges. Real
 //! `.hrl` files (`ferry_disk::hrl::HrlWriter`), a local-filesystem store and `redis-server`.
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ferry_coord::{Coord, RedisServer};
 use ferry_proto::common::v1::{Disk, ShippedLog};
 use ferry_proto::storage::v1::{
     BlockEntry, BlockHashesRequest, CommitDisk, CommitPointRequest, MaterializeDiskRequest,
 };
 use ferry_storage_writer::{Writer, WriterError};
 use ferry_store::object_store::ObjectStore;
-use ferry_store::{
-    ChunkId, Store, UnreliableStore, VaultKey, chunk_id, chunk_key, is_zero, merged_key, seal_chunk,
-};
+use ferry_store::{ChunkId, Store, UnreliableStore, chunk_id, chunk_key, is_zero, merged_key};
 use tokio_util::sync::CancellationToken;
 
-const BS: u32 = 64 * 1024;
-const BSU: usize = BS as usize;
+mod common;
+use common::*;
+
 /// Ten full blocks and a partial eleventh (a multiple of 512).
 const VSIZE: u64 = 10 * BS as u64 + 12 * 1024;
-const VM: &str = "web";
-const DISK: &str = "d1";
-
-struct Env {
-    dir: tempfile::TempDir,
-    writer: Writer,
-    store: Store,
-    key: VaultKey,
-    coord: Coord,
-    token: u64,
-    /// The latest log's unique id (the next log's previous id).
-    chain: uuid::Uuid,
-    /// The disk as the source holds it now.
-    disk: Vec<u8>,
-    logs: usize,
-    _redis: RedisServer,
-}
-
-fn local_store(dir: &Path) -> Store {
-    Store::from_url(&format!(
-        "file://{}?fsync=false",
-        dir.join("store").display()
-    ))
-    .unwrap()
-}
-
-async fn env_with(store: impl FnOnce(&Path) -> Store) -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(dir.path());
-    let redis = RedisServer::start(&dir.path().join("redis")).unwrap();
-    let coord = Coord::connect(&redis.url()).await.unwrap();
-    let key = VaultKey::generate();
-    std::fs::create_dir(dir.path().join("spool")).unwrap();
-    let writer = Writer::new(store.clone(), coord.clone(), key.clone())
-        .with_spool_dir(dir.path().join("spool"));
-    let token = coord
-        .acquire_lease(DISK, "agent-a", std::time::Duration::from_secs(600))
-        .await
-        .unwrap()
-        .token;
-    Env {
-        dir,
-        writer,
-        store,
-        key,
-        coord,
-        token,
-        chain: uuid::Uuid::nil(),
-        disk: vec![0; VSIZE as usize],
-        logs: 0,
-        _redis: redis,
-    }
-}
 
 async fn env() -> Env {
-    env_with(local_store).await
+    env_with(VSIZE, local_store).await
 }
 
 /// A recognisable, non-zero pattern.
@@ -129,17 +73,6 @@ fn request(
 }
 
 impl Env {
-    async fn put(&self, data: &[u8]) -> ChunkId {
-        let id = chunk_id(&self.key, data);
-        let sealed = seal_chunk(&self.key, &id, data);
-        self.store.put_chunk(&id, sealed.into()).await.unwrap();
-        id
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
     /// The source disk's block `index` as the agent reads it (the last one is short).
     fn block_of(&self, index: u64) -> &[u8] {
         let off = (index * u64::from(BS)) as usize;
@@ -176,41 +109,6 @@ impl Env {
         assert_eq!(p.seq, 1);
     }
 
-    /// Writes an `.hrl` log of `writes` (also applied to the source disk), ships its bytes
-    /// as chunks the way the agent does, and returns what the commit carries.
-    async fn log(&mut self, writes: &[(u64, Vec<u8>)]) -> ShippedLog {
-        self.logs += 1;
-        let path = self.path(&format!("disk.{:08}.hrl", self.logs));
-        let mut w = ferry_disk::hrl::HrlWriter::create(
-            &path,
-            &ferry_disk::hrl::HrlOptions {
-                previous_unique_id: self.chain,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        for (off, data) in writes {
-            w.record(*off, data).unwrap();
-            self.disk[*off as usize..*off as usize + data.len()].copy_from_slice(data);
-        }
-        let header = w.close().unwrap();
-        let previous = std::mem::replace(&mut self.chain, header.unique_id);
-        let bytes = std::fs::read(&path).unwrap();
-        let mut chunks = Vec::new();
-        for piece in bytes.chunks(BSU) {
-            chunks.push(self.put(piece).await.to_vec());
-        }
-        ShippedLog {
-            unique_id: header.unique_id.as_bytes().to_vec(),
-            previous_id: previous.as_bytes().to_vec(),
-            length: bytes.len() as u64,
-            chunks,
-            records: writes.len() as u64,
-            write_bytes: writes.iter().map(|(_, d)| d.len() as u64).sum(),
-        }
-    }
-
-    /// Commits a delta cycle that ships `logs`; returns the point's seq.
     async fn delta(&self, logs: Vec<ShippedLog>) -> u64 {
         self.writer
             .commit_point(request(&[], false, logs, self.token))
@@ -592,7 +490,7 @@ async fn retention_keeps_what_merged_maps_reference() {
 #[tokio::test]
 async fn failed_merge_leaves_nothing_a_reader_uses() {
     let faulty: std::sync::OnceLock<Arc<UnreliableStore>> = Default::default();
-    let mut e = env_with(|dir| {
+    let mut e = env_with(VSIZE, |dir| {
         let inner = local_store(dir).object_store().clone();
         let u = Arc::new(UnreliableStore::new(inner));
         let _ = faulty.set(Arc::clone(&u));
@@ -625,7 +523,7 @@ async fn failed_merge_leaves_nothing_a_reader_uses() {
 #[tokio::test(flavor = "current_thread")]
 async fn cancelled_merge_leaves_nothing_a_reader_uses() {
     let faulty: std::sync::OnceLock<Arc<UnreliableStore>> = Default::default();
-    let mut e = env_with(|dir| {
+    let mut e = env_with(VSIZE, |dir| {
         let inner = local_store(dir).object_store().clone();
         let u = Arc::new(UnreliableStore::new(inner));
         let _ = faulty.set(Arc::clone(&u));

@@ -4,19 +4,16 @@
 //! materialising exactly as before, also after collection really deleted what nothing
 //! references. And a cycle that shipped nothing records a point without new index pages.
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use ferry_coord::{Coord, RedisServer};
 use ferry_proto::common::v1::{Disk, ShippedLog};
 use ferry_proto::storage::v1::{
     BlockEntry, BlockHashesRequest, CommitDisk, CommitPointRequest, MaterializeDiskRequest,
 };
-use ferry_storage_writer::Writer;
 use ferry_storage_writer::retention::{
     Candidate, DEFAULT_KEEP_ALL, DEFAULT_THIN_TO, RetentionPolicy, select_pruned,
 };
-use ferry_store::{ChunkId, Store, VaultKey, chunk_id, is_zero, seal_chunk};
+use ferry_store::{ChunkId, chunk_id, is_zero};
 use tokio_util::sync::CancellationToken;
 
 const S: i64 = 1000;
@@ -209,24 +206,10 @@ fn request_defaults_and_refusals() {
 
 // ---- a real store ----
 
-const BS: u32 = 64 * 1024;
-const BSU: usize = BS as usize;
-const VSIZE: u64 = 8 * BS as u64;
-const VM: &str = "web";
-const DISK: &str = "d1";
+mod common;
+use common::*;
 
-struct Env {
-    dir: tempfile::TempDir,
-    writer: Writer,
-    store: Store,
-    key: VaultKey,
-    token: u64,
-    chain: uuid::Uuid,
-    /// The disk as the source holds it now.
-    disk: Vec<u8>,
-    logs: usize,
-    _redis: RedisServer,
-}
+const VSIZE: u64 = 8 * BS as u64;
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
@@ -235,48 +218,10 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 }
 
 async fn env() -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::from_url(&format!(
-        "file://{}?fsync=false",
-        dir.path().join("store").display()
-    ))
-    .unwrap();
-    let redis = RedisServer::start(&dir.path().join("redis")).unwrap();
-    let coord = Coord::connect(&redis.url()).await.unwrap();
-    let key = VaultKey::generate();
-    std::fs::create_dir(dir.path().join("spool")).unwrap();
-    let writer = Writer::new(store.clone(), coord.clone(), key.clone())
-        .with_spool_dir(dir.path().join("spool"));
-    let token = coord
-        .acquire_lease(DISK, "agent-a", Duration::from_secs(600))
-        .await
-        .unwrap()
-        .token;
-    Env {
-        dir,
-        writer,
-        store,
-        key,
-        token,
-        chain: uuid::Uuid::nil(),
-        disk: vec![0; VSIZE as usize],
-        logs: 0,
-        _redis: redis,
-    }
+    env_with(VSIZE, local_store).await
 }
 
 impl Env {
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    async fn put(&self, data: &[u8]) -> ChunkId {
-        let id = chunk_id(&self.key, data);
-        let sealed = seal_chunk(&self.key, &id, data);
-        self.store.put_chunk(&id, sealed.into()).await.unwrap();
-        id
-    }
-
     // `..Default::default()` covers request fields this test does not care about (there may
     // be none).
     #[allow(clippy::needless_update)]
@@ -331,40 +276,6 @@ impl Env {
         self.writer.commit_point(req).await.unwrap().seq
     }
 
-    /// An `.hrl` of `writes` (applied to the source too), shipped as chunks.
-    async fn log(&mut self, writes: &[(u64, Vec<u8>)]) -> ShippedLog {
-        self.logs += 1;
-        let path = self.path(&format!("disk.{:08}.hrl", self.logs));
-        let mut w = ferry_disk::hrl::HrlWriter::create(
-            &path,
-            &ferry_disk::hrl::HrlOptions {
-                previous_unique_id: self.chain,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        for (off, data) in writes {
-            w.record(*off, data).unwrap();
-            self.disk[*off as usize..*off as usize + data.len()].copy_from_slice(data);
-        }
-        let header = w.close().unwrap();
-        let previous = std::mem::replace(&mut self.chain, header.unique_id);
-        let bytes = std::fs::read(&path).unwrap();
-        let mut chunks = Vec::new();
-        for piece in bytes.chunks(BSU) {
-            chunks.push(self.put(piece).await.to_vec());
-        }
-        ShippedLog {
-            unique_id: header.unique_id.as_bytes().to_vec(),
-            previous_id: previous.as_bytes().to_vec(),
-            length: bytes.len() as u64,
-            chunks,
-            records: writes.len() as u64,
-            write_bytes: writes.iter().map(|(_, d)| d.len() as u64).sum(),
-        }
-    }
-
-    /// A delta shipping `logs`; returns the seq.
     async fn delta(&self, logs: Vec<ShippedLog>, consistency: &str) -> u64 {
         let req = self.request(&[], false, logs, consistency);
         self.writer.commit_point(req).await.unwrap().seq
