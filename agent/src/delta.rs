@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_model::{Consistency, CycleKind};
 use ferry_proto::common::v1::{Disk, RecoveryPoint, ShippedLog};
 use ferry_proto::ingest::v1::{
-    AbortCycleRequest, BeginCycleRequest, CommitCycleRequest, CycleKind, DiskBlockMap,
+    AbortCycleRequest, BeginCycleRequest, CommitCycleRequest, DiskBlockMap,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -191,9 +192,9 @@ impl Agent {
     }
 
     /// Seals the VM's logs between its quiesce hooks (pre: e.g. a guest freeze; post: the
-    /// thaw). Returns the consistency of the cut: "app" only when the pre hook succeeded; a
+    /// thaw). Returns the consistency of the cut: app only when the pre hook succeeded; a
     /// VM without hooks, or whose hook failed, gets a crash-consistent cut instead.
-    pub(crate) async fn quiesced_cut(&self, vm: &str) -> Result<&'static str, ReplError> {
+    pub(crate) async fn quiesced_cut(&self, vm: &str) -> Result<Consistency, ReplError> {
         let Some(v) = self.cfg.vms.iter().find(|v| v.name == vm) else {
             return Err(ReplError::Permanent(format!(
                 "vm {vm} is not configured on host {}",
@@ -206,7 +207,7 @@ impl Agent {
                 "the policy asks for an app-consistent point but the vm has no quiesce_pre hook; the point is crash-consistent"
             );
             self.cut(vm).await?;
-            return Ok("crash");
+            return Ok(Consistency::Crash);
         };
         let timeout = v.quiesce_timeout.unwrap_or(Duration::from_secs(60));
         let frozen = match run_hook(vm, "pre", pre, timeout).await {
@@ -223,7 +224,11 @@ impl Agent {
             tracing::warn!(vm, error = %e, "post-cut hook failed");
         }
         cut?;
-        Ok(if frozen { "app" } else { "crash" })
+        Ok(if frozen {
+            Consistency::App
+        } else {
+            Consistency::Crash
+        })
     }
 
     /// One delta cycle of a VM: cut (between the quiesce hooks when the policy wants this one
@@ -245,7 +250,7 @@ impl Agent {
             self.quiesced_cut(vm).await?
         } else {
             self.cut(vm).await?;
-            "crash"
+            Consistency::Crash
         };
         let mut shipped_files = Vec::new();
         let point = self
@@ -275,7 +280,7 @@ impl Agent {
             .await?;
         // The point is durable: the logs it holds may go.
         remove_logs(&self.cfg.data_dir, &shipped_files);
-        tracing::info!(vm, point = %point.id, consistency, logs = shipped_files.len(), "delta cycle committed");
+        tracing::info!(vm, point = %point.id, consistency = %consistency, logs = shipped_files.len(), "delta cycle committed");
         Ok(())
     }
 
@@ -288,7 +293,7 @@ impl Agent {
         disks: &[Disk],
         work: impl AsyncFnOnce(&str, u32, &CancellationToken) -> Result<Vec<DiskBlockMap>, ReplError>,
     ) -> Result<RecoveryPoint, ReplError> {
-        self.run_cycle_as(vm, kind, job_id, "crash", disks, work)
+        self.run_cycle_as(vm, kind, job_id, Consistency::Crash, disks, work)
             .await
     }
 
@@ -301,7 +306,7 @@ impl Agent {
         vm: &str,
         kind: CycleKind,
         job_id: &str,
-        consistency: &str,
+        consistency: Consistency,
         disks: &[Disk],
         work: impl AsyncFnOnce(&str, u32, &CancellationToken) -> Result<Vec<DiskBlockMap>, ReplError>,
     ) -> Result<RecoveryPoint, ReplError> {
@@ -310,7 +315,7 @@ impl Agent {
             .begin_cycle(BeginCycleRequest {
                 vm: vm.to_string(),
                 host_name: self.creds.host.clone(),
-                kind: kind as i32,
+                kind: kind.into(),
                 disks: disks.to_vec(),
                 job_id: job_id.to_string(),
                 consistency: consistency.into(),

@@ -346,11 +346,11 @@ impl Agent {
         if stop.is_cancelled() {
             return true; // shutting down: the work stays in flight and is re-sent on reconnect
         }
-        let (ok, error, recoverable, resync_required) = match &result {
-            Ok(()) => (true, String::new(), false, false),
+        let (ok, error, error_class) = match &result {
+            Ok(()) => (true, String::new(), 0),
             Err(e) => {
-                tracing::warn!(vm = %item.vm, work = %item.id, error = %e, recoverable = e.recoverable(), resync_required = e.resync_required(), "work failed");
-                (false, e.to_string(), e.recoverable(), e.resync_required())
+                tracing::warn!(vm = %item.vm, work = %item.id, error = %e, class = %e.class(), "work failed");
+                (false, e.to_string(), e.class().into())
             }
         };
         let req = CompleteWorkRequest {
@@ -358,8 +358,7 @@ impl Agent {
             host_name: self.creds.host.clone(),
             ok,
             error,
-            recoverable,
-            resync_required,
+            error_class,
         };
         for attempt in 0..5u32 {
             if attempt > 0 {

@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ferry_gateway::client::{Offer, Uploader};
+use ferry_model::CycleKind;
 use ferry_proto::common::v1::Disk;
 use ferry_proto::ingest::v1::{
-    BlockRef, CycleKind, DiskBlockMap, RenewCycleRequest, ingest_client::IngestClient,
+    BlockRef, DiskBlockMap, RenewCycleRequest, ingest_client::IngestClient,
 };
 use ferry_store::{ChunkId, VaultKey};
 use tokio::sync::mpsc;
@@ -43,6 +44,16 @@ impl ReplError {
 
     pub fn resync_required(&self) -> bool {
         matches!(self, Self::ResyncRequired(_))
+    }
+
+    /// The class the scheduler and registry act on.
+    pub fn class(&self) -> ferry_model::ErrorClass {
+        use ferry_model::ErrorClass as C;
+        match self {
+            Self::Recoverable(_) => C::Recoverable,
+            Self::Permanent(_) => C::Permanent,
+            Self::ResyncRequired(_) => C::ResyncRequired,
+        }
     }
 }
 

@@ -26,8 +26,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use ferry_model::CycleKind;
 use ferry_proto::common::v1::Disk;
-use ferry_proto::ingest::v1::{BlockRef, CycleKind, DiskBlockMap};
+use ferry_proto::ingest::v1::{BlockRef, DiskBlockMap};
 use ferry_proto::storage::v1::{
     BlockHashesRequest, GetPointRequest, storage_writer_client::StorageWriterClient,
 };

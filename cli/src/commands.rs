@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use ferry::ctl::{Ctl, status_err};
 use ferry::outln;
-use ferry::output::{self, bytes, job_json, print_json, table, time, vm_json};
+use ferry::output::{self, bytes, job_json, print_json, table, time, vm_health, vm_json, vm_state};
 use ferry::up::{Mesh, UpOptions};
 use ferry_mesh::Component;
 use ferry_proto::common::v1::{Job, StepStatus};
@@ -207,8 +207,8 @@ async fn vm(cli: &Cli, cmd: &VmCmd) -> anyhow::Result<ExitCode> {
                         vec![
                             v.name.clone(),
                             v.host.clone(),
-                            v.state.clone(),
-                            v.health.clone(),
+                            vm_state(v).to_string(),
+                            vm_health(v).to_string(),
                             v.disks.len().to_string(),
                             time(v.last_point_ms),
                         ]
@@ -238,8 +238,8 @@ async fn vm(cli: &Cli, cmd: &VmCmd) -> anyhow::Result<ExitCode> {
                     "name:        {}\nhost:        {}\nstate:       {}\nhealth:      {}",
                     v.name,
                     v.host,
-                    v.state,
-                    v.health
+                    vm_state(&v),
+                    vm_health(&v)
                 );
                 outln!(
                     "last point:  {} {}\nrpo:         {} s",
@@ -322,7 +322,7 @@ async fn vm(cli: &Cli, cmd: &VmCmd) -> anyhow::Result<ExitCode> {
             if *output == OutputFormat::Json {
                 print_json(&vm_json(&v))?;
             } else {
-                outln!("vm {}: {} ({})", v.name, v.state, v.health);
+                outln!("vm {}: {} ({})", v.name, vm_state(&v), vm_health(&v));
             }
         }
         VmCmd::Protect {

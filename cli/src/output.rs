@@ -1,4 +1,5 @@
 //! Readable tables and stable JSON for operator commands.
+use ferry_model::{Consistency, CycleKind, Health, TestFailover, VmState};
 use ferry_proto::common::v1::{Job, RecoveryPoint, StepStatus};
 use ferry_proto::registry::v1::Vm;
 use serde_json::{Value, json};
@@ -24,13 +25,40 @@ pub fn step_status(s: i32) -> &'static str {
     }
 }
 
+/// A VM's state as the JSON and tables spell it ("protected", "resync-pending", ...).
+pub fn vm_state(v: &Vm) -> &'static str {
+    VmState::wire_name(v.state)
+}
+
+/// A VM's health as the JSON and tables spell it ("normal", "warning", "critical").
+pub fn vm_health(v: &Vm) -> &'static str {
+    Health::wire_name(v.health)
+}
+
+/// "test" while a test failover's copy exists, "" otherwise (as before the enum).
+fn failover_state(v: &Vm) -> &'static str {
+    match TestFailover::try_from(v.failover_state) {
+        Ok(TestFailover::Active) => "test",
+        _ => "",
+    }
+}
+
+/// A point's consistency and kind as the JSON and tables spell them ("crash", "delta", ...).
+pub fn point_consistency(p: &RecoveryPoint) -> &'static str {
+    Consistency::wire_name(p.consistency)
+}
+
+pub fn point_kind(p: &RecoveryPoint) -> &'static str {
+    CycleKind::wire_name(p.kind)
+}
+
 pub fn vm_json(v: &Vm) -> Value {
     json!({
         "name": v.name,
         "host": v.host,
         "site": v.site,
-        "state": v.state,
-        "health": v.health,
+        "state": vm_state(v),
+        "health": vm_health(v),
         "disks": v.disks.iter().map(|d| json!({
             "id": d.id,
             "path": d.path,
@@ -60,7 +88,7 @@ pub fn vm_json(v: &Vm) -> Value {
         "retry_attempts": v.retry_attempts,
         "next_retry_time": time(v.next_retry_ms),
         "protection_job_id": v.protection_job_id,
-        "failover_state": v.failover_state,
+        "failover_state": failover_state(v),
         "allowed_operations": v.allowed_operations,
     })
 }
@@ -92,8 +120,8 @@ pub fn point_json(p: &RecoveryPoint) -> Value {
     json!({
         "id": p.id,
         "time": time(p.time_ms),
-        "consistency": p.consistency,
-        "kind": p.kind,
+        "consistency": point_consistency(p),
+        "kind": point_kind(p),
         "seq": p.seq,
         "host": p.host,
         "disks": p.disks.iter().map(|d| json!({

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use ferry::ctl::{Ctl, status_err};
 use ferry::outln;
-use ferry::output::{point_json, print_json, table, time};
+use ferry::output::{point_consistency, point_json, point_kind, print_json, table, time};
 use ferry::verify::{Verdict, check_points};
 use ferry_proto::common::v1::RecoveryPoint;
 use ferry_proto::registry::v1::GetVmRequest;
@@ -41,8 +41,8 @@ async fn list(c: &Ctl, vm: &str, output: OutputFormat) -> anyhow::Result<ExitCod
                 vec![
                     p.id.clone(),
                     time(p.time_ms),
-                    p.consistency.clone(),
-                    p.kind.clone(),
+                    point_consistency(p).to_string(),
+                    point_kind(p).to_string(),
                     p.host.clone(),
                 ]
             })

@@ -56,7 +56,7 @@ pub fn check_points(points: &[RecoveryPoint], history: &[HostSpan]) -> Vec<Point
                 id: p.id.clone(),
                 seq: p.seq,
                 time_ms: p.time_ms,
-                kind: p.kind.clone(),
+                kind: crate::output::point_kind(p).to_string(),
                 host: p.host.clone(),
                 vm_host,
                 verdict,

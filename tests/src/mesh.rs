@@ -345,17 +345,17 @@ impl TestMesh {
     pub async fn wait_vm_state(
         &self,
         vm: &str,
-        state: &str,
+        state: reg::VmState,
         timeout: Duration,
     ) -> anyhow::Result<reg::Vm> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let v = self.vm(vm).await?;
-            if v.state == state {
+            if v.state() == state {
                 return Ok(v);
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("{vm} is not {state} after {timeout:?}: {v:?}");
+                bail!("{vm} is not {state:?} after {timeout:?}: {v:?}");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

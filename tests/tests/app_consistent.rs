@@ -5,6 +5,7 @@
 //! hook fails still replicates, crash-consistent.
 use std::time::Duration;
 
+use ferry_proto::common::v1::Consistency;
 use ferry_proto::common::v1::{ReplicationPolicy, StepStatus};
 use ferry_proto::registry::v1 as reg;
 use ferry_tests::*;
@@ -97,23 +98,33 @@ async fn quiesce_hooks_make_app_consistent_points() -> anyhow::Result<()> {
     let mut app_points = Vec::new();
     for _ in 0..600 {
         app_points = t.points("app").await?;
-        if app_points.iter().filter(|p| p.consistency == "app").count() >= 2 {
+        if app_points
+            .iter()
+            .filter(|p| p.consistency() == Consistency::App)
+            .count()
+            >= 2
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let first_app = app_points
         .iter()
-        .position(|p| p.consistency == "app")
+        .position(|p| p.consistency() == Consistency::App)
         .ok_or_else(|| anyhow::anyhow!("no app-consistent point: {app_points:?}"))?;
     assert!(
-        app_points.iter().any(|p| p.consistency == "crash"),
+        app_points
+            .iter()
+            .any(|p| p.consistency() == Consistency::Crash),
         "every point is app-consistent, though only every 2 s should be: {app_points:?}"
     );
     let log = std::fs::read_to_string(&marks)?;
     let pres = log.lines().filter(|l| *l == "pre").count();
     let posts = log.lines().filter(|l| *l == "post").count();
-    let apps = app_points.iter().filter(|p| p.consistency == "app").count();
+    let apps = app_points
+        .iter()
+        .filter(|p| p.consistency() == Consistency::App)
+        .count();
     assert!(
         pres >= apps && posts >= pres.saturating_sub(1),
         "hooks ran {pres} pre / {posts} post for {apps} app points"
@@ -134,7 +145,9 @@ async fn quiesce_hooks_make_app_consistent_points() -> anyhow::Result<()> {
     let bad_points = t.points("bad").await?;
     assert!(bad_points.len() >= 3, "{bad_points:?}");
     assert!(
-        bad_points.iter().all(|p| p.consistency == "crash"),
+        bad_points
+            .iter()
+            .all(|p| p.consistency() == Consistency::Crash),
         "{bad_points:?}"
     );
     agent.shutdown().await?;

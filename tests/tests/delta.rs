@@ -5,8 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use ferry_proto::common::v1::CycleKind;
 use ferry_proto::common::v1::{RecoveryPoint, StepStatus};
 use ferry_proto::failover::v1::CleanupTestFailoverRequest;
+use ferry_proto::registry::v1::{Health, VmState};
 use ferry_tests::*;
 
 /// Waits until two more points than `after` exist: the second one's cut surely came after
@@ -105,7 +107,7 @@ async fn writes_through_the_tracker_replicate_as_points() -> anyhow::Result<()> 
     nbd_write(&uris[1], &["write -P 0x77 16M 5M"])?;
     let n = t.points("db01").await?.len();
     let p_b = wait_two_more(&t, "db01", n).await?;
-    assert_eq!(p_b.kind, "delta");
+    assert_eq!(p_b.kind(), CycleKind::Delta);
 
     let out_a = t.path("failover-a");
     failover_to(&t, "db01", &p_a.id, &out_a).await?;
@@ -285,9 +287,9 @@ async fn killed_agent_never_yields_a_point_from_an_unsealed_log() -> anyhow::Res
 
     let mut agent = spawn_agent_process(&cfg_path, &log)?;
     let v = t
-        .wait_vm_state("app01", "resync-pending", Duration::from_secs(60))
+        .wait_vm_state("app01", VmState::ResyncPending, Duration::from_secs(60))
         .await?;
-    assert_eq!(v.health, "warning", "{v:?}");
+    assert_eq!(v.health(), Health::Warning, "{v:?}");
     assert!(v.last_error.contains("resync"), "{}", v.last_error);
 
     let job = t.resync_vm("app01").await?;
@@ -296,8 +298,8 @@ async fn killed_agent_never_yields_a_point_from_an_unsealed_log() -> anyhow::Res
     assert_eq!(j.status, StepStatus::Succeeded as i32, "{j:?}");
     let v = t.vm("app01").await?;
     assert_eq!(
-        (v.state.as_str(), v.health.as_str()),
-        ("protected", "normal"),
+        (v.state(), v.health()),
+        (VmState::Protected, Health::Normal),
         "{v:?}"
     );
     // No point came from the unsealed log: the first point after the kill is the resync's.
@@ -310,13 +312,10 @@ async fn killed_agent_never_yields_a_point_from_an_unsealed_log() -> anyhow::Res
         before.iter().map(|p| &p.id).collect::<Vec<_>>(),
         "points before the kill are kept"
     );
-    let kinds: Vec<&str> = after[before.len()..]
-        .iter()
-        .map(|p| p.kind.as_str())
-        .collect();
+    let kinds: Vec<CycleKind> = after[before.len()..].iter().map(|p| p.kind()).collect();
     assert_eq!(
         kinds.first(),
-        Some(&"resync"),
+        Some(&CycleKind::Resync),
         "the first point after the kill: {kinds:?}"
     );
 
@@ -421,10 +420,10 @@ async fn agent_killed_mid_shipment_never_yields_a_wrong_point() -> anyhow::Resul
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     let shipping = loop {
         let open = t.open_cycles(vm).await?;
-        if let Some(c) = open.into_iter().find(|c| {
-            c.kind == ferry_proto::ingest::v1::CycleKind::Delta as i32
-                && c.bytes_written + c.bytes_skipped > 0
-        }) {
+        if let Some(c) = open
+            .into_iter()
+            .find(|c| c.kind() == CycleKind::Delta && c.bytes_written + c.bytes_skipped > 0)
+        {
             break c;
         }
         anyhow::ensure!(
@@ -469,8 +468,8 @@ async fn agent_killed_mid_shipment_never_yields_a_wrong_point() -> anyhow::Resul
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     let resynced = loop {
         let v = t.vm(vm).await?;
-        if v.state == "resync-pending" {
-            assert_eq!(v.health, "warning", "{v:?}");
+        if v.state() == VmState::ResyncPending {
+            assert_eq!(v.health(), Health::Warning, "{v:?}");
             assert!(v.last_error.contains("resync"), "{}", v.last_error);
             break true;
         }
@@ -489,7 +488,7 @@ async fn agent_killed_mid_shipment_never_yields_a_wrong_point() -> anyhow::Resul
         let j = t.wait_job(&job.id, Duration::from_secs(300)).await?;
         assert_eq!(j.status, StepStatus::Succeeded as i32, "{j:?}");
         let v = t.vm(vm).await?;
-        assert_eq!(v.state, "protected", "{v:?}");
+        assert_eq!(v.state(), VmState::Protected, "{v:?}");
     }
     agent.kill()?;
     agent.wait()?;
@@ -502,12 +501,12 @@ async fn agent_killed_mid_shipment_never_yields_a_wrong_point() -> anyhow::Resul
         // already asked ingest to commit may still have landed after the kill).
         let first_resync = all
             .iter()
-            .position(|p| p.kind == "resync")
+            .position(|p| p.kind() == CycleKind::Resync)
             .ok_or_else(|| anyhow::anyhow!("no resync point"))?;
         let early: Vec<_> = all[killed_at..first_resync]
             .iter()
             .filter(|p| p.time_ms >= restarted_ms)
-            .map(|p| (p.seq, p.kind.clone()))
+            .map(|p| (p.seq, p.kind()))
             .collect();
         assert!(
             early.is_empty(),
@@ -539,7 +538,7 @@ async fn agent_killed_mid_shipment_never_yields_a_wrong_point() -> anyhow::Resul
             p.seq
         );
         last = x;
-        seen.push((p.seq, p.kind.clone(), x as u64 / MIB));
+        seen.push((p.seq, p.kind(), x as u64 / MIB));
     }
     eprintln!("points since the writes began (seq, kind, MiB of the disk as written): {seen:?}");
     assert_eq!(last, new.len(), "the latest point holds every write");

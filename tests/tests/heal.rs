@@ -8,6 +8,7 @@ use std::time::Duration;
 use ferry_mesh::Component;
 use ferry_proto::common::v1::StepStatus;
 use ferry_proto::registry::v1 as reg;
+use ferry_proto::registry::v1::{Health, VmState};
 use ferry_tests::*;
 use tokio_util::sync::CancellationToken;
 
@@ -100,7 +101,7 @@ async fn gateway_outage_backs_off_then_catches_up() -> anyhow::Result<()> {
     for _ in 0..1200 {
         let v = t.vm("web").await?;
         if v.retry_attempts > 0 && seen.last().is_none_or(|(a, _)| *a != v.retry_attempts) {
-            assert_eq!(v.health, "warning", "{v:?}");
+            assert_eq!(v.health(), Health::Warning, "{v:?}");
             assert!(!v.last_error.is_empty(), "{v:?}");
             seen.push((v.retry_attempts, v.next_retry_ms));
         }
@@ -159,15 +160,15 @@ async fn gateway_outage_backs_off_then_catches_up() -> anyhow::Result<()> {
     wait_points(&t, "web", before + 1).await?;
     for _ in 0..600 {
         let v = t.vm("web").await?;
-        if v.retry_attempts == 0 && v.health == "normal" {
+        if v.retry_attempts == 0 && v.health() == Health::Normal {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let v = t.vm("web").await?;
     assert_eq!(
-        (v.retry_attempts, v.health.as_str()),
-        (0, "normal"),
+        (v.retry_attempts, v.health()),
+        (0, Health::Normal),
         "{v:?} queue was {queue:?}"
     );
     // Writes stop; two more points surely hold all of them.
@@ -215,7 +216,7 @@ async fn removed_host_goes_critical_and_repair_resumes() -> anyhow::Result<()> {
         })
         .await?;
     let v = t.vm("db").await?;
-    assert_eq!(v.health, "critical", "{v:?}");
+    assert_eq!(v.health(), Health::Critical, "{v:?}");
     assert!(v.last_error.contains("removed"), "{v:?}");
     // At most the cycle already running commits; then nothing: no cycle, no retry.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -229,8 +230,8 @@ async fn removed_host_goes_critical_and_repair_resumes() -> anyhow::Result<()> {
     );
     let v = t.vm("db").await?;
     assert_eq!(
-        (v.health.as_str(), v.retry_attempts),
-        ("critical", 0),
+        (v.health(), v.retry_attempts),
+        (Health::Critical, 0),
         "{v:?}"
     );
     // The old certificate is refused by every component, not only the registry.
@@ -303,7 +304,7 @@ async fn removed_host_goes_critical_and_repair_resumes() -> anyhow::Result<()> {
         .repair_vm(reg::RepairVmRequest { name: "db".into() })
         .await?
         .into_inner();
-    assert_eq!(v.health, "normal", "{v:?}");
+    assert_eq!(v.health(), Health::Normal, "{v:?}");
     wait_points(&t, "db", frozen + 2).await?;
     let n = point_count(&t, "db").await?;
     wait_points(&t, "db", n + 2).await?;
@@ -353,7 +354,7 @@ async fn lost_log_marks_for_resync_and_resync_heals() -> anyhow::Result<()> {
     let mut marked = None;
     for _ in 0..300 {
         let v = t.vm("mail").await?;
-        if v.state == "resync-pending" {
+        if v.state() == VmState::ResyncPending {
             marked = Some(v);
             break;
         }
@@ -380,8 +381,8 @@ async fn lost_log_marks_for_resync_and_resync_heals() -> anyhow::Result<()> {
     assert_eq!(j.status, StepStatus::Succeeded as i32, "{j:?}");
     let v = t.vm("mail").await?;
     assert_eq!(
-        (v.state.as_str(), v.health.as_str()),
-        ("protected", "normal"),
+        (v.state(), v.health()),
+        (VmState::Protected, Health::Normal),
         "{v:?}"
     );
     // Delta cycles resume by themselves after the resync.

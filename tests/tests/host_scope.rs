@@ -10,11 +10,12 @@ use std::time::Duration;
 use ferry_gateway::client::Uploader;
 use ferry_gateway::frame::Offer;
 use ferry_mesh::{ClientTls, Component};
-use ferry_proto::common::v1::StepStatus;
+use ferry_proto::common::v1::{Consistency, CycleKind, StepStatus};
 use ferry_proto::ingest::v1::{
-    AbortCycleRequest, BeginCycleRequest, BlockRef, CommitCycleRequest, CycleKind, DiskBlockMap,
+    AbortCycleRequest, BeginCycleRequest, BlockRef, CommitCycleRequest, DiskBlockMap,
     GetCycleRequest, RenewCycleRequest, ingest_client::IngestClient,
 };
+use ferry_proto::registry::v1::Health;
 use ferry_proto::scheduler::v1::{CompleteWorkRequest, scheduler_client::SchedulerClient};
 use ferry_proto::storage::v1::{
     BlockHashesRequest, GetPointRequest, ListPointsRequest,
@@ -123,7 +124,7 @@ async fn another_hosts_certificate_reaches_nothing_of_a_vm() -> anyhow::Result<(
         kind: CycleKind::Delta as i32,
         disks: web01.disks.clone(),
         job_id: String::new(),
-        consistency: "crash".into(),
+        consistency: Consistency::Crash.into(),
     };
     let err = ingest.begin_cycle(begin.clone()).await.unwrap_err();
     assert_refused("BeginCycle", &err);
@@ -246,7 +247,7 @@ async fn another_hosts_certificate_reaches_nothing_of_a_vm() -> anyhow::Result<(
         .await?;
     assert!(points.iter().all(|p| p.host == "hva"), "{points:?}");
     let vm = t.vm("web01").await?;
-    assert_eq!(vm.health, "normal", "{vm:?}");
+    assert_eq!(vm.health(), Health::Normal, "{vm:?}");
     let verify = t.ferry_cli(&["points", "verify", "web01", "-o", "json"])?;
     assert!(verify.status.success(), "{verify:?}");
     let report: serde_json::Value = serde_json::from_slice(&verify.stdout)?;
@@ -305,8 +306,8 @@ async fn forge_point(t: &TestMesh, disk: &ferry_proto::common::v1::Disk) -> anyh
         .commit_point(CommitPointRequest {
             vm: "web01".into(),
             cycle_id: "forged".into(),
-            kind: "delta".into(),
-            consistency: "crash".into(),
+            kind: CycleKind::Delta.into(),
+            consistency: Consistency::Crash.into(),
             disks: vec![CommitDisk {
                 disk: Some(disk.clone()),
                 block_size: t.ctl.cfg.vault.block_size,

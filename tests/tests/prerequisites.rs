@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use ferry_proto::common::v1::{Job, StepStatus};
+use ferry_proto::registry::v1::VmState;
 use ferry_tests::*;
 
 /// Waits for the job to end and checks it failed at its first step; that step's message.
@@ -141,7 +142,7 @@ async fn host_without_tracker_is_refused_with_how_to_add_it(t: &TestMesh) -> any
         "says what is missing and how to add it: {msg}"
     );
     let vm = t.vm("plain01").await?;
-    assert_eq!(vm.state, "unprotected", "{vm:?}");
+    assert_eq!(vm.state(), VmState::Unprotected, "{vm:?}");
     assert!(vm.last_error.contains("[tracker]"), "{vm:?}");
     agent.shutdown().await?;
     Ok(())

@@ -4,7 +4,9 @@
 //! equals the source.
 use std::time::Duration;
 
+use ferry_proto::common::v1::CycleKind;
 use ferry_proto::common::v1::StepStatus;
+use ferry_proto::registry::v1::{Health, VmState};
 use ferry_tests::*;
 
 const VM: &str = "db02";
@@ -77,8 +79,8 @@ async fn flushall_mid_replication_and_mid_cycle_loses_nothing() -> anyhow::Resul
         after.len()
     );
     let vm = t.vm(VM).await?;
-    assert_eq!(vm.state, "protected", "{vm:?}");
-    assert_ne!(vm.health, "critical", "{vm:?}");
+    assert_eq!(vm.state(), VmState::Protected, "{vm:?}");
+    assert_ne!(vm.health(), Health::Critical, "{vm:?}");
 
     let snap = t.path("snap");
     std::fs::create_dir_all(&snap)?;
@@ -168,8 +170,8 @@ async fn flushall_mid_resync_still_resynchronizes() -> anyhow::Result<()> {
     assert_eq!(j.status, StepStatus::Succeeded as i32, "{j:?}");
     let v = t.vm(vm).await?;
     assert_eq!(
-        (v.state.as_str(), v.health.as_str()),
-        ("protected", "normal"),
+        (v.state(), v.health()),
+        (VmState::Protected, Health::Normal),
         "{v:?}"
     );
     let after = t.points(vm).await?;
@@ -182,7 +184,9 @@ async fn flushall_mid_resync_still_resynchronizes() -> anyhow::Result<()> {
         "points before the flush are kept"
     );
     assert!(
-        after[before.len()..].iter().any(|p| p.kind == "resync"),
+        after[before.len()..]
+            .iter()
+            .any(|p| p.kind() == CycleKind::Resync),
         "a resync point: {after:?}"
     );
     agent.shutdown().await?;

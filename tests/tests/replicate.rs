@@ -2,8 +2,10 @@
 //! QUIC into object storage, test-fail them over and compare with `qemu-img compare`.
 use std::time::Duration;
 
+use ferry_proto::common::v1::Consistency;
 use ferry_proto::common::v1::StepStatus;
 use ferry_proto::failover::v1::CleanupTestFailoverRequest;
+use ferry_proto::registry::v1::VmState;
 use ferry_proto::storage::v1::ListPointsRequest;
 use ferry_tests::*;
 
@@ -80,7 +82,7 @@ async fn raw_vhd_vhdx_replicate_and_test_failover_identical() -> anyhow::Result<
             "{j:?}"
         );
         let vm = t.vm(c.vm).await?;
-        assert_eq!(vm.state, "protected");
+        assert_eq!(vm.state(), VmState::Protected);
         let points = t
             .ctl
             .storage()
@@ -90,7 +92,7 @@ async fn raw_vhd_vhdx_replicate_and_test_failover_identical() -> anyhow::Result<
             .into_inner()
             .points;
         assert_eq!(points.len(), 1, "{}: one initial point", c.vm);
-        assert_eq!(points[0].consistency, "crash");
+        assert_eq!(points[0].consistency(), Consistency::Crash);
     }
     for c in &CASES {
         let out = t.path(&format!("failover-{}", c.vm));

@@ -6,8 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use ferry_proto::common::v1::CycleKind;
 use ferry_proto::common::v1::{Job, StepStatus};
 use ferry_proto::registry::v1::ResyncVmRequest;
+use ferry_proto::registry::v1::VmState;
 use ferry_tests::*;
 
 const MIB: u64 = 1 << 20;
@@ -86,16 +88,16 @@ async fn resync_ships_only_changed_blocks() -> anyhow::Result<()> {
     );
     let latest = t.points("web01").await?;
     assert!(
-        latest.iter().any(|p| p.kind == "resync"),
+        latest.iter().any(|p| p.kind() == CycleKind::Resync),
         "a resync point: {:?}",
-        latest.iter().map(|p| &p.kind).collect::<Vec<_>>()
+        latest.iter().map(|p| p.kind()).collect::<Vec<_>>()
     );
     assert!(
         !progress_file(&agent_dir, "web01").exists(),
         "progress removed once the point committed"
     );
     let v = t.vm("web01").await?;
-    assert_eq!(v.state, "protected", "{v:?}");
+    assert_eq!(v.state(), VmState::Protected, "{v:?}");
 
     let out = t.path("out");
     let fo = t.test_failover("web01", "latest", &out).await?;
@@ -131,7 +133,7 @@ async fn resync_ships_only_changed_blocks() -> anyhow::Result<()> {
         "delta cycles resumed after the resync"
     );
     let p = after[n + 1].clone();
-    assert_eq!(p.kind, "delta");
+    assert_eq!(p.kind(), CycleKind::Delta);
     let out = t.path("out-delta");
     let fo = t.test_failover("web01", &p.id, &out).await?;
     assert_eq!(fo.status, StepStatus::Succeeded as i32, "{fo:?}");

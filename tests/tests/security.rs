@@ -3,10 +3,9 @@
 use std::time::Duration;
 
 use ferry_mesh::{ClientTls, Component, Identity};
-use ferry_proto::common::v1::Disk;
+use ferry_proto::common::v1::{Consistency, CycleKind, Disk};
 use ferry_proto::ingest::v1::{
-    BeginCycleRequest, BlockRef, CommitCycleRequest, CycleKind, DiskBlockMap,
-    ingest_client::IngestClient,
+    BeginCycleRequest, BlockRef, CommitCycleRequest, DiskBlockMap, ingest_client::IngestClient,
 };
 use ferry_proto::registry::v1::{
     HeartbeatRequest, RegisterHostRequest, VmInventory, registry_client::RegistryClient,
@@ -126,7 +125,7 @@ async fn disk_lease_refuses_second_host_and_fences_stale_commit() -> anyhow::Res
         kind: CycleKind::Initial as i32,
         disks: vec![disk.clone()],
         job_id: String::new(),
-        consistency: "crash".into(),
+        consistency: Consistency::Crash.into(),
     };
     let first = clients[0].begin_cycle(begin("hv01")).await?.into_inner();
     report(1).await?;

@@ -1,9 +1,17 @@
 //! Ferry's domain model, shared by every component: the protection lifecycle of a VM (its
-//! states, health, and which operations each state allows) as one pure state machine.
-//! Components convert wire strings into these types once, at their edge.
+//! states, health, and which operations each state allows) as one pure state machine, and
+//! the data path's cycle kinds, consistency and error classes. Components convert wire
+//! values into these types once, at their edge ([`wire`]).
+#[macro_use]
+mod names;
 pub mod policy;
 pub mod protection;
+pub mod replication;
+pub mod wire;
 
+pub use names::UnknownName;
 pub use protection::{
     Direction, Health, Lifecycle, Operation, Protection, Refused, TestFailover, Transition, VmState,
 };
+pub use replication::{Consistency, CycleKind, ErrorClass};
+pub use wire::UnknownValue;

@@ -2,6 +2,7 @@
 //! written with put-if-absent at exactly `latest + 1`.
 
 use bytes::Bytes;
+use ferry_model::{Consistency, CycleKind};
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
@@ -40,8 +41,9 @@ pub struct PointManifest {
     pub vm: String,
     pub seq: u64,
     pub time_ms: i64,
-    pub kind: String,
-    pub consistency: String,
+    /// Stored as "initial", "delta" or "resync", and "crash" or "app".
+    pub kind: CycleKind,
+    pub consistency: Consistency,
     pub cycle_id: String,
     pub disks: Vec<DiskManifest>,
     /// The host whose cycle committed the point (`ferry points verify` checks it against the

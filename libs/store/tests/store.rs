@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use ferry_model::{Consistency, CycleKind};
 use ferry_store::object_store::memory::InMemory;
 use ferry_store::{
     BlockMap, DiskManifest, PAGE_BLOCKS, PageRef, PointManifest, Store, StoreError,
@@ -242,8 +243,8 @@ fn point(vm: &str, seq: u64, tokens: &[(&str, u64)]) -> PointManifest {
         vm: vm.into(),
         seq,
         time_ms: 1_700_000_000_000 + seq as i64,
-        kind: "crash".into(),
-        consistency: "crash-consistent".into(),
+        kind: CycleKind::Delta,
+        consistency: Consistency::Crash,
         cycle_id: format!("cycle-{seq}"),
         disks: tokens.iter().map(|(d, t)| disk(d, *t)).collect(),
         host: "h1".into(),

@@ -1,6 +1,6 @@
 //! Operations are allowed by the protection state machine (`ferry_model::protection`), as
 //! the registry reports it for the VM; the orchestrator asks before it starts one.
-use ferry_model::Operation;
+use ferry_model::{Health, Operation, Refused, VmState};
 use ferry_proto::registry::v1::GetVmRequest;
 
 use crate::Orchestrator;
@@ -24,15 +24,21 @@ impl Orchestrator {
         if v.allowed_operations.iter().any(|a| a == op.as_str()) {
             return Ok(());
         }
-        Err(FailoverError::FailedPrecondition(format!(
-            "vm {vm} is {} (health {}): {op} is not allowed now; allowed: {}",
-            v.state,
-            v.health,
-            if v.allowed_operations.is_empty() {
-                "nothing until the running job ends".to_string()
-            } else {
-                v.allowed_operations.join(", ")
-            }
-        )))
+        let unreadable = |what: &str, e: &dyn std::fmt::Display| {
+            FailoverError::Internal(format!("the registry's record of vm {vm}: {what}: {e}"))
+        };
+        let refused = Refused {
+            vm: vm.to_owned(),
+            asked: op.as_str().to_owned(),
+            state: VmState::try_from(v.state).map_err(|e| unreadable("state", &e))?,
+            health: Health::try_from(v.health).map_err(|e| unreadable("health", &e))?,
+            // A name this build does not know (a newer registry) is left out of the list.
+            allowed: v
+                .allowed_operations
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect(),
+        };
+        Err(FailoverError::FailedPrecondition(refused.to_string()))
     }
 }

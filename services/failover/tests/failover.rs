@@ -15,7 +15,7 @@ use ferry_proto::failover::v1::{
 };
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_proto::registry::v1::{
-    CreateRegistrationKeyRequest, GetVmRequest, HeartbeatRequest, ListJobsRequest,
+    CreateRegistrationKeyRequest, FailoverState, GetVmRequest, HeartbeatRequest, ListJobsRequest,
     RegisterHostRequest, VmInventory,
 };
 use ferry_proto::storage::v1::{BlockEntry, CommitDisk, CommitPointRequest};
@@ -174,8 +174,8 @@ impl Mesh {
             .commit_point(CommitPointRequest {
                 vm: "web".into(),
                 cycle_id: "c1".into(),
-                kind: "initial".into(),
-                consistency: "crash".into(),
+                kind: ferry_model::CycleKind::Initial.into(),
+                consistency: ferry_model::Consistency::Crash.into(),
                 disks: vec![CommitDisk {
                     disk: Some(disk()),
                     block_size: BS,
@@ -253,7 +253,7 @@ async fn test_failover_then_cleanup() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(vm.failover_state, "test");
+    assert_eq!(vm.failover_state(), FailoverState::Test);
     let jobs = registry
         .list_jobs(ListJobsRequest {
             target: "web".into(),
@@ -298,7 +298,7 @@ async fn test_failover_then_cleanup() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(vm.failover_state, "");
+    assert_eq!(vm.failover_state(), FailoverState::None);
     // A fresh orchestrator (another replica) replays the same state from the catalog.
     let replayed = Orchestrator::from_config(&m.cfg).await.unwrap();
     let records = replayed.list_failovers().await.unwrap();

@@ -3,8 +3,9 @@ use std::sync::Arc;
 
 use ferry_coord::Lease;
 use ferry_mesh::{ClientTls, Component, Role};
+use ferry_model::{Consistency, CycleKind};
 use ferry_proto::common::v1::RecoveryPoint;
-use ferry_proto::ingest::v1::{self as pb, CycleKind, ingest_server::Ingest};
+use ferry_proto::ingest::v1::{self as pb, ingest_server::Ingest};
 use ferry_proto::now_ms;
 use ferry_proto::storage::v1::{
     BlockEntry, CommitDisk, CommitPointRequest, storage_writer_client::StorageWriterClient,
@@ -44,6 +45,15 @@ impl Ingest for Api {
                 req.vm
             )));
         }
+        let kind = CycleKind::try_from(req.kind)
+            .map_err(|e| Status::invalid_argument(format!("cycle for vm {}: kind: {e}", req.vm)))?;
+        // A host that does not say is crash-consistent, as before the enum.
+        let consistency = match req.consistency {
+            0 => Consistency::Crash,
+            v => Consistency::try_from(v).map_err(|e| {
+                Status::invalid_argument(format!("cycle for vm {}: consistency: {e}", req.vm))
+            })?,
+        };
         self.owners
             .check_host(&host, &req.vm, "begin a replication cycle of")
             .await?;
@@ -73,13 +83,9 @@ impl Ingest for Api {
             id: uuid::Uuid::new_v4().to_string(),
             vm: req.vm.clone(),
             host: host.clone(),
-            kind: req.kind,
+            kind,
             job_id: req.job_id.clone(),
-            consistency: if req.consistency.is_empty() {
-                "crash".into()
-            } else {
-                req.consistency.clone()
-            },
+            consistency,
             state: "open".into(),
             started_at_ms: now_ms(),
             tokens: leases
@@ -207,7 +213,7 @@ impl Ingest for Api {
             id: c.id,
             vm: c.vm,
             host_name: c.host,
-            kind: c.kind,
+            kind: c.kind.into(),
             state: c.state,
             chunks_written: c.stats.chunks_written,
             bytes_written: c.stats.bytes_written,
@@ -236,7 +242,7 @@ impl IngestService {
                 }
             }
         }
-        let full = c.kind != CycleKind::Delta as i32;
+        let full = c.kind != CycleKind::Delta;
         let mut disks = Vec::new();
         for d in &c.disks {
             let map = req
@@ -275,11 +281,6 @@ impl IngestService {
         c: &CycleRecord,
         disks: Vec<CommitDisk>,
     ) -> Result<RecoveryPoint, Status> {
-        let kind = match CycleKind::try_from(c.kind) {
-            Ok(CycleKind::Delta) => "delta",
-            Ok(CycleKind::Resync) => "resync",
-            _ => "initial",
-        };
         let tls = ClientTls::service(&self.cfg).map_err(|e| Status::internal(e.to_string()))?;
         let ch = ferry_mesh::connect(&self.cfg.endpoint(Component::StorageWriter), &tls)
             .await
@@ -288,8 +289,8 @@ impl IngestService {
             .commit_point(CommitPointRequest {
                 vm: c.vm.clone(),
                 cycle_id: c.id.clone(),
-                kind: kind.into(),
-                consistency: c.consistency.clone(),
+                kind: c.kind.into(),
+                consistency: c.consistency.into(),
                 disks,
                 fencing_tokens: c.tokens.clone(),
                 host: c.host.clone(),

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use ferry_coord::{CoordError, Lease};
+use ferry_model::{Consistency, CycleKind};
 use ferry_proto::common::v1::Disk;
 use serde::{Deserialize, Serialize};
 use tonic::Status;
@@ -17,9 +18,9 @@ pub(crate) struct CycleRecord {
     pub(crate) id: String,
     pub(crate) vm: String,
     pub(crate) host: String,
-    pub(crate) kind: i32,
+    pub(crate) kind: CycleKind,
     pub(crate) job_id: String,
-    pub(crate) consistency: String,
+    pub(crate) consistency: Consistency,
     pub(crate) state: String,
     pub(crate) started_at_ms: i64,
     /// disk id -> fencing token

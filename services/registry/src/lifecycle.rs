@@ -3,7 +3,7 @@
 //! health — [`RegistryService::advance`], which writes `Event::VmState` only with what
 //! [`Lifecycle::apply`] decided.
 use ferry_model::protection::{
-    Direction, Lifecycle, Operation, Protection, TestFailover, Transition, allowed_operations,
+    Direction, Lifecycle, Operation, Protection, Transition, allowed_operations,
 };
 
 use crate::error::RegistryError;
@@ -16,11 +16,7 @@ impl VmRecord {
         Protection {
             state: self.state,
             health: self.health,
-            test_failover: if self.failover_state == "test" {
-                TestFailover::Active
-            } else {
-                TestFailover::None
-            },
+            test_failover: self.failover_state,
             direction: Direction::Forward,
             has_points: !self.last_point_id.is_empty(),
         }

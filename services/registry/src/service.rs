@@ -174,7 +174,7 @@ impl RegistryService {
             && every > 0
             && vm.rpo_seconds > 3 * every + 5
         {
-            vm.health = Health::Warning.to_string();
+            vm.health = Health::Warning.into();
             if vm.last_error.is_empty() {
                 vm.last_error = format!(
                     "no recovery point for {} s (policy: every {every} s)",
@@ -205,8 +205,8 @@ fn vm_to_proto(v: &crate::state::VmRecord, site: String) -> pb::Vm {
         name: v.name.clone(),
         host: v.host.clone(),
         site,
-        state: v.state.to_string(),
-        health: v.health.to_string(),
+        state: v.state.into(),
+        health: v.health.into(),
         allowed_operations: v.allowed_operations(),
         disks: v.disks.iter().map(Disk::from).collect(),
         policy: v.policy.as_ref().map(PolicyRecord::to_proto),
@@ -217,7 +217,7 @@ fn vm_to_proto(v: &crate::state::VmRecord, site: String) -> pb::Vm {
         retry_attempts: v.retry_attempts,
         next_retry_ms: v.next_retry_ms,
         protection_job_id: v.protection_job_id.clone(),
-        failover_state: v.failover_state.clone(),
+        failover_state: v.failover_state.into(),
         last_cycle_duration_ms: 0,
         last_cycle_bytes: 0,
         host_history: v

@@ -41,7 +41,9 @@ pub struct VmRecord {
     pub last_point_id: String,
     pub last_point_ms: i64,
     pub last_error: String,
-    pub failover_state: String,
+    /// Whether a test failover's copy exists; the catalog spells it "test" or "".
+    #[serde(with = "test_failover_name")]
+    pub failover_state: lc::TestFailover,
     /// Recoverable failures in a row and when the next retry runs (0: none pending).
     #[serde(default)]
     pub retry_attempts: u32,
@@ -50,6 +52,30 @@ pub struct VmRecord {
     /// Which host reported the VM since when, oldest first.
     #[serde(default)]
     pub host_history: Vec<HostSpan>,
+}
+
+/// The catalog's spelling of a VM's test failover, unchanged since before the state machine:
+/// "test" while a test copy exists, "" otherwise.
+mod test_failover_name {
+    use ferry_model::TestFailover;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &TestFailover, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match v {
+            TestFailover::Active => "test",
+            TestFailover::None => "",
+        })
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<TestFailover, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "" => Ok(TestFailover::None),
+            "test" => Ok(TestFailover::Active),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown failover state {other:?} (expected \"\" or \"test\")"
+            ))),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -273,7 +299,8 @@ pub enum Event {
     },
     VmFailover {
         vm: String,
-        failover_state: String,
+        #[serde(with = "test_failover_name")]
+        failover_state: lc::TestFailover,
     },
     /// A recoverable failure waiting for its retry (attempts 0 clears the retry state).
     VmRetry {
@@ -342,7 +369,7 @@ impl State {
                     last_point_id: String::new(),
                     last_point_ms: 0,
                     last_error: String::new(),
-                    failover_state: String::new(),
+                    failover_state: lc::TestFailover::None,
                     retry_attempts: 0,
                     next_retry_ms: 0,
                     host_history: Vec::new(),
@@ -396,7 +423,7 @@ impl State {
             }
             Event::VmFailover { vm, failover_state } => {
                 if let Some(v) = self.vms.get_mut(vm) {
-                    v.failover_state = failover_state.clone();
+                    v.failover_state = *failover_state;
                 }
             }
             Event::Job(j) => {

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_mesh::Role;
+use ferry_model::ErrorClass;
 use ferry_proto::now_ms;
 use ferry_proto::registry::v1::ReportReplicationErrorRequest;
 use ferry_proto::scheduler::v1::{self as pb, WorkItem, scheduler_server::Scheduler};
@@ -107,6 +108,8 @@ impl Scheduler for Api {
                 req.work_id
             )));
         };
+        // A failure nobody classified stops like a permanent one (nothing retries it blindly).
+        let class = ErrorClass::try_from(req.error_class).unwrap_or(ErrorClass::Permanent);
         let mut w: QueuedWork = serde_json::from_str(&payload)
             .map_err(|e| Status::internal(format!("work {} is unreadable: {e}", req.work_id)))?;
         self.coord
@@ -115,7 +118,7 @@ impl Scheduler for Api {
             .map_err(coord_status)?;
         if req.ok {
             tracing::info!(host = %host, work = %req.work_id, vm = %w.vm, "work completed");
-        } else if req.recoverable {
+        } else if class == ErrorClass::Recoverable {
             let delay = backoff(w.attempt, self.cfg.retry.time_unit);
             w.attempt += 1;
             w.last_error = req.error.clone();
@@ -130,19 +133,18 @@ impl Scheduler for Api {
                 vm: w.vm.clone(),
                 job_id: w.job_id.clone(),
                 error: req.error.clone(),
-                recoverable: true,
+                error_class: class.into(),
                 attempts: w.attempt - 1,
                 next_retry_ms: due,
-                ..Default::default()
             };
             self.report_error(&w, report).await;
         } else {
-            tracing::warn!(host = %host, work = %w.id, vm = %w.vm, error = %req.error, resync_required = req.resync_required, "work failed; not recoverable");
+            tracing::warn!(host = %host, work = %w.id, vm = %w.vm, error = %req.error, class = %class, "work failed; not recoverable");
             let report = ReportReplicationErrorRequest {
                 vm: w.vm.clone(),
                 job_id: w.job_id.clone(),
                 error: req.error.clone(),
-                resync_required: req.resync_required,
+                error_class: class.into(),
                 attempts: w.attempt,
                 ..Default::default()
             };

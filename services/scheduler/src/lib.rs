@@ -82,8 +82,8 @@ pub async fn run(
     Ok(())
 }
 
-/// A VM's state and health from the registry's wire strings (the one conversion); a name this
+/// A VM's state and health from the registry's wire enums (the one conversion); a value this
 /// build does not know (a newer registry) counts as neither.
 pub(crate) fn lifecycle_of(v: &ferry_proto::registry::v1::Vm) -> Option<(VmState, Health)> {
-    Some((v.state.parse().ok()?, v.health.parse().ok()?))
+    Some((v.state.try_into().ok()?, v.health.try_into().ok()?))
 }

@@ -3,6 +3,7 @@
 use std::collections::{HashMap, HashSet};
 
 use ferry_coord::CoordError;
+use ferry_model::{Consistency, CycleKind};
 use ferry_proto::common::v1::RecoveryPoint;
 use ferry_proto::storage::v1::{CommitDisk, CommitPointRequest};
 use ferry_store::{
@@ -38,8 +39,8 @@ struct DiskInput {
 struct CommitInput {
     vm: String,
     cycle_id: String,
-    kind: String,
-    consistency: String,
+    kind: CycleKind,
+    consistency: Consistency,
     disks: Vec<DiskInput>,
     /// The host whose cycle this is (ingest checked it is the VM's).
     host: String,
@@ -50,20 +51,13 @@ impl TryFrom<CommitPointRequest> for CommitInput {
 
     fn try_from(req: CommitPointRequest) -> Result<Self> {
         check_vm(&req.vm)?;
-        if !matches!(req.kind.as_str(), "initial" | "delta" | "resync") {
-            return Err(invalid(format!(
-                "kind {:?} (expected initial, delta or resync)",
-                req.kind
-            )));
-        }
-        let consistency = match req.consistency.as_str() {
-            "" | "crash" => "crash",
-            "app" => "app",
-            other => {
-                return Err(invalid(format!(
-                    "consistency {other:?} (expected crash or app)"
-                )));
-            }
+        let kind = CycleKind::try_from(req.kind)
+            .map_err(|e| invalid(format!("{e} (expected initial, delta or resync)")))?;
+        // A peer that does not say is crash-consistent, as before the enum.
+        let consistency = match req.consistency {
+            0 => Consistency::Crash,
+            v => Consistency::try_from(v)
+                .map_err(|e| invalid(format!("{e} (expected crash or app)")))?,
         };
         if req.disks.is_empty() {
             return Err(invalid("a recovery point needs at least one disk".into()));
@@ -80,8 +74,8 @@ impl TryFrom<CommitPointRequest> for CommitInput {
         Ok(CommitInput {
             vm: req.vm,
             cycle_id: req.cycle_id,
-            kind: req.kind,
-            consistency: consistency.to_owned(),
+            kind,
+            consistency,
             disks,
             host: req.host,
         })
@@ -425,8 +419,8 @@ impl Writer {
             vm: input.vm.clone(),
             seq: latest.as_ref().map_or(1, |p| p.seq + 1),
             time_ms: chrono::Utc::now().timestamp_millis(),
-            kind: input.kind.clone(),
-            consistency: input.consistency.clone(),
+            kind: input.kind,
+            consistency: input.consistency,
             cycle_id: input.cycle_id.clone(),
             disks,
             host: input.host.clone(),

@@ -29,6 +29,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use bytes::Bytes;
+use ferry_model::Consistency;
 use ferry_store::layout;
 use ferry_store::object_store::ObjectStore;
 use ferry_store::object_store::path::Path as ObjPath;
@@ -124,7 +125,7 @@ impl Candidate {
         Self {
             seq: p.seq,
             time_ms: p.time_ms,
-            app: p.consistency == "app",
+            app: p.consistency == Consistency::App,
             held,
         }
     }

@@ -3,6 +3,7 @@
 //! `.hrl` files (`ferry_disk::hrl::HrlWriter`), a local-filesystem store and `redis-server`.
 use std::sync::Arc;
 
+use ferry_model::{Consistency, CycleKind};
 use ferry_proto::common::v1::{Disk, ShippedLog};
 use ferry_proto::storage::v1::{
     BlockEntry, BlockHashesRequest, CommitDisk, CommitPointRequest, MaterializeDiskRequest,
@@ -50,8 +51,13 @@ fn request(
     CommitPointRequest {
         vm: VM.into(),
         cycle_id: uuid::Uuid::new_v4().to_string(),
-        kind: if full { "initial" } else { "delta" }.into(),
-        consistency: "crash".into(),
+        kind: if full {
+            CycleKind::Initial
+        } else {
+            CycleKind::Delta
+        }
+        .into(),
+        consistency: Consistency::Crash.into(),
         disks: vec![CommitDisk {
             disk: Some(disk_desc()),
             block_size: BS,

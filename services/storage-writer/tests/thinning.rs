@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use ferry_model::{Consistency, CycleKind};
 use ferry_proto::common::v1::{Disk, ShippedLog};
 use ferry_proto::storage::v1::{
     BlockEntry, BlockHashesRequest, CommitDisk, CommitPointRequest, MaterializeDiskRequest,
@@ -230,12 +231,17 @@ impl Env {
         blocks: &[(u64, ChunkId)],
         full: bool,
         logs: Vec<ShippedLog>,
-        consistency: &str,
+        consistency: Consistency,
     ) -> CommitPointRequest {
         CommitPointRequest {
             vm: VM.into(),
             cycle_id: uuid::Uuid::new_v4().to_string(),
-            kind: if full { "initial" } else { "delta" }.into(),
+            kind: if full {
+                CycleKind::Initial
+            } else {
+                CycleKind::Delta
+            }
+            .into(),
             consistency: consistency.into(),
             disks: vec![CommitDisk {
                 disk: Some(Disk {
@@ -272,11 +278,11 @@ impl Env {
             self.disk[off..off + BSU].copy_from_slice(&data);
             entries.push((index, self.put(&data).await));
         }
-        let req = self.request(&entries, true, vec![], "crash");
+        let req = self.request(&entries, true, vec![], Consistency::Crash);
         self.writer.commit_point(req).await.unwrap().seq
     }
 
-    async fn delta(&self, logs: Vec<ShippedLog>, consistency: &str) -> u64 {
+    async fn delta(&self, logs: Vec<ShippedLog>, consistency: Consistency) -> u64 {
         let req = self.request(&[], false, logs, consistency);
         self.writer.commit_point(req).await.unwrap().seq
     }
@@ -287,7 +293,7 @@ impl Env {
         let off = index as usize * BSU;
         self.disk[off..off + BSU].copy_from_slice(&data);
         let id = self.put(&data).await;
-        let req = self.request(&[(index, id)], false, vec![], "crash");
+        let req = self.request(&[(index, id)], false, vec![], Consistency::Crash);
         self.writer.commit_point(req).await.unwrap().seq
     }
 
@@ -370,7 +376,11 @@ async fn thinned_middle_points_leave_every_kept_point_identical() {
         } else {
             let w = write_of(i);
             let log = e.log(&[w]).await;
-            let consistency = if i == 5 { "app" } else { "crash" };
+            let consistency = if i == 5 {
+                Consistency::App
+            } else {
+                Consistency::Crash
+            };
             e.delta(vec![log], consistency).await
         };
         if i == 5 {
@@ -428,7 +438,7 @@ async fn thinned_middle_points_leave_every_kept_point_identical() {
     let points = e.store.list_points(VM).await.unwrap();
     for w in points.windows(2) {
         assert!(
-            w[1].consistency == "app"
+            w[1].consistency == Consistency::App
                 || w[1].seq == newest
                 || w[1].time_ms - w[0].time_ms >= thin_ms,
             "{} and {} are {} ms apart",
@@ -473,7 +483,7 @@ async fn thinned_middle_points_leave_every_kept_point_identical() {
     }
     // And a commit after the pruning builds on what is left.
     let log = e.log(&[write_of(200)]).await;
-    let seq = e.delta(vec![log], "crash").await;
+    let seq = e.delta(vec![log], Consistency::Crash).await;
     assert!(
         e.materialize(seq).await == e.disk,
         "a new point after pruning"
@@ -493,15 +503,15 @@ async fn a_cycle_that_shipped_nothing_writes_no_index_pages() {
     assert!(pages > 0);
     // On a point without logs.
     let before = e.objects().await;
-    let seq = e.delta(vec![], "crash").await;
+    let seq = e.delta(vec![], Consistency::Crash).await;
     assert_eq!(seq, 2, "the empty cycle is a point");
     assert_eq!(e.objects().await, before, "and wrote nothing else");
     // On a point with logs pending (not merged): still the base's pages and logs.
     let log = e.log(&[write_of(1)]).await;
-    e.delta(vec![log], "crash").await;
+    e.delta(vec![log], Consistency::Crash).await;
     let before = e.objects().await;
     let p3 = e.store.latest_point(VM).await.unwrap().unwrap();
-    let seq = e.delta(vec![], "crash").await;
+    let seq = e.delta(vec![], Consistency::Crash).await;
     let p4 = e.store.latest_point(VM).await.unwrap().unwrap();
     assert_eq!(seq, 4);
     assert_eq!(e.objects().await, before);
@@ -515,7 +525,7 @@ async fn a_cycle_that_shipped_nothing_writes_no_index_pages() {
         .unwrap();
     let merged = e.store.get_merged(VM, 4).await.unwrap().unwrap();
     let before = e.objects().await;
-    let seq = e.delta(vec![], "crash").await;
+    let seq = e.delta(vec![], Consistency::Crash).await;
     assert_eq!(seq, 5);
     assert_eq!(e.objects().await, before);
     let p5 = e.store.latest_point(VM).await.unwrap().unwrap();

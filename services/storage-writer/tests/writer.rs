@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use ferry_coord::{Coord, Lease, RedisServer};
 use ferry_mesh::{Caller, ErrorCode, Role, ServiceError};
+use ferry_model::{Consistency, CycleKind};
 use ferry_proto::common::v1::Disk;
 use ferry_proto::storage::v1::storage_writer_server::StorageWriter as _;
 use ferry_proto::storage::v1::{
@@ -100,8 +101,13 @@ fn commit(
     CommitPointRequest {
         vm: vm.into(),
         cycle_id: uuid::Uuid::new_v4().to_string(),
-        kind: if full { "initial" } else { "delta" }.into(),
-        consistency: "crash".into(),
+        kind: if full {
+            CycleKind::Initial
+        } else {
+            CycleKind::Delta
+        }
+        .into(),
+        consistency: Consistency::Crash.into(),
         disks: vec![CommitDisk {
             disk: Some(disk),
             block_size: BS,
@@ -156,8 +162,8 @@ async fn commit_full_then_patch() {
         .await
         .unwrap();
     assert_eq!(
-        (p1.seq, p1.vm.as_str(), p1.kind.as_str()),
-        (1, "web", "initial")
+        (p1.seq, p1.vm.as_str(), p1.kind()),
+        (1, "web", ferry_proto::common::v1::CycleKind::Initial)
     );
     assert_eq!(p1.disks[0].stored_blocks, 3);
     assert_eq!(p1.disks[0].block_size, BS);

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use ferry_coord::KeptLease;
+use ferry_model::TestFailover;
 use ferry_proto::common::v1::Job;
 use ferry_proto::failover::v1::CleanupTestFailoverRequest;
 use tracing::{info, warn};
@@ -135,7 +136,7 @@ impl Orchestrator {
         self.ledger
             .put_fenced(&mut cleaned, &self.coord, kept.lease())
             .await?;
-        self.set_failover_state(&vm, "").await?;
+        self.set_failover_state(&vm, TestFailover::None).await?;
         job.step_done(1, "failover state cleared".into()).await;
         info!(vm = %vm, dir = %cleaned.target_dir, "test failover cleaned up");
         Ok(())

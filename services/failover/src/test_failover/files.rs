@@ -1,6 +1,7 @@
 //! The files of a test copy: per-run partial files, removal, and the VM description.
 use std::path::{Path, PathBuf};
 
+use ferry_model::Consistency;
 use ferry_proto::common::v1::RecoveryPoint;
 use ferry_proto::registry::v1::Vm;
 use serde::Serialize;
@@ -91,7 +92,7 @@ pub(super) fn write_description(
         point: PointDescription {
             id: &point.id,
             time_ms: point.time_ms,
-            consistency: &point.consistency,
+            consistency: Consistency::wire_name(point.consistency),
         },
         disks: disks
             .iter()

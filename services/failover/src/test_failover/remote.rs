@@ -1,4 +1,5 @@
 //! The registry and storage-writer calls of a test failover.
+use ferry_model::TestFailover;
 use ferry_proto::common::v1::RecoveryPoint;
 use ferry_proto::registry::v1::{GetVmRequest, SetFailoverStateRequest, Vm};
 use ferry_proto::storage::v1::GetPointRequest;
@@ -38,12 +39,12 @@ impl Orchestrator {
             })
     }
 
-    pub(super) async fn set_failover_state(&self, vm: &str, state: &str) -> Result<()> {
+    pub(super) async fn set_failover_state(&self, vm: &str, state: TestFailover) -> Result<()> {
         let mut registry = self.registry.clone();
         registry
             .set_failover_state(SetFailoverStateRequest {
                 vm: vm.to_owned(),
-                failover_state: state.to_owned(),
+                failover_state: state.into(),
             })
             .await
             .map_err(|s| FailoverError::remote("registry", "set failover state", &s))?;

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use ferry_coord::KeptLease;
+use ferry_model::{Consistency, TestFailover};
 use ferry_proto::common::v1::{Job, RecoveryPoint};
 use ferry_proto::registry::v1::Vm;
 use tracing::{info, warn};
@@ -142,7 +143,10 @@ impl Orchestrator {
         made.clear();
         record.planned.clear();
         record.created_dir = false;
-        if let Err(e) = self.set_failover_state(&vm.name, "test").await {
+        if let Err(e) = self
+            .set_failover_state(&vm.name, TestFailover::Active)
+            .await
+        {
             return Err(FailoverError::FailedPrecondition(format!(
                 "{e}; the test copy in {} is recorded: run cleanup to remove it",
                 dir.display()
@@ -205,7 +209,7 @@ impl Orchestrator {
             format!(
                 "point {} ({}, {} ms), {} disks",
                 point.id,
-                point.consistency,
+                Consistency::wire_name(point.consistency),
                 point.time_ms,
                 disks.len()
             ),

@@ -1,6 +1,6 @@
 //! What the replication services report: committed points, job progress, replication
 //! errors, and jobs they create or update.
-use ferry_model::Transition;
+use ferry_model::{ErrorClass, Transition};
 use ferry_proto::common::v1::{Job, StepStatus};
 use ferry_proto::now_ms;
 use ferry_proto::registry::v1 as pb;
@@ -128,17 +128,17 @@ impl RegistryService {
         let req = req.into_inner();
         // Resync required: never replicated from an inconsistent log; deltas stop until a
         // resync (the scheduler starts it in the policy's window; `ferry vm resync` now).
+        let class = ErrorClass::try_from(req.error_class)
+            .map_err(|e| RegistryError::InvalidArgument(format!("error_class: {e}")))?;
         let error = req.error.clone();
-        let t = if req.resync_required {
-            Transition::ResyncRequired { error }
-        } else if req.recoverable {
-            Transition::RecoverableError { error }
-        } else {
-            Transition::PermanentError { error }
+        let t = match class {
+            ErrorClass::ResyncRequired => Transition::ResyncRequired { error },
+            ErrorClass::Recoverable => Transition::RecoverableError { error },
+            ErrorClass::Permanent => Transition::PermanentError { error },
         };
         let state_event = transition_event(&*self.state.lock().await, &req.vm, &t)?;
-        tracing::warn!(vm = %req.vm, recoverable = req.recoverable, resync_required = req.resync_required, attempts = req.attempts, error = %req.error, "replication error");
-        let (attempts, next_retry_ms) = if req.recoverable {
+        tracing::warn!(vm = %req.vm, class = %class, attempts = req.attempts, error = %req.error, "replication error");
+        let (attempts, next_retry_ms) = if class == ErrorClass::Recoverable {
             (req.attempts.max(1), req.next_retry_ms)
         } else {
             (0, 0)

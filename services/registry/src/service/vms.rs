@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use ferry_mesh::Role;
+use ferry_model::TestFailover;
 use ferry_proto::common::v1::Job;
 use ferry_proto::registry::v1 as pb;
 use tonic::{Request, Response};
@@ -87,12 +88,14 @@ impl RegistryService {
     ) -> R<pb::Vm> {
         ferry_mesh::require_service(&req)?;
         let req = req.into_inner();
+        let failover_state = TestFailover::try_from(req.failover_state)
+            .map_err(|e| RegistryError::InvalidArgument(e.to_string()))?;
         if !self.state.lock().await.vms.contains_key(&req.vm) {
             return Err(RegistryError::VmNotFound(req.vm).into());
         }
         self.persist(vec![Event::VmFailover {
             vm: req.vm.clone(),
-            failover_state: req.failover_state,
+            failover_state,
         }])
         .await?;
         Ok(Response::new(self.vm_proto(&req.vm).await?))
