@@ -1,8 +1,18 @@
 //! `agent.toml`: which vault key to register with, where to keep state, the host and its VMs.
 //! Relative paths are resolved against the folder of the config file.
+//!
+//! Loaded in layers like the mesh's config: the defaults below, then the TOML file, then
+//! `FERRY_AGENT__*` environment variables (`__` separates levels:
+//! `FERRY_AGENT__HOST__SITE=site-b`, `FERRY_AGENT__DATA_DIR=/var/lib/ferry`). The prefix is
+//! the agent's own so the mesh's `FERRY_*` variables on the same machine never reach it.
 use std::path::{Path, PathBuf};
 
+use figment::Figment;
+use figment::providers::{Env, Format as _, Toml};
 use serde::Deserialize;
+
+/// Environment variables with this prefix override the config file.
+pub const ENV_PREFIX: &str = "FERRY_AGENT__";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -99,10 +109,13 @@ impl AgentConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        let mut cfg: AgentConfig = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let mut cfg: AgentConfig = Figment::from(Toml::string(&text))
+            .merge(Env::prefixed(ENV_PREFIX).split("__"))
+            .extract()
+            .map_err(|e| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
         let base = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -167,5 +180,54 @@ impl AgentConfig {
             return Err("shutdown_timeout must be more than 0 s".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+// figment's `Jail` fixes its closures' error type (`figment::Error`, a large one).
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+
+    const TOML: &str = r#"
+registration_key = "key.json"
+data_dir = "data"
+batch_blocks = 8
+[host]
+name = "hv01"
+site = "site-a"
+[[vm]]
+name = "web01"
+disks = ["web01.vhdx"]
+"#;
+
+    #[test]
+    fn environment_overrides_the_file_and_defaults_fill_the_rest() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("agent.toml", TOML)?;
+            jail.set_env("FERRY_AGENT__HOST__SITE", "site-b");
+            jail.set_env("FERRY_AGENT__BATCHES_IN_FLIGHT", "2");
+            // The mesh's own variables on the same machine are not the agent's.
+            jail.set_env("FERRY_RETRY_TIME_UNIT", "1s");
+            let cfg = AgentConfig::load(&jail.directory().join("agent.toml")).unwrap();
+            assert_eq!(cfg.host.name, "hv01");
+            assert_eq!(cfg.host.site, "site-b");
+            assert_eq!(cfg.batch_blocks, 8);
+            assert_eq!(cfg.batches_in_flight, 2);
+            assert_eq!(cfg.data_dir, jail.directory().join("data"));
+            assert_eq!(cfg.vms[0].disks[0], jail.directory().join("web01.vhdx"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_bad_value_from_the_environment_is_named() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("agent.toml", TOML)?;
+            jail.set_env("FERRY_AGENT__BATCH_BLOCKS", "lots");
+            let err = AgentConfig::load(&jail.directory().join("agent.toml")).unwrap_err();
+            assert!(err.to_string().contains("batch_blocks"), "{err}");
+            Ok(())
+        });
     }
 }

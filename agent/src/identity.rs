@@ -2,7 +2,7 @@
 //! one-time: after the first run the agent uses the certificate kept in its data dir.
 use std::path::{Path, PathBuf};
 
-use ferry_mesh::{ClientTls, Identity};
+use ferry_mesh::{ClientTls, Component, Identity};
 use ferry_proto::registry::v1::{Endpoints, RegisterHostRequest, registry_client::RegistryClient};
 use ferry_store::VaultKey;
 use serde::{Deserialize, Serialize};
@@ -28,6 +28,20 @@ pub struct EndpointsJson {
     pub storage_writer: String,
     pub failover: String,
     pub gateway: String,
+}
+
+impl EndpointsJson {
+    /// Each component with its endpoint.
+    pub fn components(&self) -> [(Component, String); 6] {
+        [
+            (Component::Registry, self.registry.clone()),
+            (Component::Scheduler, self.scheduler.clone()),
+            (Component::Ingest, self.ingest.clone()),
+            (Component::StorageWriter, self.storage_writer.clone()),
+            (Component::Failover, self.failover.clone()),
+            (Component::Gateway, self.gateway.clone()),
+        ]
+    }
 }
 
 impl From<Endpoints> for EndpointsJson {

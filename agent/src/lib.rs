@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_gateway::client::Uploader;
+use ferry_mesh::Component;
+use ferry_model::Backoff;
 use ferry_proto::registry::v1::{HeartbeatRequest, registry_client::RegistryClient};
 use ferry_proto::scheduler::v1::{
     CompleteWorkRequest, WorkItem, WorkKind, WorkStreamRequest, scheduler_client::SchedulerClient,
@@ -27,6 +29,8 @@ pub use replicate::ReplError;
 pub struct Agent {
     cfg: Arc<AgentConfig>,
     creds: Arc<Credentials>,
+    /// Channels to the registry, scheduler, ingest and storage-writer, made once.
+    peers: ferry_mesh::Peers,
     uploader: Arc<Mutex<Option<Uploader>>>,
     /// VMs with a replication running, so a re-sent work item does not start a second copy;
     /// with the last work item for the VM that arrived while it ran (run after it, unless it
@@ -59,9 +63,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     let stop_timeout = cfg
         .shutdown_timeout
         .unwrap_or(config::DEFAULT_SHUTDOWN_TIMEOUT);
+    let peers = ferry_mesh::Peers::new(creds.endpoints.components(), creds.client_tls());
     let agent = Agent {
         cfg: Arc::new(cfg),
         creds: Arc::new(creds),
+        peers,
         uploader: Default::default(),
         busy: Default::default(),
         tracker,
@@ -196,9 +202,7 @@ impl Agent {
                 .unwrap_or_default()
             };
             let res = async {
-                let ch =
-                    ferry_mesh::connect(&self.creds.endpoints.registry, &self.creds.client_tls())
-                        .await?;
+                let ch = self.peers.channel(Component::Registry)?;
                 let r = RegistryClient::new(ch)
                     .heartbeat(HeartbeatRequest {
                         host_name: self.creds.host.clone(),
@@ -224,36 +228,36 @@ impl Agent {
     }
 
     async fn work_loop(&self, shutdown: CancellationToken) {
-        let mut delay = Duration::from_millis(200);
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         loop {
             let streamed = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = self.stream_work(&shutdown) => r,
             };
-            match streamed {
+            let e = match streamed {
                 Ok(()) => return,
-                Err(e) => {
-                    // Refused credentials (the host was removed from the vault) do not heal by
-                    // retrying fast: ask again rarely, until the host is registered again.
-                    if e.downcast_ref::<tonic::Status>()
-                        .is_some_and(|s| s.code() == tonic::Code::Unauthenticated)
-                    {
-                        delay = Duration::from_secs(60);
-                    }
-                    tracing::warn!(error = %e, retry_ms = delay.as_millis() as u64, "work stream lost")
-                }
-            }
+                Err(e) => e,
+            };
+            // Refused credentials (the host was removed from the vault) do not heal by
+            // retrying fast: ask again rarely, until the host is registered again.
+            let delay = if e
+                .downcast_ref::<tonic::Status>()
+                .is_some_and(|s| s.code() == tonic::Code::Unauthenticated)
+            {
+                Duration::from_secs(60)
+            } else {
+                backoff.next_delay()
+            };
+            tracing::warn!(error = %e, retry_ms = delay.as_millis() as u64, "work stream lost");
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
             }
-            delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
 
     async fn scheduler(&self) -> anyhow::Result<SchedulerClient<tonic::transport::Channel>> {
-        let ch =
-            ferry_mesh::connect(&self.creds.endpoints.scheduler, &self.creds.client_tls()).await?;
+        let ch = self.peers.channel(Component::Scheduler)?;
         Ok(SchedulerClient::new(ch))
     }
 
@@ -360,18 +364,21 @@ impl Agent {
             error,
             error_class,
         };
-        for attempt in 0..5u32 {
-            if attempt > 0 {
-                tokio::time::sleep(Duration::from_millis(200 << (attempt - 1))).await;
-            }
-            match self.scheduler().await {
-                Ok(mut s) => match s.complete_work(req.clone()).await {
-                    Ok(_) => return true,
-                    Err(e) => tracing::warn!(work = %item.id, error = %e, "completing work failed"),
-                },
-                Err(e) => tracing::warn!(work = %item.id, error = %e, "scheduler unreachable"),
-            }
-        }
-        false
+        // Five calls over about 3 s; the work stays in flight (re-sent on reconnect) if all fail.
+        let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+        ferry_mesh::retry(
+            "completing work",
+            backoff,
+            Some(5),
+            &CancellationToken::new(),
+            ferry_mesh::transient_error,
+            || async {
+                let mut s = self.scheduler().await?;
+                s.complete_work(req.clone()).await?;
+                anyhow::Ok(())
+            },
+        )
+        .await
+        .is_ok()
     }
 }

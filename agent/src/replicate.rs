@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ferry_gateway::client::{Offer, Uploader};
-use ferry_model::CycleKind;
+use ferry_model::{Backoff, CycleKind};
 use ferry_proto::common::v1::Disk;
 use ferry_proto::ingest::v1::{
     BlockRef, DiskBlockMap, RenewCycleRequest, ingest_client::IngestClient,
@@ -86,9 +86,10 @@ pub(crate) struct ReadBlock {
 
 impl Agent {
     pub(crate) async fn ingest(&self) -> Result<IngestClient<Channel>, ReplError> {
-        let ch = ferry_mesh::connect(&self.creds.endpoints.ingest, &self.creds.client_tls())
-            .await
-            .map_err(|e| ReplError::Recoverable(format!("ingest unreachable: {e}")))?;
+        let ch = self
+            .peers
+            .channel(ferry_mesh::Component::Ingest)
+            .map_err(|e| ReplError::Permanent(format!("ingest endpoint: {e}")))?;
         Ok(IngestClient::new(ch))
     }
 
@@ -331,7 +332,7 @@ impl Agent {
         lost: CancellationToken,
     ) -> Result<(), ReplError> {
         let blocks = Arc::new(blocks);
-        let mut delay = Duration::from_millis(250);
+        let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
         let mut attempt = 0u32;
         let budget = self.ride_out();
         let started = tokio::time::Instant::now();
@@ -360,18 +361,16 @@ impl Agent {
                 }
                 Err(e) => Err(e),
             };
-            match res {
-                Err(e)
-                    if e.recoverable()
-                        && started.elapsed() + delay < budget
-                        && !lost.is_cancelled() =>
-                {
-                    tracing::warn!(cycle = %cycle, attempt, retry_ms = delay.as_millis() as u64, error = %e, "upload failed; retrying the batch");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
+            let e = match res {
+                Err(e) if e.recoverable() && !lost.is_cancelled() => e,
                 other => return other,
+            };
+            let delay = backoff.next_delay();
+            if started.elapsed() + delay >= budget {
+                return Err(e);
             }
+            tracing::warn!(cycle = %cycle, attempt, retry_ms = delay.as_millis() as u64, error = %e, "upload failed; retrying the batch");
+            tokio::time::sleep(delay).await;
         }
     }
 }

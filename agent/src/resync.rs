@@ -282,12 +282,10 @@ fn chain_intact(p: &DiskProgress, current: Option<&Path>) -> Result<(), String> 
 
 impl Agent {
     async fn storage_writer(&self) -> Result<StorageWriterClient<Channel>, ReplError> {
-        let ch = ferry_mesh::connect(
-            &self.creds.endpoints.storage_writer,
-            &self.creds.client_tls(),
-        )
-        .await
-        .map_err(|e| ReplError::Recoverable(format!("storage-writer unreachable: {e}")))?;
+        let ch = self
+            .peers
+            .channel(ferry_mesh::Component::StorageWriter)
+            .map_err(|e| ReplError::Permanent(format!("storage-writer endpoint: {e}")))?;
         Ok(StorageWriterClient::new(ch))
     }
 

@@ -248,6 +248,18 @@ impl Component {
         Component::Gateway,
     ];
 
+    /// The component's binary: `ferry-<component>`.
+    pub fn binary(self) -> &'static str {
+        match self {
+            Component::Registry => "ferry-registry",
+            Component::Scheduler => "ferry-scheduler",
+            Component::Ingest => "ferry-ingest",
+            Component::StorageWriter => "ferry-storage-writer",
+            Component::Failover => "ferry-failover",
+            Component::Gateway => "ferry-gateway",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Component::Registry => "registry",

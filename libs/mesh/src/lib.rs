@@ -4,10 +4,13 @@
 
 pub mod auth;
 pub mod client;
+pub mod component;
 pub mod config;
 pub mod error;
+pub mod peers;
 pub mod pki;
 pub mod quic;
+pub mod retry;
 pub mod revocation;
 pub mod scope;
 pub mod server;
@@ -21,8 +24,10 @@ pub use auth::{
     require_role, require_service, token_hash,
 };
 pub use client::{AuthChannel, BearerToken, ClientTls, connect, connect_lazy, with_token};
+pub use component::{ComponentArgs, component_main, serve_component};
 pub use config::{Component, ConfigError, Listen, MeshConfig, RetryConfig, TlsPaths, VaultConfig};
 pub use error::{ErrorCode, MeshError, ServiceError, error_chain, to_status, unimplemented};
+pub use peers::Peers;
 pub use pki::{
     Identity, PkiError, VaultCa, cert_serial_hex, cert_serial_hex_pem, new_csr, write_secret,
 };
@@ -30,6 +35,7 @@ pub use quic::{
     ALPN_FERRY, quic_client_config, quic_peer_identity, quic_peer_serial, quic_server_config,
     quic_transport_config,
 };
+pub use retry::{GaveUp, retry, transient_error, transient_status};
 pub use revocation::{RevocationList, component_authenticator};
 pub use scope::VmOwners;
 pub use server::{ServerTls, serve, serve_with_drain};

@@ -10,7 +10,7 @@ use std::time::Duration;
 use ferry_proto::registry::v1::{ListRevokedCertificatesRequest, registry_client::RegistryClient};
 use tokio_util::sync::CancellationToken;
 
-use crate::{ClientTls, Component, MeshConfig, MeshError, RevocationCheck};
+use crate::{Component, MeshConfig, MeshError, Peers, RevocationCheck};
 
 /// How often components re-read the revocation list.
 pub const REVOCATION_POLL: Duration = Duration::from_secs(2);
@@ -48,15 +48,12 @@ impl RevocationList {
     }
 
     /// Reads the list from the registry once.
-    pub async fn refresh(&self, cfg: &MeshConfig) -> Result<(), MeshError> {
-        let tls = ClientTls::service(cfg)?;
-        let endpoint = cfg.endpoint(Component::Registry);
-        let ch = crate::connect(&endpoint, &tls).await?;
-        let r = RegistryClient::new(ch)
+    pub async fn refresh(&self, peers: &Peers) -> Result<(), MeshError> {
+        let r = RegistryClient::new(peers.channel(Component::Registry)?)
             .list_revoked_certificates(ListRevokedCertificatesRequest {})
             .await
             .map_err(|s| MeshError::Connect {
-                endpoint,
+                endpoint: "registry".into(),
                 reason: format!("listing revoked certificates: {}", s.message()),
             })?
             .into_inner();
@@ -68,17 +65,27 @@ impl RevocationList {
     /// before the registry does not wait), then every [`REVOCATION_POLL`].
     pub async fn watch(cfg: &MeshConfig, shutdown: CancellationToken) -> Self {
         let list = Self::default();
-        if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(2), list.refresh(cfg)).await {
+        let peers = match Peers::service(cfg) {
+            Ok(p) => p,
+            Err(e) => {
+                // Without the service certificate nothing reaches the registry: the component
+                // fails on its own calls with the reason; the list stays empty.
+                tracing::warn!(error = %e, "revocation list cannot be read");
+                return list;
+            }
+        };
+        if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(2), list.refresh(&peers)).await
+        {
             tracing::debug!(error = %e, "revocation list not read yet; retrying in the background");
         }
-        let (me, cfg) = (list.clone(), cfg.clone());
+        let me = list.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(REVOCATION_POLL) => {}
                 }
-                if let Err(e) = me.refresh(&cfg).await {
+                if let Err(e) = me.refresh(&peers).await {
                     tracing::debug!(error = %e, "revocation list refresh failed; keeping the last one");
                 }
             }

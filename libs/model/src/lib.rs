@@ -4,14 +4,18 @@
 //! values into these types once, at their edge ([`wire`]).
 #[macro_use]
 mod names;
+pub mod disk;
 pub mod policy;
 pub mod protection;
 pub mod replication;
+pub mod retry;
 pub mod wire;
 
+pub use disk::DiskSpec;
 pub use names::UnknownName;
 pub use protection::{
     Direction, Health, Lifecycle, Operation, Protection, Refused, TestFailover, Transition, VmState,
 };
 pub use replication::{Consistency, CycleKind, ErrorClass};
+pub use retry::Backoff;
 pub use wire::UnknownValue;

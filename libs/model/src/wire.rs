@@ -4,7 +4,7 @@
 use ferry_proto::common::v1 as common;
 use ferry_proto::registry::v1 as registry;
 
-use crate::{Consistency, CycleKind, ErrorClass, Health, TestFailover, VmState};
+use crate::{Consistency, CycleKind, DiskSpec, ErrorClass, Health, TestFailover, VmState};
 
 /// A protobuf enum value the model has no variant for (unspecified, or from a newer peer).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -96,6 +96,41 @@ wire_enum!(ErrorClass <=> common::ErrorClass {
     Permanent <=> Permanent,
     ResyncRequired <=> ResyncRequired,
 });
+
+impl From<&common::Disk> for DiskSpec {
+    fn from(d: &common::Disk) -> Self {
+        Self {
+            id: d.id.clone(),
+            path: d.path.clone(),
+            format: d.format.clone(),
+            subformat: d.subformat.clone(),
+            virtual_size: d.virtual_size,
+            logical_sector_size: d.logical_sector_size,
+            allocated_bytes: d.allocated_bytes,
+            error: d.error.clone(),
+            nbd_uri: d.nbd_uri.clone(),
+        }
+    }
+}
+
+/// The wire's `pending_log_bytes` is not part of the spec (it changes every heartbeat): the
+/// registry fills it in from memory.
+impl From<&DiskSpec> for common::Disk {
+    fn from(d: &DiskSpec) -> Self {
+        Self {
+            id: d.id.clone(),
+            path: d.path.clone(),
+            format: d.format.clone(),
+            subformat: d.subformat.clone(),
+            virtual_size: d.virtual_size,
+            logical_sector_size: d.logical_sector_size,
+            allocated_bytes: d.allocated_bytes,
+            error: d.error.clone(),
+            nbd_uri: d.nbd_uri.clone(),
+            pending_log_bytes: 0,
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use ferry_model::Backoff;
 use futures::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -22,7 +23,7 @@ use crate::{Store, StoreError};
 const PARALLEL: usize = 8;
 /// Conflicts are progress by someone else, so many are tolerated before giving up.
 const MAX_CONFLICTS: usize = 1000;
-const MAX_TRANSIENT: usize = 4;
+const MAX_TRANSIENT: u32 = 4;
 
 /// An append-only log of JSON entries in one namespace. Cheap to clone; clones share the
 /// cached tail.
@@ -94,7 +95,9 @@ impl Catalog {
         if seq == 0 {
             seq = self.find_tail(0).await?;
         }
-        let (mut conflicts, mut transient) = (0usize, 0usize);
+        let mut conflicts = 0usize;
+        // 40, 80, 160, 320 ms between attempts after a transient failure.
+        let mut transient = Backoff::new(Duration::from_millis(40), Duration::from_millis(320));
         // Sequence numbers we tried whose outcome is unknown (transient failure).
         let mut uncertain: Vec<u64> = Vec::new();
         loop {
@@ -128,11 +131,11 @@ impl Catalog {
                         return Ok(s);
                     }
                 }
-                Err(e) if e.is_transient() && transient < MAX_TRANSIENT => {
-                    transient += 1;
-                    warn!(namespace = %self.namespace, seq = next, error = %e, attempt = transient, "catalog append failed, retrying");
+                Err(e) if e.is_transient() && transient.failures() < MAX_TRANSIENT => {
+                    let delay = transient.next_delay();
+                    warn!(namespace = %self.namespace, seq = next, error = %e, attempt = transient.failures(), "catalog append failed, retrying");
                     uncertain.push(next);
-                    tokio::time::sleep(Duration::from_millis(20 << transient)).await;
+                    tokio::time::sleep(delay).await;
                 }
                 Err(e) => return Err(e),
             }

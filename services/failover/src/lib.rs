@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use ferry_coord::Coord;
-use ferry_mesh::{ClientTls, Component, MeshConfig, ServerTls};
+use ferry_mesh::{ClientTls, Component, MeshConfig};
 use ferry_proto::failover::v1::failover_server::FailoverServer;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 use ferry_proto::storage::v1::storage_writer_client::StorageWriterClient;
@@ -38,9 +38,6 @@ pub use error::FailoverError;
 pub use records::{Ledger, Record};
 pub use service::FailoverService;
 pub use test_failover::{CLEANUP_STEPS, TEST_FAILOVER_STEPS, disk_file_name};
-
-/// The gRPC service name, as health and reflection list it.
-pub const SERVICE_NAME: &str = "ferry.failover.v1.Failover";
 
 /// The orchestrator's state: clients of the registry and the storage-writer (service
 /// certificate), and the failover records. Cheap to clone.
@@ -250,13 +247,10 @@ pub async fn run(
         .await?
         .with_shutdown(shutdown.clone());
     tokio::spawn(orchestrator.clone().resume_loop());
-    let tls = ServerTls::load(&cfg).context("loading the server certificate")?;
     let auth = ferry_mesh::component_authenticator(&cfg, shutdown.clone())
         .await
         .context("setting up authentication")?;
-    let server =
-        FailoverServer::with_interceptor(FailoverService::new(orchestrator), auth.interceptor());
-    let routes = tonic::service::Routes::new(server);
-    ferry_mesh::serve(listener, &tls, routes, &[SERVICE_NAME], shutdown).await?;
+    let server = FailoverServer::new(FailoverService::new(orchestrator));
+    ferry_mesh::serve_component(&cfg, listener, &auth, server, shutdown).await?;
     Ok(())
 }

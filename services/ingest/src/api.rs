@@ -2,8 +2,8 @@
 use std::sync::Arc;
 
 use ferry_coord::Lease;
-use ferry_mesh::{ClientTls, Component, Role};
-use ferry_model::{Consistency, CycleKind};
+use ferry_mesh::{Component, Role};
+use ferry_model::{Consistency, CycleKind, DiskSpec};
 use ferry_proto::common::v1::RecoveryPoint;
 use ferry_proto::ingest::v1::{self as pb, ingest_server::Ingest};
 use ferry_proto::now_ms;
@@ -12,7 +12,8 @@ use ferry_proto::storage::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::cycle::{CycleRecord, DiskJson, Stats, coord_status};
+use crate::cycle::{CycleRecord, CycleState, Stats};
+use crate::error::IngestError;
 use crate::{IngestService, LEASE_TTL};
 
 /// The gRPC face of the service (a newtype: the orphan rule forbids `impl Trait for Arc<_>`).
@@ -34,24 +35,27 @@ impl Ingest for Api {
         let host = ferry_mesh::require_host(&req)?;
         let req = req.into_inner();
         if req.host_name != host {
-            return Err(Status::permission_denied(format!(
+            return Err(IngestError::PermissionDenied(format!(
                 "host {host} cannot begin a cycle for host {}",
                 req.host_name
-            )));
+            ))
+            .into());
         }
         if req.disks.is_empty() {
-            return Err(Status::invalid_argument(format!(
+            return Err(IngestError::InvalidArgument(format!(
                 "cycle for vm {} names no disks",
                 req.vm
-            )));
+            ))
+            .into());
         }
-        let kind = CycleKind::try_from(req.kind)
-            .map_err(|e| Status::invalid_argument(format!("cycle for vm {}: kind: {e}", req.vm)))?;
+        let kind = CycleKind::try_from(req.kind).map_err(|e| {
+            IngestError::InvalidArgument(format!("cycle for vm {}: kind: {e}", req.vm))
+        })?;
         // A host that does not say is crash-consistent, as before the enum.
         let consistency = match req.consistency {
             0 => Consistency::Crash,
             v => Consistency::try_from(v).map_err(|e| {
-                Status::invalid_argument(format!("cycle for vm {}: consistency: {e}", req.vm))
+                IngestError::InvalidArgument(format!("cycle for vm {}: consistency: {e}", req.vm))
             })?,
         };
         self.owners
@@ -60,10 +64,11 @@ impl Ingest for Api {
         for d in &req.disks {
             let expected = ferry_proto::disk_id(&req.vm, &d.path);
             if d.id != expected {
-                return Err(Status::invalid_argument(format!(
+                return Err(IngestError::InvalidArgument(format!(
                     "disk {} of vm {} has id {}, expected {expected}",
                     d.path, req.vm, d.id
-                )));
+                ))
+                .into());
             }
         }
         let mut leases: Vec<Lease> = Vec::new();
@@ -75,7 +80,7 @@ impl Ingest for Api {
                         let _ = self.coord.release_lease(l).await;
                     }
                     tracing::warn!(vm = %req.vm, disk = %d.id, host = %host, error = %e, "lease refused");
-                    return Err(coord_status(e));
+                    return Err(IngestError::from(e).into());
                 }
             }
         }
@@ -86,13 +91,13 @@ impl Ingest for Api {
             kind,
             job_id: req.job_id.clone(),
             consistency,
-            state: "open".into(),
+            state: CycleState::Open,
             started_at_ms: now_ms(),
             tokens: leases
                 .iter()
                 .map(|l| (l.resource.clone(), l.token))
                 .collect(),
-            disks: req.disks.iter().map(DiskJson::from).collect(),
+            disks: req.disks.iter().map(DiskSpec::from).collect(),
             stats: Stats::default(),
         };
         self.save(&c).await?;
@@ -113,7 +118,7 @@ impl Ingest for Api {
             self.coord
                 .renew_lease(&l, LEASE_TTL)
                 .await
-                .map_err(coord_status)?;
+                .map_err(IngestError::from)?;
         }
         Ok(Response::new(pb::RenewCycleResponse {}))
     }
@@ -126,15 +131,14 @@ impl Ingest for Api {
         let req = req.into_inner();
         let mut c = self.load(&req.cycle_id).await?;
         c.check_host(&host, "commit")?;
-        if c.state != "open" {
-            return Err(Status::failed_precondition(format!(
-                "cycle {} is {}",
-                c.id, c.state
-            )));
+        if c.state != CycleState::Open {
+            return Err(
+                IngestError::FailedPrecondition(format!("cycle {} is {}", c.id, c.state)).into(),
+            );
         }
         let disks = self.commit_disks(&c, &req)?;
         let point = self.commit_point(&c, disks).await?;
-        c.state = "committed".into();
+        c.state = CycleState::Committed;
         self.save(&c).await?;
         for l in IngestService::leases(&c) {
             if let Err(e) = self.coord.release_lease(&l).await {
@@ -154,7 +158,7 @@ impl Ingest for Api {
         let req = req.into_inner();
         let mut c = self.load(&req.cycle_id).await?;
         c.check_host(&host, "abort")?;
-        c.state = "aborted".into();
+        c.state = CycleState::Aborted;
         self.save(&c).await?;
         for l in IngestService::leases(&c) {
             let _ = self.coord.release_lease(&l).await;
@@ -193,12 +197,13 @@ impl Ingest for Api {
         let req = req.into_inner();
         let (allowed, reason) = match self.load(&req.cycle_id).await {
             Ok(c) => match c.check_host(&req.host_name, "upload into") {
-                Err(s) => (false, s.message().to_string()),
-                Ok(()) if c.state != "open" => (false, format!("cycle {} is {}", c.id, c.state)),
+                Err(e) => (false, e.to_string()),
+                Ok(()) if c.state != CycleState::Open => {
+                    (false, format!("cycle {} is {}", c.id, c.state))
+                }
                 Ok(()) => (true, String::new()),
             },
-            Err(s) if s.code() == tonic::Code::NotFound => (false, s.message().to_string()),
-            Err(s) => return Err(s),
+            Err(e) => return Err(e.into()),
         };
         Ok(Response::new(pb::AuthorizeUploadResponse {
             allowed,
@@ -214,7 +219,7 @@ impl Ingest for Api {
             vm: c.vm,
             host_name: c.host,
             kind: c.kind.into(),
-            state: c.state,
+            state: c.state.to_string(),
             chunks_written: c.stats.chunks_written,
             bytes_written: c.stats.bytes_written,
             chunks_skipped: c.stats.chunks_skipped,
@@ -231,12 +236,12 @@ impl IngestService {
         &self,
         c: &CycleRecord,
         req: &pb::CommitCycleRequest,
-    ) -> Result<Vec<CommitDisk>, Status> {
+    ) -> Result<Vec<CommitDisk>, IngestError> {
         for (disk, token) in &c.tokens {
             match req.fencing_tokens.get(disk) {
                 Some(t) if t == token => {}
                 other => {
-                    return Err(Status::aborted(format!(
+                    return Err(IngestError::Aborted(format!(
                         "stale fencing token for disk {disk}: presented {other:?}, cycle holds {token}"
                     )));
                 }
@@ -250,13 +255,13 @@ impl IngestService {
                 .iter()
                 .find(|m| m.disk_id == d.id)
                 .ok_or_else(|| {
-                    Status::invalid_argument(format!(
+                    IngestError::InvalidArgument(format!(
                         "commit of cycle {} lacks the block map of disk {}",
                         c.id, d.id
                     ))
                 })?;
             disks.push(CommitDisk {
-                disk: Some(d.to_proto()),
+                disk: Some(d.into()),
                 block_size: self.cfg.vault.block_size,
                 blocks: map
                     .blocks
@@ -280,11 +285,11 @@ impl IngestService {
         &self,
         c: &CycleRecord,
         disks: Vec<CommitDisk>,
-    ) -> Result<RecoveryPoint, Status> {
-        let tls = ClientTls::service(&self.cfg).map_err(|e| Status::internal(e.to_string()))?;
-        let ch = ferry_mesh::connect(&self.cfg.endpoint(Component::StorageWriter), &tls)
-            .await
-            .map_err(|e| Status::unavailable(format!("storage-writer unreachable: {e}")))?;
+    ) -> Result<RecoveryPoint, IngestError> {
+        let ch = self
+            .peers
+            .channel(Component::StorageWriter)
+            .map_err(|e| IngestError::Internal(e.to_string()))?;
         StorageWriterClient::new(ch)
             .commit_point(CommitPointRequest {
                 vm: c.vm.clone(),
@@ -295,9 +300,10 @@ impl IngestService {
                 fencing_tokens: c.tokens.clone(),
                 host: c.host.clone(),
             })
-            .await?
+            .await
+            .map_err(|s| IngestError::peer(&s))?
             .into_inner()
             .point
-            .ok_or_else(|| Status::internal("storage-writer committed no point"))
+            .ok_or_else(|| IngestError::Internal("storage-writer committed no point".into()))
     }
 }

@@ -3,13 +3,12 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use ferry_coord::{CoordError, Lease};
-use ferry_model::{Consistency, CycleKind};
-use ferry_proto::common::v1::Disk;
+use ferry_coord::Lease;
+use ferry_model::{Consistency, CycleKind, DiskSpec};
 use serde::{Deserialize, Serialize};
-use tonic::Status;
 
 use crate::IngestService;
+use crate::error::IngestError;
 
 const CYCLE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -21,11 +20,11 @@ pub(crate) struct CycleRecord {
     pub(crate) kind: CycleKind,
     pub(crate) job_id: String,
     pub(crate) consistency: Consistency,
-    pub(crate) state: String,
+    pub(crate) state: CycleState,
     pub(crate) started_at_ms: i64,
     /// disk id -> fencing token
     pub(crate) tokens: HashMap<String, u64>,
-    pub(crate) disks: Vec<DiskJson>,
+    pub(crate) disks: Vec<DiskSpec>,
     #[serde(default)]
     pub(crate) stats: Stats,
 }
@@ -39,67 +38,37 @@ pub(crate) struct Stats {
     pub(crate) plain_bytes_written: u64,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub(crate) struct DiskJson {
-    pub(crate) id: String,
-    pub(crate) path: String,
-    pub(crate) format: String,
-    pub(crate) subformat: String,
-    pub(crate) virtual_size: u64,
-    pub(crate) logical_sector_size: u32,
-}
-
-impl From<&Disk> for DiskJson {
-    fn from(d: &Disk) -> Self {
-        Self {
-            id: d.id.clone(),
-            path: d.path.clone(),
-            format: d.format.clone(),
-            subformat: d.subformat.clone(),
-            virtual_size: d.virtual_size,
-            logical_sector_size: d.logical_sector_size,
-        }
-    }
-}
-
-impl DiskJson {
-    pub(crate) fn to_proto(&self) -> Disk {
-        Disk {
-            id: self.id.clone(),
-            path: self.path.clone(),
-            format: self.format.clone(),
-            subformat: self.subformat.clone(),
-            virtual_size: self.virtual_size,
-            logical_sector_size: self.logical_sector_size,
-            ..Default::default()
-        }
-    }
-}
-
 fn cycle_key(id: &str) -> String {
     format!("ferry:cycle:{id}")
 }
 
-pub(crate) fn coord_status(e: CoordError) -> Status {
-    match e {
-        CoordError::LeaseHeld { resource, holder } => Status::failed_precondition(format!(
-            "disk {resource} is being replicated by host {holder}; its lease is held"
-        )),
-        CoordError::LeaseLost { resource } => Status::aborted(format!(
-            "the lease on disk {resource} was lost; begin a new cycle"
-        )),
-        other => Status::unavailable(format!("lease store unavailable: {other}")),
+/// Where a cycle is: open until committed or aborted (`Cycle.state` on the wire).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum CycleState {
+    Open,
+    Committed,
+    Aborted,
+}
+
+impl std::fmt::Display for CycleState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Open => "open",
+            Self::Committed => "committed",
+            Self::Aborted => "aborted",
+        })
     }
 }
 
 impl CycleRecord {
     /// Only the host that began a cycle may act on it; the refusal names both hosts and the VM.
-    pub(crate) fn check_host(&self, host: &str, action: &str) -> Result<(), Status> {
+    pub(crate) fn check_host(&self, host: &str, action: &str) -> Result<(), IngestError> {
         if self.host == host {
             return Ok(());
         }
         tracing::warn!(cycle = %self.id, vm = %self.vm, owner = %self.host, host = %host, action, "host refused: cycle of another host");
-        Err(Status::permission_denied(format!(
+        Err(IngestError::PermissionDenied(format!(
             "host {host} may not {action} cycle {} of vm {}: it was begun by host {}",
             self.id, self.vm, self.host
         )))
@@ -107,29 +76,29 @@ impl CycleRecord {
 }
 
 impl IngestService {
-    pub(crate) async fn load(&self, id: &str) -> Result<CycleRecord, Status> {
+    pub(crate) async fn load(&self, id: &str) -> Result<CycleRecord, IngestError> {
         let raw = self
             .coord
             .get(&cycle_key(id))
             .await
-            .map_err(coord_status)?
+            .map_err(IngestError::from)?
             // Aborted, not NotFound: a cycle that expired or vanished with Redis's data is
             // recoverable (the agent begins a new one and ships the same sealed logs).
             .ok_or_else(|| {
-                Status::aborted(format!(
+                IngestError::Aborted(format!(
                     "cycle {id} is not open (unknown, expired, or lost by redis); begin a new cycle"
                 ))
             })?;
         serde_json::from_str(&raw)
-            .map_err(|e| Status::internal(format!("cycle {id} record is unreadable: {e}")))
+            .map_err(|e| IngestError::Internal(format!("cycle {id} record is unreadable: {e}")))
     }
 
-    pub(crate) async fn save(&self, c: &CycleRecord) -> Result<(), Status> {
-        let raw = serde_json::to_string(c).map_err(|e| Status::internal(e.to_string()))?;
+    pub(crate) async fn save(&self, c: &CycleRecord) -> Result<(), IngestError> {
+        let raw = serde_json::to_string(c).map_err(|e| IngestError::Internal(e.to_string()))?;
         self.coord
             .set_ex(&cycle_key(&c.id), &raw, CYCLE_TTL)
             .await
-            .map_err(coord_status)
+            .map_err(IngestError::from)
     }
 
     pub(crate) fn leases(c: &CycleRecord) -> Vec<Lease> {

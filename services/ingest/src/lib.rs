@@ -7,6 +7,7 @@
 //! lost cycle costs a restart of the copy, never data (chunks are durable and deduplicated).
 mod api;
 mod cycle;
+mod error;
 mod report;
 
 use std::sync::Arc;
@@ -14,12 +15,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ferry_coord::Coord;
-use ferry_mesh::{MeshConfig, VmOwners};
+use ferry_mesh::{MeshConfig, Peers, VmOwners};
 use ferry_proto::ingest::v1 as pb;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use api::Api;
+pub use error::IngestError;
 
 /// Lease period of a disk's replication; the agent renews at a third of it.
 pub const LEASE_TTL: Duration = Duration::from_secs(30);
@@ -27,6 +29,8 @@ pub const LEASE_TTL: Duration = Duration::from_secs(30);
 pub struct IngestService {
     cfg: MeshConfig,
     coord: Coord,
+    /// Channels to the storage-writer and registry, made once.
+    peers: Peers,
     /// Which host each VM belongs to (the registry's answer): a host begins cycles only for
     /// its own VMs.
     owners: VmOwners,
@@ -45,24 +49,12 @@ pub async fn run(
     let svc = Arc::new(IngestService {
         cfg: cfg.clone(),
         coord,
+        peers: Peers::service(&cfg).context("loading the service certificate")?,
         owners: VmOwners::registry(&cfg)?,
         lock: Default::default(),
     });
     let auth = ferry_mesh::component_authenticator(&cfg, shutdown.clone()).await?;
     let server = pb::ingest_server::IngestServer::new(Api(svc)).max_decoding_message_size(64 << 20);
-    let routes = tonic::service::Routes::new(tonic::service::interceptor::InterceptedService::new(
-        server,
-        auth.interceptor(),
-    ));
-    let tls = ferry_mesh::ServerTls::load(&cfg)?;
-    tracing::info!(addr = %listener.local_addr()?, "ingest serving");
-    ferry_mesh::serve(
-        listener,
-        &tls,
-        routes,
-        &["ferry.ingest.v1.Ingest"],
-        shutdown,
-    )
-    .await?;
+    ferry_mesh::serve_component(&cfg, listener, &auth, server, shutdown).await?;
     Ok(())
 }

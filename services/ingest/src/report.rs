@@ -1,5 +1,5 @@
 //! What ingest tells the registry: a cycle's progress and its committed point.
-use ferry_mesh::{ClientTls, Component};
+use ferry_mesh::Component;
 use ferry_proto::common::v1::RecoveryPoint;
 use ferry_proto::now_ms;
 use ferry_proto::registry::v1::{
@@ -11,9 +11,8 @@ use crate::cycle::CycleRecord;
 
 impl IngestService {
     async fn registry(&self) -> anyhow::Result<RegistryClient<tonic::transport::Channel>> {
-        let tls = ClientTls::service(&self.cfg)?;
         Ok(RegistryClient::new(
-            ferry_mesh::connect(&self.cfg.endpoint(Component::Registry), &tls).await?,
+            self.peers.channel(Component::Registry)?,
         ))
     }
 

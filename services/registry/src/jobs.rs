@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_mesh::{ClientTls, Component};
+use ferry_mesh::{Component, GaveUp};
+use ferry_model::Backoff;
 use ferry_model::{Health, Operation, Transition, VmState};
 use ferry_proto::common::v1::{Job, JobStep, StepStatus};
 use ferry_proto::now_ms;
@@ -344,20 +345,20 @@ impl RegistryService {
         job_id: &str,
         kind: WorkKind,
     ) -> Result<(), RegistryError> {
-        let mut delay = Duration::from_millis(200);
-        loop {
-            match self.try_dispatch(host, vm, job_id, kind).await {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    tracing::warn!(vm, job = job_id, error = %e, "scheduler unreachable; retrying dispatch");
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = self.shutdown.cancelled() => return Err(RegistryError::Internal("registry shutting down".into())),
-            }
-            delay = (delay * 2).min(Duration::from_secs(10));
-        }
+        let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        ferry_mesh::retry(
+            "dispatching job work to the scheduler",
+            backoff,
+            None,
+            &self.shutdown,
+            ferry_mesh::transient_error,
+            || self.try_dispatch(host, vm, job_id, kind),
+        )
+        .await
+        .map_err(|e| match e {
+            GaveUp::Cancelled => RegistryError::Internal("registry shutting down".into()),
+            GaveUp::Failed(e) => RegistryError::Internal(format!("dispatching {vm}'s work: {e:#}")),
+        })
     }
 
     /// Queues the work again, once; a failure waits for the next round.
@@ -374,8 +375,7 @@ impl RegistryService {
         job_id: &str,
         kind: WorkKind,
     ) -> anyhow::Result<()> {
-        let tls = ClientTls::service(&self.cfg)?;
-        let ch = ferry_mesh::connect(&self.cfg.endpoint(Component::Scheduler), &tls).await?;
+        let ch = self.peers.channel(Component::Scheduler)?;
         SchedulerClient::new(ch)
             .dispatch(DispatchRequest {
                 host_name: host.to_string(),
@@ -397,8 +397,7 @@ impl RegistryService {
     }
 
     async fn reschedule(&self, vm: &str) -> anyhow::Result<()> {
-        let tls = ClientTls::service(&self.cfg)?;
-        let ch = ferry_mesh::connect(&self.cfg.endpoint(Component::Scheduler), &tls).await?;
+        let ch = self.peers.channel(Component::Scheduler)?;
         SchedulerClient::new(ch)
             .reschedule(ferry_proto::scheduler::v1::RescheduleRequest { vm: vm.to_string() })
             .await?;

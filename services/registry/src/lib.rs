@@ -2,6 +2,7 @@
 //! certificates, the protection state machine and every job. Its durable state is the
 //! `registry` catalog namespace in object storage (see [`state`]).
 mod error;
+mod job_record;
 mod jobs;
 mod lifecycle;
 mod service;
@@ -32,19 +33,6 @@ pub async fn run(
     let server = ferry_proto::registry::v1::registry_server::RegistryServer::new(
         service::RegistryApi(svc.clone()),
     );
-    let routes = tonic::service::Routes::new(tonic::service::interceptor::InterceptedService::new(
-        server,
-        auth.interceptor(),
-    ));
-    let tls = ferry_mesh::ServerTls::load(&cfg)?;
-    tracing::info!(addr = %listener.local_addr()?, "registry serving");
-    ferry_mesh::serve(
-        listener,
-        &tls,
-        routes,
-        &["ferry.registry.v1.Registry"],
-        shutdown,
-    )
-    .await?;
+    ferry_mesh::serve_component(&cfg, listener, &auth, server, shutdown).await?;
     Ok(())
 }

@@ -27,6 +27,8 @@ pub(crate) const HEARTBEAT_SECS: u64 = 5;
 
 pub struct RegistryService {
     pub(crate) cfg: MeshConfig,
+    /// Channels to the scheduler (dispatching job work), made once.
+    pub(crate) peers: ferry_mesh::Peers,
     catalog: Catalog,
     pub(crate) state: Mutex<State>,
     /// Last heartbeat per host (memory only: rebuilt by the next heartbeat).
@@ -67,6 +69,8 @@ impl RegistryService {
         let revoked = ferry_mesh::RevocationList::default();
         revoked.set(state.revoked_serials.iter().cloned(), removed_hosts(&state));
         Ok(Self {
+            peers: ferry_mesh::Peers::service(&cfg)
+                .map_err(|e| RegistryError::Pki(format!("the service certificate: {e}")))?,
             cfg,
             catalog,
             state: Mutex::new(state),

@@ -3,8 +3,11 @@
 //! crash at any instant leaves either the old or the new state (DESIGN §3).
 use std::collections::BTreeMap;
 
+use ferry_model::DiskSpec;
 use ferry_model::protection as lc;
-use ferry_proto::common::v1::{Disk, Job, ReplicationPolicy};
+
+pub use crate::job_record::JobRecord;
+use ferry_proto::common::v1::{Job, ReplicationPolicy};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -32,7 +35,7 @@ pub struct HostRecord {
 pub struct VmRecord {
     pub name: String,
     pub host: String,
-    pub disks: Vec<DiskRecord>,
+    pub disks: Vec<DiskSpec>,
     /// Stored as the state machine's kebab-case names, as before it existed.
     pub state: lc::VmState,
     pub health: lc::Health,
@@ -83,53 +86,6 @@ pub struct HostSpan {
     pub host: String,
     /// 0 for spans from catalogs written before the time was recorded.
     pub since_ms: i64,
-}
-
-/// Serializable mirror of [`Disk`] (prost types do not derive serde).
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct DiskRecord {
-    pub id: String,
-    pub path: String,
-    pub format: String,
-    pub subformat: String,
-    pub virtual_size: u64,
-    pub logical_sector_size: u32,
-    pub allocated_bytes: u64,
-    pub error: String,
-    pub nbd_uri: String,
-}
-
-impl From<&Disk> for DiskRecord {
-    fn from(d: &Disk) -> Self {
-        Self {
-            id: d.id.clone(),
-            path: d.path.clone(),
-            format: d.format.clone(),
-            subformat: d.subformat.clone(),
-            virtual_size: d.virtual_size,
-            logical_sector_size: d.logical_sector_size,
-            allocated_bytes: d.allocated_bytes,
-            error: d.error.clone(),
-            nbd_uri: d.nbd_uri.clone(),
-        }
-    }
-}
-
-impl From<&DiskRecord> for Disk {
-    fn from(d: &DiskRecord) -> Self {
-        Disk {
-            id: d.id.clone(),
-            path: d.path.clone(),
-            format: d.format.clone(),
-            subformat: d.subformat.clone(),
-            virtual_size: d.virtual_size,
-            logical_sector_size: d.logical_sector_size,
-            allocated_bytes: d.allocated_bytes,
-            error: d.error.clone(),
-            nbd_uri: d.nbd_uri.clone(),
-            pending_log_bytes: 0,
-        }
-    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -239,27 +195,6 @@ impl PolicyRecord {
     }
 }
 
-/// A job, stored as prost-encoded bytes (hex) so every field of the API type survives.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct JobRecord {
-    pub job_hex: String,
-}
-
-impl JobRecord {
-    pub fn encode(job: &Job) -> Self {
-        use prost::Message;
-        Self {
-            job_hex: hex::encode(job.encode_to_vec()),
-        }
-    }
-
-    pub fn decode(&self) -> Option<Job> {
-        use prost::Message;
-        let bytes = hex::decode(&self.job_hex).ok()?;
-        Job::decode(bytes.as_slice()).ok()
-    }
-}
-
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
@@ -275,7 +210,7 @@ pub enum Event {
     Inventory {
         host: String,
         vm: String,
-        disks: Vec<DiskRecord>,
+        disks: Vec<DiskSpec>,
         /// When the registry took the report (0 in catalogs from before it was recorded).
         #[serde(default)]
         at_ms: i64,

@@ -11,16 +11,12 @@ use ferry_proto::scheduler::v1::{self as pb, WorkItem, scheduler_server::Schedul
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::error::SchedulerError;
 use crate::work::QueuedWork;
 
 /// Retries read for one `ListQueue` (the retry set is shared by every host).
 const LIST_RETRIES_MAX: usize = 10_000;
 use crate::{SchedulerService, backoff};
-
-fn coord_status(e: ferry_coord::CoordError) -> Status {
-    tracing::warn!(error = %e, "redis operation failed");
-    Status::unavailable(format!("work queue unavailable: {e}"))
-}
 
 type WorkStream = Pin<Box<dyn Stream<Item = Result<WorkItem, Status>> + Send>>;
 
@@ -47,7 +43,7 @@ impl Scheduler for Api {
             .coord
             .requeue_inflight(&host)
             .await
-            .map_err(coord_status)?;
+            .map_err(SchedulerError::from)?;
         tracing::info!(host = %host, requeued, "agent connected to the work stream");
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<WorkItem, Status>>(4);
         let me = self.0.clone();
@@ -95,27 +91,34 @@ impl Scheduler for Api {
         let host = ferry_mesh::require_host(&req)?;
         let req = req.into_inner();
         if !req.host_name.is_empty() && req.host_name != host {
-            return Err(Status::permission_denied(format!(
+            return Err(SchedulerError::PermissionDenied(format!(
                 "host {host} may not complete work {} of host {}",
                 req.work_id, req.host_name
-            )));
+            ))
+            .into());
         }
         // Only the caller's own queue is searched: another host's work is never found here.
-        let items = self.coord.list_work(&host).await.map_err(coord_status)?;
+        let items = self
+            .coord
+            .list_work(&host)
+            .await
+            .map_err(SchedulerError::from)?;
         let Some((_, _, payload)) = items.into_iter().find(|(id, _, _)| *id == req.work_id) else {
-            return Err(Status::not_found(format!(
+            return Err(SchedulerError::NotFound(format!(
                 "work {} is not queued for host {host}",
                 req.work_id
-            )));
+            ))
+            .into());
         };
         // A failure nobody classified stops like a permanent one (nothing retries it blindly).
         let class = ErrorClass::try_from(req.error_class).unwrap_or(ErrorClass::Permanent);
-        let mut w: QueuedWork = serde_json::from_str(&payload)
-            .map_err(|e| Status::internal(format!("work {} is unreadable: {e}", req.work_id)))?;
+        let mut w: QueuedWork = serde_json::from_str(&payload).map_err(|e| {
+            SchedulerError::Internal(format!("work {} is unreadable: {e}", req.work_id))
+        })?;
         self.coord
             .ack_work(&host, &req.work_id)
             .await
-            .map_err(coord_status)?;
+            .map_err(SchedulerError::from)?;
         if req.ok {
             tracing::info!(host = %host, work = %req.work_id, vm = %w.vm, "work completed");
         } else if class == ErrorClass::Recoverable {
@@ -123,11 +126,12 @@ impl Scheduler for Api {
             w.attempt += 1;
             w.last_error = req.error.clone();
             let due = now_ms() + delay.as_millis() as i64;
-            let payload = serde_json::to_string(&w).map_err(|e| Status::internal(e.to_string()))?;
+            let payload =
+                serde_json::to_string(&w).map_err(|e| SchedulerError::Internal(e.to_string()))?;
             self.coord
                 .schedule_retry(&w.id, due, &payload)
                 .await
-                .map_err(coord_status)?;
+                .map_err(SchedulerError::from)?;
             tracing::warn!(host = %host, work = %w.id, vm = %w.vm, attempt = w.attempt, delay_ms = delay.as_millis() as u64, error = %req.error, "work failed; retry scheduled");
             let report = ReportReplicationErrorRequest {
                 vm: w.vm.clone(),
@@ -157,9 +161,10 @@ impl Scheduler for Api {
         ferry_mesh::require_service(&req)?;
         let req = req.into_inner();
         if req.host_name.is_empty() || req.vm.is_empty() {
-            return Err(Status::invalid_argument(
-                "dispatch needs a host_name and a vm",
-            ));
+            return Err(SchedulerError::InvalidArgument(
+                "dispatch needs a host_name and a vm".into(),
+            )
+            .into());
         }
         // One work item per job: a registry that resumes a job re-dispatches the same id.
         let id = if req.job_id.is_empty() {
@@ -184,16 +189,17 @@ impl Scheduler for Api {
             .coord
             .pending_retry(&id)
             .await
-            .map_err(coord_status)?
+            .map_err(SchedulerError::from)?
             .is_some()
         {
             return Ok(Response::new(pb::DispatchResponse { work_id: id }));
         }
-        let payload = serde_json::to_string(&w).map_err(|e| Status::internal(e.to_string()))?;
+        let payload =
+            serde_json::to_string(&w).map_err(|e| SchedulerError::Internal(e.to_string()))?;
         self.coord
             .push_work(&req.host_name, &id, &payload)
             .await
-            .map_err(coord_status)?;
+            .map_err(SchedulerError::from)?;
         tracing::debug!(host = %req.host_name, work = %id, vm = %w.vm, "work queued");
         Ok(Response::new(pb::DispatchResponse { work_id: id }))
     }
@@ -202,7 +208,9 @@ impl Scheduler for Api {
         ferry_mesh::require_role(&req, Role::Reader)?;
         let host = req.into_inner().host_name;
         if host.is_empty() {
-            return Err(Status::invalid_argument("list_queue needs a host_name"));
+            return Err(
+                SchedulerError::InvalidArgument("list_queue needs a host_name".into()).into(),
+            );
         }
         let entry = |state: String, next_attempt_ms: i64, payload: &str| {
             let w: QueuedWork = serde_json::from_str(payload).ok()?;
@@ -218,7 +226,7 @@ impl Scheduler for Api {
             .coord
             .list_work(&host)
             .await
-            .map_err(coord_status)?
+            .map_err(SchedulerError::from)?
             .into_iter()
             .filter_map(|(_, state, payload)| entry(state, 0, &payload))
             .collect();
@@ -227,7 +235,7 @@ impl Scheduler for Api {
             .coord
             .pending_retries(LIST_RETRIES_MAX)
             .await
-            .map_err(coord_status)?;
+            .map_err(SchedulerError::from)?;
         entries.extend(
             retries
                 .into_iter()

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_mesh::{ClientTls, Component};
+use ferry_mesh::Component;
 use ferry_model::{Health, VmState};
 use ferry_proto::now_ms;
 use ferry_proto::registry::v1::{ListVmsRequest, registry_client::RegistryClient};
@@ -171,8 +171,7 @@ impl SchedulerService {
     /// Protected VMs and their policies, from the registry. A VM in critical health waits for
     /// an operator instead of failing the same way every cycle.
     async fn sync_schedule(&self) -> anyhow::Result<()> {
-        let tls = ClientTls::service(&self.cfg)?;
-        let ch = ferry_mesh::connect(&self.cfg.endpoint(Component::Registry), &tls).await?;
+        let ch = self.peers.channel(Component::Registry)?;
         let vms = RegistryClient::new(ch)
             .list_vms(ListVmsRequest {})
             .await?

@@ -4,6 +4,7 @@
 //! recoverable work goes to the retry set with backoff (DESIGN §2.6).
 mod api;
 mod cycles;
+mod error;
 pub mod leader;
 mod retention;
 mod retry;
@@ -15,13 +16,14 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use ferry_coord::Coord;
-use ferry_mesh::MeshConfig;
+use ferry_mesh::{MeshConfig, Peers};
 use ferry_model::{Health, VmState};
 use ferry_proto::scheduler::v1 as pb;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use api::Api;
+pub use error::SchedulerError;
 pub use retry::{BACKOFF_TAIL_UNITS, BACKOFF_UNITS, backoff};
 pub use windows::in_window;
 
@@ -30,6 +32,8 @@ use cycles::CycleSchedule;
 pub struct SchedulerService {
     cfg: MeshConfig,
     coord: Coord,
+    /// Channels to the registry and storage-writer, made once.
+    peers: Peers,
     shutdown: CancellationToken,
     /// Delta cycle timing per protected VM. Rebuilt from the registry (the catalog) every few
     /// seconds and at start, so losing this process or Redis loses no schedule.
@@ -47,6 +51,7 @@ pub async fn run(
     let svc = Arc::new(SchedulerService {
         cfg: cfg.clone(),
         coord,
+        peers: Peers::service(&cfg).context("loading the service certificate")?,
         shutdown: shutdown.clone(),
         cycles: Default::default(),
     });
@@ -65,20 +70,7 @@ pub async fn run(
     ));
     let auth = ferry_mesh::component_authenticator(&cfg, shutdown.clone()).await?;
     let server = pb::scheduler_server::SchedulerServer::new(Api(svc));
-    let routes = tonic::service::Routes::new(tonic::service::interceptor::InterceptedService::new(
-        server,
-        auth.interceptor(),
-    ));
-    let tls = ferry_mesh::ServerTls::load(&cfg)?;
-    tracing::info!(addr = %listener.local_addr()?, "scheduler serving");
-    ferry_mesh::serve(
-        listener,
-        &tls,
-        routes,
-        &["ferry.scheduler.v1.Scheduler"],
-        shutdown,
-    )
-    .await?;
+    ferry_mesh::serve_component(&cfg, listener, &auth, server, shutdown).await?;
     Ok(())
 }
 

@@ -1,23 +1,10 @@
-use clap::Parser;
-
-/// The Ferry scheduler: work queues and dispatch to agents.
-#[derive(Parser)]
-#[command(name = "ferry-scheduler", version)]
-struct Args {
-    /// Mesh config written by `ferry up` (D/ferry.toml).
-    #[arg(long, env = "FERRY_CONFIG")]
-    config: std::path::PathBuf,
-    /// Listen address (overrides the config).
-    #[arg(long)]
-    listen: Option<std::net::SocketAddr>,
-}
-
+//! `ferry-scheduler --config D/ferry.toml [--listen ADDR]`: runs the scheduler service alone.
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    ferry_mesh::init_tracing("scheduler");
-    let args = Args::parse();
-    let cfg = ferry_mesh::MeshConfig::load(Some(&args.config), figment::Figment::new())?;
-    let addr = args.listen.unwrap_or(cfg.scheduler.listen);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    ferry_scheduler::run(cfg, listener, ferry_mesh::shutdown_on_signal()).await
+    ferry_mesh::component_main(
+        ferry_mesh::Component::Scheduler,
+        "The Ferry scheduler: work queues and dispatch to agents.",
+        ferry_scheduler::run,
+    )
+    .await
 }

@@ -1,7 +1,7 @@
 //! The retention loop's work: one retention run per protected VM at the storage-writer.
 use std::time::Duration;
 
-use ferry_mesh::{ClientTls, Component};
+use ferry_mesh::Component;
 
 use crate::SchedulerService;
 
@@ -22,9 +22,7 @@ impl SchedulerService {
             .collect();
         for (vm, retention, keep_all_seconds, thin_to_seconds) in vms {
             let res: anyhow::Result<ferry_proto::storage::v1::RunRetentionResponse> = async {
-                let tls = ClientTls::service(&self.cfg)?;
-                let ch =
-                    ferry_mesh::connect(&self.cfg.endpoint(Component::StorageWriter), &tls).await?;
+                let ch = self.peers.channel(Component::StorageWriter)?;
                 let req = ferry_proto::storage::v1::RunRetentionRequest {
                     vm: vm.clone(),
                     retention_seconds: retention.as_secs(),

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_mesh::{ClientTls, Component};
+use ferry_mesh::Component;
 use ferry_proto::now_ms;
 use ferry_proto::registry::v1::{ReportReplicationErrorRequest, registry_client::RegistryClient};
 
@@ -55,8 +55,7 @@ impl SchedulerService {
     /// the next retry time in the VM's health, marks it for resync, or makes it critical.
     pub(crate) async fn report_error(&self, w: &QueuedWork, req: ReportReplicationErrorRequest) {
         let res: anyhow::Result<()> = async {
-            let tls = ClientTls::service(&self.cfg)?;
-            let ch = ferry_mesh::connect(&self.cfg.endpoint(Component::Registry), &tls).await?;
+            let ch = self.peers.channel(Component::Registry)?;
             RegistryClient::new(ch)
                 .report_replication_error(req)
                 .await?;

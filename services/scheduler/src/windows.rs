@@ -1,6 +1,6 @@
 //! Resync windows: VMs marked for resync get their resync started when their policy's
 //! window opens.
-use ferry_mesh::{ClientTls, Component};
+use ferry_mesh::Component;
 use ferry_model::VmState;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
 
@@ -27,8 +27,7 @@ impl SchedulerService {
                 }
             }
             let res: anyhow::Result<String> = async {
-                let tls = ClientTls::service(&self.cfg)?;
-                let ch = ferry_mesh::connect(&self.cfg.endpoint(Component::Registry), &tls).await?;
+                let ch = self.peers.channel(Component::Registry)?;
                 let job = RegistryClient::new(ch)
                     .resync_vm(ferry_proto::registry::v1::ResyncVmRequest {
                         name: v.name.clone(),

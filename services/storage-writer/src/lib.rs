@@ -20,20 +20,16 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use ferry_coord::Coord;
-use ferry_mesh::{MeshConfig, ServerTls};
+use ferry_mesh::MeshConfig;
 use ferry_proto::storage::v1::storage_writer_server::StorageWriterServer;
 use ferry_store::{Store, VaultKey};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::service::interceptor::InterceptedService;
 
 pub use error::WriterError;
 pub use materialize::FETCH_AHEAD;
 pub use points::{HASH_PAGE_ENTRIES, MAX_HAS_CHUNKS, hash_pages, point_to_proto};
 pub use service::StorageWriterService;
-
-/// The gRPC service name, as health and reflection list it.
-pub const SERVICE_NAME: &str = "ferry.storage.v1.StorageWriter";
 
 /// Largest request accepted: a full map of a 1.5 TiB disk at 1 MiB blocks (40 bytes an entry).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
@@ -105,7 +101,6 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let writer = Writer::from_config(&cfg).await?;
-    let tls = ServerTls::load(&cfg).context("loading the server certificate")?;
     let auth = ferry_mesh::component_authenticator(&cfg, shutdown.clone())
         .await
         .context("setting up authentication")?;
@@ -114,8 +109,7 @@ pub async fn run(
     let owners = ferry_mesh::VmOwners::registry(&cfg).context("registry client")?;
     let svc = StorageWriterService::new(writer, owners, shutdown.clone());
     let server = StorageWriterServer::new(svc).max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let routes = tonic::service::Routes::new(InterceptedService::new(server, auth.interceptor()));
-    let served = ferry_mesh::serve(listener, &tls, routes, &[SERVICE_NAME], shutdown).await;
+    let served = ferry_mesh::serve_component(&cfg, listener, &auth, server, shutdown).await;
     // The merger stops with the server (also when serving failed).
     stop_merger.cancel();
     if let Err(e) = merger.await {

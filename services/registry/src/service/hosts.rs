@@ -12,7 +12,8 @@ use tonic::{Request, Response};
 use super::{HEARTBEAT_SECS, R, RegistryService, removed_hosts};
 use crate::error::RegistryError;
 use crate::lifecycle::vm_event;
-use crate::state::{DiskRecord, Event, HostRecord, KeyRecord};
+use crate::state::{Event, HostRecord, KeyRecord};
+use ferry_model::DiskSpec;
 
 const KEY_TTL_DEFAULT_SECS: u64 = 24 * 3600;
 
@@ -164,7 +165,7 @@ impl RegistryService {
                     tracing::warn!(host = %host, vm = %vm.name, "ignoring vm with an invalid name");
                     continue;
                 }
-                let disks: Vec<DiskRecord> = vm.disks.iter().map(DiskRecord::from).collect();
+                let disks: Vec<DiskSpec> = vm.disks.iter().map(DiskSpec::from).collect();
                 match st.vms.get(&vm.name) {
                     Some(v) if v.host != host && v.state != VmState::Unprotected => {
                         tracing::warn!(vm = %vm.name, owner = %v.host, host = %host, "vm is protected from another host; inventory ignored");

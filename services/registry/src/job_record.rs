@@ -1,0 +1,215 @@
+//! How a job is stored in the registry's catalog: field by field, readable JSON with the step
+//! statuses by name. Catalogs written before this stored the prost bytes in hex
+//! (`{"job_hex": "..."}`); those records are still read, and the next change of each job
+//! writes it in the new form (nothing to migrate by hand).
+use ferry_proto::common::v1::{Job, JobStep, StepStatus};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum JobRecord {
+    Fields(StoredJob),
+    /// The old form: a prost-encoded `Job`, hex.
+    Hex {
+        job_hex: String,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StoredJob {
+    pub id: String,
+    pub kind: String,
+    pub target: String,
+    pub status: Status,
+    pub steps: Vec<StoredStep>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    #[serde(default)]
+    pub error: String,
+    #[serde(default)]
+    pub bytes_total: u64,
+    #[serde(default)]
+    pub bytes_done: u64,
+    #[serde(default)]
+    pub bytes_skipped: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StoredStep {
+    pub name: String,
+    pub status: Status,
+    #[serde(default)]
+    pub progress_percent: u32,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub started_at_ms: i64,
+    #[serde(default)]
+    pub ended_at_ms: i64,
+}
+
+/// A job's or step's status by name.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    Unspecified,
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    Skipped,
+}
+
+impl From<i32> for Status {
+    fn from(v: i32) -> Self {
+        match StepStatus::try_from(v) {
+            Ok(StepStatus::Pending) => Self::Pending,
+            Ok(StepStatus::Running) => Self::Running,
+            Ok(StepStatus::Succeeded) => Self::Succeeded,
+            Ok(StepStatus::Failed) => Self::Failed,
+            Ok(StepStatus::Cancelled) => Self::Cancelled,
+            Ok(StepStatus::Skipped) => Self::Skipped,
+            Ok(StepStatus::Unspecified) | Err(_) => Self::Unspecified,
+        }
+    }
+}
+
+impl From<Status> for i32 {
+    fn from(s: Status) -> Self {
+        (match s {
+            Status::Unspecified => StepStatus::Unspecified,
+            Status::Pending => StepStatus::Pending,
+            Status::Running => StepStatus::Running,
+            Status::Succeeded => StepStatus::Succeeded,
+            Status::Failed => StepStatus::Failed,
+            Status::Cancelled => StepStatus::Cancelled,
+            Status::Skipped => StepStatus::Skipped,
+        }) as i32
+    }
+}
+
+impl JobRecord {
+    pub fn encode(job: &Job) -> Self {
+        Self::Fields(StoredJob {
+            id: job.id.clone(),
+            kind: job.kind.clone(),
+            target: job.target.clone(),
+            status: job.status.into(),
+            steps: job
+                .steps
+                .iter()
+                .map(|s| StoredStep {
+                    name: s.name.clone(),
+                    status: s.status.into(),
+                    progress_percent: s.progress_percent,
+                    message: s.message.clone(),
+                    started_at_ms: s.started_at_ms,
+                    ended_at_ms: s.ended_at_ms,
+                })
+                .collect(),
+            created_at_ms: job.created_at_ms,
+            updated_at_ms: job.updated_at_ms,
+            error: job.error.clone(),
+            bytes_total: job.bytes_total,
+            bytes_done: job.bytes_done,
+            bytes_skipped: job.bytes_skipped,
+        })
+    }
+
+    /// The job; `None` for an old hex record that does not decode.
+    pub fn decode(&self) -> Option<Job> {
+        match self {
+            Self::Fields(j) => Some(j.to_job()),
+            Self::Hex { job_hex } => {
+                use prost::Message;
+                let bytes = hex::decode(job_hex).ok()?;
+                Job::decode(bytes.as_slice()).ok()
+            }
+        }
+    }
+}
+
+impl StoredJob {
+    fn to_job(&self) -> Job {
+        Job {
+            id: self.id.clone(),
+            kind: self.kind.clone(),
+            target: self.target.clone(),
+            status: self.status.into(),
+            steps: self
+                .steps
+                .iter()
+                .map(|s| JobStep {
+                    name: s.name.clone(),
+                    status: s.status.into(),
+                    progress_percent: s.progress_percent,
+                    message: s.message.clone(),
+                    started_at_ms: s.started_at_ms,
+                    ended_at_ms: s.ended_at_ms,
+                })
+                .collect(),
+            created_at_ms: self.created_at_ms,
+            updated_at_ms: self.updated_at_ms,
+            error: self.error.clone(),
+            bytes_total: self.bytes_total,
+            bytes_done: self.bytes_done,
+            bytes_skipped: self.bytes_skipped,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Event;
+
+    fn job() -> Job {
+        Job {
+            id: "j1".into(),
+            kind: "resync".into(),
+            target: "web01".into(),
+            status: StepStatus::Running as i32,
+            steps: vec![JobStep {
+                name: "resync".into(),
+                status: StepStatus::Succeeded as i32,
+                progress_percent: 100,
+                message: "done".into(),
+                started_at_ms: 5,
+                ended_at_ms: 6,
+            }],
+            created_at_ms: 1,
+            updated_at_ms: 2,
+            error: String::new(),
+            bytes_total: 10,
+            bytes_done: 7,
+            bytes_skipped: 3,
+        }
+    }
+
+    #[test]
+    fn jobs_are_stored_as_readable_fields_and_read_back_whole() {
+        let text = serde_json::to_string(&Event::Job(JobRecord::encode(&job()))).unwrap();
+        assert!(text.contains(r#""event":"job""#), "{text}");
+        assert!(text.contains(r#""status":"running""#), "{text}");
+        assert!(!text.contains("job_hex"), "{text}");
+        let Event::Job(back) = serde_json::from_str(&text).unwrap() else {
+            panic!("not a job event: {text}");
+        };
+        assert_eq!(back.decode(), Some(job()));
+    }
+
+    #[test]
+    fn old_hex_records_are_still_read() {
+        use prost::Message;
+        let old = format!(
+            r#"{{"event":"job","job_hex":"{}"}}"#,
+            hex::encode(job().encode_to_vec())
+        );
+        let Event::Job(rec) = serde_json::from_str(&old).unwrap() else {
+            panic!("not a job event");
+        };
+        assert!(matches!(rec, JobRecord::Hex { .. }));
+        assert_eq!(rec.decode(), Some(job()));
+    }
+}
