@@ -226,7 +226,11 @@ disks = ["web01.vhdx"]
             jail.create_file("agent.toml", TOML)?;
             jail.set_env("FERRY_AGENT__BATCH_BLOCKS", "lots");
             let err = AgentConfig::load(&jail.directory().join("agent.toml")).unwrap_err();
-            assert!(err.to_string().contains("batch_blocks"), "{err}");
+            let text = err.to_string();
+            assert!(
+                text.contains("BATCH_BLOCKS") && text.contains("FERRY_AGENT__"),
+                "{text}"
+            );
             Ok(())
         });
     }
