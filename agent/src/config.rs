@@ -31,6 +31,10 @@ pub struct AgentConfig {
     /// Without this section the agent copies disks but cannot run delta cycles.
     #[serde(default)]
     pub tracker: Option<TrackerSection>,
+    /// A recovery host: failed-over VMs get a folder each under `dir`. Without this section
+    /// the host cannot be a VM's recovery host.
+    #[serde(default)]
+    pub recovery: Option<RecoverySection>,
     /// Blocks in one upload batch (one QUIC stream).
     #[serde(default = "default_batch")]
     pub batch_blocks: usize,
@@ -52,6 +56,13 @@ pub struct TrackerSection {
     /// Also serve NBD on this loopback address.
     #[serde(default)]
     pub tcp_listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoverySection {
+    /// One folder per failed-over VM (relative to the config's folder).
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -140,6 +151,9 @@ impl AgentConfig {
         for vm in &mut cfg.vms {
             vm.disks = vm.disks.iter().map(|d| abs(d)).collect();
         }
+        if let Some(r) = &mut cfg.recovery {
+            r.dir = abs(&r.dir);
+        }
         cfg.validate().map_err(|message| ConfigError::Invalid {
             path: path.to_path_buf(),
             message,
@@ -150,6 +164,13 @@ impl AgentConfig {
     fn validate(&self) -> Result<(), String> {
         if self.host.name.is_empty() {
             return Err("[host] name is empty".into());
+        }
+        if self
+            .recovery
+            .as_ref()
+            .is_some_and(|r| r.dir.as_os_str().is_empty())
+        {
+            return Err("[recovery] dir is empty".into());
         }
         let mut names = std::collections::HashSet::new();
         for vm in &self.vms {

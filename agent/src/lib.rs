@@ -38,6 +38,8 @@ pub struct Agent {
     busy: Arc<std::sync::Mutex<std::collections::HashMap<String, Option<WorkItem>>>>,
     /// The write tracker, when `[tracker]` is configured.
     tracker: Option<tracker::Tracker>,
+    /// The `[recovery]` folder exists (made at start): the host can receive failed-over VMs.
+    recovery_ready: bool,
     /// The mesh's retry time unit in ms, as the last work item said (0: not known yet).
     retry_unit_ms: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -64,6 +66,13 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         .shutdown_timeout
         .unwrap_or(config::DEFAULT_SHUTDOWN_TIMEOUT);
     let peers = ferry_mesh::Peers::new(creds.endpoints.components(), creds.client_tls());
+    let recovery_ready = cfg.recovery.as_ref().is_some_and(|r| {
+        std::fs::create_dir_all(&r.dir)
+            .inspect_err(|e| {
+                tracing::warn!(dir = %r.dir.display(), error = %e, "the [recovery] folder cannot be made; this host cannot receive failed-over vms");
+            })
+            .is_ok()
+    });
     let agent = Agent {
         cfg: Arc::new(cfg),
         creds: Arc::new(creds),
@@ -71,6 +80,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         uploader: Default::default(),
         busy: Default::default(),
         tracker,
+        recovery_ready,
         retry_unit_ms: Default::default(),
     };
     let hb = tokio::spawn(agent.clone().heartbeat_loop(shutdown.clone()));
@@ -209,6 +219,7 @@ impl Agent {
                         vms: inv,
                         agent_version: env!("CARGO_PKG_VERSION").into(),
                         change_tracking: self.tracker.as_ref().is_some_and(|t| !t.is_stopped()),
+                        recovery: self.recovery_ready,
                     })
                     .await?
                     .into_inner();

@@ -311,6 +311,7 @@ async fn vm(cli: &Cli, cmd: &VmCmd) -> anyhow::Result<ExitCode> {
             print_job(&job, *output)?;
             return Ok(job_exit(&job));
         }
+        VmCmd::Set { .. } => return crate::vm_set::run(&c, cmd).await,
         VmCmd::Repair { name, output } => {
             let v = c
                 .registry()
@@ -333,11 +334,12 @@ async fn vm(cli: &Cli, cmd: &VmCmd) -> anyhow::Result<ExitCode> {
             thin_to,
             app_consistent,
             resync_window,
+            recovery_host,
             wait,
             output,
         } => {
             // Refused here, with the allowed range, before anything reaches the registry.
-            let policy = crate::protect::policy(&crate::protect::PolicyFlags {
+            let mut policy = crate::protect::policy(&crate::protect::PolicyFlags {
                 frequency: (*frequency).into(),
                 retention: (*retention).into(),
                 keep_all: (*keep_all).into(),
@@ -345,6 +347,7 @@ async fn vm(cli: &Cli, cmd: &VmCmd) -> anyhow::Result<ExitCode> {
                 app_consistent: (*app_consistent).into(),
                 resync_window: resync_window.clone(),
             })?;
+            policy.recovery_host = recovery_host.clone().unwrap_or_default();
             let job = c
                 .registry()
                 .await?

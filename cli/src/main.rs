@@ -3,6 +3,7 @@ mod commands;
 mod disk_cmd;
 mod points_cmd;
 mod protect;
+mod vm_set;
 
 use std::path::PathBuf;
 
@@ -151,9 +152,28 @@ pub enum VmCmd {
         /// equal ends: any time).
         #[arg(long, default_value = "18:30-06:00")]
         resync_window: String,
+        /// The host the VM fails over to: registered, another host, with a [recovery] section
+        /// in its agent.toml, connected.
+        #[arg(long)]
+        recovery_host: Option<String>,
         /// Wait until the job ends; exit non-zero if it failed.
         #[arg(long)]
         wait: bool,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Change a protected VM's policy: only the flags given change (each checked like at
+    /// protect); prints the VM.
+    Set {
+        name: String,
+        #[arg(long)]
+        recovery_host: Option<String>,
+        #[arg(long)]
+        frequency: Option<humantime::Duration>,
+        #[arg(long)]
+        retention: Option<humantime::Duration>,
+        #[arg(long)]
+        app_consistent: Option<humantime::Duration>,
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },

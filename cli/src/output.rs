@@ -78,6 +78,7 @@ pub fn vm_json(v: &Vm) -> Value {
             "keep_all_seconds": p.keep_all_seconds,
             "thin_to_seconds": p.thin_to_seconds,
             "resync_window": format!("{}-{}", p.resync_window_start, p.resync_window_end),
+            "recovery_host": p.recovery_host,
         })),
         "rpo_seconds": v.rpo_seconds,
         "last_cycle_duration_ms": v.last_cycle_duration_ms,
@@ -89,6 +90,8 @@ pub fn vm_json(v: &Vm) -> Value {
         "next_retry_time": time(v.next_retry_ms),
         "protection_job_id": v.protection_job_id,
         "failover_state": failover_state(v),
+        "active_host": v.active_host,
+        "recovery_host": v.recovery_host,
         "allowed_operations": v.allowed_operations,
     })
 }

@@ -89,7 +89,24 @@ pub fn policy(f: &PolicyFlags) -> anyhow::Result<ReplicationPolicy> {
         resync_window_end: end.trim().to_string(),
         keep_all_seconds: keep_all,
         thin_to_seconds: thin_to,
+        recovery_host: String::new(),
     })
+}
+
+/// The flags that give `current` (a VM's policy as the registry has it), for `ferry vm set`
+/// to change only what the operator names.
+pub fn flags_of(current: &ReplicationPolicy) -> PolicyFlags {
+    PolicyFlags {
+        frequency: Duration::from_secs(current.frequency_seconds),
+        retention: Duration::from_secs(current.retention_hours * 3600),
+        keep_all: Duration::from_secs(current.keep_all_seconds),
+        thin_to: Duration::from_secs(current.thin_to_seconds),
+        app_consistent: Duration::from_secs(current.app_consistent_seconds),
+        resync_window: format!(
+            "{}-{}",
+            current.resync_window_start, current.resync_window_end
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -139,6 +139,7 @@ impl Mesh {
             }],
             agent_version: "test".into(),
             change_tracking: true,
+            recovery: false,
         })
         .await
         .unwrap();

@@ -62,13 +62,7 @@ impl RegistryService {
         policy: PolicyRecord,
     ) -> Result<Job, RegistryError> {
         policy.check()?;
-        for t in [&policy.resync_window_start, &policy.resync_window_end] {
-            if chrono::NaiveTime::parse_from_str(t, "%H:%M").is_err() {
-                return Err(RegistryError::InvalidArgument(format!(
-                    "resync window time {t:?} is not a time of day (HH:MM)"
-                )));
-            }
-        }
+        check_resync_window(&policy)?;
         let job = new_job(KIND_ENABLE, vm, &STEPS);
         let enabling = {
             let st = self.state.lock().await;
@@ -76,7 +70,9 @@ impl RegistryService {
                 .vms
                 .get(vm)
                 .ok_or_else(|| RegistryError::VmNotFound(vm.to_string()))?;
-            vm_event(v, &Transition::ProtectionStarted)?
+            let enabling = vm_event(v, &Transition::ProtectionStarted)?;
+            self.check_recovery_host(&st, v, &policy.recovery_host)?;
+            enabling
         };
         self.persist(vec![
             Event::Job(JobRecord::encode(&job)),
@@ -543,4 +539,16 @@ impl RegistryService {
         }
         Ok(())
     }
+}
+
+/// Both ends of the policy's resync window are times of day.
+pub(crate) fn check_resync_window(policy: &PolicyRecord) -> Result<(), RegistryError> {
+    for t in [&policy.resync_window_start, &policy.resync_window_end] {
+        if chrono::NaiveTime::parse_from_str(t, "%H:%M").is_err() {
+            return Err(RegistryError::InvalidArgument(format!(
+                "resync window time {t:?} is not a time of day (HH:MM)"
+            )));
+        }
+    }
+    Ok(())
 }

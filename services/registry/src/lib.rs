@@ -5,6 +5,7 @@ mod error;
 mod job_record;
 mod jobs;
 mod lifecycle;
+mod recovery_site;
 mod service;
 pub mod state;
 

@@ -37,6 +37,9 @@ pub struct RegistryService {
     /// heartbeat time: the prerequisites that read it also require a fresh heartbeat, which
     /// brings it again after a registry restart.
     change_tracking: std::sync::Mutex<HashMap<String, bool>>,
+    /// Whether each host's last heartbeat said it has a `[recovery]` section (memory only,
+    /// like `change_tracking`).
+    recovery: std::sync::Mutex<HashMap<String, bool>>,
     /// Wakes job runners when something they wait for changed.
     pub(crate) changed: Notify,
     /// What changes every heartbeat or cycle is kept in memory only (rebuilt by the next
@@ -76,6 +79,7 @@ impl RegistryService {
             state: Mutex::new(state),
             heartbeats: Default::default(),
             change_tracking: Default::default(),
+            recovery: Default::default(),
             changed: Notify::new(),
             progress_flushed: Default::default(),
             revoked,
@@ -137,6 +141,23 @@ impl RegistryService {
             .lock()
             .map(|t| t.get(host).copied().unwrap_or(false))
             .unwrap_or(false)
+    }
+
+    /// Whether the host's last heartbeat said it can receive failed-over VMs.
+    pub(crate) fn host_has_recovery(&self, host: &str) -> bool {
+        self.recovery
+            .lock()
+            .map(|t| t.get(host).copied().unwrap_or(false))
+            .unwrap_or(false)
+    }
+
+    pub(crate) fn set_host_capabilities(&self, host: &str, tracking: bool, recovery: bool) {
+        if let Ok(mut t) = self.change_tracking.lock() {
+            t.insert(host.to_string(), tracking);
+        }
+        if let Ok(mut r) = self.recovery.lock() {
+            r.insert(host.to_string(), recovery);
+        }
     }
 
     async fn vm_proto(&self, name: &str) -> Result<pb::Vm, RegistryError> {
@@ -222,6 +243,13 @@ fn vm_to_proto(v: &crate::state::VmRecord, site: String) -> pb::Vm {
         next_retry_ms: v.next_retry_ms,
         protection_job_id: v.protection_job_id.clone(),
         failover_state: v.failover_state.into(),
+        // Until failover moves it, a VM runs where its host reports it.
+        active_host: v.host.clone(),
+        recovery_host: v
+            .policy
+            .as_ref()
+            .map(|p| p.recovery_host.clone())
+            .unwrap_or_default(),
         last_cycle_duration_ms: 0,
         last_cycle_bytes: 0,
         host_history: v

@@ -101,6 +101,9 @@ pub struct PolicyRecord {
     /// Older points are thinned to one per this interval (older catalogs: 5 min).
     #[serde(default = "default_thin_to")]
     pub thin_to_seconds: u64,
+    /// The host the VM fails over to ("" = none chosen; catalogs from before it existed).
+    #[serde(default)]
+    pub recovery_host: String,
 }
 
 /// Policy defaults and limits (a 0 in the request means the default).
@@ -141,6 +144,7 @@ impl PolicyRecord {
             } else {
                 p.resync_window_end.clone()
             },
+            recovery_host: p.recovery_host.clone(),
         }
     }
 
@@ -191,6 +195,7 @@ impl PolicyRecord {
             resync_window_end: self.resync_window_end.clone(),
             keep_all_seconds: self.keep_all_seconds,
             thin_to_seconds: self.thin_to_seconds,
+            recovery_host: self.recovery_host.clone(),
         }
     }
 }
@@ -226,6 +231,11 @@ pub enum Event {
         vm: String,
         policy: PolicyRecord,
         job_id: String,
+    },
+    /// An operator changed a protected VM's policy (`ferry vm set`).
+    VmPolicy {
+        vm: String,
+        policy: PolicyRecord,
     },
     VmPoint {
         vm: String,
@@ -334,6 +344,11 @@ impl State {
                 if let Some(v) = self.vms.get_mut(vm) {
                     v.policy = Some(policy.clone());
                     v.protection_job_id = job_id.clone();
+                }
+            }
+            Event::VmPolicy { vm, policy } => {
+                if let Some(v) = self.vms.get_mut(vm) {
+                    v.policy = Some(policy.clone());
                 }
             }
             Event::VmPoint {

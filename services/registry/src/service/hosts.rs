@@ -180,9 +180,7 @@ impl RegistryService {
                 }
             }
         }
-        if let Ok(mut t) = self.change_tracking.lock() {
-            t.insert(host.clone(), req.change_tracking);
-        }
+        self.set_host_capabilities(&host, req.change_tracking, req.recovery);
         if let Ok(mut hb) = self.heartbeats.lock() {
             hb.insert(host.clone(), now_ms());
         }
@@ -227,6 +225,7 @@ impl RegistryService {
                 } else {
                     "disconnected".into()
                 },
+                recovery: self.host_has_recovery(&h.name),
                 vms: st
                     .vms
                     .values()

@@ -58,9 +58,17 @@ impl RegistryService {
 
     pub(super) async fn update_policy(&self, req: Request<pb::UpdatePolicyRequest>) -> R<pb::Vm> {
         ferry_mesh::require_role(&req, Role::Operator)?;
-        Err(ferry_mesh::unimplemented(
-            "changing a protected vm's policy (delta replication issue)",
-        ))
+        let req = req.into_inner();
+        let Some(policy) = req.policy.as_ref() else {
+            return Err(RegistryError::InvalidArgument(format!(
+                "update policy of vm {}: no policy given",
+                req.name
+            ))
+            .into());
+        };
+        self.update_policy_of(&req.name, PolicyRecord::from_proto(Some(policy)))
+            .await?;
+        Ok(Response::new(self.vm_proto(&req.name).await?))
     }
 
     pub(super) async fn resync_vm(self: &Arc<Self>, req: Request<pb::ResyncVmRequest>) -> R<Job> {
