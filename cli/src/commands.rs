@@ -311,7 +311,22 @@ async fn vm(cli: &Cli, cmd: &VmCmd) -> anyhow::Result<ExitCode> {
             print_job(&job, *output)?;
             return Ok(job_exit(&job));
         }
-        VmCmd::Set { .. } => return crate::vm_set::run(&c, cmd).await,
+        VmCmd::Set {
+            name,
+            recovery_host,
+            frequency,
+            retention,
+            app_consistent,
+            output,
+        } => {
+            let changes = crate::vm_set::Changes {
+                recovery_host: recovery_host.clone(),
+                frequency: *frequency,
+                retention: *retention,
+                app_consistent: *app_consistent,
+            };
+            return crate::vm_set::run(&c, name, &changes, *output).await;
+        }
         VmCmd::Repair { name, output } => {
             let v = c
                 .registry()

@@ -9,23 +9,33 @@ use ferry::outln;
 use ferry::output::{print_json, vm_json, vm_state};
 use ferry_proto::registry::v1 as reg;
 
-use crate::{OutputFormat, VmCmd};
+use crate::OutputFormat;
 
-pub async fn run(c: &Ctl, cmd: &VmCmd) -> anyhow::Result<ExitCode> {
-    let VmCmd::Set {
-        name,
+/// What `ferry vm set` was asked to change (`None`: keep).
+pub struct Changes {
+    pub recovery_host: Option<String>,
+    pub frequency: Option<humantime::Duration>,
+    pub retention: Option<humantime::Duration>,
+    pub app_consistent: Option<humantime::Duration>,
+}
+
+pub async fn run(
+    c: &Ctl,
+    name: &str,
+    changes: &Changes,
+    output: OutputFormat,
+) -> anyhow::Result<ExitCode> {
+    let Changes {
         recovery_host,
         frequency,
         retention,
         app_consistent,
-        output,
-    } = cmd
-    else {
-        unreachable!("vm_set::run is only called for `vm set`");
-    };
+    } = changes;
     let mut registry = c.registry().await?;
     let v = registry
-        .get_vm(reg::GetVmRequest { name: name.clone() })
+        .get_vm(reg::GetVmRequest {
+            name: name.to_string(),
+        })
         .await
         .map_err(|s| status_err("reading the vm", s))?
         .into_inner();
@@ -51,13 +61,13 @@ pub async fn run(c: &Ctl, cmd: &VmCmd) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|| current.recovery_host.clone());
     let v = registry
         .update_policy(reg::UpdatePolicyRequest {
-            name: name.clone(),
+            name: name.to_string(),
             policy: Some(policy),
         })
         .await
         .map_err(|s| status_err("changing the policy", s))?
         .into_inner();
-    if *output == OutputFormat::Json {
+    if output == OutputFormat::Json {
         print_json(&vm_json(&v))?;
     } else {
         let p = v.policy.unwrap_or_default();

@@ -81,3 +81,22 @@ pub fn unclean_logs(disk: &Path) -> anyhow::Result<Vec<PathBuf>> {
         .filter(|p| !ferry_disk::hrl::HrlLog::open(p).is_ok_and(|l| l.clean))
         .collect())
 }
+
+/// The host certificate an agent registered with (its `agent-data/identity.json` and
+/// `host.key` under `agent_dir`), to call the mesh as that host.
+pub fn host_tls(agent_dir: &Path) -> anyhow::Result<ferry_mesh::ClientTls> {
+    let data = agent_dir.join("agent-data");
+    let id: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("identity.json"))?)?;
+    let pem = |k: &str| -> anyhow::Result<String> {
+        Ok(id[k]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("identity.json has no {k}"))?
+            .to_string())
+    };
+    Ok(ferry_mesh::ClientTls::host(
+        pem("ca_pem")?,
+        pem("cert_pem")?,
+        std::fs::read_to_string(data.join("host.key"))?,
+    ))
+}

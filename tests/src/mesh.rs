@@ -341,6 +341,33 @@ impl TestMesh {
             .into_inner())
     }
 
+    /// Waits until the registry lists `host` and `cond` holds for it, up to `timeout`.
+    pub async fn wait_host(
+        &self,
+        host: &str,
+        cond: impl Fn(&reg::Host) -> bool,
+        timeout: Duration,
+    ) -> anyhow::Result<reg::Host> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let hosts = self
+                .ctl
+                .registry()
+                .await?
+                .list_hosts(reg::ListHostsRequest {})
+                .await?
+                .into_inner()
+                .hosts;
+            if let Some(h) = hosts.iter().find(|h| h.name == host && cond(h)) {
+                return Ok(h.clone());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("host {host} not as expected after {timeout:?}: {hosts:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits until `vm` is in `state`, up to `timeout`; the VM as it was then.
     pub async fn wait_vm_state(
         &self,

@@ -200,13 +200,7 @@ async fn removed_host_goes_critical_and_repair_resumes() -> anyhow::Result<()> {
     wait_points(&t, "db", 2).await?;
 
     // The host's current certificate, to try it after the removal.
-    let id: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(adir.join("agent-data/identity.json"))?)?;
-    let old_tls = ferry_mesh::ClientTls::host(
-        id["ca_pem"].as_str().unwrap_or_default().to_string(),
-        id["cert_pem"].as_str().unwrap_or_default().to_string(),
-        std::fs::read_to_string(adir.join("agent-data/host.key"))?,
-    );
+    let old_tls = host_tls(&adir)?;
 
     t.ctl
         .registry()
@@ -270,23 +264,8 @@ async fn removed_host_goes_critical_and_repair_resumes() -> anyhow::Result<()> {
     }
     t.registration_key(&adir.join("key.json"), 3600).await?;
     let agent = InProcessAgent::start(&acfg)?;
-    for _ in 0..300 {
-        let hosts = t
-            .ctl
-            .registry()
-            .await?
-            .list_hosts(reg::ListHostsRequest {})
-            .await?
-            .into_inner()
-            .hosts;
-        if hosts
-            .iter()
-            .any(|h| h.name == "hv-r" && h.status == "connected")
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    t.wait_host("hv-r", |h| h.status == "connected", Duration::from_secs(30))
+        .await?;
     let reg_ch = ferry_mesh::connect(&t.mesh.cfg.endpoint(Component::Registry), &old_tls).await?;
     let err = ferry_proto::registry::v1::registry_client::RegistryClient::new(reg_ch)
         .heartbeat(reg::HeartbeatRequest {

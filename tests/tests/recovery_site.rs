@@ -6,7 +6,6 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::Context;
 use ferry_mesh::Component;
 use ferry_proto::common::v1::ReplicationPolicy;
 use ferry_proto::registry::v1 as reg;
@@ -55,28 +54,10 @@ async fn agent(
 
 /// Waits until the registry lists `host` connected, with the recovery flag it should have.
 async fn wait_host(t: &TestMesh, host: &str, recovery: bool) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let hosts = t
-            .ctl
-            .registry()
-            .await?
-            .list_hosts(reg::ListHostsRequest {})
-            .await?
-            .into_inner()
-            .hosts;
-        if hosts
-            .iter()
-            .any(|h| h.name == host && h.status == "connected" && h.recovery == recovery)
-        {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "host {host} not connected with recovery={recovery}: {hosts:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let connected = |h: &reg::Host| h.status == "connected" && h.recovery == recovery;
+    t.wait_host(host, connected, Duration::from_secs(60))
+        .await?;
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,13 +195,7 @@ async fn policy_changes(t: &TestMesh) -> anyhow::Result<()> {
 }
 
 async fn host_certificate_may_not_change_a_policy(t: &TestMesh, dir: &Path) -> anyhow::Result<()> {
-    let id: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("agent-data/identity.json"))?)?;
-    let tls = ferry_mesh::ClientTls::host(
-        id["ca_pem"].as_str().context("ca_pem")?.to_string(),
-        id["cert_pem"].as_str().context("cert_pem")?.to_string(),
-        std::fs::read_to_string(dir.join("agent-data/host.key"))?,
-    );
+    let tls = host_tls(dir)?;
     let ch = ferry_mesh::connect(&t.ctl.cfg.endpoint(Component::Registry), &tls).await?;
     let err = reg::registry_client::RegistryClient::new(ch)
         .update_policy(reg::UpdatePolicyRequest {

@@ -32,14 +32,3 @@ named_enum! {
         ResyncRequired => "resync-required",
     }
 }
-
-impl ErrorClass {
-    /// The class a pair of flags spells (the agent's classification of an error).
-    pub fn of(recoverable: bool, resync_required: bool) -> Self {
-        match (recoverable, resync_required) {
-            (_, true) => Self::ResyncRequired,
-            (true, false) => Self::Recoverable,
-            (false, false) => Self::Permanent,
-        }
-    }
-}

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Backoff {
-    first: Duration,
     next: Duration,
     max: Duration,
     waited: u32,
@@ -16,7 +15,6 @@ impl Backoff {
     /// Delays `first`, `2 × first`, `4 × first` … up to `max`.
     pub fn new(first: Duration, max: Duration) -> Self {
         Self {
-            first,
             next: first.min(max),
             max,
             waited: 0,
@@ -35,12 +33,6 @@ impl Backoff {
     pub fn failures(&self) -> u32 {
         self.waited
     }
-
-    /// Back to the first delay (after a success).
-    pub fn reset(&mut self) {
-        self.next = self.first.min(self.max);
-        self.waited = 0;
-    }
 }
 
 #[cfg(test)]
@@ -48,14 +40,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn doubles_up_to_the_cap_and_resets() {
+    fn doubles_up_to_the_cap() {
         let ms = Duration::from_millis;
         let mut b = Backoff::new(ms(200), ms(1000));
         let got: Vec<_> = (0..5).map(|_| b.next_delay()).collect();
         assert_eq!(got, [ms(200), ms(400), ms(800), ms(1000), ms(1000)]);
         assert_eq!(b.failures(), 5);
-        b.reset();
-        assert_eq!((b.next_delay(), b.failures()), (ms(200), 1));
         assert_eq!(Backoff::new(ms(50), ms(10)).next_delay(), ms(10));
     }
 }

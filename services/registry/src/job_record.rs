@@ -89,6 +89,32 @@ impl From<Status> for i32 {
     }
 }
 
+impl From<&JobStep> for StoredStep {
+    fn from(s: &JobStep) -> Self {
+        Self {
+            name: s.name.clone(),
+            status: s.status.into(),
+            progress_percent: s.progress_percent,
+            message: s.message.clone(),
+            started_at_ms: s.started_at_ms,
+            ended_at_ms: s.ended_at_ms,
+        }
+    }
+}
+
+impl From<&StoredStep> for JobStep {
+    fn from(s: &StoredStep) -> Self {
+        Self {
+            name: s.name.clone(),
+            status: s.status.into(),
+            progress_percent: s.progress_percent,
+            message: s.message.clone(),
+            started_at_ms: s.started_at_ms,
+            ended_at_ms: s.ended_at_ms,
+        }
+    }
+}
+
 impl JobRecord {
     pub fn encode(job: &Job) -> Self {
         Self::Fields(StoredJob {
@@ -96,18 +122,7 @@ impl JobRecord {
             kind: job.kind.clone(),
             target: job.target.clone(),
             status: job.status.into(),
-            steps: job
-                .steps
-                .iter()
-                .map(|s| StoredStep {
-                    name: s.name.clone(),
-                    status: s.status.into(),
-                    progress_percent: s.progress_percent,
-                    message: s.message.clone(),
-                    started_at_ms: s.started_at_ms,
-                    ended_at_ms: s.ended_at_ms,
-                })
-                .collect(),
+            steps: job.steps.iter().map(StoredStep::from).collect(),
             created_at_ms: job.created_at_ms,
             updated_at_ms: job.updated_at_ms,
             error: job.error.clone(),
@@ -137,18 +152,7 @@ impl StoredJob {
             kind: self.kind.clone(),
             target: self.target.clone(),
             status: self.status.into(),
-            steps: self
-                .steps
-                .iter()
-                .map(|s| JobStep {
-                    name: s.name.clone(),
-                    status: s.status.into(),
-                    progress_percent: s.progress_percent,
-                    message: s.message.clone(),
-                    started_at_ms: s.started_at_ms,
-                    ended_at_ms: s.ended_at_ms,
-                })
-                .collect(),
+            steps: self.steps.iter().map(JobStep::from).collect(),
             created_at_ms: self.created_at_ms,
             updated_at_ms: self.updated_at_ms,
             error: self.error.clone(),

@@ -25,6 +25,15 @@ use crate::state::{Event, JobRecord, PolicyRecord, State};
 /// Hosts heartbeat this often; a host silent for three intervals is disconnected.
 pub(crate) const HEARTBEAT_SECS: u64 = 5;
 
+/// What a host's heartbeat says it can do.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct HostCapabilities {
+    /// Its tracker runs: its VMs can run delta cycles.
+    pub change_tracking: bool,
+    /// It has a `[recovery]` section: it can receive failed-over VMs.
+    pub recovery: bool,
+}
+
 pub struct RegistryService {
     pub(crate) cfg: MeshConfig,
     /// Channels to the scheduler (dispatching job work), made once.
@@ -33,13 +42,10 @@ pub struct RegistryService {
     pub(crate) state: Mutex<State>,
     /// Last heartbeat per host (memory only: rebuilt by the next heartbeat).
     heartbeats: std::sync::Mutex<HashMap<String, i64>>,
-    /// Whether each host's last heartbeat said it tracks changes. Memory only, like the
-    /// heartbeat time: the prerequisites that read it also require a fresh heartbeat, which
-    /// brings it again after a registry restart.
-    change_tracking: std::sync::Mutex<HashMap<String, bool>>,
-    /// Whether each host's last heartbeat said it has a `[recovery]` section (memory only,
-    /// like `change_tracking`).
-    recovery: std::sync::Mutex<HashMap<String, bool>>,
+    /// What each host's last heartbeat said it can do. Memory only, like the heartbeat time:
+    /// the checks that read it also require a fresh heartbeat, which brings it again after a
+    /// registry restart.
+    capabilities: std::sync::Mutex<HashMap<String, HostCapabilities>>,
     /// Wakes job runners when something they wait for changed.
     pub(crate) changed: Notify,
     /// What changes every heartbeat or cycle is kept in memory only (rebuilt by the next
@@ -78,8 +84,7 @@ impl RegistryService {
             catalog,
             state: Mutex::new(state),
             heartbeats: Default::default(),
-            change_tracking: Default::default(),
-            recovery: Default::default(),
+            capabilities: Default::default(),
             changed: Notify::new(),
             progress_flushed: Default::default(),
             revoked,
@@ -135,28 +140,27 @@ impl RegistryService {
         last.is_some_and(|t| now_ms() - t < (3 * HEARTBEAT_SECS * 1000) as i64)
     }
 
-    /// Whether the host's last heartbeat said its tracker runs (false before any heartbeat).
-    pub(crate) fn host_tracks_changes(&self, host: &str) -> bool {
-        self.change_tracking
+    /// What the host's last heartbeat said it can do (nothing before any heartbeat).
+    fn host_capabilities(&self, host: &str) -> HostCapabilities {
+        self.capabilities
             .lock()
-            .map(|t| t.get(host).copied().unwrap_or(false))
-            .unwrap_or(false)
+            .map(|c| c.get(host).copied().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    /// Whether the host's last heartbeat said its tracker runs.
+    pub(crate) fn host_tracks_changes(&self, host: &str) -> bool {
+        self.host_capabilities(host).change_tracking
     }
 
     /// Whether the host's last heartbeat said it can receive failed-over VMs.
     pub(crate) fn host_has_recovery(&self, host: &str) -> bool {
-        self.recovery
-            .lock()
-            .map(|t| t.get(host).copied().unwrap_or(false))
-            .unwrap_or(false)
+        self.host_capabilities(host).recovery
     }
 
-    pub(crate) fn set_host_capabilities(&self, host: &str, tracking: bool, recovery: bool) {
-        if let Ok(mut t) = self.change_tracking.lock() {
-            t.insert(host.to_string(), tracking);
-        }
-        if let Ok(mut r) = self.recovery.lock() {
-            r.insert(host.to_string(), recovery);
+    pub(crate) fn set_host_capabilities(&self, host: &str, caps: HostCapabilities) {
+        if let Ok(mut c) = self.capabilities.lock() {
+            c.insert(host.to_string(), caps);
         }
     }
 

@@ -9,7 +9,7 @@ use ferry_proto::now_ms;
 use ferry_proto::registry::v1 as pb;
 use tonic::{Request, Response};
 
-use super::{HEARTBEAT_SECS, R, RegistryService, removed_hosts};
+use super::{HEARTBEAT_SECS, HostCapabilities, R, RegistryService, removed_hosts};
 use crate::error::RegistryError;
 use crate::lifecycle::vm_event;
 use crate::state::{Event, HostRecord, KeyRecord};
@@ -180,7 +180,13 @@ impl RegistryService {
                 }
             }
         }
-        self.set_host_capabilities(&host, req.change_tracking, req.recovery);
+        self.set_host_capabilities(
+            &host,
+            HostCapabilities {
+                change_tracking: req.change_tracking,
+                recovery: req.recovery,
+            },
+        );
         if let Ok(mut hb) = self.heartbeats.lock() {
             hb.insert(host.clone(), now_ms());
         }
