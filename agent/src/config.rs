@@ -35,6 +35,9 @@ pub struct AgentConfig {
     /// the host cannot be a VM's recovery host.
     #[serde(default)]
     pub recovery: Option<RecoverySection>,
+    /// How this host starts and stops recovered VMs (absent: kind "none", disks only).
+    #[serde(default)]
+    pub driver: Option<DriverSection>,
     /// Blocks in one upload batch (one QUIC stream).
     #[serde(default = "default_batch")]
     pub batch_blocks: usize,
@@ -65,6 +68,29 @@ pub struct RecoverySection {
     pub dir: PathBuf,
 }
 
+/// `[driver]`: see [`crate::driver`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriverSection {
+    /// "none" (disks only), "command" or "libvirt".
+    pub kind: crate::driver::DriverKind,
+    /// kind "command": `sh -c` run to start a VM, in the config file's folder.
+    #[serde(default)]
+    pub start: Option<String>,
+    /// kind "command": stops a VM; returns once it is off, non-zero when it could not.
+    #[serde(default)]
+    pub stop: Option<String>,
+    /// kind "libvirt": the connection (default "qemu:///system").
+    #[serde(default)]
+    pub uri: Option<String>,
+    /// Longest a start or stop may take (default 5 min).
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<std::time::Duration>,
+    /// The config file's folder, where the commands run (set by [`AgentConfig::load`]).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HostConfig {
@@ -90,6 +116,15 @@ pub struct VmConfig {
     /// killed and the cycle falls back to crash consistency.
     #[serde(default, with = "humantime_serde")]
     pub quiesce_timeout: Option<std::time::Duration>,
+    /// Virtual CPUs of the VM when a driver starts it at a recovery site.
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    /// Memory in MiB of the VM when a driver starts it.
+    #[serde(default = "default_memory")]
+    pub memory: u64,
+    /// The network of each NIC (one entry per NIC, in order) when a driver starts it.
+    #[serde(default)]
+    pub networks: Vec<String>,
 }
 
 /// How long a stop may take when `shutdown_timeout` is not set.
@@ -101,6 +136,14 @@ fn default_batch() -> usize {
 
 fn default_inflight() -> usize {
     4
+}
+
+fn default_cpus() -> u32 {
+    1
+}
+
+fn default_memory() -> u64 {
+    1024
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +197,9 @@ impl AgentConfig {
         if let Some(r) = &mut cfg.recovery {
             r.dir = abs(&r.dir);
         }
+        if let Some(d) = &mut cfg.driver {
+            d.base_dir = base.clone();
+        }
         cfg.validate().map_err(|message| ConfigError::Invalid {
             path: path.to_path_buf(),
             message,
@@ -180,6 +226,12 @@ impl AgentConfig {
             if vm.disks.is_empty() {
                 return Err(format!("vm {} lists no disks", vm.name));
             }
+            if vm.cpus == 0 || vm.memory == 0 {
+                return Err(format!(
+                    "vm {} needs at least 1 cpu and 1 MiB of memory",
+                    vm.name
+                ));
+            }
             let mut files = std::collections::HashSet::new();
             for d in &vm.disks {
                 if !files.insert(d.file_name()) {
@@ -199,6 +251,9 @@ impl AgentConfig {
         }
         if self.shutdown_timeout.is_some_and(|t| t.is_zero()) {
             return Err("shutdown_timeout must be more than 0 s".into());
+        }
+        if let Some(d) = &self.driver {
+            crate::driver::Driver::from_config(Some(d), &d.base_dir).map_err(|e| e.to_string())?;
         }
         Ok(())
     }

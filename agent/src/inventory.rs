@@ -63,5 +63,10 @@ pub fn describe_vm(vm: &VmConfig, tracker: Option<&crate::tracker::Tracker>) -> 
             .iter()
             .map(|p| describe_disk(&vm.name, p, tracker))
             .collect(),
+        hardware: Some(ferry_proto::common::v1::VmHardware {
+            cpus: vm.cpus,
+            memory_mib: vm.memory,
+            networks: vm.networks.clone(),
+        }),
     }
 }

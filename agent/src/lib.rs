@@ -2,8 +2,10 @@
 //! scheduler over a server stream and replicates disks to the gateway over QUIC.
 pub mod config;
 mod delta;
+pub mod driver;
 pub mod identity;
 pub mod inventory;
+mod recover;
 mod replicate;
 mod resync;
 pub mod tracker;
@@ -42,6 +44,8 @@ pub struct Agent {
     recovery_ready: bool,
     /// The mesh's retry time unit in ms, as the last work item said (0: not known yet).
     retry_unit_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// How this host starts and stops VMs (`[driver]`; none: disks only).
+    driver: driver::Driver,
 }
 
 /// Registers if needed, then heartbeats and works until `shutdown`. A configured disk that
@@ -73,6 +77,12 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
             })
             .is_ok()
     });
+    let driver_dir = cfg
+        .driver
+        .as_ref()
+        .map(|d| d.base_dir.clone())
+        .unwrap_or_default();
+    let driver = driver::Driver::from_config(cfg.driver.as_ref(), &driver_dir)?;
     let agent = Agent {
         cfg: Arc::new(cfg),
         creds: Arc::new(creds),
@@ -82,6 +92,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         tracker,
         recovery_ready,
         retry_unit_ms: Default::default(),
+        driver,
     };
     let hb = tokio::spawn(agent.clone().heartbeat_loop(shutdown.clone()));
     agent.work_loop(shutdown.clone()).await;
@@ -199,6 +210,8 @@ impl Agent {
 
     async fn heartbeat_loop(self, shutdown: CancellationToken) {
         let mut interval = Duration::from_secs(5);
+        // VMs fenced because the registry said they failed over away from this host.
+        let mut fenced = std::collections::HashSet::new();
         loop {
             let inv: Vec<_> = {
                 let vms = self.cfg.vms.clone();
@@ -223,12 +236,16 @@ impl Agent {
                     })
                     .await?
                     .into_inner();
-                anyhow::Ok(r.heartbeat_interval_seconds)
+                anyhow::Ok(r)
             }
             .await;
             match res {
-                Ok(s) if s > 0 => interval = Duration::from_secs(s),
-                Ok(_) => {}
+                Ok(r) => {
+                    if r.heartbeat_interval_seconds > 0 {
+                        interval = Duration::from_secs(r.heartbeat_interval_seconds);
+                    }
+                    self.apply_fences(&r.fenced_vms, &mut fenced);
+                }
                 Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
             }
             tokio::select! {
@@ -236,6 +253,39 @@ impl Agent {
                 _ = tokio::time::sleep(interval) => {}
             }
         }
+    }
+
+    /// Fences the VMs that failed over to another host (their writes are refused from now
+    /// on, so nothing this host's copy does becomes a recovery point) and lifts the fence of
+    /// those the registry no longer lists (their failover failed before the VM moved).
+    fn apply_fences(&self, now: &[String], fenced: &mut std::collections::HashSet<String>) {
+        let Some(tracker) = &self.tracker else {
+            return;
+        };
+        for vm in now {
+            if !tracker.is_fenced(vm) {
+                match tracker.fence_vm(vm, "the vm failed over to another host") {
+                    Ok(()) => {
+                        tracing::warn!(vm = %vm, "vm failed over to another host: its writes here are refused")
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm = %vm, error = %e, "cannot fence a vm that failed over")
+                    }
+                }
+            }
+            fenced.insert(vm.clone());
+        }
+        fenced.retain(|vm| {
+            if now.contains(vm) {
+                return true;
+            }
+            if let Err(e) = tracker.unfence_vm(vm) {
+                tracing::warn!(vm = %vm, error = %e, "cannot lift the fence of a vm");
+            } else {
+                tracing::info!(vm = %vm, "the registry no longer fences the vm: its writes are accepted again");
+            }
+            false
+        });
     }
 
     async fn work_loop(&self, shutdown: CancellationToken) {
@@ -344,7 +394,12 @@ impl Agent {
                 std::sync::atomic::Ordering::Relaxed,
             );
         }
+        let mut recovered = None;
         let result = match WorkKind::try_from(item.kind) {
+            Ok(WorkKind::RecoverVm) => self.recover_vm(&item, &stop).await.map(|r| {
+                recovered = Some(r);
+            }),
+            Ok(WorkKind::RemoveRecovered) => self.remove_recovered(&item, &stop).await,
             Ok(WorkKind::InitialReplication) => {
                 self.initial_replication(&item.vm, &item.job_id, &stop)
                     .await
@@ -374,6 +429,7 @@ impl Agent {
             ok,
             error,
             error_class,
+            recovered,
         };
         // Five calls over about 3 s; the work stays in flight (re-sent on reconnect) if all fail.
         let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));

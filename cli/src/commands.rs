@@ -10,10 +10,9 @@ use ferry::output::{self, bytes, job_json, print_json, table, time, vm_health, v
 use ferry::up::{Mesh, UpOptions};
 use ferry_mesh::Component;
 use ferry_proto::common::v1::{Job, StepStatus};
-use ferry_proto::failover::v1::{CleanupTestFailoverRequest, TestFailoverRequest};
 use ferry_proto::registry::v1 as reg;
 
-use crate::{Cli, Cmd, FailoverCmd, HostCmd, JobsCmd, OutputFormat, VaultCmd, VmCmd};
+use crate::{Cli, Cmd, HostCmd, JobsCmd, OutputFormat, VaultCmd, VmCmd};
 
 fn ctl(cli: &Cli) -> anyhow::Result<Ctl> {
     let path = cli
@@ -114,7 +113,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Vm { cmd } => vm(&cli, cmd).await,
         Cmd::Jobs { cmd } => jobs(&cli, cmd).await,
         Cmd::Points { cmd } => crate::points_cmd::run(&ctl(&cli)?, cmd).await,
-        Cmd::Failover { cmd } => failover(&cli, cmd).await,
+        Cmd::Failover { cmd } => crate::failover_cmd::run(&ctl(&cli)?, cmd).await,
         Cmd::Disk { .. } | Cmd::Hrl { .. } => {
             anyhow::bail!("disk and hrl commands run without the mesh")
         }
@@ -385,7 +384,7 @@ async fn vm(cli: &Cli, cmd: &VmCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_job(j: &Job, output: OutputFormat) -> anyhow::Result<()> {
+pub(crate) fn print_job(j: &Job, output: OutputFormat) -> anyhow::Result<()> {
     if output == OutputFormat::Json {
         return print_json(&job_json(j));
     }
@@ -411,7 +410,7 @@ fn print_job(j: &Job, output: OutputFormat) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn job_exit(j: &Job) -> ExitCode {
+pub(crate) fn job_exit(j: &Job) -> ExitCode {
     if j.status == StepStatus::Succeeded as i32 {
         ExitCode::SUCCESS
     } else {
@@ -517,42 +516,4 @@ async fn jobs(cli: &Cli, cmd: &JobsCmd) -> anyhow::Result<ExitCode> {
             Ok(job_exit(&j))
         }
     }
-}
-
-async fn failover(cli: &Cli, cmd: &FailoverCmd) -> anyhow::Result<ExitCode> {
-    let c = ctl(cli)?;
-    let (job, output) = match cmd {
-        FailoverCmd::Test {
-            vm,
-            point,
-            target,
-            output,
-        } => {
-            let target = std::path::absolute(target)?;
-            let job = c
-                .failover()
-                .await?
-                .test_failover(TestFailoverRequest {
-                    vm: vm.clone(),
-                    point: point.clone(),
-                    target_dir: target.to_string_lossy().into(),
-                })
-                .await
-                .map_err(|s| status_err("test failover", s))?
-                .into_inner();
-            (job, *output)
-        }
-        FailoverCmd::Cleanup { vm, output } => {
-            let job = c
-                .failover()
-                .await?
-                .cleanup_test_failover(CleanupTestFailoverRequest { vm: vm.clone() })
-                .await
-                .map_err(|s| status_err("test failover cleanup", s))?
-                .into_inner();
-            (job, *output)
-        }
-    };
-    print_job(&job, output)?;
-    Ok(job_exit(&job))
 }

@@ -1,6 +1,7 @@
 //! `ferry`: run the mesh (`ferry up`) and operate it.
 mod commands;
 mod disk_cmd;
+mod failover_cmd;
 mod points_cmd;
 mod protect;
 mod vm_set;
@@ -237,20 +238,27 @@ pub enum PointsCmd {
 
 #[derive(Subcommand)]
 pub enum FailoverCmd {
-    /// Materialise a recovery point into TARGET (disks in their own format and name, plus a VM
-    /// description), isolated from the source.
+    /// Test failover: on the VM's recovery host (disks in its [recovery] folder, the VM
+    /// started with the test network), or with --target an export of the point into a folder
+    /// here (disks in their own format and name, plus a VM description).
     Test {
         vm: String,
+        /// A point id, "latest" or "latest-app".
         #[arg(long, default_value = "latest")]
         point: String,
         #[arg(long)]
-        target: PathBuf,
+        target: Option<PathBuf>,
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },
-    /// Remove what a test failover created.
+    /// Remove what a test failover created (on a recovery host: stop the test VM first).
     Cleanup {
         vm: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Every failover and its state.
+    List {
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },

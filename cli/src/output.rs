@@ -119,6 +119,28 @@ pub fn job_json(j: &Job) -> Value {
     })
 }
 
+pub fn failover_json(f: &ferry_proto::failover::v1::FailoverRecord) -> Value {
+    json!({
+        "vm": f.vm,
+        "kind": f.kind,
+        "state": f.state,
+        "host": f.host,
+        "point_id": f.point_id,
+        "dir": f.target_dir,
+        "disks": f.disks.iter().map(|d| json!({
+            "disk_id": d.disk_id,
+            "path": d.path,
+            "format": d.format,
+            "nbd_uri": d.nbd_uri,
+        })).collect::<Vec<_>>(),
+        "files": f.files,
+        "driver": f.driver,
+        "started": time(f.started_at_ms),
+        "created": time(f.created_at_ms),
+        "job_id": f.job_id,
+    })
+}
+
 pub fn point_json(p: &RecoveryPoint) -> Value {
     json!({
         "id": p.id,

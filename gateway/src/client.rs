@@ -1,5 +1,6 @@
 //! The agent's side of the gateway protocol: one QUIC connection ([`Uploader`]), one
-//! bidirectional stream per batch (OFFER → NEED → payloads → ACK), and PING.
+//! bidirectional stream per batch (OFFER → NEED → payloads → ACK), per fetch (FETCH → FRD1 →
+//! sealed chunks) and per PING.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use bytes::Bytes;
 use quinn::{RecvStream, SendStream};
 use tokio::time::timeout;
 
+use crate::fetch::{self, FetchAnswer};
 use crate::frame::{self, ErrorCode, FrameError, Response};
 pub use crate::frame::{ChunkId, Offer};
 
@@ -17,10 +19,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the gateway may take to answer an OFFER (it HEADs every chunk) or, after the
 /// last payload, to write the chunks and ACK.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long sending one sealed payload may take (flow control can stall it).
+/// How long sending one sealed payload, or receiving one fetched chunk, may take (flow
+/// control can stall it).
 const PAYLOAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// The server name the gateway's certificate carries.
 const SERVER_NAME: &str = "localhost";
+/// The largest vault block size the gateway accepts (256 MiB fits in a u32).
+const DEFAULT_MAX_BLOCK: u32 = ferry_store::MAX_CHUNK_LEN as u32;
 
 /// Why an upload failed. [`UploadError::is_transient`] tells retryable failures (network,
 /// timeouts, an unavailable dependency behind the gateway) from permanent ones.
@@ -91,6 +96,8 @@ impl UploadError {
 #[derive(Clone, Debug)]
 pub struct Uploader {
     conn: quinn::Connection,
+    /// The largest block a fetched chunk may seal; bounds what a fetch allocates per chunk.
+    max_block: u32,
     // Kept so the endpoint (and its socket) lives as long as any clone of the uploader.
     _endpoint: quinn::Endpoint,
 }
@@ -140,14 +147,23 @@ impl Uploader {
             .map_err(|_| UploadError::Timeout("connecting to the gateway"))??;
         Ok(Self {
             conn,
+            max_block: DEFAULT_MAX_BLOCK,
             _endpoint: endpoint,
         })
+    }
+
+    /// Bounds each chunk [`Uploader::fetch`] accepts by the vault's block size (default: the
+    /// largest block size a vault may have).
+    pub fn with_max_block(mut self, max_block: u32) -> Self {
+        self.max_block = max_block;
+        self
     }
 
     /// Wraps an established connection (tests, or callers that build their own endpoint).
     pub fn from_connection(conn: quinn::Connection, endpoint: quinn::Endpoint) -> Self {
         Self {
             conn,
+            max_block: DEFAULT_MAX_BLOCK,
             _endpoint: endpoint,
         }
     }
@@ -190,6 +206,52 @@ impl Uploader {
                 response_name(&other)
             ))),
         }
+    }
+
+    /// Fetches the sealed chunks `ids` of `point` (an id or `latest`) of `vm`, returned in
+    /// request order (an id asked twice comes twice). At most [`crate::MAX_FETCH_COUNT`] ids
+    /// a call; split longer lists, and run several calls concurrently for throughput. The
+    /// gateway serves only chunks of a point this host may read: a chunk outside it fails
+    /// the whole call with [`ErrorCode::NotEntitled`], a VM the host may not read with
+    /// [`ErrorCode::Denied`]. Every length and hash is checked; the bytes are still sealed.
+    pub async fn fetch(
+        &self,
+        vm: &str,
+        point: &str,
+        ids: &[ChunkId],
+    ) -> Result<Vec<Bytes>, UploadError> {
+        let buf =
+            fetch::encode_fetch(vm, point, ids).map_err(|e| UploadError::Invalid(e.to_string()))?;
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        if let Err(e) = send.write_all(&buf).await {
+            return Err(error_after_write_failure(&mut recv, e).await);
+        }
+        send.finish()?;
+        let answer = timeout(RESPONSE_TIMEOUT, fetch::read_fetch_answer(&mut recv)).await;
+        match answer.map_err(|_| UploadError::Timeout("waiting for the gateway's answer"))? {
+            Ok(FetchAnswer::Data) => {}
+            Ok(FetchAnswer::Error(e)) => {
+                return Err(UploadError::Rejected {
+                    code: e.code,
+                    message: e.message,
+                });
+            }
+            Err(e) => return Err(frame_error(e)),
+        }
+        let max_sealed = frame::max_sealed_len(self.max_block);
+        let mut chunks = Vec::with_capacity(ids.len());
+        for index in 0..ids.len() {
+            let read = fetch::read_fetched_chunk(&mut recv, index, ids.len(), max_sealed);
+            let chunk = timeout(PAYLOAD_TIMEOUT, read)
+                .await
+                .map_err(|_| UploadError::Timeout("receiving a chunk from the gateway"))?;
+            chunks.push(chunk.map_err(frame_error)?);
+        }
+        // The gateway finishes the stream after the last chunk; anything more is a bug.
+        let end = timeout(RESPONSE_TIMEOUT, frame::expect_end(&mut recv)).await;
+        end.map_err(|_| UploadError::Timeout("waiting for the end of the gateway's answer"))?
+            .map_err(frame_error)?;
+        Ok(chunks)
     }
 
     /// Round trip to the gateway; returns the gateway's clock (unix milliseconds).
@@ -269,10 +331,18 @@ impl PendingBatch {
 async fn read_response(recv: &mut RecvStream, offered: usize) -> Result<Response, UploadError> {
     match timeout(RESPONSE_TIMEOUT, frame::read_response(recv, offered)).await {
         Ok(Ok(r)) => Ok(r),
-        Ok(Err(FrameError::Io(e))) => Err(io_to_upload_error(e)),
-        Ok(Err(e @ FrameError::Truncated)) => Err(UploadError::Read(e)),
-        Ok(Err(e)) => Err(UploadError::Protocol(e.to_string())),
+        Ok(Err(e)) => Err(frame_error(e)),
         Err(_) => Err(UploadError::Timeout("waiting for the gateway's answer")),
+    }
+}
+
+/// What a failure to read the gateway's answer means: a reset stream (with the gateway's
+/// code) or a lost connection where quinn says so, a cut answer, or a malformed one.
+fn frame_error(e: FrameError) -> UploadError {
+    match e {
+        FrameError::Io(e) => io_to_upload_error(e),
+        e @ FrameError::Truncated => UploadError::Read(e),
+        e => UploadError::Protocol(e.to_string()),
     }
 }
 

@@ -10,9 +10,11 @@ use std::io;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::fetch::{MAX_FETCH_COUNT, MAX_NAME_LEN};
+
 /// ALPN protocol id negotiated by gateway and agent.
 pub const ALPN: &[u8] = b"ferry/1";
-/// Protocol version carried in every OFFER.
+/// Protocol version carried in every OFFER and FETCH.
 pub const VERSION: u16 = 1;
 
 pub const MAGIC_OFFER: [u8; 4] = *b"FRO1";
@@ -47,16 +49,19 @@ pub enum ErrorCode {
     BadFrame = 1,
     /// The OFFER checksum or a payload hash did not match.
     Checksum = 2,
-    /// Ingest refused the upload (unknown cycle, wrong host, closed cycle).
+    /// Ingest refused the upload (unknown cycle, wrong host, closed cycle), or storage-writer
+    /// the read (the host may not read the VM, unknown point).
     Denied = 3,
-    /// A dependency (store, ingest) is unavailable; retry later.
+    /// A dependency (store, ingest, storage-writer) is unavailable; retry later.
     Unavailable = 4,
     /// The gateway failed in a way a retry will not fix.
     Internal = 5,
     /// The peer's certificate is not a host certificate.
     NotHost = 6,
-    /// The peer was too slow to send a frame.
+    /// The peer was too slow to send a frame (or, on FETCH, to read the answer).
     Timeout = 7,
+    /// A FETCH named a chunk outside the point the host is entitled to read.
+    NotEntitled = 8,
 }
 
 impl ErrorCode {
@@ -73,6 +78,7 @@ impl ErrorCode {
             5 => Self::Internal,
             6 => Self::NotHost,
             7 => Self::Timeout,
+            8 => Self::NotEntitled,
             _ => return None,
         })
     }
@@ -112,6 +118,18 @@ pub enum FrameError {
     NeedPadding,
     #[error("error message is not valid utf-8")]
     MessageUtf8,
+    #[error("vm name length {0} out of range 1..={MAX_NAME_LEN}")]
+    VmLen(u16),
+    #[error("point id length {0} out of range 1..={MAX_NAME_LEN}")]
+    PointLen(u16),
+    #[error("{0} is not valid utf-8")]
+    NameUtf8(&'static str),
+    #[error("fetch count {0} out of range 1..={MAX_FETCH_COUNT}")]
+    FetchCount(u32),
+    #[error("fetch checksum mismatch")]
+    FetchChecksum,
+    #[error("data after the fetch request")]
+    TrailingFetch,
     #[error("{0} trailing bytes after the frame")]
     Trailing(usize),
     #[error("data after the last payload")]
@@ -128,7 +146,9 @@ impl FrameError {
     /// The code the gateway answers this error with.
     pub fn code(&self) -> ErrorCode {
         match self {
-            Self::OfferChecksum | Self::PayloadHash { .. } => ErrorCode::Checksum,
+            Self::OfferChecksum | Self::FetchChecksum | Self::PayloadHash { .. } => {
+                ErrorCode::Checksum
+            }
             _ => ErrorCode::BadFrame,
         }
     }
@@ -276,19 +296,19 @@ pub fn payload_hash(sealed: &[u8]) -> [u8; 32] {
 // ---------------------------------------------------------------------------------------
 // decoders
 
-async fn read_u16<R: AsyncRead + Unpin>(r: &mut R) -> Result<u16, FrameError> {
+pub(crate) async fn read_u16<R: AsyncRead + Unpin>(r: &mut R) -> Result<u16, FrameError> {
     let mut b = [0u8; 2];
     r.read_exact(&mut b).await?;
     Ok(u16::from_le_bytes(b))
 }
 
-async fn read_u32<R: AsyncRead + Unpin>(r: &mut R) -> Result<u32, FrameError> {
+pub(crate) async fn read_u32<R: AsyncRead + Unpin>(r: &mut R) -> Result<u32, FrameError> {
     let mut b = [0u8; 4];
     r.read_exact(&mut b).await?;
     Ok(u32::from_le_bytes(b))
 }
 
-async fn read_u64<R: AsyncRead + Unpin>(r: &mut R) -> Result<u64, FrameError> {
+pub(crate) async fn read_u64<R: AsyncRead + Unpin>(r: &mut R) -> Result<u64, FrameError> {
     let mut b = [0u8; 8];
     r.read_exact(&mut b).await?;
     Ok(u64::from_le_bytes(b))

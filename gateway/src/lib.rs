@@ -1,4 +1,4 @@
-//! QUIC ingest gateway: mTLS termination, framing, checksums, chunk writes.
+//! QUIC data-plane gateway: mTLS termination, framing, checksums, chunk writes and reads.
 //!
 //! Agents connect over QUIC (ALPN `ferry/1`, a vault host certificate required) and upload
 //! batches of sealed chunks, one bidirectional stream per batch; see `PROTOCOL.md` for the
@@ -6,12 +6,18 @@
 //! store so chunks already stored are never sent, checks every length and hash, writes the
 //! chunks put-if-absent (so retried uploads are idempotent) and reports what landed to ingest.
 //!
-//! [`run`] is the server; [`client::Uploader`] is the agent's side; [`frame`] is the codec.
+//! The read path (FETCH): a recovery host asks for sealed chunks of a recovery point; the
+//! gateway serves only chunks of a point storage-writer says that host may read.
+//!
+//! [`run`] is the server; [`client::Uploader`] is the agent's side; [`frame`] and [`fetch`]
+//! are the codec.
 
 pub mod client;
+pub mod fetch;
 pub mod frame;
 mod ingest;
 mod server;
+mod storage;
 
 use std::net::UdpSocket;
 use std::sync::Arc;
@@ -21,6 +27,7 @@ use ferry_mesh::{Component, MeshConfig};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+pub use fetch::MAX_FETCH_COUNT;
 pub use frame::{ALPN, ErrorCode};
 
 /// Concurrent batches (bidirectional streams) per connection.
@@ -46,6 +53,8 @@ pub enum GatewayError {
     Store(#[from] ferry_store::StoreError),
     #[error("cannot reach ingest: {0}")]
     Ingest(#[from] ingest::IngestError),
+    #[error("cannot reach storage-writer: {0}")]
+    StorageWriter(#[from] storage::StorageError),
     #[error("cannot read {path}: {source}")]
     Read {
         path: String,
@@ -93,10 +102,23 @@ fn read(path: &std::path::Path) -> Result<String, GatewayError> {
 }
 
 /// Serves the gateway on `socket` until `shutdown` is cancelled: builds the quinn endpoint
-/// from `cfg`'s PKI, opens the store at `cfg.store_url`, and talks to ingest (connecting on
-/// first use) with the service certificate. In-flight batches get a grace period to finish.
+/// from `cfg`'s PKI, opens the store at `cfg.store_url`, and talks to ingest and
+/// storage-writer (each connecting on first use) with the service certificate. In-flight
+/// batches get a grace period to finish.
 pub async fn run(
     cfg: MeshConfig,
+    socket: UdpSocket,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let store = ferry_store::Store::from_url(&cfg.store_url()).map_err(GatewayError::from)?;
+    run_with_store(cfg, store, socket, shutdown).await
+}
+
+/// [`run`] over a store the caller opened (fault tests wrap one in
+/// `ferry_store::UnreliableStore`); `cfg.store_url` is not used.
+pub async fn run_with_store(
+    cfg: MeshConfig,
+    store: ferry_store::Store,
     socket: UdpSocket,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -105,13 +127,15 @@ pub async fn run(
     if block_size == 0 || block_size > ferry_store::MAX_CHUNK_LEN as u32 {
         return Err(GatewayError::BlockSize(block_size).into());
     }
-    let store = ferry_store::Store::from_url(&cfg.store_url()).map_err(GatewayError::from)?;
+    let store_url = store.url().to_owned();
     let tls = ferry_mesh::ClientTls::service(&cfg).map_err(GatewayError::from)?;
     let ingest = ingest::IngestLink::new(&cfg.endpoint(Component::Ingest), &tls)
         .map_err(GatewayError::from)?;
+    let storage = storage::StorageLink::new(&cfg.endpoint(Component::StorageWriter), &tls)
+        .map_err(GatewayError::from)?;
     let revoked = ferry_mesh::RevocationList::watch(&cfg, shutdown.clone()).await;
-    let gateway =
-        Arc::new(server::Gateway::new(store, ingest, block_size).with_revocation(revoked));
+    let gateway = server::Gateway::new(store, ingest, storage, block_size);
+    let gateway = Arc::new(gateway.with_revocation(revoked));
 
     socket.set_nonblocking(true).map_err(GatewayError::Socket)?;
     let runtime = Arc::new(quinn::TokioRuntime);
@@ -123,7 +147,7 @@ pub async fn run(
     )
     .map_err(GatewayError::Socket)?;
     let addr = endpoint.local_addr().map_err(GatewayError::Socket)?;
-    info!(%addr, block_size, store = %cfg.store_url(), "gateway listening");
+    info!(%addr, block_size, store = %store_url, "gateway listening");
     server::serve(endpoint, gateway, shutdown).await;
     info!(%addr, "gateway stopped");
     Ok(())

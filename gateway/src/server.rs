@@ -1,5 +1,8 @@
-//! The gateway's side of the protocol: accepts connections, serves one batch or ping per
-//! bidirectional stream, writes chunks to the store and reports them to ingest.
+//! The gateway's side of the protocol: accepts connections, serves one batch, fetch or ping
+//! per bidirectional stream, writes uploaded chunks to the store and reports them to ingest,
+//! and serves entitled chunks to recovery hosts ([`serve_fetch`]).
+
+mod serve_fetch;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -19,6 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::frame::{self, Ack, ChunkId, ErrorCode, FrameError, Offer, OfferFrame};
 use crate::ingest::{Decision, IngestError, IngestLink, Landed};
+use crate::storage::{Entitlements, StorageError, StorageLink};
 
 /// How long a peer may take to send a whole OFFER (or a PING) after opening a stream.
 const OFFER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -41,6 +45,8 @@ const AUTH_CACHE_ENTRIES: usize = 256;
 pub(crate) struct Gateway {
     store: Store,
     ingest: IngestLink,
+    /// Which chunks a host may fetch (the read path).
+    storage: StorageLink,
     max_block: u32,
     /// Permits are KiB of payload held in memory; bounds memory across all streams.
     memory: Arc<Semaphore>,
@@ -49,12 +55,18 @@ pub(crate) struct Gateway {
 }
 
 impl Gateway {
-    pub(crate) fn new(store: Store, ingest: IngestLink, max_block: u32) -> Self {
+    pub(crate) fn new(
+        store: Store,
+        ingest: IngestLink,
+        storage: StorageLink,
+        max_block: u32,
+    ) -> Self {
         let max_sealed_kib = kib(frame::max_sealed_len(max_block));
         let budget = (MEMORY_BUDGET >> 10).max(2 * max_sealed_kib as usize);
         Self {
             store,
             ingest,
+            storage,
             max_block,
             memory: Arc::new(Semaphore::new(budget)),
             revoked: Default::default(),
@@ -135,6 +147,8 @@ struct Conn {
     peer: SocketAddr,
     identity: Identity,
     auth: Mutex<HashMap<String, Decision>>,
+    /// The chunk sets of the points this host fetched from.
+    entitled: Entitlements,
 }
 
 async fn handle_connection(
@@ -179,6 +193,7 @@ async fn handle_connection(
         peer,
         identity,
         auth: Mutex::new(HashMap::new()),
+        entitled: Entitlements::default(),
     });
     loop {
         let accepted = tokio::select! {
@@ -215,6 +230,24 @@ enum StreamError {
     NotHost(Identity),
     #[error("upload to cycle {cycle} refused: {reason}")]
     Denied { cycle: String, reason: String },
+    #[error("reading point {point} of vm {vm} refused: {reason}")]
+    ReadDenied {
+        vm: String,
+        point: String,
+        reason: String,
+    },
+    #[error("{0}")]
+    NotEntitled(String),
+    #[error("chunk {chunk} of point {point} of vm {vm} is not in the store")]
+    MissingChunk {
+        chunk: String,
+        vm: String,
+        point: String,
+    },
+    #[error("stored chunk {chunk} is {len} bytes, more than a sealed block may be")]
+    OversizedChunk { chunk: String, len: usize },
+    #[error("storage-writer: {0}")]
+    Storage(#[from] StorageError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
     #[error("ingest: {0}")]
@@ -254,7 +287,11 @@ impl StreamError {
             Self::Frame(e) => e.code(),
             Self::Timeout(_) => ErrorCode::Timeout,
             Self::NotHost(_) => ErrorCode::NotHost,
-            Self::Denied { .. } => ErrorCode::Denied,
+            Self::Denied { .. } | Self::ReadDenied { .. } => ErrorCode::Denied,
+            Self::NotEntitled(_) => ErrorCode::NotEntitled,
+            Self::MissingChunk { .. } | Self::OversizedChunk { .. } => ErrorCode::Internal,
+            Self::Storage(e) if e.is_transient() => ErrorCode::Unavailable,
+            Self::Storage(_) => ErrorCode::Internal,
             Self::Store(e) if e.is_transient() => ErrorCode::Unavailable,
             Self::Store(_) | Self::Task(_) => ErrorCode::Internal,
             Self::Ingest(e) if e.is_transient() => ErrorCode::Unavailable,
@@ -275,17 +312,39 @@ async fn timed<T>(
     }
 }
 
+/// What a stream turned out to carry, for its log lines, and how far its answer got.
+#[derive(Default)]
+struct StreamState {
+    /// The OFFER's cycle, once read.
+    cycle: Option<String>,
+    /// A FETCH (magic read), and its vm and point once read.
+    fetch: Option<(String, String)>,
+    is_fetch: bool,
+    /// FRD1 went out: a failure can only reset the stream, an ERROR frame would read as data.
+    data_sent: bool,
+}
+
 async fn handle_stream(ctx: Arc<Conn>, mut send: SendStream, mut recv: RecvStream) {
-    let mut cycle = None;
-    let Err(e) = serve_stream(&ctx, &mut send, &mut recv, &mut cycle).await else {
+    let mut st = StreamState::default();
+    let Err(e) = serve_stream(&ctx, &mut send, &mut recv, &mut st).await else {
         return;
     };
-    let cycle = cycle.as_deref().unwrap_or("-");
     let Some(code) = e.code() else {
+        let cycle = st.cycle.as_deref().unwrap_or("-");
         debug!(peer = %ctx.peer, identity = %ctx.identity, cycle = %cycle, error = %e, "stream abandoned");
         return;
     };
-    warn!(peer = %ctx.peer, identity = %ctx.identity, cycle = %cycle, code = ?code, error = %e, "stream rejected");
+    if st.is_fetch {
+        serve_fetch::log_refusal(&ctx, &st, code, &e);
+    } else {
+        let cycle = st.cycle.as_deref().unwrap_or("-");
+        warn!(peer = %ctx.peer, identity = %ctx.identity, cycle = %cycle, code = ?code, error = %e, "stream rejected");
+    }
+    if st.data_sent {
+        let _ = send.reset(code.as_u32().into());
+        let _ = recv.stop(code.as_u32().into());
+        return;
+    }
     let reply = frame::encode_error(code, &e.to_string());
     match tokio::time::timeout(ERROR_REPLY_TIMEOUT, send.write_all(&reply)).await {
         Ok(Ok(())) => {
@@ -303,7 +362,7 @@ async fn serve_stream(
     ctx: &Conn,
     send: &mut SendStream,
     recv: &mut RecvStream,
-    cycle: &mut Option<String>,
+    st: &mut StreamState,
 ) -> Result<(), StreamError> {
     let magic = timed(
         OFFER_TIMEOUT,
@@ -321,11 +380,15 @@ async fn serve_stream(
             let max_block = ctx.gw.max_block;
             let read = frame::read_offer_body(recv, max_block);
             let offer = timed(OFFER_TIMEOUT, "sending the offer", read).await?;
-            *cycle = Some(offer.cycle_id.clone());
+            st.cycle = Some(offer.cycle_id.clone());
             serve_offer(ctx, send, recv, offer).await
         }
+        crate::fetch::MAGIC_FETCH => {
+            st.is_fetch = true;
+            serve_fetch::serve_fetch(ctx, send, recv, st).await
+        }
         other => Err(StreamError::Frame(FrameError::BadMagic {
-            expected: "FRO1 or FRP1",
+            expected: "FRO1, FRF1 or FRP1",
             got: frame::show_magic(&other),
         })),
     }

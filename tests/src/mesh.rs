@@ -341,6 +341,22 @@ impl TestMesh {
             .into_inner())
     }
 
+    /// Starts an in-process agent of `host` in `site` with `vms`, its agent.toml ending in
+    /// `extra` (sections such as `[tracker]`, `[recovery]`, `[driver]`).
+    pub async fn site_agent(
+        &self,
+        host: &str,
+        site: &str,
+        vms: &[(&str, Vec<PathBuf>)],
+        extra: &str,
+    ) -> anyhow::Result<crate::InProcessAgent> {
+        let cfg = self.agent_config(&self.path(host), host, vms).await?;
+        let toml = std::fs::read_to_string(&cfg)?
+            .replace("site = \"site-a\"", &format!("site = \"{site}\""));
+        std::fs::write(&cfg, toml + extra)?;
+        crate::InProcessAgent::start(&cfg)
+    }
+
     /// Waits until the registry lists `host` and `cond` holds for it, up to `timeout`.
     pub async fn wait_host(
         &self,

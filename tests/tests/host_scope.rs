@@ -316,6 +316,7 @@ async fn forge_point(t: &TestMesh, disk: &ferry_proto::common::v1::Disk) -> anyh
             }],
             fencing_tokens: [(disk.id.clone(), lease.token)].into_iter().collect(),
             host: "hvb".into(),
+            epoch: 0,
         })
         .await;
     coord.release_lease(&lease).await?;

@@ -37,21 +37,6 @@ fn vm_json(t: &TestMesh, vm: &str) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_str(&out)?)
 }
 
-/// Starts an agent of `host` in `site` with the given VMs and extra TOML.
-async fn agent(
-    t: &TestMesh,
-    host: &str,
-    site: &str,
-    vms: &[(&str, Vec<std::path::PathBuf>)],
-    extra: &str,
-) -> anyhow::Result<InProcessAgent> {
-    let cfg = t.agent_config(&t.path(host), host, vms).await?;
-    let toml =
-        std::fs::read_to_string(&cfg)?.replace("site = \"site-a\"", &format!("site = \"{site}\""));
-    std::fs::write(&cfg, toml + extra)?;
-    InProcessAgent::start(&cfg)
-}
-
 /// Waits until the registry lists `host` connected, with the recovery flag it should have.
 async fn wait_host(t: &TestMesh, host: &str, recovery: bool) -> anyhow::Result<()> {
     let connected = |h: &reg::Host| h.status == "connected" && h.recovery == recovery;
@@ -70,23 +55,23 @@ async fn recovery_host_is_checked_and_the_policy_can_change() -> anyhow::Result<
     qemu_create(&web, "raw", "", "4M")?;
     qemu_create(&db, "raw", "", "4M")?;
     qemu_io(&web, "raw", &["write -P 0x3c 0 1M"])?;
-    let primary = agent(
-        &t,
-        "hv01",
-        "site-a",
-        &[("web01", vec![web.clone()]), ("db01", vec![db.clone()])],
-        "[tracker]\n",
-    )
-    .await?;
-    let dr = agent(
-        &t,
-        "hv-dr01",
-        "site-b",
-        &[],
-        "[recovery]\ndir = \"recovered\"\n",
-    )
-    .await?;
-    let plain = agent(&t, "hv-plain", "site-b", &[], "").await?;
+    let primary = t
+        .site_agent(
+            "hv01",
+            "site-a",
+            &[("web01", vec![web.clone()]), ("db01", vec![db.clone()])],
+            "[tracker]\n",
+        )
+        .await?;
+    let dr = t
+        .site_agent(
+            "hv-dr01",
+            "site-b",
+            &[],
+            "[recovery]\ndir = \"recovered\"\n",
+        )
+        .await?;
+    let plain = t.site_agent("hv-plain", "site-b", &[], "").await?;
     t.wait_vm("web01").await?;
     wait_host(&t, "hv-dr01", true).await?;
     wait_host(&t, "hv-plain", false).await?;

@@ -110,6 +110,7 @@ async fn disk_lease_refuses_second_host_and_fences_stale_commit() -> anyhow::Res
                 vms: vec![VmInventory {
                     name: "db01".into(),
                     disks: vec![disk],
+                    hardware: None,
                 }],
                 ..Default::default()
             })

@@ -5,7 +5,8 @@
 //! one metadata block for them; the apply thread then writes them to the image and answers. So
 //! an acknowledged write is in the log and in the image (a process crash loses neither), and
 //! the log is a superset of the image (a crash between the stages leaves a record of an
-//! unacknowledged write, never an image change the log misses). The stages overlap: while one
+//! unacknowledged write, never an image change the log misses). A write the log stage takes up
+//! while the VM is fenced is answered EPERM there, before anything is logged or applied. The stages overlap: while one
 //! batch is copied into the image the next is copied into the log (one thread doing both was
 //! the bottleneck for 64 KiB writes). FLUSH and FUA sync the log, then the image. Reads take
 //! the image's read lock on the blocking pool and run alongside one another.
@@ -16,17 +17,20 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use ferry_disk::{DiskError, DiskRw};
 use tokio::sync::{OwnedRwLockReadGuard, OwnedSemaphorePermit, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use uuid::Uuid;
 
 use super::TrackerError;
 use super::log::{LogAppender, SealedLog, log_path};
+use super::registry::VmShared;
 
 /// Zero writes (TRIM, WRITE_ZEROES) are checked and recorded in pieces of this size.
 pub(crate) const ZERO_PIECE: usize = 1 << 20;
 /// Most requests one batch takes from the queue.
 const MAX_BATCH: usize = 128;
 
+pub(crate) const NBD_EPERM: u32 = 1;
 pub(crate) const NBD_EIO: u32 = 5;
 pub(crate) const NBD_ESHUTDOWN: u32 = 108;
 
@@ -145,7 +149,8 @@ impl BufPool {
 /// What connections see of a disk.
 pub(crate) struct Export {
     pub name: String,
-    pub vm: String,
+    /// The VM's barrier and fence, shared by its disks.
+    pub vm: Arc<VmShared>,
     pub path: PathBuf,
     pub size: u64,
     pub image: Arc<RwLock<Option<Box<dyn DiskRw>>>>,
@@ -157,11 +162,15 @@ pub(crate) struct Export {
     pub pool: Arc<BufPool>,
     /// Set when the disk's thread has ended (after its close, or when it gave up).
     pub closed: Arc<AtomicBool>,
+    /// Fired when the export is removed: its connections end (they hold the export itself,
+    /// not the registry, so they would otherwise live on).
+    pub detached: CancellationToken,
 }
 
 /// The log stage: owns the current log.
 struct LogStage {
     name: String,
+    vm: Arc<VmShared>,
     path: PathBuf,
     image: Arc<RwLock<Option<Box<dyn DiskRw>>>>,
     log: Option<LogAppender>,
@@ -217,7 +226,7 @@ impl Export {
     /// Starts the disk thread with `log` as the current log.
     pub(crate) fn start(
         name: String,
-        vm: String,
+        vm: Arc<VmShared>,
         path: PathBuf,
         image: Box<dyn DiskRw>,
         log: LogAppender,
@@ -233,6 +242,7 @@ impl Export {
         let closed = Arc::new(AtomicBool::new(false));
         let log_stage = LogStage {
             name: name.clone(),
+            vm: vm.clone(),
             path: path.clone(),
             image: image.clone(),
             log: Some(log),
@@ -274,6 +284,7 @@ impl Export {
             current,
             pool,
             closed,
+            detached: CancellationToken::new(),
         }))
     }
 
@@ -336,6 +347,13 @@ impl LogStage {
                 continue;
             }
             match op {
+                // Refused here too, not only by the connection: a write queued before the
+                // fence went up must not reach the log or the image after it.
+                Op::Write { req, .. } | Op::Zero { req, .. }
+                    if self.vm.fence.refuses(&self.vm.name, &self.name) =>
+                {
+                    answer(req, NBD_EPERM, None)
+                }
                 Op::Write {
                     req,
                     offset,

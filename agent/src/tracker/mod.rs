@@ -5,6 +5,7 @@
 //!  qemu / qemu-io / nbdcopy ──NBD (unix socket, loopback TCP)──▶ connection task (nbd.rs)
 //!    reads: blocking pool, image read lock
 //!    writes: queue ─▶ log thread: data + metadata block (log.rs) ─▶ apply thread: image, answer
+//!  registry (registry.rs): exports by name and path, VMs (cut barrier, fence); add/remove
 //! ```
 //!
 //! * [`Tracker::start`] opens each disk for writing (raw, VHD, VHDX through `ferry-disk`),
@@ -13,6 +14,25 @@
 //!   (`<socket_dir>/ferry-tracker.sock`, mode 0600) and, when configured, one loopback TCP port.
 //!   Disks are NBD exports named by [`TrackedDisk::export`]; [`Tracker::nbd_uri`] gives the
 //!   URI to hand to qemu (`-drive file=nbd+unix:///EXPORT?socket=/abs/sock`).
+//! * VMs come and go while the tracker runs (a recovery host serves the disks of a VM it has
+//!   just materialised; a host drops a VM that moved away). [`Tracker::add_vm`] opens all of a
+//!   VM's disks or none (same checks as at start, and no export name or image already
+//!   served), starts their logs like a configured disk's and serves them on the same socket
+//!   and port; adding a VM again with the same disks only returns its URIs, with other disks it
+//!   is refused. [`Tracker::remove_vm`] stops serving the VM (new connections to its exports are
+//!   refused, open ones are closed, requests still queued are answered ESHUTDOWN), seals its
+//!   logs and closes its images as the stop does, and returns the sealed logs; the files may
+//!   then be deleted. Every query (URIs, pending bytes, current log, cut, open disks, the stop)
+//!   sees added VMs and forgets removed ones. Adds, removes and the stop run one at a time, so
+//!   an image is never opened twice and the stop closes whatever was added.
+//! * Fencing (against split brain: the VM runs elsewhere now): [`Tracker::fence_vm`] makes
+//!   every write, write-zeroes and trim to the VM's disks fail with EPERM, on open connections
+//!   too (checked per request, and again when the log stage takes it up, so nothing queued
+//!   reaches the log or the image afterwards); reads and flushes still work, the first refusal
+//!   is logged with the reason. Writes already logged when the fence goes up complete. Cuts
+//!   still work, so the last acknowledged writes can be shipped. [`Tracker::unfence_vm`] lifts
+//!   it. A fence lives as long as the VM is served: removing the VM forgets it, and it is not
+//!   kept across a restart of the tracker.
 //! * Durability: an acknowledged write is in the log (data and its metadata block) and in the
 //!   image, so killing the agent loses nothing a client was told is written. FLUSH and FUA make
 //!   both durable (fdatasync of the log, then the image's flush). Without them, a power loss
@@ -28,15 +48,16 @@
 //!   set, synced, after the image is flushed) and the next one opened, then writes resume.
 //!   Every write acknowledged before the cut is in a sealed log, and no write that started
 //!   after it is, on every disk of the VM: each sealed set is a consistent cut.
-//! * A disk that cannot be opened for writing (missing file, unreadable image, no room for its
-//!   first log) is not tracked: the tracker warns, serves the others, and
-//!   [`Tracker::failure`] says why (the agent reports it as the disk's error).
+//! * A configured disk that cannot be opened for writing (missing file, unreadable image, no
+//!   room for its first log) is not tracked: the tracker warns, serves the others, and
+//!   [`Tracker::failure`] says why (the agent reports it as the disk's error). (An added VM
+//!   with such a disk is refused as a whole instead.)
 //! * When `shutdown` fires, the listeners close and connections are dropped (no new writes),
 //!   each current log is sealed and each image closed cleanly (a VHDX's metadata log is
 //!   applied and cleared, as qemu leaves a closed file; "disk closed" is logged per disk);
 //!   [`Tracker::stopped`] returns those last sealed logs, and [`Tracker::open_disks`] lists
 //!   the disks not closed yet (what a stop that times out leaves). The next start chains its
-//!   new logs to them.
+//!   new logs to them. No VM is added or removed once `shutdown` fired ([`TrackerError::Stopped`]).
 //! * Broken or hostile clients get an NBD error (out-of-range requests, unknown commands) or
 //!   are disconnected with a warning (bad magic, oversized payloads, handshake garbage or
 //!   timeout); other connections are not affected.
@@ -48,11 +69,16 @@
 //! API: [`Tracker::start`], [`Tracker::cut`] (returns [`SealedLog`]s: disk, log, seq, unique
 //! id, previous id, bytes, records), [`Tracker::nbd_uri`] / [`Tracker::nbd_tcp_uri`],
 //! [`Tracker::pending_bytes`] (size of the open log), [`Tracker::current_log`],
-//! [`Tracker::stopped`]; [`log_path`] is the naming rule.
+//! [`Tracker::stopped`], [`Tracker::add_vm`] / [`Tracker::remove_vm`],
+//! [`Tracker::fence_vm`] / [`Tracker::unfence_vm`] / [`Tracker::is_fenced`]; [`log_path`] is
+//! the naming rule.
 
+mod dynamic;
 mod export;
 mod log;
 mod nbd;
+mod open;
+mod registry;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -61,16 +87,16 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use ferry_disk::{DiskError, DiskRw, Format};
+use ferry_disk::DiskError;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{RwLock, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use uuid::Uuid;
 
 use export::{Export, Op};
-use log::{LogAppender, next_in_chain};
 pub use log::{SealedLog, list_logs, log_path};
+use open::{bind_unix, open_all, validate};
+use registry::{Registry, Vm, VmShared};
 
 /// File name of the tracker's Unix socket inside [`TrackerConfig::socket_dir`].
 pub const SOCKET_NAME: &str = "ferry-tracker.sock";
@@ -124,11 +150,14 @@ pub struct Tracker {
 }
 
 struct Inner {
-    exports: Arc<nbd::Exports>,
-    by_path: HashMap<PathBuf, Arc<Export>>,
-    vms: HashMap<String, Vec<Arc<Export>>>,
+    registry: Arc<Registry>,
     socket: PathBuf,
     tcp: Option<SocketAddr>,
+    /// The tracker's shutdown: once it fired, no VM is added or removed.
+    shutdown: CancellationToken,
+    /// Held by an add, a remove and the stop for their whole run: one at a time, so an image
+    /// is never opened twice and the stop closes every disk an add opened.
+    changes: tokio::sync::Mutex<()>,
     /// Fires once every disk is closed after shutdown.
     stopped: CancellationToken,
     last_logs: Mutex<Vec<SealedLog>>,
@@ -138,150 +167,10 @@ struct Inner {
     close_stall: Mutex<std::time::Duration>,
 }
 
-/// A disk opened for tracking, before its thread starts.
-struct Opened {
-    disk: TrackedDisk,
-    image: Box<dyn DiskRw>,
-    vhd2: Uuid,
-}
-
-fn valid_export(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 255
-        && name
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
-}
-
-fn validate(cfg: &TrackerConfig, disks: &[TrackedDisk]) -> Result<(), TrackerError> {
-    if let Some(a) = cfg.tcp_listen
-        && !a.ip().is_loopback()
-    {
-        return Err(TrackerError::Config(format!(
-            "tcp_listen {a} is not a loopback address (nbd has no authentication)"
-        )));
+impl Inner {
+    fn unix_uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
     }
-    let mut names = std::collections::HashSet::new();
-    for d in disks {
-        if !valid_export(&d.export) {
-            return Err(TrackerError::Config(format!(
-                "export name {:?} must be 1-255 letters, digits, '.', '_' or '-'",
-                d.export
-            )));
-        }
-        if !names.insert(d.export.as_str()) {
-            return Err(TrackerError::Config(format!(
-                "export name {:?} is used twice",
-                d.export
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// Opens the image for writing. A VHDX gets its new DataWriteGuid now (the first write of a
-/// session changes it), so the logs record the guid the tracked data carries.
-fn open_image(disk: TrackedDisk) -> Result<Opened, TrackerError> {
-    let derr = |path: &Path, source| TrackerError::Disk {
-        path: path.to_path_buf(),
-        source,
-    };
-    let path = std::fs::canonicalize(&disk.path).map_err(|e| TrackerError::Io {
-        path: disk.path.clone(),
-        what: "disk file",
-        source: e,
-    })?;
-    let format = ferry_disk::detect(&path).map_err(|e| derr(&path, e))?;
-    let mut image = ferry_disk::open_rw(&path).map_err(|e| derr(&path, e))?;
-    let vhd2 = if format == Format::Vhdx {
-        image.write_at(0, &[]).map_err(|e| derr(&path, e))?;
-        ferry_disk::vhdx_data_write_guid(&path).map_err(|e| derr(&path, e))?
-    } else {
-        Uuid::nil()
-    };
-    Ok(Opened {
-        disk: TrackedDisk { path, ..disk },
-        image,
-        vhd2,
-    })
-}
-
-/// Disks opened with their first logs, and the ones that could not be (configured path, why).
-type OpenedAll = (Vec<(Opened, LogAppender)>, Vec<(TrackedDisk, String)>);
-
-/// Opens every image, then every first log. A disk that fails is left out (and named in the
-/// second list) so the others are still tracked; a disk listed twice is a configuration error,
-/// after which the logs already created are removed.
-fn open_all(disks: Vec<TrackedDisk>) -> Result<OpenedAll, TrackerError> {
-    let mut opened = Vec::with_capacity(disks.len());
-    let mut failed = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for d in disks {
-        let o = match open_image(d.clone()) {
-            Ok(o) => o,
-            Err(e) => {
-                warn!(vm = %d.vm, disk = %d.path.display(), error = %e, "cannot track disk: it is not served over nbd and its vm cannot run delta cycles");
-                failed.push((d, e.to_string()));
-                continue;
-            }
-        };
-        if !seen.insert(o.disk.path.clone()) {
-            return Err(TrackerError::Config(format!(
-                "{} is tracked twice",
-                o.disk.path.display()
-            )));
-        }
-        opened.push((d, o));
-    }
-    let mut out: Vec<(Opened, LogAppender)> = Vec::with_capacity(opened.len());
-    for (d, o) in opened {
-        let first = next_in_chain(&o.disk.path).and_then(|(seq, prev)| {
-            LogAppender::create(&log_path(&o.disk.path, seq), seq, prev, o.vhd2)
-        });
-        match first {
-            Ok(l) => out.push((o, l)),
-            Err(e) => {
-                let e = TrackerError::Io {
-                    path: o.disk.path.clone(),
-                    what: "first log",
-                    source: e,
-                };
-                warn!(vm = %d.vm, disk = %d.path.display(), error = %e, "cannot track disk: it is not served over nbd and its vm cannot run delta cycles");
-                if let Err(e) = o.image.finish() {
-                    warn!(disk = %d.path.display(), error = %e, "closing the untracked disk failed");
-                }
-                failed.push((d, e.to_string()));
-            }
-        }
-    }
-    Ok((out, failed))
-}
-
-async fn bind_unix(dir: &Path) -> Result<(UnixListener, PathBuf), TrackerError> {
-    let ioerr = |path: &Path, what, source| TrackerError::Io {
-        path: path.to_path_buf(),
-        what,
-        source,
-    };
-    std::fs::create_dir_all(dir).map_err(|e| ioerr(dir, "socket folder", e))?;
-    let dir = std::fs::canonicalize(dir).map_err(|e| ioerr(dir, "socket folder", e))?;
-    let sock = dir.join(SOCKET_NAME);
-    if let Ok(meta) = std::fs::symlink_metadata(&sock) {
-        use std::os::unix::fs::FileTypeExt;
-        if !meta.file_type().is_socket() {
-            return Err(TrackerError::Config(format!(
-                "{} exists and is not a socket",
-                sock.display()
-            )));
-        }
-        // A socket left by an earlier run that did not stop cleanly.
-        std::fs::remove_file(&sock).map_err(|e| ioerr(&sock, "stale socket", e))?;
-    }
-    let l = UnixListener::bind(&sock).map_err(|e| ioerr(&sock, "bind", e))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| ioerr(&sock, "socket permissions", e))?;
-    Ok((l, sock))
 }
 
 impl Tracker {
@@ -322,26 +211,31 @@ impl Tracker {
         };
         let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
 
-        let mut by_name = HashMap::new();
-        let mut by_path = HashMap::new();
-        let mut vms: HashMap<String, Vec<Arc<Export>>> = HashMap::new();
-        let mut gates = HashMap::new();
+        // Disks grouped by VM, in the order given.
+        let mut groups: Vec<(String, Vec<_>)> = Vec::new();
         for (o, first) in opened {
-            info!(export = %o.disk.export, vm = %o.disk.vm, disk = %o.disk.path.display(), log = %first.path().display(), "tracking disk");
-            let e = Export::start(
-                o.disk.export.clone(),
-                o.disk.vm.clone(),
-                o.disk.path.clone(),
-                o.image,
-                first,
-                o.vhd2,
-            )?;
-            by_name.insert(o.disk.export, e.clone());
-            by_path.insert(o.disk.path, e.clone());
-            gates
-                .entry(o.disk.vm.clone())
-                .or_insert_with(|| Arc::new(RwLock::new(())));
-            vms.entry(o.disk.vm).or_default().push(e);
+            match groups.iter_mut().find(|(vm, _)| *vm == o.disk.vm) {
+                Some((_, g)) => g.push((o, first)),
+                None => groups.push((o.disk.vm.clone(), vec![(o, first)])),
+            }
+        }
+        let registry = Arc::new(Registry::default());
+        let mut served: Vec<Arc<Export>> = Vec::new();
+        for (vm, group) in groups {
+            let shared = VmShared::new(&vm);
+            let r = match dynamic::start_exports(&shared, group).await {
+                Ok(disks) => {
+                    served.extend(disks.iter().cloned());
+                    registry.insert(Vm { shared, disks })
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                // Nothing is served yet: close what was started, as a stop would.
+                close_exports(&served).await;
+                let _ = std::fs::remove_file(&socket);
+                return Err(e);
+            }
         }
         let mut failed = HashMap::new();
         for (d, why) in not_tracked {
@@ -350,43 +244,39 @@ impl Tracker {
             }
             failed.insert(d.path, why);
         }
-        let exports = Arc::new(nbd::Exports { by_name, gates });
         let inner = Arc::new(Inner {
-            exports: exports.clone(),
-            by_path,
-            vms,
+            registry: registry.clone(),
             socket,
             tcp: tcp_addr,
+            shutdown: shutdown.clone(),
+            changes: tokio::sync::Mutex::new(()),
             stopped: CancellationToken::new(),
             last_logs: Mutex::new(Vec::new()),
             failed,
             close_stall: Mutex::new(std::time::Duration::ZERO),
         });
         let conns = shutdown.child_token();
-        tokio::spawn(accept_unix(unix, exports.clone(), conns.clone()));
+        tokio::spawn(accept_unix(unix, registry.clone(), conns.clone()));
         if let Some(l) = tcp {
-            tokio::spawn(accept_tcp(l, exports.clone(), conns.clone()));
+            tokio::spawn(accept_tcp(l, registry.clone(), conns.clone()));
         }
         tokio::spawn(stop_on(shutdown, inner.clone()));
-        info!(socket = %inner.socket.display(), tcp = ?inner.tcp, disks = inner.by_path.len(), not_tracked = inner.failed.len(), "tracker serving nbd");
+        info!(socket = %inner.socket.display(), tcp = ?inner.tcp, disks = registry.len(), not_tracked = inner.failed.len(), "tracker serving nbd");
         Ok(Tracker { inner })
     }
 
-    fn export(&self, path: &Path) -> Option<&Arc<Export>> {
-        self.inner.by_path.get(path).or_else(|| {
+    fn export(&self, path: &Path) -> Option<Arc<Export>> {
+        let registry = &self.inner.registry;
+        registry.by_path(path).or_else(|| {
             let p = std::fs::canonicalize(path).ok()?;
-            self.inner.by_path.get(&p)
+            registry.by_path(&p)
         })
     }
 
     /// `nbd+unix:///EXPORT?socket=/abs/sock` for a tracked disk.
     pub fn nbd_uri(&self, path: &Path) -> Option<String> {
         let e = self.export(path)?;
-        Some(format!(
-            "nbd+unix:///{}?socket={}",
-            e.name,
-            self.inner.socket.display()
-        ))
+        Some(self.inner.unix_uri(&e.name))
     }
 
     /// `nbd://127.0.0.1:PORT/EXPORT` when TCP is configured.
@@ -420,8 +310,9 @@ impl Tracker {
     pub fn open_disks(&self) -> Vec<(PathBuf, Option<PathBuf>)> {
         let mut open: Vec<_> = self
             .inner
-            .by_path
-            .values()
+            .registry
+            .all()
+            .iter()
             .filter(|e| !e.closed.load(Ordering::Acquire))
             .map(|e| {
                 let log = match e.current.load(Ordering::Relaxed) {
@@ -480,19 +371,14 @@ impl Tracker {
         vm: &str,
         stagger: std::time::Duration,
     ) -> Result<Vec<SealedLog>, TrackerError> {
-        let disks = self
+        let entry = self
             .inner
-            .vms
-            .get(vm)
+            .registry
+            .vm(vm)
             .ok_or_else(|| TrackerError::UnknownVm(vm.to_string()))?;
-        let gate = self
-            .inner
-            .exports
-            .gates
-            .get(vm)
-            .ok_or_else(|| TrackerError::UnknownVm(vm.to_string()))?;
+        let disks = &entry.disks;
         let t0 = Instant::now();
-        let barrier = gate.write().await;
+        let barrier = entry.shared.gate.write().await;
         let waited = t0.elapsed();
         let mut waits = Vec::with_capacity(disks.len());
         for (i, d) in disks.iter().enumerate() {
@@ -542,29 +428,13 @@ impl Tracker {
 
 async fn stop_on(shutdown: CancellationToken, inner: Arc<Inner>) {
     shutdown.cancelled().await;
+    // Waits for an add or remove under way: the disks an add opens are closed below too.
+    let _changes = inner.changes.lock().await;
     let stall = inner.close_stall.lock().map(|s| *s).unwrap_or_default();
     if !stall.is_zero() {
         tokio::time::sleep(stall).await;
     }
-    let mut waits = Vec::new();
-    for e in inner.by_path.values() {
-        let (tx, rx) = oneshot::channel();
-        e.submit(Op::Close { done: tx });
-        waits.push((e.clone(), rx));
-    }
-    let mut last = Vec::new();
-    for (e, rx) in waits {
-        match rx.await {
-            Ok(Ok(Some(s))) => last.push(s),
-            Ok(Ok(None)) => {}
-            Ok(Err(err)) => {
-                warn!(export = %e.name, disk = %e.path.display(), error = %err, "disk did not close cleanly")
-            }
-            Err(_) => {
-                warn!(export = %e.name, disk = %e.path.display(), "disk thread ended before closing")
-            }
-        }
-    }
+    let (last, _) = close_exports(&inner.registry.all()).await;
     let _ = std::fs::remove_file(&inner.socket);
     if let Ok(mut l) = inner.last_logs.lock() {
         *l = last;
@@ -573,7 +443,35 @@ async fn stop_on(shutdown: CancellationToken, inner: Arc<Inner>) {
     inner.stopped.cancel();
 }
 
-async fn accept_unix(l: UnixListener, exports: Arc<nbd::Exports>, cancel: CancellationToken) {
+/// Seals the logs of `exports` and closes their images (all at once, each on its own thread);
+/// returns the sealed logs and the first failure, each failure logged.
+async fn close_exports(exports: &[Arc<Export>]) -> (Vec<SealedLog>, Option<TrackerError>) {
+    let mut waits = Vec::with_capacity(exports.len());
+    for e in exports {
+        let (tx, rx) = oneshot::channel();
+        e.submit(Op::Close { done: tx });
+        waits.push((e, rx));
+    }
+    let mut sealed = Vec::new();
+    let mut first_err = None;
+    for (e, rx) in waits {
+        match rx.await {
+            Ok(Ok(Some(s))) => sealed.push(s),
+            Ok(Ok(None)) => {}
+            Ok(Err(err)) => {
+                warn!(export = %e.name, disk = %e.path.display(), error = %err, "disk did not close cleanly");
+                first_err.get_or_insert(err);
+            }
+            Err(_) => {
+                warn!(export = %e.name, disk = %e.path.display(), "disk thread ended before closing");
+                first_err.get_or_insert(TrackerError::Stopped);
+            }
+        }
+    }
+    (sealed, first_err)
+}
+
+async fn accept_unix(l: UnixListener, registry: Arc<Registry>, cancel: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -584,7 +482,7 @@ async fn accept_unix(l: UnixListener, exports: Arc<nbd::Exports>, cancel: Cancel
                 tokio::spawn(nbd::serve(
                     s,
                     "unix".into(),
-                    exports.clone(),
+                    registry.clone(),
                     cancel.clone(),
                 ));
             }
@@ -596,7 +494,7 @@ async fn accept_unix(l: UnixListener, exports: Arc<nbd::Exports>, cancel: Cancel
     }
 }
 
-async fn accept_tcp(l: TcpListener, exports: Arc<nbd::Exports>, cancel: CancellationToken) {
+async fn accept_tcp(l: TcpListener, registry: Arc<Registry>, cancel: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -608,7 +506,7 @@ async fn accept_tcp(l: TcpListener, exports: Arc<nbd::Exports>, cancel: Cancella
                 tokio::spawn(nbd::serve(
                     s,
                     peer.to_string(),
-                    exports.clone(),
+                    registry.clone(),
                     cancel.clone(),
                 ));
             }

@@ -8,8 +8,11 @@
 //! request and reply data. Broken input gets an NBD error when the stream is still in sync
 //! (bad range, unknown command) and a disconnect with a warning when it is not (bad magic,
 //! a write payload beyond [`MAX_PAYLOAD`]).
+//!
+//! A connection looks its export up in the registry once, at the handshake, and keeps it: a
+//! removed export ends its connections through [`Export::detached`], and a fenced VM's writes,
+//! write-zeroes and trims are answered EPERM (reads and flushes still work).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +21,8 @@ use tokio::sync::{RwLock, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::export::{BufPool, Export, Op, Reply, ReplyTx, Req, answer};
+use super::export::{BufPool, Export, NBD_EPERM, Op, Reply, ReplyTx, Req, answer};
+use super::registry::Registry;
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
@@ -84,12 +88,6 @@ const MAX_OPTION: u32 = 16 << 10;
 const MAX_OPTIONS: usize = 64;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The exports a connection can pick from, by name, and each VM's cut barrier.
-pub(crate) struct Exports {
-    pub by_name: HashMap<String, Arc<Export>>,
-    pub gates: HashMap<String, Arc<RwLock<()>>>,
-}
-
 /// Why a connection ended early; logged once by `serve`.
 #[derive(Debug, thiserror::Error)]
 enum ConnError {
@@ -107,7 +105,7 @@ fn proto(msg: impl Into<String>) -> ConnError {
 pub(crate) async fn serve<S>(
     stream: S,
     peer: String,
-    exports: Arc<Exports>,
+    registry: Arc<Registry>,
     cancel: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -118,7 +116,7 @@ pub(crate) async fn serve<S>(
     let mut w = BufWriter::with_capacity(64 << 10, w);
     let hs = tokio::select! {
         _ = cancel.cancelled() => return,
-        hs = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut r, &mut w, &exports)) => hs,
+        hs = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut r, &mut w, &registry)) => hs,
     };
     let export = match hs {
         Err(_) => {
@@ -137,12 +135,17 @@ pub(crate) async fn serve<S>(
         Ok(Ok(Some(e))) => e,
     };
     debug!(peer = %peer, export = %export.name, "nbd client attached");
-    let gate = exports.gates.get(&export.vm).cloned();
+    let gate = export.vm.gate.clone();
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(reply_loop(w, rx, export.pool.clone(), cancel.clone()));
+    // Also when the export was removed between the lookup and here: the token is then fired.
     let res = tokio::select! {
         _ = cancel.cancelled() => Ok(()),
-        res = transmission(&mut r, &export, gate, tx) => res,
+        _ = export.detached.cancelled() => {
+            debug!(peer = %peer, export = %export.name, "nbd client cut off: the export was removed");
+            Ok(())
+        }
+        res = transmission(&mut r, &export, &gate, tx) => res,
     };
     match res {
         Ok(()) => debug!(peer = %peer, export = %export.name, "nbd client detached"),
@@ -176,7 +179,7 @@ async fn opt_reply<W: AsyncWrite + Unpin>(
 async fn handshake<R, W>(
     r: &mut R,
     w: &mut W,
-    exports: &Exports,
+    exports: &Registry,
 ) -> Result<Option<Arc<Export>>, ConnError>
 where
     R: AsyncRead + Unpin,
@@ -207,7 +210,7 @@ where
         match opt {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data);
-                let Some(e) = exports.by_name.get(name.as_ref()) else {
+                let Some(e) = exports.export(name.as_ref()) else {
                     // This option has no error reply: the protocol says close.
                     return Err(proto(format!("unknown export {name:?}")));
                 };
@@ -217,7 +220,7 @@ where
                     w.write_all(&[0u8; 124]).await?;
                 }
                 w.flush().await?;
-                return Ok(Some(e.clone()));
+                return Ok(Some(e));
             }
             OPT_ABORT => {
                 let _ = opt_reply(w, opt, REP_ACK, &[]).await;
@@ -228,9 +231,7 @@ where
                 if !data.is_empty() {
                     opt_reply(w, opt, REP_ERR_INVALID, &[]).await?;
                 } else {
-                    let mut names: Vec<&String> = exports.by_name.keys().collect();
-                    names.sort();
-                    for n in names {
+                    for n in exports.names() {
                         let mut d = (n.len() as u32).to_be_bytes().to_vec();
                         d.extend_from_slice(n.as_bytes());
                         opt_reply(w, opt, REP_SERVER, &d).await?;
@@ -258,7 +259,7 @@ async fn info_or_go<W: AsyncWrite + Unpin>(
     w: &mut W,
     opt: u32,
     data: &[u8],
-    exports: &Exports,
+    exports: &Registry,
 ) -> Result<Option<Arc<Export>>, ConnError> {
     let parsed = (|| {
         let nlen = u32::from_be_bytes(data.get(0..4)?.try_into().ok()?) as usize;
@@ -272,7 +273,7 @@ async fn info_or_go<W: AsyncWrite + Unpin>(
         return Ok(None);
     };
     let name = String::from_utf8_lossy(name);
-    let Some(e) = exports.by_name.get(name.as_ref()) else {
+    let Some(e) = exports.export(name.as_ref()) else {
         debug!(export = %name, "nbd client asked for an unknown export");
         opt_reply(w, opt, REP_ERR_UNKNOWN, &[]).await?;
         return Ok(None);
@@ -287,7 +288,7 @@ async fn info_or_go<W: AsyncWrite + Unpin>(
     }
     opt_reply(w, opt, REP_INFO, &d).await?;
     opt_reply(w, opt, REP_ACK, &[]).await?;
-    Ok(Some(e.clone()))
+    Ok(Some(e))
 }
 
 /// Writes answers as they come; flushes when none is waiting.
@@ -378,7 +379,7 @@ fn in_range(export: &Export, offset: u64, len: u32) -> bool {
 async fn transmission<R: AsyncRead + Unpin>(
     r: &mut R,
     export: &Arc<Export>,
-    gate: Option<Arc<RwLock<()>>>,
+    gate: &Arc<RwLock<()>>,
     tx: ReplyTx,
 ) -> Result<(), ConnError> {
     let budget = Arc::new(Semaphore::new(INFLIGHT_BYTES / UNIT));
@@ -439,11 +440,16 @@ async fn transmission<R: AsyncRead + Unpin>(
                     answer(req, NBD_ENOSPC, None);
                     continue;
                 }
+                if export.vm.fence.refuses(&export.vm.name, &export.name) {
+                    export.pool.put(data);
+                    answer(req, NBD_EPERM, None);
+                    continue;
+                }
                 if q.len == 0 {
                     answer(req, 0, None);
                     continue;
                 }
-                req.gate = hold(&gate).await;
+                req.gate = Some(gate.clone().read_owned().await);
                 export.submit(Op::Write {
                     req,
                     offset: q.offset,
@@ -457,11 +463,16 @@ async fn transmission<R: AsyncRead + Unpin>(
                     answer(req, NBD_ENOSPC, None);
                     continue;
                 }
+                if export.vm.fence.refuses(&export.vm.name, &export.name) {
+                    answer(req, NBD_EPERM, None);
+                    continue;
+                }
                 if q.len == 0 {
                     answer(req, 0, None);
                     continue;
                 }
-                req.gate = hold(&gate).await;
+                // Held until answered: a cut waits for this write, and waits new ones out.
+                req.gate = Some(gate.clone().read_owned().await);
                 export.submit(Op::Zero {
                     req,
                     offset: q.offset,
@@ -476,13 +487,5 @@ async fn transmission<R: AsyncRead + Unpin>(
                 answer(req, NBD_EINVAL, None);
             }
         }
-    }
-}
-
-/// Holds the VM's barrier for one write: a cut waits for it, and waits new writes out.
-async fn hold(gate: &Option<Arc<RwLock<()>>>) -> Option<tokio::sync::OwnedRwLockReadGuard<()>> {
-    match gate {
-        Some(g) => Some(g.clone().read_owned().await),
-        None => None,
     }
 }

@@ -1,5 +1,6 @@
 //! Test harness: a throwaway vault PKI (ferry-mesh's `VaultCa`), a real store in a tempdir,
-//! a real tonic Ingest server, and the real gateway on a UDP port of 127.0.0.1.
+//! real tonic Ingest and StorageWriter servers answering from test state, and the real
+//! gateway on a UDP port of 127.0.0.1.
 
 #![allow(dead_code)]
 
@@ -10,11 +11,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use ferry_gateway::client::ChunkId;
 use ferry_gateway::client::{Offer, Uploader};
 use ferry_gateway::frame::{self, Response};
 use ferry_mesh::{CancellationToken, Identity, MeshConfig, ServerTls, VaultCa};
 use ferry_proto::ingest::v1::ingest_server::{Ingest, IngestServer};
 use ferry_proto::ingest::v1::*;
+use ferry_proto::storage::v1 as storage;
+use ferry_proto::storage::v1::storage_writer_server::{StorageWriter, StorageWriterServer};
 use ferry_store::Store;
 use tokio::task::JoinHandle;
 use tonic::{Request, Response as GrpcResponse, Status};
@@ -111,11 +115,139 @@ impl Ingest for TestIngest {
     }
 }
 
+/// Stands in for storage-writer's `PointChunks` (which has its own tests): which hosts may
+/// read which VM, and the chunk ids of each (vm, point). Refuses callers other than the
+/// service certificate, as the real one does, and records every call.
+#[derive(Default)]
+pub struct TestStorage {
+    readers: Mutex<HashMap<String, Vec<String>>>,
+    points: Mutex<HashMap<(String, String), Vec<ChunkId>>>,
+    pub calls: Mutex<Vec<storage::PointChunksRequest>>,
+}
+
+impl TestStorage {
+    /// `hosts` may read `vm` (its host and its recovery host).
+    pub fn readers(&self, vm: &str, hosts: &[&str]) {
+        let hosts = hosts.iter().map(|h| h.to_string()).collect();
+        self.readers.lock().unwrap().insert(vm.into(), hosts);
+    }
+
+    /// The point `point` of `vm` references `ids` (replacing what it referenced).
+    pub fn point(&self, vm: &str, point: &str, ids: &[ChunkId]) {
+        let key = (vm.to_string(), point.to_string());
+        self.points.lock().unwrap().insert(key, ids.to_vec());
+    }
+
+    pub fn calls(&self) -> usize {
+        self.calls.lock().unwrap().len()
+    }
+}
+
+fn not_for_the_gateway<T>() -> Result<GrpcResponse<T>, Status> {
+    Err(Status::unimplemented("not part of the gateway tests"))
+}
+
+type Pages = futures::stream::Iter<std::vec::IntoIter<Result<storage::PointChunksPage, Status>>>;
+type Hashes = futures::stream::Iter<std::vec::IntoIter<Result<storage::BlockHashesChunk, Status>>>;
+
+#[tonic::async_trait]
+impl StorageWriter for TestStorage {
+    async fn commit_point(
+        &self,
+        _: Request<storage::CommitPointRequest>,
+    ) -> Result<GrpcResponse<storage::CommitPointResponse>, Status> {
+        not_for_the_gateway()
+    }
+    async fn list_points(
+        &self,
+        _: Request<storage::ListPointsRequest>,
+    ) -> Result<GrpcResponse<storage::ListPointsResponse>, Status> {
+        not_for_the_gateway()
+    }
+    async fn get_point(
+        &self,
+        _: Request<storage::GetPointRequest>,
+    ) -> Result<GrpcResponse<ferry_proto::common::v1::RecoveryPoint>, Status> {
+        not_for_the_gateway()
+    }
+    async fn has_chunks(
+        &self,
+        _: Request<storage::HasChunksRequest>,
+    ) -> Result<GrpcResponse<storage::HasChunksResponse>, Status> {
+        not_for_the_gateway()
+    }
+    type BlockHashesStream = Hashes;
+    async fn block_hashes(
+        &self,
+        _: Request<storage::BlockHashesRequest>,
+    ) -> Result<GrpcResponse<Hashes>, Status> {
+        not_for_the_gateway()
+    }
+    async fn materialize_disk(
+        &self,
+        _: Request<storage::MaterializeDiskRequest>,
+    ) -> Result<GrpcResponse<storage::MaterializeDiskResponse>, Status> {
+        not_for_the_gateway()
+    }
+    async fn run_retention(
+        &self,
+        _: Request<storage::RunRetentionRequest>,
+    ) -> Result<GrpcResponse<storage::RunRetentionResponse>, Status> {
+        not_for_the_gateway()
+    }
+
+    type PointChunksStream = Pages;
+    async fn point_chunks(
+        &self,
+        req: Request<storage::PointChunksRequest>,
+    ) -> Result<GrpcResponse<Pages>, Status> {
+        let auth = ferry_mesh::Authenticator::new(Vec::<(String, ferry_mesh::Role)>::new());
+        match auth.authenticate(&req)? {
+            ferry_mesh::Caller::Service(_) => {}
+            other => {
+                return Err(Status::permission_denied(format!(
+                    "only ferry services may make this call, not {other}"
+                )));
+            }
+        }
+        let req = req.into_inner();
+        self.calls.lock().unwrap().push(req.clone());
+        let readers = self.readers.lock().unwrap().get(&req.vm).cloned();
+        match readers {
+            Some(hosts) if hosts.contains(&req.host_name) => {}
+            _ => {
+                return Err(Status::permission_denied(format!(
+                    "host {} may not read the chunks of vm {}",
+                    req.host_name, req.vm
+                )));
+            }
+        }
+        let key = (req.vm.clone(), req.point.clone());
+        let Some(ids) = self.points.lock().unwrap().get(&key).cloned() else {
+            return Err(Status::not_found(format!(
+                "recovery point {:?} of vm {} not found",
+                req.point, req.vm
+            )));
+        };
+        // Small pages, so the gateway's reading of several pages is exercised.
+        let pages: Vec<_> = ids
+            .chunks(3)
+            .map(|c| {
+                Ok(storage::PointChunksPage {
+                    chunk_ids: c.iter().map(|id| id.to_vec()).collect(),
+                })
+            })
+            .collect();
+        Ok(GrpcResponse::new(futures::stream::iter(pages)))
+    }
+}
+
 pub struct Harness {
     pub dir: tempfile::TempDir,
     pub ca: VaultCa,
     pub cfg: MeshConfig,
     pub ingest: Arc<TestIngest>,
+    pub storage: Arc<TestStorage>,
     pub store: Store,
     pub addr: SocketAddr,
     pub shutdown: CancellationToken,
@@ -134,12 +266,22 @@ impl Harness {
         Self::start_with(true).await
     }
 
-    /// With `ingest_up == false` the gateway's ingest endpoint is a closed port.
+    /// With `ingest_up == false` the gateway's ingest and storage-writer endpoints are
+    /// closed ports.
     pub async fn start_with(ingest_up: bool) -> Self {
         Self::start_opts(ingest_up, BLOCK).await
     }
 
     pub async fn start_opts(ingest_up: bool, block_size: u32) -> Self {
+        Self::start_full(ingest_up, block_size, None).await
+    }
+
+    /// The gateway over `store` (e.g. an `UnreliableStore`) instead of the tempdir's.
+    pub async fn start_with_store(store: Store) -> Self {
+        Self::start_full(true, BLOCK, Some(store)).await
+    }
+
+    async fn start_full(ingest_up: bool, block_size: u32, store: Option<Store>) -> Self {
         init_logs();
         let dir = tempfile::tempdir().unwrap();
         let ca = VaultCa::create("test").unwrap();
@@ -176,17 +318,48 @@ impl Harness {
         } else {
             drop(listener);
         }
+        let storage = Arc::new(TestStorage::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        cfg.storage_writer.listen = listener.local_addr().unwrap();
+        if ingest_up {
+            let tls = ServerTls::from_pem(&ca.cert_pem(), &server_cert, &server_key).unwrap();
+            let routes =
+                tonic::service::Routes::new(StorageWriterServer::from_arc(storage.clone()));
+            let token = shutdown.clone();
+            let names = ["ferry.storage.v1.StorageWriter"];
+            tokio::spawn(async move {
+                ferry_mesh::serve(listener, &tls, routes, &names, token)
+                    .await
+                    .unwrap();
+            });
+        } else {
+            drop(listener);
+        }
 
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         let addr = socket.local_addr().unwrap();
         cfg.gateway.listen = addr;
-        let gateway = tokio::spawn(ferry_gateway::run(cfg.clone(), socket, shutdown.clone()));
-        let store = Store::from_url(&cfg.store_url).unwrap();
+        let (store, gateway) = match store {
+            Some(store) => {
+                let run = ferry_gateway::run_with_store(
+                    cfg.clone(),
+                    store.clone(),
+                    socket,
+                    shutdown.clone(),
+                );
+                (store, tokio::spawn(run))
+            }
+            None => {
+                let run = ferry_gateway::run(cfg.clone(), socket, shutdown.clone());
+                (Store::from_url(&cfg.store_url).unwrap(), tokio::spawn(run))
+            }
+        };
         Self {
             dir,
             ca,
             cfg,
             ingest,
+            storage,
             store,
             addr,
             shutdown,

@@ -13,7 +13,7 @@ use ferry_proto::scheduler::v1::scheduler_server::{Scheduler, SchedulerServer};
 use ferry_proto::scheduler::v1::{
     CompleteWorkRequest, CompleteWorkResponse, DispatchRequest, DispatchResponse, ListQueueRequest,
     ListQueueResponse, QueueEntry, RescheduleRequest, RescheduleResponse, WorkItem,
-    WorkStreamRequest,
+    WorkResultRequest, WorkResultResponse, WorkStreamRequest,
 };
 use figment::providers::Serialized;
 use tokio::net::TcpListener;
@@ -81,6 +81,14 @@ impl Scheduler for Probe {
     ) -> Result<Response<RescheduleResponse>, Status> {
         require_service(&req)?;
         Ok(Response::new(RescheduleResponse {}))
+    }
+
+    async fn work_result(
+        &self,
+        req: Request<WorkResultRequest>,
+    ) -> Result<Response<WorkResultResponse>, Status> {
+        require_service(&req)?;
+        Ok(Response::new(WorkResultResponse::default()))
     }
 }
 

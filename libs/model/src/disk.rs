@@ -27,3 +27,46 @@ pub struct DiskSpec {
     #[serde(default)]
     pub nbd_uri: String,
 }
+
+/// A VM's virtual hardware as its host's config gives it: what a recovery host's driver
+/// starts the replica with. Zero CPUs or memory means "not reported" (a driver applies its
+/// defaults).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmHardware {
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// One network name per NIC, in NIC order.
+    #[serde(default)]
+    pub networks: Vec<String>,
+}
+
+/// The file name of a disk path from a host (either separator: hosts may be Windows), when it
+/// is usable as a file name in a folder of ours: not empty, not `.` or `..`, not hidden.
+pub fn file_name(path: &str) -> Option<&str> {
+    let name = path.rsplit(['/', '\\']).next()?;
+    (!name.is_empty() && !name.starts_with('.') && !name.contains('\0')).then_some(name)
+}
+
+/// A VM name that is safe as a file or folder name.
+pub fn is_file_safe_vm_name(vm: &str) -> bool {
+    !vm.is_empty() && !vm.contains(['/', '\\', '\0']) && !vm.starts_with('.')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_from_host_paths() {
+        assert_eq!(file_name("/var/lib/vms/a.vhdx"), Some("a.vhdx"));
+        assert_eq!(file_name(r"C:\VMs\web\disk0.vhd"), Some("disk0.vhd"));
+        assert_eq!(file_name("plain.raw"), Some("plain.raw"));
+        assert_eq!(file_name("/var/lib/"), None);
+        assert_eq!(file_name("/x/.."), None);
+        assert_eq!(file_name("/x/.hidden"), None);
+        assert!(is_file_safe_vm_name("web-1"));
+        assert!(!is_file_safe_vm_name("../etc"));
+        assert!(!is_file_safe_vm_name("a/b"));
+        assert!(!is_file_safe_vm_name(""));
+    }
+}

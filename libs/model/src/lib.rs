@@ -11,7 +11,7 @@ pub mod replication;
 pub mod retry;
 pub mod wire;
 
-pub use disk::DiskSpec;
+pub use disk::{DiskSpec, VmHardware};
 pub use names::UnknownName;
 pub use protection::{
     Direction, Health, Lifecycle, Operation, Protection, Refused, TestFailover, Transition, VmState,

@@ -228,6 +228,17 @@ pub enum Transition {
     HostRemoved { error: String },
     /// An operator fixed the cause and repaired the VM.
     Repaired,
+    /// A planned or unplanned failover starts: the primary's replication stops (fenced).
+    FailoverStarted { planned: bool },
+    /// The VM runs at its recovery host: commit pending.
+    FailedOver,
+    /// The failover job failed before the VM ran at the recovery host: protected again, but
+    /// critical until an operator repairs (the primary was fenced).
+    FailoverFailed { error: String },
+    /// The recovered VM now runs on another point (before commit).
+    PointChanged,
+    /// The failover is committed.
+    FailoverCommitted,
 }
 
 impl Transition {
@@ -245,6 +256,12 @@ impl Transition {
             Self::ResyncRequired { .. } => "resync-required",
             Self::HostRemoved { .. } => "host-removed",
             Self::Repaired => "repair",
+            Self::FailoverStarted { planned: true } => "planned-failover",
+            Self::FailoverStarted { planned: false } => "unplanned-failover",
+            Self::FailedOver => "failed-over",
+            Self::FailoverFailed { .. } => "failover-failed",
+            Self::PointChanged => "change-point",
+            Self::FailoverCommitted => "commit",
         }
     }
 }
@@ -332,6 +349,28 @@ impl Lifecycle {
                 op_check(Operation::Repair)?;
                 stay(Health::Normal, "")
             }
+            T::FailoverStarted { planned } => {
+                op_check(match planned {
+                    true => Operation::PlannedFailover,
+                    false => Operation::UnplannedFailover,
+                })?;
+                Self::new(S::FailingOver, Health::Normal, "")
+            }
+            T::FailedOver if self.state == S::FailingOver => {
+                Self::new(S::FailedOver, Health::Normal, "")
+            }
+            T::FailoverFailed { error } if self.state == S::FailingOver => {
+                Self::new(S::Protected, Health::Critical, error.as_str())
+            }
+            T::PointChanged => {
+                op_check(Operation::ChangePoint)?;
+                self.clone()
+            }
+            T::FailoverCommitted => {
+                op_check(Operation::Commit)?;
+                Self::new(S::FailoverCommitted, Health::Normal, "")
+            }
+            T::FailedOver | T::FailoverFailed { .. } => return Err(refuse()),
         })
     }
 }

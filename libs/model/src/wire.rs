@@ -4,7 +4,9 @@
 use ferry_proto::common::v1 as common;
 use ferry_proto::registry::v1 as registry;
 
-use crate::{Consistency, CycleKind, DiskSpec, ErrorClass, Health, TestFailover, VmState};
+use crate::{
+    Consistency, CycleKind, DiskSpec, ErrorClass, Health, TestFailover, VmHardware, VmState,
+};
 
 /// A protobuf enum value the model has no variant for (unspecified, or from a newer peer).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -128,6 +130,26 @@ impl From<&DiskSpec> for common::Disk {
             error: d.error.clone(),
             nbd_uri: d.nbd_uri.clone(),
             pending_log_bytes: 0,
+        }
+    }
+}
+
+impl From<&common::VmHardware> for VmHardware {
+    fn from(h: &common::VmHardware) -> Self {
+        Self {
+            cpus: h.cpus,
+            memory_mib: h.memory_mib,
+            networks: h.networks.clone(),
+        }
+    }
+}
+
+impl From<&VmHardware> for common::VmHardware {
+    fn from(h: &VmHardware) -> Self {
+        Self {
+            cpus: h.cpus,
+            memory_mib: h.memory_mib,
+            networks: h.networks.clone(),
         }
     }
 }

@@ -28,6 +28,7 @@ use ferry_coord::Coord;
 use ferry_mesh::{ClientTls, Component, MeshConfig};
 use ferry_proto::failover::v1::failover_server::FailoverServer;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
+use ferry_proto::scheduler::v1::scheduler_client::SchedulerClient;
 use ferry_proto::storage::v1::storage_writer_client::StorageWriterClient;
 use ferry_store::Store;
 use tokio::net::TcpListener;
@@ -37,7 +38,7 @@ use tonic::transport::Channel;
 pub use error::FailoverError;
 pub use records::{Ledger, Record};
 pub use service::FailoverService;
-pub use test_failover::{CLEANUP_STEPS, TEST_FAILOVER_STEPS, disk_file_name};
+pub use test_failover::{CLEANUP_STEPS, ON_HOST_TEST_STEPS, TEST_FAILOVER_STEPS, disk_file_name};
 
 /// The orchestrator's state: clients of the registry and the storage-writer (service
 /// certificate), and the failover records. Cheap to clone.
@@ -45,6 +46,8 @@ pub use test_failover::{CLEANUP_STEPS, TEST_FAILOVER_STEPS, disk_file_name};
 pub struct Orchestrator {
     registry: RegistryClient<Channel>,
     storage: StorageWriterClient<Channel>,
+    /// Failover work for hosts (recovery hosts) goes through the scheduler.
+    scheduler: Option<SchedulerClient<Channel>>,
     ledger: Arc<Ledger>,
     /// VMs with a failover operation running in this process.
     busy: Arc<Mutex<HashSet<String>>>,
@@ -111,6 +114,7 @@ impl Orchestrator {
         Self {
             registry: RegistryClient::new(registry),
             storage: StorageWriterClient::new(storage),
+            scheduler: None,
             ledger: Arc::new(Ledger::new(store)),
             busy: Arc::default(),
             shutdown: CancellationToken::new(),
@@ -118,6 +122,20 @@ impl Orchestrator {
             replica: format!("failover-{}", uuid::Uuid::new_v4()),
             running: Arc::default(),
         }
+    }
+
+    /// Sends work to hosts through the scheduler on `channel` (failover on a recovery host).
+    pub fn with_scheduler(mut self, channel: Channel) -> Self {
+        self.scheduler = Some(SchedulerClient::new(channel));
+        self
+    }
+
+    pub(crate) fn scheduler(&self) -> error::Result<SchedulerClient<Channel>> {
+        self.scheduler.clone().ok_or_else(|| {
+            FailoverError::Internal(
+                "this orchestrator has no scheduler to send host work to".into(),
+            )
+        })
     }
 
     /// Stops running jobs when `shutdown` is cancelled.
@@ -132,11 +150,12 @@ impl Orchestrator {
         let tls = ClientTls::service(cfg).context("loading the service certificate")?;
         let registry = ferry_mesh::connect_lazy(&cfg.endpoint(Component::Registry), &tls)?;
         let storage = ferry_mesh::connect_lazy(&cfg.endpoint(Component::StorageWriter), &tls)?;
+        let scheduler = ferry_mesh::connect_lazy(&cfg.endpoint(Component::Scheduler), &tls)?;
         let store = Store::from_url(&cfg.store_url()).context("opening the object store")?;
         let coord = Coord::connect(&cfg.redis_url)
             .await
             .context("connecting to redis")?;
-        Ok(Self::new(registry, storage, store, coord))
+        Ok(Self::new(registry, storage, store, coord).with_scheduler(scheduler))
     }
 
     /// A lease holder name for one run of a job here.

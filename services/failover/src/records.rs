@@ -60,6 +60,27 @@ pub struct Record {
     /// The job created `target_dir` (so a failed job removes it again).
     #[serde(default)]
     pub created_dir: bool,
+    /// The host the failover runs on (its recovery host); "" for an export into
+    /// `target_dir` on the failover service's machine.
+    #[serde(default)]
+    pub host: String,
+    /// The disks as the host serves them.
+    #[serde(default)]
+    pub disks: Vec<RecordDisk>,
+    /// The host's driver kind and when it was asked to start the VM.
+    #[serde(default)]
+    pub driver: String,
+    #[serde(default)]
+    pub started_at_ms: i64,
+}
+
+/// A disk of a failover on a host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordDisk {
+    pub disk_id: String,
+    pub path: String,
+    pub format: String,
+    pub nbd_uri: String,
 }
 
 impl Record {
@@ -73,7 +94,25 @@ impl Record {
             state: self.state.clone(),
             created_at_ms: self.created_at_ms,
             job_id: self.job_id.clone(),
+            host: self.host.clone(),
+            disks: self
+                .disks
+                .iter()
+                .map(|d| ferry_proto::failover::v1::FailoverDisk {
+                    disk_id: d.disk_id.clone(),
+                    path: d.path.clone(),
+                    format: d.format.clone(),
+                    nbd_uri: d.nbd_uri.clone(),
+                })
+                .collect(),
+            driver: self.driver.clone(),
+            started_at_ms: self.started_at_ms,
         }
+    }
+
+    /// The failover runs on a host (not an export into a folder here).
+    pub fn on_host(&self) -> bool {
+        !self.host.is_empty()
     }
 
     pub fn is_active(&self) -> bool {

@@ -136,6 +136,7 @@ impl Mesh {
             vms: vec![VmInventory {
                 name: "web".into(),
                 disks: vec![disk()],
+                hardware: None,
             }],
             agent_version: "test".into(),
             change_tracking: true,
@@ -187,6 +188,7 @@ impl Mesh {
                 }],
                 fencing_tokens: [(disk().id, lease.token)].into_iter().collect(),
                 host: "h1".into(),
+                epoch: 0,
             })
             .await
             .unwrap();
@@ -496,6 +498,10 @@ async fn a_job_whose_replica_died_is_resumed_elsewhere() {
             desc_file.display().to_string(),
         ],
         created_dir: true,
+        host: String::new(),
+        disks: vec![],
+        driver: String::new(),
+        started_at_ms: 0,
     };
     ledger.put_fenced(&mut record, &coord, &dead).await.unwrap();
     std::fs::write(&disk_file, b"half").unwrap();

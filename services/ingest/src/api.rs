@@ -58,8 +58,11 @@ impl Ingest for Api {
                 IngestError::InvalidArgument(format!("cycle for vm {}: consistency: {e}", req.vm))
             })?,
         };
-        self.owners
-            .check_host(&host, &req.vm, "begin a replication cycle of")
+        // A VM that failed over replicates from nowhere but its new site: the epoch the
+        // cycle begins under is checked again at commit (and by storage-writer).
+        let epoch = self
+            .owners
+            .check_epoch(&host, &req.vm, None, "begin a replication cycle of")
             .await?;
         for d in &req.disks {
             let expected = ferry_proto::disk_id(&req.vm, &d.path);
@@ -99,6 +102,7 @@ impl Ingest for Api {
                 .collect(),
             disks: req.disks.iter().map(DiskSpec::from).collect(),
             stats: Stats::default(),
+            epoch,
         };
         self.save(&c).await?;
         tracing::info!(cycle = %c.id, vm = %c.vm, host = %host, disks = c.disks.len(), "cycle begun");
@@ -136,6 +140,9 @@ impl Ingest for Api {
                 IngestError::FailedPrecondition(format!("cycle {} is {}", c.id, c.state)).into(),
             );
         }
+        self.owners
+            .check_epoch(&host, &c.vm, Some(c.epoch), "commit a cycle of")
+            .await?;
         let disks = self.commit_disks(&c, &req)?;
         let point = self.commit_point(&c, disks).await?;
         c.state = CycleState::Committed;
@@ -299,6 +306,7 @@ impl IngestService {
                 disks,
                 fencing_tokens: c.tokens.clone(),
                 host: c.host.clone(),
+                epoch: c.epoch,
             })
             .await
             .map_err(|s| IngestError::peer(&s))?

@@ -27,6 +27,9 @@ pub(crate) struct CycleRecord {
     pub(crate) disks: Vec<DiskSpec>,
     #[serde(default)]
     pub(crate) stats: Stats,
+    /// The VM's epoch when the cycle began (a failover since raises it: commit refused).
+    #[serde(default)]
+    pub(crate) epoch: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -378,6 +378,7 @@ impl RegistryService {
                 kind: kind as i32,
                 vm: vm.to_string(),
                 job_id: job_id.to_string(),
+                failover: None,
             })
             .await?;
         Ok(())

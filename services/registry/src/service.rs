@@ -1,6 +1,7 @@
 //! The registry service: its catalog, in-memory heartbeat state and VM views, and the gRPC
 //! handlers of `ferry.registry.v1.Registry`, one module per concern (the trait impl here only
 //! delegates to them).
+mod failover;
 mod hosts;
 mod jobs_api;
 mod reports;
@@ -164,7 +165,7 @@ impl RegistryService {
         }
     }
 
-    async fn vm_proto(&self, name: &str) -> Result<pb::Vm, RegistryError> {
+    pub(crate) async fn vm_proto(&self, name: &str) -> Result<pb::Vm, RegistryError> {
         let st = self.state.lock().await;
         let v = st
             .vms
@@ -247,13 +248,16 @@ fn vm_to_proto(v: &crate::state::VmRecord, site: String) -> pb::Vm {
         next_retry_ms: v.next_retry_ms,
         protection_job_id: v.protection_job_id.clone(),
         failover_state: v.failover_state.into(),
-        // Until failover moves it, a VM runs where its host reports it.
-        active_host: v.host.clone(),
+        active_host: v.active_host().to_owned(),
+        epoch: v.site.epoch,
+        failover_point: v.site.point.clone(),
+        failover_id: v.site.failover_id.clone(),
         recovery_host: v
             .policy
             .as_ref()
             .map(|p| p.recovery_host.clone())
             .unwrap_or_default(),
+        hardware: Some((&v.hardware).into()),
         last_cycle_duration_ms: 0,
         last_cycle_bytes: 0,
         host_history: v
@@ -382,5 +386,9 @@ impl Registry for RegistryApi {
 
     async fn set_failover_state(&self, req: Request<pb::SetFailoverStateRequest>) -> R<pb::Vm> {
         self.0.set_failover_state(req).await
+    }
+
+    async fn record_failover(&self, req: Request<pb::RecordFailoverRequest>) -> R<pb::Vm> {
+        self.0.record_failover(req).await
     }
 }

@@ -3,8 +3,8 @@
 //! crash at any instant leaves either the old or the new state (DESIGN §3).
 use std::collections::BTreeMap;
 
-use ferry_model::DiskSpec;
 use ferry_model::protection as lc;
+use ferry_model::{DiskSpec, VmHardware};
 
 pub use crate::job_record::JobRecord;
 use ferry_proto::common::v1::{Job, ReplicationPolicy};
@@ -55,6 +55,32 @@ pub struct VmRecord {
     /// Which host reported the VM since when, oldest first.
     #[serde(default)]
     pub host_history: Vec<HostSpan>,
+    /// As the host last reported it (what a recovery host starts the replica with).
+    #[serde(default)]
+    pub hardware: VmHardware,
+    /// Where a planned or unplanned failover has the VM (DESIGN §11).
+    #[serde(default)]
+    pub site: FailoverSite,
+}
+
+/// Where a VM runs after failovers, and the epoch that fences the host it left.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverSite {
+    /// The host the VM runs on when that is not `host` ("" until a failover moves it).
+    #[serde(default)]
+    pub active_host: String,
+    /// The host the running failover moves the VM to.
+    #[serde(default)]
+    pub failover_host: String,
+    /// Raised by every failover start: cycles begun under an older epoch are refused.
+    #[serde(default)]
+    pub epoch: u64,
+    /// The point the failed-over VM runs on.
+    #[serde(default)]
+    pub point: String,
+    /// The failover's job.
+    #[serde(default)]
+    pub failover_id: String,
 }
 
 /// The catalog's spelling of a VM's test failover, unchanged since before the state machine:
@@ -219,6 +245,8 @@ pub enum Event {
         /// When the registry took the report (0 in catalogs from before it was recorded).
         #[serde(default)]
         at_ms: i64,
+        #[serde(default)]
+        hardware: VmHardware,
     },
     /// Written only with what [`lc::Lifecycle::apply`] decided (see `lifecycle.rs`).
     VmState {
@@ -246,6 +274,11 @@ pub enum Event {
         vm: String,
         #[serde(with = "test_failover_name")]
         failover_state: lc::TestFailover,
+    },
+    /// A planned or unplanned failover moved the VM (written with the state it goes to).
+    VmSite {
+        vm: String,
+        site: FailoverSite,
     },
     /// A recoverable failure waiting for its retry (attempts 0 clears the retry state).
     VmRetry {
@@ -302,6 +335,7 @@ impl State {
                 vm,
                 disks,
                 at_ms,
+                hardware,
             } => {
                 let rec = self.vms.entry(vm.clone()).or_insert_with(|| VmRecord {
                     name: vm.clone(),
@@ -318,6 +352,8 @@ impl State {
                     retry_attempts: 0,
                     next_retry_ms: 0,
                     host_history: Vec::new(),
+                    hardware: VmHardware::default(),
+                    site: FailoverSite::default(),
                 });
                 if rec.host_history.last().is_none_or(|s| s.host != *host) {
                     rec.host_history.push(HostSpan {
@@ -327,6 +363,7 @@ impl State {
                 }
                 rec.host = host.clone();
                 rec.disks = disks.clone();
+                rec.hardware = hardware.clone();
             }
             Event::VmState {
                 vm,
@@ -344,6 +381,11 @@ impl State {
                 if let Some(v) = self.vms.get_mut(vm) {
                     v.policy = Some(policy.clone());
                     v.protection_job_id = job_id.clone();
+                }
+            }
+            Event::VmSite { vm, site } => {
+                if let Some(v) = self.vms.get_mut(vm) {
+                    v.site = site.clone();
                 }
             }
             Event::VmPolicy { vm, policy } => {

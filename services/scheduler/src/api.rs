@@ -12,7 +12,8 @@ use futures::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::error::SchedulerError;
-use crate::work::QueuedWork;
+use crate::results;
+use crate::work::{QueuedWork, failover_prefix, is_failover_kind};
 
 /// Retries read for one `ListQueue` (the retry set is shared by every host).
 const LIST_RETRIES_MAX: usize = 10_000;
@@ -115,6 +116,16 @@ impl Scheduler for Api {
         let mut w: QueuedWork = serde_json::from_str(&payload).map_err(|e| {
             SchedulerError::Internal(format!("work {} is unreadable: {e}", req.work_id))
         })?;
+        if w.is_failover() {
+            // Recorded before the ack: an outcome is never lost between the two.
+            results::record(&self.coord, &req).await?;
+            self.coord
+                .ack_work(&host, &req.work_id)
+                .await
+                .map_err(SchedulerError::from)?;
+            tracing::info!(host = %host, work = %req.work_id, vm = %w.vm, ok = req.ok, error = %req.error, "failover work completed");
+            return Ok(Response::new(pb::CompleteWorkResponse {}));
+        }
         self.coord
             .ack_work(&host, &req.work_id)
             .await
@@ -169,10 +180,12 @@ impl Scheduler for Api {
         // One work item per job: a registry that resumes a job re-dispatches the same id.
         let id = if req.job_id.is_empty() {
             uuid::Uuid::new_v4().to_string()
+        } else if is_failover_kind(req.kind) {
+            format!("{}-{}", failover_prefix(req.kind), req.job_id)
         } else {
             format!("job-{}", req.job_id)
         };
-        let w = QueuedWork {
+        let mut w = QueuedWork {
             id: id.clone(),
             kind: req.kind,
             vm: req.vm,
@@ -182,7 +195,13 @@ impl Scheduler for Api {
             host: req.host_name.clone(),
             last_error: String::new(),
             app_consistent: false,
+            failover: String::new(),
         };
+        w.set_failover(req.failover.as_ref());
+        // Failover work runs once: a job resumed elsewhere dispatches again and finds it done.
+        if w.is_failover() && results::get(&self.coord, &id).await?.is_some() {
+            return Ok(Response::new(pb::DispatchResponse { work_id: id }));
+        }
         // Work waiting for its retry stays there: dispatching it again (the registry does so
         // periodically, to rebuild queues Redis lost) must not cut its backoff short.
         if self
@@ -243,6 +262,18 @@ impl Scheduler for Api {
                 .filter(|e| e.host_name == host),
         );
         Ok(Response::new(pb::ListQueueResponse { entries }))
+    }
+
+    async fn work_result(&self, req: Request<pb::WorkResultRequest>) -> R<pb::WorkResultResponse> {
+        ferry_mesh::require_service(&req)?;
+        let id = req.into_inner().work_id;
+        match results::get(&self.coord, &id).await? {
+            Some(r) => Ok(Response::new(r)),
+            None => Ok(Response::new(pb::WorkResultResponse {
+                state: "pending".into(),
+                ..Default::default()
+            })),
+        }
     }
 
     async fn reschedule(&self, req: Request<pb::RescheduleRequest>) -> R<pb::RescheduleResponse> {

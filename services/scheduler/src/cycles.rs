@@ -111,6 +111,7 @@ impl SchedulerService {
             host: c.host.clone(),
             last_error: String::new(),
             app_consistent: app,
+            failover: String::new(),
         };
         let Ok(payload) = serde_json::to_string(&w) else {
             return true;

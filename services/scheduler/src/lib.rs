@@ -6,6 +6,7 @@ mod api;
 mod cycles;
 mod error;
 pub mod leader;
+mod results;
 mod retention;
 mod retry;
 mod windows;

@@ -1,5 +1,6 @@
 //! A work item as the queues in Redis hold it.
-use ferry_proto::scheduler::v1::WorkItem;
+use ferry_proto::scheduler::v1::{FailoverWork, WorkItem, WorkKind};
+use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
 /// The JSON form of a work item in Redis.
@@ -16,6 +17,10 @@ pub(crate) struct QueuedWork {
     pub(crate) last_error: String,
     #[serde(default)]
     pub(crate) app_consistent: bool,
+    /// Failover work: its `FailoverWork`, protobuf-encoded in hex (the message is the
+    /// contract with the agent; the scheduler only carries it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(crate) failover: String,
 }
 
 impl QueuedWork {
@@ -29,6 +34,43 @@ impl QueuedWork {
             created_at_ms: self.created_at_ms,
             retry_time_unit_ms: 0,
             app_consistent: self.app_consistent,
+            failover: self.failover_work(),
         }
+    }
+
+    pub(crate) fn set_failover(&mut self, work: Option<&FailoverWork>) {
+        self.failover = work
+            .map(|w| hex::encode(w.encode_to_vec()))
+            .unwrap_or_default();
+    }
+
+    fn failover_work(&self) -> Option<FailoverWork> {
+        if self.failover.is_empty() {
+            return None;
+        }
+        let bytes = hex::decode(&self.failover).ok()?;
+        FailoverWork::decode(bytes.as_slice()).ok()
+    }
+
+    /// Failover work is not replication: its outcome is kept for the orchestrator that
+    /// waits on it, and a failure neither retries nor touches the VM's replication health.
+    pub(crate) fn is_failover(&self) -> bool {
+        is_failover_kind(self.kind)
+    }
+}
+
+pub(crate) fn is_failover_kind(kind: i32) -> bool {
+    matches!(
+        WorkKind::try_from(kind),
+        Ok(WorkKind::RecoverVm | WorkKind::RemoveRecovered)
+    )
+}
+
+/// The work id prefix of a failover kind.
+pub(crate) fn failover_prefix(kind: i32) -> &'static str {
+    match WorkKind::try_from(kind) {
+        Ok(WorkKind::RecoverVm) => "recover",
+        Ok(WorkKind::RemoveRecovered) => "remove",
+        _ => "work",
     }
 }

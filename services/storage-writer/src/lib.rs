@@ -1,6 +1,7 @@
 //! Ferry storage-writer: the object layout's gRPC face. Commits recovery points (fencing,
 //! block maps, chunk checks), lists and reads them, answers chunk presence and block-hash
-//! lists, and materialises a point's disk as an image file. In the background it merges
+//! lists, the chunk ids of a point (which chunks the gateway may serve a recovery host), and
+//! materialises a point's disk as an image file. In the background it merges
 //! shipped change logs into block maps ([`merge`]).
 //!
 //! The handler logic lives on [`Writer`] as plain async methods (tests call them without
@@ -11,6 +12,7 @@ pub mod error;
 pub mod logs;
 mod materialize;
 pub mod merge;
+mod point_chunks;
 mod points;
 pub mod retention;
 pub mod service;
@@ -28,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use error::WriterError;
 pub use materialize::FETCH_AHEAD;
+pub use point_chunks::{POINT_CHUNKS_PAGE, chunk_pages};
 pub use points::{HASH_PAGE_ENTRIES, MAX_HAS_CHUNKS, hash_pages, point_to_proto};
 pub use service::StorageWriterService;
 

@@ -3,27 +3,31 @@
 //!
 //! The ingest service commits points with the service certificate; operators read with the
 //! reader role and act with the operator role. Hosts may read points and block-hash lists
-//! (keyed BLAKE3 ids, not data) for a checksum resync, of their own VMs only: every host holds
-//! the vault key, so another host's block hashes would let it confirm guessed content.
+//! (keyed BLAKE3 ids, not data) for a checksum resync, of their own VMs and of the VMs they are
+//! the recovery host of only: every host holds the vault key, so another host's block hashes
+//! would let it confirm guessed content. `PointChunks` is the gateway's (service certificate):
+//! it names the host it asks for, checked the same way, before the gateway serves any chunk.
 use ferry_mesh::{Role, VmOwners, require_role, require_service, to_status};
 use ferry_proto::common::v1::RecoveryPoint;
 use ferry_proto::storage::v1::storage_writer_server::StorageWriter;
 use ferry_proto::storage::v1::{
     BlockHashesChunk, BlockHashesRequest, CommitPointRequest, CommitPointResponse, GetPointRequest,
     HasChunksRequest, HasChunksResponse, ListPointsRequest, ListPointsResponse,
-    MaterializeDiskRequest, MaterializeDiskResponse, RunRetentionRequest, RunRetentionResponse,
+    MaterializeDiskRequest, MaterializeDiskResponse, PointChunksPage, PointChunksRequest,
+    RunRetentionRequest, RunRetentionResponse,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::Writer;
+use crate::point_chunks::{POINT_CHUNKS_PAGE, chunk_pages};
 use crate::points::{HASH_PAGE_ENTRIES, hash_pages};
 
 /// `ferry.storage.v1.StorageWriter` over a [`Writer`].
 #[derive(Debug, Clone)]
 pub struct StorageWriterService {
     writer: Writer,
-    /// Which host each VM belongs to: hosts read only their own VMs' points.
+    /// Which host each VM belongs to and fails over to: hosts read only those VMs' points.
     owners: VmOwners,
     /// Server shutdown: stops long calls (materialising) instead of waiting for them.
     shutdown: CancellationToken,
@@ -38,20 +42,22 @@ impl StorageWriterService {
         }
     }
 
-    /// Reader role, the service, or the VM's own host (resync reads points and block hashes).
-    async fn require_reader_or_owner<T>(
+    /// Reader role, the service, the VM's own host (resync reads points and block hashes) or
+    /// its recovery host (failover reads them too).
+    async fn require_reader_or_host<T>(
         &self,
         req: &Request<T>,
         vm: &str,
         action: &str,
     ) -> Result<(), Status> {
         self.owners
-            .require_role_or_owner(req, Role::Reader, vm, action)
+            .require_role_or_reader(req, Role::Reader, vm, action)
             .await
     }
 }
 
 type HashStream = tokio_stream::Iter<std::vec::IntoIter<Result<BlockHashesChunk, Status>>>;
+type ChunkStream = tokio_stream::Iter<std::vec::IntoIter<Result<PointChunksPage, Status>>>;
 
 #[tonic::async_trait]
 impl StorageWriter for StorageWriterService {
@@ -60,6 +66,11 @@ impl StorageWriter for StorageWriterService {
         request: Request<CommitPointRequest>,
     ) -> Result<Response<CommitPointResponse>, Status> {
         require_service(&request)?;
+        let req = request.get_ref();
+        // A second fence behind ingest's: a cycle begun before a failover never commits.
+        self.owners
+            .check_epoch(&req.host, &req.vm, Some(req.epoch), "commit a point of")
+            .await?;
         let point = self
             .writer
             .commit_point(request.into_inner())
@@ -72,7 +83,7 @@ impl StorageWriter for StorageWriterService {
         &self,
         request: Request<ListPointsRequest>,
     ) -> Result<Response<ListPointsResponse>, Status> {
-        self.require_reader_or_owner(&request, &request.get_ref().vm, "list the points of")
+        self.require_reader_or_host(&request, &request.get_ref().vm, "list the points of")
             .await?;
         let points = self
             .writer
@@ -86,7 +97,7 @@ impl StorageWriter for StorageWriterService {
         &self,
         request: Request<GetPointRequest>,
     ) -> Result<Response<RecoveryPoint>, Status> {
-        self.require_reader_or_owner(&request, &request.get_ref().vm, "read a point of")
+        self.require_reader_or_host(&request, &request.get_ref().vm, "read a point of")
             .await?;
         let req = request.get_ref();
         let point = self
@@ -116,7 +127,7 @@ impl StorageWriter for StorageWriterService {
         &self,
         request: Request<BlockHashesRequest>,
     ) -> Result<Response<Self::BlockHashesStream>, Status> {
-        self.require_reader_or_owner(&request, &request.get_ref().vm, "read block hashes of")
+        self.require_reader_or_host(&request, &request.get_ref().vm, "read block hashes of")
             .await?;
         let map = self
             .writer
@@ -172,5 +183,35 @@ impl StorageWriter for StorageWriterService {
             chunks_collected: out.objects_collected,
             sweep_deferred: out.sweep_deferred,
         }))
+    }
+
+    type PointChunksStream = ChunkStream;
+
+    async fn point_chunks(
+        &self,
+        request: Request<PointChunksRequest>,
+    ) -> Result<Response<Self::PointChunksStream>, Status> {
+        // The gateway asks on behalf of the host its QUIC peer proved to be.
+        require_service(&request)?;
+        let req = request.get_ref();
+        if req.vm.is_empty() {
+            return Err(Status::invalid_argument("vm is required"));
+        }
+        if req.host_name.is_empty() {
+            return Err(Status::invalid_argument("host_name is required"));
+        }
+        self.owners
+            .check_reader(&req.host_name, &req.vm, "read the chunks of")
+            .await?;
+        let ids = self
+            .writer
+            .point_chunks(&req.vm, &req.point)
+            .await
+            .map_err(|e| to_status(&e))?;
+        let pages: Vec<Result<PointChunksPage, Status>> = chunk_pages(&ids, POINT_CHUNKS_PAGE)
+            .into_iter()
+            .map(Ok)
+            .collect();
+        Ok(Response::new(tokio_stream::iter(pages)))
     }
 }

@@ -105,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
             kind: WorkKind::DeltaCycle as i32,
             vm: "bench".into(),
             job_id: String::new(),
+            failover: None,
         })
         .await?;
     loop {

@@ -206,3 +206,48 @@ fn errors_move_health_and_resync_as_replication_reports_them() {
         .is_err()
     );
 }
+
+#[test]
+fn failover_runs_from_protected_to_committed() {
+    use Health::*;
+    use VmState::*;
+    let planned = Transition::FailoverStarted { planned: true };
+    let unplanned = Transition::FailoverStarted { planned: false };
+    let l = apply((Protected, Normal), planned.clone()).unwrap();
+    assert_eq!((l.state, l.health), (FailingOver, Normal));
+    // Planned needs a healthy protected VM; unplanned takes any replicating one with points.
+    assert!(apply((ResyncPending, Warning), planned.clone()).is_err());
+    assert!(apply((Protected, Critical), planned).is_err());
+    assert_eq!(
+        apply((ResyncPending, Warning), unplanned.clone())
+            .unwrap()
+            .state,
+        FailingOver
+    );
+    let l = apply((FailingOver, Normal), Transition::FailedOver).unwrap();
+    assert_eq!(l.state, FailedOver);
+    assert_eq!(
+        apply((FailedOver, Normal), Transition::PointChanged)
+            .unwrap()
+            .state,
+        FailedOver
+    );
+    let l = apply((FailedOver, Normal), Transition::FailoverCommitted).unwrap();
+    assert_eq!(l.state, FailoverCommitted);
+    // After the commit the point is fixed, and nothing fails over twice.
+    let err = apply((FailoverCommitted, Normal), Transition::PointChanged).unwrap_err();
+    assert!(err.to_string().contains("failover-committed"), "{err}");
+    assert!(apply((FailedOver, Normal), unplanned).is_err());
+    assert!(apply((Protected, Normal), Transition::FailedOver).is_err());
+    let l = apply(
+        (FailingOver, Normal),
+        Transition::FailoverFailed {
+            error: "recovery host gone".into(),
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        (l.state, l.health, l.last_error.as_str()),
+        (Protected, Critical, "recovery host gone")
+    );
+}

@@ -119,13 +119,25 @@ impl Orchestrator {
         record: Record,
     ) -> Result<()> {
         job.step_running(0).await;
-        let files: Vec<PathBuf> = record.files.iter().map(PathBuf::from).collect();
-        remove_files(&files, Some(Path::new(&record.target_dir)))?;
-        job.step_done(
-            0,
-            format!("{} files removed from {}", files.len(), record.target_dir),
-        )
-        .await;
+        if record.on_host() {
+            self.remove_on_host(job.id(), &record).await?;
+            job.step_done(
+                0,
+                format!(
+                    "vm stopped and {} removed on {}",
+                    record.target_dir, record.host
+                ),
+            )
+            .await;
+        } else {
+            let files: Vec<PathBuf> = record.files.iter().map(PathBuf::from).collect();
+            remove_files(&files, Some(Path::new(&record.target_dir)))?;
+            job.step_done(
+                0,
+                format!("{} files removed from {}", files.len(), record.target_dir),
+            )
+            .await;
+        }
         job.step_running(1).await;
         let vm = record.vm.clone();
         let mut cleaned = Record {

@@ -9,6 +9,7 @@
 mod cleanup;
 mod files;
 mod materialize;
+mod on_host;
 mod plan;
 mod remote;
 mod run;
@@ -20,5 +21,11 @@ pub const TEST_FAILOVER_STEPS: [&str; 3] = [
     "resolve recovery point",
     "materialise disks",
     "write vm description",
+];
+/// A test failover on the VM's recovery host.
+pub const ON_HOST_TEST_STEPS: [&str; 3] = [
+    "resolve recovery point",
+    "materialise disks and start the vm on the recovery host",
+    "record the test failover",
 ];
 pub const CLEANUP_STEPS: [&str; 2] = ["remove test copy", "clear failover state"];

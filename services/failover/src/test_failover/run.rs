@@ -122,6 +122,9 @@ impl Orchestrator {
         point: &RecoveryPoint,
         made: &mut Vec<PathBuf>,
     ) -> Result<()> {
+        if record.on_host() {
+            return self.run_test_on_host(job, kept, record, vm, point).await;
+        }
         let dir = PathBuf::from(&record.target_dir);
         let (disks, description) = self.prepare_target(job, kept, record, vm, point).await?;
 

@@ -25,7 +25,11 @@ impl Orchestrator {
     /// returned still running: another replica resumes it.
     pub async fn test_failover(&self, req: TestFailoverRequest) -> Result<Job> {
         check_vm_name(&req.vm)?;
-        let dir = check_target_dir(&req.target_dir)?;
+        // No folder named: on the VM's recovery host (checked once the VM is read).
+        let dir = match req.target_dir.is_empty() {
+            true => None,
+            false => Some(check_target_dir(&req.target_dir)?),
+        };
         let point_ref = if req.point.is_empty() {
             "latest"
         } else {
@@ -51,14 +55,14 @@ impl Orchestrator {
                 )
             }));
         }
-        let (vm, point, job) = match self.prepare_test(&req.vm, point_ref).await {
+        let (vm, point, job) = match self.prepare_test(&req.vm, point_ref, dir.is_none()).await {
             Ok(p) => p,
             Err(e) => {
                 self.unlock_vm_start(starting).await;
                 return Err(e);
             }
         };
-        let mut record = new_test_record(&vm, &point, &dir, job.id(), self.holder());
+        let mut record = new_test_record(&vm, &point, dir.as_deref(), job.id(), self.holder());
         let begun = self.lease_and_record(&mut record).await;
         self.unlock_vm_start(starting).await;
         match begun {
@@ -72,16 +76,21 @@ impl Orchestrator {
         &self,
         name: &str,
         point_ref: &str,
+        on_host: bool,
     ) -> Result<(Vm, RecoveryPoint, JobTracker)> {
         let vm = self.get_vm(name).await?;
+        if on_host && vm.recovery_host.is_empty() {
+            return Err(FailoverError::FailedPrecondition(format!(
+                "vm {name} has no recovery host: set one with `ferry vm set {name} \
+                 --recovery-host HOST`, or export into a folder with --target DIR"
+            )));
+        }
         let point = self.get_point(name, point_ref).await?;
-        let job = JobTracker::start(
-            self.registry.clone(),
-            "test-failover",
-            name,
-            &TEST_FAILOVER_STEPS,
-        )
-        .await?;
+        let steps: &[&str] = match on_host {
+            true => &super::ON_HOST_TEST_STEPS,
+            false => &TEST_FAILOVER_STEPS,
+        };
+        let job = JobTracker::start(self.registry.clone(), "test-failover", name, steps).await?;
         Ok((vm, point, job))
     }
 
@@ -182,12 +191,12 @@ impl Orchestrator {
     }
 }
 
-/// The record of a test failover of `vm` to `point` in `dir` that job `job_id` starts, held
-/// by `holder`.
+/// The record of a test failover of `vm` to `point` in `dir` (None: on the VM's recovery
+/// host) that job `job_id` starts, held by `holder`.
 fn new_test_record(
     vm: &Vm,
     point: &RecoveryPoint,
-    dir: &Path,
+    dir: Option<&Path>,
     job_id: &str,
     holder: String,
 ) -> Record {
@@ -196,7 +205,7 @@ fn new_test_record(
         vm: vm.name.clone(),
         kind: "test".into(),
         point_id: point.id.clone(),
-        target_dir: dir.display().to_string(),
+        target_dir: dir.map(|d| d.display().to_string()).unwrap_or_default(),
         files: Vec::new(),
         state: STATE_RUNNING.into(),
         created_at_ms: now,
@@ -207,5 +216,12 @@ fn new_test_record(
         holder,
         planned: Vec::new(),
         created_dir: false,
+        host: match dir {
+            Some(_) => String::new(),
+            None => vm.recovery_host.clone(),
+        },
+        disks: Vec::new(),
+        driver: String::new(),
+        started_at_ms: 0,
     }
 }

@@ -13,7 +13,7 @@ use super::{HEARTBEAT_SECS, HostCapabilities, R, RegistryService, removed_hosts}
 use crate::error::RegistryError;
 use crate::lifecycle::vm_event;
 use crate::state::{Event, HostRecord, KeyRecord};
-use ferry_model::DiskSpec;
+use ferry_model::{DiskSpec, VmHardware};
 
 const KEY_TTL_DEFAULT_SECS: u64 = 24 * 3600;
 
@@ -153,8 +153,15 @@ impl RegistryService {
         let host = ferry_mesh::require_host(&req)?;
         let req = req.into_inner();
         let mut events = Vec::new();
+        let fenced_vms;
         {
             let st = self.state.lock().await;
+            fenced_vms = st
+                .vms
+                .values()
+                .filter(|v| v.host == host && v.fenced_on_host())
+                .map(|v| v.name.clone())
+                .collect();
             match st.hosts.get(&host) {
                 None => return Err(RegistryError::HostNotFound(host).into()),
                 Some(h) if h.removed => return Err(RegistryError::HostRemoved(host).into()),
@@ -166,16 +173,22 @@ impl RegistryService {
                     continue;
                 }
                 let disks: Vec<DiskSpec> = vm.disks.iter().map(DiskSpec::from).collect();
+                let hardware = vm
+                    .hardware
+                    .as_ref()
+                    .map(VmHardware::from)
+                    .unwrap_or_default();
                 match st.vms.get(&vm.name) {
                     Some(v) if v.host != host && v.state != VmState::Unprotected => {
                         tracing::warn!(vm = %vm.name, owner = %v.host, host = %host, "vm is protected from another host; inventory ignored");
                     }
-                    Some(v) if v.host == host && v.disks == disks => {}
+                    Some(v) if v.host == host && v.disks == disks && v.hardware == hardware => {}
                     _ => events.push(Event::Inventory {
                         host: host.clone(),
                         vm: vm.name.clone(),
                         disks,
                         at_ms: now_ms(),
+                        hardware,
                     }),
                 }
             }
@@ -201,6 +214,7 @@ impl RegistryService {
         }
         Ok(Response::new(pb::HeartbeatResponse {
             heartbeat_interval_seconds: HEARTBEAT_SECS,
+            fenced_vms,
         }))
     }
 

@@ -124,6 +124,7 @@ pub fn commit(
         }],
         fencing_tokens: [(id, token)].into_iter().collect(),
         host: "h1".into(),
+        epoch: 0,
     }
 }
 

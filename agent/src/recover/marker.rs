@@ -1,0 +1,98 @@
+//! The marker file of a recovered VM's folder: which failover made it, and (once finished)
+//! what it made, so the same work delivered again is answered without redoing it.
+use std::path::{Path, PathBuf};
+
+use ferry_proto::scheduler::v1::FailoverWork;
+use serde::{Deserialize, Serialize};
+
+use super::MARKER;
+use crate::ReplError;
+use crate::driver::RunDisk;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct Marker {
+    pub(super) failover_id: String,
+    pub(super) vm: String,
+    pub(super) point: String,
+    pub(super) kind: String,
+    /// "production" or "test".
+    pub(super) network: String,
+    pub(super) cpus: u32,
+    pub(super) memory_mib: u64,
+    pub(super) networks: Vec<String>,
+    #[serde(default)]
+    pub(super) dir: PathBuf,
+    #[serde(default)]
+    pub(super) disks: Vec<RunDisk>,
+    /// The point's disk id of each of `disks`.
+    #[serde(default)]
+    pub(super) disk_ids: Vec<String>,
+    #[serde(default)]
+    pub(super) bytes_written: u64,
+    #[serde(default)]
+    pub(super) started_at_ms: i64,
+    #[serde(default)]
+    pub(super) driver: String,
+    /// The disks are written and served and the driver started the VM.
+    #[serde(default)]
+    pub(super) finished: bool,
+}
+
+impl Marker {
+    pub(super) fn new(work: &FailoverWork, vm: &str, dir: &Path) -> Self {
+        let hw = work.hardware.clone().unwrap_or_default();
+        Self {
+            failover_id: work.failover_id.clone(),
+            vm: vm.to_owned(),
+            point: work.point.clone(),
+            kind: work.kind.clone(),
+            network: work.network.clone(),
+            cpus: hw.cpus,
+            memory_mib: hw.memory_mib,
+            networks: hw.networks,
+            dir: dir.to_path_buf(),
+            disks: Vec::new(),
+            disk_ids: Vec::new(),
+            bytes_written: 0,
+            started_at_ms: 0,
+            driver: String::new(),
+            finished: false,
+        }
+    }
+}
+
+/// The folder's marker; None when the folder or its marker does not exist.
+pub(super) fn read(dir: &Path) -> Result<Option<Marker>, ReplError> {
+    let path = dir.join(MARKER);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(ReplError::Permanent(format!(
+                "reading {}: {e}",
+                path.display()
+            )));
+        }
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| ReplError::Permanent(format!("{} is unreadable: {e}", path.display())))
+}
+
+/// Writes the marker whole (temporary file, fsync, rename).
+pub(super) fn write(dir: &Path, m: &Marker) -> Result<(), ReplError> {
+    let path = dir.join(MARKER);
+    let tmp = dir.join(format!("{MARKER}.tmp"));
+    let io = |what: &str, e: std::io::Error| {
+        ReplError::Permanent(format!("{what} {}: {e}", path.display()))
+    };
+    let json = serde_json::to_vec_pretty(m)
+        .map_err(|e| ReplError::Permanent(format!("encoding {}: {e}", path.display())))?;
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&tmp).map_err(|e| io("writing", e))?;
+        f.write_all(&json).map_err(|e| io("writing", e))?;
+        f.sync_all().map_err(|e| io("syncing", e))?;
+    }
+    std::fs::rename(&tmp, &path).map_err(|e| io("renaming into", e))
+}

@@ -1,0 +1,97 @@
+//! `ferry failover …`: test failover (on the recovery host, or an export into a folder),
+//! cleanup, and the list of failovers.
+use std::process::ExitCode;
+
+use ferry::ctl::{Ctl, status_err};
+use ferry::outln;
+use ferry::output::{failover_json, print_json, table, time};
+use ferry_proto::failover::v1::{
+    CleanupTestFailoverRequest, ListFailoversRequest, TestFailoverRequest,
+};
+
+use crate::commands::{job_exit, print_job};
+use crate::{FailoverCmd, OutputFormat};
+
+pub(crate) async fn run(c: &Ctl, cmd: &FailoverCmd) -> anyhow::Result<ExitCode> {
+    let (job, output) = match cmd {
+        FailoverCmd::Test {
+            vm,
+            point,
+            target,
+            output,
+        } => {
+            let target_dir = match target {
+                Some(t) => std::path::absolute(t)?.to_string_lossy().into(),
+                None => String::new(),
+            };
+            let job = c
+                .failover()
+                .await?
+                .test_failover(TestFailoverRequest {
+                    vm: vm.clone(),
+                    point: point.clone(),
+                    target_dir,
+                })
+                .await
+                .map_err(|s| status_err("test failover", s))?
+                .into_inner();
+            (job, *output)
+        }
+        FailoverCmd::Cleanup { vm, output } => {
+            let job = c
+                .failover()
+                .await?
+                .cleanup_test_failover(CleanupTestFailoverRequest { vm: vm.clone() })
+                .await
+                .map_err(|s| status_err("test failover cleanup", s))?
+                .into_inner();
+            (job, *output)
+        }
+        FailoverCmd::List { output } => return list(c, *output).await,
+    };
+    print_job(&job, output)?;
+    Ok(job_exit(&job))
+}
+
+async fn list(c: &Ctl, output: OutputFormat) -> anyhow::Result<ExitCode> {
+    let failovers = c
+        .failover()
+        .await?
+        .list_failovers(ListFailoversRequest {})
+        .await
+        .map_err(|s| status_err("list failovers", s))?
+        .into_inner()
+        .failovers;
+    if output == OutputFormat::Json {
+        print_json(&serde_json::Value::Array(
+            failovers.iter().map(failover_json).collect(),
+        ))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = failovers
+        .iter()
+        .map(|f| {
+            vec![
+                f.vm.clone(),
+                f.kind.clone(),
+                f.state.clone(),
+                if f.host.is_empty() {
+                    "-".into()
+                } else {
+                    f.host.clone()
+                },
+                f.point_id.clone(),
+                f.target_dir.clone(),
+                time(f.created_at_ms),
+            ]
+        })
+        .collect();
+    outln!(
+        "{}",
+        table(
+            &["VM", "KIND", "STATE", "HOST", "POINT", "DIR", "CREATED"],
+            &rows
+        )
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,182 @@
+//! Test failover on the VM's recovery host: the work is dispatched to that host's agent
+//! through the scheduler (RECOVER_VM: it fetches the point over QUIC, writes the disks into
+//! its `[recovery]` folder, serves them and starts the VM with the test network), and the job
+//! waits for the outcome the scheduler keeps. Cleanup dispatches REMOVE_RECOVERED.
+//!
+//! Both work items are named after the job (`job-<id>`), so a replica that resumes the job
+//! dispatches the same item again and waits for the same outcome; the agent's marker file
+//! makes a re-delivered item answer without redoing it.
+use std::time::Duration;
+
+use ferry_coord::KeptLease;
+use ferry_model::TestFailover;
+use ferry_proto::common::v1::{RecoveryPoint, VmHardware};
+use ferry_proto::registry::v1::Vm;
+use ferry_proto::scheduler::v1::{
+    DispatchRequest, FailoverWork, RecoveredVm, WorkKind, WorkResultRequest,
+};
+use tracing::info;
+
+use crate::Orchestrator;
+use crate::error::{FailoverError, Result};
+use crate::job::JobTracker;
+use crate::records::{Record, RecordDisk, STATE_ACTIVE};
+
+/// How often the job asks the scheduler whether the host finished.
+const POLL: Duration = Duration::from_millis(300);
+/// The network every NIC of a test failover joins when the policy names none.
+pub const DEFAULT_TEST_NETWORK: &str = "ferry-test";
+
+impl Orchestrator {
+    pub(super) async fn run_test_on_host(
+        &self,
+        job: &mut JobTracker,
+        kept: &KeptLease,
+        record: &mut Record,
+        vm: &Vm,
+        point: &RecoveryPoint,
+    ) -> Result<()> {
+        job.step_running(0).await;
+        job.step_done(
+            0,
+            format!(
+                "point {} ({} ms), {} disks, on host {}",
+                point.id,
+                point.time_ms,
+                point.disks.len(),
+                record.host
+            ),
+        )
+        .await;
+        job.step_running(1).await;
+        let total: u64 = point.disks.iter().map(|d| d.virtual_size).sum();
+        job.set_bytes(total, 0);
+        let work = FailoverWork {
+            point: point.id.clone(),
+            network: "test".into(),
+            kind: "test".into(),
+            failover_id: record.job_id.clone(),
+            hardware: Some(test_hardware(vm)),
+        };
+        let kind = WorkKind::RecoverVm;
+        let recovered = self
+            .dispatch_and_wait(&record.host, kind, &vm.name, job.id(), work)
+            .await?;
+        job.set_bytes(total, total);
+        job.step_done(
+            1,
+            format!(
+                "{} disks in {} on {} ({} driver)",
+                recovered.disks.len(),
+                recovered.dir,
+                record.host,
+                recovered.driver
+            ),
+        )
+        .await;
+        job.step_running(2).await;
+        record.target_dir = recovered.dir.clone();
+        record.files = recovered.disks.iter().map(|d| d.path.clone()).collect();
+        record.disks = recovered
+            .disks
+            .iter()
+            .map(|d| RecordDisk {
+                disk_id: d.disk_id.clone(),
+                path: d.path.clone(),
+                format: d.format.clone(),
+                nbd_uri: d.nbd_uri.clone(),
+            })
+            .collect();
+        record.driver = recovered.driver.clone();
+        record.started_at_ms = recovered.started_at_ms;
+        record.state = STATE_ACTIVE.into();
+        record.updated_at_ms = chrono::Utc::now().timestamp_millis();
+        self.ledger
+            .put_fenced(record, &self.coord, kept.lease())
+            .await?;
+        if let Err(e) = self
+            .set_failover_state(&vm.name, TestFailover::Active)
+            .await
+        {
+            return Err(FailoverError::FailedPrecondition(format!(
+                "{e}; the test failover on {} is recorded: run cleanup to remove it",
+                record.host
+            )));
+        }
+        job.step_done(2, format!("test vm running on {}", record.host))
+            .await;
+        info!(vm = %vm.name, point = %point.id, host = %record.host, dir = %recovered.dir, "test failover running on the recovery host");
+        Ok(())
+    }
+
+    /// Stops the recovered VM of `record` and removes its folder on its host (job `job_id`).
+    pub(super) async fn remove_on_host(&self, job_id: &str, record: &Record) -> Result<()> {
+        let work = FailoverWork {
+            point: record.point_id.clone(),
+            network: "test".into(),
+            kind: record.kind.clone(),
+            failover_id: record.job_id.clone(),
+            hardware: None,
+        };
+        let kind = WorkKind::RemoveRecovered;
+        self.dispatch_and_wait(&record.host, kind, &record.vm, job_id, work)
+            .await?;
+        Ok(())
+    }
+
+    /// Queues failover work for `host` and waits until the host completed it. A failure on
+    /// the host is the job's failure, with the host's message.
+    async fn dispatch_and_wait(
+        &self,
+        host: &str,
+        kind: WorkKind,
+        vm: &str,
+        job_id: &str,
+        work: FailoverWork,
+    ) -> Result<RecoveredVm> {
+        let mut scheduler = self.scheduler()?;
+        let work_id = scheduler
+            .dispatch(DispatchRequest {
+                host_name: host.to_owned(),
+                kind: kind as i32,
+                vm: vm.to_owned(),
+                job_id: job_id.to_owned(),
+                failover: Some(work),
+            })
+            .await
+            .map_err(|s| FailoverError::remote("scheduler", "dispatch", &s))?
+            .into_inner()
+            .work_id;
+        info!(vm = %vm, host = %host, work = %work_id, kind = ?kind, "failover work dispatched");
+        loop {
+            let r = scheduler
+                .work_result(WorkResultRequest {
+                    work_id: work_id.clone(),
+                })
+                .await
+                .map_err(|s| FailoverError::remote("scheduler", "work result", &s))?
+                .into_inner();
+            if r.done && r.ok {
+                return Ok(r.recovered.unwrap_or_default());
+            }
+            if r.done {
+                return Err(FailoverError::FailedPrecondition(format!(
+                    "host {host}: {}",
+                    r.error
+                )));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+/// The VM's hardware with every NIC on the test network (at least one NIC, so the test VM
+/// has a network to be reached on).
+fn test_hardware(vm: &Vm) -> VmHardware {
+    let hw = vm.hardware.clone().unwrap_or_default();
+    let nics = hw.networks.len().max(1);
+    VmHardware {
+        networks: vec![DEFAULT_TEST_NETWORK.to_owned(); nics],
+        ..hw
+    }
+}

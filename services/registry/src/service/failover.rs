@@ -1,0 +1,132 @@
+//! Planned and unplanned failover as the registry keeps it: the lifecycle moves only as the
+//! state machine allows ([`vm_event`]), and with it the VM's site — where it runs, where it
+//! is going, and the epoch that fences the host it left. A STARTED (or FAILED_OVER,
+//! COMMITTED) repeated by a resumed job of the same failover answers the VM as it is.
+use ferry_model::{Transition, VmState};
+use ferry_proto::registry::v1::{self as pb, FailoverEvent};
+use tonic::{Request, Response};
+
+use super::{R, RegistryService};
+use crate::error::RegistryError;
+use crate::lifecycle::vm_event;
+use crate::state::{Event, FailoverSite, VmRecord};
+
+impl VmRecord {
+    /// The host the VM runs on now.
+    pub fn active_host(&self) -> &str {
+        match self.site.active_host.is_empty() {
+            true => &self.host,
+            false => &self.site.active_host,
+        }
+    }
+
+    /// The VM failed over (or is failing over) away from its host: that host must refuse
+    /// its writes and replicate nothing of it.
+    pub fn fenced_on_host(&self) -> bool {
+        matches!(
+            self.state,
+            VmState::FailingOver | VmState::FailedOver | VmState::FailoverCommitted
+        )
+    }
+}
+
+/// The events of `e` on `v`, or None when a resumed job repeats what is already recorded.
+fn failover_events(
+    v: &VmRecord,
+    e: FailoverEvent,
+    req: &pb::RecordFailoverRequest,
+) -> Result<Option<Vec<Event>>, RegistryError> {
+    use FailoverEvent as E;
+    let same = !req.failover_id.is_empty() && v.site.failover_id == req.failover_id;
+    let mut site = v.site.clone();
+    let t = match e {
+        E::PlannedStarted | E::UnplannedStarted => {
+            if same && v.state == VmState::FailingOver {
+                return Ok(None);
+            }
+            if req.host.is_empty() || req.failover_id.is_empty() {
+                return Err(RegistryError::InvalidArgument(
+                    "a failover start names its host and failover id".into(),
+                ));
+            }
+            site = FailoverSite {
+                failover_host: req.host.clone(),
+                epoch: v.site.epoch + 1,
+                failover_id: req.failover_id.clone(),
+                ..site
+            };
+            Transition::FailoverStarted {
+                planned: e == E::PlannedStarted,
+            }
+        }
+        E::FailedOver => {
+            if same && v.state == VmState::FailedOver {
+                return Ok(None);
+            }
+            site.active_host = site.failover_host.clone();
+            site.point = req.point.clone();
+            Transition::FailedOver
+        }
+        E::Failed => {
+            site.failover_host.clear();
+            Transition::FailoverFailed {
+                error: req.error.clone(),
+            }
+        }
+        E::PointChanged => {
+            site.point = req.point.clone();
+            Transition::PointChanged
+        }
+        E::Committed => {
+            if same && v.state == VmState::FailoverCommitted {
+                return Ok(None);
+            }
+            Transition::FailoverCommitted
+        }
+        E::Unspecified => {
+            return Err(RegistryError::InvalidArgument(
+                "record failover: event is unspecified".into(),
+            ));
+        }
+    };
+    if !same && !matches!(e, E::PlannedStarted | E::UnplannedStarted) {
+        return Err(RegistryError::FailedPrecondition(format!(
+            "vm {}: failover {:?} is not the running one ({:?})",
+            v.name, req.failover_id, v.site.failover_id
+        )));
+    }
+    let state = vm_event(v, &t)?;
+    Ok(Some(vec![
+        state,
+        Event::VmSite {
+            vm: v.name.clone(),
+            site,
+        },
+    ]))
+}
+
+impl RegistryService {
+    pub(super) async fn record_failover(
+        &self,
+        req: Request<pb::RecordFailoverRequest>,
+    ) -> R<pb::Vm> {
+        ferry_mesh::require_service(&req)?;
+        let req = req.into_inner();
+        let e = FailoverEvent::try_from(req.event).map_err(|_| {
+            RegistryError::InvalidArgument(format!("unknown failover event {}", req.event))
+        })?;
+        let events = {
+            let st = self.state.lock().await;
+            let v = st
+                .vms
+                .get(&req.vm)
+                .ok_or_else(|| RegistryError::VmNotFound(req.vm.clone()))?;
+            failover_events(v, e, &req)?
+        };
+        if let Some(events) = events {
+            tracing::info!(vm = %req.vm, event = ?e, host = %req.host, point = %req.point, failover = %req.failover_id, "failover recorded");
+            self.persist(events).await?;
+        }
+        Ok(Response::new(self.vm_proto(&req.vm).await?))
+    }
+}

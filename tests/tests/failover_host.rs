@@ -1,0 +1,153 @@
+//! Test failover on the VM's recovery host (issue #11 scopes 2 and 3), through the CLI as an
+//! operator types it: the recovery host's agent fetches the point over QUIC, writes the disks
+//! into its `[recovery]` folder, serves them through its tracker and starts the VM through
+//! its command driver with the test network; cleanup stops it and deletes the folder.
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_tests::*;
+
+fn cli(t: &TestMesh, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+    let out = t.ferry_cli(args)?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+fn json(t: &TestMesh, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let (ok, out, err) = cli(t, args)?;
+    anyhow::ensure!(ok, "ferry {args:?}: {out} {err}");
+    Ok(serde_json::from_str(&out)?)
+}
+
+/// A command driver whose start and stop each append their environment to a file.
+fn driver_section(dir: &Path) -> anyhow::Result<String> {
+    std::fs::create_dir_all(dir)?;
+    for call in ["start", "stop"] {
+        let script = dir.join(format!("{call}-vm.sh"));
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\n{{ echo \"call={call}\"; echo \"vm=$FERRY_VM\"; echo \"network=$FERRY_NETWORK\"; \
+                 echo \"spec=$FERRY_VM_SPEC\"; echo \"disks=$FERRY_DISKS\"; }} >> calls.log\n"
+            ),
+        )?;
+    }
+    Ok(
+        "[driver]\nkind = \"command\"\nstart = \"sh ./start-vm.sh\"\nstop = \"sh ./stop-vm.sh\"\n"
+            .into(),
+    )
+}
+
+fn calls(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("calls.log")).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_failover_runs_on_the_recovery_host() -> anyhow::Result<()> {
+    let t = TestMesh::start().await?;
+    let disks = t.path("disks");
+    std::fs::create_dir_all(&disks)?;
+    let web = disks.join("web01.vhdx");
+    qemu_create(&web, "vhdx", "", "8M")?;
+    qemu_io(
+        &web,
+        "vhdx",
+        &["write -P 0x5a 0 1M", "write -P 0x17 3M 512k"],
+    )?;
+    // What the point holds (the tracker keeps the source open from now on).
+    let original = disks.join("web01.orig.vhdx");
+    std::fs::copy(&web, &original)?;
+    let primary = t
+        .site_agent(
+            "hv01",
+            "site-a",
+            &[("web01", vec![web.clone()])],
+            "[tracker]\n",
+        )
+        .await?;
+    let dr_dir = t.path("hv-dr01");
+    let extra = format!(
+        "[recovery]\ndir = \"recovered\"\n[tracker]\n{}",
+        driver_section(&dr_dir)?
+    );
+    let dr = t.site_agent("hv-dr01", "site-b", &[], &extra).await?;
+    t.wait_vm("web01").await?;
+    let recovery = |h: &ferry_proto::registry::v1::Host| h.status == "connected" && h.recovery;
+    t.wait_host("hv-dr01", recovery, Duration::from_secs(60))
+        .await?;
+
+    // Without a recovery host a test failover needs a folder.
+    let (ok, _, err) = cli(
+        &t,
+        &["vm", "protect", "web01", "--frequency", "1h", "--wait"],
+    )?;
+    assert!(ok, "protect: {err}");
+    let (ok, _, err) = cli(&t, &["failover", "test", "web01"])?;
+    assert!(!ok && err.contains("no recovery host"), "{err}");
+    let (ok, _, err) = cli(&t, &["vm", "set", "web01", "--recovery-host", "hv-dr01"])?;
+    assert!(ok, "vm set: {err}");
+
+    let job = json(&t, &["failover", "test", "web01", "-o", "json"])?;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let list = json(&t, &["failover", "list", "-o", "json"])?;
+    let f = &list[0];
+    assert_eq!(f["vm"], "web01", "{list}");
+    assert_eq!(f["kind"], "test", "{list}");
+    assert_eq!(f["state"], "active", "{list}");
+    assert_eq!(f["host"], "hv-dr01", "{list}");
+    let recovered = PathBuf::from(f["disks"][0]["path"].as_str().unwrap_or_default());
+    let uri = f["disks"][0]["nbd_uri"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        recovered.starts_with(dr_dir.join("recovered").join("web01")),
+        "{recovered:?}"
+    );
+    assert!(uri.starts_with("nbd+unix://"), "{list}");
+    // The recovered disk is the point: the source as it was when protected.
+    assert!(
+        qemu_compare(&original, "vhdx", &recovered, "vhdx")?,
+        "recovered disk differs"
+    );
+    let started = calls(&dr_dir);
+    assert!(started.contains("call=start"), "{started}");
+    assert!(started.contains("vm=web01"), "{started}");
+    assert!(started.contains("network=test"), "{started}");
+    assert!(
+        started.contains(&uri),
+        "the driver gets the disks' nbd uris: {started}"
+    );
+    // The test VM runs on tracked disks: a write through the export lands.
+    nbd_write(&uri, &["write -P 0x66 0 64k"])?;
+
+    // One test failover at a time: the state machine says why.
+    let v = json(&t, &["vm", "show", "web01", "-o", "json"])?;
+    assert_eq!(v["failover_state"], "test", "{v}");
+    let (ok, _, err) = cli(&t, &["failover", "test", "web01"])?;
+    assert!(!ok && err.contains("test-failover is not allowed"), "{err}");
+    assert!(err.contains("FailedPrecondition"), "{err}");
+
+    let job = json(&t, &["failover", "cleanup", "web01", "-o", "json"])?;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert!(calls(&dr_dir).contains("call=stop"), "{}", calls(&dr_dir));
+    assert!(
+        !dr_dir.join("recovered/web01").exists(),
+        "the folder is removed"
+    );
+    assert!(
+        nbd_write(&uri, &["read 0 64k"]).is_err(),
+        "the export is gone"
+    );
+    let v = json(&t, &["vm", "show", "web01", "-o", "json"])?;
+    assert_eq!(v["failover_state"], "", "{v}");
+
+    for a in [primary, dr] {
+        a.shutdown().await?;
+    }
+    t.stop().await;
+    Ok(())
+}
