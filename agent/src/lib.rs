@@ -400,6 +400,7 @@ impl Agent {
                 recovered = Some(r);
             }),
             Ok(WorkKind::RemoveRecovered) => self.remove_recovered(&item, &stop).await,
+            Ok(WorkKind::ShutdownVm) => self.shutdown_source(&item, &stop).await,
             Ok(WorkKind::InitialReplication) => {
                 self.initial_replication(&item.vm, &item.job_id, &stop)
                     .await

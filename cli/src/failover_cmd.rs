@@ -6,7 +6,8 @@ use ferry::ctl::{Ctl, status_err};
 use ferry::outln;
 use ferry::output::{failover_json, print_json, table, time};
 use ferry_proto::failover::v1::{
-    CleanupTestFailoverRequest, ListFailoversRequest, TestFailoverRequest,
+    ChangeRecoveryPointRequest, CleanupTestFailoverRequest, CommitFailoverRequest,
+    ListFailoversRequest, TestFailoverRequest, UnplannedFailoverRequest,
 };
 
 use crate::commands::{job_exit, print_job};
@@ -46,6 +47,45 @@ pub(crate) async fn run(c: &Ctl, cmd: &FailoverCmd) -> anyhow::Result<ExitCode> 
                 .map_err(|s| status_err("test failover cleanup", s))?
                 .into_inner();
             (job, *output)
+        }
+        FailoverCmd::Unplanned {
+            vm,
+            point,
+            shutdown,
+            wait: _,
+            output,
+        } => {
+            let req = UnplannedFailoverRequest {
+                vm: vm.clone(),
+                point: point.clone(),
+                shutdown: *shutdown,
+                ..Default::default()
+            };
+            let job = c.failover().await?.unplanned_failover(req).await;
+            (
+                job.map_err(|s| status_err("unplanned failover", s))?
+                    .into_inner(),
+                *output,
+            )
+        }
+        FailoverCmd::ChangePoint { vm, point, output } => {
+            let req = ChangeRecoveryPointRequest {
+                vm: vm.clone(),
+                point: point.clone(),
+            };
+            let job = c.failover().await?.change_recovery_point(req).await;
+            (
+                job.map_err(|s| status_err("change point", s))?.into_inner(),
+                *output,
+            )
+        }
+        FailoverCmd::Commit { vm, output } => {
+            let req = CommitFailoverRequest { vm: vm.clone() };
+            let job = c.failover().await?.commit_failover(req).await;
+            (
+                job.map_err(|s| status_err("commit", s))?.into_inner(),
+                *output,
+            )
         }
         FailoverCmd::List { output } => return list(c, *output).await,
     };

@@ -257,6 +257,36 @@ pub enum FailoverCmd {
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },
+    /// Unplanned failover: the VM's production copy comes up on its recovery host from POINT;
+    /// replication from the primary is fenced first.
+    Unplanned {
+        vm: String,
+        /// A point id, "latest" or "latest-app".
+        #[arg(long)]
+        point: String,
+        /// Try to shut the source VM down first (carries on if it cannot).
+        #[arg(long)]
+        shutdown: bool,
+        /// Wait for the job to end (the command always does; kept for scripts).
+        #[arg(long)]
+        wait: bool,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Before commit: run the failed-over VM on another point.
+    ChangePoint {
+        vm: String,
+        #[arg(long)]
+        point: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Commit the VM's failover (the point is fixed).
+    Commit {
+        vm: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
     /// Every failover and its state.
     List {
         #[arg(short, long, value_enum, default_value_t)]

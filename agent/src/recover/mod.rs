@@ -13,6 +13,7 @@
 //! scheduler re-sent it) finds a finished marker and answers with what it recorded, or an
 //! unfinished one and starts over; a folder of another failover is refused, never reused.
 mod marker;
+mod source;
 mod write;
 
 use std::path::{Path, PathBuf};

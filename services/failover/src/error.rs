@@ -29,6 +29,9 @@ pub enum FailoverError {
         #[source]
         source: std::io::Error,
     },
+    /// A host did not answer in time (a primary that may be gone).
+    #[error("{0}")]
+    Unavailable(String),
     /// The service is shutting down.
     #[error("cancelled: the failover service is shutting down")]
     Cancelled,
@@ -67,6 +70,7 @@ impl ServiceError for FailoverError {
             FailoverError::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
             FailoverError::Remote { code, .. } => *code,
             FailoverError::Cancelled => ErrorCode::Cancelled,
+            FailoverError::Unavailable(_) => ErrorCode::Unavailable,
             FailoverError::Lease(e) if e.is_transient() => ErrorCode::Unavailable,
             FailoverError::Lease(_) => ErrorCode::Aborted,
             FailoverError::Store(e) if e.is_transient() => ErrorCode::Unavailable,

@@ -14,9 +14,11 @@
 
 mod allowed;
 pub mod error;
+mod host_work;
 mod job;
 pub mod records;
 pub mod service;
+mod site_failover;
 mod test_failover;
 
 use std::collections::HashSet;
@@ -38,6 +40,7 @@ use tonic::transport::Channel;
 pub use error::FailoverError;
 pub use records::{Ledger, Record};
 pub use service::FailoverService;
+pub use site_failover::UNPLANNED_STEPS;
 pub use test_failover::{CLEANUP_STEPS, ON_HOST_TEST_STEPS, TEST_FAILOVER_STEPS, disk_file_name};
 
 /// The orchestrator's state: clients of the registry and the storage-writer (service

@@ -26,6 +26,8 @@ pub const STATE_RUNNING: &str = "running";
 pub const STATE_CLEANING: &str = "cleaning";
 /// The test failover job failed; nothing of it was left behind.
 pub const STATE_FAILED: &str = "failed";
+/// A planned or unplanned failover was committed.
+pub const STATE_COMMITTED: &str = "committed";
 
 /// One failover of one VM, as stored (a superset of the API's `FailoverRecord`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +74,9 @@ pub struct Record {
     pub driver: String,
     #[serde(default)]
     pub started_at_ms: i64,
+    /// Unplanned failover: try to shut the source VM down first.
+    #[serde(default)]
+    pub shutdown: bool,
 }
 
 /// A disk of a failover on a host.

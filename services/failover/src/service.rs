@@ -2,13 +2,14 @@
 //! reader role and act with the operator role; services count as admin), then the handler,
 //! with errors mapped through `ferry_mesh::to_status` only.
 use ferry_mesh::{Role, require_role, to_status, unimplemented};
+use ferry_model::Operation;
 use ferry_proto::common::v1::Job;
 use ferry_proto::failover::v1::failover_server::Failover;
 use ferry_proto::failover::v1::{
-    CleanupTestFailoverRequest, CommitFailoverRequest, FailbackRequest, ListFailoversRequest,
-    ListFailoversResponse, ListRecoveryPlansRequest, ListRecoveryPlansResponse,
-    PlannedFailoverRequest, RecoveryPlan, ReprotectRequest, RunRecoveryPlanRequest,
-    TestFailoverRequest, UnplannedFailoverRequest,
+    ChangeRecoveryPointRequest, CleanupTestFailoverRequest, CommitFailoverRequest, FailbackRequest,
+    ListFailoversRequest, ListFailoversResponse, ListRecoveryPlansRequest,
+    ListRecoveryPlansResponse, PlannedFailoverRequest, RecoveryPlan, ReprotectRequest,
+    RunRecoveryPlanRequest, TestFailoverRequest, UnplannedFailoverRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -24,6 +25,14 @@ impl FailoverService {
     pub fn new(orchestrator: Orchestrator) -> Self {
         Self { orchestrator }
     }
+
+    /// FAILED_PRECONDITION naming the VM's state unless it allows `op` now.
+    async fn allowed(&self, vm: &str, op: Operation) -> Result<(), Status> {
+        self.orchestrator
+            .require_allowed(vm, op)
+            .await
+            .map_err(|e| to_status(&e))
+    }
 }
 
 #[tonic::async_trait]
@@ -34,10 +43,7 @@ impl Failover for FailoverService {
     ) -> Result<Response<Job>, Status> {
         require_role(&request, Role::Operator)?;
         let req = request.into_inner();
-        self.orchestrator
-            .require_allowed(&req.vm, ferry_model::Operation::TestFailover)
-            .await
-            .map_err(|e| to_status(&e))?;
+        self.allowed(&req.vm, Operation::TestFailover).await?;
         let job = self
             .orchestrator
             .test_failover(req)
@@ -75,10 +81,14 @@ impl Failover for FailoverService {
         request: Request<UnplannedFailoverRequest>,
     ) -> Result<Response<Job>, Status> {
         require_role(&request, Role::Operator)?;
-        Err(unimplemented(
-            "unplanned failover (materialising a chosen point as the production copy and \
-             stopping replication)",
-        ))
+        let req = request.into_inner();
+        self.allowed(&req.vm, Operation::UnplannedFailover).await?;
+        let job = self
+            .orchestrator
+            .unplanned_failover(req)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(job))
     }
 
     async fn commit_failover(
@@ -86,9 +96,29 @@ impl Failover for FailoverService {
         request: Request<CommitFailoverRequest>,
     ) -> Result<Response<Job>, Status> {
         require_role(&request, Role::Operator)?;
-        Err(unimplemented(
-            "commit failover (it needs planned or unplanned failover first)",
-        ))
+        let req = request.into_inner();
+        self.allowed(&req.vm, Operation::Commit).await?;
+        let job = self
+            .orchestrator
+            .commit_failover(req)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(job))
+    }
+
+    async fn change_recovery_point(
+        &self,
+        request: Request<ChangeRecoveryPointRequest>,
+    ) -> Result<Response<Job>, Status> {
+        require_role(&request, Role::Operator)?;
+        let req = request.into_inner();
+        self.allowed(&req.vm, Operation::ChangePoint).await?;
+        let job = self
+            .orchestrator
+            .change_recovery_point(req)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(job))
     }
 
     async fn failback(&self, request: Request<FailbackRequest>) -> Result<Response<Job>, Status> {

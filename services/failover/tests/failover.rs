@@ -502,6 +502,7 @@ async fn a_job_whose_replica_died_is_resumed_elsewhere() {
         disks: vec![],
         driver: String::new(),
         started_at_ms: 0,
+        shutdown: false,
     };
     ledger.put_fenced(&mut record, &coord, &dead).await.unwrap();
     std::fs::write(&disk_file, b"half").unwrap();

@@ -62,7 +62,7 @@ impl QueuedWork {
 pub(crate) fn is_failover_kind(kind: i32) -> bool {
     matches!(
         WorkKind::try_from(kind),
-        Ok(WorkKind::RecoverVm | WorkKind::RemoveRecovered)
+        Ok(WorkKind::RecoverVm | WorkKind::RemoveRecovered | WorkKind::ShutdownVm)
     )
 }
 
@@ -71,6 +71,7 @@ pub(crate) fn failover_prefix(kind: i32) -> &'static str {
     match WorkKind::try_from(kind) {
         Ok(WorkKind::RecoverVm) => "recover",
         Ok(WorkKind::RemoveRecovered) => "remove",
+        Ok(WorkKind::ShutdownVm) => "shutdown",
         _ => "work",
     }
 }

@@ -15,6 +15,7 @@ mod remote;
 mod run;
 mod start;
 
+pub(crate) use plan::check_vm_name;
 pub use plan::disk_file_name;
 
 pub const TEST_FAILOVER_STEPS: [&str; 3] = [

@@ -6,24 +6,18 @@
 //! Both work items are named after the job (`job-<id>`), so a replica that resumes the job
 //! dispatches the same item again and waits for the same outcome; the agent's marker file
 //! makes a re-delivered item answer without redoing it.
-use std::time::Duration;
-
 use ferry_coord::KeptLease;
 use ferry_model::TestFailover;
 use ferry_proto::common::v1::{RecoveryPoint, VmHardware};
 use ferry_proto::registry::v1::Vm;
-use ferry_proto::scheduler::v1::{
-    DispatchRequest, FailoverWork, RecoveredVm, WorkKind, WorkResultRequest,
-};
+use ferry_proto::scheduler::v1::{FailoverWork, WorkKind};
 use tracing::info;
 
 use crate::Orchestrator;
 use crate::error::{FailoverError, Result};
 use crate::job::JobTracker;
-use crate::records::{Record, RecordDisk, STATE_ACTIVE};
+use crate::records::{Record, STATE_ACTIVE};
 
-/// How often the job asks the scheduler whether the host finished.
-const POLL: Duration = Duration::from_millis(300);
 /// The network every NIC of a test failover joins when the policy names none.
 pub const DEFAULT_TEST_NETWORK: &str = "ferry-test";
 
@@ -60,7 +54,7 @@ impl Orchestrator {
         };
         let kind = WorkKind::RecoverVm;
         let recovered = self
-            .dispatch_and_wait(&record.host, kind, &vm.name, job.id(), work)
+            .dispatch_and_wait(&record.host, kind, &vm.name, job.id(), work, None)
             .await?;
         job.set_bytes(total, total);
         job.step_done(
@@ -75,20 +69,7 @@ impl Orchestrator {
         )
         .await;
         job.step_running(2).await;
-        record.target_dir = recovered.dir.clone();
-        record.files = recovered.disks.iter().map(|d| d.path.clone()).collect();
-        record.disks = recovered
-            .disks
-            .iter()
-            .map(|d| RecordDisk {
-                disk_id: d.disk_id.clone(),
-                path: d.path.clone(),
-                format: d.format.clone(),
-                nbd_uri: d.nbd_uri.clone(),
-            })
-            .collect();
-        record.driver = recovered.driver.clone();
-        record.started_at_ms = recovered.started_at_ms;
+        record.set_recovered(&recovered);
         record.state = STATE_ACTIVE.into();
         record.updated_at_ms = chrono::Utc::now().timestamp_millis();
         self.ledger
@@ -119,54 +100,9 @@ impl Orchestrator {
             hardware: None,
         };
         let kind = WorkKind::RemoveRecovered;
-        self.dispatch_and_wait(&record.host, kind, &record.vm, job_id, work)
+        self.dispatch_and_wait(&record.host, kind, &record.vm, job_id, work, None)
             .await?;
         Ok(())
-    }
-
-    /// Queues failover work for `host` and waits until the host completed it. A failure on
-    /// the host is the job's failure, with the host's message.
-    async fn dispatch_and_wait(
-        &self,
-        host: &str,
-        kind: WorkKind,
-        vm: &str,
-        job_id: &str,
-        work: FailoverWork,
-    ) -> Result<RecoveredVm> {
-        let mut scheduler = self.scheduler()?;
-        let work_id = scheduler
-            .dispatch(DispatchRequest {
-                host_name: host.to_owned(),
-                kind: kind as i32,
-                vm: vm.to_owned(),
-                job_id: job_id.to_owned(),
-                failover: Some(work),
-            })
-            .await
-            .map_err(|s| FailoverError::remote("scheduler", "dispatch", &s))?
-            .into_inner()
-            .work_id;
-        info!(vm = %vm, host = %host, work = %work_id, kind = ?kind, "failover work dispatched");
-        loop {
-            let r = scheduler
-                .work_result(WorkResultRequest {
-                    work_id: work_id.clone(),
-                })
-                .await
-                .map_err(|s| FailoverError::remote("scheduler", "work result", &s))?
-                .into_inner();
-            if r.done && r.ok {
-                return Ok(r.recovered.unwrap_or_default());
-            }
-            if r.done {
-                return Err(FailoverError::FailedPrecondition(format!(
-                    "host {host}: {}",
-                    r.error
-                )));
-            }
-            tokio::time::sleep(POLL).await;
-        }
     }
 }
 

@@ -2,13 +2,13 @@
 use ferry_model::TestFailover;
 use ferry_proto::common::v1::RecoveryPoint;
 use ferry_proto::registry::v1::{GetVmRequest, SetFailoverStateRequest, Vm};
-use ferry_proto::storage::v1::GetPointRequest;
+use ferry_proto::storage::v1::{GetPointRequest, ListPointsRequest};
 
 use crate::Orchestrator;
 use crate::error::{FailoverError, Result};
 
 impl Orchestrator {
-    pub(super) async fn get_vm(&self, name: &str) -> Result<Vm> {
+    pub(crate) async fn get_vm(&self, name: &str) -> Result<Vm> {
         let mut registry = self.registry.clone();
         registry
             .get_vm(GetVmRequest {
@@ -22,7 +22,11 @@ impl Orchestrator {
             })
     }
 
-    pub(super) async fn get_point(&self, vm: &str, point: &str) -> Result<RecoveryPoint> {
+    /// A point by id, "latest" or "latest-app" (the newest app-consistent one).
+    pub(crate) async fn get_point(&self, vm: &str, point: &str) -> Result<RecoveryPoint> {
+        if point == "latest-app" {
+            return self.latest_app_point(vm).await;
+        }
         let mut storage = self.storage.clone();
         storage
             .get_point(GetPointRequest {
@@ -39,7 +43,24 @@ impl Orchestrator {
             })
     }
 
-    pub(super) async fn set_failover_state(&self, vm: &str, state: TestFailover) -> Result<()> {
+    async fn latest_app_point(&self, vm: &str) -> Result<RecoveryPoint> {
+        let mut storage = self.storage.clone();
+        let points = storage
+            .list_points(ListPointsRequest { vm: vm.to_owned() })
+            .await
+            .map_err(|s| FailoverError::remote("storage-writer", "list points", &s))?
+            .into_inner()
+            .points;
+        points
+            .into_iter()
+            .filter(|p| p.consistency == i32::from(ferry_model::Consistency::App))
+            .max_by_key(|p| p.seq)
+            .ok_or_else(|| {
+                FailoverError::NotFound(format!("an app-consistent recovery point of vm {vm}"))
+            })
+    }
+
+    pub(crate) async fn set_failover_state(&self, vm: &str, state: TestFailover) -> Result<()> {
         let mut registry = self.registry.clone();
         registry
             .set_failover_state(SetFailoverStateRequest {

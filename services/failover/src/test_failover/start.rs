@@ -97,7 +97,7 @@ impl Orchestrator {
     /// Takes the lease of the job working on `record` (as `record.holder`), then writes the
     /// record under it. The lease first, then the record: a replica that sees the record
     /// finds it leased.
-    pub(super) async fn lease_and_record(&self, record: &mut Record) -> Result<KeptLease> {
+    pub(crate) async fn lease_and_record(&self, record: &mut Record) -> Result<KeptLease> {
         let kept = self
             .coord
             .acquire_kept(&job_resource(&record.job_id), &record.holder, JOB_LEASE_TTL)
@@ -155,6 +155,10 @@ impl Orchestrator {
         }
         .await;
         match prepared {
+            Ok((vm, point)) if record.kind != "test" => self
+                .drive_failover(job, kept, record, vm, point)
+                .await
+                .map(Some),
             Ok((vm, point)) => self
                 .drive_test(job, kept, record, vm, point)
                 .await
@@ -172,7 +176,7 @@ impl Orchestrator {
     }
 
     /// Other replicas: one failover operation per VM starts at a time.
-    pub(super) async fn lock_vm_start(&self, vm: &str) -> Result<Lease> {
+    pub(crate) async fn lock_vm_start(&self, vm: &str) -> Result<Lease> {
         self.coord
             .acquire_lease(&format!("failover-vm-{vm}"), &self.holder(), VM_START_TTL)
             .await
@@ -184,7 +188,7 @@ impl Orchestrator {
             })
     }
 
-    pub(super) async fn unlock_vm_start(&self, lease: Lease) {
+    pub(crate) async fn unlock_vm_start(&self, lease: Lease) {
         if let Err(e) = self.coord.release_lease(&lease).await {
             warn!(resource = %lease.resource, error = %e, "releasing a start lock failed; it expires");
         }
@@ -223,5 +227,6 @@ fn new_test_record(
         disks: Vec::new(),
         driver: String::new(),
         started_at_ms: 0,
+        shutdown: false,
     }
 }

@@ -1,0 +1,319 @@
+//! Unplanned failover (DESIGN §11): the VM's production copy comes up on its recovery host
+//! from a chosen point while its primary may be gone. As a job with steps:
+//!
+//! 1. fence the primary — the registry raises the VM's epoch and moves it to failing-over
+//!    (the state machine decides whether it may): ingest and storage-writer refuse the
+//!    primary's cycles from then on, and its heartbeats tell its agent to refuse the VM's
+//!    writes (a primary that was down learns it when it reconnects);
+//! 2. with `--shutdown`, ask the primary's driver to stop the VM, carrying on when it cannot;
+//! 3. the recovery host materialises the point and starts the VM with the production network;
+//! 4. record it: failed over, commit pending.
+//!
+//! The job runs under its lease like a test failover and is resumed by another replica the
+//! same way; every step is idempotent (a repeated start of the same failover is accepted,
+//! the host work is named after the job).
+mod change;
+mod registry;
+
+use std::time::Duration;
+
+use ferry_coord::KeptLease;
+use ferry_proto::common::v1::{Job, RecoveryPoint};
+use ferry_proto::failover::v1::UnplannedFailoverRequest;
+use ferry_proto::registry::v1::{FailoverEvent, Vm};
+use ferry_proto::scheduler::v1::{FailoverWork, WorkKind};
+use tracing::{info, warn};
+
+use crate::Orchestrator;
+use crate::error::{FailoverError, Result};
+use crate::job::JobTracker;
+use crate::records::{Record, RecordDisk, STATE_ACTIVE, STATE_FAILED, STATE_RUNNING};
+use crate::test_failover::check_vm_name;
+
+pub const UNPLANNED_STEPS: [&str; 4] = [
+    "fence the primary",
+    "shut down the source vm",
+    "materialise disks and start the vm on the recovery host",
+    "record the failover",
+];
+
+/// How long a `--shutdown` waits for the primary before carrying on without it.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(60);
+
+impl Orchestrator {
+    /// Runs an unplanned failover of a VM to its recovery host and returns the finished job.
+    pub async fn unplanned_failover(&self, req: UnplannedFailoverRequest) -> Result<Job> {
+        check_vm_name(&req.vm)?;
+        let point_ref = if req.point.is_empty() {
+            "latest"
+        } else {
+            req.point.as_str()
+        };
+        if self.shutdown.is_cancelled() {
+            return Err(FailoverError::Cancelled);
+        }
+        let _busy = self.claim(&req.vm)?;
+        let starting = self.lock_vm_start(&req.vm).await?;
+        let begun = self.prepare_failover(&req.vm, point_ref).await;
+        let (vm, point, job) = match begun {
+            Ok(b) => b,
+            Err(e) => {
+                self.unlock_vm_start(starting).await;
+                return Err(e);
+            }
+        };
+        let mut record = new_failover_record(&vm, &point, job.id(), self.holder(), req.shutdown);
+        let begun = self.lease_and_record(&mut record).await;
+        self.unlock_vm_start(starting).await;
+        match begun {
+            Ok(kept) => self.drive_failover(job, kept, record, vm, point).await,
+            Err(e) => Ok(job.fail(&e).await),
+        }
+    }
+
+    async fn prepare_failover(
+        &self,
+        name: &str,
+        point_ref: &str,
+    ) -> Result<(Vm, RecoveryPoint, JobTracker)> {
+        if let Some(current) = self.ledger.current(name).await? {
+            return Err(FailoverError::FailedPrecondition(format!(
+                "vm {name} has a {} failover {} (job {}){}",
+                current.kind,
+                current.state,
+                current.job_id,
+                if current.kind == "test" {
+                    "; run cleanup first"
+                } else {
+                    ""
+                }
+            )));
+        }
+        let vm = self.get_vm(name).await?;
+        if vm.recovery_host.is_empty() {
+            return Err(FailoverError::FailedPrecondition(format!(
+                "vm {name} has no recovery host: set one with `ferry vm set {name} \
+                 --recovery-host HOST`"
+            )));
+        }
+        let point = self.get_point(name, point_ref).await?;
+        let job = JobTracker::start(
+            self.registry.clone(),
+            "unplanned-failover",
+            name,
+            &UNPLANNED_STEPS,
+        )
+        .await?;
+        Ok((vm, point, job))
+    }
+
+    /// Runs (or re-runs) the failover of `record` under `kept` until it ends here.
+    pub(crate) async fn drive_failover(
+        &self,
+        mut job: JobTracker,
+        kept: KeptLease,
+        mut record: Record,
+        vm: Vm,
+        point: RecoveryPoint,
+    ) -> Result<Job> {
+        let _running = self.mark_running(job.id());
+        let lost = kept.lost();
+        let outcome = tokio::select! {
+            res = self.run_failover(&mut job, &kept, &mut record, &vm, &point) => res,
+            () = self.shutdown.cancelled() => {
+                info!(job = %job.id(), vm = %vm.name, "shutting down mid-failover; another replica resumes it");
+                let _ = kept.release().await;
+                return Ok(job.snapshot());
+            }
+            () = lost.cancelled() => {
+                warn!(job = %job.id(), vm = %vm.name, "job lease lost; leaving the failover to its new holder");
+                return Ok(job.snapshot());
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                let _ = kept.release().await;
+                Ok(job.succeed().await)
+            }
+            Err(e) if lost.is_cancelled() || matches!(e, FailoverError::Lease(_)) => {
+                Ok(job.snapshot())
+            }
+            Err(e) => Ok(self.fail_failover(job, kept, record, &e).await),
+        }
+    }
+
+    async fn run_failover(
+        &self,
+        job: &mut JobTracker,
+        kept: &KeptLease,
+        record: &mut Record,
+        vm: &Vm,
+        point: &RecoveryPoint,
+    ) -> Result<()> {
+        job.step_running(0).await;
+        let fenced = self
+            .record_failover(&vm.name, FailoverEvent::UnplannedStarted, record, "")
+            .await?;
+        job.step_done(
+            0,
+            format!(
+                "replication from {} fenced (epoch {})",
+                vm.host, fenced.epoch
+            ),
+        )
+        .await;
+        job.step_running(1).await;
+        let said = match record.shutdown {
+            true => self.shut_source_down(job.id(), vm).await,
+            false => "not asked for (--shutdown)".to_owned(),
+        };
+        job.step_done(1, said).await;
+
+        job.step_running(2).await;
+        let total: u64 = point.disks.iter().map(|d| d.virtual_size).sum();
+        job.set_bytes(total, 0);
+        let work = FailoverWork {
+            point: point.id.clone(),
+            network: "production".into(),
+            kind: record.kind.clone(),
+            failover_id: record.job_id.clone(),
+            hardware: vm.hardware.clone(),
+        };
+        let recovered = self
+            .dispatch_and_wait(
+                &record.host,
+                WorkKind::RecoverVm,
+                &vm.name,
+                job.id(),
+                work,
+                None,
+            )
+            .await?;
+        job.set_bytes(total, total);
+        job.step_done(
+            2,
+            format!(
+                "{} disks in {} on {}, started ({} driver)",
+                recovered.disks.len(),
+                recovered.dir,
+                record.host,
+                recovered.driver
+            ),
+        )
+        .await;
+
+        job.step_running(3).await;
+        record.set_recovered(&recovered);
+        record.state = STATE_ACTIVE.into();
+        record.updated_at_ms = chrono::Utc::now().timestamp_millis();
+        self.ledger
+            .put_fenced(record, &self.coord, kept.lease())
+            .await?;
+        self.record_failover(&vm.name, FailoverEvent::FailedOver, record, "")
+            .await?;
+        job.step_done(3, format!("vm running on {}; commit pending", record.host))
+            .await;
+        info!(vm = %vm.name, point = %point.id, host = %record.host, "unplanned failover done; commit pending");
+        Ok(())
+    }
+
+    /// Asks the primary's driver to stop the VM; says how it went (never fails the job).
+    async fn shut_source_down(&self, job_id: &str, vm: &Vm) -> String {
+        let work = FailoverWork {
+            kind: "unplanned".into(),
+            failover_id: job_id.to_owned(),
+            ..FailoverWork::default()
+        };
+        let kind = WorkKind::ShutdownVm;
+        match self
+            .dispatch_and_wait(&vm.host, kind, &vm.name, job_id, work, Some(SHUTDOWN_WAIT))
+            .await
+        {
+            Ok(_) => format!("vm stopped on {}", vm.host),
+            Err(e) => {
+                warn!(vm = %vm.name, host = %vm.host, error = %e, "the source vm could not be shut down; carrying on");
+                format!("could not shut the source down ({e}); carried on")
+            }
+        }
+    }
+
+    /// Nothing of a failed failover runs: the recovery host removed what it made; the VM is
+    /// recorded as protected again (critical, with the reason) and the job fails.
+    async fn fail_failover(
+        &self,
+        job: JobTracker,
+        kept: KeptLease,
+        mut record: Record,
+        e: &FailoverError,
+    ) -> Job {
+        let vm = record.vm.clone();
+        if let Err(re) = self
+            .record_failover(&vm, FailoverEvent::Failed, &record, &e.to_string())
+            .await
+        {
+            warn!(vm = %vm, error = %re, "cannot record the failed failover in the registry");
+        }
+        record.state = STATE_FAILED.into();
+        record.updated_at_ms = chrono::Utc::now().timestamp_millis();
+        if let Err(put) = self
+            .ledger
+            .put_fenced(&mut record, &self.coord, kept.lease())
+            .await
+        {
+            warn!(job = %job.id(), error = %put, "cannot record the failed failover");
+        }
+        let _ = kept.release().await;
+        job.fail(e).await
+    }
+}
+
+impl Record {
+    /// What the recovery host reported it made.
+    pub(crate) fn set_recovered(&mut self, r: &ferry_proto::scheduler::v1::RecoveredVm) {
+        self.target_dir = r.dir.clone();
+        self.files = r.disks.iter().map(|d| d.path.clone()).collect();
+        self.disks = r
+            .disks
+            .iter()
+            .map(|d| RecordDisk {
+                disk_id: d.disk_id.clone(),
+                path: d.path.clone(),
+                format: d.format.clone(),
+                nbd_uri: d.nbd_uri.clone(),
+            })
+            .collect();
+        self.driver = r.driver.clone();
+        self.started_at_ms = r.started_at_ms;
+    }
+}
+
+fn new_failover_record(
+    vm: &Vm,
+    point: &RecoveryPoint,
+    job_id: &str,
+    holder: String,
+    shutdown: bool,
+) -> Record {
+    let now = chrono::Utc::now().timestamp_millis();
+    Record {
+        vm: vm.name.clone(),
+        kind: "unplanned".into(),
+        point_id: point.id.clone(),
+        target_dir: String::new(),
+        files: Vec::new(),
+        state: STATE_RUNNING.into(),
+        created_at_ms: now,
+        job_id: job_id.to_owned(),
+        updated_at_ms: now,
+        last_job_id: job_id.to_owned(),
+        fence: 0,
+        holder,
+        planned: Vec::new(),
+        created_dir: false,
+        host: vm.recovery_host.clone(),
+        disks: Vec::new(),
+        driver: String::new(),
+        started_at_ms: 0,
+        shutdown,
+    }
+}
