@@ -7,7 +7,7 @@ use ferry::outln;
 use ferry::output::{failover_json, print_json, table, time};
 use ferry_proto::failover::v1::{
     ChangeRecoveryPointRequest, CleanupTestFailoverRequest, CommitFailoverRequest,
-    ListFailoversRequest, TestFailoverRequest, UnplannedFailoverRequest,
+    ListFailoversRequest, PlannedFailoverRequest, TestFailoverRequest, UnplannedFailoverRequest,
 };
 
 use crate::commands::{job_exit, print_job};
@@ -64,6 +64,22 @@ pub(crate) async fn run(c: &Ctl, cmd: &FailoverCmd) -> anyhow::Result<ExitCode> 
             let job = c.failover().await?.unplanned_failover(req).await;
             (
                 job.map_err(|s| status_err("unplanned failover", s))?
+                    .into_inner(),
+                *output,
+            )
+        }
+        FailoverCmd::Planned {
+            vm,
+            wait: _,
+            output,
+        } => {
+            let req = PlannedFailoverRequest {
+                vm: vm.clone(),
+                ..Default::default()
+            };
+            let job = c.failover().await?.planned_failover(req).await;
+            (
+                job.map_err(|s| status_err("planned failover", s))?
                     .into_inner(),
                 *output,
             )

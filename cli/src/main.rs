@@ -257,6 +257,16 @@ pub enum FailoverCmd {
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },
+    /// Planned failover: the source VM is shut down, its last writes shipped (no data
+    /// lost), then it runs on its recovery host.
+    Planned {
+        vm: String,
+        /// Wait for the job to end (the command always does; kept for scripts).
+        #[arg(long)]
+        wait: bool,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
     /// Unplanned failover: the VM's production copy comes up on its recovery host from POINT;
     /// replication from the primary is fenced first.
     Unplanned {

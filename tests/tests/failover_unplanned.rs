@@ -110,6 +110,14 @@ async fn unplanned_failover_change_point_commit_and_the_fenced_primary() -> anyh
         .await?;
     primary.kill()?;
     primary.wait()?;
+    // A planned failover needs its source.
+    let gone = |h: &ferry_proto::registry::v1::Host| h.status == "disconnected";
+    t.wait_host("hv01", gone, Duration::from_secs(60)).await?;
+    refused(
+        &t,
+        &["failover", "planned", "web01"],
+        &["hv01", "disconnected"],
+    )?;
 
     // Unplanned, to the first point, with the primary gone.
     let job = json(

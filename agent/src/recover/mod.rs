@@ -346,6 +346,7 @@ impl Marker {
             bytes_written: self.bytes_written,
             driver: self.driver.clone(),
             started_at_ms: self.started_at_ms,
+            final_point: String::new(),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! SHUTDOWN_VM on a VM's own host: a failover stops the source VM through this host's
 //! driver, then fences it here (its writes are refused: nothing the source does afterwards
-//! can become a recovery point).
+//! can become a recovery point); a planned failover then has the last writes shipped (the
+//! final synchronisation: zero data loss).
 use ferry_proto::scheduler::v1::WorkItem;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -9,11 +10,13 @@ use crate::driver::{Network, Nic, RunDisk, VmRun, VmSpec};
 use crate::{Agent, ReplError};
 
 impl Agent {
+    /// Stops and fences the VM; with `final_sync` also ships its last writes and returns the
+    /// point that holds them.
     pub(crate) async fn shutdown_source(
         &self,
         item: &WorkItem,
         cancel: &CancellationToken,
-    ) -> Result<(), ReplError> {
+    ) -> Result<Option<String>, ReplError> {
         let Some(vm) = self.cfg.vms.iter().find(|v| v.name == item.vm) else {
             return Err(ReplError::Permanent(format!(
                 "vm {} is not configured on host {}",
@@ -71,7 +74,14 @@ impl Agent {
                 .map_err(|e| ReplError::Permanent(format!("fencing vm {}: {e}", vm.name)))?;
         }
         info!(vm = %vm.name, "source vm stopped and fenced for a failover");
-        Ok(())
+        if !item.failover.as_ref().is_some_and(|f| f.final_sync) {
+            return Ok(None);
+        }
+        // Fenced: the cut holds every write the tracker acknowledged, and nothing comes after.
+        self.delta_cycle(&vm.name, false, cancel).await?;
+        let point = self.get_point(&vm.name, "latest").await?;
+        info!(vm = %vm.name, point = %point.id, "final synchronisation committed");
+        Ok(Some(point.id))
     }
 }
 

@@ -70,10 +70,14 @@ impl Failover for FailoverService {
         request: Request<PlannedFailoverRequest>,
     ) -> Result<Response<Job>, Status> {
         require_role(&request, Role::Operator)?;
-        Err(unimplemented(
-            "planned failover (shutting the source down through the agent, shipping the last \
-             delta, then materialising the final point)",
-        ))
+        let req = request.into_inner();
+        self.allowed(&req.vm, Operation::PlannedFailover).await?;
+        let job = self
+            .orchestrator
+            .planned_failover(req)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(job))
     }
 
     async fn unplanned_failover(

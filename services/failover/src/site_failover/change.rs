@@ -151,6 +151,7 @@ impl Orchestrator {
             kind: record.kind.clone(),
             failover_id: record.job_id.clone(),
             hardware: None,
+            final_sync: false,
         };
         let (host, job_id) = (record.host.clone(), job.id().to_owned());
         self.dispatch_and_wait(
@@ -172,6 +173,7 @@ impl Orchestrator {
             kind: record.kind.clone(),
             failover_id: record.job_id.clone(),
             hardware: vm.hardware.clone(),
+            final_sync: false,
         };
         let recovered = self
             .dispatch_and_wait(&host, WorkKind::RecoverVm, &vm.name, &job_id, recover, None)

@@ -1,4 +1,4 @@
-//! Unplanned failover (DESIGN §11): the VM's production copy comes up on its recovery host
+//! Unplanned failover (DESIGN §11; planned failover is in [`planned`]): the VM's production copy comes up on its recovery host
 //! from a chosen point while its primary may be gone. As a job with steps:
 //!
 //! 1. fence the primary — the registry raises the VM's epoch and moves it to failing-over
@@ -13,6 +13,7 @@
 //! same way; every step is idempotent (a repeated start of the same failover is accepted,
 //! the host work is named after the job).
 mod change;
+mod planned;
 mod registry;
 
 use std::time::Duration;
@@ -76,26 +77,8 @@ impl Orchestrator {
         name: &str,
         point_ref: &str,
     ) -> Result<(Vm, RecoveryPoint, JobTracker)> {
-        if let Some(current) = self.ledger.current(name).await? {
-            return Err(FailoverError::FailedPrecondition(format!(
-                "vm {name} has a {} failover {} (job {}){}",
-                current.kind,
-                current.state,
-                current.job_id,
-                if current.kind == "test" {
-                    "; run cleanup first"
-                } else {
-                    ""
-                }
-            )));
-        }
-        let vm = self.get_vm(name).await?;
-        if vm.recovery_host.is_empty() {
-            return Err(FailoverError::FailedPrecondition(format!(
-                "vm {name} has no recovery host: set one with `ferry vm set {name} \
-                 --recovery-host HOST`"
-            )));
-        }
+        self.no_current_failover(name).await?;
+        let vm = self.failover_vm(name).await?;
         let point = self.get_point(name, point_ref).await?;
         let job = JobTracker::start(
             self.registry.clone(),
@@ -105,6 +88,36 @@ impl Orchestrator {
         )
         .await?;
         Ok((vm, point, job))
+    }
+
+    /// Refuses while the VM has a failover of any kind active or running.
+    pub(crate) async fn no_current_failover(&self, name: &str) -> Result<()> {
+        let Some(current) = self.ledger.current(name).await? else {
+            return Ok(());
+        };
+        Err(FailoverError::FailedPrecondition(format!(
+            "vm {name} has a {} failover {} (job {}){}",
+            current.kind,
+            current.state,
+            current.job_id,
+            if current.kind == "test" {
+                "; run cleanup first"
+            } else {
+                ""
+            }
+        )))
+    }
+
+    /// The VM, which must name its recovery host.
+    async fn failover_vm(&self, name: &str) -> Result<Vm> {
+        let vm = self.get_vm(name).await?;
+        if vm.recovery_host.is_empty() {
+            return Err(FailoverError::FailedPrecondition(format!(
+                "vm {name} has no recovery host: set one with `ferry vm set {name} \
+                 --recovery-host HOST`"
+            )));
+        }
+        Ok(vm)
     }
 
     /// Runs (or re-runs) the failover of `record` under `kept` until it ends here.
@@ -150,6 +163,9 @@ impl Orchestrator {
         vm: &Vm,
         point: &RecoveryPoint,
     ) -> Result<()> {
+        if record.kind == "planned" {
+            return self.run_planned(job, kept, record, vm).await;
+        }
         job.step_running(0).await;
         let fenced = self
             .record_failover(&vm.name, FailoverEvent::UnplannedStarted, record, "")
@@ -169,7 +185,21 @@ impl Orchestrator {
         };
         job.step_done(1, said).await;
 
-        job.step_running(2).await;
+        self.bring_up(job, kept, record, vm, point, 2).await
+    }
+
+    /// Steps `step` and `step + 1` of a failover: the recovery host materialises `point` and
+    /// starts the VM with the production network; then it is recorded as failed over.
+    pub(crate) async fn bring_up(
+        &self,
+        job: &mut JobTracker,
+        kept: &KeptLease,
+        record: &mut Record,
+        vm: &Vm,
+        point: &RecoveryPoint,
+        step: usize,
+    ) -> Result<()> {
+        job.step_running(step).await;
         let total: u64 = point.disks.iter().map(|d| d.virtual_size).sum();
         job.set_bytes(total, 0);
         let work = FailoverWork {
@@ -178,6 +208,7 @@ impl Orchestrator {
             kind: record.kind.clone(),
             failover_id: record.job_id.clone(),
             hardware: vm.hardware.clone(),
+            final_sync: false,
         };
         let recovered = self
             .dispatch_and_wait(
@@ -191,7 +222,7 @@ impl Orchestrator {
             .await?;
         job.set_bytes(total, total);
         job.step_done(
-            2,
+            step,
             format!(
                 "{} disks in {} on {}, started ({} driver)",
                 recovered.disks.len(),
@@ -202,7 +233,7 @@ impl Orchestrator {
         )
         .await;
 
-        job.step_running(3).await;
+        job.step_running(step + 1).await;
         record.set_recovered(&recovered);
         record.state = STATE_ACTIVE.into();
         record.updated_at_ms = chrono::Utc::now().timestamp_millis();
@@ -211,9 +242,12 @@ impl Orchestrator {
             .await?;
         self.record_failover(&vm.name, FailoverEvent::FailedOver, record, "")
             .await?;
-        job.step_done(3, format!("vm running on {}; commit pending", record.host))
-            .await;
-        info!(vm = %vm.name, point = %point.id, host = %record.host, "unplanned failover done; commit pending");
+        job.step_done(
+            step + 1,
+            format!("vm running on {}; commit pending", record.host),
+        )
+        .await;
+        info!(vm = %vm.name, kind = %record.kind, point = %point.id, host = %record.host, "failover done; commit pending");
         Ok(())
     }
 
@@ -287,7 +321,7 @@ impl Record {
     }
 }
 
-fn new_failover_record(
+pub(super) fn new_failover_record(
     vm: &Vm,
     point: &RecoveryPoint,
     job_id: &str,

@@ -51,6 +51,7 @@ impl Orchestrator {
             kind: "test".into(),
             failover_id: record.job_id.clone(),
             hardware: Some(test_hardware(vm)),
+            final_sync: false,
         };
         let kind = WorkKind::RecoverVm;
         let recovered = self
@@ -98,6 +99,7 @@ impl Orchestrator {
             kind: record.kind.clone(),
             failover_id: record.job_id.clone(),
             hardware: None,
+            final_sync: false,
         };
         let kind = WorkKind::RemoveRecovered;
         self.dispatch_and_wait(&record.host, kind, &record.vm, job_id, work, None)

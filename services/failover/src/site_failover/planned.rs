@@ -1,0 +1,154 @@
+//! Planned failover: zero data loss while the primary is healthy. Prerequisites (the primary
+//! connected: it must shut the VM down) → the primary's driver stops the VM and its tracker
+//! fences the disks, then the last writes are cut, shipped and committed (the final point
+//! holds every write the tracker acknowledged) → the registry fences the primary (epoch) →
+//! the recovery host materialises the final point and starts the VM with the production
+//! network. A source that cannot be stopped fails the job before anything moved.
+use std::time::Duration;
+
+use ferry_coord::KeptLease;
+use ferry_proto::common::v1::Job;
+use ferry_proto::failover::v1::PlannedFailoverRequest;
+use ferry_proto::registry::v1::{FailoverEvent, ListHostsRequest, Vm};
+use ferry_proto::scheduler::v1::{FailoverWork, WorkKind};
+
+use crate::Orchestrator;
+use crate::error::{FailoverError, Result};
+use crate::job::JobTracker;
+use crate::records::Record;
+use crate::test_failover::check_vm_name;
+
+pub const PLANNED_STEPS: [&str; 5] = [
+    "check prerequisites",
+    "shut down the source vm and synchronise its last writes",
+    "fence the primary",
+    "materialise disks and start the vm on the recovery host",
+    "record the failover",
+];
+
+/// How long the primary may take to stop the VM and ship its last writes.
+const FINAL_SYNC_WAIT: Duration = Duration::from_secs(600);
+
+impl Orchestrator {
+    /// Runs a planned failover of a VM to its recovery host and returns the finished job.
+    pub async fn planned_failover(&self, req: PlannedFailoverRequest) -> Result<Job> {
+        check_vm_name(&req.vm)?;
+        if self.shutdown.is_cancelled() {
+            return Err(FailoverError::Cancelled);
+        }
+        let _busy = self.claim(&req.vm)?;
+        let starting = self.lock_vm_start(&req.vm).await?;
+        let begun = async {
+            self.no_current_failover(&req.vm).await?;
+            let vm = self.failover_vm(&req.vm).await?;
+            self.require_connected(&vm.host, &vm.name).await?;
+            // The point is the final one, known after the source shipped it.
+            let point = self.get_point(&req.vm, "latest").await?;
+            let job = JobTracker::start(
+                self.registry.clone(),
+                "planned-failover",
+                &req.vm,
+                &PLANNED_STEPS,
+            )
+            .await?;
+            Ok::<_, FailoverError>((vm, point, job))
+        }
+        .await;
+        let (vm, point, job) = match begun {
+            Ok(b) => b,
+            Err(e) => {
+                self.unlock_vm_start(starting).await;
+                return Err(e);
+            }
+        };
+        let mut record = super::new_failover_record(&vm, &point, job.id(), self.holder(), true);
+        record.kind = "planned".into();
+        let begun = self.lease_and_record(&mut record).await;
+        self.unlock_vm_start(starting).await;
+        match begun {
+            Ok(kept) => self.drive_failover(job, kept, record, vm, point).await,
+            Err(e) => Ok(job.fail(&e).await),
+        }
+    }
+
+    /// A planned failover needs its source: refused at once when the primary is not connected.
+    async fn require_connected(&self, host: &str, vm: &str) -> Result<()> {
+        let mut registry = self.registry.clone();
+        let hosts = registry
+            .list_hosts(ListHostsRequest {})
+            .await
+            .map_err(|s| FailoverError::remote("registry", "list hosts", &s))?
+            .into_inner()
+            .hosts;
+        match hosts.iter().find(|h| h.name == host) {
+            Some(h) if h.status == "connected" => Ok(()),
+            Some(h) => Err(FailoverError::FailedPrecondition(format!(
+                "vm {vm}: its host {host} is {}: a planned failover needs the source to shut \
+                 the vm down and ship its last writes; run an unplanned failover instead",
+                h.status
+            ))),
+            None => Err(FailoverError::FailedPrecondition(format!(
+                "vm {vm}: its host {host} is not registered"
+            ))),
+        }
+    }
+
+    pub(super) async fn run_planned(
+        &self,
+        job: &mut JobTracker,
+        kept: &KeptLease,
+        record: &mut Record,
+        vm: &Vm,
+    ) -> Result<()> {
+        job.step_running(0).await;
+        job.step_done(
+            0,
+            format!("{} connected, recovery host {}", vm.host, record.host),
+        )
+        .await;
+        job.step_running(1).await;
+        let work = FailoverWork {
+            kind: "planned".into(),
+            failover_id: record.job_id.clone(),
+            final_sync: true,
+            ..FailoverWork::default()
+        };
+        let (host, job_id) = (vm.host.clone(), job.id().to_owned());
+        let kind = WorkKind::ShutdownVm;
+        let done = self
+            .dispatch_and_wait(&host, kind, &vm.name, &job_id, work, Some(FINAL_SYNC_WAIT))
+            .await
+            .map_err(|e| {
+                FailoverError::FailedPrecondition(format!(
+                    "the source vm could not be shut down and synchronised: {e}"
+                ))
+            })?;
+        if done.final_point.is_empty() {
+            return Err(FailoverError::Internal(format!(
+                "host {host} stopped vm {} but named no final point",
+                vm.name
+            )));
+        }
+        record.point_id = done.final_point.clone();
+        self.ledger
+            .put_fenced(record, &self.coord, kept.lease())
+            .await?;
+        job.step_done(
+            1,
+            format!("vm stopped on {host}; final point {}", record.point_id),
+        )
+        .await;
+
+        job.step_running(2).await;
+        let fenced = self
+            .record_failover(&vm.name, FailoverEvent::PlannedStarted, record, "")
+            .await?;
+        job.step_done(
+            2,
+            format!("replication from {host} fenced (epoch {})", fenced.epoch),
+        )
+        .await;
+        let point = self.get_point(&vm.name, &record.point_id).await?;
+        self.bring_up(job, kept, record, vm, &point, 3).await
+    }
+}
