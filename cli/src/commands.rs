@@ -312,20 +312,9 @@ async fn vm(cli: &Cli, cmd: &VmCmd) -> anyhow::Result<ExitCode> {
         }
         VmCmd::Set {
             name,
-            recovery_host,
-            frequency,
-            retention,
-            app_consistent,
+            changes,
             output,
-        } => {
-            let changes = crate::vm_set::Changes {
-                recovery_host: recovery_host.clone(),
-                frequency: *frequency,
-                retention: *retention,
-                app_consistent: *app_consistent,
-            };
-            return crate::vm_set::run(&c, name, &changes, *output).await;
-        }
+        } => return crate::vm_set::run(&c, name, changes, *output).await,
         VmCmd::Repair { name, output } => {
             let v = c
                 .registry()

@@ -167,14 +167,8 @@ pub enum VmCmd {
     /// protect); prints the VM.
     Set {
         name: String,
-        #[arg(long)]
-        recovery_host: Option<String>,
-        #[arg(long)]
-        frequency: Option<humantime::Duration>,
-        #[arg(long)]
-        retention: Option<humantime::Duration>,
-        #[arg(long)]
-        app_consistent: Option<humantime::Duration>,
+        #[command(flatten)]
+        changes: vm_set::Changes,
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },

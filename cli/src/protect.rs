@@ -89,7 +89,7 @@ pub fn policy(f: &PolicyFlags) -> anyhow::Result<ReplicationPolicy> {
         resync_window_end: end.trim().to_string(),
         keep_all_seconds: keep_all,
         thin_to_seconds: thin_to,
-        recovery_host: String::new(),
+        ..ReplicationPolicy::default()
     })
 }
 

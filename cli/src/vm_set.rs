@@ -1,5 +1,6 @@
-//! `ferry vm set VM [--recovery-host H] [--frequency D] [--retention D] [--app-consistent D]`:
-//! changes only the flags given; the new policy is checked here like `ferry vm protect`'s
+//! `ferry vm set VM [--recovery-host H] [--frequency D] [--retention D] [--app-consistent D]
+//! [--network-map FROM=TO]... [--test-network NET] [--ip nicN=ADDR/PREFIX]...`: changes only
+//! the flags given (a map entry with an empty value is removed); the new policy is checked here like `ferry vm protect`'s
 //! (refused with the allowed range) and again by the registry, which also checks the
 //! recovery host and that the VM's state allows a policy change.
 use std::process::ExitCode;
@@ -11,12 +12,47 @@ use ferry_proto::registry::v1 as reg;
 
 use crate::OutputFormat;
 
-/// What `ferry vm set` was asked to change (`None`: keep).
+/// What `ferry vm set` was asked to change (`None`, empty: keep).
+#[derive(clap::Args)]
 pub struct Changes {
+    #[arg(long)]
     pub recovery_host: Option<String>,
+    #[arg(long)]
     pub frequency: Option<humantime::Duration>,
+    #[arg(long)]
     pub retention: Option<humantime::Duration>,
+    #[arg(long)]
     pub app_consistent: Option<humantime::Duration>,
+    /// A network of the VM and the recovery site's network it maps to (repeatable;
+    /// `FROM=` removes the entry).
+    #[arg(long, value_name = "FROM=TO")]
+    pub network_map: Vec<String>,
+    /// The network a test failover's NICs join (default ferry-test).
+    #[arg(long)]
+    pub test_network: Option<String>,
+    /// An address for a NIC when the VM runs at the recovery site (repeatable; `nicN=`
+    /// removes it).
+    #[arg(long, value_name = "nicN=ADDR/PREFIX")]
+    pub ip: Vec<String>,
+}
+
+/// Applies `FROM=TO` entries of `flag` to `map` (an empty TO removes FROM).
+fn merge_entries(
+    flag: &str,
+    entries: &[String],
+    map: &mut std::collections::HashMap<String, String>,
+) -> anyhow::Result<()> {
+    for e in entries {
+        let Some((k, v)) = e.split_once('=') else {
+            anyhow::bail!("{flag} {e:?}: expected KEY=VALUE");
+        };
+        if v.is_empty() {
+            map.remove(k);
+        } else {
+            map.insert(k.to_owned(), v.to_owned());
+        }
+    }
+    Ok(())
 }
 
 pub async fn run(
@@ -30,6 +66,9 @@ pub async fn run(
         frequency,
         retention,
         app_consistent,
+        network_map,
+        test_network,
+        ip,
     } = changes;
     let mut registry = c.registry().await?;
     let v = registry
@@ -59,6 +98,16 @@ pub async fn run(
     policy.recovery_host = recovery_host
         .clone()
         .unwrap_or_else(|| current.recovery_host.clone());
+    policy.network_map = current.network_map.clone();
+    merge_entries("--network-map", network_map, &mut policy.network_map)?;
+    policy.test_network = test_network
+        .clone()
+        .unwrap_or_else(|| current.test_network.clone());
+    policy.nic_addresses = current.nic_addresses.clone();
+    merge_entries("--ip", ip, &mut policy.nic_addresses)?;
+    for (nic, addr) in &policy.nic_addresses {
+        ferry_model::policy::check_nic_address(nic, addr).map_err(anyhow::Error::msg)?;
+    }
     let v = registry
         .update_policy(reg::UpdatePolicyRequest {
             name: name.to_string(),

@@ -31,7 +31,7 @@ fn driver_section(dir: &Path) -> anyhow::Result<String> {
             &script,
             format!(
                 "#!/bin/sh\n{{ echo \"call={call}\"; echo \"vm=$FERRY_VM\"; echo \"network=$FERRY_NETWORK\"; \
-                 echo \"spec=$FERRY_VM_SPEC\"; echo \"disks=$FERRY_DISKS\"; }} >> calls.log\n"
+                 echo \"spec=$FERRY_VM_SPEC\"; echo \"disks=$FERRY_DISKS\"; }} >> calls.log\ncp \"$FERRY_VM_SPEC\" {call}-spec.json\n"
             ),
         )?;
     }
@@ -87,7 +87,18 @@ async fn test_failover_runs_on_the_recovery_host() -> anyhow::Result<()> {
     assert!(ok, "protect: {err}");
     let (ok, _, err) = cli(&t, &["failover", "test", "web01"])?;
     assert!(!ok && err.contains("no recovery host"), "{err}");
-    let (ok, _, err) = cli(&t, &["vm", "set", "web01", "--recovery-host", "hv-dr01"])?;
+    let (ok, _, err) = cli(
+        &t,
+        &[
+            "vm",
+            "set",
+            "web01",
+            "--recovery-host",
+            "hv-dr01",
+            "--test-network",
+            "isolated",
+        ],
+    )?;
     assert!(ok, "vm set: {err}");
 
     let job = json(&t, &["failover", "test", "web01", "-o", "json"])?;
@@ -121,6 +132,9 @@ async fn test_failover_runs_on_the_recovery_host() -> anyhow::Result<()> {
         started.contains(&uri),
         "the driver gets the disks' nbd uris: {started}"
     );
+    let spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dr_dir.join("start-spec.json"))?)?;
+    assert_eq!(spec["nics"][0]["network"], "isolated", "{spec}");
     // The test VM runs on tracked disks: a write through the export lands.
     nbd_write(&uri, &["write -P 0x66 0 64k"])?;
 

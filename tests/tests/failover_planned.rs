@@ -25,7 +25,7 @@ fn driver(dir: &Path) -> anyhow::Result<String> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(
         dir.join("start.sh"),
-        "#!/bin/sh\necho \"call=start vm=$FERRY_VM network=$FERRY_NETWORK disks=$FERRY_DISKS\" >> calls.log\n",
+        "#!/bin/sh\necho \"call=start vm=$FERRY_VM network=$FERRY_NETWORK disks=$FERRY_DISKS\" >> calls.log\ncp \"$FERRY_VM_SPEC\" spec.json\n",
     )?;
     std::fs::write(
         dir.join("stop.sh"),
@@ -48,7 +48,10 @@ async fn planned_failover_loses_no_acknowledged_write() -> anyhow::Result<()> {
             "hv01",
             "site-a",
             &[("web01", vec![web.clone()])],
-            &format!("[tracker]\n{}", driver(&hv01)?),
+            &format!(
+                "cpus = 2\nnetworks = [\"prod\"]\n[tracker]\n{}",
+                driver(&hv01)?
+            ),
         )
         .await?;
     let dr_dir = t.path("hv-dr01");
@@ -73,6 +76,25 @@ async fn planned_failover_loses_no_acknowledged_write() -> anyhow::Result<()> {
     ])?;
     anyhow::ensure!(out.status.success(), "protect: {out:?}");
     let uri = t.vm("web01").await?.disks[0].nbd_uri.clone();
+    // The recovery side: its network and the address the VM gets there.
+    let bad = t.ferry_cli(&["vm", "set", "web01", "--ip", "nic0=banana"])?;
+    let said = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && said.contains("--ip"), "{said}");
+    let v = json(
+        &t,
+        &[
+            "vm",
+            "set",
+            "web01",
+            "--network-map",
+            "prod=dr-prod",
+            "--ip",
+            "nic0=10.2.0.7/24",
+            "-o",
+            "json",
+        ],
+    )?;
+    assert_eq!(v["policy"]["network_map"]["prod"], "dr-prod", "{v}");
 
     // The guest: writes through the export until the primary's stop command says to end.
     std::fs::write(hv01.join("writer.running"), "")?;
@@ -126,6 +148,11 @@ async fn planned_failover_loses_no_acknowledged_write() -> anyhow::Result<()> {
         "{starts}"
     );
     assert!(starts.contains(recovered_uri), "{starts}");
+    let spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dr_dir.join("spec.json"))?)?;
+    assert_eq!(spec["cpus"], 2, "{spec}");
+    assert_eq!(spec["nics"][0]["network"], "dr-prod", "{spec}");
+    assert_eq!(spec["nics"][0]["ip"], "10.2.0.7/24", "{spec}");
     let v = json(&t, &["vm", "show", "web01", "-o", "json"])?;
     assert_eq!(v["state"], "failed-over", "{v}");
     assert_eq!(v["active_host"], "hv-dr01", "{v}");

@@ -20,6 +20,9 @@ pub(super) struct Marker {
     pub(super) cpus: u32,
     pub(super) memory_mib: u64,
     pub(super) networks: Vec<String>,
+    /// An address per NIC ("nic0" -> "10.2.0.7/24") for this run.
+    #[serde(default)]
+    pub(super) nic_addresses: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     pub(super) dir: PathBuf,
     #[serde(default)]
@@ -50,6 +53,7 @@ impl Marker {
             cpus: hw.cpus,
             memory_mib: hw.memory_mib,
             networks: hw.networks,
+            nic_addresses: work.nic_addresses.clone().into_iter().collect(),
             dir: dir.to_path_buf(),
             disks: Vec::new(),
             disk_ids: Vec::new(),

@@ -253,10 +253,13 @@ impl Agent {
                 .networks
                 .iter()
                 .enumerate()
-                .map(|(i, n)| Nic {
-                    name: format!("nic{i}"),
-                    network: n.clone(),
-                    ip: String::new(),
+                .map(|(i, n)| {
+                    let name = format!("nic{i}");
+                    Nic {
+                        ip: m.nic_addresses.get(&name).cloned().unwrap_or_default(),
+                        name,
+                        network: n.clone(),
+                    }
                 })
                 .collect(),
         };

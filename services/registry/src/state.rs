@@ -130,6 +130,14 @@ pub struct PolicyRecord {
     /// The host the VM fails over to ("" = none chosen; catalogs from before it existed).
     #[serde(default)]
     pub recovery_host: String,
+    /// Recovery side: the VM's networks mapped to the recovery site's, the test network, and
+    /// an address per NIC for the production run there.
+    #[serde(default)]
+    pub network_map: BTreeMap<String, String>,
+    #[serde(default)]
+    pub test_network: String,
+    #[serde(default)]
+    pub nic_addresses: BTreeMap<String, String>,
 }
 
 /// Policy defaults and limits (a 0 in the request means the default).
@@ -171,6 +179,9 @@ impl PolicyRecord {
                 p.resync_window_end.clone()
             },
             recovery_host: p.recovery_host.clone(),
+            network_map: p.network_map.clone().into_iter().collect(),
+            test_network: p.test_network.clone(),
+            nic_addresses: p.nic_addresses.clone().into_iter().collect(),
         }
     }
 
@@ -209,6 +220,22 @@ impl PolicyRecord {
                 "policy app_consistent_seconds is {a}: allowed 0 (never) or at least the frequency ({f} s)"
             ));
         }
+        self.check_recovery_side()
+            .map_err(crate::error::RegistryError::InvalidArgument)
+    }
+
+    fn check_recovery_side(&self) -> Result<(), String> {
+        use ferry_model::policy::{check_network_name, check_nic_address};
+        for (from, to) in &self.network_map {
+            check_network_name("--network-map", from)?;
+            check_network_name("--network-map", to)?;
+        }
+        if !self.test_network.is_empty() {
+            check_network_name("--test-network", &self.test_network)?;
+        }
+        for (nic, addr) in &self.nic_addresses {
+            check_nic_address(nic, addr)?;
+        }
         Ok(())
     }
 
@@ -222,6 +249,9 @@ impl PolicyRecord {
             keep_all_seconds: self.keep_all_seconds,
             thin_to_seconds: self.thin_to_seconds,
             recovery_host: self.recovery_host.clone(),
+            network_map: self.network_map.clone().into_iter().collect(),
+            test_network: self.test_network.clone(),
+            nic_addresses: self.nic_addresses.clone().into_iter().collect(),
         }
     }
 }

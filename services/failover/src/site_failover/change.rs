@@ -152,6 +152,7 @@ impl Orchestrator {
             failover_id: record.job_id.clone(),
             hardware: None,
             final_sync: false,
+            nic_addresses: Default::default(),
         };
         let (host, job_id) = (record.host.clone(), job.id().to_owned());
         self.dispatch_and_wait(
@@ -172,8 +173,13 @@ impl Orchestrator {
             network: "production".into(),
             kind: record.kind.clone(),
             failover_id: record.job_id.clone(),
-            hardware: vm.hardware.clone(),
+            hardware: Some(super::production_hardware(&vm)),
             final_sync: false,
+            nic_addresses: vm
+                .policy
+                .as_ref()
+                .map(|p| p.nic_addresses.clone())
+                .unwrap_or_default(),
         };
         let recovered = self
             .dispatch_and_wait(&host, WorkKind::RecoverVm, &vm.name, &job_id, recover, None)

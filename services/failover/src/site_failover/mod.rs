@@ -207,8 +207,13 @@ impl Orchestrator {
             network: "production".into(),
             kind: record.kind.clone(),
             failover_id: record.job_id.clone(),
-            hardware: vm.hardware.clone(),
+            hardware: Some(production_hardware(vm)),
             final_sync: false,
+            nic_addresses: vm
+                .policy
+                .as_ref()
+                .map(|p| p.nic_addresses.clone())
+                .unwrap_or_default(),
         };
         let recovered = self
             .dispatch_and_wait(
@@ -299,6 +304,20 @@ impl Orchestrator {
         let _ = kept.release().await;
         job.fail(e).await
     }
+}
+
+/// The VM's hardware with its networks mapped to the recovery site's (the policy's
+/// network map; a network it does not name keeps its name).
+pub(crate) fn production_hardware(vm: &Vm) -> ferry_proto::common::v1::VmHardware {
+    let mut hw = vm.hardware.clone().unwrap_or_default();
+    if let Some(map) = vm.policy.as_ref().map(|p| &p.network_map) {
+        for n in &mut hw.networks {
+            if let Some(to) = map.get(n.as_str()) {
+                n.clone_from(to);
+            }
+        }
+    }
+    hw
 }
 
 impl Record {

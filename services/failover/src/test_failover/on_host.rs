@@ -18,9 +18,6 @@ use crate::error::{FailoverError, Result};
 use crate::job::JobTracker;
 use crate::records::{Record, STATE_ACTIVE};
 
-/// The network every NIC of a test failover joins when the policy names none.
-pub const DEFAULT_TEST_NETWORK: &str = "ferry-test";
-
 impl Orchestrator {
     pub(super) async fn run_test_on_host(
         &self,
@@ -52,6 +49,7 @@ impl Orchestrator {
             failover_id: record.job_id.clone(),
             hardware: Some(test_hardware(vm)),
             final_sync: false,
+            nic_addresses: Default::default(),
         };
         let kind = WorkKind::RecoverVm;
         let recovered = self
@@ -100,6 +98,7 @@ impl Orchestrator {
             failover_id: record.job_id.clone(),
             hardware: None,
             final_sync: false,
+            nic_addresses: Default::default(),
         };
         let kind = WorkKind::RemoveRecovered;
         self.dispatch_and_wait(&record.host, kind, &record.vm, job_id, work, None)
@@ -108,13 +107,19 @@ impl Orchestrator {
     }
 }
 
-/// The VM's hardware with every NIC on the test network (at least one NIC, so the test VM
-/// has a network to be reached on).
+/// The VM's hardware with every NIC on the policy's test network (at least one NIC, so the
+/// test VM has a network to be reached on).
 fn test_hardware(vm: &Vm) -> VmHardware {
     let hw = vm.hardware.clone().unwrap_or_default();
     let nics = hw.networks.len().max(1);
+    let network = vm
+        .policy
+        .as_ref()
+        .map(|p| p.test_network.clone())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| ferry_model::policy::DEFAULT_TEST_NETWORK.to_owned());
     VmHardware {
-        networks: vec![DEFAULT_TEST_NETWORK.to_owned(); nics],
+        networks: vec![network; nics],
         ..hw
     }
 }
