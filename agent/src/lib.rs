@@ -9,6 +9,7 @@ mod recover;
 mod replicate;
 mod resync;
 pub mod tracker;
+mod unprotect;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -414,6 +415,9 @@ impl Agent {
                 self.delta_cycle(&item.vm, item.app_consistent, &stop).await
             }
             Ok(WorkKind::Resync) => self.resync(&item.vm, &item.job_id, &stop).await,
+            Ok(WorkKind::DisableProtection) => self
+                .disable_protection(&item.vm)
+                .map(|r| recovered = Some(r)),
             _ => Err(ReplError::Permanent(format!(
                 "work kind {} is not supported by this agent",
                 item.kind

@@ -315,6 +315,20 @@ async fn vm(cli: &Cli, cmd: &VmCmd) -> anyhow::Result<ExitCode> {
             changes,
             output,
         } => return crate::vm_set::run(&c, name, changes, *output).await,
+        VmCmd::Unprotect {
+            name,
+            delete_points,
+            force,
+            wait,
+            output,
+        } => {
+            let req = reg::UnprotectVmRequest {
+                name: name.clone(),
+                delete_points: *delete_points,
+                force: *force,
+            };
+            return crate::unprotect_cmd::run(&c, req, *wait, *output).await;
+        }
         VmCmd::Repair { name, output } => {
             let v = c
                 .registry()
@@ -407,7 +421,7 @@ pub(crate) fn job_exit(j: &Job) -> ExitCode {
     }
 }
 
-async fn wait_job(c: &Ctl, id: &str, timeout: Duration) -> anyhow::Result<Job> {
+pub(crate) async fn wait_job(c: &Ctl, id: &str, timeout: Duration) -> anyhow::Result<Job> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last_pct = u32::MAX;
     loop {

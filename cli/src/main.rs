@@ -4,6 +4,7 @@ mod disk_cmd;
 mod failover_cmd;
 mod points_cmd;
 mod protect;
+mod unprotect_cmd;
 mod vm_set;
 
 use std::path::PathBuf;
@@ -177,6 +178,22 @@ pub enum VmCmd {
     Resync {
         name: String,
         /// Wait until the resync ends; exit non-zero if it failed.
+        #[arg(long)]
+        wait: bool,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Disable protection: replication stops, the host's change logs of the VM are removed,
+    /// the recovery points stay under retention unless --delete-points.
+    Unprotect {
+        name: String,
+        /// Also delete the VM's recovery points (their chunks go with garbage collection).
+        #[arg(long)]
+        delete_points: bool,
+        /// The VM's host is gone: skip removing its change logs on the host.
+        #[arg(long)]
+        force: bool,
+        /// Wait until the job ends; exit non-zero if it failed.
         #[arg(long)]
         wait: bool,
         #[arg(short, long, value_enum, default_value_t)]

@@ -347,6 +347,7 @@ impl Marker {
                 })
                 .collect(),
             bytes_written: self.bytes_written,
+            logs_removed: 0,
             driver: self.driver.clone(),
             started_at_ms: self.started_at_ms,
             final_point: String::new(),

@@ -195,6 +195,12 @@ impl StorageWriter for TestStorage {
     ) -> Result<GrpcResponse<storage::RunRetentionResponse>, Status> {
         not_for_the_gateway()
     }
+    async fn delete_points(
+        &self,
+        _: Request<storage::DeletePointsRequest>,
+    ) -> Result<GrpcResponse<storage::DeletePointsResponse>, Status> {
+        not_for_the_gateway()
+    }
 
     type PointChunksStream = Pages;
     async fn point_chunks(

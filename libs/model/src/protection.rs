@@ -239,6 +239,13 @@ pub enum Transition {
     PointChanged,
     /// The failover is committed.
     FailoverCommitted,
+    /// Disable protection starts: replication stops.
+    UnprotectStarted,
+    /// Disable protection ended: nothing replicates, health normal.
+    Unprotected,
+    /// Disable protection failed at a step (the host could not be reached): the VM is in
+    /// error, critical with the reason; disabling again (`--force`) or protecting is allowed.
+    UnprotectFailed { error: String },
 }
 
 impl Transition {
@@ -262,6 +269,9 @@ impl Transition {
             Self::FailoverFailed { .. } => "failover-failed",
             Self::PointChanged => "change-point",
             Self::FailoverCommitted => "commit",
+            Self::UnprotectStarted => "disable-protection",
+            Self::Unprotected => "unprotected",
+            Self::UnprotectFailed { .. } => "disable-protection-failed",
         }
     }
 }
@@ -370,7 +380,20 @@ impl Lifecycle {
                 op_check(Operation::Commit)?;
                 Self::new(S::FailoverCommitted, Health::Normal, "")
             }
-            T::FailedOver | T::FailoverFailed { .. } => return Err(refuse()),
+            T::UnprotectStarted => {
+                op_check(Operation::DisableProtection)?;
+                Self::new(S::Unprotecting, Health::Normal, "")
+            }
+            T::Unprotected if self.state == S::Unprotecting => {
+                Self::new(S::Unprotected, Health::Normal, "")
+            }
+            T::UnprotectFailed { error } if self.state == S::Unprotecting => {
+                Self::new(S::Error, Health::Critical, error.as_str())
+            }
+            T::FailedOver
+            | T::FailoverFailed { .. }
+            | T::Unprotected
+            | T::UnprotectFailed { .. } => return Err(refuse()),
         })
     }
 }

@@ -247,4 +247,42 @@ mod tests {
         assert_eq!(store.get_merged("web", 3).await.unwrap(), None);
         assert!(store.get_merged("../x", 1).await.is_err());
     }
+
+    #[tokio::test]
+    async fn delete_points_removes_manifests_and_merged_maps_of_one_vm() {
+        let store = Store::from_url("memory://").unwrap();
+        for (vm, seq) in [("web", 1), ("web", 2), ("db", 1)] {
+            let key = crate::layout::point_key(vm, seq);
+            store.put_if_absent(&key, "{}".into()).await.unwrap();
+        }
+        let d = disk(&["index/aa/1"], &[]);
+        for seq in [2, 7] {
+            let m = MergedManifest {
+                vm: "web".into(),
+                seq,
+                point_id: format!("{seq:020}"),
+                disks: vec![merged(&d, 0)],
+            };
+            store.put_merged(&m).await.unwrap();
+        }
+        assert_eq!(store.delete_points("web").await.unwrap(), 2);
+        assert!(
+            store
+                .list(&crate::layout::point_prefix("web"))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(store.merged_seqs("web").await.unwrap().is_empty());
+        assert_eq!(
+            store
+                .list(&crate::layout::point_prefix("db"))
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(store.delete_points("web").await.unwrap(), 0);
+        assert!(store.delete_points("..").await.is_err());
+    }
 }

@@ -198,6 +198,26 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Deletes every recovery point manifest of `vm` and the merged maps (those of points
+    /// pruned earlier too); returns how many points it deleted. Chunks and index pages stay
+    /// for the garbage collection, which finds them unreferenced.
+    pub async fn delete_points(&self, vm: &str) -> Result<u32, StoreError> {
+        check_segment("vm name", vm)?;
+        let mut deleted = 0u32;
+        for seq in self.point_seqs(vm).await? {
+            self.delete(&point_key(vm, seq)).await?;
+            self.delete_merged(vm, seq).await?;
+            deleted += 1;
+        }
+        for seq in self.merged_seqs(vm).await? {
+            self.delete_merged(vm, seq).await?;
+        }
+        info!(vm, deleted, "recovery points deleted");
+        Ok(deleted)
+    }
+}
+
 /// True if `m` is `latest` again: the same cycle with the same content, whatever its seq,
 /// id and time (a retry built after the first attempt landed).
 fn is_recommit(m: &PointManifest, latest: &PointManifest) -> bool {

@@ -21,7 +21,7 @@ pub(crate) const KIND_ENABLE: &str = "enable-protection";
 pub(crate) const KIND_RESYNC: &str = "resync";
 /// How often a running job's work is queued again: `Dispatch` is idempotent while the work
 /// is queued or in flight, and this rebuilds it after Redis lost its data.
-const REDISPATCH_EVERY: Duration = Duration::from_secs(10);
+pub(crate) const REDISPATCH_EVERY: Duration = Duration::from_secs(10);
 const STEPS: [&str; 4] = [
     "prerequisites check",
     "replication relationship",
@@ -30,7 +30,7 @@ const STEPS: [&str; 4] = [
 ];
 const SUPPORTED_FORMATS: [&str; 3] = ["raw", "vhd", "vhdx"];
 
-fn new_job(kind: &str, target: &str, steps: &[&str]) -> Job {
+pub(crate) fn new_job(kind: &str, target: &str, steps: &[&str]) -> Job {
     Job {
         id: uuid::Uuid::new_v4().to_string(),
         kind: kind.to_string(),
@@ -50,7 +50,7 @@ fn new_job(kind: &str, target: &str, steps: &[&str]) -> Job {
     }
 }
 
-enum Outcome {
+pub(crate) enum Outcome {
     Done,
     Failed(String),
 }
@@ -64,7 +64,7 @@ impl RegistryService {
         policy.check()?;
         check_resync_window(&policy)?;
         let job = new_job(KIND_ENABLE, vm, &STEPS);
-        let enabling = {
+        let (enabling, had_point) = {
             let st = self.state.lock().await;
             let v = st
                 .vms
@@ -72,9 +72,9 @@ impl RegistryService {
                 .ok_or_else(|| RegistryError::VmNotFound(vm.to_string()))?;
             let enabling = vm_event(v, &Transition::ProtectionStarted)?;
             self.check_recovery_host(&st, v, &policy.recovery_host)?;
-            enabling
+            (enabling, !v.last_point_id.is_empty())
         };
-        self.persist(vec![
+        let mut events = vec![
             Event::Job(JobRecord::encode(&job)),
             Event::VmProtection {
                 vm: vm.to_string(),
@@ -82,8 +82,18 @@ impl RegistryService {
                 job_id: job.id.clone(),
             },
             enabling,
-        ])
-        .await?;
+        ];
+        // Points kept from an earlier protection do not make the initial copy: the change
+        // logs since then were removed when it was disabled. Forgotten here, the initial
+        // replication step waits for this job's own point.
+        if had_point {
+            events.push(Event::VmPoint {
+                vm: vm.to_string(),
+                point_id: String::new(),
+                time_ms: 0,
+            });
+        }
+        self.persist(events).await?;
         tracing::info!(vm, job = %job.id, "enable protection started");
         self.spawn_job(job.id.clone());
         Ok(job)
@@ -100,8 +110,10 @@ impl RegistryService {
                 .jobs
                 .values()
                 .filter(|j| {
-                    matches!(j.kind.as_str(), KIND_ENABLE | KIND_RESYNC)
-                        && j.status == StepStatus::Running as i32
+                    matches!(
+                        j.kind.as_str(),
+                        KIND_ENABLE | KIND_RESYNC | crate::unprotect::KIND_DISABLE
+                    ) && j.status == StepStatus::Running as i32
                 })
                 .map(|j| j.id.clone())
                 .collect();
@@ -112,12 +124,14 @@ impl RegistryService {
         });
     }
 
-    fn spawn_job(self: &Arc<Self>, id: String) {
+    pub(crate) fn spawn_job(self: &Arc<Self>, id: String) {
         let me = self.clone();
         tokio::spawn(async move {
             let kind = me.job(&id).await.map(|j| j.kind).unwrap_or_default();
             let res = if kind == KIND_RESYNC {
                 me.run_resync(&id).await
+            } else if kind == crate::unprotect::KIND_DISABLE {
+                me.run_unprotect(&id).await
             } else {
                 me.run_protection(&id).await
             };
@@ -127,7 +141,7 @@ impl RegistryService {
         });
     }
 
-    async fn set_step(
+    pub(crate) async fn set_step(
         &self,
         job: &mut Job,
         i: usize,
@@ -316,6 +330,16 @@ impl RegistryService {
             let notified = self.changed.notified();
             {
                 let st = self.state.lock().await;
+                if st
+                    .jobs
+                    .get(&job.id)
+                    .is_some_and(|j| j.status != StepStatus::Running as i32)
+                {
+                    return Err(RegistryError::Internal(format!(
+                        "job {} was cancelled",
+                        job.id
+                    )));
+                }
                 if let Some(v) = st.vms.get(vm) {
                     if !v.last_point_id.is_empty() {
                         return Ok(Outcome::Done);
@@ -334,7 +358,7 @@ impl RegistryService {
     }
 
     /// Queues a job's work with the scheduler, retrying while it is unreachable.
-    async fn dispatch(
+    pub(crate) async fn dispatch(
         &self,
         host: &str,
         vm: &str,
@@ -358,7 +382,7 @@ impl RegistryService {
     }
 
     /// Queues the work again, once; a failure waits for the next round.
-    async fn redispatch(&self, host: &str, vm: &str, job_id: &str, kind: WorkKind) {
+    pub(crate) async fn redispatch(&self, host: &str, vm: &str, job_id: &str, kind: WorkKind) {
         if let Err(e) = self.try_dispatch(host, vm, job_id, kind).await {
             tracing::debug!(vm, job = job_id, error = %e, "re-dispatch failed; next round");
         }

@@ -8,6 +8,7 @@ mod lifecycle;
 mod recovery_site;
 mod service;
 pub mod state;
+mod unprotect;
 
 use std::sync::Arc;
 

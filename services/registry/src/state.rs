@@ -310,6 +310,10 @@ pub enum Event {
         vm: String,
         site: FailoverSite,
     },
+    /// Protection was disabled: the VM has no policy any more.
+    VmPolicyCleared {
+        vm: String,
+    },
     /// A recoverable failure waiting for its retry (attempts 0 clears the retry state).
     VmRetry {
         vm: String,
@@ -416,6 +420,11 @@ impl State {
             Event::VmSite { vm, site } => {
                 if let Some(v) = self.vms.get_mut(vm) {
                     v.site = site.clone();
+                }
+            }
+            Event::VmPolicyCleared { vm } => {
+                if let Some(v) = self.vms.get_mut(vm) {
+                    v.policy = None;
                 }
             }
             Event::VmPolicy { vm, policy } => {

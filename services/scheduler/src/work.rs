@@ -52,7 +52,7 @@ impl QueuedWork {
         FailoverWork::decode(bytes.as_slice()).ok()
     }
 
-    /// Failover work is not replication: its outcome is kept for the orchestrator that
+    /// Failover work (and disable protection's host work) is not replication: its outcome is kept for the orchestrator that
     /// waits on it, and a failure neither retries nor touches the VM's replication health.
     pub(crate) fn is_failover(&self) -> bool {
         is_failover_kind(self.kind)
@@ -62,7 +62,10 @@ impl QueuedWork {
 pub(crate) fn is_failover_kind(kind: i32) -> bool {
     matches!(
         WorkKind::try_from(kind),
-        Ok(WorkKind::RecoverVm | WorkKind::RemoveRecovered | WorkKind::ShutdownVm)
+        Ok(WorkKind::RecoverVm
+            | WorkKind::RemoveRecovered
+            | WorkKind::ShutdownVm
+            | WorkKind::DisableProtection)
     )
 }
 
@@ -72,6 +75,7 @@ pub(crate) fn failover_prefix(kind: i32) -> &'static str {
         Ok(WorkKind::RecoverVm) => "recover",
         Ok(WorkKind::RemoveRecovered) => "remove",
         Ok(WorkKind::ShutdownVm) => "shutdown",
+        Ok(WorkKind::DisableProtection) => "unprotect",
         _ => "work",
     }
 }

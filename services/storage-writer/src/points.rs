@@ -115,6 +115,16 @@ pub fn hash_pages(map: &BlockMap, page_len: usize) -> Vec<BlockHashesChunk> {
 }
 
 impl Writer {
+    /// Deletes every recovery point of `vm` (disable protection with `--delete-points`): the
+    /// manifests and merged maps through the store; the chunks only they referenced go with
+    /// the next garbage collection.
+    pub async fn delete_points(&self, vm: &str) -> Result<u32> {
+        check_vm(vm)?;
+        Ok(self.store.delete_points(vm).await?)
+    }
+}
+
+impl Writer {
     /// All points of a VM, oldest first (none is not an error).
     pub async fn list_points(&self, vm: &str) -> Result<Vec<RecoveryPoint>> {
         check_vm(vm)?;

@@ -11,10 +11,11 @@ use ferry_mesh::{Role, VmOwners, require_role, require_service, to_status};
 use ferry_proto::common::v1::RecoveryPoint;
 use ferry_proto::storage::v1::storage_writer_server::StorageWriter;
 use ferry_proto::storage::v1::{
-    BlockHashesChunk, BlockHashesRequest, CommitPointRequest, CommitPointResponse, GetPointRequest,
-    HasChunksRequest, HasChunksResponse, ListPointsRequest, ListPointsResponse,
-    MaterializeDiskRequest, MaterializeDiskResponse, PointChunksPage, PointChunksRequest,
-    RunRetentionRequest, RunRetentionResponse,
+    BlockHashesChunk, BlockHashesRequest, CommitPointRequest, CommitPointResponse,
+    DeletePointsRequest, DeletePointsResponse, GetPointRequest, HasChunksRequest,
+    HasChunksResponse, ListPointsRequest, ListPointsResponse, MaterializeDiskRequest,
+    MaterializeDiskResponse, PointChunksPage, PointChunksRequest, RunRetentionRequest,
+    RunRetentionResponse,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -213,5 +214,19 @@ impl StorageWriter for StorageWriterService {
             .map(Ok)
             .collect();
         Ok(Response::new(tokio_stream::iter(pages)))
+    }
+
+    async fn delete_points(
+        &self,
+        request: Request<DeletePointsRequest>,
+    ) -> Result<Response<DeletePointsResponse>, Status> {
+        // The registry's disable-protection job only: operators go through it.
+        require_service(&request)?;
+        let points_deleted = self
+            .writer
+            .delete_points(&request.get_ref().vm)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(DeletePointsResponse { points_deleted }))
     }
 }

@@ -251,3 +251,51 @@ fn failover_runs_from_protected_to_committed() {
         (Protected, Critical, "recovery host gone")
     );
 }
+
+#[test]
+fn disable_protection_runs_to_unprotected() {
+    use Health::*;
+    use VmState::*;
+    for from in [
+        Enabling,
+        InitialReplication,
+        Protected,
+        ResyncPending,
+        Resyncing,
+        FailoverCommitted,
+        Error,
+    ] {
+        let l = apply((from, Critical), Transition::UnprotectStarted).unwrap();
+        assert_eq!((l.state, l.health), (Unprotecting, Normal), "{from}");
+    }
+    for from in [Unprotected, FailingOver, FailedOver, Unprotecting] {
+        let err = apply((from, Normal), Transition::UnprotectStarted).unwrap_err();
+        assert!(err.to_string().contains(from.as_str()), "{err}");
+        assert_eq!(err.asked, "disable-protection");
+    }
+    let l = apply((Unprotecting, Normal), Transition::Unprotected).unwrap();
+    assert_eq!(
+        (l.state, l.health, l.last_error.as_str()),
+        (Unprotected, Normal, "")
+    );
+    assert!(apply((Protected, Normal), Transition::Unprotected).is_err());
+    // Nothing is allowed while the job runs; a failed one leaves the VM in error, from where
+    // disabling again is allowed.
+    assert!(allowed_operations(&p(Unprotecting)).is_empty());
+    let l = apply(
+        (Unprotecting, Normal),
+        Transition::UnprotectFailed {
+            error: "host gone".into(),
+        },
+    )
+    .unwrap();
+    assert_eq!((l.state, l.health), (Error, Critical));
+    assert!(apply((Error, Critical), Transition::UnprotectStarted).is_ok());
+    assert!(
+        apply(
+            (Protected, Normal),
+            Transition::UnprotectFailed { error: "x".into() }
+        )
+        .is_err()
+    );
+}

@@ -50,20 +50,35 @@ impl Orchestrator {
         } else {
             req.point.as_str()
         };
+        let prepare = self.prepare_failover(&req.vm, point_ref);
+        self.begin_site_failover(&req.vm, "unplanned", req.shutdown, prepare)
+            .await
+    }
+
+    /// Starts a planned or unplanned failover of `name` (`kind`): claims the VM, runs
+    /// `prepare` under the VM's start lock, records the failover under its job's lease and
+    /// drives it.
+    pub(crate) async fn begin_site_failover(
+        &self,
+        name: &str,
+        kind: &str,
+        shutdown: bool,
+        prepare: impl std::future::Future<Output = Result<(Vm, RecoveryPoint, JobTracker)>>,
+    ) -> Result<Job> {
         if self.shutdown.is_cancelled() {
             return Err(FailoverError::Cancelled);
         }
-        let _busy = self.claim(&req.vm)?;
-        let starting = self.lock_vm_start(&req.vm).await?;
-        let begun = self.prepare_failover(&req.vm, point_ref).await;
-        let (vm, point, job) = match begun {
+        let _busy = self.claim(name)?;
+        let starting = self.lock_vm_start(name).await?;
+        let (vm, point, job) = match prepare.await {
             Ok(b) => b,
             Err(e) => {
                 self.unlock_vm_start(starting).await;
                 return Err(e);
             }
         };
-        let mut record = new_failover_record(&vm, &point, job.id(), self.holder(), req.shutdown);
+        let mut record = new_failover_record(&vm, &point, job.id(), self.holder(), shutdown);
+        record.kind = kind.to_owned();
         let begun = self.lease_and_record(&mut record).await;
         self.unlock_vm_start(starting).await;
         match begun {

@@ -33,12 +33,7 @@ impl Orchestrator {
     /// Runs a planned failover of a VM to its recovery host and returns the finished job.
     pub async fn planned_failover(&self, req: PlannedFailoverRequest) -> Result<Job> {
         check_vm_name(&req.vm)?;
-        if self.shutdown.is_cancelled() {
-            return Err(FailoverError::Cancelled);
-        }
-        let _busy = self.claim(&req.vm)?;
-        let starting = self.lock_vm_start(&req.vm).await?;
-        let begun = async {
+        let prepare = async {
             self.no_current_failover(&req.vm).await?;
             let vm = self.failover_vm(&req.vm).await?;
             self.require_connected(&vm.host, &vm.name).await?;
@@ -51,24 +46,10 @@ impl Orchestrator {
                 &PLANNED_STEPS,
             )
             .await?;
-            Ok::<_, FailoverError>((vm, point, job))
-        }
-        .await;
-        let (vm, point, job) = match begun {
-            Ok(b) => b,
-            Err(e) => {
-                self.unlock_vm_start(starting).await;
-                return Err(e);
-            }
+            Ok((vm, point, job))
         };
-        let mut record = super::new_failover_record(&vm, &point, job.id(), self.holder(), true);
-        record.kind = "planned".into();
-        let begun = self.lease_and_record(&mut record).await;
-        self.unlock_vm_start(starting).await;
-        match begun {
-            Ok(kept) => self.drive_failover(job, kept, record, vm, point).await,
-            Err(e) => Ok(job.fail(&e).await),
-        }
+        self.begin_site_failover(&req.vm, "planned", false, prepare)
+            .await
     }
 
     /// A planned failover needs its source: refused at once when the primary is not connected.

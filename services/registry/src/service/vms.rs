@@ -49,11 +49,16 @@ impl RegistryService {
         Ok(Response::new(job))
     }
 
-    pub(super) async fn unprotect_vm(&self, req: Request<pb::UnprotectVmRequest>) -> R<Job> {
+    pub(super) async fn unprotect_vm(
+        self: &Arc<Self>,
+        req: Request<pb::UnprotectVmRequest>,
+    ) -> R<Job> {
         ferry_mesh::require_role(&req, Role::Operator)?;
-        Err(ferry_mesh::unimplemented(
-            "disabling protection (delta replication issue)",
-        ))
+        let req = req.into_inner();
+        let job = self
+            .start_unprotect(&req.name, req.delete_points, req.force)
+            .await?;
+        Ok(Response::new(job))
     }
 
     pub(super) async fn update_policy(&self, req: Request<pb::UpdatePolicyRequest>) -> R<pb::Vm> {
