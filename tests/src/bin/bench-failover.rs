@@ -77,9 +77,15 @@ async fn main() -> anyhow::Result<()> {
         c
     };
     // The primary's driver has nothing to stop (a planned failover stops the VM through it).
-    let primary_extra = "[tracker]\n[driver]\nkind = \"command\"\nstart = \"true\"\nstop = \"true\"\n";
+    let primary_extra =
+        "[tracker]\n[driver]\nkind = \"command\"\nstart = \"true\"\nstop = \"true\"\n";
     let primary = t
-        .site_agent(PRIMARY, "site-a", &[(VM, vec![image.clone()])], primary_extra)
+        .site_agent(
+            PRIMARY,
+            "site-a",
+            &[(VM, vec![image.clone()])],
+            primary_extra,
+        )
         .await?;
     let dr_dir = t.path(RECOVERY);
     let started = dr_dir.join("started");
