@@ -101,6 +101,23 @@ async fn test_failover_runs_on_the_recovery_host() -> anyhow::Result<()> {
     )?;
     assert!(ok, "vm set: {err}");
 
+    // A point that does not exist is named, and nothing starts.
+    let (ok, _, err) = cli(
+        &t,
+        &[
+            "failover",
+            "test",
+            "web01",
+            "--point",
+            "00000000000000000099",
+        ],
+    )?;
+    assert!(
+        !ok && err.contains("00000000000000000099") && err.contains("NotFound"),
+        "{err}"
+    );
+    assert!(!dr_dir.join("recovered/web01").exists());
+
     let job = json(&t, &["failover", "test", "web01", "-o", "json"])?;
     assert_eq!(job["status"], "succeeded", "{job}");
     let list = json(&t, &["failover", "list", "-o", "json"])?;
