@@ -160,6 +160,11 @@ async fn warn_unopenable_disks(cfg: &AgentConfig) {
     .await;
 }
 
+/// Whether `a` is `b` delivered again (not a new item that reuses its id).
+fn same_delivery(a: &WorkItem, b: &WorkItem) -> bool {
+    a.id == b.id && a.attempt == b.attempt && a.created_at_ms == b.created_at_ms
+}
+
 /// NBD export name of a disk: `<vm>-<file name>`, restricted to what the tracker accepts.
 pub fn export_name(vm: &str, path: &std::path::Path) -> String {
     let file = path
@@ -374,8 +379,10 @@ impl Agent {
                     let Ok(mut b) = me.busy.lock() else { break };
                     match b.get_mut(&item.vm).and_then(Option::take) {
                         // The same item re-sent (a re-dispatch after Redis lost it): the
-                        // completion just made acknowledged it, unless it failed.
-                        Some(next) if !(completed && next.id == item.id) => item = next,
+                        // completion just made acknowledged it, unless it failed. A new
+                        // item under the same id (the next cycle, queued right after that
+                        // acknowledgement) has its own creation time and attempt, and runs.
+                        Some(next) if !(completed && same_delivery(&next, &item)) => item = next,
                         _ => {
                             b.remove(&item.vm);
                             break;

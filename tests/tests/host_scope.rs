@@ -260,7 +260,7 @@ async fn another_hosts_certificate_reaches_nothing_of_a_vm() -> anyhow::Result<(
     );
 
     // A point committed by another host (what a forger could do before cycles were scoped,
-    // made here with the service certificate and hvb's name on the lease) is flagged.
+    // made here with the store's writer and hvb's name on the lease) is flagged.
     forge_point(&t, &web01.disks[0]).await?;
     let verify = t.ferry_cli(&["points", "verify", "web01", "-o", "json"])?;
     assert!(!verify.status.success(), "verify fails on a forged point");
@@ -300,25 +300,34 @@ async fn forge_point(t: &TestMesh, disk: &ferry_proto::common::v1::Disk) -> anyh
     }
     let lease =
         lease.ok_or_else(|| anyhow::anyhow!("the lease of web01's disk never came free"))?;
+    let req = CommitPointRequest {
+        vm: "web01".into(),
+        cycle_id: "forged".into(),
+        kind: CycleKind::Delta.into(),
+        consistency: Consistency::Crash.into(),
+        disks: vec![CommitDisk {
+            disk: Some(disk.clone()),
+            block_size: t.ctl.cfg.vault.block_size,
+            full: false,
+            ..Default::default()
+        }],
+        fencing_tokens: [(disk.id.clone(), lease.token)].into_iter().collect(),
+        host: "hvb".into(),
+        epoch: 0,
+    };
+    // Storage-writer's gRPC face refuses a commit naming a host that is not the VM's ...
     let tls = ClientTls::service(&t.ctl.cfg)?;
     let ch = ferry_mesh::connect(&t.ctl.cfg.endpoint(Component::StorageWriter), &tls).await?;
-    let res = StorageWriterClient::new(ch)
-        .commit_point(CommitPointRequest {
-            vm: "web01".into(),
-            cycle_id: "forged".into(),
-            kind: CycleKind::Delta.into(),
-            consistency: Consistency::Crash.into(),
-            disks: vec![CommitDisk {
-                disk: Some(disk.clone()),
-                block_size: t.ctl.cfg.vault.block_size,
-                full: false,
-                ..Default::default()
-            }],
-            fencing_tokens: [(disk.id.clone(), lease.token)].into_iter().collect(),
-            host: "hvb".into(),
-            epoch: 0,
-        })
-        .await;
+    let refused = StorageWriterClient::new(ch)
+        .commit_point(req.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("hvb"), "{refused:?}");
+    // ... so the forger here writes with the store's own writer, as one holding the store
+    // and the vault key could.
+    let writer = ferry_storage_writer::Writer::from_config(&t.ctl.cfg).await?;
+    let res = writer.commit_point(req).await;
     coord.release_lease(&lease).await?;
     res?;
     Ok(())

@@ -180,9 +180,15 @@ async fn main() -> anyhow::Result<()> {
     for a in [primary, dr] {
         a.shutdown().await?;
     }
+    // Before the mesh stops: its temporary folder holds the recovery host's.
+    let same = {
+        let (image, recovered) = (image.clone(), recovered.clone());
+        tokio::task::spawn_blocking(move || qemu_compare(&image, "raw", &recovered, &format))
+            .await??
+    };
     t.stop().await;
     anyhow::ensure!(
-        qemu_compare(&image, "raw", &recovered, &format)?,
+        same,
         "recovered disk {} differs from the image",
         recovered.display()
     );
@@ -193,8 +199,13 @@ async fn main() -> anyhow::Result<()> {
     timed(restic(&["backup", "-q"]).arg(&image))?;
     let target = tmp.path().join("restic-restore");
     drop_caches();
-    let (restic_s, restic_cpu) =
-        timed(restic(&["restore", "-q", "latest", "--target"]).arg(&target))?;
+    let (restic_s, restic_cpu) = timed(&mut restic(&[
+        "restore",
+        "-q",
+        "latest",
+        "--target",
+        path_str(&target)?,
+    ]))?;
     let restored = target.join(image.strip_prefix("/").unwrap_or(&image));
     anyhow::ensure!(
         qemu_compare(&image, "raw", &restored, "raw")?,
@@ -233,6 +244,11 @@ fn ferry_bin() -> anyhow::Result<PathBuf> {
         p.display()
     );
     Ok(p)
+}
+
+fn path_str(p: &Path) -> anyhow::Result<&str> {
+    p.to_str()
+        .with_context(|| format!("{} is not UTF-8", p.display()))
 }
 
 /// A time `date +%s.%N` wrote into `path`.
