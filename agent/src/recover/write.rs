@@ -24,8 +24,10 @@ use crate::{Agent, ReplError};
 
 /// Chunks asked for in one FETCH.
 const FETCH_BATCH: usize = 32;
-/// FETCH streams in flight per disk.
-const FETCHES_IN_FLIGHT: usize = 4;
+/// FETCH streams in flight per disk. Measured on the failover benchmark (2 GiB, this 2-core
+/// machine): 4 gave 538 MB/s, 8 gave 711 MB/s (16 of 16 chunks: 569 MB/s). Memory: up to
+/// this many batches of opened blocks wait for the writer (8 × 32 MiB at 1 MiB blocks).
+const FETCHES_IN_FLIGHT: usize = 8;
 /// Tries of one batch when the gateway is briefly unavailable.
 const FETCH_TRIES: u32 = 5;
 
