@@ -54,6 +54,24 @@ impl TestMesh {
             .output()?)
     }
 
+    /// `ferry ARGS` as [`ferry_cli`](Self::ferry_cli) runs it: whether it succeeded, its
+    /// stdout and its stderr.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+        let out = self.ferry_cli(args)?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// The JSON `ferry ARGS` prints; an error naming the command when it fails.
+    pub fn cli_json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let (ok, out, err) = self.cli(args)?;
+        anyhow::ensure!(ok, "ferry {args:?}: {out} {err}");
+        Ok(serde_json::from_str(&out)?)
+    }
+
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }

@@ -7,21 +7,6 @@ use std::time::Duration;
 
 use ferry_tests::*;
 
-fn cli(t: &TestMesh, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
-    let out = t.ferry_cli(args)?;
-    Ok((
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
-}
-
-fn json(t: &TestMesh, args: &[&str]) -> anyhow::Result<serde_json::Value> {
-    let (ok, out, err) = cli(t, args)?;
-    anyhow::ensure!(ok, "ferry {args:?}: {out} {err}");
-    Ok(serde_json::from_str(&out)?)
-}
-
 /// A command driver whose start and stop each append their environment to a file.
 fn driver_section(dir: &Path) -> anyhow::Result<String> {
     std::fs::create_dir_all(dir)?;
@@ -80,47 +65,38 @@ async fn test_failover_runs_on_the_recovery_host() -> anyhow::Result<()> {
         .await?;
 
     // Without a recovery host a test failover needs a folder.
-    let (ok, _, err) = cli(
-        &t,
-        &["vm", "protect", "web01", "--frequency", "1h", "--wait"],
-    )?;
+    let (ok, _, err) = t.cli(&["vm", "protect", "web01", "--frequency", "1h", "--wait"])?;
     assert!(ok, "protect: {err}");
-    let (ok, _, err) = cli(&t, &["failover", "test", "web01"])?;
+    let (ok, _, err) = t.cli(&["failover", "test", "web01"])?;
     assert!(!ok && err.contains("no recovery host"), "{err}");
-    let (ok, _, err) = cli(
-        &t,
-        &[
-            "vm",
-            "set",
-            "web01",
-            "--recovery-host",
-            "hv-dr01",
-            "--test-network",
-            "isolated",
-        ],
-    )?;
+    let (ok, _, err) = t.cli(&[
+        "vm",
+        "set",
+        "web01",
+        "--recovery-host",
+        "hv-dr01",
+        "--test-network",
+        "isolated",
+    ])?;
     assert!(ok, "vm set: {err}");
 
     // A point that does not exist is named, and nothing starts.
-    let (ok, _, err) = cli(
-        &t,
-        &[
-            "failover",
-            "test",
-            "web01",
-            "--point",
-            "00000000000000000099",
-        ],
-    )?;
+    let (ok, _, err) = t.cli(&[
+        "failover",
+        "test",
+        "web01",
+        "--point",
+        "00000000000000000099",
+    ])?;
     assert!(
         !ok && err.contains("00000000000000000099") && err.contains("NotFound"),
         "{err}"
     );
     assert!(!dr_dir.join("recovered/web01").exists());
 
-    let job = json(&t, &["failover", "test", "web01", "-o", "json"])?;
+    let job = t.cli_json(&["failover", "test", "web01", "-o", "json"])?;
     assert_eq!(job["status"], "succeeded", "{job}");
-    let list = json(&t, &["failover", "list", "-o", "json"])?;
+    let list = t.cli_json(&["failover", "list", "-o", "json"])?;
     let f = &list[0];
     assert_eq!(f["vm"], "web01", "{list}");
     assert_eq!(f["kind"], "test", "{list}");
@@ -156,13 +132,13 @@ async fn test_failover_runs_on_the_recovery_host() -> anyhow::Result<()> {
     nbd_write(&uri, &["write -P 0x66 0 64k"])?;
 
     // One test failover at a time: the state machine says why.
-    let v = json(&t, &["vm", "show", "web01", "-o", "json"])?;
+    let v = t.cli_json(&["vm", "show", "web01", "-o", "json"])?;
     assert_eq!(v["failover_state"], "test", "{v}");
-    let (ok, _, err) = cli(&t, &["failover", "test", "web01"])?;
+    let (ok, _, err) = t.cli(&["failover", "test", "web01"])?;
     assert!(!ok && err.contains("test-failover is not allowed"), "{err}");
     assert!(err.contains("FailedPrecondition"), "{err}");
 
-    let job = json(&t, &["failover", "cleanup", "web01", "-o", "json"])?;
+    let job = t.cli_json(&["failover", "cleanup", "web01", "-o", "json"])?;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert!(calls(&dr_dir).contains("call=stop"), "{}", calls(&dr_dir));
     assert!(
@@ -173,7 +149,7 @@ async fn test_failover_runs_on_the_recovery_host() -> anyhow::Result<()> {
         nbd_write(&uri, &["read 0 64k"]).is_err(),
         "the export is gone"
     );
-    let v = json(&t, &["vm", "show", "web01", "-o", "json"])?;
+    let v = t.cli_json(&["vm", "show", "web01", "-o", "json"])?;
     assert_eq!(v["failover_state"], "", "{v}");
 
     for a in [primary, dr] {

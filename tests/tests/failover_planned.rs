@@ -9,16 +9,6 @@ use std::time::Duration;
 
 use ferry_tests::*;
 
-fn json(t: &TestMesh, args: &[&str]) -> anyhow::Result<serde_json::Value> {
-    let out = t.ferry_cli(args)?;
-    let (o, e) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    anyhow::ensure!(out.status.success(), "ferry {args:?}: {o} {e}");
-    Ok(serde_json::from_str(&o)?)
-}
-
 /// A command driver in `dir`: each call is appended to calls.log; the stop command also
 /// asks the test's writer to end and waits until it has.
 fn driver(dir: &Path) -> anyhow::Result<String> {
@@ -80,20 +70,17 @@ async fn planned_failover_loses_no_acknowledged_write() -> anyhow::Result<()> {
     let bad = t.ferry_cli(&["vm", "set", "web01", "--ip", "nic0=banana"])?;
     let said = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success() && said.contains("--ip"), "{said}");
-    let v = json(
-        &t,
-        &[
-            "vm",
-            "set",
-            "web01",
-            "--network-map",
-            "prod=dr-prod",
-            "--ip",
-            "nic0=10.2.0.7/24",
-            "-o",
-            "json",
-        ],
-    )?;
+    let v = t.cli_json(&[
+        "vm",
+        "set",
+        "web01",
+        "--network-map",
+        "prod=dr-prod",
+        "--ip",
+        "nic0=10.2.0.7/24",
+        "-o",
+        "json",
+    ])?;
     assert_eq!(v["policy"]["network_map"]["prod"], "dr-prod", "{v}");
 
     // The guest: writes through the export until the primary's stop command says to end.
@@ -121,15 +108,12 @@ async fn planned_failover_loses_no_acknowledged_write() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let job = json(
-        &t,
-        &["failover", "planned", "web01", "--wait", "-o", "json"],
-    )?;
+    let job = t.cli_json(&["failover", "planned", "web01", "--wait", "-o", "json"])?;
     anyhow::ensure!(job["status"] == "succeeded", "{job}");
     writer
         .join()
         .map_err(|_| anyhow::anyhow!("writer panicked"))?;
-    let list = json(&t, &["failover", "list", "-o", "json"])?;
+    let list = t.cli_json(&["failover", "list", "-o", "json"])?;
     let f = &list[0];
     assert_eq!(f["kind"], "planned", "{list}");
     assert_eq!(f["state"], "active", "{list}");
@@ -153,7 +137,7 @@ async fn planned_failover_loses_no_acknowledged_write() -> anyhow::Result<()> {
     assert_eq!(spec["cpus"], 2, "{spec}");
     assert_eq!(spec["nics"][0]["network"], "dr-prod", "{spec}");
     assert_eq!(spec["nics"][0]["ip"], "10.2.0.7/24", "{spec}");
-    let v = json(&t, &["vm", "show", "web01", "-o", "json"])?;
+    let v = t.cli_json(&["vm", "show", "web01", "-o", "json"])?;
     assert_eq!(v["state"], "failed-over", "{v}");
     assert_eq!(v["active_host"], "hv-dr01", "{v}");
     // The source is fenced: its export refuses writes.

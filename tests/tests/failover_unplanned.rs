@@ -11,24 +11,9 @@ use ferry_proto::ingest::v1::{BeginCycleRequest, ingest_client::IngestClient};
 use ferry_tests::*;
 use tonic::Code;
 
-fn cli(t: &TestMesh, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
-    let out = t.ferry_cli(args)?;
-    Ok((
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
-}
-
-fn json(t: &TestMesh, args: &[&str]) -> anyhow::Result<serde_json::Value> {
-    let (ok, out, err) = cli(t, args)?;
-    anyhow::ensure!(ok, "ferry {args:?}: {out} {err}");
-    Ok(serde_json::from_str(&out)?)
-}
-
 /// `ferry ARGS` fails with FAILED_PRECONDITION saying `words`.
 fn refused(t: &TestMesh, args: &[&str], words: &[&str]) -> anyhow::Result<()> {
-    let (ok, out, err) = cli(t, args)?;
+    let (ok, out, err) = t.cli(args)?;
     anyhow::ensure!(!ok, "ferry {args:?} must fail: {out}");
     for w in words.iter().chain(&["FailedPrecondition"]) {
         anyhow::ensure!(err.contains(w), "ferry {args:?}: {w:?} not in {err}");
@@ -47,7 +32,7 @@ fn recorder(dir: &Path) -> anyhow::Result<String> {
 
 /// The recovered disk of the VM's current failover, as `ferry failover list` gives it.
 fn recovered_disk(t: &TestMesh) -> anyhow::Result<(serde_json::Value, std::path::PathBuf)> {
-    let list = json(t, &["failover", "list", "-o", "json"])?;
+    let list = t.cli_json(&["failover", "list", "-o", "json"])?;
     let f = list
         .as_array()
         .and_then(|l| l.iter().rev().find(|f| f["kind"] == "unplanned"))
@@ -88,19 +73,16 @@ async fn unplanned_failover_change_point_commit_and_the_fenced_primary() -> anyh
     let recovery = |h: &ferry_proto::registry::v1::Host| h.status == "connected" && h.recovery;
     t.wait_host("hv-dr01", recovery, Duration::from_secs(60))
         .await?;
-    let (ok, _, err) = cli(
-        &t,
-        &[
-            "vm",
-            "protect",
-            "web01",
-            "--frequency",
-            "2s",
-            "--recovery-host",
-            "hv-dr01",
-            "--wait",
-        ],
-    )?;
+    let (ok, _, err) = t.cli(&[
+        "vm",
+        "protect",
+        "web01",
+        "--frequency",
+        "2s",
+        "--recovery-host",
+        "hv-dr01",
+        "--wait",
+    ])?;
     anyhow::ensure!(ok, "protect: {err}");
     let first = t.points("web01").await?[0].id.clone();
     let uri = t.vm("web01").await?.disks[0].nbd_uri.clone();
@@ -120,19 +102,16 @@ async fn unplanned_failover_change_point_commit_and_the_fenced_primary() -> anyh
     )?;
 
     // Unplanned, to the first point, with the primary gone.
-    let job = json(
-        &t,
-        &[
-            "failover",
-            "unplanned",
-            "web01",
-            "--point",
-            &first,
-            "--wait",
-            "-o",
-            "json",
-        ],
-    )?;
+    let job = t.cli_json(&[
+        "failover",
+        "unplanned",
+        "web01",
+        "--point",
+        &first,
+        "--wait",
+        "-o",
+        "json",
+    ])?;
     anyhow::ensure!(job["status"] == "succeeded", "{job}");
     let (f, recovered) = recovered_disk(&t)?;
     assert_eq!(f["state"], "active", "{f}");
@@ -147,7 +126,7 @@ async fn unplanned_failover_change_point_commit_and_the_fenced_primary() -> anyh
         calls.contains("call=start vm=web01 network=production"),
         "{calls}"
     );
-    let v = json(&t, &["vm", "show", "web01", "-o", "json"])?;
+    let v = t.cli_json(&["vm", "show", "web01", "-o", "json"])?;
     assert_eq!(v["state"], "failed-over", "{v}");
     assert_eq!(v["active_host"], "hv-dr01", "{v}");
     refused(
@@ -162,27 +141,24 @@ async fn unplanned_failover_change_point_commit_and_the_fenced_primary() -> anyh
     )?;
 
     // Change point to the newest: the disk is that point's.
-    let job = json(
-        &t,
-        &[
-            "failover",
-            "change-point",
-            "web01",
-            "--point",
-            "latest",
-            "-o",
-            "json",
-        ],
-    )?;
+    let job = t.cli_json(&[
+        "failover",
+        "change-point",
+        "web01",
+        "--point",
+        "latest",
+        "-o",
+        "json",
+    ])?;
     anyhow::ensure!(job["status"] == "succeeded", "{job}");
     let (_, recovered) = recovered_disk(&t)?;
     assert!(
         qemu_compare(&at_last, "raw", &recovered, "raw")?,
         "not the latest point"
     );
-    let job = json(&t, &["failover", "commit", "web01", "-o", "json"])?;
+    let job = t.cli_json(&["failover", "commit", "web01", "-o", "json"])?;
     anyhow::ensure!(job["status"] == "succeeded", "{job}");
-    let v = json(&t, &["vm", "show", "web01", "-o", "json"])?;
+    let v = t.cli_json(&["vm", "show", "web01", "-o", "json"])?;
     assert_eq!(v["state"], "failover-committed", "{v}");
     refused(
         &t,

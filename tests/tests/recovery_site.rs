@@ -12,18 +12,9 @@ use ferry_proto::registry::v1 as reg;
 use ferry_tests::*;
 use tonic::Code;
 
-fn cli(t: &TestMesh, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
-    let out = t.ferry_cli(args)?;
-    Ok((
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
-}
-
 /// `ferry ARGS` must fail, saying all of `words`.
 fn refused(t: &TestMesh, args: &[&str], words: &[&str]) -> anyhow::Result<()> {
-    let (ok, out, err) = cli(t, args)?;
+    let (ok, out, err) = t.cli(args)?;
     assert!(!ok, "ferry {args:?} must fail: {out}");
     for w in words {
         assert!(err.contains(w), "ferry {args:?}: {w:?} not in {err:?}");
@@ -32,9 +23,7 @@ fn refused(t: &TestMesh, args: &[&str], words: &[&str]) -> anyhow::Result<()> {
 }
 
 fn vm_json(t: &TestMesh, vm: &str) -> anyhow::Result<serde_json::Value> {
-    let (ok, out, err) = cli(t, &["vm", "show", vm, "-o", "json"])?;
-    anyhow::ensure!(ok, "vm show {vm}: {err}");
-    Ok(serde_json::from_str(&out)?)
+    t.cli_json(&["vm", "show", vm, "-o", "json"])
 }
 
 /// Waits until the registry lists `host` connected, with the recovery flag it should have.
@@ -81,19 +70,16 @@ async fn recovery_host_is_checked_and_the_policy_can_change() -> anyhow::Result<
     );
 
     refused_recovery_hosts(&t).await?;
-    let (ok, out, err) = cli(
-        &t,
-        &[
-            "vm",
-            "protect",
-            "web01",
-            "--frequency",
-            "2s",
-            "--recovery-host",
-            "hv-dr01",
-            "--wait",
-        ],
-    )?;
+    let (ok, out, err) = t.cli(&[
+        "vm",
+        "protect",
+        "web01",
+        "--frequency",
+        "2s",
+        "--recovery-host",
+        "hv-dr01",
+        "--wait",
+    ])?;
     assert!(ok, "protect: {out} {err}");
     let v = vm_json(&t, "web01")?;
     assert_eq!(v["recovery_host"], "hv-dr01", "{v}");
@@ -122,10 +108,7 @@ async fn refused_recovery_hosts(t: &TestMesh) -> anyhow::Result<()> {
 }
 
 async fn policy_changes(t: &TestMesh) -> anyhow::Result<()> {
-    let (ok, out, err) = cli(
-        t,
-        &["vm", "set", "web01", "--frequency", "3s", "-o", "json"],
-    )?;
+    let (ok, out, err) = t.cli(&["vm", "set", "web01", "--frequency", "3s", "-o", "json"])?;
     assert!(ok, "vm set: {out} {err}");
     let v: serde_json::Value = serde_json::from_str(&out)?;
     assert_eq!(v["policy"]["frequency_seconds"], 3, "{v}");

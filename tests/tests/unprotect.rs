@@ -6,21 +6,6 @@ use std::time::Duration;
 
 use ferry_tests::*;
 
-fn cli(t: &TestMesh, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
-    let out = t.ferry_cli(args)?;
-    Ok((
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
-}
-
-fn json(t: &TestMesh, args: &[&str]) -> anyhow::Result<serde_json::Value> {
-    let (ok, out, err) = cli(t, args)?;
-    anyhow::ensure!(ok, "ferry {args:?}: {out} {err}");
-    Ok(serde_json::from_str(&out)?)
-}
-
 /// The `.hrl` logs next to `disk`.
 fn logs_of(disk: &Path) -> Vec<String> {
     let name = disk.file_name().unwrap().to_string_lossy().into_owned();
@@ -37,7 +22,7 @@ fn logs_of(disk: &Path) -> Vec<String> {
 }
 
 fn protect(t: &TestMesh, vm: &str) -> anyhow::Result<()> {
-    let (ok, out, err) = cli(t, &["vm", "protect", vm, "--frequency", "2s", "--wait"])?;
+    let (ok, out, err) = t.cli(&["vm", "protect", vm, "--frequency", "2s", "--wait"])?;
     anyhow::ensure!(ok, "protect {vm}: {out} {err}");
     Ok(())
 }
@@ -64,9 +49,9 @@ async fn unprotect_stops_replication_and_keeps_or_deletes_points() -> anyhow::Re
     t.wait_vm("db01").await?;
 
     // Refused: an unknown VM, and one that is not protected.
-    let (ok, _, err) = cli(&t, &["vm", "unprotect", "nope"])?;
+    let (ok, _, err) = t.cli(&["vm", "unprotect", "nope"])?;
     assert!(!ok && err.contains("NotFound"), "{err}");
-    let (ok, _, err) = cli(&t, &["vm", "unprotect", "web01"])?;
+    let (ok, _, err) = t.cli(&["vm", "unprotect", "web01"])?;
     assert!(!ok && err.contains("FailedPrecondition"), "{err}");
     assert!(err.contains("unprotected"), "{err}");
 
@@ -77,7 +62,7 @@ async fn unprotect_stops_replication_and_keeps_or_deletes_points() -> anyhow::Re
     // Writes after the last cycle leave a sealed log behind once the tracker cuts; make some.
     nbd_write(&uri, &["write -P 0x17 2M 64k"])?;
 
-    let job = json(&t, &["vm", "unprotect", "web01", "--wait", "-o", "json"])?;
+    let job = t.cli_json(&["vm", "unprotect", "web01", "--wait", "-o", "json"])?;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["kind"], "disable-protection", "{job}");
     let steps = job["steps"].as_array().cloned().unwrap_or_default();
@@ -90,7 +75,7 @@ async fn unprotect_stops_replication_and_keeps_or_deletes_points() -> anyhow::Re
         "{job}"
     );
     assert_eq!(steps[2]["status"], "skipped", "{job}");
-    let v = json(&t, &["vm", "show", "web01", "-o", "json"])?;
+    let v = t.cli_json(&["vm", "show", "web01", "-o", "json"])?;
     assert_eq!(v["state"], "unprotected", "{v}");
     assert!(v["policy"].is_null(), "{v}");
     // Only the tracker's current log is left next to the disk.
@@ -99,7 +84,7 @@ async fn unprotect_stops_replication_and_keeps_or_deletes_points() -> anyhow::Re
     // The points stay, and no new one appears.
     let kept = t.points("web01").await?;
     assert!(kept.len() >= before.len(), "{kept:?}");
-    let listed = json(&t, &["points", "list", "web01", "-o", "json"])?;
+    let listed = t.cli_json(&["points", "list", "web01", "-o", "json"])?;
     assert_eq!(
         listed.as_array().map(Vec::len),
         Some(kept.len()),
@@ -115,22 +100,19 @@ async fn unprotect_stops_replication_and_keeps_or_deletes_points() -> anyhow::Re
     // The tracker still serves the disk.
     nbd_write(&uri, &["read 0 64k"])?;
     // Unprotected again: refused, naming the state.
-    let (ok, _, err) = cli(&t, &["vm", "unprotect", "web01"])?;
+    let (ok, _, err) = t.cli(&["vm", "unprotect", "web01"])?;
     assert!(!ok && err.contains("FailedPrecondition"), "{err}");
     assert!(err.contains("is unprotected"), "{err}");
 
     // Protect again: a new initial copy, then cycles.
     protect(&t, "web01")?;
-    let v = json(&t, &["vm", "show", "web01", "-o", "json"])?;
+    let v = t.cli_json(&["vm", "show", "web01", "-o", "json"])?;
     assert_eq!(v["state"], "protected", "{v}");
     assert!(t.points("web01").await?.len() > kept.len());
 
     // A second VM with --delete-points, and a sealed log no cycle shipped: protected with
     // a long interval, its log is sealed when the agent stops.
-    let (ok, out, err) = cli(
-        &t,
-        &["vm", "protect", "db01", "--frequency", "1h", "--wait"],
-    )?;
+    let (ok, out, err) = t.cli(&["vm", "protect", "db01", "--frequency", "1h", "--wait"])?;
     assert!(ok, "protect db01: {out} {err}");
     assert!(!t.points("db01").await?.is_empty());
     let db_uri = t.vm("db01").await?.disks[0].nbd_uri.clone();
@@ -147,18 +129,15 @@ async fn unprotect_stops_replication_and_keeps_or_deletes_points() -> anyhow::Re
         logs.len() >= 2,
         "a sealed log and the current one: {logs:?}"
     );
-    let job = json(
-        &t,
-        &[
-            "vm",
-            "unprotect",
-            "db01",
-            "--delete-points",
-            "--wait",
-            "-o",
-            "json",
-        ],
-    )?;
+    let job = t.cli_json(&[
+        "vm",
+        "unprotect",
+        "db01",
+        "--delete-points",
+        "--wait",
+        "-o",
+        "json",
+    ])?;
     assert_eq!(job["status"], "succeeded", "{job}");
     let msg = job["steps"][1]["message"].as_str().unwrap_or_default();
     assert!(!msg.starts_with("0 "), "{job}");
@@ -172,33 +151,30 @@ async fn unprotect_stops_replication_and_keeps_or_deletes_points() -> anyhow::Re
     let logs = logs_of(&db);
     assert_eq!(logs.len(), 1, "only the current log: {logs:?}");
     nbd_write(&db_uri, &["read 0 64k"])?;
-    let listed = json(&t, &["points", "list", "db01", "-o", "json"])?;
+    let listed = t.cli_json(&["points", "list", "db01", "-o", "json"])?;
     assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
-    let v = json(&t, &["vm", "show", "db01", "-o", "json"])?;
+    let v = t.cli_json(&["vm", "show", "db01", "-o", "json"])?;
     assert_eq!(v["state"], "unprotected", "{v}");
 
     // The host is gone: the job fails naming it and suggesting --force, which skips it.
     agent.shutdown().await?;
     let gone = |h: &ferry_proto::registry::v1::Host| h.status != "connected";
     t.wait_host("hv01", gone, Duration::from_secs(60)).await?;
-    let (ok, out, err) = cli(&t, &["vm", "unprotect", "web01", "--wait", "-o", "json"])?;
+    let (ok, out, err) = t.cli(&["vm", "unprotect", "web01", "--wait", "-o", "json"])?;
     assert!(!ok, "{out} {err}");
     let job: serde_json::Value = serde_json::from_str(&out)?;
     assert_eq!(job["status"], "failed", "{job}");
     let e = job["error"].as_str().unwrap_or_default();
     assert!(e.contains("hv01") && e.contains("--force"), "{job}");
-    let job = json(
-        &t,
-        &[
-            "vm",
-            "unprotect",
-            "web01",
-            "--force",
-            "--wait",
-            "-o",
-            "json",
-        ],
-    )?;
+    let job = t.cli_json(&[
+        "vm",
+        "unprotect",
+        "web01",
+        "--force",
+        "--wait",
+        "-o",
+        "json",
+    ])?;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["steps"][1]["status"], "skipped", "{job}");
     assert!(
@@ -208,7 +184,7 @@ async fn unprotect_stops_replication_and_keeps_or_deletes_points() -> anyhow::Re
             .contains("--force"),
         "{job}"
     );
-    let v = json(&t, &["vm", "show", "web01", "-o", "json"])?;
+    let v = t.cli_json(&["vm", "show", "web01", "-o", "json"])?;
     assert_eq!(v["state"], "unprotected", "{v}");
 
     t.stop().await;
