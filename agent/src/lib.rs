@@ -10,6 +10,7 @@ mod replicate;
 mod resync;
 pub mod tracker;
 mod unprotect;
+mod work_cancel;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +40,8 @@ pub struct Agent {
     /// with the last work item for the VM that arrived while it ran (run after it, unless it
     /// is the same item and the running one's completion acknowledged it).
     busy: Arc<std::sync::Mutex<std::collections::HashMap<String, Option<WorkItem>>>>,
+    /// The token of each running work item by id: a cancel item from the scheduler stops it.
+    running: Arc<std::sync::Mutex<std::collections::HashMap<String, CancellationToken>>>,
     /// The write tracker, when `[tracker]` is configured.
     tracker: Option<tracker::Tracker>,
     /// The `[recovery]` folder exists (made at start): the host can receive failed-over VMs.
@@ -90,6 +93,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         peers,
         uploader: Default::default(),
         busy: Default::default(),
+        running: Default::default(),
         tracker,
         recovery_ready,
         retry_unit_ms: Default::default(),
@@ -347,6 +351,10 @@ impl Agent {
             let Some(item) = item else {
                 anyhow::bail!("scheduler closed the work stream")
             };
+            if !item.cancels.is_empty() {
+                self.cancel_work(item);
+                continue;
+            }
             let fresh = self
                 .busy
                 .lock()
@@ -372,7 +380,9 @@ impl Agent {
             tokio::spawn(async move {
                 let mut item = item;
                 loop {
-                    let completed = me.handle(item.clone(), stop.clone()).await;
+                    let cancel = me.register_running(&item.id, &stop);
+                    let completed = me.handle(item.clone(), &stop, cancel).await;
+                    me.unregister_running(&item.id);
                     if stop.is_cancelled() {
                         break;
                     }
@@ -394,7 +404,13 @@ impl Agent {
     }
 
     /// Runs one work item and completes it; false when it could not be completed.
-    async fn handle(&self, item: WorkItem, stop: CancellationToken) -> bool {
+    /// `shutdown` is the agent's; `stop` (its child) also ends when the item's job is cancelled.
+    async fn handle(
+        &self,
+        item: WorkItem,
+        shutdown: &CancellationToken,
+        stop: CancellationToken,
+    ) -> bool {
         tracing::info!(vm = %item.vm, work = %item.id, kind = item.kind, attempt = item.attempt, "work received");
         if item.retry_time_unit_ms > 0 {
             self.retry_unit_ms.store(
@@ -430,7 +446,7 @@ impl Agent {
                 item.kind
             ))),
         };
-        if stop.is_cancelled() {
+        if shutdown.is_cancelled() {
             return true; // shutting down: the work stays in flight and is re-sent on reconnect
         }
         let (ok, error, error_class) = match &result {

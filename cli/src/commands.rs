@@ -513,6 +513,28 @@ async fn jobs(cli: &Cli, cmd: &JobsCmd) -> anyhow::Result<ExitCode> {
             print_job(&j, *output)?;
             Ok(ExitCode::SUCCESS)
         }
+        JobsCmd::Cancel {
+            id,
+            wait,
+            timeout,
+            output,
+        } => {
+            let mut j = c
+                .registry()
+                .await?
+                .cancel_job(reg::CancelJobRequest { id: id.clone() })
+                .await
+                .map_err(|s| status_err("cancelling the job", s))?
+                .into_inner();
+            if *wait {
+                j = wait_job(&c, id, (*timeout).into()).await?;
+            }
+            print_job(&j, *output)?;
+            Ok(match *wait && j.status != StepStatus::Cancelled as i32 {
+                true => ExitCode::FAILURE,
+                false => ExitCode::SUCCESS,
+            })
+        }
         JobsCmd::Wait { id, timeout } => {
             let j = wait_job(&c, id, (*timeout).into()).await?;
             print_job(&j, OutputFormat::Table)?;

@@ -222,6 +222,18 @@ pub enum JobsCmd {
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },
+    /// Cancel a running job. Refused (with the reason) when it has ended or is past its
+    /// point of no return; otherwise the job stops at its next check, undoing what it made.
+    Cancel {
+        id: String,
+        /// Wait until the job has stopped; exit non-zero unless it ended cancelled.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value = "10m")]
+        timeout: humantime::Duration,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
     /// Wait until a job ends; exit non-zero if it failed.
     Wait {
         id: String,

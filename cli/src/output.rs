@@ -116,6 +116,8 @@ pub fn job_json(j: &Job) -> Value {
         "bytes_total": j.bytes_total,
         "bytes_done": j.bytes_done,
         "bytes_skipped": j.bytes_skipped,
+        "cancellable": ferry_model::job::is_cancellable(j),
+        "cancel_requested": j.cancel_requested,
         "error": j.error,
         "created": time(j.created_at_ms),
         "updated": time(j.updated_at_ms),

@@ -1,7 +1,9 @@
 //! Unplanned failover (issue #11 scopes 5, 6, 7), through the CLI as an operator types it:
 //! with the primary's agent killed, the VM comes up on its recovery host from an older
-//! point; change-point moves it to the newest; commit fixes it. The primary restarted later
-//! learns it was fenced: its writes are refused and it commits no point any more.
+//! point; change-point moves it to the newest, in place (only the blocks that differ are
+//! rewritten, the recovered VM's own writes and their change logs discarded); commit fixes
+//! it. The primary restarted later learns it was fenced: its writes are refused and it
+//! commits no point any more.
 use std::path::Path;
 use std::time::Duration;
 
@@ -42,6 +44,30 @@ fn recovered_disk(t: &TestMesh) -> anyhow::Result<(serde_json::Value, std::path:
     Ok((f, path))
 }
 
+/// Write records in the change logs next to `disk` on the recovery host.
+fn log_records(disk: &Path) -> anyhow::Result<usize> {
+    let mut n = 0;
+    for (_, log) in ferry_agent::tracker::list_logs(disk)? {
+        n += ferry_disk::hrl::HrlLog::open(&log)?.records.len();
+    }
+    Ok(n)
+}
+
+/// "… N of M bytes rewritten", the change-point step's message: (N, M).
+fn rewritten(message: &str) -> anyhow::Result<(u64, u64)> {
+    let tail = message.rsplit("; ").next().unwrap_or_default();
+    let words: Vec<&str> = tail.split_whitespace().collect();
+    match words[..] {
+        [n, "of", m, "bytes", "rewritten"] => Ok((n.parse()?, m.parse()?)),
+        _ => anyhow::bail!("no \"N of M bytes rewritten\" in {message:?}"),
+    }
+}
+
+/// Bytes of the `bs`-byte blocks that `len` bytes at `off` touch.
+fn blocks_bytes(off: u64, len: u64, bs: u64) -> u64 {
+    ((off + len).div_ceil(bs) - off / bs) * bs
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unplanned_failover_change_point_commit_and_the_fenced_primary() -> anyhow::Result<()> {
     let t = TestMesh::start().await?;
@@ -49,7 +75,9 @@ async fn unplanned_failover_change_point_commit_and_the_fenced_primary() -> anyh
     std::fs::create_dir_all(&disks)?;
     let web = disks.join("web01.raw");
     qemu_create(&web, "raw", "", "8M")?;
-    qemu_io(&web, "raw", &["write -P 0x5a 0 1M"])?;
+    // Several blocks of data, so that materialising a point whole writes more than the
+    // blocks a change of point finds different.
+    qemu_io(&web, "raw", &["write -P 0x5a 0 4M"])?;
     // The disk at the first point, and after the write the later points hold.
     let at_first = disks.join("first.raw");
     std::fs::copy(&web, &at_first)?;
@@ -126,6 +154,13 @@ async fn unplanned_failover_change_point_commit_and_the_fenced_primary() -> anyh
         calls.contains("call=start vm=web01 network=production"),
         "{calls}"
     );
+    // The recovered VM writes on the first point, through the recovery host's tracker.
+    let dr_uri = f["disks"][0]["nbd_uri"].as_str().unwrap_or_default();
+    nbd_write(dr_uri, &["write -P 0x99 5M 4k"])?;
+    anyhow::ensure!(
+        log_records(&recovered)? > 0,
+        "the recovered vm's write is in no log"
+    );
     let v = t.cli_json(&["vm", "show", "web01", "-o", "json"])?;
     assert_eq!(v["state"], "failed-over", "{v}");
     assert_eq!(v["active_host"], "hv-dr01", "{v}");
@@ -151,10 +186,38 @@ async fn unplanned_failover_change_point_commit_and_the_fenced_primary() -> anyh
         "json",
     ])?;
     anyhow::ensure!(job["status"] == "succeeded", "{job}");
-    let (_, recovered) = recovered_disk(&t)?;
+    let (f, recovered) = recovered_disk(&t)?;
+    let latest = t.points("web01").await?.last().cloned();
+    let latest = latest.ok_or_else(|| anyhow::anyhow!("no point"))?;
+    assert_eq!(f["point_id"], latest.id.as_str(), "{f}");
+    // Equal to the point: the block written after the first point, and the recovered VM's
+    // write zeroed again.
     assert!(
         qemu_compare(&at_last, "raw", &recovered, "raw")?,
         "not the latest point"
+    );
+    // Only those two blocks were rewritten, of the whole disk.
+    let bs = u64::from(latest.disks[0].block_size);
+    let step = &job["steps"][1];
+    let (bytes, size) = rewritten(step["message"].as_str().unwrap_or_default())?;
+    println!("change point: {bytes} of {size} bytes rewritten (block size {bs})");
+    assert_eq!(size, 8 << 20, "{step}");
+    let differ = blocks_bytes(2 << 20, 64 << 10, bs) + blocks_bytes(5 << 20, 4 << 10, bs);
+    assert_eq!(bytes, differ, "{step}");
+    let whole = latest.disks[0].stored_blocks * bs;
+    assert!(
+        bytes < whole && whole < size,
+        "{step}: the point holds {whole} bytes"
+    );
+    // The VM was stopped and started again; its writes on the first point left no log that
+    // could later ship on top of the new one.
+    let calls = std::fs::read_to_string(dr_dir.join("calls.log"))?;
+    assert!(calls.contains("call=stop vm=web01"), "{calls}");
+    assert_eq!(calls.matches("call=start vm=web01").count(), 2, "{calls}");
+    assert_eq!(
+        log_records(&recovered)?,
+        0,
+        "a log of the first point survived"
     );
     let job = t.cli_json(&["failover", "commit", "web01", "-o", "json"])?;
     anyhow::ensure!(job["status"] == "succeeded", "{job}");

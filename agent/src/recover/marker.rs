@@ -1,8 +1,9 @@
 //! The marker file of a recovered VM's folder: which failover made it, and (once finished)
-//! what it made, so the same work delivered again is answered without redoing it.
+//! what it made, so the same work delivered again is answered without redoing it, while new
+//! work of the same failover (a change of point, `repoint.rs`) is told apart by its work id.
 use std::path::{Path, PathBuf};
 
-use ferry_proto::scheduler::v1::FailoverWork;
+use ferry_proto::scheduler::v1::{FailoverWork, WorkItem};
 use serde::{Deserialize, Serialize};
 
 use super::MARKER;
@@ -12,6 +13,10 @@ use crate::driver::RunDisk;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct Marker {
     pub(super) failover_id: String,
+    /// The work item that made the folder what it is (the failover's, then each change of
+    /// point's); "" in markers written before it was recorded.
+    #[serde(default)]
+    pub(super) work_id: String,
     pub(super) vm: String,
     pub(super) point: String,
     pub(super) kind: String,
@@ -30,8 +35,16 @@ pub(super) struct Marker {
     /// The point's disk id of each of `disks`.
     #[serde(default)]
     pub(super) disk_ids: Vec<String>,
+    /// Bytes written into the disks: all of the point's blocks when materialised, only
+    /// those that differed after a change of point.
     #[serde(default)]
     pub(super) bytes_written: u64,
+    /// A change of point: blocks of the local disks compared with the point, and rewritten
+    /// (fetched, or zeroed) because they differed. 0 for a folder materialised whole.
+    #[serde(default)]
+    pub(super) blocks_compared: u64,
+    #[serde(default)]
+    pub(super) blocks_rewritten: u64,
     #[serde(default)]
     pub(super) started_at_ms: i64,
     #[serde(default)]
@@ -42,11 +55,12 @@ pub(super) struct Marker {
 }
 
 impl Marker {
-    pub(super) fn new(work: &FailoverWork, vm: &str, dir: &Path) -> Self {
+    pub(super) fn new(item: &WorkItem, work: &FailoverWork, dir: &Path) -> Self {
         let hw = work.hardware.clone().unwrap_or_default();
         Self {
             failover_id: work.failover_id.clone(),
-            vm: vm.to_owned(),
+            work_id: item.id.clone(),
+            vm: item.vm.clone(),
             point: work.point.clone(),
             kind: work.kind.clone(),
             network: work.network.clone(),
@@ -58,9 +72,24 @@ impl Marker {
             disks: Vec::new(),
             disk_ids: Vec::new(),
             bytes_written: 0,
+            blocks_compared: 0,
+            blocks_rewritten: 0,
             started_at_ms: 0,
             driver: String::new(),
             finished: false,
+        }
+    }
+
+    /// Whether this (finished) marker is the outcome of `item` itself, delivered again,
+    /// rather than new work of the same failover. Work ids name the job that dispatched the
+    /// work (`recover-<job>`), so a change of point always comes with a new one, even to the
+    /// point the folder holds (which reverts what the VM wrote since). A marker without a
+    /// work id goes by the point.
+    pub(super) fn answers(&self, item: &WorkItem, work: &FailoverWork) -> bool {
+        if self.work_id.is_empty() {
+            self.point == work.point
+        } else {
+            self.work_id == item.id
         }
     }
 }

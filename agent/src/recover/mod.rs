@@ -9,10 +9,13 @@
 //! against its id. No other component writes into this host's filesystem.
 //!
 //! A folder is ours when it holds the marker file [`MARKER`], written before anything else
-//! and naming the failover: the same work item delivered again (the agent restarted, the
-//! scheduler re-sent it) finds a finished marker and answers with what it recorded, or an
-//! unfinished one and starts over; a folder of another failover is refused, never reused.
+//! and naming the failover and the work item: the same work item delivered again (the agent
+//! restarted, the scheduler re-sent it) finds a finished marker and answers with what it
+//! recorded, or an unfinished one and starts over; new RECOVER_VM work of the same failover
+//! is a change of point, done in place ([`repoint`]); a folder of another failover is
+//! refused, never reused.
 mod marker;
+mod repoint;
 mod source;
 mod write;
 
@@ -74,10 +77,15 @@ impl Agent {
                     item.vm
                 )));
             }
-            Some(m) if m.finished => {
+            Some(m) if m.finished && m.answers(item, &work) => {
                 info!(vm = %item.vm, failover = %work.failover_id, "failover work already done; answering with its record");
                 return Ok(m.to_proto());
             }
+            Some(m) if m.finished => match self.repoint(item, &work, &dir, m, cancel).await? {
+                repoint::Repointed::Done(r) => return Ok(r),
+                // The folder is gone: the whole point is materialised below.
+                repoint::Repointed::Rematerialise => {}
+            },
             Some(_) => {
                 info!(vm = %item.vm, failover = %work.failover_id, dir = %dir.display(), "an earlier run of this failover did not finish; starting over");
                 self.stop_serving(&item.vm).await;
@@ -91,7 +99,7 @@ impl Agent {
             }
             None => {}
         }
-        let mut m = Marker::new(&work, &item.vm, &dir);
+        let mut m = Marker::new(item, &work, &dir);
         std::fs::create_dir_all(&dir)
             .map_err(|e| ReplError::Permanent(format!("creating {}: {e}", dir.display())))?;
         marker::write(&dir, &m)?;
@@ -131,8 +139,22 @@ impl Agent {
             });
             m.disk_ids.push(disk.disk_id.clone());
         }
-        self.serve(&item.vm, m).await?;
-        let run = self.vm_run(&item.vm, dir, m)?;
+        let recovered = self.start_recovered(&item.vm, dir, m, cancel).await?;
+        info!(vm = %item.vm, point = %point.id, network = %m.network, disks = m.disks.len(), bytes = m.bytes_written, driver = %m.driver, "vm recovered and started");
+        Ok(recovered)
+    }
+
+    /// Serves the written disks, writes the VM's spec and starts it; then the marker is
+    /// finished.
+    async fn start_recovered(
+        &self,
+        vm: &str,
+        dir: &Path,
+        m: &mut Marker,
+        cancel: &CancellationToken,
+    ) -> Result<RecoveredVm, ReplError> {
+        self.serve(vm, m).await?;
+        let run = self.vm_run(vm, dir, m)?;
         crate::driver::write_spec(&run.spec_path, &run.spec).map_err(|e| {
             ReplError::Permanent(format!("writing {}: {e}", run.spec_path.display()))
         })?;
@@ -140,11 +162,10 @@ impl Agent {
         self.driver
             .start(&run, cancel)
             .await
-            .map_err(|e| ReplError::Permanent(format!("starting vm {}: {e}", item.vm)))?;
+            .map_err(|e| ReplError::Permanent(format!("starting vm {vm}: {e}")))?;
         m.driver = self.driver.kind().to_owned();
         m.finished = true;
         marker::write(dir, m)?;
-        info!(vm = %item.vm, point = %point.id, network = %m.network, disks = m.disks.len(), bytes = m.bytes_written, driver = %m.driver, "vm recovered and started");
         Ok(m.to_proto())
     }
 
@@ -179,20 +200,47 @@ impl Agent {
             }
             Some(m) => m,
         };
-        let run = self.vm_run(&item.vm, &dir, &m)?;
-        if m.started_at_ms > 0 {
-            self.driver.stop(&run, cancel).await.map_err(|e| {
-                ReplError::Permanent(format!("stopping vm {}: {e}; its files stay", item.vm))
-            })?;
+        self.stop_recovered(&item.vm, &dir, &m, cancel).await?;
+        self.remove_stopped(&item.vm, &dir, &m, cancel).await?;
+        info!(vm = %item.vm, failover = %work.failover_id, dir = %dir.display(), "recovered vm stopped and removed");
+        Ok(())
+    }
+
+    /// Stops the VM through the driver when it was started; an error when the driver cannot
+    /// (nothing may touch the disks of a VM that may still run).
+    async fn stop_recovered(
+        &self,
+        vm: &str,
+        dir: &Path,
+        m: &Marker,
+        cancel: &CancellationToken,
+    ) -> Result<(), ReplError> {
+        if m.started_at_ms == 0 {
+            return Ok(());
         }
+        let run = self.vm_run(vm, dir, m)?;
+        self.driver
+            .stop(&run, cancel)
+            .await
+            .map_err(|e| ReplError::Permanent(format!("stopping vm {vm}: {e}; its files stay")))
+    }
+
+    /// The stopped VM's definition removed from the driver, its disks no longer served and
+    /// its folder deleted.
+    async fn remove_stopped(
+        &self,
+        vm: &str,
+        dir: &Path,
+        m: &Marker,
+        cancel: &CancellationToken,
+    ) -> Result<(), ReplError> {
+        let run = self.vm_run(vm, dir, m)?;
         self.driver
             .remove(&run, cancel)
             .await
-            .map_err(|e| ReplError::Permanent(format!("removing vm {}: {e}", item.vm)))?;
-        self.stop_serving(&item.vm).await;
-        remove_folder(&dir)?;
-        info!(vm = %item.vm, failover = %work.failover_id, dir = %dir.display(), "recovered vm stopped and removed");
-        Ok(())
+            .map_err(|e| ReplError::Permanent(format!("removing vm {vm}: {e}")))?;
+        self.stop_serving(vm).await;
+        remove_folder(dir)
     }
 
     /// Serves the written disks through the tracker (when this host has one).

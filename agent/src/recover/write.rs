@@ -45,17 +45,7 @@ impl Agent {
     ) -> Result<u64, ReplError> {
         let (format, opts) = output_format(disk)?;
         let map = self.block_map(vm, point, &disk.disk_id).await?;
-        let bs = u64::from(disk.block_size);
-        if bs == 0
-            || map
-                .last()
-                .is_some_and(|(i, _)| *i >= disk.virtual_size.div_ceil(bs))
-        {
-            return Err(ReplError::Permanent(format!(
-                "disk {} of point {point}: its block map does not fit its size {} (block size {bs})",
-                disk.disk_id, disk.virtual_size
-            )));
-        }
+        check_map(point, disk, &map)?;
         let partial = partial_path(path);
         let _ = std::fs::remove_file(&partial);
         let (p, o) = (partial.clone(), opts.clone());
@@ -80,8 +70,10 @@ impl Agent {
         Ok(bytes)
     }
 
-    /// Fetches the blocks batch by batch (several ahead) and writes them in order.
-    async fn feed(
+    /// Fetches the blocks of `map` batch by batch (several ahead), writes them in order and
+    /// finishes the image; the bytes written. A new image gets every block of the point, an
+    /// image rewritten in place (`repoint.rs`) only those that differ.
+    pub(super) async fn feed(
         &self,
         vm: &str,
         point: &str,
@@ -199,7 +191,7 @@ impl Agent {
     }
 
     /// The point's block map of one disk, ordered by block.
-    async fn block_map(
+    pub(super) async fn block_map(
         &self,
         vm: &str,
         point: &str,
@@ -235,6 +227,26 @@ impl Agent {
         map.dedup_by_key(|(i, _)| *i);
         Ok(map)
     }
+}
+
+/// Refuses a block map that does not fit its disk (or a disk without a block size).
+pub(super) fn check_map(
+    point: &str,
+    disk: &PointDisk,
+    map: &[(u64, ChunkId)],
+) -> Result<(), ReplError> {
+    let bs = u64::from(disk.block_size);
+    if bs == 0
+        || map
+            .last()
+            .is_some_and(|(i, _)| *i >= disk.virtual_size.div_ceil(bs))
+    {
+        return Err(ReplError::Permanent(format!(
+            "disk {} of point {point}: its block map does not fit its size {} (block size {bs})",
+            disk.disk_id, disk.virtual_size
+        )));
+    }
+    Ok(())
 }
 
 /// The output's format: the source's own; a fixed source stays fixed, anything else (a
@@ -275,7 +287,7 @@ fn partial_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.partial"))
 }
 
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ReplError> + Send + 'static,
 ) -> Result<T, ReplError> {
     tokio::task::spawn_blocking(f)

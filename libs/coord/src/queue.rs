@@ -289,6 +289,23 @@ impl Coord {
         Ok(payload.map(|p| (due as i64, p)))
     }
 
+    /// Drops the retry scheduled for `id` (work whose job was cancelled); true when there
+    /// was one.
+    pub async fn drop_retry(&self, id: &str) -> Result<bool, CoordError> {
+        check_id(id)?;
+        let (removed, _): (i64, i64) = redis::pipe()
+            .atomic()
+            .cmd("ZREM")
+            .arg(RETRY_DUE)
+            .arg(id)
+            .cmd("HDEL")
+            .arg(RETRY_PAYLOAD)
+            .arg(id)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(removed == 1)
+    }
+
     /// Up to `max` retries waiting, earliest first: `(id, due_ms, payload)` (for listing; the
     /// retry loop takes them with [`Coord::take_due`]).
     pub async fn pending_retries(

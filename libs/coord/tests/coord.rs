@@ -357,6 +357,23 @@ async fn retry_queue_returns_due_items_in_due_order() {
 }
 
 #[tokio::test]
+async fn a_dropped_retry_is_never_due() {
+    let Some((_d, _s, coord)) = setup().await else {
+        return;
+    };
+    coord.schedule_retry("gone", 1_000, "pg").await.unwrap();
+    coord.schedule_retry("kept", 2_000, "pk").await.unwrap();
+    assert!(coord.drop_retry("gone").await.unwrap());
+    assert!(!coord.drop_retry("gone").await.unwrap());
+    assert!(!coord.drop_retry("never-scheduled").await.unwrap());
+    assert_eq!(coord.pending_retry("gone").await.unwrap(), None);
+    assert_eq!(
+        coord.take_due(i64::MAX, 10).await.unwrap(),
+        vec![("kept".into(), "pk".into())]
+    );
+}
+
+#[tokio::test]
 async fn pending_retries_list_what_waits_earliest_first() {
     let Some((_d, _s, coord)) = setup().await else {
         return;

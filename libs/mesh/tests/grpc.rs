@@ -83,6 +83,14 @@ impl Scheduler for Probe {
         Ok(Response::new(RescheduleResponse {}))
     }
 
+    async fn cancel_work(
+        &self,
+        req: Request<ferry_proto::scheduler::v1::CancelWorkRequest>,
+    ) -> Result<Response<ferry_proto::scheduler::v1::CancelWorkResponse>, Status> {
+        require_service(&req)?;
+        Ok(Response::new(Default::default()))
+    }
+
     async fn work_result(
         &self,
         req: Request<WorkResultRequest>,

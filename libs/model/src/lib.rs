@@ -5,6 +5,7 @@
 #[macro_use]
 mod names;
 pub mod disk;
+pub mod job;
 pub mod policy;
 pub mod protection;
 pub mod replication;

@@ -208,12 +208,18 @@ pub enum Transition {
     ProtectionStarted,
     /// Enable protection failed at a step: back to unprotected, critical with the reason.
     ProtectionFailed { error: String },
+    /// An operator cancelled enable protection before it was finalized: unprotected again,
+    /// nothing failed (the chunks already shipped are kept for the next try).
+    ProtectionCancelled,
     /// The replication relationship exists; the initial copy starts.
     InitialReplicationStarted,
     /// The initial copy is committed and protection finalized.
     ProtectionFinalized,
     /// A resync starts (by an operator, or the scheduler in the resync window).
     ResyncStarted,
+    /// An operator cancelled a resync before its point was committed: the VM still needs
+    /// one (its replica is consistent at the last point; deltas wait for the resync).
+    ResyncCancelled,
     /// A resync's point is committed: protected again.
     ResyncCommitted,
     /// A delta point is committed: a warning from earlier failures is over.
@@ -253,9 +259,11 @@ impl Transition {
         match self {
             Self::ProtectionStarted => "enable-protection",
             Self::ProtectionFailed { .. } => "protection-failed",
+            Self::ProtectionCancelled => "protection-cancelled",
             Self::InitialReplicationStarted => "initial-replication",
             Self::ProtectionFinalized => "finalize-protection",
             Self::ResyncStarted => "resync",
+            Self::ResyncCancelled => "resync-cancelled",
             Self::ResyncCommitted => "resync-committed",
             Self::PointCommitted => "point-committed",
             Self::RecoverableError { .. } => "recoverable-error",
@@ -316,6 +324,12 @@ impl Lifecycle {
                 }
                 _ => return Err(refuse()),
             },
+            T::ProtectionCancelled => match self.state {
+                S::Enabling | S::InitialReplication => {
+                    Self::new(S::Unprotected, Health::Normal, "")
+                }
+                _ => return Err(refuse()),
+            },
             T::InitialReplicationStarted => match self.state {
                 S::Enabling | S::InitialReplication => {
                     Self::new(S::InitialReplication, Health::Normal, "")
@@ -330,6 +344,14 @@ impl Lifecycle {
                 op_check(Operation::Resync)?;
                 Self::new(S::Resyncing, Health::Warning, "")
             }
+            T::ResyncCancelled => match self.state {
+                S::Resyncing => Self::new(
+                    S::ResyncPending,
+                    Health::Warning,
+                    "the resync was cancelled by an operator; the vm needs one before its deltas resume",
+                ),
+                _ => return Err(refuse()),
+            },
             T::ResyncCommitted => match self.state {
                 S::Resyncing | S::ResyncPending | S::Protected => {
                     Self::new(S::Protected, Health::Normal, "")

@@ -35,6 +35,9 @@ pub enum FailoverError {
     /// The service is shutting down.
     #[error("cancelled: the failover service is shutting down")]
     Cancelled,
+    /// An operator cancelled the job (`ferry jobs cancel`) before its point of no return.
+    #[error("cancelled by an operator")]
+    JobCancelled,
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -69,7 +72,7 @@ impl ServiceError for FailoverError {
             FailoverError::NotFound(_) => ErrorCode::NotFound,
             FailoverError::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
             FailoverError::Remote { code, .. } => *code,
-            FailoverError::Cancelled => ErrorCode::Cancelled,
+            FailoverError::Cancelled | FailoverError::JobCancelled => ErrorCode::Cancelled,
             FailoverError::Unavailable(_) => ErrorCode::Unavailable,
             FailoverError::Lease(e) if e.is_transient() => ErrorCode::Unavailable,
             FailoverError::Lease(_) => ErrorCode::Aborted,

@@ -1,18 +1,25 @@
 //! Work for a host's agent, through the scheduler: dispatched (idempotently: the work id is
 //! named after the job and the kind) and then waited on until the scheduler holds the
-//! outcome the host reported.
+//! outcome the host reported. A job an operator cancels while it waits has the work stopped
+//! on the host (`CancelWork`) and waits for the host to say it stopped.
 use std::time::Duration;
 
 use ferry_proto::scheduler::v1::{
-    DispatchRequest, FailoverWork, RecoveredVm, WorkKind, WorkResultRequest,
+    CancelWorkRequest, DispatchRequest, FailoverWork, RecoveredVm, WorkKind, WorkResultRequest,
+    WorkResultResponse,
 };
-use tracing::info;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 use crate::Orchestrator;
 use crate::error::{FailoverError, Result};
+use crate::job::JobTracker;
 
 /// How often a job asks the scheduler whether the host finished.
 const POLL: Duration = Duration::from_millis(300);
+/// How long a cancelled job waits for its host to stop the work (a host that does not
+/// answer by then is left to finish or fail on its own; its outcome no longer matters).
+const CANCEL_WAIT: Duration = Duration::from_secs(60);
 
 impl Orchestrator {
     /// Queues failover work for `host` and waits until the host completed it. A failure on
@@ -25,6 +32,44 @@ impl Orchestrator {
         job_id: &str,
         work: FailoverWork,
         timeout: Option<Duration>,
+    ) -> Result<RecoveredVm> {
+        let never = CancellationToken::new();
+        self.dispatch_and_wait_until(host, kind, vm, job_id, work, timeout, &never)
+            .await
+    }
+
+    /// [`Orchestrator::dispatch_and_wait`] for a step an operator may cancel: the work is
+    /// stopped on the host and the step ends with `JobCancelled`, unless the host had
+    /// already finished it (then the job carries on past its point of no return).
+    pub(crate) async fn dispatch_for_job(
+        &self,
+        host: &str,
+        kind: WorkKind,
+        vm: &str,
+        job: &mut JobTracker,
+        work: FailoverWork,
+    ) -> Result<RecoveredVm> {
+        let (id, cancel) = (job.id().to_owned(), job.cancel_token().clone());
+        let res = self
+            .dispatch_and_wait_until(host, kind, vm, &id, work, None, &cancel)
+            .await;
+        if res.is_ok() && cancel.is_cancelled() {
+            info!(vm, host, job = %id, "the host finished before it saw the cancel; the job carries on");
+            job.carry_on_after_cancel();
+        }
+        res
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn dispatch_and_wait_until(
+        &self,
+        host: &str,
+        kind: WorkKind,
+        vm: &str,
+        job_id: &str,
+        work: FailoverWork,
+        timeout: Option<Duration>,
+        cancel: &CancellationToken,
     ) -> Result<RecoveredVm> {
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         let mut scheduler = self.scheduler()?;
@@ -41,16 +86,15 @@ impl Orchestrator {
             .into_inner()
             .work_id;
         info!(vm = %vm, host = %host, work = %work_id, kind = ?kind, "failover work dispatched");
+        let mut cancelled_at = None;
         loop {
-            let r = scheduler
-                .work_result(WorkResultRequest {
-                    work_id: work_id.clone(),
-                })
-                .await
-                .map_err(|s| FailoverError::remote("scheduler", "work result", &s))?
-                .into_inner();
+            let r = self.work_result(&work_id).await?;
             if r.done && r.ok {
                 return Ok(r.recovered.unwrap_or_default());
+            }
+            if r.done && cancelled_at.is_some() {
+                info!(vm = %vm, host = %host, work = %work_id, error = %r.error, "host work stopped for the cancelled job");
+                return Err(FailoverError::JobCancelled);
             }
             if r.done {
                 return Err(FailoverError::FailedPrecondition(format!(
@@ -58,13 +102,58 @@ impl Orchestrator {
                     r.error
                 )));
             }
-            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            let now = tokio::time::Instant::now();
+            match cancelled_at {
+                None if cancel.is_cancelled() => {
+                    self.cancel_work(host, &work_id).await;
+                    cancelled_at = Some(now);
+                }
+                Some(at) if now - at >= CANCEL_WAIT => {
+                    warn!(vm = %vm, host = %host, work = %work_id, "the host did not stop the cancelled work in time");
+                    return Err(FailoverError::JobCancelled);
+                }
+                _ => {}
+            }
+            if deadline.is_some_and(|d| now >= d) {
                 return Err(FailoverError::Unavailable(format!(
                     "host {host} did not complete {work_id} within {:?}",
                     timeout.unwrap_or_default()
                 )));
             }
-            tokio::time::sleep(POLL).await;
+            tokio::select! {
+                () = tokio::time::sleep(POLL) => {}
+                () = cancel.cancelled(), if cancelled_at.is_none() => {}
+            }
+        }
+    }
+
+    async fn work_result(&self, work_id: &str) -> Result<WorkResultResponse> {
+        Ok(self
+            .scheduler()?
+            .work_result(WorkResultRequest {
+                work_id: work_id.to_owned(),
+            })
+            .await
+            .map_err(|s| FailoverError::remote("scheduler", "work result", &s))?
+            .into_inner())
+    }
+
+    /// Tells the scheduler to stop `work_id` on `host`; a failure is logged (the wait then
+    /// ends after [`CANCEL_WAIT`]).
+    async fn cancel_work(&self, host: &str, work_id: &str) {
+        let res = async {
+            self.scheduler()?
+                .cancel_work(CancelWorkRequest {
+                    host_name: host.to_owned(),
+                    work_id: work_id.to_owned(),
+                })
+                .await
+                .map_err(|s| FailoverError::remote("scheduler", "cancel work", &s))
+        }
+        .await;
+        match res {
+            Ok(r) => info!(host, work = work_id, state = %r.get_ref().state, "host work cancelled"),
+            Err(e) => warn!(host, work = work_id, error = %e, "cannot cancel the host work"),
         }
     }
 }

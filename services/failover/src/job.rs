@@ -1,9 +1,17 @@
 //! A failover job as the registry shows it: created through `UpsertJob`, then updated as each
 //! step starts, progresses and ends. Updates after creation are best effort: a registry that
 //! is briefly unreachable must not fail a failover that is otherwise going well.
+//!
+//! A job made with [`JobTracker::start_cancellable`] may be cancelled by an operator until
+//! its point of no return (`cancellable_until_step`, decided by the registry): the tracker
+//! watches the job in the registry and fires [`JobTracker::cancel_token`]; the runner checks
+//! it on entering each step ([`JobTracker::enter_step`]) and while it waits on host work.
 use ferry_proto::common::v1::{Job, JobStep, StepStatus};
 use ferry_proto::registry::v1::GetJobRequest;
 use ferry_proto::registry::v1::registry_client::RegistryClient;
+use std::time::Duration;
+
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
@@ -13,9 +21,18 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// How often a cancellable job looks for an operator's cancel request.
+const CANCEL_POLL: Duration = Duration::from_millis(500);
+
 pub(crate) struct JobTracker {
     registry: RegistryClient<Channel>,
     job: Job,
+    /// Fired when an operator asked to cancel the job.
+    cancel: CancellationToken,
+    /// Past the point of no return: a cancel request is no longer honoured.
+    past_return: bool,
+    /// Stops the watcher with the tracker.
+    _watch: Option<DropGuard>,
 }
 
 impl JobTracker {
@@ -25,6 +42,18 @@ impl JobTracker {
         kind: &str,
         target: &str,
         steps: &[&str],
+    ) -> Result<Self> {
+        Self::start_cancellable(registry, kind, target, steps, 0).await
+    }
+
+    /// Like [`JobTracker::start`], for a job that may be cancelled while none of its steps
+    /// from `until` on has started.
+    pub(crate) async fn start_cancellable(
+        registry: RegistryClient<Channel>,
+        kind: &str,
+        target: &str,
+        steps: &[&str],
+        until: u32,
     ) -> Result<Self> {
         let now = now_ms();
         let job = Job {
@@ -41,6 +70,7 @@ impl JobTracker {
                 .collect(),
             created_at_ms: now,
             updated_at_ms: now,
+            cancellable_until_step: until,
             ..Job::default()
         };
         let mut client = registry.clone();
@@ -55,13 +85,29 @@ impl JobTracker {
             ));
         }
         info!(job = %created.id, kind, target, "job started");
-        Ok(Self {
+        Ok(Self::new(
             registry,
-            job: Job {
+            Job {
                 id: created.id,
                 ..job
             },
-        })
+        ))
+    }
+
+    fn new(registry: RegistryClient<Channel>, job: Job) -> Self {
+        let cancel = CancellationToken::new();
+        if job.cancel_requested {
+            cancel.cancel();
+        }
+        let watch = (job.cancellable_until_step > 0 && !cancel.is_cancelled())
+            .then(|| watch_cancel(registry.clone(), job.id.clone(), cancel.clone()));
+        Self {
+            registry,
+            job,
+            cancel,
+            past_return: false,
+            _watch: watch,
+        }
     }
 
     /// Takes over a job another replica started (it stopped or died mid-way).
@@ -73,7 +119,33 @@ impl JobTracker {
             .map_err(|s| FailoverError::remote("registry", "get job", &s))?
             .into_inner();
         info!(job = %job.id, kind = %job.kind, target = %job.target, "job resumed");
-        Ok(Self { registry, job })
+        Ok(Self::new(registry, job))
+    }
+
+    /// Fired when an operator asked to cancel the job.
+    pub(crate) fn cancel_token(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    /// Marks step `step` running, unless an operator cancelled the job before its point of
+    /// no return: then the step does not start (`JobCancelled`). A cancel the registry
+    /// accepted is honoured even on entering the first step past that point: it was
+    /// accepted because that step had not started.
+    pub(crate) async fn enter_step(&mut self, step: usize) -> Result<()> {
+        self.step_running(step).await;
+        if self.cancel.is_cancelled() && !self.past_return {
+            return Err(FailoverError::JobCancelled);
+        }
+        if step >= self.job.cancellable_until_step as usize {
+            self.past_return = true;
+        }
+        Ok(())
+    }
+
+    /// The host finished its work before it saw the cancel: the job carries on (it is past
+    /// its point of no return) and says so.
+    pub(crate) fn carry_on_after_cancel(&mut self) {
+        self.past_return = true;
     }
 
     /// The job as it stands (a job handed over to another replica).
@@ -124,19 +196,24 @@ impl JobTracker {
         self.job
     }
 
-    /// Ends the job as failed: the running step failed, the ones not started are skipped.
+    /// Ends the job as failed (or cancelled, for `JobCancelled`): the running step failed,
+    /// the ones not started are skipped.
     pub(crate) async fn fail(mut self, error: &FailoverError) -> Job {
         let end = now_ms();
+        let status = match error {
+            FailoverError::JobCancelled => StepStatus::Cancelled,
+            _ => StepStatus::Failed,
+        };
         for s in &mut self.job.steps {
             if s.status == StepStatus::Running as i32 {
-                s.status = StepStatus::Failed as i32;
+                s.status = status as i32;
                 s.message = error.to_string();
                 s.ended_at_ms = end;
             } else if s.status == StepStatus::Pending as i32 {
                 s.status = StepStatus::Skipped as i32;
             }
         }
-        self.job.status = StepStatus::Failed as i32;
+        self.job.status = status as i32;
         self.job.error = error.to_string();
         self.push().await;
         warn!(job = %self.job.id, kind = %self.job.kind, target = %self.job.target, error = %error, "job failed");
@@ -145,8 +222,45 @@ impl JobTracker {
 
     async fn push(&mut self) {
         self.job.updated_at_ms = now_ms();
-        if let Err(status) = self.registry.upsert_job(self.job.clone()).await {
-            warn!(job = %self.job.id, code = ?status.code(), error = %status.message(), "cannot update the job in the registry");
+        match self.registry.upsert_job(self.job.clone()).await {
+            Ok(stored) if stored.get_ref().cancel_requested => {
+                self.job.cancel_requested = true;
+                self.cancel.cancel();
+            }
+            Ok(_) => {}
+            Err(status) => {
+                warn!(job = %self.job.id, code = ?status.code(), error = %status.message(), "cannot update the job in the registry")
+            }
         }
     }
+}
+
+/// Polls the job until an operator asks to cancel it, then fires `cancel`; ends with the
+/// tracker (the guard).
+fn watch_cancel(
+    registry: RegistryClient<Channel>,
+    id: String,
+    cancel: CancellationToken,
+) -> DropGuard {
+    let done = CancellationToken::new();
+    let stop = done.clone();
+    tokio::spawn(async move {
+        let mut registry = registry;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(CANCEL_POLL) => {}
+            }
+            let asked = registry
+                .get_job(GetJobRequest { id: id.clone() })
+                .await
+                .is_ok_and(|j| j.get_ref().cancel_requested);
+            if asked {
+                info!(job = %id, "an operator asked to cancel the job");
+                cancel.cancel();
+                return;
+            }
+        }
+    });
+    done.drop_guard()
 }

@@ -32,6 +32,14 @@ pub struct StoredJob {
     pub bytes_done: u64,
     #[serde(default)]
     pub bytes_skipped: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cancellable_until_step: u32,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel_requested: bool,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -129,6 +137,8 @@ impl JobRecord {
             bytes_total: job.bytes_total,
             bytes_done: job.bytes_done,
             bytes_skipped: job.bytes_skipped,
+            cancellable_until_step: job.cancellable_until_step,
+            cancel_requested: job.cancel_requested,
         })
     }
 
@@ -159,6 +169,8 @@ impl StoredJob {
             bytes_total: self.bytes_total,
             bytes_done: self.bytes_done,
             bytes_skipped: self.bytes_skipped,
+            cancellable_until_step: self.cancellable_until_step,
+            cancel_requested: self.cancel_requested,
         }
     }
 }
@@ -188,6 +200,8 @@ mod tests {
             bytes_total: 10,
             bytes_done: 7,
             bytes_skipped: 3,
+            cancellable_until_step: 1,
+            cancel_requested: true,
         }
     }
 

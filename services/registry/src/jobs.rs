@@ -30,8 +30,20 @@ const STEPS: [&str; 4] = [
 ];
 const SUPPORTED_FORMATS: [&str; 3] = ["raw", "vhd", "vhdx"];
 
+/// How far a registry job may be cancelled: enable protection until it is finalized, a
+/// resync until its point commits; disabling protection not at all (it stops replication at
+/// its first step).
+fn cancellable_until_step(kind: &str) -> u32 {
+    match kind {
+        KIND_ENABLE => 3,
+        KIND_RESYNC => 1,
+        _ => 0,
+    }
+}
+
 pub(crate) fn new_job(kind: &str, target: &str, steps: &[&str]) -> Job {
     Job {
+        cancellable_until_step: cancellable_until_step(kind),
         id: uuid::Uuid::new_v4().to_string(),
         kind: kind.to_string(),
         target: target.to_string(),
@@ -53,6 +65,8 @@ pub(crate) fn new_job(kind: &str, target: &str, steps: &[&str]) -> Job {
 pub(crate) enum Outcome {
     Done,
     Failed(String),
+    /// An operator cancelled the job.
+    Cancelled,
 }
 
 impl RegistryService {
@@ -186,14 +200,24 @@ impl RegistryService {
                     )));
                 }
             }
-            self.set_step(&mut job, i, StepStatus::Running, "").await?;
-            let outcome = match i {
-                0 => self.check_prerequisites(&vm).await?,
-                1 => self.create_relationship(&vm).await?,
-                2 => self.initial_replication(&vm, &job).await?,
-                _ => self.finalize(&vm).await?,
+            let cancellable = i < job.cancellable_until_step as usize;
+            let outcome = if cancellable && self.cancel_requested(&job.id).await {
+                Outcome::Cancelled
+            } else {
+                self.set_step(&mut job, i, StepStatus::Running, "").await?;
+                match i {
+                    0 => self.check_prerequisites(&vm).await?,
+                    1 => self.create_relationship(&vm).await?,
+                    2 => self.initial_replication(&vm, &job).await?,
+                    _ => self.finalize(&vm).await?,
+                }
             };
             match outcome {
+                Outcome::Cancelled => {
+                    let host = self.vm_host(&vm).await?;
+                    let cancelled = Transition::ProtectionCancelled;
+                    return self.end_cancelled(&mut job, &host, cancelled).await;
+                }
                 Outcome::Done => {
                     let msg = if i == 2 {
                         self.copy_summary(&job.id).await
@@ -330,15 +354,8 @@ impl RegistryService {
             let notified = self.changed.notified();
             {
                 let st = self.state.lock().await;
-                if st
-                    .jobs
-                    .get(&job.id)
-                    .is_some_and(|j| j.status != StepStatus::Running as i32)
-                {
-                    return Err(RegistryError::Internal(format!(
-                        "job {} was cancelled",
-                        job.id
-                    )));
+                if st.jobs.get(&job.id).is_some_and(|j| j.cancel_requested) {
+                    return Ok(Outcome::Cancelled);
                 }
                 if let Some(v) = st.vms.get(vm) {
                     if !v.last_point_id.is_empty() {
@@ -355,6 +372,14 @@ impl RegistryService {
                 _ = self.shutdown.cancelled() => return Err(RegistryError::Internal("registry shutting down".into())),
             }
         }
+    }
+
+    pub(crate) async fn vm_host(&self, vm: &str) -> Result<String, RegistryError> {
+        let st = self.state.lock().await;
+        st.vms
+            .get(vm)
+            .map(|v| v.host.clone())
+            .ok_or_else(|| RegistryError::VmNotFound(vm.to_string()))
     }
 
     /// Queues a job's work with the scheduler, retrying while it is unreachable.
@@ -473,13 +498,7 @@ impl RegistryService {
     async fn run_resync(self: &Arc<Self>, id: &str) -> Result<(), RegistryError> {
         let mut job = self.job(id).await?;
         let vm = job.target.clone();
-        let host = {
-            let st = self.state.lock().await;
-            st.vms
-                .get(&vm)
-                .map(|v| v.host.clone())
-                .ok_or_else(|| RegistryError::VmNotFound(vm.clone()))?
-        };
+        let host = self.vm_host(&vm).await?;
         self.set_step(&mut job, 0, StepStatus::Running, "").await?;
         self.dispatch(&host, &vm, id, WorkKind::Resync).await?;
         let mut dispatched = tokio::time::Instant::now();
@@ -493,6 +512,12 @@ impl RegistryService {
                 let st = self.state.lock().await;
                 match st.jobs.get(id) {
                     Some(j) if j.status != StepStatus::Running as i32 => return Ok(()),
+                    Some(j) if j.cancel_requested => {
+                        let mut job = j.clone();
+                        drop(st);
+                        let cancelled = Transition::ResyncCancelled;
+                        return self.end_cancelled(&mut job, &host, cancelled).await;
+                    }
                     _ => {}
                 }
                 st.vms

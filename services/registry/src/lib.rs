@@ -1,6 +1,7 @@
 //! The registry: the vault's hosts, VMs and disks, one-time registration keys and host
 //! certificates, the protection state machine and every job. Its durable state is the
 //! `registry` catalog namespace in object storage (see [`state`]).
+mod cancel;
 mod error;
 mod job_record;
 mod jobs;

@@ -103,10 +103,20 @@ impl RegistryService {
 
     /// Appends events (after catching up with other writers) and applies them.
     pub(crate) async fn persist(&self, events: Vec<Event>) -> Result<(), RegistryError> {
+        self.persist_checked(|_| Ok((events, ()))).await
+    }
+
+    /// Appends the events `decide` makes from the state as it is once caught up with the
+    /// catalog, under the state lock: nothing changes between the check and the write.
+    pub(crate) async fn persist_checked<T>(
+        &self,
+        decide: impl FnOnce(&State) -> Result<(Vec<Event>, T), RegistryError>,
+    ) -> Result<T, RegistryError> {
         let mut st = self.state.lock().await;
         for (seq, ev) in self.catalog.read_from::<Event>(st.seq).await? {
             st.apply(seq, &ev);
         }
+        let (events, out) = decide(&st)?;
         for ev in events {
             let seq = self.catalog.append(&ev).await?;
             st.apply(seq, &ev);
@@ -115,7 +125,7 @@ impl RegistryService {
             .set(st.revoked_serials.iter().cloned(), removed_hosts(&st));
         drop(st);
         self.changed.notify_waiters();
-        Ok(())
+        Ok(out)
     }
 
     pub(crate) async fn save_job(&self, job: &Job) -> Result<(), RegistryError> {

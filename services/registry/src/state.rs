@@ -458,7 +458,11 @@ impl State {
                 }
             }
             Event::Job(j) => {
-                if let Some(job) = j.decode() {
+                if let Some(mut job) = j.decode() {
+                    // A cancel request is sticky: a runner saving its own (older) copy of the
+                    // job does not take it back.
+                    job.cancel_requested |=
+                        self.jobs.get(&job.id).is_some_and(|o| o.cancel_requested);
                     self.jobs.insert(job.id.clone(), job);
                 }
             }

@@ -57,6 +57,10 @@ impl Scheduler for Api {
                 };
                 match next {
                     Ok(Some((id, payload))) => match serde_json::from_str::<QueuedWork>(&payload) {
+                        Ok(w) if me.drop_cancelled(&host, &w, &payload).await.unwrap_or_else(|e| {
+                            tracing::warn!(work = %id, error = %e, "cannot tell whether work was cancelled; sending it");
+                            false
+                        }) => {}
                         Ok(w) => {
                             tracing::info!(host = %host, work = %id, vm = %w.vm, attempt = w.attempt, "work sent");
                             let mut item = w.to_proto();
@@ -116,6 +120,16 @@ impl Scheduler for Api {
         let mut w: QueuedWork = serde_json::from_str(&payload).map_err(|e| {
             SchedulerError::Internal(format!("work {} is unreadable: {e}", req.work_id))
         })?;
+        if !w.cancels.is_empty() {
+            self.coord
+                .ack_work(&host, &req.work_id)
+                .await
+                .map_err(SchedulerError::from)?;
+            return Ok(Response::new(pb::CompleteWorkResponse {}));
+        }
+        if self.is_cancelled(&w.id).await? {
+            return self.complete_cancelled(&host, &w, req).await;
+        }
         if w.is_failover() {
             // Recorded before the ack: an outcome is never lost between the two.
             results::record(&self.coord, &req).await?;
@@ -196,10 +210,14 @@ impl Scheduler for Api {
             last_error: String::new(),
             app_consistent: false,
             failover: String::new(),
+            cancels: String::new(),
         };
         w.set_failover(req.failover.as_ref());
         // Failover work runs once: a job resumed elsewhere dispatches again and finds it done.
-        if w.is_failover() && results::get(&self.coord, &id).await?.is_some() {
+        // Work of a cancelled job is not queued again (the registry re-dispatches its jobs).
+        if (w.is_failover() && results::get(&self.coord, &id).await?.is_some())
+            || self.is_cancelled(&id).await?
+        {
             return Ok(Response::new(pb::DispatchResponse { work_id: id }));
         }
         // Work waiting for its retry stays there: dispatching it again (the registry does so
@@ -274,6 +292,20 @@ impl Scheduler for Api {
                 ..Default::default()
             })),
         }
+    }
+
+    async fn cancel_work(&self, req: Request<pb::CancelWorkRequest>) -> R<pb::CancelWorkResponse> {
+        ferry_mesh::require_service(&req)?;
+        let req = req.into_inner();
+        if req.host_name.is_empty() || req.work_id.is_empty() {
+            return Err(SchedulerError::InvalidArgument(
+                "cancel_work needs a host_name and a work_id".into(),
+            )
+            .into());
+        }
+        Ok(Response::new(
+            self.0.cancel_work(&req.host_name, &req.work_id).await?,
+        ))
     }
 
     async fn reschedule(&self, req: Request<pb::RescheduleRequest>) -> R<pb::RescheduleResponse> {

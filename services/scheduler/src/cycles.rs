@@ -112,6 +112,7 @@ impl SchedulerService {
             last_error: String::new(),
             app_consistent: app,
             failover: String::new(),
+            cancels: String::new(),
         };
         let Ok(payload) = serde_json::to_string(&w) else {
             return true;

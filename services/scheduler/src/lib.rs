@@ -3,6 +3,7 @@
 //! reconnects, so an agent killed mid-copy picks its copy up again after a restart. Failed
 //! recoverable work goes to the retry set with backoff (DESIGN §2.6).
 mod api;
+mod cancel;
 mod cycles;
 mod error;
 pub mod leader;

@@ -21,6 +21,9 @@ pub(crate) struct QueuedWork {
     /// contract with the agent; the scheduler only carries it).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub(crate) failover: String,
+    /// A cancel item: the id of the work to stop.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(crate) cancels: String,
 }
 
 impl QueuedWork {
@@ -35,6 +38,7 @@ impl QueuedWork {
             retry_time_unit_ms: 0,
             app_consistent: self.app_consistent,
             failover: self.failover_work(),
+            cancels: self.cancels.clone(),
         }
     }
 

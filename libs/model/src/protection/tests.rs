@@ -299,3 +299,19 @@ fn disable_protection_runs_to_unprotected() {
         .is_err()
     );
 }
+
+#[test]
+fn cancelled_protection_and_resync_go_back_without_failing() {
+    use Health::*;
+    use VmState::*;
+    for from in [Enabling, InitialReplication] {
+        let l = apply((from, Normal), Transition::ProtectionCancelled).unwrap();
+        assert_eq!((l.state, l.health), (Unprotected, Normal), "from {from}");
+    }
+    // Finalized: nothing to cancel any more.
+    assert!(apply((Protected, Normal), Transition::ProtectionCancelled).is_err());
+    let l = apply((Resyncing, Warning), Transition::ResyncCancelled).unwrap();
+    assert_eq!((l.state, l.health), (ResyncPending, Warning));
+    assert!(l.last_error.contains("cancelled"), "{}", l.last_error);
+    assert!(apply((Protected, Normal), Transition::ResyncCancelled).is_err());
+}

@@ -2,8 +2,12 @@
 //! host is stopped, its disks rewritten from the other point, and started again), or commit
 //! (the point is fixed; the VM's points stay under the retention policy).
 //!
-//! Changing the point rewrites every block of the disks, not only the ones that differ (the
-//! recovery host removes its copy and materialises the new point).
+//! Changing the point is RECOVER_VM work of the same failover (`failover_id` is the
+//! failover's job) with the new point: the recovery host sees its folder holds another point
+//! of that failover, stops the VM, compares its disks block by block with the new point's
+//! block maps and rewrites only the blocks that differ (what the VM wrote since it started is
+//! discarded, with its change logs), then starts it again (`agent/src/recover/repoint.rs`).
+//! A point whose disks are not the local ones is materialised whole.
 use ferry_coord::KeptLease;
 use ferry_proto::common::v1::Job;
 use ferry_proto::failover::v1::{ChangeRecoveryPointRequest, CommitFailoverRequest};
@@ -18,10 +22,9 @@ use crate::records::{Record, STATE_COMMITTED};
 use crate::test_failover::check_vm_name;
 
 pub const COMMIT_STEPS: [&str; 1] = ["commit the failover"];
-pub const CHANGE_POINT_STEPS: [&str; 3] = [
+pub const CHANGE_POINT_STEPS: [&str; 2] = [
     "resolve recovery point",
-    "stop the vm and remove its disks on the recovery host",
-    "materialise the new point and start the vm",
+    "stop the vm, rewrite the blocks that differ and start it on the recovery host",
 ];
 
 impl Orchestrator {
@@ -145,29 +148,8 @@ impl Orchestrator {
             .await;
 
         job.step_running(1).await;
-        let remove = FailoverWork {
-            point: record.point_id.clone(),
-            network: "production".into(),
-            kind: record.kind.clone(),
-            failover_id: record.job_id.clone(),
-            hardware: None,
-            final_sync: false,
-            nic_addresses: Default::default(),
-        };
-        let (host, job_id) = (record.host.clone(), job.id().to_owned());
-        self.dispatch_and_wait(
-            &host,
-            WorkKind::RemoveRecovered,
-            &vm.name,
-            &job_id,
-            remove,
-            None,
-        )
-        .await?;
-        job.step_done(1, format!("vm stopped and its disks removed on {host}"))
-            .await;
-
-        job.step_running(2).await;
+        let total: u64 = point.disks.iter().map(|d| d.virtual_size).sum();
+        job.set_bytes(total, 0);
         let recover = FailoverWork {
             point: point.id.clone(),
             network: "production".into(),
@@ -181,9 +163,19 @@ impl Orchestrator {
                 .map(|p| p.nic_addresses.clone())
                 .unwrap_or_default(),
         };
+        let (host, job_id) = (record.host.clone(), job.id().to_owned());
         let recovered = self
             .dispatch_and_wait(&host, WorkKind::RecoverVm, &vm.name, &job_id, recover, None)
             .await?;
+        // A host that answers with the start it recorded before did not change anything (an
+        // agent from before changes of point were done in place answers so).
+        if record.started_at_ms != 0 && recovered.started_at_ms == record.started_at_ms {
+            return Err(FailoverError::FailedPrecondition(format!(
+                "host {host} did not restart vm {} on point {}: its agent may be too old to change the point",
+                vm.name, point.id
+            )));
+        }
+        job.set_bytes(total, total);
         record.set_recovered(&recovered);
         record.point_id = point.id.clone();
         record.updated_at_ms = chrono::Utc::now().timestamp_millis();
@@ -192,9 +184,15 @@ impl Orchestrator {
             .await?;
         self.record_failover(&vm.name, FailoverEvent::PointChanged, &record, "")
             .await?;
-        job.step_done(2, format!("vm running on point {} on {host}", point.id))
-            .await;
-        info!(vm = %vm.name, point = %point.id, host = %host, "recovery point changed");
+        job.step_done(
+            1,
+            format!(
+                "vm running on point {} on {host}; {} of {total} bytes rewritten",
+                point.id, recovered.bytes_written
+            ),
+        )
+        .await;
+        info!(vm = %vm.name, point = %point.id, host = %host, bytes_rewritten = recovered.bytes_written, size = total, "recovery point changed");
         Ok(())
     }
 }

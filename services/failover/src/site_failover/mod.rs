@@ -95,11 +95,13 @@ impl Orchestrator {
         self.no_current_failover(name).await?;
         let vm = self.failover_vm(name).await?;
         let point = self.get_point(name, point_ref).await?;
-        let job = JobTracker::start(
+        // Cancellable until the vm runs on the recovery host (its last step records it).
+        let job = JobTracker::start_cancellable(
             self.registry.clone(),
             "unplanned-failover",
             name,
             &UNPLANNED_STEPS,
+            3,
         )
         .await?;
         Ok((vm, point, job))
@@ -181,7 +183,7 @@ impl Orchestrator {
         if record.kind == "planned" {
             return self.run_planned(job, kept, record, vm).await;
         }
-        job.step_running(0).await;
+        job.enter_step(0).await?;
         let fenced = self
             .record_failover(&vm.name, FailoverEvent::UnplannedStarted, record, "")
             .await?;
@@ -193,7 +195,7 @@ impl Orchestrator {
             ),
         )
         .await;
-        job.step_running(1).await;
+        job.enter_step(1).await?;
         let said = match record.shutdown {
             true => self.shut_source_down(job.id(), vm).await,
             false => "not asked for (--shutdown)".to_owned(),
@@ -214,7 +216,7 @@ impl Orchestrator {
         point: &RecoveryPoint,
         step: usize,
     ) -> Result<()> {
-        job.step_running(step).await;
+        job.enter_step(step).await?;
         let total: u64 = point.disks.iter().map(|d| d.virtual_size).sum();
         job.set_bytes(total, 0);
         let work = FailoverWork {
@@ -231,14 +233,7 @@ impl Orchestrator {
                 .unwrap_or_default(),
         };
         let recovered = self
-            .dispatch_and_wait(
-                &record.host,
-                WorkKind::RecoverVm,
-                &vm.name,
-                job.id(),
-                work,
-                None,
-            )
+            .dispatch_for_job(&record.host, WorkKind::RecoverVm, &vm.name, job, work)
             .await?;
         job.set_bytes(total, total);
         job.step_done(
@@ -253,7 +248,7 @@ impl Orchestrator {
         )
         .await;
 
-        job.step_running(step + 1).await;
+        job.enter_step(step + 1).await?;
         record.set_recovered(&recovered);
         record.state = STATE_ACTIVE.into();
         record.updated_at_ms = chrono::Utc::now().timestamp_millis();

@@ -39,11 +39,13 @@ impl Orchestrator {
             self.require_connected(&vm.host, &vm.name).await?;
             // The point is the final one, known after the source shipped it.
             let point = self.get_point(&req.vm, "latest").await?;
-            let job = JobTracker::start(
+            // Cancellable only before the source is shut down.
+            let job = JobTracker::start_cancellable(
                 self.registry.clone(),
                 "planned-failover",
                 &req.vm,
                 &PLANNED_STEPS,
+                1,
             )
             .await?;
             Ok((vm, point, job))
@@ -81,13 +83,13 @@ impl Orchestrator {
         record: &mut Record,
         vm: &Vm,
     ) -> Result<()> {
-        job.step_running(0).await;
+        job.enter_step(0).await?;
         job.step_done(
             0,
             format!("{} connected, recovery host {}", vm.host, record.host),
         )
         .await;
-        job.step_running(1).await;
+        job.enter_step(1).await?;
         let work = FailoverWork {
             kind: "planned".into(),
             failover_id: record.job_id.clone(),
@@ -120,7 +122,7 @@ impl Orchestrator {
         )
         .await;
 
-        job.step_running(2).await;
+        job.enter_step(2).await?;
         let fenced = self
             .record_failover(&vm.name, FailoverEvent::PlannedStarted, record, "")
             .await?;

@@ -19,7 +19,8 @@ impl Orchestrator {
     /// Materializes every disk through the storage-writer, in parallel, each into a partial
     /// file named for this run and linked to its final name when written (so a partial file
     /// a storage-writer removes late never is a file of another run). On the first error the
-    /// other calls are dropped (the storage-writer removes their partial files).
+    /// other calls are dropped (the storage-writer removes their partial files), and so on
+    /// an operator's cancel.
     pub(super) async fn materialize(
         &self,
         job: &mut JobTracker,
@@ -51,7 +52,16 @@ impl Orchestrator {
             })
             .collect();
         let mut finished = 0usize;
-        while let Some((disk, partial, result)) = calls.next().await {
+        // A cancelled job drops the calls, as an error does.
+        let cancel = job.cancel_token().clone();
+        loop {
+            let next = tokio::select! {
+                next = calls.next() => next,
+                () = cancel.cancelled() => return Err(FailoverError::JobCancelled),
+            };
+            let Some((disk, partial, result)) = next else {
+                break;
+            };
             let resp = result
                 .map_err(|s| FailoverError::remote("storage-writer", "materialize disk", &s))?
                 .into_inner();

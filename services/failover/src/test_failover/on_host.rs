@@ -27,7 +27,7 @@ impl Orchestrator {
         vm: &Vm,
         point: &RecoveryPoint,
     ) -> Result<()> {
-        job.step_running(0).await;
+        job.enter_step(0).await?;
         job.step_done(
             0,
             format!(
@@ -39,7 +39,7 @@ impl Orchestrator {
             ),
         )
         .await;
-        job.step_running(1).await;
+        job.enter_step(1).await?;
         let total: u64 = point.disks.iter().map(|d| d.virtual_size).sum();
         job.set_bytes(total, 0);
         let work = FailoverWork {
@@ -53,7 +53,7 @@ impl Orchestrator {
         };
         let kind = WorkKind::RecoverVm;
         let recovered = self
-            .dispatch_and_wait(&record.host, kind, &vm.name, job.id(), work, None)
+            .dispatch_for_job(&record.host, kind, &vm.name, job, work)
             .await?;
         job.set_bytes(total, total);
         job.step_done(
@@ -67,7 +67,7 @@ impl Orchestrator {
             ),
         )
         .await;
-        job.step_running(2).await;
+        job.enter_step(2).await?;
         record.set_recovered(&recovered);
         record.state = STATE_ACTIVE.into();
         record.updated_at_ms = chrono::Utc::now().timestamp_millis();

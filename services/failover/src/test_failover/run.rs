@@ -128,12 +128,12 @@ impl Orchestrator {
         let dir = PathBuf::from(&record.target_dir);
         let (disks, description) = self.prepare_target(job, kept, record, vm, point).await?;
 
-        job.step_running(1).await;
+        job.enter_step(1).await?;
         self.materialize(job, kept, vm, point, &disks, made).await?;
         job.step_done(1, format!("{} disks written", disks.len()))
             .await;
 
-        job.step_running(2).await;
+        job.enter_step(2).await?;
         write_description(&description, vm, point, &disks)?;
         made.push(description.clone());
         record.files = made.iter().map(|p| p.display().to_string()).collect();
@@ -173,7 +173,7 @@ impl Orchestrator {
         point: &RecoveryPoint,
     ) -> Result<(Vec<PlannedDisk>, PathBuf)> {
         let dir = PathBuf::from(&record.target_dir);
-        job.step_running(0).await;
+        job.enter_step(0).await?;
         let disks = plan_disks(vm, point, &dir)?;
         let description = dir.join(format!("{}.vm.json", vm.name));
         // A resumed job first removes what an earlier run of it may have made.

@@ -90,7 +90,10 @@ impl Orchestrator {
             true => &super::ON_HOST_TEST_STEPS,
             false => &TEST_FAILOVER_STEPS,
         };
-        let job = JobTracker::start(self.registry.clone(), "test-failover", name, steps).await?;
+        // Cancellable until the test vm runs (on a host) or the disks are written (a folder).
+        let job =
+            JobTracker::start_cancellable(self.registry.clone(), "test-failover", name, steps, 2)
+                .await?;
         Ok((vm, point, job))
     }
 

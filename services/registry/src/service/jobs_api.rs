@@ -31,6 +31,13 @@ impl RegistryService {
 
     pub(super) async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> R<Job> {
         ferry_mesh::require_role(&req, Role::Operator)?;
-        Err(ferry_mesh::unimplemented("cancelling jobs"))
+        let id = req.into_inner().id;
+        if id.is_empty() {
+            return Err(crate::error::RegistryError::InvalidArgument(
+                "cancel_job needs the job's id".into(),
+            )
+            .into());
+        }
+        Ok(Response::new(self.request_cancel(&id).await?))
     }
 }

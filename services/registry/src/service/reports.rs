@@ -164,6 +164,7 @@ impl RegistryService {
         }
         job.updated_at_ms = now_ms();
         self.save_job(&job).await?;
-        Ok(Response::new(job))
+        // The stored job: its runner learns of an operator's cancel request from it.
+        Ok(Response::new(self.job(&job.id).await?))
     }
 }
