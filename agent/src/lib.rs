@@ -424,6 +424,7 @@ impl Agent {
                 recovered = Some(r);
             }),
             Ok(WorkKind::RemoveRecovered) => self.remove_recovered(&item, &stop).await,
+            Ok(WorkKind::ResumeVm) => self.resume_source(&item, &stop).await,
             Ok(WorkKind::ShutdownVm) => self.shutdown_source(&item, &stop).await.map(|p| {
                 recovered = p.map(|final_point| ferry_proto::scheduler::v1::RecoveredVm {
                     final_point,

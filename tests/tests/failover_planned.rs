@@ -150,3 +150,85 @@ async fn planned_failover_loses_no_acknowledged_write() -> anyhow::Result<()> {
     t.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_planned_failover_starts_the_source_again() -> anyhow::Result<()> {
+    let t = TestMesh::start().await?;
+    let disks = t.path("disks");
+    std::fs::create_dir_all(&disks)?;
+    let web = disks.join("web01.raw");
+    qemu_create(&web, "raw", "", "4M")?;
+    qemu_io(&web, "raw", &["write -P 0x5a 0 1M"])?;
+    let hv01 = t.path("hv01");
+    let primary = t
+        .site_agent(
+            "hv01",
+            "site-a",
+            &[("web01", vec![web.clone()])],
+            &format!("[tracker]\n{}", driver(&hv01)?),
+        )
+        .await?;
+    let dr_dir = t.path("hv-dr01");
+    let extra = format!(
+        "[recovery]\ndir = \"recovered\"\n[tracker]\n{}",
+        driver(&dr_dir)?
+    );
+    let dr = t.site_agent("hv-dr01", "site-b", &[], &extra).await?;
+    t.wait_vm("web01").await?;
+    let recovery = |h: &ferry_proto::registry::v1::Host| h.status == "connected" && h.recovery;
+    t.wait_host("hv-dr01", recovery, Duration::from_secs(60))
+        .await?;
+    let (ok, _, err) = t.cli(&[
+        "vm",
+        "protect",
+        "web01",
+        "--frequency",
+        "1h",
+        "--recovery-host",
+        "hv-dr01",
+        "--wait",
+    ])?;
+    assert!(ok, "protect: {err}");
+    let uri = t.vm("web01").await?.disks[0].nbd_uri.clone();
+    // The recovery host cannot take the vm: its folder holds something that is not ferry's.
+    let taken = dr_dir.join("recovered/web01");
+    std::fs::create_dir_all(&taken)?;
+    std::fs::write(taken.join("notes.txt"), "an operator's files")?;
+
+    let (ok, out, _) = t.cli(&["failover", "planned", "web01", "-o", "json"])?;
+    assert!(!ok, "{out}");
+    let job: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(
+        job["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not a folder of ferry's")),
+        "{job}"
+    );
+    let stop_step = &job["steps"][1];
+    assert_eq!(stop_step["status"], "succeeded", "{job}");
+    assert!(
+        stop_step["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("vm started again on hv01")),
+        "{job}"
+    );
+    // The source was stopped, then started again, and takes writes again.
+    let calls = std::fs::read_to_string(hv01.join("calls.log"))?;
+    let (stop, start) = (calls.find("call=stop"), calls.rfind("call=start"));
+    assert!(stop.is_some() && start.is_some() && start > stop, "{calls}");
+    nbd_write(&uri, &["write -P 0x33 0 64k"])?;
+    assert!(
+        taken.join("notes.txt").exists(),
+        "the operator's files stay"
+    );
+    let v = t.cli_json(&["vm", "show", "web01", "-o", "json"])?;
+    assert_eq!(v["state"], "protected", "{v}");
+    assert_eq!(v["active_host"], "hv01", "{v}");
+
+    for a in [primary, dr] {
+        a.shutdown().await?;
+    }
+    t.stop().await;
+    Ok(())
+}

@@ -1,7 +1,8 @@
 //! SHUTDOWN_VM on a VM's own host: a failover stops the source VM through this host's
 //! driver, then fences it here (its writes are refused: nothing the source does afterwards
 //! can become a recovery point); a planned failover then has the last writes shipped (the
-//! final synchronisation: zero data loss).
+//! final synchronisation: zero data loss). RESUME_VM undoes the stop when the failover
+//! failed before the VM ran elsewhere.
 use ferry_proto::scheduler::v1::WorkItem;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -17,10 +18,74 @@ impl Agent {
         item: &WorkItem,
         cancel: &CancellationToken,
     ) -> Result<Option<String>, ReplError> {
-        let Some(vm) = self.cfg.vms.iter().find(|v| v.name == item.vm) else {
+        let run = self.source_run(&item.vm)?;
+        self.driver
+            .stop(&run, cancel)
+            .await
+            .map_err(|e| ReplError::Permanent(format!("stopping vm {}: {e}", run.vm)))?;
+        if let Some(t) = &self.tracker {
+            t.fence_vm(&run.vm, "shut down for a failover")
+                .map_err(|e| ReplError::Permanent(format!("fencing vm {}: {e}", run.vm)))?;
+        }
+        info!(vm = %run.vm, "source vm stopped and fenced for a failover");
+        if !item.failover.as_ref().is_some_and(|f| f.final_sync) {
+            return Ok(None);
+        }
+        // Fenced: the cut holds every write the tracker acknowledged, and nothing comes after.
+        let synced = async {
+            self.delta_cycle(&run.vm, false, cancel).await?;
+            self.get_point(&run.vm, "latest").await
+        }
+        .await;
+        match synced {
+            Ok(point) => {
+                info!(vm = %run.vm, point = %point.id, "final synchronisation committed");
+                Ok(Some(point.id))
+            }
+            // The failover cannot go on without its final point: the source takes over again.
+            Err(e) => Err(
+                match self.resume_source(item, &CancellationToken::new()).await {
+                    Ok(()) => ReplError::Permanent(format!(
+                        "the final synchronisation failed: {e}; vm {} was started again here",
+                        run.vm
+                    )),
+                    Err(re) => ReplError::Permanent(format!(
+                        "the final synchronisation failed: {e}; and the vm could not be started again: {re}"
+                    )),
+                },
+            ),
+        }
+    }
+
+    /// RESUME_VM: the failover that stopped the VM failed before it ran elsewhere, so the
+    /// source takes over again: its writes are accepted and the driver starts it. A VM the
+    /// registry still lists as failed over stays fenced (the next heartbeat says so).
+    pub(crate) async fn resume_source(
+        &self,
+        item: &WorkItem,
+        cancel: &CancellationToken,
+    ) -> Result<(), ReplError> {
+        let run = self.source_run(&item.vm)?;
+        if let Some(t) = &self.tracker
+            && t.is_fenced(&run.vm)
+        {
+            t.unfence_vm(&run.vm)
+                .map_err(|e| ReplError::Permanent(format!("unfencing vm {}: {e}", run.vm)))?;
+        }
+        self.driver
+            .start(&run, cancel)
+            .await
+            .map_err(|e| ReplError::Permanent(format!("starting vm {} again: {e}", run.vm)))?;
+        info!(vm = %run.vm, "source vm started again after a failed failover");
+        Ok(())
+    }
+
+    /// How the driver sees the configured VM `name` on this host (production network).
+    fn source_run(&self, name: &str) -> Result<VmRun, ReplError> {
+        let Some(vm) = self.cfg.vms.iter().find(|v| v.name == name) else {
             return Err(ReplError::Permanent(format!(
-                "vm {} is not configured on host {}",
-                item.vm, self.creds.host
+                "vm {name} is not configured on host {}",
+                self.creds.host
             )));
         };
         let dir = self.cfg.data_dir.join("vms");
@@ -65,23 +130,7 @@ impl Agent {
         crate::driver::write_spec(&run.spec_path, &run.spec).map_err(|e| {
             ReplError::Permanent(format!("writing {}: {e}", run.spec_path.display()))
         })?;
-        self.driver
-            .stop(&run, cancel)
-            .await
-            .map_err(|e| ReplError::Permanent(format!("stopping vm {}: {e}", vm.name)))?;
-        if let Some(t) = &self.tracker {
-            t.fence_vm(&vm.name, "shut down for a failover")
-                .map_err(|e| ReplError::Permanent(format!("fencing vm {}: {e}", vm.name)))?;
-        }
-        info!(vm = %vm.name, "source vm stopped and fenced for a failover");
-        if !item.failover.as_ref().is_some_and(|f| f.final_sync) {
-            return Ok(None);
-        }
-        // Fenced: the cut holds every write the tracker acknowledged, and nothing comes after.
-        self.delta_cycle(&vm.name, false, cancel).await?;
-        let point = self.get_point(&vm.name, "latest").await?;
-        info!(vm = %vm.name, point = %point.id, "final synchronisation committed");
-        Ok(Some(point.id))
+        Ok(run)
     }
 }
 

@@ -157,6 +157,25 @@ impl JobTracker {
         &self.job.id
     }
 
+    /// Whether step `step` succeeded.
+    pub(crate) fn step_succeeded(&self, step: usize) -> bool {
+        self.job
+            .steps
+            .get(step)
+            .is_some_and(|s| s.status == StepStatus::Succeeded as i32)
+    }
+
+    /// Adds `note` to step `step`'s message (shown with the job's next update).
+    pub(crate) fn note(&mut self, step: usize, note: &str) {
+        if let Some(s) = self.job.steps.get_mut(step) {
+            if s.message.is_empty() {
+                s.message = note.to_owned();
+            } else {
+                s.message = format!("{}; {note}", s.message);
+            }
+        }
+    }
+
     pub(crate) fn set_bytes(&mut self, total: u64, done: u64) {
         self.job.bytes_total = total;
         self.job.bytes_done = done;

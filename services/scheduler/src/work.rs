@@ -69,7 +69,8 @@ pub(crate) fn is_failover_kind(kind: i32) -> bool {
         Ok(WorkKind::RecoverVm
             | WorkKind::RemoveRecovered
             | WorkKind::ShutdownVm
-            | WorkKind::DisableProtection)
+            | WorkKind::DisableProtection
+            | WorkKind::ResumeVm)
     )
 }
 
@@ -80,6 +81,7 @@ pub(crate) fn failover_prefix(kind: i32) -> &'static str {
         Ok(WorkKind::RemoveRecovered) => "remove",
         Ok(WorkKind::ShutdownVm) => "shutdown",
         Ok(WorkKind::DisableProtection) => "unprotect",
+        Ok(WorkKind::ResumeVm) => "resume",
         _ => "work",
     }
 }

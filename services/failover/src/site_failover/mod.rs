@@ -168,7 +168,7 @@ impl Orchestrator {
             Err(e) if lost.is_cancelled() || matches!(e, FailoverError::Lease(_)) => {
                 Ok(job.snapshot())
             }
-            Err(e) => Ok(self.fail_failover(job, kept, record, &e).await),
+            Err(e) => Ok(self.fail_failover(job, kept, record, &vm, &e).await),
         }
     }
 
@@ -287,20 +287,22 @@ impl Orchestrator {
     }
 
     /// Nothing of a failed failover runs: the recovery host removed what it made; the VM is
-    /// recorded as protected again (critical, with the reason) and the job fails.
+    /// recorded as protected again (critical, with the reason), a planned failover's source
+    /// that was stopped is started again (a failure inside the stop step is undone by the
+    /// primary itself), and the job fails.
     async fn fail_failover(
         &self,
-        job: JobTracker,
+        mut job: JobTracker,
         kept: KeptLease,
         mut record: Record,
+        vm: &Vm,
         e: &FailoverError,
     ) -> Job {
-        let vm = record.vm.clone();
         if let Err(re) = self
-            .record_failover(&vm, FailoverEvent::Failed, &record, &e.to_string())
+            .record_failover(&vm.name, FailoverEvent::Failed, &record, &e.to_string())
             .await
         {
-            warn!(vm = %vm, error = %re, "cannot record the failed failover in the registry");
+            warn!(vm = %vm.name, error = %re, "cannot record the failed failover in the registry");
         }
         record.state = STATE_FAILED.into();
         record.updated_at_ms = chrono::Utc::now().timestamp_millis();
@@ -311,8 +313,40 @@ impl Orchestrator {
         {
             warn!(job = %job.id(), error = %put, "cannot record the failed failover");
         }
+        if record.kind == "planned" && job.step_succeeded(planned::SHUTDOWN_STEP) {
+            let job_id = job.id().to_owned();
+            let said = self.resume_source(&job_id, vm).await;
+            job.note(planned::SHUTDOWN_STEP, &said);
+        }
         let _ = kept.release().await;
         job.fail(e).await
+    }
+
+    /// After a failed planned failover: the primary lifts its fence and starts the VM again
+    /// (never fails the job further; says how it went).
+    async fn resume_source(&self, job_id: &str, vm: &Vm) -> String {
+        let work = FailoverWork {
+            kind: "planned".into(),
+            failover_id: job_id.to_owned(),
+            ..FailoverWork::default()
+        };
+        let kind = WorkKind::ResumeVm;
+        match self
+            .dispatch_and_wait(&vm.host, kind, &vm.name, job_id, work, Some(SHUTDOWN_WAIT))
+            .await
+        {
+            Ok(_) => {
+                info!(vm = %vm.name, host = %vm.host, "the source vm runs again after the failed failover");
+                format!("the failover failed: vm started again on {}", vm.host)
+            }
+            Err(re) => {
+                warn!(vm = %vm.name, host = %vm.host, error = %re, "the source vm could not be started again");
+                format!(
+                    "the failover failed and vm could not be started again on {}: {re}",
+                    vm.host
+                )
+            }
+        }
     }
 }
 

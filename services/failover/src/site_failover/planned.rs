@@ -26,6 +26,9 @@ pub const PLANNED_STEPS: [&str; 5] = [
     "record the failover",
 ];
 
+/// The step that stops the source: once it succeeded, a failure starts the source again.
+pub(super) const SHUTDOWN_STEP: usize = 1;
+
 /// How long the primary may take to stop the VM and ship its last writes.
 const FINAL_SYNC_WAIT: Duration = Duration::from_secs(600);
 
