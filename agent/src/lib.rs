@@ -465,7 +465,12 @@ impl Agent {
             error_class,
             recovered,
         };
-        // Five calls over about 3 s; the work stays in flight (re-sent on reconnect) if all fail.
+        self.send_completion(req).await
+    }
+
+    /// Sends a completion: five calls over about 3 s; the work stays in flight (re-sent on
+    /// reconnect) if all fail. Whether it was sent.
+    pub(crate) async fn send_completion(&self, req: CompleteWorkRequest) -> bool {
         let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
         ferry_mesh::retry(
             "completing work",

@@ -2,9 +2,6 @@
 //! of that id has its own token (a child of the agent's shutdown token), cancelled; an item
 //! waiting behind the VM's running work is completed at once as cancelled. Either way the
 //! cancel item itself is completed, so it does not stay in flight.
-use std::time::Duration;
-
-use ferry_model::Backoff;
 use ferry_proto::scheduler::v1::{CompleteWorkRequest, WorkItem};
 use tokio_util::sync::CancellationToken;
 
@@ -71,7 +68,7 @@ impl Agent {
         });
     }
 
-    /// Completes `work_id` (a few tries; it stays in flight, re-sent on reconnect, if all fail).
+    /// Completes `work_id` (it stays in flight, re-sent on reconnect, if that fails).
     async fn complete(&self, work_id: &str, ok: bool, error: &str) {
         let req = CompleteWorkRequest {
             work_id: work_id.to_owned(),
@@ -80,19 +77,6 @@ impl Agent {
             error: error.to_owned(),
             ..Default::default()
         };
-        let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
-        let _ = ferry_mesh::retry(
-            "completing work",
-            backoff,
-            Some(5),
-            &CancellationToken::new(),
-            ferry_mesh::transient_error,
-            || async {
-                let mut s = self.scheduler().await?;
-                s.complete_work(req.clone()).await?;
-                anyhow::Ok(())
-            },
-        )
-        .await;
+        self.send_completion(req).await;
     }
 }

@@ -2,7 +2,8 @@
 //! made on first start in the data dir, a `redis-server` child unless `--redis` is given, and
 //! `file://D/store` unless `--store` is given. `D/ferry.toml` is what the CLI and each
 //! component's own binary read to join the same mesh.
-use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdTcp, UdpSocket};
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, TcpListener as StdTcp, UdpSocket};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -100,31 +101,37 @@ impl DataDirLock {
     }
 }
 
-fn free_tcp() -> anyhow::Result<SocketAddr> {
-    Ok(StdTcp::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?)
-}
-
-fn free_udp() -> anyhow::Result<SocketAddr> {
-    Ok(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?)
+/// The sockets a new config's ports were picked with, kept bound until their component
+/// takes them: a port picked and then released could be taken by anything else in between
+/// (another mesh, any outgoing connection's ephemeral port) and the component fail to bind.
+#[derive(Default)]
+struct Bound {
+    tcp: HashMap<Component, StdTcp>,
+    udp: Option<UdpSocket>,
 }
 
 /// A config with free ports and a new vault (CA, certificates, data key, admin token).
-fn init(dir: &Path) -> anyhow::Result<MeshConfig> {
+fn init(dir: &Path) -> anyhow::Result<(MeshConfig, Bound)> {
     let mut cfg = MeshConfig {
         data_dir: dir.to_path_buf(),
         ..MeshConfig::default()
     };
     cfg.vault.id = uuid::Uuid::new_v4().to_string();
+    let mut bound = Bound::default();
     for c in GRPC_COMPONENTS {
-        cfg.set_listen(c, free_tcp()?);
+        let l = StdTcp::bind((Ipv4Addr::LOCALHOST, 0))?;
+        cfg.set_listen(c, l.local_addr()?);
+        bound.tcp.insert(c, l);
     }
+    let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
     cfg.gateway = Listen {
-        listen: free_udp()?,
+        listen: udp.local_addr()?,
     };
+    bound.udp = Some(udp);
     let cfg = cfg.finish()?;
     ferry_mesh::bootstrap_vault(&cfg, &[])?;
     tracing::info!(dir = %dir.display(), vault = %cfg.vault.id, "vault created");
-    Ok(cfg)
+    Ok((cfg, bound))
 }
 
 impl Mesh {
@@ -134,8 +141,9 @@ impl Mesh {
         let dir = std::path::absolute(&opts.data_dir)?;
         let lock = DataDirLock::acquire(&dir)?;
         let config_path = dir.join("ferry.toml");
-        let mut cfg = if config_path.exists() {
-            MeshConfig::load(Some(&config_path), figment::Figment::new())?
+        let (mut cfg, mut bound) = if config_path.exists() {
+            let cfg = MeshConfig::load(Some(&config_path), figment::Figment::new())?;
+            (cfg, Bound::default())
         } else {
             init(&dir)?
         };
@@ -166,10 +174,15 @@ impl Mesh {
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         for c in GRPC_COMPONENTS.into_iter().chain([Component::Gateway]) {
+            // A component left out is the caller's to start: its port is released.
+            let (tcp, udp) = match c {
+                Component::Gateway => (None, bound.udp.take()),
+                _ => (bound.tcp.remove(&c), None),
+            };
             if opts.without.contains(&c) {
                 continue;
             }
-            spawn_component(&mut tasks, c, cfg.clone(), shutdown.clone()).await?;
+            spawn_bound(&mut tasks, c, cfg.clone(), shutdown.clone(), tcp, udp).await?;
         }
         tracing::info!(config = %config_path.display(), redis = %cfg.redis_url, store = %cfg.store_url, "ferry mesh up");
         Ok(Mesh {
@@ -222,15 +235,36 @@ pub async fn spawn_component(
     cfg: MeshConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    spawn_bound(tasks, c, cfg, shutdown, None, None).await
+}
+
+/// [`spawn_component`] on the socket its port was picked with, when there is one.
+async fn spawn_bound(
+    tasks: &mut JoinSet<(Component, anyhow::Result<()>)>,
+    c: Component,
+    cfg: MeshConfig,
+    shutdown: CancellationToken,
+    tcp: Option<StdTcp>,
+    udp: Option<UdpSocket>,
+) -> anyhow::Result<()> {
     let addr = cfg.listen(c);
     if c == Component::Gateway {
-        let sock = UdpSocket::bind(addr).with_context(|| format!("binding gateway udp {addr}"))?;
+        let sock = match udp {
+            Some(s) => s,
+            None => UdpSocket::bind(addr).with_context(|| format!("binding gateway udp {addr}"))?,
+        };
         tasks.spawn(async move { (c, ferry_gateway::run(cfg, sock, shutdown).await) });
         return Ok(());
     }
-    let l = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {c} on {addr}"))?;
+    let l = match tcp {
+        Some(l) => {
+            l.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(l)?
+        }
+        None => tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {c} on {addr}"))?,
+    };
     tasks.spawn(async move {
         let res = match c {
             Component::Registry => ferry_registry::run(cfg, l, shutdown).await,

@@ -375,6 +375,34 @@ impl TestMesh {
         crate::InProcessAgent::start(&cfg)
     }
 
+    /// The recovery host of the failover tests: `hv-dr01` in site-b with `[recovery] dir =
+    /// "recovered"`, a tracker and `extra` (its driver), connected and ready to receive VMs.
+    pub async fn recovery_agent(&self, extra: &str) -> anyhow::Result<crate::InProcessAgent> {
+        let extra = format!("[recovery]\ndir = \"recovered\"\n[tracker]\n{extra}");
+        let dr = self.site_agent("hv-dr01", "site-b", &[], &extra).await?;
+        let recovery = |h: &reg::Host| h.status == "connected" && h.recovery;
+        self.wait_host("hv-dr01", recovery, Duration::from_secs(60))
+            .await?;
+        Ok(dr)
+    }
+
+    /// `ferry vm protect VM --frequency FREQUENCY --recovery-host hv-dr01 --wait`.
+    pub fn protect_to_recovery(&self, vm: &str, frequency: &str) -> anyhow::Result<()> {
+        let args = [
+            "vm",
+            "protect",
+            vm,
+            "--frequency",
+            frequency,
+            "--recovery-host",
+            "hv-dr01",
+            "--wait",
+        ];
+        let (ok, out, err) = self.cli(&args)?;
+        anyhow::ensure!(ok, "ferry {}: {out}{err}", args.join(" "));
+        Ok(())
+    }
+
     /// Waits until the registry lists `host` and `cond` holds for it, up to `timeout`.
     pub async fn wait_host(
         &self,

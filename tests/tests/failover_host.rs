@@ -3,7 +3,6 @@
 //! into its `[recovery]` folder, serves them through its tracker and starts the VM through
 //! its command driver with the test network; cleanup stops it and deletes the folder.
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use ferry_tests::*;
 
@@ -54,15 +53,8 @@ async fn test_failover_runs_on_the_recovery_host() -> anyhow::Result<()> {
         )
         .await?;
     let dr_dir = t.path("hv-dr01");
-    let extra = format!(
-        "[recovery]\ndir = \"recovered\"\n[tracker]\n{}",
-        driver_section(&dr_dir)?
-    );
-    let dr = t.site_agent("hv-dr01", "site-b", &[], &extra).await?;
+    let dr = t.recovery_agent(&driver_section(&dr_dir)?).await?;
     t.wait_vm("web01").await?;
-    let recovery = |h: &ferry_proto::registry::v1::Host| h.status == "connected" && h.recovery;
-    t.wait_host("hv-dr01", recovery, Duration::from_secs(60))
-        .await?;
 
     // Without a recovery host a test failover needs a folder.
     let (ok, _, err) = t.cli(&["vm", "protect", "web01", "--frequency", "1h", "--wait"])?;

@@ -45,26 +45,9 @@ async fn planned_failover_loses_no_acknowledged_write() -> anyhow::Result<()> {
         )
         .await?;
     let dr_dir = t.path("hv-dr01");
-    let extra = format!(
-        "[recovery]\ndir = \"recovered\"\n[tracker]\n{}",
-        driver(&dr_dir)?
-    );
-    let dr = t.site_agent("hv-dr01", "site-b", &[], &extra).await?;
+    let dr = t.recovery_agent(&driver(&dr_dir)?).await?;
     t.wait_vm("web01").await?;
-    let recovery = |h: &ferry_proto::registry::v1::Host| h.status == "connected" && h.recovery;
-    t.wait_host("hv-dr01", recovery, Duration::from_secs(60))
-        .await?;
-    let out = t.ferry_cli(&[
-        "vm",
-        "protect",
-        "web01",
-        "--frequency",
-        "1h",
-        "--recovery-host",
-        "hv-dr01",
-        "--wait",
-    ])?;
-    anyhow::ensure!(out.status.success(), "protect: {out:?}");
+    t.protect_to_recovery("web01", "1h")?;
     let uri = t.vm("web01").await?.disks[0].nbd_uri.clone();
     // The recovery side: its network and the address the VM gets there.
     let bad = t.ferry_cli(&["vm", "set", "web01", "--ip", "nic0=banana"])?;
@@ -169,26 +152,9 @@ async fn a_failed_planned_failover_starts_the_source_again() -> anyhow::Result<(
         )
         .await?;
     let dr_dir = t.path("hv-dr01");
-    let extra = format!(
-        "[recovery]\ndir = \"recovered\"\n[tracker]\n{}",
-        driver(&dr_dir)?
-    );
-    let dr = t.site_agent("hv-dr01", "site-b", &[], &extra).await?;
+    let dr = t.recovery_agent(&driver(&dr_dir)?).await?;
     t.wait_vm("web01").await?;
-    let recovery = |h: &ferry_proto::registry::v1::Host| h.status == "connected" && h.recovery;
-    t.wait_host("hv-dr01", recovery, Duration::from_secs(60))
-        .await?;
-    let (ok, _, err) = t.cli(&[
-        "vm",
-        "protect",
-        "web01",
-        "--frequency",
-        "1h",
-        "--recovery-host",
-        "hv-dr01",
-        "--wait",
-    ])?;
-    assert!(ok, "protect: {err}");
+    t.protect_to_recovery("web01", "1h")?;
     let uri = t.vm("web01").await?.disks[0].nbd_uri.clone();
     // The recovery host cannot take the vm: its folder holds something that is not ferry's.
     let taken = dr_dir.join("recovered/web01");

@@ -92,26 +92,9 @@ async fn unplanned_failover_change_point_commit_and_the_fenced_primary() -> anyh
     let log = primary_dir.join("agent.log");
     let mut primary = spawn_agent_process(&cfg, &log)?;
     let dr_dir = t.path("hv-dr01");
-    let extra = format!(
-        "[recovery]\ndir = \"recovered\"\n[tracker]\n{}",
-        recorder(&dr_dir)?
-    );
-    let dr = t.site_agent("hv-dr01", "site-b", &[], &extra).await?;
+    let dr = t.recovery_agent(&recorder(&dr_dir)?).await?;
     t.wait_vm("web01").await?;
-    let recovery = |h: &ferry_proto::registry::v1::Host| h.status == "connected" && h.recovery;
-    t.wait_host("hv-dr01", recovery, Duration::from_secs(60))
-        .await?;
-    let (ok, _, err) = t.cli(&[
-        "vm",
-        "protect",
-        "web01",
-        "--frequency",
-        "2s",
-        "--recovery-host",
-        "hv-dr01",
-        "--wait",
-    ])?;
-    anyhow::ensure!(ok, "protect: {err}");
+    t.protect_to_recovery("web01", "2s")?;
     let first = t.points("web01").await?[0].id.clone();
     let uri = t.vm("web01").await?.disks[0].nbd_uri.clone();
     nbd_write(&uri, &["write -P 0x42 2M 64k"])?;

@@ -86,26 +86,9 @@ async fn two_sites(t: &TestMesh) -> anyhow::Result<Site> {
         )
         .await?;
     let dr_dir = t.path("hv-dr01");
-    let extra = format!(
-        "[recovery]\ndir = \"recovered\"\n[tracker]\n{}",
-        holding_driver(&dr_dir)?
-    );
-    let dr = t.site_agent("hv-dr01", "site-b", &[], &extra).await?;
+    let dr = t.recovery_agent(&holding_driver(&dr_dir)?).await?;
     t.wait_vm("web01").await?;
-    let recovery = |h: &ferry_proto::registry::v1::Host| h.status == "connected" && h.recovery;
-    t.wait_host("hv-dr01", recovery, Duration::from_secs(60))
-        .await?;
-    let (ok, _, err) = t.cli(&[
-        "vm",
-        "protect",
-        "web01",
-        "--frequency",
-        "1h",
-        "--recovery-host",
-        "hv-dr01",
-        "--wait",
-    ])?;
-    anyhow::ensure!(ok, "protect: {err}");
+    t.protect_to_recovery("web01", "1h")?;
     Ok(Site {
         primary,
         dr,
