@@ -38,9 +38,10 @@ impl Orchestrator {
             .await
     }
 
-    /// [`Orchestrator::dispatch_and_wait`] for a step an operator may cancel: the work is
-    /// stopped on the host and the step ends with `JobCancelled`, unless the host had
-    /// already finished it (then the job carries on past its point of no return).
+    /// [`Orchestrator::dispatch_and_wait`] for the last step an operator may cancel: the
+    /// work is stopped on the host and the step ends with `JobCancelled`, unless the host had
+    /// already finished it. Work that succeeded is the job's point of no return (the VM
+    /// runs): a cancel that comes after it no longer stops the job.
     pub(crate) async fn dispatch_for_job(
         &self,
         host: &str,
@@ -53,9 +54,11 @@ impl Orchestrator {
         let res = self
             .dispatch_and_wait_until(host, kind, vm, &id, work, None, &cancel)
             .await;
-        if res.is_ok() && cancel.is_cancelled() {
-            info!(vm, host, job = %id, "the host finished before it saw the cancel; the job carries on");
-            job.carry_on_after_cancel();
+        if res.is_ok() {
+            if cancel.is_cancelled() {
+                info!(vm, host, job = %id, "the host finished before it saw the cancel; the job carries on");
+            }
+            job.pass_point_of_no_return();
         }
         res
     }

@@ -142,9 +142,9 @@ impl JobTracker {
         Ok(())
     }
 
-    /// The host finished its work before it saw the cancel: the job carries on (it is past
-    /// its point of no return) and says so.
-    pub(crate) fn carry_on_after_cancel(&mut self) {
+    /// The job did what cannot be undone (the host started the VM): a cancel request from
+    /// now on is not honoured.
+    pub(crate) fn pass_point_of_no_return(&mut self) {
         self.past_return = true;
     }
 

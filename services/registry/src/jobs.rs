@@ -354,8 +354,16 @@ impl RegistryService {
             let notified = self.changed.notified();
             {
                 let st = self.state.lock().await;
-                if st.jobs.get(&job.id).is_some_and(|j| j.cancel_requested) {
-                    return Ok(Outcome::Cancelled);
+                match st.jobs.get(&job.id) {
+                    // Disabling protection ended the job.
+                    Some(j) if j.status != StepStatus::Running as i32 => {
+                        return Err(RegistryError::Internal(format!(
+                            "job {} was cancelled",
+                            job.id
+                        )));
+                    }
+                    Some(j) if j.cancel_requested => return Ok(Outcome::Cancelled),
+                    _ => {}
                 }
                 if let Some(v) = st.vms.get(vm) {
                     if !v.last_point_id.is_empty() {
