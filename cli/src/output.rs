@@ -1,6 +1,6 @@
 //! Readable tables and stable JSON for operator commands.
 use ferry_model::{Consistency, CycleKind, Health, TestFailover, VmState};
-use ferry_proto::common::v1::{Job, RecoveryPoint, StepStatus};
+use ferry_proto::common::v1::{Job, RecoveryPoint};
 use ferry_proto::registry::v1::Vm;
 use serde_json::{Value, json};
 
@@ -14,15 +14,7 @@ pub fn time(ms: i64) -> String {
 }
 
 pub fn step_status(s: i32) -> &'static str {
-    match StepStatus::try_from(s) {
-        Ok(StepStatus::Pending) => "pending",
-        Ok(StepStatus::Running) => "running",
-        Ok(StepStatus::Succeeded) => "succeeded",
-        Ok(StepStatus::Failed) => "failed",
-        Ok(StepStatus::Cancelled) => "cancelled",
-        Ok(StepStatus::Skipped) => "skipped",
-        _ => "unknown",
-    }
+    ferry_model::job::status_name(s)
 }
 
 /// A VM's state as the JSON and tables spell it ("protected", "resync-pending", ...).

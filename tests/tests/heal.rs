@@ -10,7 +10,6 @@ use ferry_proto::common::v1::StepStatus;
 use ferry_proto::registry::v1 as reg;
 use ferry_proto::registry::v1::{Health, VmState};
 use ferry_tests::*;
-use tokio_util::sync::CancellationToken;
 
 async fn point_count(t: &TestMesh, vm: &str) -> anyhow::Result<usize> {
     Ok(t.points(vm).await?.len())
@@ -40,26 +39,6 @@ async fn latest_equals_source(
     Ok(())
 }
 
-/// A gateway in this process that can be stopped and started again on the same address.
-struct Gateway {
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Gateway {
-    fn start(cfg: &ferry_mesh::MeshConfig) -> anyhow::Result<Self> {
-        let sock = std::net::UdpSocket::bind(cfg.listen(Component::Gateway))?;
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(ferry_gateway::run(cfg.clone(), sock, stop.clone()));
-        Ok(Self { stop, task })
-    }
-
-    async fn stop(self) -> anyhow::Result<()> {
-        self.stop.cancel();
-        self.task.await?
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_outage_backs_off_then_catches_up() -> anyhow::Result<()> {
     init_logs();
@@ -73,7 +52,7 @@ async fn gateway_outage_backs_off_then_catches_up() -> anyhow::Result<()> {
     .await?;
     let cfg = mesh.cfg.clone();
     let ctl = ferry::ctl::Ctl::load(&mesh.config_path)?;
-    let gw = Gateway::start(&cfg)?;
+    let gw = InProcessGateway::start(&cfg)?;
     let t = TestMesh { mesh, dir, ctl };
     t.wait_serving().await?;
 
@@ -156,7 +135,7 @@ async fn gateway_outage_backs_off_then_catches_up() -> anyhow::Result<()> {
     let before = point_count(&t, "web").await?;
 
     // The gateway comes back: the next retry (at most 30 units away) catches up by itself.
-    let gw = Gateway::start(&cfg)?;
+    let gw = InProcessGateway::start(&cfg)?;
     wait_points(&t, "web", before + 1).await?;
     for _ in 0..600 {
         let v = t.vm("web").await?;

@@ -8,7 +8,6 @@ use std::time::Duration;
 use ferry_mesh::Component;
 use ferry_proto::common::v1::StepStatus;
 use ferry_tests::*;
-use tokio_util::sync::CancellationToken;
 
 /// A command driver in `dir` whose start and stop calls are logged and wait while the file
 /// `hold-start` / `hold-stop` exists.
@@ -206,20 +205,6 @@ async fn a_planned_failover_past_its_point_of_no_return_is_not_cancelled() -> an
     Ok(())
 }
 
-/// A gateway in this process, stopped and started again on the same address while the mesh
-/// runs (the initial copy waits for it).
-fn start_gateway(
-    cfg: &ferry_mesh::MeshConfig,
-    stop: &CancellationToken,
-) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
-    let sock = std::net::UdpSocket::bind(cfg.listen(Component::Gateway))?;
-    Ok(tokio::spawn(ferry_gateway::run(
-        cfg.clone(),
-        sock,
-        stop.clone(),
-    )))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_enable_protection_stops_its_initial_copy() -> anyhow::Result<()> {
     init_logs();
@@ -236,11 +221,9 @@ async fn cancelling_enable_protection_stops_its_initial_copy() -> anyhow::Result
     let ctl = ferry::ctl::Ctl::load(&mesh.config_path)?;
     let t = TestMesh { mesh, dir, ctl };
     // Up for the health check, then down until after the cancel.
-    let stop = CancellationToken::new();
-    let gw = start_gateway(&cfg, &stop)?;
+    let gw = InProcessGateway::start(&cfg)?;
     t.wait_serving().await?;
-    stop.cancel();
-    gw.await??;
+    gw.stop().await?;
     let disk = t.path("web.raw");
     qemu_create(&disk, "raw", "", "8M")?;
     fill_random(&disk, 0, 4 << 20, 5)?;
@@ -285,15 +268,13 @@ async fn cancelling_enable_protection_stops_its_initial_copy() -> anyhow::Result
     assert!(t.points("web").await?.is_empty(), "no point was made");
 
     // With the gateway up, protecting again works from the start.
-    let stop = CancellationToken::new();
-    let gw = start_gateway(&cfg, &stop)?;
+    let gw = InProcessGateway::start(&cfg)?;
     let job = t.protect_every("web", 60).await?;
     let j = t.wait_job(&job.id, Duration::from_secs(120)).await?;
     assert_eq!(j.status, StepStatus::Succeeded as i32, "{j:?}");
 
     agent.shutdown().await?;
-    stop.cancel();
-    gw.await??;
+    gw.stop().await?;
     t.stop().await;
     Ok(())
 }

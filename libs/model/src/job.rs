@@ -2,7 +2,8 @@
 //! with this, and the CLI and console show it, so both say the same.
 use ferry_proto::common::v1::{Job, StepStatus};
 
-fn status_name(status: i32) -> &'static str {
+/// A job's or step's status as the CLI, the console and messages spell it.
+pub fn status_name(status: i32) -> &'static str {
     match StepStatus::try_from(status) {
         Ok(StepStatus::Pending) => "pending",
         Ok(StepStatus::Running) => "running",
@@ -10,7 +11,7 @@ fn status_name(status: i32) -> &'static str {
         Ok(StepStatus::Failed) => "failed",
         Ok(StepStatus::Cancelled) => "cancelled",
         Ok(StepStatus::Skipped) => "skipped",
-        _ => "in an unknown state",
+        _ => "unknown",
     }
 }
 
