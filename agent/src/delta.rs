@@ -43,6 +43,17 @@ fn tip_path(data_dir: &Path, disk: &Path) -> PathBuf {
         .join(format!("{}.tip", &h.to_hex()[..32]))
 }
 
+/// Forgets the chain tip of `disk`: its next log starts a new chain (its old logs were
+/// discarded with what they held).
+pub(crate) fn forget_chain_tip(data_dir: &Path, disk: &Path) {
+    match std::fs::remove_file(tip_path(data_dir, disk)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            tracing::warn!(disk = %disk.display(), error = %e, "cannot forget the log chain tip");
+        }
+        _ => {}
+    }
+}
+
 /// The chain tip of `disk`, when the agent recorded one.
 pub(crate) fn chain_tip(data_dir: &Path, disk: &Path) -> Option<uuid::Uuid> {
     let text = std::fs::read_to_string(tip_path(data_dir, disk)).ok()?;
@@ -196,10 +207,10 @@ impl Agent {
     /// VM without hooks, or whose hook failed, gets a crash-consistent cut instead.
     pub(crate) async fn quiesced_cut(&self, vm: &str) -> Result<Consistency, ReplError> {
         let Some(v) = self.cfg.vms.iter().find(|v| v.name == vm) else {
-            return Err(ReplError::Permanent(format!(
-                "vm {vm} is not configured on host {}",
-                self.creds.host
-            )));
+            // A VM recovered here has no hooks configured on this host.
+            tracing::warn!(vm, "the vm has no quiesce hooks on this host; the point is crash-consistent");
+            self.cut(vm).await?;
+            return Ok(Consistency::Crash);
         };
         let Some(pre) = v.quiesce_pre.as_deref() else {
             tracing::warn!(
@@ -392,18 +403,21 @@ impl Agent {
         Ok((logs, files))
     }
 
+    /// The disks of a configured VM, or of the VM recovered here (re-protected from here).
     pub(crate) fn vm_disks(&self, vm: &str) -> Result<Vec<Disk>, ReplError> {
-        let vm_cfg = self.cfg.vms.iter().find(|v| v.name == vm).ok_or_else(|| {
-            ReplError::Permanent(format!(
-                "vm {vm} is not configured on host {}",
-                self.creds.host
-            ))
-        })?;
-        let disks: Vec<Disk> = vm_cfg
-            .disks
-            .iter()
-            .map(|p| crate::inventory::describe_disk(vm, p, self.tracker.as_ref()))
-            .collect();
+        let disks: Vec<Disk> = match self.cfg.vms.iter().find(|v| v.name == vm) {
+            Some(v) => v
+                .disks
+                .iter()
+                .map(|p| crate::inventory::describe_disk(vm, p, self.tracker.as_ref()))
+                .collect(),
+            None => self.recovered_disks(vm).ok_or_else(|| {
+                ReplError::Permanent(format!(
+                    "vm {vm} is neither configured nor recovered on host {}",
+                    self.creds.host
+                ))
+            })?,
+        };
         if let Some(d) = disks.iter().find(|d| !d.error.is_empty()) {
             return Err(ReplError::Permanent(format!(
                 "disk {}: {}",

@@ -423,6 +423,9 @@ impl Agent {
             Ok(WorkKind::RecoverVm) => self.recover_vm(&item, &stop).await.map(|r| {
                 recovered = Some(r);
             }),
+            Ok(WorkKind::Failback) => self.failback_target(&item, &stop).await.map(|r| {
+                recovered = Some(r);
+            }),
             Ok(WorkKind::RemoveRecovered) => self.remove_recovered(&item, &stop).await,
             Ok(WorkKind::ResumeVm) => self.resume_source(&item, &stop).await,
             Ok(WorkKind::ShutdownVm) => self.shutdown_source(&item, &stop).await.map(|p| {

@@ -114,6 +114,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Jobs { cmd } => jobs(&cli, cmd).await,
         Cmd::Points { cmd } => crate::points_cmd::run(&ctl(&cli)?, cmd).await,
         Cmd::Failover { cmd } => crate::failover_cmd::run(&ctl(&cli)?, cmd).await,
+        Cmd::Failback { cmd, args } => {
+            crate::failover_cmd::failback(&ctl(&cli)?, cmd.as_ref(), args).await
+        }
         Cmd::Disk { .. } | Cmd::Hrl { .. } => {
             anyhow::bail!("disk and hrl commands run without the mesh")
         }
@@ -328,6 +331,17 @@ async fn vm(cli: &Cli, cmd: &VmCmd) -> anyhow::Result<ExitCode> {
                 force: *force,
             };
             return crate::unprotect_cmd::run(&c, req, *wait, *output).await;
+        }
+        VmCmd::Reprotect { name, output } => {
+            let job = c
+                .failover()
+                .await?
+                .reprotect(ferry_proto::failover::v1::ReprotectRequest { vm: name.clone() })
+                .await
+                .map_err(|s| status_err("re-protect", s))?
+                .into_inner();
+            print_job(&job, *output)?;
+            return Ok(job_exit(&job));
         }
         VmCmd::Repair { name, output } => {
             let v = c

@@ -7,11 +7,66 @@ use ferry::outln;
 use ferry::output::{failover_json, print_json, table, time};
 use ferry_proto::failover::v1::{
     ChangeRecoveryPointRequest, CleanupTestFailoverRequest, CommitFailoverRequest,
-    ListFailoversRequest, PlannedFailoverRequest, TestFailoverRequest, UnplannedFailoverRequest,
+    CompleteFailbackRequest, FailbackRequest, ListFailoversRequest, PlannedFailoverRequest, TestFailoverRequest, UnplannedFailoverRequest,
 };
 
 use crate::commands::{job_exit, print_job};
-use crate::{FailoverCmd, OutputFormat};
+use crate::{FailbackArgs, FailbackCmd, FailoverCmd, OutputFormat};
+
+/// `ferry failback VM …` (phase 1, and phase 2 at once with --wait) and
+/// `ferry failback complete VM`.
+pub(crate) async fn failback(
+    c: &Ctl,
+    cmd: Option<&FailbackCmd>,
+    args: &FailbackArgs,
+) -> anyhow::Result<ExitCode> {
+    if let Some(FailbackCmd::Complete { vm, output }) = cmd {
+        let job = complete(c, vm).await?;
+        print_job(&job, *output)?;
+        return Ok(job_exit(&job));
+    }
+    let Some(vm) = args.vm.clone() else {
+        anyhow::bail!("ferry failback: name the vm (ferry failback VM, or ferry failback complete VM)");
+    };
+    let target_dir = match &args.dir {
+        Some(d) => std::path::absolute(d)?.to_string_lossy().into(),
+        None => String::new(),
+    };
+    let req = FailbackRequest {
+        vm: vm.clone(),
+        mode: args.sync.clone(),
+        target_dir,
+        to_host: args.to_host.clone().unwrap_or_default(),
+    };
+    let job = c
+        .failover()
+        .await?
+        .failback(req)
+        .await
+        .map_err(|s| status_err("failback", s))?
+        .into_inner();
+    let ok = job.status == ferry_proto::common::v1::StepStatus::Succeeded as i32;
+    if !args.wait || !ok {
+        print_job(&job, args.output)?;
+        return Ok(job_exit(&job));
+    }
+    if args.output != OutputFormat::Json {
+        print_job(&job, args.output)?;
+    }
+    let job = complete(c, &vm).await?;
+    print_job(&job, args.output)?;
+    Ok(job_exit(&job))
+}
+
+async fn complete(c: &Ctl, vm: &str) -> anyhow::Result<ferry_proto::common::v1::Job> {
+    Ok(c
+        .failover()
+        .await?
+        .complete_failback(CompleteFailbackRequest { vm: vm.to_owned() })
+        .await
+        .map_err(|s| status_err("complete failback", s))?
+        .into_inner())
+}
 
 pub(crate) async fn run(c: &Ctl, cmd: &FailoverCmd) -> anyhow::Result<ExitCode> {
     let (job, output) = match cmd {

@@ -83,6 +83,16 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: FailoverCmd,
     },
+    /// Failback of a re-protected VM to its recovery host (usually its original host): phase
+    /// 1 while the VM runs (checksum: only the blocks that differ), then `failback complete`
+    /// (or --wait) shuts it down, ships its last writes and starts it there. Then commit.
+    #[command(args_conflicts_with_subcommands = true)]
+    Failback {
+        #[command(subcommand)]
+        cmd: Option<FailbackCmd>,
+        #[command(flatten)]
+        args: FailbackArgs,
+    },
     /// Disk images: info, allocation map, convert.
     Disk {
         #[command(subcommand)]
@@ -206,6 +216,14 @@ pub enum VmCmd {
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },
+    /// After a failover (or failback) commit: replicate the VM from the host it runs on now,
+    /// shipping only what it wrote since the failover; the host it left becomes its recovery
+    /// host.
+    Reprotect {
+        name: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
 }
 
 #[derive(Subcommand)]
@@ -257,6 +275,37 @@ pub enum PointsCmd {
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },
+}
+
+#[derive(Subcommand)]
+pub enum FailbackCmd {
+    /// Phase 2 of a checksum failback: shut the VM down, ship its last writes, apply them on
+    /// the target and start the VM there (commit pending after).
+    Complete {
+        vm: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct FailbackArgs {
+    pub vm: Option<String>,
+    /// "checksum": compare the target's disks block by block, send only what differs;
+    /// "full": write every block.
+    #[arg(long, default_value = "checksum", value_parser = ["checksum", "full"])]
+    pub sync: String,
+    /// The host to fail back to (default: the VM's recovery host).
+    #[arg(long)]
+    pub to_host: Option<String>,
+    /// An alternate folder on the target host for the VM's disks.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Run phase 2 at once after phase 1 (`failback complete`).
+    #[arg(long)]
+    pub wait: bool,
+    #[arg(short, long, value_enum, default_value_t)]
+    pub output: OutputFormat,
 }
 
 #[derive(Subcommand)]

@@ -87,6 +87,8 @@ pub fn vm_json(v: &Vm) -> Value {
         "failover_state": failover_state(v),
         "active_host": v.active_host,
         "recovery_host": v.recovery_host,
+        "direction": v.direction,
+        "base_point": v.base_point,
         "allowed_operations": v.allowed_operations,
     })
 }

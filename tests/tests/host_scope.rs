@@ -314,6 +314,7 @@ async fn forge_point(t: &TestMesh, disk: &ferry_proto::common::v1::Disk) -> anyh
         fencing_tokens: [(disk.id.clone(), lease.token)].into_iter().collect(),
         host: "hvb".into(),
         epoch: 0,
+        base_point: String::new(),
     };
     // Storage-writer's gRPC face refuses a commit naming a host that is not the VM's ...
     let tls = ClientTls::service(&t.ctl.cfg)?;

@@ -14,6 +14,7 @@
 //! recorded, or an unfinished one and starts over; new RECOVER_VM work of the same failover
 //! is a change of point, done in place ([`repoint`]); a folder of another failover is
 //! refused, never reused.
+mod failback;
 mod marker;
 mod repoint;
 mod source;
@@ -58,6 +59,42 @@ impl Agent {
             )));
         }
         Ok(root.join(vm))
+    }
+
+    /// The VM recovered here for production (a finished planned or unplanned failover in
+    /// its folder): after a re-protect this host replicates it.
+    fn recovered(&self, vm: &str) -> Option<(PathBuf, Marker)> {
+        let dir = self.recovery_dir(vm).ok()?;
+        let m = marker::read(&dir).ok()??;
+        (m.finished && m.network == "production").then_some((dir, m))
+    }
+
+    /// The disks of the VM recovered here, with the ids of its points' disks.
+    pub(crate) fn recovered_disks(&self, vm: &str) -> Option<Vec<ferry_proto::common::v1::Disk>> {
+        let (_, m) = self.recovered(vm)?;
+        Some(
+            m.disks
+                .iter()
+                .zip(&m.disk_ids)
+                .map(|(d, id)| ferry_proto::common::v1::Disk {
+                    id: id.clone(),
+                    ..crate::inventory::describe_disk(vm, &d.path, self.tracker.as_ref())
+                })
+                .collect(),
+        )
+    }
+
+    /// How the driver sees the VM recovered here (its disks as the tracker serves them now).
+    pub(crate) fn recovered_run(&self, vm: &str) -> Option<Result<VmRun, ReplError>> {
+        let (dir, mut m) = self.recovered(vm)?;
+        for d in &mut m.disks {
+            d.nbd_uri = self
+                .tracker
+                .as_ref()
+                .and_then(|t| t.nbd_uri(&d.path))
+                .unwrap_or_default();
+        }
+        Some(self.vm_run(vm, &dir, &m))
     }
 
     /// RECOVER_VM: the point's disks in the VM's folder, served and started.
@@ -240,6 +277,9 @@ impl Agent {
             .await
             .map_err(|e| ReplError::Permanent(format!("removing vm {vm}: {e}")))?;
         self.stop_serving(vm).await;
+        for d in &m.disks {
+            crate::delta::forget_chain_tip(&self.cfg.data_dir, &d.path);
+        }
         remove_folder(dir)
     }
 
@@ -395,6 +435,8 @@ impl Marker {
                 })
                 .collect(),
             bytes_written: self.bytes_written,
+            blocks_compared: self.blocks_compared,
+            blocks_rewritten: self.blocks_rewritten,
             logs_removed: 0,
             driver: self.driver.clone(),
             started_at_ms: self.started_at_ms,

@@ -109,10 +109,10 @@ struct Target {
 }
 
 /// What one disk's rewrite came to.
-struct Rewritten {
-    compared: u64,
-    rewritten: u64,
-    bytes: u64,
+pub(super) struct Rewritten {
+    pub(super) compared: u64,
+    pub(super) rewritten: u64,
+    pub(super) bytes: u64,
 }
 
 impl Agent {
@@ -222,7 +222,7 @@ impl Agent {
     }
 
     /// Rewrites the blocks of the local image `path` that differ from `disk` of `point`.
-    async fn rewrite_disk(
+    pub(super) async fn rewrite_disk(
         &self,
         vm: &str,
         point: &str,
@@ -246,6 +246,25 @@ impl Agent {
             Ok((image, plan))
         })
         .await?;
+        self.apply_plan(vm, point, disk, path, image, plan, cancel)
+            .await
+    }
+
+    /// Writes `plan` into `image` (the local image at `path` of `disk` of `point`): zeroes
+    /// its zero blocks, fetches and writes the others, finishes the image.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn apply_plan(
+        &self,
+        vm: &str,
+        point: &str,
+        disk: &PointDisk,
+        path: &Path,
+        image: Box<dyn ferry_disk::DiskRw>,
+        plan: Plan,
+        cancel: &CancellationToken,
+    ) -> Result<Rewritten, ReplError> {
+        let (bs, vsize) = (u64::from(disk.block_size), disk.virtual_size);
+        let what = format!("disk {} of vm {vm} ({})", disk.disk_id, path.display());
         let Plan {
             compared,
             fetch,
@@ -344,7 +363,7 @@ async fn local_mismatch(
 
 /// Deletes every change log next to the disks (the writes the VM made on the old point, which
 /// the change of point discards); how many.
-fn discard_logs(vm: &str, disks: &[RunDisk]) -> Result<usize, ReplError> {
+pub(super) fn discard_logs(vm: &str, disks: &[RunDisk]) -> Result<usize, ReplError> {
     let mut n = 0;
     for d in disks {
         let logs = crate::tracker::list_logs(&d.path).map_err(|e| {
@@ -411,7 +430,7 @@ fn scan(
 }
 
 /// How much of block `index` lies inside the disk (the last block may be short).
-fn len_of(index: u64, bs: u64, vsize: u64) -> u64 {
+pub(super) fn len_of(index: u64, bs: u64, vsize: u64) -> u64 {
     bs.min(vsize.saturating_sub(index * bs))
 }
 

@@ -80,9 +80,13 @@ impl Agent {
         Ok(())
     }
 
-    /// How the driver sees the configured VM `name` on this host (production network).
+    /// How the driver sees the configured VM `name` on this host (production network), or
+    /// the VM recovered here (re-protected: this host is its source now).
     fn source_run(&self, name: &str) -> Result<VmRun, ReplError> {
         let Some(vm) = self.cfg.vms.iter().find(|v| v.name == name) else {
+            if let Some(run) = self.recovered_run(name) {
+                return run;
+            }
             return Err(ReplError::Permanent(format!(
                 "vm {name} is not configured on host {}",
                 self.creds.host
@@ -135,7 +139,7 @@ impl Agent {
 }
 
 /// The format a disk's file name says (the driver only passes it on).
-fn format_of(path: &std::path::Path) -> &'static str {
+pub(super) fn format_of(path: &std::path::Path) -> &'static str {
     match path
         .extension()
         .and_then(|e| e.to_str())

@@ -34,6 +34,11 @@ pub struct VmHosts {
     pub epoch: u64,
     /// A planned or unplanned failover moved (or is moving) the VM away from `host`.
     pub failed_over: bool,
+    /// The VM's disks on `host` as (id, path): after a re-protect the ids are those of the
+    /// VM's points, not derived from the paths there.
+    pub disks: Vec<(String, String)>,
+    /// After a re-protect, until the new source's first point: the point its changes apply to.
+    pub base_point: String,
 }
 
 impl VmHosts {
@@ -57,6 +62,12 @@ impl VmHosts {
                 S::try_from(vm.state),
                 Ok(S::FailingOver | S::FailedOver | S::FailoverCommitted)
             ),
+            disks: vm
+                .disks
+                .iter()
+                .map(|d| (d.id.clone(), d.path.clone()))
+                .collect(),
+            base_point: vm.base_point.clone(),
         }
     }
 

@@ -68,6 +68,13 @@ named_enum! {
     }
 }
 
+impl Default for Direction {
+    /// Catalogs from before re-protect existed replicate forward.
+    fn default() -> Self {
+        Self::Forward
+    }
+}
+
 named_enum! {
     /// What an operator (or a component on its behalf) asks of a VM.
     Operation {
@@ -82,6 +89,9 @@ named_enum! {
         Commit => "commit",
         Reprotect => "reprotect",
         Failback => "failback",
+        /// Failback phase 2: shut the VM down where it runs, ship its last writes, start it
+        /// on the target.
+        CompleteFailback => "complete-failback",
         Resync => "resync",
         Repair => "repair",
     }
@@ -144,6 +154,7 @@ fn allows(p: &Protection, op: Operation) -> bool {
         O::UnplannedFailover => replicating && p.has_points,
         O::ChangePoint | O::Commit => p.state == S::FailedOver,
         O::Reprotect => p.state == S::FailoverCommitted,
+        O::CompleteFailback => p.state == S::FailingBack,
         O::Resync => replicating,
         O::Repair => matches!(
             p.state,
@@ -245,6 +256,18 @@ pub enum Transition {
     PointChanged,
     /// The failover is committed.
     FailoverCommitted,
+    /// Re-protect: the host the VM runs on is its replication source now (the direction
+    /// flips; the registry keeps which way).
+    Reprotected,
+    /// Failback phase 1 starts: the target's disks are brought near the latest point while
+    /// the VM keeps running (and replicating) where it is.
+    FailbackStarted,
+    /// Failback phase 1 failed: nothing moved, the VM is protected as before (a warning with
+    /// the reason).
+    FailbackFailed { error: String },
+    /// Failback phase 2: the VM was shut down and its last writes shipped; its host is
+    /// fenced and the VM comes up on the target (then failed over, commit pending).
+    FailbackCutover,
     /// Disable protection starts: replication stops.
     UnprotectStarted,
     /// Disable protection ended: nothing replicates, health normal.
@@ -277,6 +300,10 @@ impl Transition {
             Self::FailoverFailed { .. } => "failover-failed",
             Self::PointChanged => "change-point",
             Self::FailoverCommitted => "commit",
+            Self::Reprotected => "reprotect",
+            Self::FailbackStarted => "failback",
+            Self::FailbackFailed { .. } => "failback-failed",
+            Self::FailbackCutover => "complete-failback",
             Self::UnprotectStarted => "disable-protection",
             Self::Unprotected => "unprotected",
             Self::UnprotectFailed { .. } => "disable-protection-failed",
@@ -402,6 +429,21 @@ impl Lifecycle {
                 op_check(Operation::Commit)?;
                 Self::new(S::FailoverCommitted, Health::Normal, "")
             }
+            T::Reprotected => {
+                op_check(Operation::Reprotect)?;
+                Self::new(S::Protected, Health::Normal, "")
+            }
+            T::FailbackStarted => {
+                op_check(Operation::Failback)?;
+                Self::new(S::FailingBack, Health::Normal, "")
+            }
+            T::FailbackFailed { error } if self.state == S::FailingBack => {
+                Self::new(S::Protected, Health::Warning, error.as_str())
+            }
+            T::FailbackCutover => {
+                op_check(Operation::CompleteFailback)?;
+                Self::new(S::FailingOver, Health::Normal, "")
+            }
             T::UnprotectStarted => {
                 op_check(Operation::DisableProtection)?;
                 Self::new(S::Unprotecting, Health::Normal, "")
@@ -414,6 +456,7 @@ impl Lifecycle {
             }
             T::FailedOver
             | T::FailoverFailed { .. }
+            | T::FailbackFailed { .. }
             | T::Unprotected
             | T::UnprotectFailed { .. } => return Err(refuse()),
         })

@@ -14,6 +14,7 @@
 
 mod allowed;
 pub mod error;
+mod failback;
 mod host_work;
 mod job;
 pub mod records;
@@ -38,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 pub use error::FailoverError;
+pub use failback::{COMPLETE_STEPS, FAILBACK_STEPS, REPROTECT_STEPS};
 pub use records::{Ledger, Record};
 pub use service::FailoverService;
 pub use site_failover::UNPLANNED_STEPS;

@@ -28,9 +28,14 @@ pub const STATE_CLEANING: &str = "cleaning";
 pub const STATE_FAILED: &str = "failed";
 /// A planned or unplanned failover was committed.
 pub const STATE_COMMITTED: &str = "committed";
+/// A failback's phase 1 is done: the target's disks hold its point; waiting for
+/// `ferry failback complete`.
+pub const STATE_SYNCED: &str = "synced";
+/// A failback's phase 2 job runs (resumed like `running`).
+pub const STATE_COMPLETING: &str = "completing";
 
 /// One failover of one VM, as stored (a superset of the API's `FailoverRecord`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     pub vm: String,
     /// "test", "planned", "unplanned".
@@ -77,6 +82,18 @@ pub struct Record {
     /// Unplanned failover: try to shut the source VM down first.
     #[serde(default)]
     pub shutdown: bool,
+    /// Failback: the host the VM ran on when it started ("" for other kinds).
+    #[serde(default)]
+    pub source_host: String,
+    /// Failback: the failover whose recovered copy on `source_host` is released at commit.
+    #[serde(default)]
+    pub previous_failover_id: String,
+    /// Failback: "checksum" or "full".
+    #[serde(default)]
+    pub sync: String,
+    /// Failback: the point phase 1 brought the target's disks to.
+    #[serde(default)]
+    pub synced_point: String,
 }
 
 /// A disk of a failover on a host.
@@ -126,12 +143,16 @@ impl Record {
 
     /// A job is working on the record (it is resumed if its lease is free).
     pub fn is_in_progress(&self) -> bool {
-        self.state == STATE_RUNNING || self.state == STATE_CLEANING
+        matches!(
+            self.state.as_str(),
+            STATE_RUNNING | STATE_CLEANING | STATE_COMPLETING
+        )
     }
 
-    /// The job working on the record: the test failover job, or the cleanup job.
+    /// The job working on the record: the test failover job, or the cleanup job (a
+    /// failback's phase 2 job).
     pub fn working_job(&self) -> &str {
-        if self.state == STATE_CLEANING {
+        if self.state == STATE_CLEANING || self.state == STATE_COMPLETING {
             &self.last_job_id
         } else {
             &self.job_id
@@ -201,7 +222,9 @@ impl Ledger {
             .await?
             .into_iter()
             .rev()
-            .find(|r| r.vm == vm && (r.is_active() || r.is_in_progress())))
+            .find(|r| {
+                r.vm == vm && (r.is_active() || r.is_in_progress() || r.state == STATE_SYNCED)
+            }))
     }
 
     /// The record created by job `job_id`, in its latest state.

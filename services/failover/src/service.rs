@@ -6,7 +6,8 @@ use ferry_model::Operation;
 use ferry_proto::common::v1::Job;
 use ferry_proto::failover::v1::failover_server::Failover;
 use ferry_proto::failover::v1::{
-    ChangeRecoveryPointRequest, CleanupTestFailoverRequest, CommitFailoverRequest, FailbackRequest,
+    ChangeRecoveryPointRequest, CleanupTestFailoverRequest, CommitFailoverRequest,
+    CompleteFailbackRequest, FailbackRequest,
     ListFailoversRequest, ListFailoversResponse, ListRecoveryPlansRequest,
     ListRecoveryPlansResponse, PlannedFailoverRequest, RecoveryPlan, ReprotectRequest,
     RunRecoveryPlanRequest, TestFailoverRequest, UnplannedFailoverRequest,
@@ -127,16 +128,41 @@ impl Failover for FailoverService {
 
     async fn failback(&self, request: Request<FailbackRequest>) -> Result<Response<Job>, Status> {
         require_role(&request, Role::Operator)?;
-        Err(unimplemented(
-            "failback (block-hash comparison on the primary host and the agent's apply path)",
-        ))
+        let req = request.into_inner();
+        self.allowed(&req.vm, Operation::Failback).await?;
+        let job = self
+            .orchestrator
+            .failback(req)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(job))
+    }
+
+    async fn complete_failback(
+        &self,
+        request: Request<CompleteFailbackRequest>,
+    ) -> Result<Response<Job>, Status> {
+        require_role(&request, Role::Operator)?;
+        let req = request.into_inner();
+        self.allowed(&req.vm, Operation::CompleteFailback).await?;
+        let job = self
+            .orchestrator
+            .complete_failback(req)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(job))
     }
 
     async fn reprotect(&self, request: Request<ReprotectRequest>) -> Result<Response<Job>, Status> {
         require_role(&request, Role::Operator)?;
-        Err(unimplemented(
-            "re-protect (replicating the failed-over VM back after failback)",
-        ))
+        let req = request.into_inner();
+        self.allowed(&req.vm, Operation::Reprotect).await?;
+        let job = self
+            .orchestrator
+            .reprotect(req)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(job))
     }
 
     async fn create_recovery_plan(

@@ -189,6 +189,7 @@ impl Mesh {
                 fencing_tokens: [(disk().id, lease.token)].into_iter().collect(),
                 host: "h1".into(),
                 epoch: 0,
+                base_point: String::new(),
             })
             .await
             .unwrap();
@@ -500,6 +501,7 @@ async fn a_job_whose_replica_died_is_resumed_elsewhere() {
         driver: String::new(),
         started_at_ms: 0,
         shutdown: false,
+        ..Default::default()
     };
     ledger.put_fenced(&mut record, &coord, &dead).await.unwrap();
     std::fs::write(&disk_file, b"half").unwrap();

@@ -64,9 +64,13 @@ impl Ingest for Api {
             .owners
             .check_epoch(&host, &req.vm, None, "begin a replication cycle of")
             .await?;
+        // Answered from the lookup check_epoch just made.
+        let hosts = self.owners.hosts(&req.vm).await?.unwrap_or_default();
         for d in &req.disks {
             let expected = ferry_proto::disk_id(&req.vm, &d.path);
-            if d.id != expected {
+            // A re-protected VM's disks keep the ids of its points at their new paths.
+            let registered = hosts.disks.iter().any(|(id, p)| *id == d.id && *p == d.path);
+            if d.id != expected && !registered {
                 return Err(IngestError::InvalidArgument(format!(
                     "disk {} of vm {} has id {}, expected {expected}",
                     d.path, req.vm, d.id
@@ -103,6 +107,7 @@ impl Ingest for Api {
             disks: req.disks.iter().map(DiskSpec::from).collect(),
             stats: Stats::default(),
             epoch,
+            base_point: hosts.base_point.clone(),
         };
         self.save(&c).await?;
         tracing::info!(cycle = %c.id, vm = %c.vm, host = %host, disks = c.disks.len(), "cycle begun");
@@ -307,6 +312,7 @@ impl IngestService {
                 fencing_tokens: c.tokens.clone(),
                 host: c.host.clone(),
                 epoch: c.epoch,
+                base_point: c.base_point.clone(),
             })
             .await
             .map_err(|s| IngestError::peer(&s))?

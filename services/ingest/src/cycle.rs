@@ -30,6 +30,9 @@ pub(crate) struct CycleRecord {
     /// The VM's epoch when the cycle began (a failover since raises it: commit refused).
     #[serde(default)]
     pub(crate) epoch: u64,
+    /// The point the cycle's changes apply to when not the latest (after a re-protect).
+    #[serde(default)]
+    pub(crate) base_point: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -3,7 +3,7 @@
 //! health — [`RegistryService::advance`], which writes `Event::VmState` only with what
 //! [`Lifecycle::apply`] decided.
 use ferry_model::protection::{
-    Direction, Lifecycle, Operation, Protection, Transition, allowed_operations,
+    Lifecycle, Operation, Protection, Transition, allowed_operations,
 };
 
 use crate::error::RegistryError;
@@ -17,7 +17,7 @@ impl VmRecord {
             state: self.state,
             health: self.health,
             test_failover: self.failover_state,
-            direction: Direction::Forward,
+            direction: self.site.direction,
             has_points: !self.last_point_id.is_empty(),
         }
     }

@@ -262,6 +262,8 @@ fn vm_to_proto(v: &crate::state::VmRecord, site: String) -> pb::Vm {
         epoch: v.site.epoch,
         failover_point: v.site.point.clone(),
         failover_id: v.site.failover_id.clone(),
+        direction: v.site.direction.as_str().to_owned(),
+        base_point: v.site.base_point.clone(),
         recovery_host: v
             .policy
             .as_ref()

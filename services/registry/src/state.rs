@@ -81,6 +81,13 @@ pub struct FailoverSite {
     /// The failover's job.
     #[serde(default)]
     pub failover_id: String,
+    /// Which way replication runs (re-protect flips it).
+    #[serde(default)]
+    pub direction: lc::Direction,
+    /// After a re-protect, until the new source's first point: the point its changes apply
+    /// to (the one the VM failed over to, which need not be the latest).
+    #[serde(default)]
+    pub base_point: String,
 }
 
 /// The catalog's spelling of a VM's test failover, unchanged since before the state machine:
@@ -310,6 +317,16 @@ pub enum Event {
         vm: String,
         site: FailoverSite,
     },
+    /// Re-protect: the host the VM runs on (with its disks there) replicates it now, the
+    /// host it left is its recovery host; `site` holds the flipped direction.
+    VmReprotected {
+        vm: String,
+        host: String,
+        disks: Vec<DiskSpec>,
+        recovery_host: String,
+        site: FailoverSite,
+        at_ms: i64,
+    },
     /// Protection was disabled: the VM has no policy any more.
     VmPolicyCleared {
         vm: String,
@@ -422,6 +439,29 @@ impl State {
                     v.site = site.clone();
                 }
             }
+            Event::VmReprotected {
+                vm,
+                host,
+                disks,
+                recovery_host,
+                site,
+                at_ms,
+            } => {
+                if let Some(v) = self.vms.get_mut(vm) {
+                    if v.host_history.last().is_none_or(|s| s.host != *host) {
+                        v.host_history.push(HostSpan {
+                            host: host.clone(),
+                            since_ms: *at_ms,
+                        });
+                    }
+                    v.host = host.clone();
+                    v.disks = disks.clone();
+                    if let Some(p) = v.policy.as_mut() {
+                        p.recovery_host = recovery_host.clone();
+                    }
+                    v.site = site.clone();
+                }
+            }
             Event::VmPolicyCleared { vm } => {
                 if let Some(v) = self.vms.get_mut(vm) {
                     v.policy = None;
@@ -440,6 +480,8 @@ impl State {
                 if let Some(v) = self.vms.get_mut(vm) {
                     v.last_point_id = point_id.clone();
                     v.last_point_ms = *time_ms;
+                    // The new source's first point is on its base: later ones follow it.
+                    v.site.base_point.clear();
                 }
             }
             Event::VmRetry {

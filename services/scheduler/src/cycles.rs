@@ -171,7 +171,8 @@ impl SchedulerService {
     }
 
     /// Protected VMs and their policies, from the registry. A VM in critical health waits for
-    /// an operator instead of failing the same way every cycle.
+    /// an operator instead of failing the same way every cycle. A VM failing back keeps
+    /// replicating until phase 2 shuts it down (phase 1 runs while it runs).
     async fn sync_schedule(&self) -> anyhow::Result<()> {
         let ch = self.peers.channel(Component::Registry)?;
         let vms = RegistryClient::new(ch)
@@ -183,7 +184,7 @@ impl SchedulerService {
         let mut cycles = self.cycles.lock().await;
         let mut keep = std::collections::HashSet::new();
         for v in vms.into_iter().filter(|v| {
-            lifecycle_of(v).is_some_and(|(s, h)| s == VmState::Protected && h != Health::Critical)
+            lifecycle_of(v).is_some_and(|(s, h)| matches!(s, VmState::Protected | VmState::FailingBack) && h != Health::Critical)
         }) {
             let every = Duration::from_secs(
                 v.policy

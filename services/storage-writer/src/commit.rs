@@ -44,6 +44,8 @@ struct CommitInput {
     disks: Vec<DiskInput>,
     /// The host whose cycle this is (ingest checked it is the VM's).
     host: String,
+    /// The point the changes apply to when it is not the latest ("": the latest).
+    base_point: String,
 }
 
 impl TryFrom<CommitPointRequest> for CommitInput {
@@ -78,6 +80,7 @@ impl TryFrom<CommitPointRequest> for CommitInput {
             consistency,
             disks,
             host: req.host,
+            base_point: req.base_point,
         })
     }
 }
@@ -339,18 +342,24 @@ impl Writer {
             debug!(vm = %input.vm, seq = l.seq, cycle = %input.cycle_id, "cycle already committed");
             return Ok(l.clone());
         }
-        let mut merged = match &latest {
+        // After a re-protect the new source's changes are on top of the point the VM failed
+        // over to, which may be older than the latest.
+        let base_point = match input.base_point.as_str() {
+            "" => latest.clone(),
+            id => Some(self.resolve_point(&input.vm, id).await?),
+        };
+        let mut merged = match &base_point {
             Some(l) => self.newest_merged(&input.vm, l.seq).await,
             None => None,
         };
         let mut maps = Vec::with_capacity(input.disks.len());
         let mut to_check = Vec::new();
         for d in &input.disks {
-            let prev_disk = latest
+            let prev_disk = base_point
                 .as_ref()
                 .and_then(|p| p.disks.iter().find(|x| x.disk_id == d.disk.id));
             let mut base = prev_disk.map(|pd| Base::of(pd, merged.as_ref()));
-            if let (Some(l), Some(pd), Some(b)) = (&latest, prev_disk, &base)
+            if let (Some(l), Some(pd), Some(b)) = (&base_point, prev_disk, &base)
                 && is_patch(d)
                 && !b.logs.is_empty()
             {

@@ -76,6 +76,7 @@ fn request(
         fencing_tokens: [(DISK.to_string(), token)].into_iter().collect(),
         host: "h1".into(),
         epoch: 0,
+        base_point: String::new(),
     }
 }
 

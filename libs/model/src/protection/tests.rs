@@ -57,10 +57,10 @@ fn every_state_has_its_table_row() {
         row(VmState::FailoverCommitted),
         ["disable-protection", "reprotect"]
     );
+    assert_eq!(row(VmState::FailingBack), ["complete-failback"]);
     for busy in [
         VmState::FailingOver,
         VmState::Reprotecting,
-        VmState::FailingBack,
         VmState::Unprotecting,
     ] {
         assert!(row(busy).is_empty(), "{busy}: {:?}", row(busy));
@@ -314,4 +314,55 @@ fn cancelled_protection_and_resync_go_back_without_failing() {
     assert_eq!((l.state, l.health), (ResyncPending, Warning));
     assert!(l.last_error.contains("cancelled"), "{}", l.last_error);
     assert!(apply((Protected, Normal), Transition::ResyncCancelled).is_err());
+}
+
+fn apply_in(
+    from: (VmState, Health),
+    direction: Direction,
+    t: Transition,
+) -> Result<Lifecycle, Refused> {
+    let ctx = Protection {
+        direction,
+        ..p(from.0)
+    };
+    Lifecycle::new(from.0, from.1, "").apply("web01", &ctx, &t)
+}
+
+#[test]
+fn the_round_trip_reprotects_fails_back_and_reprotects_again() {
+    use Direction::*;
+    use Health::*;
+    use VmState::*;
+    let l = apply_in((FailoverCommitted, Normal), Forward, Transition::Reprotected).unwrap();
+    assert_eq!((l.state, l.health), (Protected, Normal));
+    // Replicating back home: failback is offered, a planned failover (forward) is not.
+    let reverse = allowed_operations(&Protection {
+        direction: Reverse,
+        ..p(Protected)
+    });
+    assert!(reverse.contains(&Operation::Failback), "{reverse:?}");
+    assert!(!reverse.contains(&Operation::PlannedFailover), "{reverse:?}");
+    assert!(apply_in((Protected, Normal), Forward, Transition::FailbackStarted).is_err());
+    let l = apply_in((Protected, Normal), Reverse, Transition::FailbackStarted).unwrap();
+    assert_eq!(l.state, FailingBack);
+    // Phase 1 failing leaves the vm where it runs, protected, with the reason.
+    let failed = Transition::FailbackFailed {
+        error: "target unreachable".into(),
+    };
+    let l = apply_in((FailingBack, Normal), Reverse, failed.clone()).unwrap();
+    assert_eq!(
+        (l.state, l.health, l.last_error.as_str()),
+        (Protected, Warning, "target unreachable")
+    );
+    assert!(apply_in((Protected, Normal), Reverse, failed).is_err());
+    let l = apply_in((FailingBack, Normal), Reverse, Transition::FailbackCutover).unwrap();
+    assert_eq!(l.state, FailingOver);
+    assert!(apply_in((Protected, Normal), Reverse, Transition::FailbackCutover).is_err());
+    // Then as any failover: failed over, commit, re-protect (forward again).
+    let l = apply_in((FailingOver, Normal), Reverse, Transition::FailedOver).unwrap();
+    let l = apply_in((l.state, l.health), Reverse, Transition::FailoverCommitted).unwrap();
+    let l = apply_in((l.state, l.health), Reverse, Transition::Reprotected).unwrap();
+    assert_eq!(l.state, Protected);
+    let err = apply_in((Protected, Normal), Reverse, Transition::Reprotected).unwrap_err();
+    assert!(err.to_string().contains("reprotect is not allowed"), "{err}");
 }

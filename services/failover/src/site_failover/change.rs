@@ -104,7 +104,8 @@ impl Orchestrator {
                 record.state = STATE_COMMITTED.into();
                 record.updated_at_ms = chrono::Utc::now().timestamp_millis();
                 me.ledger.put_fenced(&mut record, &me.coord, kept.lease()).await?;
-                job.step_done(0, format!("point {} on {} committed", record.point_id, record.host))
+                let released = me.release_recovered(job.id(), &record).await;
+                job.step_done(0, format!("point {} on {} committed{released}", record.point_id, record.host))
                     .await;
                 info!(vm = %record.vm, point = %record.point_id, host = %record.host, "failover committed");
                 Ok(())
@@ -162,6 +163,8 @@ impl Orchestrator {
                 .as_ref()
                 .map(|p| p.nic_addresses.clone())
                 .unwrap_or_default(),
+
+            ..FailoverWork::default()
         };
         let (host, job_id) = (record.host.clone(), job.id().to_owned());
         let recovered = self

@@ -231,6 +231,8 @@ impl Orchestrator {
                 .as_ref()
                 .map(|p| p.nic_addresses.clone())
                 .unwrap_or_default(),
+
+            ..FailoverWork::default()
         };
         let recovered = self
             .dispatch_for_job(&record.host, WorkKind::RecoverVm, &vm.name, job, work)
@@ -384,7 +386,7 @@ impl Record {
     }
 }
 
-pub(super) fn new_failover_record(
+pub(crate) fn new_failover_record(
     vm: &Vm,
     point: &RecoveryPoint,
     job_id: &str,
@@ -412,5 +414,6 @@ pub(super) fn new_failover_record(
         driver: String::new(),
         started_at_ms: 0,
         shutdown,
+        ..Record::default()
     }
 }

@@ -58,7 +58,7 @@ impl Orchestrator {
     }
 
     /// A planned failover needs its source: refused at once when the primary is not connected.
-    async fn require_connected(&self, host: &str, vm: &str) -> Result<()> {
+    pub(crate) async fn require_connected(&self, host: &str, vm: &str) -> Result<()> {
         let mut registry = self.registry.clone();
         let hosts = registry
             .list_hosts(ListHostsRequest {})

@@ -23,6 +23,7 @@ impl Orchestrator {
                 host: record.host.clone(),
                 point: record.point_id.clone(),
                 error: error.to_owned(),
+                disks: Vec::new(),
             })
             .await
             .map(tonic::Response::into_inner)

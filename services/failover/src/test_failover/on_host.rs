@@ -50,6 +50,7 @@ impl Orchestrator {
             hardware: Some(test_hardware(vm)),
             final_sync: false,
             nic_addresses: Default::default(),
+            ..FailoverWork::default()
         };
         let kind = WorkKind::RecoverVm;
         let recovered = self
@@ -99,6 +100,7 @@ impl Orchestrator {
             hardware: None,
             final_sync: false,
             nic_addresses: Default::default(),
+            ..FailoverWork::default()
         };
         let kind = WorkKind::RemoveRecovered;
         self.dispatch_and_wait(&record.host, kind, &record.vm, job_id, work, None)

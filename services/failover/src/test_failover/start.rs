@@ -158,6 +158,9 @@ impl Orchestrator {
         }
         .await;
         match prepared {
+            Ok((vm, _)) if record.kind == "failback" => {
+                self.resume_failback(job, kept, record, vm).await.map(Some)
+            }
             Ok((vm, point)) if record.kind != "test" => self
                 .drive_failover(job, kept, record, vm, point)
                 .await
@@ -231,5 +234,6 @@ fn new_test_record(
         driver: String::new(),
         started_at_ms: 0,
         shutdown: false,
+        ..Record::default()
     }
 }

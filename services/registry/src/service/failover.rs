@@ -2,7 +2,7 @@
 //! state machine allows ([`vm_event`]), and with it the VM's site — where it runs, where it
 //! is going, and the epoch that fences the host it left. A STARTED (or FAILED_OVER,
 //! COMMITTED) repeated by a resumed job of the same failover answers the VM as it is.
-use ferry_model::{Transition, VmState};
+use ferry_model::{Direction, DiskSpec, Transition, VmState};
 use ferry_proto::registry::v1::{self as pb, FailoverEvent};
 use tonic::{Request, Response};
 
@@ -28,6 +28,71 @@ impl VmRecord {
             VmState::FailingOver | VmState::FailedOver | VmState::FailoverCommitted
         )
     }
+
+    /// Whether `host` must refuse the VM's writes: its own host while it failed over away,
+    /// and a host it left by a re-protect (it still has the VM's old disks) unless the VM
+    /// runs there or is failing back to it right now.
+    pub fn fenced_for(&self, host: &str) -> bool {
+        if self.host == host {
+            return self.fenced_on_host();
+        }
+        self.state != VmState::Unprotected
+            && self.host_history.iter().any(|s| s.host == host)
+            && self.active_host() != host
+            && !(self.state == VmState::FailingOver && self.site.failover_host == host)
+    }
+}
+
+/// The re-protect of `v` to the host it runs on, with its disks there (the ids of its
+/// points); None when a resumed job repeats it.
+fn reprotect_events(
+    v: &VmRecord,
+    req: &pb::RecordFailoverRequest,
+) -> Result<Option<Vec<Event>>, RegistryError> {
+    if v.state == VmState::Protected && v.host == req.host && v.site.failover_id.is_empty() {
+        return Ok(None);
+    }
+    let to = v.site.active_host.clone();
+    if to.is_empty() || to != req.host {
+        return Err(RegistryError::FailedPrecondition(format!(
+            "vm {} runs on {}, not on {}: re-protect makes the host it runs on its source",
+            v.name,
+            v.active_host(),
+            req.host
+        )));
+    }
+    let disks: Vec<DiskSpec> = req.disks.iter().map(DiskSpec::from).collect();
+    let mut have: Vec<&str> = v.disks.iter().map(|d| d.id.as_str()).collect();
+    let mut given: Vec<&str> = disks.iter().map(|d| d.id.as_str()).collect();
+    have.sort_unstable();
+    given.sort_unstable();
+    if have != given {
+        return Err(RegistryError::InvalidArgument(format!(
+            "re-protect of vm {} names disks {given:?}; the vm's points hold {have:?}",
+            v.name
+        )));
+    }
+    let state = vm_event(v, &Transition::Reprotected)?;
+    let site = FailoverSite {
+        epoch: v.site.epoch,
+        direction: match v.site.direction {
+            Direction::Forward => Direction::Reverse,
+            Direction::Reverse => Direction::Forward,
+        },
+        base_point: v.site.point.clone(),
+        ..FailoverSite::default()
+    };
+    Ok(Some(vec![
+        state,
+        Event::VmReprotected {
+            vm: v.name.clone(),
+            host: to,
+            disks,
+            recovery_host: v.host.clone(),
+            site,
+            at_ms: ferry_proto::now_ms(),
+        },
+    ]))
 }
 
 /// The events of `e` on `v`, or None when a resumed job repeats what is already recorded.
@@ -39,7 +104,49 @@ fn failover_events(
     use FailoverEvent as E;
     let same = !req.failover_id.is_empty() && v.site.failover_id == req.failover_id;
     let mut site = v.site.clone();
+    let starts = matches!(
+        e,
+        E::PlannedStarted | E::UnplannedStarted | E::FailbackStarted
+    );
     let t = match e {
+        E::Reprotected => {
+            if !same && !(v.state == VmState::Protected && v.site.failover_id.is_empty()) {
+                return Err(RegistryError::FailedPrecondition(format!(
+                    "vm {}: failover {:?} is not the committed one ({:?})",
+                    v.name, req.failover_id, v.site.failover_id
+                )));
+            }
+            return reprotect_events(v, req);
+        }
+        E::FailbackStarted => {
+            if same && v.state == VmState::FailingBack {
+                return Ok(None);
+            }
+            if req.host.is_empty() || req.failover_id.is_empty() {
+                return Err(RegistryError::InvalidArgument(
+                    "a failback start names its target host and failover id".into(),
+                ));
+            }
+            site = FailoverSite {
+                failover_host: req.host.clone(),
+                failover_id: req.failover_id.clone(),
+                ..site
+            };
+            Transition::FailbackStarted
+        }
+        E::FailbackCutover => {
+            if same && v.state == VmState::FailingOver {
+                return Ok(None);
+            }
+            site.epoch = v.site.epoch + 1;
+            Transition::FailbackCutover
+        }
+        E::FailbackFailed => {
+            site.failover_host.clear();
+            Transition::FailbackFailed {
+                error: req.error.clone(),
+            }
+        }
         E::PlannedStarted | E::UnplannedStarted => {
             if same && v.state == VmState::FailingOver {
                 return Ok(None);
@@ -89,7 +196,7 @@ fn failover_events(
             ));
         }
     };
-    if !same && !matches!(e, E::PlannedStarted | E::UnplannedStarted) {
+    if !same && !starts {
         return Err(RegistryError::FailedPrecondition(format!(
             "vm {}: failover {:?} is not the running one ({:?})",
             v.name, req.failover_id, v.site.failover_id

@@ -159,7 +159,7 @@ impl RegistryService {
             fenced_vms = st
                 .vms
                 .values()
-                .filter(|v| v.host == host && v.fenced_on_host())
+                .filter(|v| v.fenced_for(&host))
                 .map(|v| v.name.clone())
                 .collect();
             match st.hosts.get(&host) {

@@ -125,6 +125,7 @@ pub fn commit(
         fencing_tokens: [(id, token)].into_iter().collect(),
         host: "h1".into(),
         epoch: 0,
+        base_point: String::new(),
     }
 }
 
