@@ -208,7 +208,10 @@ impl Agent {
     pub(crate) async fn quiesced_cut(&self, vm: &str) -> Result<Consistency, ReplError> {
         let Some(v) = self.cfg.vms.iter().find(|v| v.name == vm) else {
             // A VM recovered here has no hooks configured on this host.
-            tracing::warn!(vm, "the vm has no quiesce hooks on this host; the point is crash-consistent");
+            tracing::warn!(
+                vm,
+                "the vm has no quiesce hooks on this host; the point is crash-consistent"
+            );
             self.cut(vm).await?;
             return Ok(Consistency::Crash);
         };

@@ -7,7 +7,8 @@ use ferry::outln;
 use ferry::output::{failover_json, print_json, table, time};
 use ferry_proto::failover::v1::{
     ChangeRecoveryPointRequest, CleanupTestFailoverRequest, CommitFailoverRequest,
-    CompleteFailbackRequest, FailbackRequest, ListFailoversRequest, PlannedFailoverRequest, TestFailoverRequest, UnplannedFailoverRequest,
+    CompleteFailbackRequest, FailbackRequest, ListFailoversRequest, PlannedFailoverRequest,
+    TestFailoverRequest, UnplannedFailoverRequest,
 };
 
 use crate::commands::{job_exit, print_job};
@@ -26,7 +27,9 @@ pub(crate) async fn failback(
         return Ok(job_exit(&job));
     }
     let Some(vm) = args.vm.clone() else {
-        anyhow::bail!("ferry failback: name the vm (ferry failback VM, or ferry failback complete VM)");
+        anyhow::bail!(
+            "ferry failback: name the vm (ferry failback VM, or ferry failback complete VM)"
+        );
     };
     let target_dir = match &args.dir {
         Some(d) => std::path::absolute(d)?.to_string_lossy().into(),
@@ -59,8 +62,7 @@ pub(crate) async fn failback(
 }
 
 async fn complete(c: &Ctl, vm: &str) -> anyhow::Result<ferry_proto::common::v1::Job> {
-    Ok(c
-        .failover()
+    Ok(c.failover()
         .await?
         .complete_failback(CompleteFailbackRequest { vm: vm.to_owned() })
         .await

@@ -82,7 +82,9 @@ impl Agent {
         write_progress(&path, &prog)?;
         self.unserve_for_failback(vm, &locals).await?;
         for (disk, local) in &pairs {
-            let r = self.bring_disk(vm, &work, &point, disk, local, cancel).await?;
+            let r = self
+                .bring_disk(vm, &work, &point, disk, local, cancel)
+                .await?;
             prog.blocks_compared += r.compared;
             prog.blocks_rewritten += r.rewritten;
             prog.bytes_written += r.bytes;
@@ -113,7 +115,9 @@ impl Agent {
     ) -> Result<Rewritten, ReplError> {
         let map = self.block_map(vm, &point.id, &disk.disk_id).await?;
         check_map(&point.id, disk, &map)?;
-        let blocks = disk.virtual_size.div_ceil(u64::from(disk.block_size.max(1)));
+        let blocks = disk
+            .virtual_size
+            .div_ceil(u64::from(disk.block_size.max(1)));
         let plan = match (work.base_point.as_str(), work.sync.as_str()) {
             ("", "full") => full_plan(&map, blocks),
             ("", _) => {
@@ -176,7 +180,10 @@ impl Agent {
             crate::delta::forget_chain_tip(&self.cfg.data_dir, p);
         }
         if logs > 0 {
-            info!(vm, logs, "change logs of the old disks discarded for the failback");
+            info!(
+                vm,
+                logs, "change logs of the old disks discarded for the failback"
+            );
         }
         Ok(())
     }
@@ -303,9 +310,9 @@ fn progress_path(data_dir: &Path, vm: &str) -> PathBuf {
 
 fn read_progress(path: &Path) -> Result<Option<Progress>, ReplError> {
     match std::fs::read(path) {
-        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
-            ReplError::Permanent(format!("{} is unreadable: {e}", path.display()))
-        }),
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| ReplError::Permanent(format!("{} is unreadable: {e}", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(ReplError::Permanent(format!(
             "reading {}: {e}",

@@ -217,14 +217,9 @@ impl Ledger {
 
     /// The VM's failover that is active or has a job working on it, if any.
     pub async fn current(&self, vm: &str) -> Result<Option<Record>> {
-        Ok(self
-            .records()
-            .await?
-            .into_iter()
-            .rev()
-            .find(|r| {
-                r.vm == vm && (r.is_active() || r.is_in_progress() || r.state == STATE_SYNCED)
-            }))
+        Ok(self.records().await?.into_iter().rev().find(|r| {
+            r.vm == vm && (r.is_active() || r.is_in_progress() || r.state == STATE_SYNCED)
+        }))
     }
 
     /// The record created by job `job_id`, in its latest state.

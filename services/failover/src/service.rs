@@ -7,10 +7,9 @@ use ferry_proto::common::v1::Job;
 use ferry_proto::failover::v1::failover_server::Failover;
 use ferry_proto::failover::v1::{
     ChangeRecoveryPointRequest, CleanupTestFailoverRequest, CommitFailoverRequest,
-    CompleteFailbackRequest, FailbackRequest,
-    ListFailoversRequest, ListFailoversResponse, ListRecoveryPlansRequest,
-    ListRecoveryPlansResponse, PlannedFailoverRequest, RecoveryPlan, ReprotectRequest,
-    RunRecoveryPlanRequest, TestFailoverRequest, UnplannedFailoverRequest,
+    CompleteFailbackRequest, FailbackRequest, ListFailoversRequest, ListFailoversResponse,
+    ListRecoveryPlansRequest, ListRecoveryPlansResponse, PlannedFailoverRequest, RecoveryPlan,
+    ReprotectRequest, RunRecoveryPlanRequest, TestFailoverRequest, UnplannedFailoverRequest,
 };
 use tonic::{Request, Response, Status};
 

@@ -69,7 +69,10 @@ impl Ingest for Api {
         for d in &req.disks {
             let expected = ferry_proto::disk_id(&req.vm, &d.path);
             // A re-protected VM's disks keep the ids of its points at their new paths.
-            let registered = hosts.disks.iter().any(|(id, p)| *id == d.id && *p == d.path);
+            let registered = hosts
+                .disks
+                .iter()
+                .any(|(id, p)| *id == d.id && *p == d.path);
             if d.id != expected && !registered {
                 return Err(IngestError::InvalidArgument(format!(
                     "disk {} of vm {} has id {}, expected {expected}",

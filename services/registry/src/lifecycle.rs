@@ -2,9 +2,7 @@
 //! record's lifecycle and context, and the one way the registry changes a VM's state or
 //! health — [`RegistryService::advance`], which writes `Event::VmState` only with what
 //! [`Lifecycle::apply`] decided.
-use ferry_model::protection::{
-    Lifecycle, Operation, Protection, Transition, allowed_operations,
-};
+use ferry_model::protection::{Lifecycle, Operation, Protection, Transition, allowed_operations};
 
 use crate::error::RegistryError;
 use crate::service::RegistryService;

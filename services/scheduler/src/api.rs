@@ -165,6 +165,7 @@ impl Scheduler for Api {
                 error_class: class.into(),
                 attempts: w.attempt - 1,
                 next_retry_ms: due,
+                host: host.clone(),
             };
             self.report_error(&w, report).await;
         } else {
@@ -175,6 +176,7 @@ impl Scheduler for Api {
                 error: req.error.clone(),
                 error_class: class.into(),
                 attempts: w.attempt,
+                host: host.clone(),
                 ..Default::default()
             };
             self.report_error(&w, report).await;

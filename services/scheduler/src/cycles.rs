@@ -184,7 +184,9 @@ impl SchedulerService {
         let mut cycles = self.cycles.lock().await;
         let mut keep = std::collections::HashSet::new();
         for v in vms.into_iter().filter(|v| {
-            lifecycle_of(v).is_some_and(|(s, h)| matches!(s, VmState::Protected | VmState::FailingBack) && h != Health::Critical)
+            lifecycle_of(v).is_some_and(|(s, h)| {
+                matches!(s, VmState::Protected | VmState::FailingBack) && h != Health::Critical
+            })
         }) {
             let every = Duration::from_secs(
                 v.policy

@@ -70,7 +70,8 @@ pub(crate) fn is_failover_kind(kind: i32) -> bool {
             | WorkKind::RemoveRecovered
             | WorkKind::ShutdownVm
             | WorkKind::DisableProtection
-            | WorkKind::ResumeVm)
+            | WorkKind::ResumeVm
+            | WorkKind::Failback)
     )
 }
 
@@ -82,6 +83,7 @@ pub(crate) fn failover_prefix(kind: i32) -> &'static str {
         Ok(WorkKind::ShutdownVm) => "shutdown",
         Ok(WorkKind::DisableProtection) => "unprotect",
         Ok(WorkKind::ResumeVm) => "resume",
+        Ok(WorkKind::Failback) => "failback",
         _ => "work",
     }
 }

@@ -333,7 +333,12 @@ fn the_round_trip_reprotects_fails_back_and_reprotects_again() {
     use Direction::*;
     use Health::*;
     use VmState::*;
-    let l = apply_in((FailoverCommitted, Normal), Forward, Transition::Reprotected).unwrap();
+    let l = apply_in(
+        (FailoverCommitted, Normal),
+        Forward,
+        Transition::Reprotected,
+    )
+    .unwrap();
     assert_eq!((l.state, l.health), (Protected, Normal));
     // Replicating back home: failback is offered, a planned failover (forward) is not.
     let reverse = allowed_operations(&Protection {
@@ -341,7 +346,10 @@ fn the_round_trip_reprotects_fails_back_and_reprotects_again() {
         ..p(Protected)
     });
     assert!(reverse.contains(&Operation::Failback), "{reverse:?}");
-    assert!(!reverse.contains(&Operation::PlannedFailover), "{reverse:?}");
+    assert!(
+        !reverse.contains(&Operation::PlannedFailover),
+        "{reverse:?}"
+    );
     assert!(apply_in((Protected, Normal), Forward, Transition::FailbackStarted).is_err());
     let l = apply_in((Protected, Normal), Reverse, Transition::FailbackStarted).unwrap();
     assert_eq!(l.state, FailingBack);
@@ -364,5 +372,8 @@ fn the_round_trip_reprotects_fails_back_and_reprotects_again() {
     let l = apply_in((l.state, l.health), Reverse, Transition::Reprotected).unwrap();
     assert_eq!(l.state, Protected);
     let err = apply_in((Protected, Normal), Reverse, Transition::Reprotected).unwrap_err();
-    assert!(err.to_string().contains("reprotect is not allowed"), "{err}");
+    assert!(
+        err.to_string().contains("reprotect is not allowed"),
+        "{err}"
+    );
 }

@@ -107,8 +107,8 @@ impl Orchestrator {
         self.require_connected(&vm.host, &vm.name).await?;
         let point = self.get_point(&vm.name, "latest").await?;
         let previous = self.last_committed(&vm).await?;
-        let job = JobTracker::start(self.registry.clone(), "failback", &vm.name, &FAILBACK_STEPS)
-            .await?;
+        let job =
+            JobTracker::start(self.registry.clone(), "failback", &vm.name, &FAILBACK_STEPS).await?;
         let mut record =
             crate::site_failover::new_failover_record(&vm, &point, job.id(), self.holder(), false);
         record.kind = "failback".into();
@@ -149,13 +149,21 @@ impl Orchestrator {
         }
         if let Err(e) = res {
             if let Err(re) = self
-                .record_failover(&vm.name, FailoverEvent::FailbackFailed, &record, &e.to_string())
+                .record_failover(
+                    &vm.name,
+                    FailoverEvent::FailbackFailed,
+                    &record,
+                    &e.to_string(),
+                )
                 .await
             {
                 warn!(vm = %vm.name, error = %re, "cannot record the failed failback");
             }
             record.state = STATE_FAILED.into();
-            let _ = self.ledger.put_fenced(&mut record, &self.coord, kept.lease()).await;
+            let _ = self
+                .ledger
+                .put_fenced(&mut record, &self.coord, kept.lease())
+                .await;
             let _ = kept.release().await;
             return Ok(job.fail(&e).await);
         }
@@ -193,7 +201,9 @@ impl Orchestrator {
         record.synced_point = record.point_id.clone();
         record.state = STATE_SYNCED.into();
         record.updated_at_ms = chrono::Utc::now().timestamp_millis();
-        self.ledger.put_fenced(record, &self.coord, kept.lease()).await?;
+        self.ledger
+            .put_fenced(record, &self.coord, kept.lease())
+            .await?;
         job.step_done(
             2,
             format!(
@@ -303,7 +313,10 @@ impl Orchestrator {
             true => FailoverEvent::Failed,
             false => FailoverEvent::FailbackFailed,
         };
-        if let Err(re) = self.record_failover(&vm.name, event, &record, &e.to_string()).await {
+        if let Err(re) = self
+            .record_failover(&vm.name, event, &record, &e.to_string())
+            .await
+        {
             warn!(vm = %vm.name, error = %re, "cannot record the failed failback");
         }
         if job.step_succeeded(0) {
@@ -311,7 +324,10 @@ impl Orchestrator {
             job.note(0, &said);
         }
         record.state = STATE_FAILED.into();
-        let _ = self.ledger.put_fenced(&mut record, &self.coord, kept.lease()).await;
+        let _ = self
+            .ledger
+            .put_fenced(&mut record, &self.coord, kept.lease())
+            .await;
         let _ = kept.release().await;
         Ok(job.fail(&e).await)
     }
@@ -332,7 +348,14 @@ impl Orchestrator {
             ..FailoverWork::default()
         };
         let done = self
-            .dispatch_and_wait(&source, WorkKind::ShutdownVm, &vm.name, job.id(), stop, Some(FINAL_SYNC_WAIT))
+            .dispatch_and_wait(
+                &source,
+                WorkKind::ShutdownVm,
+                &vm.name,
+                job.id(),
+                stop,
+                Some(FINAL_SYNC_WAIT),
+            )
             .await
             .map_err(|e| {
                 FailoverError::FailedPrecondition(format!(
@@ -346,16 +369,24 @@ impl Orchestrator {
             )));
         }
         record.point_id = done.final_point.clone();
-        self.ledger.put_fenced(record, &self.coord, kept.lease()).await?;
-        job.step_done(0, format!("vm stopped on {source}; final point {}", record.point_id))
-            .await;
+        self.ledger
+            .put_fenced(record, &self.coord, kept.lease())
+            .await?;
+        job.step_done(
+            0,
+            format!("vm stopped on {source}; final point {}", record.point_id),
+        )
+        .await;
 
         job.enter_step(1).await?;
         let fenced = self
             .record_failover(&vm.name, FailoverEvent::FailbackCutover, record, "")
             .await?;
-        job.step_done(1, format!("replication from {source} fenced (epoch {})", fenced.epoch))
-            .await;
+        job.step_done(
+            1,
+            format!("replication from {source} fenced (epoch {})", fenced.epoch),
+        )
+        .await;
 
         job.enter_step(2).await?;
         let work = self.failback_work(vm, record, &record.point_id, &record.synced_point, true);
@@ -376,7 +407,9 @@ impl Orchestrator {
         record.set_recovered(&started);
         record.state = STATE_ACTIVE.into();
         record.updated_at_ms = chrono::Utc::now().timestamp_millis();
-        self.ledger.put_fenced(record, &self.coord, kept.lease()).await?;
+        self.ledger
+            .put_fenced(record, &self.coord, kept.lease())
+            .await?;
         self.record_failover(&vm.name, FailoverEvent::FailedOver, record, "")
             .await?;
         job.step_done(3, format!("vm running on {}; commit pending", record.host))
@@ -395,11 +428,20 @@ impl Orchestrator {
         };
         let host = &record.source_host;
         match self
-            .dispatch_and_wait(host, WorkKind::ResumeVm, &record.vm, job_id, work, Some(FINAL_SYNC_WAIT))
+            .dispatch_and_wait(
+                host,
+                WorkKind::ResumeVm,
+                &record.vm,
+                job_id,
+                work,
+                Some(FINAL_SYNC_WAIT),
+            )
             .await
         {
             Ok(_) => format!("the failback failed: vm started again on {host}"),
-            Err(e) => format!("the failback failed and vm could not be started again on {host}: {e}"),
+            Err(e) => {
+                format!("the failback failed and vm could not be started again on {host}: {e}")
+            }
         }
     }
 
@@ -416,7 +458,14 @@ impl Orchestrator {
         };
         let host = &record.source_host;
         match self
-            .dispatch_and_wait(host, WorkKind::RemoveRecovered, &record.vm, job_id, work, Some(FINAL_SYNC_WAIT))
+            .dispatch_and_wait(
+                host,
+                WorkKind::RemoveRecovered,
+                &record.vm,
+                job_id,
+                work,
+                Some(FINAL_SYNC_WAIT),
+            )
             .await
         {
             Ok(_) => format!("; the copy on {host} was removed"),

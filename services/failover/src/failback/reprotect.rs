@@ -38,7 +38,13 @@ impl Orchestrator {
         // The base of the first cycle: still in the store, or re-protect cannot ship a delta.
         self.get_point(&vm.name, &record.point_id).await?;
         let disks = source_disks(&record, &vm)?;
-        let mut job = JobTracker::start(self.registry.clone(), "reprotect", &vm.name, &REPROTECT_STEPS).await?;
+        let mut job = JobTracker::start(
+            self.registry.clone(),
+            "reprotect",
+            &vm.name,
+            &REPROTECT_STEPS,
+        )
+        .await?;
         let res = self.run_reprotect(&mut job, &vm, &record, disks).await;
         Ok(match res {
             Ok(()) => job.succeed().await,

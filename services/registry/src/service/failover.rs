@@ -110,7 +110,8 @@ fn failover_events(
     );
     let t = match e {
         E::Reprotected => {
-            if !same && !(v.state == VmState::Protected && v.site.failover_id.is_empty()) {
+            let repeated = v.state == VmState::Protected && v.site.failover_id.is_empty();
+            if !(same || repeated) {
                 return Err(RegistryError::FailedPrecondition(format!(
                     "vm {}: failover {:?} is not the committed one ({:?})",
                     v.name, req.failover_id, v.site.failover_id

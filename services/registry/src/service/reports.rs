@@ -131,6 +131,16 @@ impl RegistryService {
         let class = ErrorClass::try_from(req.error_class)
             .map_err(|e| RegistryError::InvalidArgument(format!("error_class: {e}")))?;
         let error = req.error.clone();
+        {
+            let st = self.state.lock().await;
+            if let Some(v) = st.vms.get(&req.vm)
+                && !req.host.is_empty()
+                && v.host != req.host
+            {
+                tracing::info!(vm = %req.vm, host = %req.host, source = %v.host, error = %req.error, "replication error from a host that no longer replicates the vm; ignored");
+                return Ok(Response::new(pb::ReportReplicationErrorResponse {}));
+            }
+        }
         let t = match class {
             ErrorClass::ResyncRequired => Transition::ResyncRequired { error },
             ErrorClass::Recoverable => Transition::RecoverableError { error },
