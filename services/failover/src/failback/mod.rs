@@ -341,34 +341,10 @@ impl Orchestrator {
     ) -> Result<()> {
         let source = record.source_host.clone();
         job.enter_step(0).await?;
-        let stop = FailoverWork {
-            kind: "failback".into(),
-            failover_id: record.job_id.clone(),
-            final_sync: true,
-            ..FailoverWork::default()
-        };
-        let done = self
-            .dispatch_and_wait(
-                &source,
-                WorkKind::ShutdownVm,
-                &vm.name,
-                job.id(),
-                stop,
-                Some(FINAL_SYNC_WAIT),
-            )
-            .await
-            .map_err(|e| {
-                FailoverError::FailedPrecondition(format!(
-                    "the vm could not be shut down on {source} and synchronised: {e}"
-                ))
-            })?;
-        if done.final_point.is_empty() {
-            return Err(FailoverError::Internal(format!(
-                "host {source} stopped vm {} but named no final point",
-                vm.name
-            )));
-        }
-        record.point_id = done.final_point.clone();
+        let job_id = job.id().to_owned();
+        record.point_id = self
+            .stop_and_sync(&source, &vm.name, &job_id, "failback", &record.job_id)
+            .await?;
         self.ledger
             .put_fenced(record, &self.coord, kept.lease())
             .await?;

@@ -79,6 +79,46 @@ impl Orchestrator {
         }
     }
 
+    /// Stops the VM on its source `host` and has the host ship its last writes (fenced
+    /// first, so nothing comes after); the final point. A source that cannot is the job's
+    /// failure (the host started the VM again itself).
+    pub(crate) async fn stop_and_sync(
+        &self,
+        host: &str,
+        vm: &str,
+        job_id: &str,
+        kind: &str,
+        failover_id: &str,
+    ) -> Result<String> {
+        let work = FailoverWork {
+            kind: kind.into(),
+            failover_id: failover_id.to_owned(),
+            final_sync: true,
+            ..FailoverWork::default()
+        };
+        let done = self
+            .dispatch_and_wait(
+                host,
+                WorkKind::ShutdownVm,
+                vm,
+                job_id,
+                work,
+                Some(FINAL_SYNC_WAIT),
+            )
+            .await
+            .map_err(|e| {
+                FailoverError::FailedPrecondition(format!(
+                    "the vm could not be shut down on {host} and synchronised: {e}"
+                ))
+            })?;
+        if done.final_point.is_empty() {
+            return Err(FailoverError::Internal(format!(
+                "host {host} stopped vm {vm} but named no final point"
+            )));
+        }
+        Ok(done.final_point)
+    }
+
     pub(super) async fn run_planned(
         &self,
         job: &mut JobTracker,
@@ -93,29 +133,11 @@ impl Orchestrator {
         )
         .await;
         job.enter_step(1).await?;
-        let work = FailoverWork {
-            kind: "planned".into(),
-            failover_id: record.job_id.clone(),
-            final_sync: true,
-            ..FailoverWork::default()
-        };
         let (host, job_id) = (vm.host.clone(), job.id().to_owned());
-        let kind = WorkKind::ShutdownVm;
-        let done = self
-            .dispatch_and_wait(&host, kind, &vm.name, &job_id, work, Some(FINAL_SYNC_WAIT))
-            .await
-            .map_err(|e| {
-                FailoverError::FailedPrecondition(format!(
-                    "the source vm could not be shut down and synchronised: {e}"
-                ))
-            })?;
-        if done.final_point.is_empty() {
-            return Err(FailoverError::Internal(format!(
-                "host {host} stopped vm {} but named no final point",
-                vm.name
-            )));
-        }
-        record.point_id = done.final_point.clone();
+        let final_point = self
+            .stop_and_sync(&host, &vm.name, &job_id, "planned", &record.job_id)
+            .await?;
+        record.point_id = final_point;
         self.ledger
             .put_fenced(record, &self.coord, kept.lease())
             .await?;
