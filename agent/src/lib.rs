@@ -278,6 +278,8 @@ impl Agent {
                     Ok(()) => {
                         tracing::warn!(vm = %vm, "vm failed over to another host: its writes here are refused")
                     }
+                    // Not served here (a failback target writing its disks): nothing to fence.
+                    Err(tracker::TrackerError::UnknownVm(_)) => {}
                     Err(e) => {
                         tracing::warn!(vm = %vm, error = %e, "cannot fence a vm that failed over")
                     }
