@@ -222,6 +222,16 @@ impl Ledger {
         }))
     }
 
+    /// The VM's last committed planned, unplanned or failback failover, if any.
+    pub async fn last_committed(&self, vm: &str) -> Result<Option<Record>> {
+        Ok(self
+            .records()
+            .await?
+            .into_iter()
+            .rev()
+            .find(|r| r.vm == vm && r.kind != "test" && r.state == STATE_COMMITTED))
+    }
+
     /// The record created by job `job_id`, in its latest state.
     pub async fn get(&self, job_id: &str) -> Result<Option<Record>> {
         Ok(self

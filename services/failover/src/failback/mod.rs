@@ -29,8 +29,7 @@ use crate::Orchestrator;
 use crate::error::{FailoverError, Result};
 use crate::job::JobTracker;
 use crate::records::{
-    Record, STATE_ACTIVE, STATE_COMMITTED, STATE_COMPLETING, STATE_FAILED, STATE_RUNNING,
-    STATE_SYNCED,
+    Record, STATE_ACTIVE, STATE_COMPLETING, STATE_FAILED, STATE_RUNNING, STATE_SYNCED,
 };
 use crate::test_failover::check_vm_name;
 
@@ -124,11 +123,8 @@ impl Orchestrator {
     async fn last_committed(&self, vm: &Vm) -> Result<String> {
         Ok(self
             .ledger
-            .records()
+            .last_committed(&vm.name)
             .await?
-            .into_iter()
-            .rev()
-            .find(|r| r.vm == vm.name && r.kind != "test" && r.state == STATE_COMMITTED)
             .filter(|r| r.host == vm.host)
             .map(|r| r.job_id)
             .unwrap_or_default())
@@ -397,21 +393,9 @@ impl Orchestrator {
     /// After a failed phase 2: the source lifts its fence and starts the VM again (says how
     /// it went; never fails the job further).
     async fn restart_source(&self, job_id: &str, record: &Record) -> String {
-        let work = FailoverWork {
-            kind: "failback".into(),
-            failover_id: record.job_id.clone(),
-            ..FailoverWork::default()
-        };
         let host = &record.source_host;
         match self
-            .dispatch_and_wait(
-                host,
-                WorkKind::ResumeVm,
-                &record.vm,
-                job_id,
-                work,
-                Some(FINAL_SYNC_WAIT),
-            )
+            .on_source(record, WorkKind::ResumeVm, &record.job_id, job_id)
             .await
         {
             Ok(_) => format!("the failback failed: vm started again on {host}"),
@@ -427,21 +411,10 @@ impl Orchestrator {
         if record.kind != "failback" || record.previous_failover_id.is_empty() {
             return String::new();
         }
-        let work = FailoverWork {
-            kind: "failback".into(),
-            failover_id: record.previous_failover_id.clone(),
-            ..FailoverWork::default()
-        };
         let host = &record.source_host;
+        let failover = &record.previous_failover_id;
         match self
-            .dispatch_and_wait(
-                host,
-                WorkKind::RemoveRecovered,
-                &record.vm,
-                job_id,
-                work,
-                Some(FINAL_SYNC_WAIT),
-            )
+            .on_source(record, WorkKind::RemoveRecovered, failover, job_id)
             .await
         {
             Ok(_) => format!("; the copy on {host} was removed"),
@@ -450,6 +423,24 @@ impl Orchestrator {
                 format!("; the copy on {host} could not be removed: {e}")
             }
         }
+    }
+
+    /// Host work of failover `failover_id` on the failback's source host, for job `job_id`.
+    async fn on_source(
+        &self,
+        record: &Record,
+        kind: WorkKind,
+        failover_id: &str,
+        job_id: &str,
+    ) -> Result<ferry_proto::scheduler::v1::RecoveredVm> {
+        let work = FailoverWork {
+            kind: "failback".into(),
+            failover_id: failover_id.to_owned(),
+            ..FailoverWork::default()
+        };
+        let wait = Some(FINAL_SYNC_WAIT);
+        self.dispatch_and_wait(&record.source_host, kind, &record.vm, job_id, work, wait)
+            .await
     }
 
     /// A failback job found in progress after a restart: phase 1 or phase 2 again.

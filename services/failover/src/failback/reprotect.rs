@@ -13,7 +13,7 @@ use tracing::info;
 use crate::Orchestrator;
 use crate::error::{FailoverError, Result};
 use crate::job::JobTracker;
-use crate::records::{Record, STATE_COMMITTED};
+use crate::records::Record;
 use crate::test_failover::check_vm_name;
 
 pub const REPROTECT_STEPS: [&str; 2] = [
@@ -106,11 +106,8 @@ impl Orchestrator {
     /// it runs on now.
     async fn committed_failover(&self, vm: &Vm) -> Result<Record> {
         self.ledger
-            .records()
+            .last_committed(&vm.name)
             .await?
-            .into_iter()
-            .rev()
-            .find(|r| r.vm == vm.name && r.kind != "test" && r.state == STATE_COMMITTED)
             .filter(|r| r.host == vm.active_host && vm.failover_id == r.job_id)
             .ok_or_else(|| {
                 FailoverError::FailedPrecondition(format!(
