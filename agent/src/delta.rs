@@ -408,18 +408,21 @@ impl Agent {
 
     /// The disks of a configured VM, or of the VM recovered here (re-protected from here).
     pub(crate) fn vm_disks(&self, vm: &str) -> Result<Vec<Disk>, ReplError> {
-        let disks: Vec<Disk> = match self.cfg.vms.iter().find(|v| v.name == vm) {
-            Some(v) => v
+        // A VM running here from a folder replicates from there (see `source_run`).
+        let configured = self.cfg.vms.iter().find(|v| v.name == vm);
+        let disks: Vec<Disk> = match (self.recovered_disks(vm), configured) {
+            (Some(disks), _) => disks,
+            (None, Some(v)) => v
                 .disks
                 .iter()
                 .map(|p| crate::inventory::describe_disk(vm, p, self.tracker.as_ref()))
                 .collect(),
-            None => self.recovered_disks(vm).ok_or_else(|| {
-                ReplError::Permanent(format!(
+            (None, None) => {
+                return Err(ReplError::Permanent(format!(
                     "vm {vm} is neither configured nor recovered on host {}",
                     self.creds.host
-                ))
-            })?,
+                )));
+            }
         };
         if let Some(d) = disks.iter().find(|d| !d.error.is_empty()) {
             return Err(ReplError::Permanent(format!(

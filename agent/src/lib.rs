@@ -99,6 +99,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         retry_unit_ms: Default::default(),
         driver,
     };
+    agent.serve_folders().await;
     let hb = tokio::spawn(agent.clone().heartbeat_loop(shutdown.clone()));
     agent.work_loop(shutdown.clone()).await;
     hb.abort();
@@ -224,7 +225,12 @@ impl Agent {
         let mut fenced = std::collections::HashSet::new();
         loop {
             let inv: Vec<_> = {
-                let vms = self.cfg.vms.clone();
+                // A configured VM that runs here from a folder (failed back into one) is not
+                // reported with its configured disks: the registry knows the folder's.
+                let vms: Vec<_> = (self.cfg.vms.iter())
+                    .filter(|v| !self.runs_from_folder(&v.name))
+                    .cloned()
+                    .collect();
                 let tracker = self.tracker.clone();
                 tokio::task::spawn_blocking(move || {
                     vms.iter()

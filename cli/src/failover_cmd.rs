@@ -31,10 +31,12 @@ pub(crate) async fn failback(
             "ferry failback: name the vm (ferry failback VM, or ferry failback complete VM)"
         );
     };
-    let target_dir = match &args.dir {
-        Some(d) => std::path::absolute(d)?.to_string_lossy().into(),
-        None => String::new(),
-    };
+    // A folder on the target host, passed as given (the service refuses a relative one).
+    let target_dir = args
+        .dir
+        .as_ref()
+        .map(|d| d.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let req = FailbackRequest {
         vm: vm.clone(),
         mode: args.sync.clone(),

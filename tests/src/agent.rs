@@ -32,6 +32,12 @@ impl InProcessAgent {
 /// Runs qemu-io commands (`write -P 0x5a 1M 64k`, ...) against an NBD URI: a guest writing
 /// through the tracker.
 pub fn nbd_write(uri: &str, cmds: &[&str]) -> anyhow::Result<()> {
+    nbd_io(uri, cmds)
+}
+
+/// Runs qemu-io commands (`read -P 0x5a 0 64k`, ...) against an NBD URI: a guest checking
+/// what its disk holds.
+pub fn nbd_io(uri: &str, cmds: &[&str]) -> anyhow::Result<()> {
     let mut c = Command::new("qemu-io");
     c.args(["-f", "raw"]);
     for x in cmds {

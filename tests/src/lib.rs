@@ -3,15 +3,20 @@
 //! agents (in-process or as `ferry-agent` processes), disks made by `qemu-img`/`qemu-io`.
 mod agent;
 pub mod bench;
+mod failover;
 mod gateway;
 mod mesh;
 mod replicas;
 mod tools;
 
 pub use agent::{
-    InProcessAgent, host_tls, nbd_write, spawn_agent_process, unclean_logs, wait_logs_closed,
+    InProcessAgent, host_tls, nbd_io, nbd_write, spawn_agent_process, unclean_logs,
+    wait_logs_closed,
 };
+pub use failover::{command_driver, ok_job};
 pub use gateway::InProcessGateway;
 pub use mesh::{TestMesh, init_logs, policy_resync_window_closed, start_mesh_with_block_size};
 pub use replicas::Replica;
-pub use tools::{bin, fill_random, qemu_compare, qemu_create, qemu_io, qemu_virtual_size, run};
+pub use tools::{
+    bin, fill_random, qemu_compare, qemu_convert, qemu_create, qemu_io, qemu_virtual_size, run,
+};

@@ -54,6 +54,18 @@ impl TestMesh {
             .output()?)
     }
 
+    /// `ferry ARGS` started in the background, its stdout and stderr piped (a command that
+    /// blocks until its job ends, while the test kills something under it).
+    pub fn ferry_spawn(&self, args: &[&str]) -> anyhow::Result<std::process::Child> {
+        Ok(Command::new(crate::bin("ferry")?)
+            .arg("--config")
+            .arg(&self.mesh.config_path)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?)
+    }
+
     /// `ferry ARGS` as [`ferry_cli`](Self::ferry_cli) runs it: whether it succeeded, its
     /// stdout and its stderr.
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
@@ -368,11 +380,24 @@ impl TestMesh {
         vms: &[(&str, Vec<PathBuf>)],
         extra: &str,
     ) -> anyhow::Result<crate::InProcessAgent> {
+        let cfg = self.site_agent_config(host, site, vms, extra).await?;
+        crate::InProcessAgent::start(&cfg)
+    }
+
+    /// The agent.toml [`site_agent`](Self::site_agent) starts an agent with, in
+    /// `<test dir>/<host>/` (for an agent process: `spawn_agent_process`).
+    pub async fn site_agent_config(
+        &self,
+        host: &str,
+        site: &str,
+        vms: &[(&str, Vec<PathBuf>)],
+        extra: &str,
+    ) -> anyhow::Result<PathBuf> {
         let cfg = self.agent_config(&self.path(host), host, vms).await?;
         let toml = std::fs::read_to_string(&cfg)?
             .replace("site = \"site-a\"", &format!("site = \"{site}\""));
         std::fs::write(&cfg, toml + extra)?;
-        crate::InProcessAgent::start(&cfg)
+        Ok(cfg)
     }
 
     /// The recovery host of the failover tests: `hv-dr01` in site-b with `[recovery] dir =

@@ -64,12 +64,31 @@ pub fn qemu_compare(a: &Path, fa: &str, b: &Path, fb: &str) -> anyhow::Result<bo
         .output()?;
     match out.status.code() {
         Some(0) => Ok(true),
-        Some(1) => Ok(false),
+        Some(1) => {
+            // Where they differ, for the failing test's output.
+            eprintln!(
+                "qemu-img compare {} {}: {}",
+                a.display(),
+                b.display(),
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
+            Ok(false)
+        }
         _ => bail!(
             "qemu-img compare failed: {}",
             String::from_utf8_lossy(&out.stderr)
         ),
     }
+}
+
+/// `qemu-img convert -O raw`: the guest-visible content of `src` (any format qemu probes,
+/// or an NBD URI) into the raw file `dst`.
+pub fn qemu_convert(src: &Path, dst: &Path) -> anyhow::Result<()> {
+    run(Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(src)
+        .arg(dst))
+    .map(|_| ())
 }
 
 pub fn qemu_virtual_size(path: &Path, fmt: &str) -> anyhow::Result<u64> {

@@ -4,76 +4,12 @@
 //! (only the blocks that differ move), is committed and re-protected forward, writes on
 //! hv01 again; a test failover of the latest point then equals hv01's disk, and every write
 //! of both sites is in it.
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+
+use std::path::PathBuf;
 
 use ferry_tests::*;
 
 const MIB: u64 = 1 << 20;
-
-/// A command driver in `dir` that records its calls.
-fn driver(dir: &Path) -> anyhow::Result<String> {
-    std::fs::create_dir_all(dir)?;
-    std::fs::write(
-        dir.join("start.sh"),
-        "#!/bin/sh\necho \"call=start vm=$FERRY_VM network=$FERRY_NETWORK disks=$FERRY_DISKS\" >> calls.log\n",
-    )?;
-    std::fs::write(
-        dir.join("stop.sh"),
-        "#!/bin/sh\necho \"call=stop vm=$FERRY_VM\" >> calls.log\n",
-    )?;
-    Ok("[driver]\nkind = \"command\"\nstart = \"sh ./start.sh\"\nstop = \"sh ./stop.sh\"\n".into())
-}
-
-fn ok_job(job: &serde_json::Value) -> anyhow::Result<()> {
-    anyhow::ensure!(job["status"] == "succeeded", "{job:#}");
-    Ok(())
-}
-
-/// Waits until `n` points newer than `after` exist (the next cycle after a write then holds it).
-async fn points_after(t: &TestMesh, vm: &str, after: &str, n: usize) -> anyhow::Result<String> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        let points = t.cli_json(&["points", "list", vm, "-o", "json"])?;
-        let ids: Vec<String> = points
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|p| p["id"].as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let newer = match ids.iter().position(|id| id == after) {
-            Some(i) => ids.len() - i - 1,
-            None => ids.len(),
-        };
-        if newer >= n {
-            return Ok(ids.last().cloned().unwrap_or_default());
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "vm {vm}: only {newer} points after {after}: {points}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
-fn failover_disk(t: &TestMesh, kind: &str) -> anyhow::Result<(PathBuf, String)> {
-    let list = t.cli_json(&["failover", "list", "-o", "json"])?;
-    let f = list
-        .as_array()
-        .and_then(|a| {
-            a.iter()
-                .rev()
-                .find(|f| f["kind"] == kind && f["state"] == "active")
-        })
-        .ok_or_else(|| anyhow::anyhow!("no active {kind} failover: {list}"))?;
-    let d = &f["disks"][0];
-    Ok((
-        PathBuf::from(d["path"].as_str().unwrap_or_default()),
-        d["nbd_uri"].as_str().unwrap_or_default().to_owned(),
-    ))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_round_trip_home_sends_only_what_differs() -> anyhow::Result<()> {
@@ -89,11 +25,11 @@ async fn the_round_trip_home_sends_only_what_differs() -> anyhow::Result<()> {
             "hv01",
             "site-a",
             &[("web01", vec![web.clone()])],
-            &format!("[tracker]\n{}", driver(&hv01)?),
+            &format!("[tracker]\n{}", command_driver(&hv01)?),
         )
         .await?;
     let dr_dir = t.path("hv-dr01");
-    let dr = t.recovery_agent(&driver(&dr_dir)?).await?;
+    let dr = t.recovery_agent(&command_driver(&dr_dir)?).await?;
     t.wait_vm("web01").await?;
     t.protect_to_recovery("web01", "2s")?;
     let uri = t.vm("web01").await?.disks[0].nbd_uri.clone();
@@ -102,7 +38,7 @@ async fn the_round_trip_home_sends_only_what_differs() -> anyhow::Result<()> {
     // Planned failover, then the recovered VM writes at the recovery site: two vault blocks.
     ok_job(&t.cli_json(&["failover", "planned", "web01", "-o", "json"])?)?;
     let failover_point = t.vm("web01").await?.failover_point;
-    let (_, dr_uri) = failover_disk(&t, "planned")?;
+    let (_, dr_uri) = t.failover_disk("planned")?;
     nbd_write(
         &dr_uri,
         &["write -P 0xb2 5M 64k", "write -P 0xb3 5632k 64k"],
@@ -139,7 +75,7 @@ async fn the_round_trip_home_sends_only_what_differs() -> anyhow::Result<()> {
     // More writes at the recovery site, replicated (one more vault block).
     let last = t.vm("web01").await?.last_point_id;
     nbd_write(&dr_uri, &["write -P 0xc4 9M 64k"])?;
-    points_after(&t, "web01", &last, 2).await?;
+    t.points_after("web01", &last, 2).await?;
 
     // Failback, checksum sync: phase 1 while the vm runs, then phase 2.
     let phase1 = t.cli_json(&["failback", "web01", "-o", "json"])?;
@@ -187,13 +123,13 @@ async fn the_round_trip_home_sends_only_what_differs() -> anyhow::Result<()> {
     let uri = t.vm("web01").await?.disks[0].nbd_uri.clone();
     let last = t.vm("web01").await?.last_point_id;
     nbd_write(&uri, &["write -P 0xd5 13M 64k"])?;
-    let latest = points_after(&t, "web01", &last, 2).await?;
+    let latest = t.points_after("web01", &last, 2).await?;
 
     // A test failover of the latest point equals hv01's disk and holds every write.
     ok_job(&t.cli_json(&[
         "failover", "test", "web01", "--point", &latest, "-o", "json",
     ])?)?;
-    let (copy, _) = failover_disk(&t, "test")?;
+    let (copy, _) = t.failover_disk("test")?;
     assert!(
         qemu_compare(&web, "raw", &copy, "raw")?,
         "the latest point is not hv01's disk"
@@ -213,6 +149,119 @@ async fn the_round_trip_home_sends_only_what_differs() -> anyhow::Result<()> {
     assert_ne!(latest, failover_point);
     ok_job(&t.cli_json(&["failover", "cleanup", "web01", "-o", "json"])?)?;
 
+    for a in [primary, dr] {
+        a.shutdown().await?;
+    }
+    t.stop().await;
+    Ok(())
+}
+
+/// Failback into a folder with full sync (scope 3): a vhdx VM fails over (planned), writes
+/// at the recovery site and is re-protected; the failback creates it in a new folder on hv01
+/// (every block written, in the source's format), equal to the recovery side's last state,
+/// and leaves the original disk as it was; after the commit and a re-protect hv01 replicates
+/// it from that folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failback_into_a_folder_with_full_sync_leaves_the_original_disk_alone() -> anyhow::Result<()>
+{
+    let t = TestMesh::start().await?;
+    let disks = t.path("disks");
+    std::fs::create_dir_all(&disks)?;
+    let web = disks.join("web01.vhdx");
+    qemu_create(&web, "vhdx", "", "16M")?;
+    qemu_io(&web, "vhdx", &["write -P 0x5a 0 4M"])?;
+    let hv01 = t.path("hv01");
+    let primary = t
+        .site_agent(
+            "hv01",
+            "site-a",
+            &[("web01", vec![web.clone()])],
+            &format!("[tracker]\n{}", command_driver(&hv01)?),
+        )
+        .await?;
+    let dr_dir = t.path("hv-dr01");
+    let dr = t.recovery_agent(&command_driver(&dr_dir)?).await?;
+    t.wait_vm("web01").await?;
+    t.protect_to_recovery("web01", "2s")?;
+    ok_job(&t.cli_json(&["failover", "planned", "web01", "-o", "json"])?)?;
+    let (_, dr_uri) = t.failover_disk("planned")?;
+    // Served images are compared through their exports (a served vhdx has a live log). The
+    // original disk holds the failover point, as the recovered one does before it writes.
+    let nbd = |uri: &str| PathBuf::from(uri);
+    let before = disks.join("before.raw");
+    qemu_convert(&nbd(&dr_uri), &before)?;
+    nbd_write(&dr_uri, &["write -P 0xb2 5M 64k"])?;
+    ok_job(&t.cli_json(&["failover", "commit", "web01", "-o", "json"])?)?;
+    ok_job(&t.cli_json(&["vm", "reprotect", "web01", "-o", "json"])?)?;
+
+    // A relative folder, or one that climbs out, is refused before anything starts.
+    for bad in ["relative/dir", "/srv/../etc"] {
+        let (ok, _, err) = t.cli(&["failback", "web01", "--dir", bad])?;
+        assert!(
+            !ok && err.contains(bad) && err.contains("InvalidArgument"),
+            "{bad}: {err}"
+        );
+    }
+    let home = t.path("new-home");
+    let home_s = home.display().to_string();
+    let job = t.cli_json(&[
+        "failback", "web01", "--sync", "full", "--dir", &home_s, "--wait", "-o", "json",
+    ])?;
+    ok_job(&job)?;
+    let copy = home.join("web01").join("web01.vhdx");
+    let (served, copy_uri) = t.failover_disk("failback")?;
+    assert_eq!(served, copy);
+    assert_eq!(
+        &std::fs::read(&copy)?[..8],
+        b"vhdxfile",
+        "the source's format"
+    );
+    assert!(
+        qemu_compare(&nbd(&copy_uri), "raw", &nbd(&dr_uri), "raw")?,
+        "the new disk is not the recovery side's last state"
+    );
+    // The original, no longer served, is as it was.
+    assert!(
+        qemu_compare(&web, "vhdx", &before, "raw")?,
+        "the original disk changed"
+    );
+    let v = t.cli_json(&["vm", "show", "web01", "-o", "json"])?;
+    assert_eq!(
+        (v["state"].as_str(), v["active_host"].as_str()),
+        (Some("failed-over"), Some("hv01")),
+        "{v}"
+    );
+    let calls = std::fs::read_to_string(hv01.join("calls.log"))?;
+    assert!(calls.contains(&copy.display().to_string()), "{calls}");
+    ok_job(&t.cli_json(&["failover", "commit", "web01", "-o", "json"])?)?;
+    assert!(!dr_dir.join("recovered/web01").exists());
+
+    // Forward again, from the folder: hv01's writes there reach the points.
+    ok_job(&t.cli_json(&["vm", "reprotect", "web01", "-o", "json"])?)?;
+    let vm = t.vm("web01").await?;
+    assert_eq!(vm.disks[0].path, copy.display().to_string(), "{vm:?}");
+    let last = vm.last_point_id.clone();
+    nbd_write(&vm.disks[0].nbd_uri, &["write -P 0xd5 9M 64k"])?;
+    let latest = t.points_after("web01", &last, 2).await?;
+    ok_job(&t.cli_json(&[
+        "failover", "test", "web01", "--point", &latest, "-o", "json",
+    ])?)?;
+    let (_, tested) = t.failover_disk("test")?;
+    assert!(qemu_compare(
+        &nbd(&vm.disks[0].nbd_uri),
+        "raw",
+        &nbd(&tested),
+        "raw"
+    )?);
+    nbd_io(
+        &tested,
+        &[
+            "read -P 0x5a 0 64k",
+            "read -P 0xb2 5M 64k",
+            "read -P 0xd5 9M 64k",
+        ],
+    )?;
+    ok_job(&t.cli_json(&["failover", "cleanup", "web01", "-o", "json"])?)?;
     for a in [primary, dr] {
         a.shutdown().await?;
     }

@@ -35,14 +35,17 @@ use crate::{Agent, ReplError};
 
 /// What the target recorded of a failback.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct Progress {
-    failover_id: String,
+pub(super) struct Progress {
+    pub(super) failover_id: String,
     /// "syncing" (disks being written: not usable), "synced" (they hold `point`), "started".
-    phase: String,
-    point: String,
-    blocks_compared: u64,
-    blocks_rewritten: u64,
-    bytes_written: u64,
+    pub(super) phase: String,
+    pub(super) point: String,
+    pub(super) blocks_compared: u64,
+    pub(super) blocks_rewritten: u64,
+    pub(super) bytes_written: u64,
+    /// The VM's folder when it fails back into one (`failback_dir.rs`); empty onto its disks.
+    #[serde(default)]
+    pub(super) dir: PathBuf,
 }
 
 impl Agent {
@@ -54,10 +57,7 @@ impl Agent {
     ) -> Result<RecoveredVm, ReplError> {
         let work = failover_of(item)?;
         if !work.target_dir.is_empty() {
-            return Err(ReplError::Permanent(format!(
-                "vm {}: failback into a folder ({}) is not supported by this agent yet; fail back onto the vm's own disks",
-                item.vm, work.target_dir
-            )));
+            return self.failback_into_folder(item, &work, cancel).await;
         }
         let vm = item.vm.as_str();
         let locals = self.failback_disks(vm)?;
@@ -104,7 +104,7 @@ impl Agent {
 
     /// One disk to `disk` of `point`: by comparison (checksum), every block (full), or only
     /// the blocks that differ from the base point (phase 2).
-    async fn bring_disk(
+    pub(super) async fn bring_disk(
         &self,
         vm: &str,
         work: &FailoverWork,
@@ -263,7 +263,7 @@ fn pair_disks<'a>(
 }
 
 /// Every block of `map` written, every other block zeroed.
-fn full_plan(map: &[(u64, ChunkId)], blocks: u64) -> Plan {
+pub(super) fn full_plan(map: &[(u64, ChunkId)], blocks: u64) -> Plan {
     let mut zero = Vec::new();
     let mut it = map.iter().peekable();
     for i in 0..blocks {
@@ -283,7 +283,11 @@ fn full_plan(map: &[(u64, ChunkId)], blocks: u64) -> Plan {
 
 /// What turns a disk holding `before` into `after` (both sorted by block): the blocks whose
 /// entry changed, and the blocks `after` no longer holds (zeros there).
-fn plan_between(before: &[(u64, ChunkId)], after: &[(u64, ChunkId)], blocks: u64) -> Plan {
+pub(super) fn plan_between(
+    before: &[(u64, ChunkId)],
+    after: &[(u64, ChunkId)],
+    blocks: u64,
+) -> Plan {
     let old: std::collections::HashMap<u64, &ChunkId> =
         before.iter().map(|(i, id)| (*i, id)).collect();
     let fetch: Vec<(u64, ChunkId)> = after
@@ -304,11 +308,11 @@ fn plan_between(before: &[(u64, ChunkId)], after: &[(u64, ChunkId)], blocks: u64
     }
 }
 
-fn progress_path(data_dir: &Path, vm: &str) -> PathBuf {
+pub(super) fn progress_path(data_dir: &Path, vm: &str) -> PathBuf {
     data_dir.join("failback").join(format!("{vm}.json"))
 }
 
-fn read_progress(path: &Path) -> Result<Option<Progress>, ReplError> {
+pub(super) fn read_progress(path: &Path) -> Result<Option<Progress>, ReplError> {
     match std::fs::read(path) {
         Ok(b) => serde_json::from_slice(&b)
             .map(Some)
@@ -321,7 +325,7 @@ fn read_progress(path: &Path) -> Result<Option<Progress>, ReplError> {
     }
 }
 
-fn write_progress(path: &Path, p: &Progress) -> Result<(), ReplError> {
+pub(super) fn write_progress(path: &Path, p: &Progress) -> Result<(), ReplError> {
     let json = serde_json::to_vec_pretty(p)
         .map_err(|e| ReplError::Permanent(format!("encoding {}: {e}", path.display())))?;
     let dir = path.parent().unwrap_or(Path::new("."));

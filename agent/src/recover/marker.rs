@@ -11,7 +11,7 @@ use crate::ReplError;
 use crate::driver::RunDisk;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(super) struct Marker {
+pub(crate) struct Marker {
     pub(super) failover_id: String,
     /// The work item that made the folder what it is (the failover's, then each change of
     /// point's); "" in markers written before it was recorded.

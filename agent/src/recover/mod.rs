@@ -15,6 +15,7 @@
 //! is a change of point, done in place ([`repoint`]); a folder of another failover is
 //! refused, never reused.
 mod failback;
+mod failback_dir;
 mod marker;
 mod repoint;
 mod source;
@@ -63,10 +64,73 @@ impl Agent {
 
     /// The VM recovered here for production (a finished planned or unplanned failover in
     /// its folder): after a re-protect this host replicates it.
+    /// At start: the tracker serves the configured disks only, so the disks of every VM
+    /// that runs here from a folder (recovered, or failed back into one) are served again,
+    /// in place of the VM's configured disks where it has both.
+    pub(crate) async fn serve_folders(&self) {
+        if self.tracker.is_none() {
+            return;
+        }
+        let mut dirs = Vec::new();
+        if let (Some(r), true) = (&self.cfg.recovery, self.recovery_ready) {
+            dirs.extend(subfolders(&r.dir));
+        }
+        dirs.extend(
+            subfolders(&self.cfg.data_dir.join("failback"))
+                .into_iter()
+                .filter_map(|p| {
+                    let vm = p.file_stem()?.to_str()?.to_owned();
+                    self.failback_folder(&vm)
+                }),
+        );
+        for dir in dirs {
+            let Ok(Some(mut m)) = marker::read(&dir) else {
+                continue;
+            };
+            if !m.finished {
+                continue;
+            }
+            let vm = m.vm.clone();
+            self.stop_serving(&vm).await;
+            match self.serve(&vm, &mut m).await {
+                Ok(()) => {
+                    info!(vm = %vm, dir = %dir.display(), disks = m.disks.len(), "disks of a vm that runs from a folder served again")
+                }
+                Err(e) => {
+                    warn!(vm = %vm, dir = %dir.display(), error = %e, "cannot serve the disks of a vm that runs from a folder")
+                }
+            }
+        }
+    }
+
+    /// Whether `vm` runs here from a folder (recovered, or failed back into one).
+    pub(crate) fn runs_from_folder(&self, vm: &str) -> bool {
+        self.recovered(vm).is_some()
+    }
+
+    /// Under `[recovery] dir`, or in the folder a failback into a folder made here.
     fn recovered(&self, vm: &str) -> Option<(PathBuf, Marker)> {
-        let dir = self.recovery_dir(vm).ok()?;
-        let m = marker::read(&dir).ok()??;
-        (m.finished && m.network == "production").then_some((dir, m))
+        let running = |dir: PathBuf| {
+            let m = marker::read(&dir).ok()??;
+            (m.finished && m.network == "production").then_some((dir, m))
+        };
+        (self.recovery_dir(vm).ok().and_then(running))
+            .or_else(|| self.failback_folder(vm).and_then(running))
+    }
+
+    /// The folder of failover `failover_id` of `vm` here: the failback folder that holds
+    /// it, else the VM's folder under `[recovery] dir`.
+    fn folder_of(&self, vm: &str, failover_id: &str) -> Result<PathBuf, ReplError> {
+        let back = self.failback_folder(vm).filter(|dir| {
+            marker::read(dir)
+                .ok()
+                .flatten()
+                .is_some_and(|m| m.failover_id == failover_id)
+        });
+        match back {
+            Some(dir) => Ok(dir),
+            None => self.recovery_dir(vm),
+        }
     }
 
     /// The disks of the VM recovered here, with the ids of its points' disks.
@@ -183,7 +247,7 @@ impl Agent {
 
     /// Serves the written disks, writes the VM's spec and starts it; then the marker is
     /// finished.
-    async fn start_recovered(
+    pub(super) async fn start_recovered(
         &self,
         vm: &str,
         dir: &Path,
@@ -214,7 +278,7 @@ impl Agent {
         cancel: &CancellationToken,
     ) -> Result<(), ReplError> {
         let work = failover_of(item)?;
-        let dir = self.recovery_dir(&item.vm)?;
+        let dir = self.folder_of(&item.vm, &work.failover_id)?;
         let m = match marker::read(&dir)? {
             None if !dir.exists() => {
                 info!(vm = %item.vm, "nothing recovered here; nothing to remove");
@@ -307,7 +371,7 @@ impl Agent {
         Ok(())
     }
 
-    async fn stop_serving(&self, vm: &str) {
+    pub(super) async fn stop_serving(&self, vm: &str) {
         let Some(tracker) = &self.tracker else {
             return;
         };
@@ -406,6 +470,13 @@ fn plan_files(vm: &str, point: &RecoveryPoint) -> Result<Vec<String>, ReplError>
         files.push(file.to_owned());
     }
     Ok(files)
+}
+
+/// The entries of `dir` (none when it cannot be read).
+fn subfolders(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|it| it.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default()
 }
 
 fn remove_folder(dir: &Path) -> Result<(), ReplError> {

@@ -5,7 +5,7 @@
 //! failed before the VM ran elsewhere.
 use ferry_proto::scheduler::v1::WorkItem;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::driver::{Network, Nic, RunDisk, VmRun, VmSpec};
 use crate::{Agent, ReplError};
@@ -33,7 +33,7 @@ impl Agent {
         }
         // Fenced: the cut holds every write the tracker acknowledged, and nothing comes after.
         let synced = async {
-            self.delta_cycle(&run.vm, false, cancel).await?;
+            self.final_sync(&run.vm, &item.job_id, cancel).await?;
             self.get_point(&run.vm, "latest").await
         }
         .await;
@@ -55,6 +55,26 @@ impl Agent {
                 },
             ),
         }
+    }
+
+    /// The stopped, fenced VM's last writes as a point: one delta cycle — or, when its
+    /// logs cannot carry them (the agent was killed with a log open, or a resync was
+    /// interrupted), a checksum resync of its disks: a disk pass, longer, but nothing lost.
+    async fn final_sync(
+        &self,
+        vm: &str,
+        job_id: &str,
+        cancel: &CancellationToken,
+    ) -> Result<(), ReplError> {
+        if !self.resync_in_progress(vm) {
+            match self.delta_cycle(vm, false, cancel).await {
+                Err(e) if e.resync_required() => {
+                    warn!(vm, error = %e, "the change logs cannot carry the last writes; a checksum resync makes the final point");
+                }
+                r => return r,
+            }
+        }
+        self.resync(vm, job_id, cancel).await
     }
 
     /// RESUME_VM: the failover that stopped the VM failed before it ran elsewhere, so the
@@ -83,10 +103,12 @@ impl Agent {
     /// How the driver sees the configured VM `name` on this host (production network), or
     /// the VM recovered here (re-protected: this host is its source now).
     fn source_run(&self, name: &str) -> Result<VmRun, ReplError> {
+        // A VM that runs here from a folder (recovered, or failed back into one) runs from
+        // there, even when this host also has its configured disks.
+        if let Some(run) = self.recovered_run(name) {
+            return run;
+        }
         let Some(vm) = self.cfg.vms.iter().find(|v| v.name == name) else {
-            if let Some(run) = self.recovered_run(name) {
-                return run;
-            }
             return Err(ReplError::Permanent(format!(
                 "vm {name} is not configured on host {}",
                 self.creds.host

@@ -52,9 +52,37 @@ pub fn is_file_safe_vm_name(vm: &str) -> bool {
     !vm.is_empty() && !vm.contains(['/', '\\', '\0']) && !vm.starts_with('.')
 }
 
+/// Why `dir` cannot be a folder an operator names on a host for Ferry to write into (a
+/// failback's `--dir`); None when it can: an absolute path of plain components, without
+/// `.` or `..` (nothing may climb out of the folder the operator meant).
+pub fn folder_problem(dir: &str) -> Option<&'static str> {
+    use std::path::Component;
+    let path = std::path::Path::new(dir);
+    if dir.is_empty() || !path.is_absolute() {
+        return Some("must be an absolute path on the target host");
+    }
+    if dir.contains('\0') {
+        return Some("holds a NUL byte");
+    }
+    let plain = path
+        .components()
+        .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    (!plain || dir.split('/').any(|c| c == "." || c == ".."))
+        .then_some("may not hold `.` or `..` components")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn folders_an_operator_may_name() {
+        assert_eq!(folder_problem("/srv/vms/new"), None);
+        assert_eq!(folder_problem("/srv/vms/new/"), None);
+        for bad in ["", "vms", "./vms", "/srv/../etc", "/srv/./x", "/srv/x/.."] {
+            assert!(folder_problem(bad).is_some(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn file_names_from_host_paths() {

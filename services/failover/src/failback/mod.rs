@@ -90,6 +90,15 @@ impl Orchestrator {
         req: &FailbackRequest,
         sync: &str,
     ) -> Result<(Vm, JobTracker, Record)> {
+        if let Some(why) = (!req.target_dir.is_empty())
+            .then(|| ferry_model::disk::folder_problem(&req.target_dir))
+            .flatten()
+        {
+            return Err(FailoverError::InvalidArgument(format!(
+                "failback folder {:?} {why}",
+                req.target_dir
+            )));
+        }
         self.no_current_failover(&req.vm).await?;
         let vm = self.get_vm(&req.vm).await?;
         let target = match req.to_host.as_str() {
