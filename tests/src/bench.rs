@@ -1,7 +1,7 @@
 //! Helpers shared by the benchmarks in `src/bin/` (not used by tests).
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 
@@ -174,4 +174,44 @@ pub fn walk_size(p: &Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
+}
+
+/// The `ferry` CLI built next to this benchmark (`target/release/ferry`).
+pub fn ferry_bin() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let p = exe
+        .parent()
+        .context("the benchmark has no folder")?
+        .join("ferry");
+    anyhow::ensure!(
+        p.exists(),
+        "{} not built; run `cargo build --release -p ferry --bin ferry`",
+        p.display()
+    );
+    Ok(p)
+}
+
+pub fn path_str(p: &Path) -> anyhow::Result<&str> {
+    p.to_str()
+        .with_context(|| format!("{} is not UTF-8", p.display()))
+}
+
+/// A time `date +%s.%N` wrote into `path`.
+pub fn read_unix_time(path: &Path) -> anyhow::Result<SystemTime> {
+    let s = std::fs::read_to_string(path)?;
+    let (secs, nanos) = s.trim().split_once('.').context("no '.' in the time")?;
+    let nanos = format!("{nanos:0<9}");
+    Ok(UNIX_EPOCH
+        + Duration::new(
+            secs.parse().context("seconds")?,
+            nanos[..9].parse().context("nanoseconds")?,
+        ))
+}
+
+/// Seconds from `from` to `to` (negative when `to` is earlier).
+pub fn secs_between(from: SystemTime, to: SystemTime) -> f64 {
+    match to.duration_since(from) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    }
 }

@@ -96,7 +96,7 @@ impl Agent {
             .start(&run, cancel)
             .await
             .map_err(|e| ReplError::Permanent(format!("starting vm {} again: {e}", run.vm)))?;
-        info!(vm = %run.vm, "source vm started again after a failed failover");
+        info!(vm = %run.vm, "vm started here (its source again after a failed failover, or a failback's target)");
         Ok(())
     }
 

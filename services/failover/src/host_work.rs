@@ -15,7 +15,10 @@ use crate::Orchestrator;
 use crate::error::{FailoverError, Result};
 use crate::job::JobTracker;
 
-/// How often a job asks the scheduler whether the host finished.
+/// How often a job asks the scheduler whether the host finished: soon at first (most host
+/// work of a failover's last steps takes tens of milliseconds, and a job waiting on it is
+/// downtime), then less and less often, up to `POLL`.
+const POLL_FIRST: Duration = Duration::from_millis(10);
 const POLL: Duration = Duration::from_millis(300);
 /// How long a cancelled job waits for its host to stop the work (a host that does not
 /// answer by then is left to finish or fail on its own; its outcome no longer matters).
@@ -90,6 +93,7 @@ impl Orchestrator {
             .work_id;
         info!(vm = %vm, host = %host, work = %work_id, kind = ?kind, "failover work dispatched");
         let mut cancelled_at = None;
+        let mut poll = POLL_FIRST;
         loop {
             let r = self.work_result(&work_id).await?;
             if r.done && r.ok {
@@ -124,7 +128,7 @@ impl Orchestrator {
                 )));
             }
             tokio::select! {
-                () = tokio::time::sleep(POLL) => {}
+                () = tokio::time::sleep(poll) => poll = (poll * 2).min(POLL),
                 () = cancel.cancelled(), if cancelled_at.is_none() => {}
             }
         }

@@ -25,11 +25,13 @@
 //!
 //! `SIZE_MIB` and `FAILOVER_MODE` (environment) set the same as the flags; the mode `test`
 //! (default) runs `ferry failover test VM`, `planned` runs `ferry failover planned VM --wait`.
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use ferry_tests::bench::{drop_caches, make_image, timed};
+use ferry_tests::bench::{
+    drop_caches, ferry_bin, make_image, path_str, read_unix_time, secs_between, timed,
+};
 use ferry_tests::{TestMesh, qemu_compare};
 
 const VM: &str = "bench";
@@ -229,44 +231,4 @@ async fn main() -> anyhow::Result<()> {
         restic_s / rto_s
     );
     Ok(())
-}
-
-/// The `ferry` CLI built next to this benchmark (`target/release/ferry`).
-fn ferry_bin() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let p = exe
-        .parent()
-        .context("the benchmark has no folder")?
-        .join("ferry");
-    anyhow::ensure!(
-        p.exists(),
-        "{} not built; run `cargo build --release -p ferry --bin ferry`",
-        p.display()
-    );
-    Ok(p)
-}
-
-fn path_str(p: &Path) -> anyhow::Result<&str> {
-    p.to_str()
-        .with_context(|| format!("{} is not UTF-8", p.display()))
-}
-
-/// A time `date +%s.%N` wrote into `path`.
-fn read_unix_time(path: &Path) -> anyhow::Result<SystemTime> {
-    let s = std::fs::read_to_string(path)?;
-    let (secs, nanos) = s.trim().split_once('.').context("no '.' in the time")?;
-    let nanos = format!("{nanos:0<9}");
-    Ok(UNIX_EPOCH
-        + Duration::new(
-            secs.parse().context("seconds")?,
-            nanos[..9].parse().context("nanoseconds")?,
-        ))
-}
-
-/// Seconds from `from` to `to` (negative when `to` is earlier).
-fn secs_between(from: SystemTime, to: SystemTime) -> f64 {
-    match to.duration_since(from) {
-        Ok(d) => d.as_secs_f64(),
-        Err(e) => -e.duration().as_secs_f64(),
-    }
 }
