@@ -215,3 +215,46 @@ pub fn secs_between(from: SystemTime, to: SystemTime) -> f64 {
         Err(e) => -e.duration().as_secs_f64(),
     }
 }
+
+/// What `rsync --no-whole-file --inplace` of one file onto another took.
+pub struct Rsynced {
+    pub secs: f64,
+    pub sent: u64,
+    pub received: u64,
+}
+
+/// `rsync --no-whole-file --inplace --ignore-times --stats SRC DST`, caches dropped first,
+/// timed; fails unless DST then equals SRC (`qemu-img compare`, raw).
+pub fn rsync_inplace(src: &Path, dst: &Path) -> anyhow::Result<Rsynced> {
+    drop_caches();
+    let t0 = Instant::now();
+    let out = crate::run(
+        Command::new("rsync")
+            // --ignore-times: the copy may share the image's size and modification second,
+            // which rsync's quick check would take for "unchanged".
+            .args(["--no-whole-file", "--inplace", "--ignore-times", "--stats"])
+            .arg(src)
+            .arg(dst),
+    )?;
+    let secs = t0.elapsed().as_secs_f64();
+    let stat = |name: &str| -> anyhow::Result<u64> {
+        out.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split(':').nth(1))
+            .map(|v| v.trim().replace(',', ""))
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("rsync --stats has no {name:?}"))
+    };
+    let r = Rsynced {
+        secs,
+        sent: stat("Total bytes sent:")?,
+        received: stat("Total bytes received:")?,
+    };
+    anyhow::ensure!(
+        crate::qemu_compare(src, "raw", dst, "raw")?,
+        "rsync left {} different from {}",
+        dst.display(),
+        src.display()
+    );
+    Ok(r)
+}

@@ -11,14 +11,21 @@ use ferry_tests::*;
 
 const MIB: u64 = 1 << 20;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_round_trip_home_sends_only_what_differs() -> anyhow::Result<()> {
-    let t = TestMesh::start().await?;
+/// web01 (16 MiB, 4 MiB of 0x5a) on hv01 in site-a, protected every 2 s to hv-dr01.
+struct Sites {
+    web: PathBuf,
+    hv01: PathBuf,
+    primary: InProcessAgent,
+    dr_dir: PathBuf,
+    dr: InProcessAgent,
+}
+
+async fn protected(t: &TestMesh, format: &str) -> anyhow::Result<Sites> {
     let disks = t.path("disks");
     std::fs::create_dir_all(&disks)?;
-    let web = disks.join("web01.raw");
-    qemu_create(&web, "raw", "", "16M")?;
-    qemu_io(&web, "raw", &["write -P 0x5a 0 4M"])?;
+    let web = disks.join(format!("web01.{format}"));
+    qemu_create(&web, format, "", "16M")?;
+    qemu_io(&web, format, &["write -P 0x5a 0 4M"])?;
     let hv01 = t.path("hv01");
     let primary = t
         .site_agent(
@@ -32,6 +39,25 @@ async fn the_round_trip_home_sends_only_what_differs() -> anyhow::Result<()> {
     let dr = t.recovery_agent(&command_driver(&dr_dir)?).await?;
     t.wait_vm("web01").await?;
     t.protect_to_recovery("web01", "2s")?;
+    Ok(Sites {
+        web,
+        hv01,
+        primary,
+        dr_dir,
+        dr,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_round_trip_home_sends_only_what_differs() -> anyhow::Result<()> {
+    let t = TestMesh::start().await?;
+    let Sites {
+        web,
+        hv01,
+        primary,
+        dr_dir,
+        dr,
+    } = protected(&t, "raw").await?;
     let uri = t.vm("web01").await?.disks[0].nbd_uri.clone();
     nbd_write(&uri, &["write -P 0xa1 1M 64k"])?;
 
@@ -165,24 +191,14 @@ async fn the_round_trip_home_sends_only_what_differs() -> anyhow::Result<()> {
 async fn failback_into_a_folder_with_full_sync_leaves_the_original_disk_alone() -> anyhow::Result<()>
 {
     let t = TestMesh::start().await?;
+    let Sites {
+        web,
+        hv01,
+        primary,
+        dr_dir,
+        dr,
+    } = protected(&t, "vhdx").await?;
     let disks = t.path("disks");
-    std::fs::create_dir_all(&disks)?;
-    let web = disks.join("web01.vhdx");
-    qemu_create(&web, "vhdx", "", "16M")?;
-    qemu_io(&web, "vhdx", &["write -P 0x5a 0 4M"])?;
-    let hv01 = t.path("hv01");
-    let primary = t
-        .site_agent(
-            "hv01",
-            "site-a",
-            &[("web01", vec![web.clone()])],
-            &format!("[tracker]\n{}", command_driver(&hv01)?),
-        )
-        .await?;
-    let dr_dir = t.path("hv-dr01");
-    let dr = t.recovery_agent(&command_driver(&dr_dir)?).await?;
-    t.wait_vm("web01").await?;
-    t.protect_to_recovery("web01", "2s")?;
     ok_job(&t.cli_json(&["failover", "planned", "web01", "-o", "json"])?)?;
     let (_, dr_uri) = t.failover_disk("planned")?;
     // Served images are compared through their exports (a served vhdx has a live log). The

@@ -34,12 +34,17 @@ impl Agent {
     ) -> Result<RecoveredVm, ReplError> {
         let vm = item.vm.as_str();
         let dir = folder_for(vm, &work.target_dir)?;
-        let Some(mut m) = self.folder_marker(item, work, &dir)? else {
+        let path = progress_path(&self.cfg.data_dir, vm);
+        // Phase 1 delivered again after it ended: the progress file says so.
+        let synced = !work.start
+            && read_progress(&path)?.is_some_and(|p| {
+                p.failover_id == work.failover_id && p.point == work.point && p.phase == "synced"
+            });
+        let Some(mut m) = self.folder_marker(item, work, &dir, synced)? else {
             let m = marker::read(&dir)?.unwrap_or_else(|| Marker::new(item, work, &dir));
             info!(vm, failover = %work.failover_id, dir = %dir.display(), "failback work already done; answering with its record");
             return Ok(m.to_proto());
         };
-        let path = progress_path(&self.cfg.data_dir, vm);
         let mut prog = Progress {
             failover_id: work.failover_id.clone(),
             phase: "syncing".into(),
@@ -83,12 +88,13 @@ impl Agent {
     }
 
     /// The folder's marker, made ready for this work (counts reset); None when the folder
-    /// already holds this very work's finished outcome.
+    /// already holds this very work's outcome (the VM started, or phase 1 `synced`).
     fn folder_marker(
         &self,
         item: &WorkItem,
         work: &FailoverWork,
         dir: &Path,
+        synced: bool,
     ) -> Result<Option<Marker>, ReplError> {
         let m = match marker::read(dir)? {
             Some(m) if m.failover_id != work.failover_id => {
@@ -99,7 +105,7 @@ impl Agent {
                     m.vm
                 )));
             }
-            Some(m) if m.finished && m.work_id == item.id => return Ok(None),
+            Some(m) if (m.finished || synced) && m.work_id == item.id => return Ok(None),
             Some(m) => Marker {
                 work_id: item.id.clone(),
                 point: work.point.clone(),

@@ -27,7 +27,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use ferry_tests::bench::{drop_caches, ferry_bin, read_unix_time, secs_between};
+use ferry_tests::bench::{drop_caches, ferry_bin, read_unix_time, rsync_inplace, secs_between};
 use ferry_tests::{fill_random, qemu_compare, run, start_mesh_with_block_size};
 
 const VM: &str = "bench";
@@ -176,26 +176,8 @@ async fn main() -> anyhow::Result<()> {
         a.shutdown().await?;
     }
 
-    drop_caches();
-    let t0 = Instant::now();
-    let out = run(Command::new("rsync")
-        .args(["--no-whole-file", "--inplace", "--ignore-times", "--stats"])
-        .arg(&recovered)
-        .arg(&mirror))?;
-    let rsync_s = t0.elapsed().as_secs_f64();
-    let stat = |name: &str| -> anyhow::Result<u64> {
-        out.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split(':').nth(1))
-            .map(|v| v.trim().replace(',', ""))
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("rsync --stats has no {name:?}"))
-    };
-    let rsync_bytes = stat("Total bytes sent:")? + stat("Total bytes received:")?;
-    anyhow::ensure!(
-        qemu_compare(&recovered, "raw", &mirror, "raw")?,
-        "rsync left a different image"
-    );
+    let r = rsync_inplace(&recovered, &mirror)?;
+    let (rsync_s, rsync_bytes) = (r.secs, r.sent + r.received);
     t.stop().await;
 
     let changed = chosen.len();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use ferry_proto::common::v1::StepStatus;
 use ferry_proto::registry::v1::ResyncVmRequest;
-use ferry_tests::bench::{drop_caches, walk_size};
+use ferry_tests::bench::{drop_caches, rsync_inplace, walk_size};
 use ferry_tests::{InProcessAgent, fill_random, run, start_mesh_with_block_size};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -134,29 +134,8 @@ async fn main() -> anyhow::Result<()> {
     agent.shutdown().await?;
     t.stop().await;
 
-    drop_caches();
-    let t0 = Instant::now();
-    let out = run(Command::new("rsync")
-        // --ignore-times: the copy may share the image's size and modification second, which
-        // rsync's quick check would take for "unchanged".
-        .args(["--no-whole-file", "--inplace", "--ignore-times", "--stats"])
-        .arg(&image)
-        .arg(&mirror))?;
-    let rsync_s = t0.elapsed().as_secs_f64();
-    let stat = |name: &str| -> anyhow::Result<u64> {
-        out.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split(':').nth(1))
-            .map(|v| v.trim().replace(',', ""))
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("rsync --stats has no {name:?}"))
-    };
-    let rsync_bytes = stat("Total bytes sent:")?;
-    let rsync_received = stat("Total bytes received:")?;
-    anyhow::ensure!(
-        ferry_tests::qemu_compare(&image, "raw", &mirror, "raw")?,
-        "rsync left a different image"
-    );
+    let r = rsync_inplace(&image, &mirror)?;
+    let (rsync_s, rsync_bytes, rsync_received) = (r.secs, r.sent, r.received);
 
     println!(
         "change: {changed} of {blocks} blocks of {block_kib} KiB rewritten ({} KiB) in a {size_mib} MiB disk",
