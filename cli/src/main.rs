@@ -298,7 +298,8 @@ pub struct FailbackArgs {
     /// The host to fail back to (default: the VM's recovery host).
     #[arg(long)]
     pub to_host: Option<String>,
-    /// An alternate folder on the target host for the VM's disks.
+    /// An alternate folder on the target host (absolute, no `.` or `..`): the VM is made in
+    /// DIR/<vm>/ and its original disks there are left untouched.
     #[arg(long)]
     pub dir: Option<PathBuf>,
     /// Run phase 2 at once after phase 1 (`failback complete`).

@@ -263,7 +263,7 @@ fn pair_disks<'a>(
 }
 
 /// Every block of `map` written, every other block zeroed.
-pub(super) fn full_plan(map: &[(u64, ChunkId)], blocks: u64) -> Plan {
+fn full_plan(map: &[(u64, ChunkId)], blocks: u64) -> Plan {
     let mut zero = Vec::new();
     let mut it = map.iter().peekable();
     for i in 0..blocks {
@@ -283,11 +283,7 @@ pub(super) fn full_plan(map: &[(u64, ChunkId)], blocks: u64) -> Plan {
 
 /// What turns a disk holding `before` into `after` (both sorted by block): the blocks whose
 /// entry changed, and the blocks `after` no longer holds (zeros there).
-pub(super) fn plan_between(
-    before: &[(u64, ChunkId)],
-    after: &[(u64, ChunkId)],
-    blocks: u64,
-) -> Plan {
+fn plan_between(before: &[(u64, ChunkId)], after: &[(u64, ChunkId)], blocks: u64) -> Plan {
     let old: std::collections::HashMap<u64, &ChunkId> =
         before.iter().map(|(i, id)| (*i, id)).collect();
     let fetch: Vec<(u64, ChunkId)> = after

@@ -62,8 +62,6 @@ impl Agent {
         Ok(root.join(vm))
     }
 
-    /// The VM recovered here for production (a finished planned or unplanned failover in
-    /// its folder): after a re-protect this host replicates it.
     /// At start: the tracker serves the configured disks only, so the disks of every VM
     /// that runs here from a folder (recovered, or failed back into one) are served again,
     /// in place of the VM's configured disks where it has both.
@@ -108,7 +106,9 @@ impl Agent {
         self.recovered(vm).is_some()
     }
 
-    /// Under `[recovery] dir`, or in the folder a failback into a folder made here.
+    /// The VM recovered here for production (a finished planned or unplanned failover in
+    /// its folder under `[recovery] dir`, or the folder a failback into a folder made
+    /// here): after a re-protect this host replicates it.
     fn recovered(&self, vm: &str) -> Option<(PathBuf, Marker)> {
         let running = |dir: PathBuf| {
             let m = marker::read(&dir).ok()??;
