@@ -114,12 +114,13 @@ async fn a_cut_off_primary_s_writes_are_overwritten_and_counted() -> anyhow::Res
     Ok(())
 }
 
-/// A command driver whose stop takes two seconds and says when it began (`stopping`).
-fn slow_stop_driver(dir: &Path) -> anyhow::Result<String> {
+/// A command driver whose stop says when it began (`stopping`) and returns only once the
+/// test created `release`.
+fn held_stop_driver(dir: &Path) -> anyhow::Result<String> {
     let drv = command_driver(dir)?;
     std::fs::write(
         dir.join("stop.sh"),
-        "#!/bin/sh\ntouch stopping\nsleep 2\necho \"call=stop vm=$FERRY_VM\" >> calls.log\n",
+        "#!/bin/sh\ntouch stopping\nwhile [ ! -e release ]; do sleep 0.02; done\necho \"call=stop vm=$FERRY_VM\" >> calls.log\n",
     )?;
     Ok(drv)
 }
@@ -165,7 +166,7 @@ async fn killed_agents_mid_failback_resume_and_the_disks_end_identical() -> anyh
     let dr_dir = t.path("hv-dr01");
     let extra = format!(
         "[recovery]\ndir = \"recovered\"\n[tracker]\n{}",
-        slow_stop_driver(&dr_dir)?
+        held_stop_driver(&dr_dir)?
     );
     let dr_cfg = t
         .site_agent_config("hv-dr01", "site-b", &[], &extra)
@@ -213,6 +214,7 @@ async fn killed_agents_mid_failback_resume_and_the_disks_end_identical() -> anyh
     .await?;
     dr.kill()?;
     dr.wait()?;
+    std::fs::write(dr_dir.join("release"), "")?;
     let mut dr = spawn_agent_process(&dr_cfg, &dr_log)?;
     let phase2 = job_of(phase2).await?;
     ok_job(&phase2)?;

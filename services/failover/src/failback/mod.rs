@@ -31,9 +31,19 @@ use crate::job::JobTracker;
 use crate::records::{
     Record, STATE_ACTIVE, STATE_COMPLETING, STATE_FAILED, STATE_RUNNING, STATE_SYNCED,
 };
+use crate::site_failover::StopAndFence;
 use crate::test_failover::check_vm_name;
 
 pub use reprotect::REPROTECT_STEPS;
+
+/// The two jobs of a failback.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Phase 1: the target's disks brought to the latest point, the vm running meanwhile.
+    Sync,
+    /// Phase 2: stop, final sync, fence, the last writes applied, start on the target.
+    Complete,
+}
 
 pub const FAILBACK_STEPS: [&str; 3] = [
     "check prerequisites",
@@ -142,38 +152,71 @@ impl Orchestrator {
     /// Phase 1 under `kept` until it ends here (resumed jobs come here too).
     pub(crate) async fn drive_failback(
         &self,
+        job: JobTracker,
+        kept: KeptLease,
+        record: Record,
+        vm: Vm,
+    ) -> Result<Job> {
+        self.drive_phase(Phase::Sync, job, kept, record, vm).await
+    }
+
+    /// Phase 2 under `kept` until it ends here (resumed jobs come here too).
+    pub(crate) async fn drive_complete(
+        &self,
+        job: JobTracker,
+        kept: KeptLease,
+        record: Record,
+        vm: Vm,
+    ) -> Result<Job> {
+        self.drive_phase(Phase::Complete, job, kept, record, vm)
+            .await
+    }
+
+    /// Runs `phase`; on a failure records it (see [`Phase`]) and marks the record failed.
+    async fn drive_phase(
+        &self,
+        phase: Phase,
         mut job: JobTracker,
         kept: KeptLease,
         mut record: Record,
         vm: Vm,
     ) -> Result<Job> {
         let _running = self.mark_running(job.id());
-        let res = self.run_phase1(&mut job, &kept, &mut record, &vm).await;
+        let res = match phase {
+            Phase::Sync => self.run_phase1(&mut job, &kept, &mut record, &vm).await,
+            Phase::Complete => self.run_phase2(&mut job, &kept, &mut record, &vm).await,
+        };
         if matches!(res, Err(FailoverError::Lease(_))) || kept.lost().is_cancelled() {
             return Ok(job.snapshot());
         }
-        if let Err(e) = res {
-            if let Err(re) = self
-                .record_failover(
-                    &vm.name,
-                    FailoverEvent::FailbackFailed,
-                    &record,
-                    &e.to_string(),
-                )
-                .await
-            {
-                warn!(vm = %vm.name, error = %re, "cannot record the failed failback");
-            }
-            record.state = STATE_FAILED.into();
-            let _ = self
-                .ledger
-                .put_fenced(&mut record, &self.coord, kept.lease())
-                .await;
+        let Err(e) = res else {
             let _ = kept.release().await;
-            return Ok(job.fail(&e).await);
+            return Ok(job.succeed().await);
+        };
+        // Phase 2 after the fence leaves the vm critical on its source until repaired;
+        // before it, or in phase 1, it is protected again (a warning).
+        let event = match phase == Phase::Complete && job.step_succeeded(1) {
+            true => FailoverEvent::Failed,
+            false => FailoverEvent::FailbackFailed,
+        };
+        if let Err(re) = self
+            .record_failover(&vm.name, event, &record, &e.to_string())
+            .await
+        {
+            warn!(vm = %vm.name, error = %re, "cannot record the failed failback");
         }
+        // Phase 2 stopped the vm: its source runs it again.
+        if phase == Phase::Complete && job.step_succeeded(0) {
+            let said = self.restart_source(job.id(), &record).await;
+            job.note(0, &said);
+        }
+        record.state = STATE_FAILED.into();
+        let _ = self
+            .ledger
+            .put_fenced(&mut record, &self.coord, kept.lease())
+            .await;
         let _ = kept.release().await;
-        Ok(job.succeed().await)
+        Ok(job.fail(&e).await)
     }
 
     async fn run_phase1(
@@ -295,48 +338,6 @@ impl Orchestrator {
         }
     }
 
-    /// Phase 2 under `kept` until it ends here (resumed jobs come here too).
-    pub(crate) async fn drive_complete(
-        &self,
-        mut job: JobTracker,
-        kept: KeptLease,
-        mut record: Record,
-        vm: Vm,
-    ) -> Result<Job> {
-        let _running = self.mark_running(job.id());
-        let res = self.run_phase2(&mut job, &kept, &mut record, &vm).await;
-        if matches!(res, Err(FailoverError::Lease(_))) || kept.lost().is_cancelled() {
-            return Ok(job.snapshot());
-        }
-        let Err(e) = res else {
-            let _ = kept.release().await;
-            return Ok(job.succeed().await);
-        };
-        // Before the fence nothing moved but the stop; after it the vm is critical on its
-        // source until repaired. Either way the source runs the vm again.
-        let event = match job.step_succeeded(1) {
-            true => FailoverEvent::Failed,
-            false => FailoverEvent::FailbackFailed,
-        };
-        if let Err(re) = self
-            .record_failover(&vm.name, event, &record, &e.to_string())
-            .await
-        {
-            warn!(vm = %vm.name, error = %re, "cannot record the failed failback");
-        }
-        if job.step_succeeded(0) {
-            let said = self.restart_source(job.id(), &record).await;
-            job.note(0, &said);
-        }
-        record.state = STATE_FAILED.into();
-        let _ = self
-            .ledger
-            .put_fenced(&mut record, &self.coord, kept.lease())
-            .await;
-        let _ = kept.release().await;
-        Ok(job.fail(&e).await)
-    }
-
     async fn run_phase2(
         &self,
         job: &mut JobTracker,
@@ -344,30 +345,14 @@ impl Orchestrator {
         record: &mut Record,
         vm: &Vm,
     ) -> Result<()> {
-        let source = record.source_host.clone();
-        job.enter_step(0).await?;
-        let job_id = job.id().to_owned();
-        record.point_id = self
-            .stop_and_sync(&source, &vm.name, &job_id, "failback", &record.job_id)
+        let stop = StopAndFence {
+            host: record.source_host.clone(),
+            kind: "failback",
+            event: FailoverEvent::FailbackCutover,
+            first_step: 0,
+        };
+        self.stop_sync_and_fence(job, kept, record, &vm.name, stop)
             .await?;
-        self.ledger
-            .put_fenced(record, &self.coord, kept.lease())
-            .await?;
-        job.step_done(
-            0,
-            format!("vm stopped on {source}; final point {}", record.point_id),
-        )
-        .await;
-
-        job.enter_step(1).await?;
-        let fenced = self
-            .record_failover(&vm.name, FailoverEvent::FailbackCutover, record, "")
-            .await?;
-        job.step_done(
-            1,
-            format!("replication from {source} fenced (epoch {})", fenced.epoch),
-        )
-        .await;
 
         job.enter_step(2).await?;
         let work = self.failback_work(vm, record, &record.point_id, &record.synced_point, true);

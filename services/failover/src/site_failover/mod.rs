@@ -15,6 +15,7 @@
 mod change;
 mod planned;
 mod registry;
+pub(crate) use planned::StopAndFence;
 
 use std::time::Duration;
 

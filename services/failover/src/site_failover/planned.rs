@@ -32,6 +32,17 @@ pub(super) const SHUTDOWN_STEP: usize = 1;
 /// How long the primary may take to stop the VM and ship its last writes.
 const FINAL_SYNC_WAIT: Duration = Duration::from_secs(600);
 
+/// Who stops, for what, and the event that fences it: see
+/// [`Orchestrator::stop_sync_and_fence`].
+pub(crate) struct StopAndFence {
+    pub(crate) host: String,
+    /// The failover kind the source's work carries ("planned", "failback").
+    pub(crate) kind: &'static str,
+    pub(crate) event: FailoverEvent,
+    /// The job's step that stops; the next one fences.
+    pub(crate) first_step: usize,
+}
+
 impl Orchestrator {
     /// Runs a planned failover of a VM to its recovery host and returns the finished job.
     pub async fn planned_failover(&self, req: PlannedFailoverRequest) -> Result<Job> {
@@ -79,10 +90,45 @@ impl Orchestrator {
         }
     }
 
+    /// Two steps of a planned failover and of a failback's phase 2: the source stops the VM
+    /// and ships its last writes (the record's point becomes the final one), then the
+    /// registry records `stop.event`, which fences the source.
+    pub(crate) async fn stop_sync_and_fence(
+        &self,
+        job: &mut JobTracker,
+        kept: &KeptLease,
+        record: &mut Record,
+        vm: &str,
+        stop: StopAndFence,
+    ) -> Result<()> {
+        let (host, first) = (&stop.host, stop.first_step);
+        job.enter_step(first).await?;
+        let job_id = job.id().to_owned();
+        record.point_id = self
+            .stop_and_sync(host, vm, &job_id, stop.kind, &record.job_id)
+            .await?;
+        self.ledger
+            .put_fenced(record, &self.coord, kept.lease())
+            .await?;
+        job.step_done(
+            first,
+            format!("vm stopped on {host}; final point {}", record.point_id),
+        )
+        .await;
+        job.enter_step(first + 1).await?;
+        let fenced = self.record_failover(vm, stop.event, record, "").await?;
+        job.step_done(
+            first + 1,
+            format!("replication from {host} fenced (epoch {})", fenced.epoch),
+        )
+        .await;
+        Ok(())
+    }
+
     /// Stops the VM on its source `host` and has the host ship its last writes (fenced
     /// first, so nothing comes after); the final point. A source that cannot is the job's
     /// failure (the host started the VM again itself).
-    pub(crate) async fn stop_and_sync(
+    async fn stop_and_sync(
         &self,
         host: &str,
         vm: &str,
@@ -132,30 +178,14 @@ impl Orchestrator {
             format!("{} connected, recovery host {}", vm.host, record.host),
         )
         .await;
-        job.enter_step(1).await?;
-        let (host, job_id) = (vm.host.clone(), job.id().to_owned());
-        let final_point = self
-            .stop_and_sync(&host, &vm.name, &job_id, "planned", &record.job_id)
+        let stop = StopAndFence {
+            host: vm.host.clone(),
+            kind: "planned",
+            event: FailoverEvent::PlannedStarted,
+            first_step: 1,
+        };
+        self.stop_sync_and_fence(job, kept, record, &vm.name, stop)
             .await?;
-        record.point_id = final_point;
-        self.ledger
-            .put_fenced(record, &self.coord, kept.lease())
-            .await?;
-        job.step_done(
-            1,
-            format!("vm stopped on {host}; final point {}", record.point_id),
-        )
-        .await;
-
-        job.enter_step(2).await?;
-        let fenced = self
-            .record_failover(&vm.name, FailoverEvent::PlannedStarted, record, "")
-            .await?;
-        job.step_done(
-            2,
-            format!("replication from {host} fenced (epoch {})", fenced.epoch),
-        )
-        .await;
         let point = self.get_point(&vm.name, &record.point_id).await?;
         self.bring_up(job, kept, record, vm, &point, 3).await
     }
