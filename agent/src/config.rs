@@ -48,6 +48,10 @@ pub struct AgentConfig {
     /// (default 30 s); past it the agent says what it left open and exits non-zero.
     #[serde(default, with = "humantime_serde")]
     pub shutdown_timeout: Option<std::time::Duration>,
+    /// The config file's folder, where a recovery plan's scripts run (set by
+    /// [`AgentConfig::load`]).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -200,6 +204,7 @@ impl AgentConfig {
         if let Some(d) = &mut cfg.driver {
             d.base_dir = base.clone();
         }
+        cfg.base_dir = base.clone();
         cfg.validate().map_err(|message| ConfigError::Invalid {
             path: path.to_path_buf(),
             message,

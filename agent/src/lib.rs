@@ -435,6 +435,12 @@ impl Agent {
                 recovered = Some(r);
             }),
             Ok(WorkKind::RemoveRecovered) => self.remove_recovered(&item, &stop).await,
+            Ok(WorkKind::RunScript) => self.run_script(&item, &stop).await.map(|out| {
+                recovered = Some(ferry_proto::scheduler::v1::RecoveredVm {
+                    script_output: out,
+                    ..Default::default()
+                });
+            }),
             Ok(WorkKind::ResumeVm) => self.resume_source(&item, &stop).await,
             Ok(WorkKind::ShutdownVm) => self.shutdown_source(&item, &stop).await.map(|p| {
                 recovered = p.map(|final_point| ferry_proto::scheduler::v1::RecoveredVm {
@@ -477,6 +483,22 @@ impl Agent {
             recovered,
         };
         self.send_completion(req).await
+    }
+
+    /// A recovery plan's script action on this host (see [`driver::run_plan_script`]).
+    async fn run_script(
+        &self,
+        item: &WorkItem,
+        stop: &CancellationToken,
+    ) -> Result<String, ReplError> {
+        let script = item
+            .failover
+            .as_ref()
+            .and_then(|f| f.script.as_ref())
+            .ok_or_else(|| ReplError::Permanent(format!("work {} names no script", item.id)))?;
+        driver::run_plan_script(&self.cfg.base_dir, script, stop)
+            .await
+            .map_err(|e| ReplError::Permanent(e.to_string()))
     }
 
     /// Sends a completion: five calls over about 3 s; the work stays in flight (re-sent on

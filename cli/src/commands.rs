@@ -114,6 +114,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Jobs { cmd } => jobs(&cli, cmd).await,
         Cmd::Points { cmd } => crate::points_cmd::run(&ctl(&cli)?, cmd).await,
         Cmd::Failover { cmd } => crate::failover_cmd::run(&ctl(&cli)?, cmd).await,
+        Cmd::Plan { cmd } => crate::plan_cmd::run(&ctl(&cli)?, cmd).await,
         Cmd::Failback { cmd, args } => {
             crate::failover_cmd::failback(&ctl(&cli)?, cmd.as_ref(), args).await
         }
@@ -438,6 +439,7 @@ pub(crate) fn job_exit(j: &Job) -> ExitCode {
 pub(crate) async fn wait_job(c: &Ctl, id: &str, timeout: Duration) -> anyhow::Result<Job> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last_pct = u32::MAX;
+    let mut waiting_for: Option<String> = None;
     loop {
         let j = c
             .registry()
@@ -446,10 +448,19 @@ pub(crate) async fn wait_job(c: &Ctl, id: &str, timeout: Duration) -> anyhow::Re
             .await
             .map_err(|s| status_err("reading the job", s))?
             .into_inner();
-        if j.status != StepStatus::Running as i32 && j.status != StepStatus::Pending as i32 {
+        if !ferry_model::job::is_in_progress(j.status) {
             return Ok(j);
         }
         if let Some(s) = j
+            .steps
+            .iter()
+            .find(|s| s.status == StepStatus::WaitingForInput as i32)
+        {
+            if waiting_for.as_deref() != Some(s.name.as_str()) {
+                waiting_for = Some(s.name.clone());
+                eprintln!("{}: {}", s.name, s.message);
+            }
+        } else if let Some(s) = j
             .steps
             .iter()
             .find(|s| s.status == StepStatus::Running as i32)
@@ -548,6 +559,24 @@ async fn jobs(cli: &Cli, cmd: &JobsCmd) -> anyhow::Result<ExitCode> {
                 true => ExitCode::FAILURE,
                 false => ExitCode::SUCCESS,
             })
+        }
+        JobsCmd::Resume {
+            id,
+            comment,
+            output,
+        } => {
+            let j = c
+                .registry()
+                .await?
+                .resume_job(reg::ResumeJobRequest {
+                    id: id.clone(),
+                    comment: comment.clone().unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| status_err("resuming the job", s))?
+                .into_inner();
+            print_job(&j, *output)?;
+            Ok(ExitCode::SUCCESS)
         }
         JobsCmd::Wait { id, timeout } => {
             let j = wait_job(&c, id, (*timeout).into()).await?;

@@ -2,6 +2,7 @@
 mod commands;
 mod disk_cmd;
 mod failover_cmd;
+mod plan_cmd;
 mod points_cmd;
 mod protect;
 mod unprotect_cmd;
@@ -82,6 +83,11 @@ pub enum Cmd {
     Failover {
         #[command(subcommand)]
         cmd: FailoverCmd,
+    },
+    /// Recovery plans: VMs in ordered groups, with scripts and manual checks between them.
+    Plan {
+        #[command(subcommand)]
+        cmd: plan_cmd::PlanCmd,
     },
     /// Failback of a re-protected VM to its recovery host (usually its original host): phase
     /// 1 while the VM runs (checksum: only the blocks that differ), then `failback complete`
@@ -249,6 +255,15 @@ pub enum JobsCmd {
         wait: bool,
         #[arg(long, default_value = "10m")]
         timeout: humantime::Duration,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Continue a job waiting for input (a recovery plan's manual action).
+    Resume {
+        id: String,
+        /// Kept with the job's step (who checked what).
+        #[arg(long)]
+        comment: Option<String>,
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },

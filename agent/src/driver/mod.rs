@@ -13,6 +13,9 @@
 //! cancellation; a command past either is killed with its whole process group.
 mod libvirt;
 mod process;
+mod script;
+
+pub use script::run_plan_script;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -512,6 +512,7 @@ impl Marker {
             driver: self.driver.clone(),
             started_at_ms: self.started_at_ms,
             final_point: String::new(),
+            script_output: String::new(),
         }
     }
 }

@@ -11,14 +11,22 @@ pub fn status_name(status: i32) -> &'static str {
         Ok(StepStatus::Failed) => "failed",
         Ok(StepStatus::Cancelled) => "cancelled",
         Ok(StepStatus::Skipped) => "skipped",
+        Ok(StepStatus::WaitingForInput) => "waiting-for-input",
         _ => "unknown",
     }
+}
+
+/// Whether a job with this status has not ended: running, or waiting for an operator's input.
+pub fn is_in_progress(status: i32) -> bool {
+    status == StepStatus::Running as i32
+        || status == StepStatus::Pending as i32
+        || status == StepStatus::WaitingForInput as i32
 }
 
 /// Why `job` cannot be cancelled now; `None` when it can.
 pub fn cancel_refusal(job: &Job) -> Option<String> {
     let what = format!("job {} ({} of {})", job.id, job.kind, job.target);
-    if job.status != StepStatus::Running as i32 {
+    if !is_in_progress(job.status) {
         return Some(format!(
             "{what} is {}: there is nothing to cancel",
             status_name(job.status)

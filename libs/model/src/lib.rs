@@ -6,6 +6,7 @@
 mod names;
 pub mod disk;
 pub mod job;
+pub mod plan;
 pub mod policy;
 pub mod protection;
 pub mod replication;

@@ -8,6 +8,8 @@ pub enum FailoverError {
     InvalidArgument(String),
     #[error("{0} not found")]
     NotFound(String),
+    #[error("{0} already exists")]
+    AlreadyExists(String),
     #[error("{0}")]
     FailedPrecondition(String),
     /// A call to another Ferry service failed; its code is kept.
@@ -70,6 +72,7 @@ impl ServiceError for FailoverError {
         match self {
             FailoverError::InvalidArgument(_) => ErrorCode::InvalidArgument,
             FailoverError::NotFound(_) => ErrorCode::NotFound,
+            FailoverError::AlreadyExists(_) => ErrorCode::AlreadyExists,
             FailoverError::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
             FailoverError::Remote { code, .. } => *code,
             FailoverError::Cancelled | FailoverError::JobCancelled => ErrorCode::Cancelled,

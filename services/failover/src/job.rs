@@ -198,13 +198,42 @@ impl JobTracker {
     }
 
     pub(crate) async fn step_done(&mut self, step: usize, message: String) {
+        self.step_ended(step, StepStatus::Succeeded, message).await;
+    }
+
+    /// Ends one step (succeeded, failed or skipped) while the job goes on.
+    pub(crate) async fn step_ended(&mut self, step: usize, status: StepStatus, message: String) {
         if let Some(s) = self.job.steps.get_mut(step) {
-            s.status = StepStatus::Succeeded as i32;
-            s.progress_percent = 100;
+            s.status = status as i32;
+            if status == StepStatus::Succeeded {
+                s.progress_percent = 100;
+            }
             s.message = message;
             s.ended_at_ms = now_ms();
         }
         self.push().await;
+    }
+
+    /// Step `step` (and the job) wait for an operator's input (`ResumeJob`).
+    pub(crate) async fn step_waiting(&mut self, step: usize, message: String) {
+        if let Some(s) = self.job.steps.get_mut(step) {
+            s.status = StepStatus::WaitingForInput as i32;
+            s.started_at_ms = now_ms();
+            s.message = message;
+        }
+        self.job.status = StepStatus::WaitingForInput as i32;
+        self.push().await;
+    }
+
+    /// The operator's input came: the job runs on (the step is ended by the caller).
+    pub(crate) fn input_received(&mut self, resumed_step: u32, comment: &str) {
+        self.job.status = StepStatus::Running as i32;
+        self.job.resumed_step = resumed_step;
+        self.job.resume_comment = comment.to_owned();
+    }
+
+    pub(crate) fn registry(&self) -> RegistryClient<Channel> {
+        self.registry.clone()
     }
 
     /// Ends the job as succeeded.

@@ -1,7 +1,6 @@
-//! Ferry failover orchestrator. Test failover (an isolated copy of a VM's disks at a recovery
-//! point, written by the storage-writer, plus a VM description) and its cleanup, each as a
-//! registry job; failover records in the catalog. Planned/unplanned failover, commit,
-//! failback, re-protect and recovery plans come later and answer UNIMPLEMENTED for now.
+//! Ferry failover orchestrator: test failover and its cleanup, planned and unplanned
+//! failover, change point, commit, re-protect, failback and recovery plans, each as a
+//! registry job; failover records and plans in the catalog.
 //!
 //! The logic lives on [`Orchestrator`] as plain async methods; [`service`] adds authorization
 //! and maps errors to statuses.
@@ -17,6 +16,7 @@ pub mod error;
 mod failback;
 mod host_work;
 mod job;
+pub mod plans;
 pub mod records;
 pub mod service;
 mod site_failover;
@@ -54,6 +54,8 @@ pub struct Orchestrator {
     /// Failover work for hosts (recovery hosts) goes through the scheduler.
     scheduler: Option<SchedulerClient<Channel>>,
     ledger: Arc<Ledger>,
+    /// Recovery plans.
+    plans: Arc<plans::PlanBook>,
     /// VMs with a failover operation running in this process.
     busy: Arc<Mutex<HashSet<String>>>,
     /// Server shutdown: running jobs stop and release their leases, so another replica
@@ -71,6 +73,10 @@ pub struct Orchestrator {
 pub const JOB_LEASE_TTL: Duration = Duration::from_secs(5);
 /// How often each replica looks for jobs to resume.
 pub const RESUME_SCAN: Duration = Duration::from_secs(1);
+
+/// Every this many resume scans, plan jobs whose runner is gone are ended (they list every
+/// job of the registry).
+const PLAN_SCAN_EVERY: u64 = 10;
 
 /// The lease guarding the jobs on the record made by job `job_id`.
 pub(crate) fn job_resource(job_id: &str) -> String {
@@ -120,6 +126,7 @@ impl Orchestrator {
             registry: RegistryClient::new(registry),
             storage: StorageWriterClient::new(storage),
             scheduler: None,
+            plans: Arc::new(plans::PlanBook::new(store.clone())),
             ledger: Arc::new(Ledger::new(store)),
             busy: Arc::default(),
             shutdown: CancellationToken::new(),
@@ -179,6 +186,7 @@ impl Orchestrator {
 
     /// Every [`RESUME_SCAN`] until shutdown: resumes the jobs whose lease is free.
     pub async fn resume_loop(self) {
+        let mut scans: u64 = 0;
         loop {
             tokio::select! {
                 () = self.shutdown.cancelled() => return,
@@ -186,6 +194,12 @@ impl Orchestrator {
             }
             if let Err(e) = self.resume_orphans().await {
                 tracing::warn!(error = %e, "scanning for failover jobs to resume failed");
+            }
+            scans += 1;
+            if scans % PLAN_SCAN_EVERY == 1
+                && let Err(e) = self.end_orphan_plan_jobs().await
+            {
+                tracing::warn!(error = %e, "scanning for plan jobs without a runner failed");
             }
         }
     }

@@ -1,19 +1,21 @@
 //! The gRPC face of [`Orchestrator`]: authorization for every call (operators read with the
 //! reader role and act with the operator role; services count as admin), then the handler,
 //! with errors mapped through `ferry_mesh::to_status` only.
-use ferry_mesh::{Role, require_role, to_status, unimplemented};
+use ferry_mesh::{Role, require_role, to_status};
 use ferry_model::Operation;
+use ferry_model::plan::Plan;
 use ferry_proto::common::v1::Job;
 use ferry_proto::failover::v1::failover_server::Failover;
 use ferry_proto::failover::v1::{
     ChangeRecoveryPointRequest, CleanupTestFailoverRequest, CommitFailoverRequest,
-    CompleteFailbackRequest, FailbackRequest, ListFailoversRequest, ListFailoversResponse,
+    CompleteFailbackRequest, DeleteRecoveryPlanRequest, DeleteRecoveryPlanResponse,
+    FailbackRequest, GetRecoveryPlanRequest, ListFailoversRequest, ListFailoversResponse,
     ListRecoveryPlansRequest, ListRecoveryPlansResponse, PlannedFailoverRequest, RecoveryPlan,
     ReprotectRequest, RunRecoveryPlanRequest, TestFailoverRequest, UnplannedFailoverRequest,
 };
 use tonic::{Request, Response, Status};
 
-use crate::Orchestrator;
+use crate::{FailoverError, Orchestrator};
 
 /// `ferry.failover.v1.Failover` over an [`Orchestrator`].
 #[derive(Debug, Clone)]
@@ -169,9 +171,14 @@ impl Failover for FailoverService {
         request: Request<RecoveryPlan>,
     ) -> Result<Response<RecoveryPlan>, Status> {
         require_role(&request, Role::Operator)?;
-        Err(unimplemented(
-            "recovery plans (ordered groups with script and manual actions)",
-        ))
+        let plan = Plan::try_from(request.get_ref())
+            .map_err(|e| to_status(&FailoverError::InvalidArgument(e)))?;
+        let plan = self
+            .orchestrator
+            .create_plan(plan)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(RecoveryPlan::from(&plan)))
     }
 
     async fn list_recovery_plans(
@@ -179,9 +186,39 @@ impl Failover for FailoverService {
         request: Request<ListRecoveryPlansRequest>,
     ) -> Result<Response<ListRecoveryPlansResponse>, Status> {
         require_role(&request, Role::Reader)?;
-        Err(unimplemented(
-            "recovery plans (ordered groups with script and manual actions)",
-        ))
+        let plans = self
+            .orchestrator
+            .list_plans()
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(ListRecoveryPlansResponse {
+            plans: plans.iter().map(RecoveryPlan::from).collect(),
+        }))
+    }
+
+    async fn get_recovery_plan(
+        &self,
+        request: Request<GetRecoveryPlanRequest>,
+    ) -> Result<Response<RecoveryPlan>, Status> {
+        require_role(&request, Role::Reader)?;
+        let plan = self
+            .orchestrator
+            .get_plan(&request.get_ref().name)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(RecoveryPlan::from(&plan)))
+    }
+
+    async fn delete_recovery_plan(
+        &self,
+        request: Request<DeleteRecoveryPlanRequest>,
+    ) -> Result<Response<DeleteRecoveryPlanResponse>, Status> {
+        require_role(&request, Role::Operator)?;
+        self.orchestrator
+            .delete_plan(&request.get_ref().name)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(DeleteRecoveryPlanResponse {}))
     }
 
     async fn run_recovery_plan(
@@ -189,9 +226,12 @@ impl Failover for FailoverService {
         request: Request<RunRecoveryPlanRequest>,
     ) -> Result<Response<Job>, Status> {
         require_role(&request, Role::Operator)?;
-        Err(unimplemented(
-            "running recovery plans (ordered groups with script and manual actions)",
-        ))
+        let job = self
+            .orchestrator
+            .run_plan(request.into_inner())
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(job))
     }
 
     async fn list_failovers(

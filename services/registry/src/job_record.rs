@@ -36,6 +36,10 @@ pub struct StoredJob {
     pub cancellable_until_step: u32,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cancel_requested: bool,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub resumed_step: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub resume_comment: String,
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -67,6 +71,7 @@ pub enum Status {
     Failed,
     Cancelled,
     Skipped,
+    WaitingForInput,
 }
 
 impl From<i32> for Status {
@@ -78,6 +83,7 @@ impl From<i32> for Status {
             Ok(StepStatus::Failed) => Self::Failed,
             Ok(StepStatus::Cancelled) => Self::Cancelled,
             Ok(StepStatus::Skipped) => Self::Skipped,
+            Ok(StepStatus::WaitingForInput) => Self::WaitingForInput,
             Ok(StepStatus::Unspecified) | Err(_) => Self::Unspecified,
         }
     }
@@ -93,6 +99,7 @@ impl From<Status> for i32 {
             Status::Failed => StepStatus::Failed,
             Status::Cancelled => StepStatus::Cancelled,
             Status::Skipped => StepStatus::Skipped,
+            Status::WaitingForInput => StepStatus::WaitingForInput,
         }) as i32
     }
 }
@@ -139,6 +146,8 @@ impl JobRecord {
             bytes_skipped: job.bytes_skipped,
             cancellable_until_step: job.cancellable_until_step,
             cancel_requested: job.cancel_requested,
+            resumed_step: job.resumed_step,
+            resume_comment: job.resume_comment.clone(),
         })
     }
 
@@ -171,6 +180,8 @@ impl StoredJob {
             bytes_skipped: self.bytes_skipped,
             cancellable_until_step: self.cancellable_until_step,
             cancel_requested: self.cancel_requested,
+            resumed_step: self.resumed_step,
+            resume_comment: self.resume_comment.clone(),
         }
     }
 }
@@ -202,6 +213,8 @@ mod tests {
             bytes_skipped: 3,
             cancellable_until_step: 1,
             cancel_requested: true,
+            resumed_step: 1,
+            resume_comment: "checked".into(),
         }
     }
 

@@ -364,6 +364,10 @@ impl Registry for RegistryApi {
         self.0.cancel_job(req).await
     }
 
+    async fn resume_job(&self, req: Request<pb::ResumeJobRequest>) -> R<Job> {
+        self.0.resume_job(req).await
+    }
+
     async fn report_committed(
         &self,
         req: Request<pb::ReportCommittedRequest>,

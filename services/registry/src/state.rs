@@ -503,8 +503,13 @@ impl State {
                 if let Some(mut job) = j.decode() {
                     // A cancel request is sticky: a runner saving its own (older) copy of the
                     // job does not take it back.
-                    job.cancel_requested |=
-                        self.jobs.get(&job.id).is_some_and(|o| o.cancel_requested);
+                    let old = self.jobs.get(&job.id);
+                    job.cancel_requested |= old.is_some_and(|o| o.cancel_requested);
+                    // So is an operator's resume of a step waiting for input.
+                    if let Some(o) = old.filter(|o| o.resumed_step > job.resumed_step) {
+                        job.resumed_step = o.resumed_step;
+                        job.resume_comment = o.resume_comment.clone();
+                    }
                     self.jobs.insert(job.id.clone(), job);
                 }
             }

@@ -71,7 +71,8 @@ pub(crate) fn is_failover_kind(kind: i32) -> bool {
             | WorkKind::ShutdownVm
             | WorkKind::DisableProtection
             | WorkKind::ResumeVm
-            | WorkKind::Failback)
+            | WorkKind::Failback
+            | WorkKind::RunScript)
     )
 }
 
@@ -84,6 +85,7 @@ pub(crate) fn failover_prefix(kind: i32) -> &'static str {
         Ok(WorkKind::DisableProtection) => "unprotect",
         Ok(WorkKind::ResumeVm) => "resume",
         Ok(WorkKind::Failback) => "failback",
+        Ok(WorkKind::RunScript) => "script",
         _ => "work",
     }
 }

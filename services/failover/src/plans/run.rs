@@ -1,0 +1,389 @@
+//! Running a recovery plan: one plan job (`plan-test`, `plan-planned`, `plan-unplanned`,
+//! `plan-cleanup`, `plan-failback`) whose steps are every group's before-actions, VMs and
+//! after-actions, in order. The VMs of a group run in parallel, each as its own VM job (the
+//! same orchestrator calls `ferry failover …` makes, so every check and crash path of those
+//! holds); the next group starts only when every VM of this one has failed over and started.
+//! A failure stops test and planned failovers (and cleanup, failback) at that group; an
+//! unplanned failover carries on and reports every failure at the end.
+use std::time::Duration;
+
+use ferry_model::Operation;
+use ferry_model::VmState;
+use ferry_model::plan::{Action, ActionKind, Plan, PlanMode};
+use ferry_proto::common::v1::{Job, StepStatus};
+use ferry_proto::failover::v1::{
+    CleanupTestFailoverRequest, CompleteFailbackRequest, FailbackRequest, PlannedFailoverRequest,
+    RunRecoveryPlanRequest, TestFailoverRequest, UnplannedFailoverRequest,
+};
+use ferry_proto::registry::v1::GetVmRequest;
+use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
+
+use crate::error::{FailoverError, Result};
+use crate::job::JobTracker;
+use crate::{JOB_LEASE_TTL, Orchestrator, job_resource};
+
+/// What one step of a plan job does.
+#[derive(Clone, Debug)]
+pub(super) enum Work {
+    Action {
+        group: usize,
+        phase: &'static str,
+        action: Action,
+    },
+    Vm {
+        group: usize,
+        vm: String,
+    },
+}
+
+impl Work {
+    fn group(&self) -> usize {
+        match self {
+            Work::Action { group, .. } | Work::Vm { group, .. } => *group,
+        }
+    }
+}
+
+/// A plan run as asked: the mode and its options.
+#[derive(Clone, Debug)]
+pub(super) struct PlanRun {
+    pub plan: Plan,
+    pub mode: PlanMode,
+    pub point: String,
+    pub sync: String,
+}
+
+/// How one VM's step ended.
+enum VmOutcome {
+    Done(String),
+    Skipped(String),
+    Failed(String),
+}
+
+/// The steps of `plan` run in `mode`, named as the job shows them.
+pub(super) fn plan_steps(plan: &Plan, mode: PlanMode) -> Vec<(String, Work)> {
+    let verb = match mode {
+        PlanMode::Test => "test failover",
+        PlanMode::Planned => "planned failover",
+        PlanMode::Unplanned => "unplanned failover",
+        PlanMode::Cleanup => "cleanup",
+        PlanMode::Failback => "failback",
+    };
+    let mut steps = Vec::new();
+    for (i, g) in plan.groups.iter().enumerate() {
+        let n = i + 1;
+        let actions = |phase: &'static str, list: &[Action]| {
+            list.iter()
+                .map(|a| {
+                    let name = format!("group {n} {phase}: {}", a.label());
+                    let work = Work::Action {
+                        group: i,
+                        phase,
+                        action: a.clone(),
+                    };
+                    (name, work)
+                })
+                .collect::<Vec<_>>()
+        };
+        if mode.runs_actions() {
+            steps.extend(actions("before", &g.before));
+        }
+        for vm in &g.vms {
+            let work = Work::Vm {
+                group: i,
+                vm: vm.clone(),
+            };
+            steps.push((format!("group {n}: {verb} {vm}"), work));
+        }
+        if mode.runs_actions() {
+            steps.extend(actions("after", &g.after));
+        }
+    }
+    steps
+}
+
+impl Orchestrator {
+    /// Checks the request, creates the plan job and runs it in the background; returns the
+    /// job as it starts.
+    pub async fn run_plan(&self, req: RunRecoveryPlanRequest) -> Result<Job> {
+        let run = self.check_plan_run(&req).await?;
+        if let Some(job) = self.running_plan_job(&run.plan.name).await? {
+            return Err(FailoverError::FailedPrecondition(format!(
+                "plan {} already has job {job} running",
+                run.plan.name
+            )));
+        }
+        let steps = plan_steps(&run.plan, run.mode);
+        let names: Vec<&str> = steps.iter().map(|(n, _)| n.as_str()).collect();
+        let job = JobTracker::start(
+            self.registry.clone(),
+            &run.mode.job_kind(),
+            &run.plan.name,
+            &names,
+        )
+        .await?;
+        let lease = self
+            .coord
+            .acquire_kept(&job_resource(job.id()), &self.holder(), JOB_LEASE_TTL)
+            .await
+            .map_err(FailoverError::Lease)?;
+        let running = self.mark_running(job.id());
+        let started = job.snapshot();
+        let me = self.clone();
+        tokio::spawn(async move {
+            let job = me.drive_plan(job, run, steps).await;
+            tracing::info!(job = %job.id, plan = %job.target, status = job.status, "plan job ended");
+            drop(lease);
+            drop(running);
+        });
+        Ok(started)
+    }
+
+    async fn check_plan_run(&self, req: &RunRecoveryPlanRequest) -> Result<PlanRun> {
+        let bad = |m: String| FailoverError::InvalidArgument(m);
+        let mode: PlanMode = req
+            .mode
+            .parse()
+            .map_err(|e: ferry_model::UnknownName| bad(e.to_string()))?;
+        let plan = self.get_plan(&req.plan).await?;
+        if !req.point.is_empty() && !matches!(mode, PlanMode::Test | PlanMode::Unplanned) {
+            return Err(bad(format!(
+                "a point is chosen for test and unplanned failovers, not for {mode}"
+            )));
+        }
+        if req.point == "latest-common" {
+            return Err(bad(
+                "point latest-common (one cut of every vm of a consistent plan) is not supported yet: use latest, latest-app or a point id per vm".into(),
+            ));
+        }
+        let sync = match (mode, req.sync.as_str()) {
+            (PlanMode::Failback, "" | "checksum") => "checksum",
+            (PlanMode::Failback, "full") => "full",
+            (PlanMode::Failback, other) => {
+                return Err(bad(format!("sync {other:?}: expected checksum or full")));
+            }
+            (_, "") => "",
+            (_, _) => return Err(bad(format!("a sync mode is for failback, not for {mode}"))),
+        };
+        if req.no_wait && mode == PlanMode::Unplanned && plan.has_action(ActionKind::Manual) {
+            return Err(bad(format!(
+                "plan {} has a manual action: an unplanned failover nobody follows (--no-wait) would wait for input nobody gives; run it waiting, or without the manual action",
+                plan.name
+            )));
+        }
+        Ok(PlanRun {
+            plan,
+            mode,
+            point: req.point.clone(),
+            sync: sync.to_owned(),
+        })
+    }
+
+    /// Runs the steps in order (a group's VMs at once) and ends the job.
+    async fn drive_plan(
+        &self,
+        mut job: JobTracker,
+        run: PlanRun,
+        steps: Vec<(String, Work)>,
+    ) -> Job {
+        let targets = match self.plan_targets(&run.plan).await {
+            Ok(t) => t,
+            Err(e) => return job.fail(&e).await,
+        };
+        let mut failures: Vec<String> = Vec::new();
+        let mut i = 0;
+        while i < steps.len() {
+            if self.shutdown.is_cancelled() {
+                return job.fail(&FailoverError::Cancelled).await;
+            }
+            let group = steps[i].1.group();
+            let failed_before = failures.len();
+            match &steps[i].1 {
+                Work::Action { phase, action, .. } => {
+                    let res = self
+                        .run_action(&mut job, i, &run, &targets, group, phase, action)
+                        .await;
+                    match res {
+                        Ok(msg) => job.step_done(i, msg).await,
+                        Err(e) => {
+                            job.step_ended(i, StepStatus::Failed, e.to_string()).await;
+                            failures.push(format!("{}: {e}", steps[i].0));
+                        }
+                    }
+                    i += 1;
+                }
+                Work::Vm { .. } => {
+                    let end = (i..steps.len())
+                        .find(|&k| !matches!(&steps[k].1, Work::Vm { group: g, .. } if *g == group))
+                        .unwrap_or(steps.len());
+                    failures.extend(self.run_vms(&mut job, &run, &steps, i..end).await);
+                    i = end;
+                }
+            }
+            if failures.len() > failed_before && run.mode.stops_at_failure() {
+                break;
+            }
+        }
+        if failures.is_empty() {
+            return job.succeed().await;
+        }
+        let summary = format!("{} step(s) failed: {}", failures.len(), failures.join("; "));
+        job.fail(&FailoverError::FailedPrecondition(summary)).await
+    }
+
+    /// The VMs of `range` (one group) at once; the failures, named by step.
+    async fn run_vms(
+        &self,
+        job: &mut JobTracker,
+        run: &PlanRun,
+        steps: &[(String, Work)],
+        range: std::ops::Range<usize>,
+    ) -> Vec<String> {
+        let mut pending = FuturesUnordered::new();
+        for k in range {
+            let Work::Vm { vm, .. } = &steps[k].1 else {
+                continue;
+            };
+            job.step_running(k).await;
+            let vm = vm.clone();
+            pending.push(async move { (k, self.run_vm(run, &vm).await) });
+        }
+        let mut failures = Vec::new();
+        while let Some((k, outcome)) = pending.next().await {
+            match outcome {
+                VmOutcome::Done(m) => job.step_done(k, m).await,
+                VmOutcome::Skipped(m) => job.step_ended(k, StepStatus::Skipped, m).await,
+                VmOutcome::Failed(m) => {
+                    failures.push(format!("{}: {m}", steps[k].0));
+                    job.step_ended(k, StepStatus::Failed, m).await;
+                }
+            }
+        }
+        failures
+    }
+
+    /// One VM's operation of the plan, as its own VM job.
+    async fn run_vm(&self, run: &PlanRun, vm: &str) -> VmOutcome {
+        match self.vm_skip_reason(run.mode, vm).await {
+            Ok(Some(why)) => return VmOutcome::Skipped(why),
+            Ok(None) => {}
+            Err(e) => return VmOutcome::Failed(e.to_string()),
+        }
+        let res = match run.mode {
+            PlanMode::Test => self.plan_test(vm, &run.point).await,
+            PlanMode::Planned => self.plan_planned(vm).await,
+            PlanMode::Unplanned => self.plan_unplanned(vm, &run.point).await,
+            PlanMode::Cleanup => self
+                .cleanup_test_failover(CleanupTestFailoverRequest { vm: vm.to_owned() })
+                .await
+                .map(|j| vec![j]),
+            PlanMode::Failback => self.plan_failback(vm, &run.sync).await,
+        };
+        let jobs = match res {
+            Ok(jobs) => jobs,
+            Err(e) => return VmOutcome::Failed(e.to_string()),
+        };
+        let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+        match jobs
+            .iter()
+            .find(|j| j.status != StepStatus::Succeeded as i32)
+        {
+            None => VmOutcome::Done(format!("job {} succeeded", ids.join(", "))),
+            Some(j) => VmOutcome::Failed(format!("job {} failed: {}", j.id, j.error)),
+        }
+    }
+
+    /// Why the VM's step is skipped (it is already where this run would bring it, e.g.
+    /// failed over by another plan), or `None` when it runs.
+    async fn vm_skip_reason(&self, mode: PlanMode, vm: &str) -> Result<Option<String>> {
+        let v = self
+            .registry
+            .clone()
+            .get_vm(GetVmRequest {
+                name: vm.to_owned(),
+            })
+            .await
+            .map_err(|s| FailoverError::remote("registry", "get vm", &s))?
+            .into_inner();
+        let state = VmState::try_from(v.state).ok();
+        let test_copy = self.ledger.active(vm).await?.filter(|r| r.kind == "test");
+        let why = match mode {
+            PlanMode::Planned | PlanMode::Unplanned
+                if matches!(
+                    state,
+                    Some(VmState::FailedOver | VmState::FailoverCommitted)
+                ) =>
+            {
+                let by = self.ledger.current(vm).await?.map(|r| r.job_id);
+                Some(format!(
+                    "vm {vm} has already failed over ({}{}); skipped",
+                    VmState::wire_name(v.state),
+                    by.map(|j| format!(", job {j}")).unwrap_or_default()
+                ))
+            }
+            PlanMode::Test => test_copy.map(|r| {
+                format!(
+                    "vm {vm} already has a test copy (job {}); skipped",
+                    r.job_id
+                )
+            }),
+            PlanMode::Cleanup if test_copy.is_none() => {
+                Some(format!("vm {vm} has no test copy to clean up; skipped"))
+            }
+            _ => None,
+        };
+        Ok(why)
+    }
+
+    async fn plan_test(&self, vm: &str, point: &str) -> Result<Vec<Job>> {
+        self.require_allowed(vm, Operation::TestFailover).await?;
+        let req = TestFailoverRequest {
+            vm: vm.to_owned(),
+            point: point.to_owned(),
+            target_dir: String::new(),
+        };
+        Ok(vec![self.test_failover(req).await?])
+    }
+
+    async fn plan_planned(&self, vm: &str) -> Result<Vec<Job>> {
+        self.require_allowed(vm, Operation::PlannedFailover).await?;
+        let req = PlannedFailoverRequest {
+            vm: vm.to_owned(),
+            target_dir: String::new(),
+        };
+        Ok(vec![self.planned_failover(req).await?])
+    }
+
+    async fn plan_unplanned(&self, vm: &str, point: &str) -> Result<Vec<Job>> {
+        self.require_allowed(vm, Operation::UnplannedFailover)
+            .await?;
+        let req = UnplannedFailoverRequest {
+            vm: vm.to_owned(),
+            point: point.to_owned(),
+            ..Default::default()
+        };
+        Ok(vec![self.unplanned_failover(req).await?])
+    }
+
+    /// Both phases: a plan's group is back only when its VMs run at home.
+    async fn plan_failback(&self, vm: &str, sync: &str) -> Result<Vec<Job>> {
+        self.require_allowed(vm, Operation::Failback).await?;
+        let req = FailbackRequest {
+            vm: vm.to_owned(),
+            mode: sync.to_owned(),
+            ..Default::default()
+        };
+        let phase1 = self.failback(req).await?;
+        if phase1.status != StepStatus::Succeeded as i32 {
+            return Ok(vec![phase1]);
+        }
+        let phase2 = self
+            .complete_failback(CompleteFailbackRequest { vm: vm.to_owned() })
+            .await?;
+        Ok(vec![phase1, phase2])
+    }
+}
+
+/// How often a plan job waiting for input asks the registry whether it was resumed.
+pub(super) const INPUT_POLL: Duration = Duration::from_millis(500);
