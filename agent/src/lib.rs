@@ -435,6 +435,12 @@ impl Agent {
                 recovered = Some(r);
             }),
             Ok(WorkKind::RemoveRecovered) => self.remove_recovered(&item, &stop).await,
+            Ok(WorkKind::VerifyPoint) => self.verify_work(&item, &stop).await.map(|blocks| {
+                recovered = Some(ferry_proto::scheduler::v1::RecoveredVm {
+                    blocks_compared: blocks,
+                    ..Default::default()
+                });
+            }),
             Ok(WorkKind::RunScript) => self.run_script(&item, &stop).await.map(|out| {
                 recovered = Some(ferry_proto::scheduler::v1::RecoveredVm {
                     script_output: out,
@@ -483,6 +489,26 @@ impl Agent {
             recovered,
         };
         self.send_completion(req).await
+    }
+
+    /// A drill's read-back of a point on this host (its recovery host).
+    async fn verify_work(
+        &self,
+        item: &WorkItem,
+        stop: &CancellationToken,
+    ) -> Result<u64, ReplError> {
+        let point = item
+            .failover
+            .as_ref()
+            .map(|f| f.point.as_str())
+            .unwrap_or_default();
+        if point.is_empty() {
+            return Err(ReplError::Permanent(format!(
+                "work {} names no point",
+                item.id
+            )));
+        }
+        self.verify_point(&item.vm, point, stop).await
     }
 
     /// A recovery plan's script action on this host (see [`driver::run_plan_script`]).

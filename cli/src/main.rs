@@ -89,6 +89,11 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: plan_cmd::PlanCmd,
     },
+    /// DR drills: prove a VM's point restorable (read back, started, checked, cleaned up).
+    Drill {
+        #[command(subcommand)]
+        cmd: plan_cmd::DrillCmd,
+    },
     /// Failback of a re-protected VM to its recovery host (usually its original host): phase
     /// 1 while the VM runs (checksum: only the blocks that differ), then `failback complete`
     /// (or --wait) shuts it down, ships its last writes and starts it there. Then commit.

@@ -89,6 +89,13 @@ pub fn vm_json(v: &Vm) -> Value {
         "recovery_host": v.recovery_host,
         "direction": v.direction,
         "base_point": v.base_point,
+        "last_verified": v.last_verified.as_ref().map(|d| json!({
+            "point": d.point_id,
+            "time": time(d.time_ms),
+            "result": if d.ok { "succeeded" } else { "failed" },
+            "message": d.message,
+            "job": d.job_id,
+        })),
         "allowed_operations": v.allowed_operations,
     })
 }

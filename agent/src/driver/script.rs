@@ -34,7 +34,14 @@ async fn run_with_timeout(
     timeout: Duration,
     cancel: &CancellationToken,
 ) -> Result<String, DriverError> {
-    let label = format!("plan {} group {}", script.plan, script.group);
+    // Errors read "vm <label>: <action>: …".
+    let (label, action) = match script.plan.is_empty() {
+        true => (script.vms.join(","), "boot check"),
+        false => (
+            format!("plan {} group {}", script.plan, script.group),
+            "plan script",
+        ),
+    };
     if script.command.trim().is_empty() {
         return Err(DriverError::BadRun {
             vm: label,
@@ -52,18 +59,18 @@ async fn run_with_timeout(
         .env("FERRY_PHASE", &script.phase);
     let job = process::Job {
         vm: &label,
-        action: "plan script",
+        action,
         command: script.command.clone(),
         deadline: tokio::time::Instant::now() + timeout,
         timeout,
         cancel,
     };
-    tracing::info!(plan = %script.plan, group = script.group, phase = %script.phase, "running a plan's script");
+    tracing::info!(plan = %script.plan, group = script.group, phase = %script.phase, action, "running a script on this host");
     let out = job.check(job.run_piped(c).await?)?;
     if !out.stderr.trim().is_empty() {
         return Err(DriverError::Failed {
             vm: label,
-            action: "plan script",
+            action,
             command: script.command.clone(),
             status: format!("{}, with output on stderr", out.status),
             output: out.stderr,

@@ -19,6 +19,7 @@ mod failback_dir;
 mod marker;
 mod repoint;
 mod source;
+mod verify;
 mod write;
 
 use std::path::{Path, PathBuf};

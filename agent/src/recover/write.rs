@@ -164,7 +164,7 @@ impl Agent {
         .await
     }
 
-    async fn fetch_sealed(
+    pub(super) async fn fetch_sealed(
         &self,
         vm: &str,
         point: &str,

@@ -12,6 +12,7 @@
 //! stopped or died, or Redis lost its data) and resumes that job.
 
 mod allowed;
+mod drill;
 pub mod error;
 mod failback;
 mod host_work;
@@ -38,6 +39,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+pub use drill::DRILL_STEPS;
 pub use error::FailoverError;
 pub use failback::{COMPLETE_STEPS, FAILBACK_STEPS, REPROTECT_STEPS};
 pub use records::{Ledger, Record};

@@ -11,7 +11,8 @@ use ferry_proto::failover::v1::{
     CompleteFailbackRequest, DeleteRecoveryPlanRequest, DeleteRecoveryPlanResponse,
     FailbackRequest, GetRecoveryPlanRequest, ListFailoversRequest, ListFailoversResponse,
     ListRecoveryPlansRequest, ListRecoveryPlansResponse, PlannedFailoverRequest, RecoveryPlan,
-    ReprotectRequest, RunRecoveryPlanRequest, TestFailoverRequest, UnplannedFailoverRequest,
+    ReprotectRequest, RunDrillRequest, RunRecoveryPlanRequest, TestFailoverRequest,
+    UnplannedFailoverRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -229,6 +230,16 @@ impl Failover for FailoverService {
         let job = self
             .orchestrator
             .run_plan(request.into_inner())
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(job))
+    }
+
+    async fn run_drill(&self, request: Request<RunDrillRequest>) -> Result<Response<Job>, Status> {
+        require_role(&request, Role::Operator)?;
+        let job = self
+            .orchestrator
+            .run_drill(request.into_inner())
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(job))

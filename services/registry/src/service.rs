@@ -280,6 +280,13 @@ fn vm_to_proto(v: &crate::state::VmRecord, site: String) -> pb::Vm {
                 since_ms: s.since_ms,
             })
             .collect(),
+        last_verified: v.last_verified.as_ref().map(|d| pb::Verification {
+            point_id: d.point_id.clone(),
+            time_ms: d.time_ms,
+            ok: d.ok,
+            message: d.message.clone(),
+            job_id: d.job_id.clone(),
+        }),
     }
 }
 
@@ -366,6 +373,10 @@ impl Registry for RegistryApi {
 
     async fn resume_job(&self, req: Request<pb::ResumeJobRequest>) -> R<Job> {
         self.0.resume_job(req).await
+    }
+
+    async fn record_verification(&self, req: Request<pb::RecordVerificationRequest>) -> R<pb::Vm> {
+        self.0.record_verification(req).await
     }
 
     async fn report_committed(

@@ -61,6 +61,19 @@ pub struct VmRecord {
     /// Where a planned or unplanned failover has the VM (DESIGN §11).
     #[serde(default)]
     pub site: FailoverSite,
+    /// The last drill's result.
+    #[serde(default)]
+    pub last_verified: Option<Verification>,
+}
+
+/// A drill's result (`RecordVerification`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verification {
+    pub point_id: String,
+    pub time_ms: i64,
+    pub ok: bool,
+    pub message: String,
+    pub job_id: String,
 }
 
 /// Where a VM runs after failovers, and the epoch that fences the host it left.
@@ -337,6 +350,11 @@ pub enum Event {
         attempts: u32,
         next_retry_ms: i64,
     },
+    /// A drill of the VM ended.
+    VmVerified {
+        vm: String,
+        verification: Verification,
+    },
     Job(JobRecord),
 }
 
@@ -405,6 +423,7 @@ impl State {
                     host_history: Vec::new(),
                     hardware: VmHardware::default(),
                     site: FailoverSite::default(),
+                    last_verified: None,
                 });
                 if rec.host_history.last().is_none_or(|s| s.host != *host) {
                     rec.host_history.push(HostSpan {
@@ -482,6 +501,11 @@ impl State {
                     v.last_point_ms = *time_ms;
                     // The new source's first point is on its base: later ones follow it.
                     v.site.base_point.clear();
+                }
+            }
+            Event::VmVerified { vm, verification } => {
+                if let Some(v) = self.vms.get_mut(vm) {
+                    v.last_verified = Some(verification.clone());
                 }
             }
             Event::VmRetry {

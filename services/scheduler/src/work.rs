@@ -72,7 +72,8 @@ pub(crate) fn is_failover_kind(kind: i32) -> bool {
             | WorkKind::DisableProtection
             | WorkKind::ResumeVm
             | WorkKind::Failback
-            | WorkKind::RunScript)
+            | WorkKind::RunScript
+            | WorkKind::VerifyPoint)
     )
 }
 
@@ -86,6 +87,7 @@ pub(crate) fn failover_prefix(kind: i32) -> &'static str {
         Ok(WorkKind::ResumeVm) => "resume",
         Ok(WorkKind::Failback) => "failback",
         Ok(WorkKind::RunScript) => "script",
+        Ok(WorkKind::VerifyPoint) => "verify",
         _ => "work",
     }
 }

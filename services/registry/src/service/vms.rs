@@ -113,4 +113,30 @@ impl RegistryService {
         .await?;
         Ok(Response::new(self.vm_proto(&req.vm).await?))
     }
+
+    /// Records a drill's result on the VM (the failover service, after each drill).
+    pub(super) async fn record_verification(
+        &self,
+        req: Request<pb::RecordVerificationRequest>,
+    ) -> R<pb::Vm> {
+        ferry_mesh::require_service(&req)?;
+        let req = req.into_inner();
+        if !self.state.lock().await.vms.contains_key(&req.vm) {
+            return Err(RegistryError::VmNotFound(req.vm).into());
+        }
+        let verification = crate::state::Verification {
+            point_id: req.point_id,
+            time_ms: ferry_proto::now_ms(),
+            ok: req.ok,
+            message: req.message,
+            job_id: req.job_id,
+        };
+        tracing::info!(vm = %req.vm, point = %verification.point_id, ok = verification.ok, "drill result recorded");
+        self.persist(vec![Event::VmVerified {
+            vm: req.vm.clone(),
+            verification,
+        }])
+        .await?;
+        Ok(Response::new(self.vm_proto(&req.vm).await?))
+    }
 }

@@ -1,0 +1,243 @@
+//! DR drills (`ferry drill run VM [--boot-check CMD]`): proof that a point is restorable, not
+//! hope. One `drill` job on the VM's recovery host: every block of the point read back —
+//! fetched, decrypted and checked against its id, the vault's keyed hash (`VERIFY_POINT`) —,
+//! a test failover of that point (the VM started on the test network), the boot check (a
+//! command on the recovery host that probes the started VM), the cleanup, and the result
+//! recorded on the VM (`Registry.RecordVerification`; `vm show`'s `last_verified`). A failed
+//! step does not skip the cleanup or the record.
+use std::time::Duration;
+
+use ferry_model::Operation;
+use ferry_model::plan::SCRIPT_TIMEOUT_SECS;
+use ferry_proto::common::v1::{Job, StepStatus};
+use ferry_proto::failover::v1::{CleanupTestFailoverRequest, RunDrillRequest, TestFailoverRequest};
+use ferry_proto::registry::v1::{GetVmRequest, RecordVerificationRequest, Vm};
+use ferry_proto::scheduler::v1::{FailoverWork, PlanScript, WorkKind};
+
+use crate::Orchestrator;
+use crate::error::{FailoverError, Result};
+use crate::job::JobTracker;
+use crate::test_failover::check_vm_name;
+
+pub const DRILL_STEPS: &[&str] = &[
+    "read back every block",
+    "test failover",
+    "boot check",
+    "clean up",
+    "record the result",
+];
+const READ_BACK: usize = 0;
+const TEST: usize = 1;
+const BOOT: usize = 2;
+const CLEAN: usize = 3;
+const RECORD: usize = 4;
+
+impl Orchestrator {
+    /// Runs a drill of `req.vm` (its latest point, or `req.point`); returns the ended job.
+    pub async fn run_drill(&self, req: RunDrillRequest) -> Result<Job> {
+        check_vm_name(&req.vm)?;
+        self.require_allowed(&req.vm, Operation::TestFailover)
+            .await?;
+        let vm = self.drill_vm(&req.vm).await?;
+        let point = match req.point.as_str() {
+            "" | "latest" => vm.last_point_id.clone(),
+            id => id.to_owned(),
+        };
+        let mut job =
+            JobTracker::start(self.registry.clone(), "drill", &vm.name, DRILL_STEPS).await?;
+        let failure = self
+            .drill_steps(&mut job, &vm, &point, &req.boot_check)
+            .await;
+        job.step_running(RECORD).await;
+        let (ok, message) = match &failure {
+            None => (
+                true,
+                format!("point {point} read back, started and checked"),
+            ),
+            Some(e) => (false, e.clone()),
+        };
+        if let Err(e) = self
+            .record_verification(&vm.name, &point, ok, &message, job.id())
+            .await
+        {
+            return Ok(job.fail(&e).await);
+        }
+        match failure {
+            None => {
+                job.step_done(RECORD, "recorded: succeeded".into()).await;
+                Ok(job.succeed().await)
+            }
+            Some(why) => {
+                job.step_done(RECORD, "recorded: failed".into()).await;
+                Ok(job.fail(&FailoverError::FailedPrecondition(why)).await)
+            }
+        }
+    }
+
+    /// The VM, refused unless it has a recovery host and a point.
+    async fn drill_vm(&self, name: &str) -> Result<Vm> {
+        let vm = self
+            .registry
+            .clone()
+            .get_vm(GetVmRequest {
+                name: name.to_owned(),
+            })
+            .await
+            .map_err(|s| FailoverError::remote("registry", "get vm", &s))?
+            .into_inner();
+        if vm.recovery_host.is_empty() {
+            return Err(FailoverError::FailedPrecondition(format!(
+                "vm {name} has no recovery host: a drill runs there (ferry vm set {name} --recovery-host HOST)"
+            )));
+        }
+        if vm.last_point_id.is_empty() {
+            return Err(FailoverError::FailedPrecondition(format!(
+                "vm {name} has no recovery point to drill"
+            )));
+        }
+        Ok(vm)
+    }
+
+    /// Steps 1–4; the first failure, in words (`None`: every check passed).
+    async fn drill_steps(
+        &self,
+        job: &mut JobTracker,
+        vm: &Vm,
+        point: &str,
+        boot_check: &str,
+    ) -> Option<String> {
+        let host = vm.recovery_host.as_str();
+        let mut failure = None;
+        job.step_running(READ_BACK).await;
+        let work = FailoverWork {
+            point: point.to_owned(),
+            ..Default::default()
+        };
+        let read = self
+            .dispatch_and_wait(host, WorkKind::VerifyPoint, &vm.name, job.id(), work, None)
+            .await;
+        match read {
+            Ok(r) => {
+                let msg = format!(
+                    "{} blocks of point {point} read back and checked",
+                    r.blocks_compared
+                );
+                job.step_done(READ_BACK, msg).await;
+            }
+            Err(e) => failure = Some(self.failed(job, READ_BACK, e.to_string()).await),
+        }
+        if failure.is_some() {
+            return failure;
+        }
+        job.step_running(TEST).await;
+        let test = self
+            .test_failover(TestFailoverRequest {
+                vm: vm.name.clone(),
+                point: point.to_owned(),
+                target_dir: String::new(),
+            })
+            .await;
+        match test {
+            Ok(j) if j.status == StepStatus::Succeeded as i32 => {
+                job.step_done(
+                    TEST,
+                    format!("job {} started the vm on the test network", j.id),
+                )
+                .await;
+            }
+            Ok(j) => {
+                let why = format!("job {} failed: {}", j.id, j.error);
+                return Some(self.failed(job, TEST, why).await);
+            }
+            Err(e) => return Some(self.failed(job, TEST, e.to_string()).await),
+        }
+        if let Err(e) = self.boot_check(job, vm, boot_check).await {
+            failure = Some(self.failed(job, BOOT, e.to_string()).await);
+        }
+        job.step_running(CLEAN).await;
+        let clean = self
+            .cleanup_test_failover(CleanupTestFailoverRequest {
+                vm: vm.name.clone(),
+            })
+            .await;
+        match clean {
+            Ok(j) if j.status == StepStatus::Succeeded as i32 => {
+                job.step_done(CLEAN, format!("job {} removed the test copy", j.id))
+                    .await;
+            }
+            Ok(j) => {
+                let why = format!("job {} failed: {}", j.id, j.error);
+                failure.get_or_insert(self.failed(job, CLEAN, why).await);
+            }
+            Err(e) => {
+                failure.get_or_insert(self.failed(job, CLEAN, e.to_string()).await);
+            }
+        }
+        failure
+    }
+
+    /// Runs the boot check on the recovery host (skipped, and said so, without one).
+    async fn boot_check(&self, job: &mut JobTracker, vm: &Vm, command: &str) -> Result<()> {
+        if command.trim().is_empty() {
+            let msg = "no --boot-check given: the driver's start is the only check".to_owned();
+            job.step_ended(BOOT, StepStatus::Skipped, msg).await;
+            return Ok(());
+        }
+        job.step_running(BOOT).await;
+        let work = FailoverWork {
+            script: Some(PlanScript {
+                command: command.to_owned(),
+                vms: vec![vm.name.clone()],
+                mode: "drill".into(),
+                phase: "boot-check".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let timeout = Duration::from_secs(SCRIPT_TIMEOUT_SECS + 120);
+        let id = format!("{}-boot", job.id());
+        let out = self
+            .dispatch_and_wait(
+                &vm.recovery_host,
+                WorkKind::RunScript,
+                &vm.name,
+                &id,
+                work,
+                Some(timeout),
+            )
+            .await?;
+        let msg = match out.script_output.is_empty() {
+            true => "passed".to_owned(),
+            false => format!("passed: {}", out.script_output),
+        };
+        job.step_done(BOOT, msg).await;
+        Ok(())
+    }
+
+    async fn failed(&self, job: &mut JobTracker, step: usize, why: String) -> String {
+        job.step_ended(step, StepStatus::Failed, why.clone()).await;
+        format!("{}: {why}", DRILL_STEPS[step])
+    }
+
+    async fn record_verification(
+        &self,
+        vm: &str,
+        point: &str,
+        ok: bool,
+        message: &str,
+        job_id: &str,
+    ) -> Result<()> {
+        self.registry
+            .clone()
+            .record_verification(RecordVerificationRequest {
+                vm: vm.to_owned(),
+                point_id: point.to_owned(),
+                ok,
+                message: message.to_owned(),
+                job_id: job_id.to_owned(),
+            })
+            .await
+            .map_err(|s| FailoverError::remote("registry", "record verification", &s))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,154 @@
+//! DR drills (issue #13): a drill of a healthy VM reads every block of its point back, starts
+//! it at the recovery site, runs the boot check there, removes the copy and records success;
+//! a bit flipped in one stored chunk makes the next drill fail naming the disk and the
+//! block, recorded as such.
+
+use std::path::PathBuf;
+
+use ferry_tests::*;
+
+/// The stored chunk file of a block holding `plaintext` (named with the vault's key, read
+/// from the mesh's data dir as the mesh reads it).
+fn chunk_file(t: &TestMesh, plaintext: &[u8]) -> anyhow::Result<PathBuf> {
+    let bytes = std::fs::read(t.path("mesh/vault/data.key"))?;
+    let mut key = [0u8; 32];
+    match <[u8; 32]>::try_from(bytes.as_slice()) {
+        Ok(raw) => key = raw,
+        Err(_) => hex::decode_to_slice(String::from_utf8(bytes)?.trim(), &mut key)?,
+    }
+    let id = ferry_store::chunk_id(&ferry_store::VaultKey::from_bytes(key), plaintext);
+    Ok(t.path("mesh/store").join(ferry_store::chunk_key(&id)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_proves_a_point_and_finds_a_flipped_bit() -> anyhow::Result<()> {
+    let t = TestMesh::start().await?;
+    let disk = t.path("disks/web01.raw");
+    std::fs::create_dir_all(t.path("disks"))?;
+    qemu_create(&disk, "raw", "", "8M")?;
+    qemu_io(
+        &disk,
+        "raw",
+        &[
+            "write -P 0x5a 0 1M",
+            "write -P 0x5b 1M 1M",
+            "write -P 0x5c 2M 1M",
+        ],
+    )?;
+    let _primary = t
+        .site_agent(
+            "hv01",
+            "site-a",
+            &[("web01", vec![disk.clone()])],
+            "[tracker]\n",
+        )
+        .await?;
+    let dr_dir = t.path("hv-dr01");
+    let _dr = t.recovery_agent(&command_driver(&dr_dir)?).await?;
+    t.wait_vm("web01").await?;
+    t.protect_to_recovery("web01", "5m")?;
+    let point = t.vm("web01").await?.last_point_id;
+
+    // A healthy point: read back, started on the test network, checked, cleaned up.
+    std::fs::write(
+        dr_dir.join("probe.sh"),
+        "grep -q \"call=start vm=$FERRY_VMS network=test\" calls.log && echo up\n",
+    )?;
+    let job = t.cli_json(&[
+        "drill",
+        "run",
+        "web01",
+        "--boot-check",
+        "sh ./probe.sh",
+        "-o",
+        "json",
+    ])?;
+    ok_job(&job)?;
+    let steps = job["steps"].as_array().cloned().unwrap_or_default();
+    assert!(
+        steps[0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("3 blocks"),
+        "{job:#}"
+    );
+    assert!(
+        steps[2]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("passed: up"),
+        "{job:#}"
+    );
+    let v = t.cli_json(&["vm", "show", "web01", "-o", "json"])?;
+    assert_eq!(v["last_verified"]["result"], "succeeded", "{v:#}");
+    assert_eq!(v["last_verified"]["point"], point.as_str(), "{v:#}");
+    assert!(
+        !dr_dir.join("recovered/web01").exists(),
+        "the drill's copy was removed"
+    );
+    let failovers = t.cli_json(&["failover", "list", "-o", "json"])?;
+    assert!(
+        !failovers
+            .as_array()
+            .is_some_and(|a| a.iter().any(|f| f["state"] == "active")),
+        "{failovers:#}"
+    );
+
+    // A failing boot check fails the drill, and the copy is still removed.
+    let (ok, out, _) = t.cli(&[
+        "drill",
+        "run",
+        "web01",
+        "--boot-check",
+        "echo no answer >&2; exit 1",
+        "-o",
+        "json",
+    ])?;
+    let job: serde_json::Value = serde_json::from_str(&out)?;
+    assert!(
+        !ok && job["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no answer"),
+        "{job:#}"
+    );
+    assert_eq!(job["steps"][3]["status"], "succeeded", "{job:#}");
+    assert_eq!(
+        t.cli_json(&["vm", "show", "web01", "-o", "json"])?["last_verified"]["result"],
+        "failed"
+    );
+
+    // One bit flipped in one stored chunk (block 1's): the read-back names the disk and
+    // the block.
+    let victim = chunk_file(&t, &vec![0x5b; 1 << 20])?;
+    let mut bytes = std::fs::read(&victim)?;
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    std::fs::write(victim, &bytes)?;
+    let (ok, out, _) = t.cli(&["drill", "run", "web01", "-o", "json"])?;
+    let job: serde_json::Value = serde_json::from_str(&out)?;
+    assert!(!ok, "{job:#}");
+    let err = job["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains(&format!("disk {} block 1:", disk.display())) && err.contains("1 of 3 blocks"),
+        "{job:#}"
+    );
+    assert_eq!(
+        job["steps"][1]["status"], "skipped",
+        "no test failover of a bad point: {job:#}"
+    );
+    let v = t.cli_json(&["vm", "show", "web01", "-o", "json"])?;
+    assert_eq!(v["last_verified"]["result"], "failed", "{v:#}");
+    assert!(
+        v["last_verified"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("block "),
+        "{v:#}"
+    );
+
+    // Unknown vm, a vm without a recovery host: refused naming it.
+    let (ok, _, err) = t.cli(&["drill", "run", "nope"])?;
+    assert!(!ok && err.contains("nope"), "{err}");
+    Ok(())
+}
