@@ -464,3 +464,91 @@ async fn bad_plans_and_runs_are_refused_with_a_clear_message() -> anyhow::Result
     )?;
     Ok(())
 }
+
+/// A plan job whose failover service stops mid-way (here: waiting for input) ends failed and
+/// says what to do; running the plan again on the other replica carries on: the VM that
+/// already failed over is skipped, the manual action waits again, the job succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_run_cut_off_by_its_service_stopping_carries_on_when_run_again() -> anyhow::Result<()>
+{
+    let (t, mut replicas) =
+        TestMesh::start_replicated(&[ferry_mesh::Component::Failover], 2).await?;
+    let disk = t.path("db1.raw");
+    qemu_create(&disk, "raw", "", "4M")?;
+    let hv01 = t.path("hv01");
+    let extra = format!("[tracker]\n{}", timed_driver(&hv01)?);
+    let _primary = t
+        .site_agent("hv01", "site-a", &[("db1", vec![disk.clone()])], &extra)
+        .await?;
+    let dr_dir = t.path("hv-dr01");
+    let _dr = t.recovery_agent(&timed_driver(&dr_dir)?).await?;
+    t.wait_vm("db1").await?;
+    t.protect_to_recovery("db1", "2s")?;
+    t.cli_json(&[
+        "plan",
+        "create",
+        "p",
+        "--group",
+        "db1",
+        "--after",
+        "1:manual:check the DB replica",
+        "-o",
+        "json",
+    ])?;
+
+    // The first replica in the endpoint list takes the run; it stops while the job waits.
+    let started = t.cli_json(&[
+        "plan",
+        "failover",
+        "p",
+        "--mode",
+        "planned",
+        "--no-wait",
+        "-o",
+        "json",
+    ])?;
+    let id = started["id"].as_str().unwrap_or_default().to_owned();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while t.cli_json(&["jobs", "show", &id, "-o", "json"])?["status"] != "waiting-for-input" {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the plan job never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(state(&t, "db1").await?, "failed-over");
+    replicas[0].kill().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let ended = loop {
+        let j = t.cli_json(&["jobs", "show", &id, "-o", "json"])?;
+        if j["status"] == "failed" {
+            break j;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the cut-off job never ended: {j:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(
+        ended["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("run the plan again"),
+        "{ended:#}"
+    );
+
+    let (ok, job) = run_with_resume(
+        &t,
+        &["plan", "failover", "p", "--mode", "planned", "-o", "json"],
+        "second try",
+    )
+    .await?;
+    assert!(ok, "{job:#}");
+    assert_eq!(
+        step(&job, "group 1: planned failover db1")["status"],
+        "skipped",
+        "{job:#}"
+    );
+    Ok(())
+}

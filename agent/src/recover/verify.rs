@@ -74,15 +74,7 @@ impl Agent {
         point: &str,
         batch: Vec<(u64, ferry_store::ChunkId)>,
     ) -> Result<(u64, Vec<(u64, String)>), ReplError> {
-        let ids: Vec<_> = batch.iter().map(|(_, id)| *id).collect();
-        let sealed = self.fetch_sealed(vm, point, &ids).await?;
-        if sealed.len() != ids.len() {
-            return Err(ReplError::Recoverable(format!(
-                "the gateway answered {} of {} chunks",
-                sealed.len(),
-                ids.len()
-            )));
-        }
+        let sealed = self.fetch_batch(vm, point, &batch).await?;
         let key = self.creds.vault_key.clone();
         tokio::task::spawn_blocking(move || {
             let failed: Vec<(u64, String)> = batch

@@ -140,15 +140,7 @@ impl Agent {
         point: &str,
         batch: Vec<(u64, ChunkId)>,
     ) -> Result<Blocks, ReplError> {
-        let ids: Vec<ChunkId> = batch.iter().map(|(_, id)| *id).collect();
-        let sealed = self.fetch_sealed(vm, point, &ids).await?;
-        if sealed.len() != ids.len() {
-            return Err(ReplError::Recoverable(format!(
-                "the gateway answered {} of {} chunks",
-                sealed.len(),
-                ids.len()
-            )));
-        }
+        let sealed = self.fetch_batch(vm, point, &batch).await?;
         let key = self.creds.vault_key.clone();
         blocking(move || {
             batch
@@ -164,7 +156,26 @@ impl Agent {
         .await
     }
 
-    pub(super) async fn fetch_sealed(
+    /// The sealed chunks of `batch`, one per block (a short answer is refused).
+    pub(super) async fn fetch_batch(
+        &self,
+        vm: &str,
+        point: &str,
+        batch: &[(u64, ChunkId)],
+    ) -> Result<Vec<Bytes>, ReplError> {
+        let ids: Vec<ChunkId> = batch.iter().map(|(_, id)| *id).collect();
+        let sealed = self.fetch_sealed(vm, point, &ids).await?;
+        if sealed.len() != ids.len() {
+            return Err(ReplError::Recoverable(format!(
+                "the gateway answered {} of {} chunks",
+                sealed.len(),
+                ids.len()
+            )));
+        }
+        Ok(sealed)
+    }
+
+    async fn fetch_sealed(
         &self,
         vm: &str,
         point: &str,

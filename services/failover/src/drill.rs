@@ -11,7 +11,7 @@ use ferry_model::Operation;
 use ferry_model::plan::SCRIPT_TIMEOUT_SECS;
 use ferry_proto::common::v1::{Job, StepStatus};
 use ferry_proto::failover::v1::{CleanupTestFailoverRequest, RunDrillRequest, TestFailoverRequest};
-use ferry_proto::registry::v1::{GetVmRequest, RecordVerificationRequest, Vm};
+use ferry_proto::registry::v1::{RecordVerificationRequest, Vm};
 use ferry_proto::scheduler::v1::{FailoverWork, PlanScript, WorkKind};
 
 use crate::Orchestrator;
@@ -76,20 +76,7 @@ impl Orchestrator {
 
     /// The VM, refused unless it has a recovery host and a point.
     async fn drill_vm(&self, name: &str) -> Result<Vm> {
-        let vm = self
-            .registry
-            .clone()
-            .get_vm(GetVmRequest {
-                name: name.to_owned(),
-            })
-            .await
-            .map_err(|s| FailoverError::remote("registry", "get vm", &s))?
-            .into_inner();
-        if vm.recovery_host.is_empty() {
-            return Err(FailoverError::FailedPrecondition(format!(
-                "vm {name} has no recovery host: a drill runs there (ferry vm set {name} --recovery-host HOST)"
-            )));
-        }
+        let vm = self.failover_vm(name).await?;
         if vm.last_point_id.is_empty() {
             return Err(FailoverError::FailedPrecondition(format!(
                 "vm {name} has no recovery point to drill"

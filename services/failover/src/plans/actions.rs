@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ferry_model::plan::{Action, ActionKind, SCRIPT_TIMEOUT_SECS};
-use ferry_proto::registry::v1::{GetJobRequest, GetVmRequest};
+use ferry_proto::registry::v1::GetJobRequest;
 use ferry_proto::scheduler::v1::{FailoverWork, PlanScript, WorkKind};
 
 use super::run::{INPUT_POLL, PlanRun};
@@ -27,15 +27,7 @@ impl Orchestrator {
     pub(super) async fn plan_targets(&self, plan: &ferry_model::plan::Plan) -> Result<Targets> {
         let mut targets = Targets::new();
         for vm in plan.vms() {
-            let v = self
-                .registry
-                .clone()
-                .get_vm(GetVmRequest {
-                    name: vm.to_owned(),
-                })
-                .await
-                .map_err(|s| FailoverError::remote("registry", "get vm", &s))?
-                .into_inner();
+            let v = self.get_vm(vm).await?;
             targets.insert(vm.to_owned(), v.recovery_host);
         }
         Ok(targets)

@@ -8,7 +8,7 @@ mod run;
 use std::collections::BTreeMap;
 
 use ferry_model::plan::Plan;
-use ferry_proto::registry::v1::{GetVmRequest, ListJobsRequest};
+use ferry_proto::registry::v1::ListJobsRequest;
 use ferry_store::{Catalog, Store};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
@@ -98,19 +98,13 @@ impl Orchestrator {
             return Err(FailoverError::InvalidArgument(problem));
         }
         for vm in plan.vms() {
-            self.registry
-                .clone()
-                .get_vm(GetVmRequest {
-                    name: vm.to_owned(),
-                })
-                .await
-                .map_err(|s| match s.code() {
-                    tonic::Code::NotFound => FailoverError::InvalidArgument(format!(
-                        "plan {}: vm {vm} is not known to the registry",
-                        plan.name
-                    )),
-                    _ => FailoverError::remote("registry", "get vm", &s),
-                })?;
+            self.get_vm(vm).await.map_err(|e| match e {
+                FailoverError::NotFound(_) => FailoverError::InvalidArgument(format!(
+                    "plan {}: vm {vm} is not known to the registry",
+                    plan.name
+                )),
+                e => e,
+            })?;
         }
         let taken = || FailoverError::AlreadyExists(format!("plan {}", plan.name));
         if self.plans.get(&plan.name).await?.is_some() {

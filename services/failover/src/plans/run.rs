@@ -15,13 +15,16 @@ use ferry_proto::failover::v1::{
     CleanupTestFailoverRequest, CompleteFailbackRequest, FailbackRequest, PlannedFailoverRequest,
     RunRecoveryPlanRequest, TestFailoverRequest, UnplannedFailoverRequest,
 };
-use ferry_proto::registry::v1::GetVmRequest;
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
 
 use crate::error::{FailoverError, Result};
 use crate::job::JobTracker;
 use crate::{JOB_LEASE_TTL, Orchestrator, job_resource};
+
+/// What a plan job cut off by its service stopping tells the operator.
+const STOPPED: &str =
+    "the failover service stopped: run the plan again (vms that already failed over are skipped)";
 
 /// What one step of a plan job does.
 #[derive(Clone, Debug)]
@@ -195,7 +198,8 @@ impl Orchestrator {
         let mut i = 0;
         while i < steps.len() {
             if self.shutdown.is_cancelled() {
-                return job.fail(&FailoverError::Cancelled).await;
+                let why = format!("{}; {STOPPED}", FailoverError::Cancelled);
+                return job.fail(&FailoverError::FailedPrecondition(why)).await;
             }
             let group = steps[i].1.group();
             let failed_before = failures.len();
@@ -228,7 +232,10 @@ impl Orchestrator {
         if failures.is_empty() {
             return job.succeed().await;
         }
-        let summary = format!("{} step(s) failed: {}", failures.len(), failures.join("; "));
+        let mut summary = format!("{} step(s) failed: {}", failures.len(), failures.join("; "));
+        if self.shutdown.is_cancelled() {
+            summary = format!("{summary}; {STOPPED}");
+        }
         job.fail(&FailoverError::FailedPrecondition(summary)).await
     }
 
@@ -297,15 +304,7 @@ impl Orchestrator {
     /// Why the VM's step is skipped (it is already where this run would bring it, e.g.
     /// failed over by another plan), or `None` when it runs.
     async fn vm_skip_reason(&self, mode: PlanMode, vm: &str) -> Result<Option<String>> {
-        let v = self
-            .registry
-            .clone()
-            .get_vm(GetVmRequest {
-                name: vm.to_owned(),
-            })
-            .await
-            .map_err(|s| FailoverError::remote("registry", "get vm", &s))?
-            .into_inner();
+        let v = self.get_vm(vm).await?;
         let state = VmState::try_from(v.state).ok();
         let test_copy = self.ledger.active(vm).await?.filter(|r| r.kind == "test");
         let why = match mode {
@@ -387,3 +386,61 @@ impl Orchestrator {
 
 /// How often a plan job waiting for input asks the registry whether it was resumed.
 pub(super) const INPUT_POLL: Duration = Duration::from_millis(500);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_model::plan::Group;
+
+    #[test]
+    fn steps_run_each_groups_actions_around_its_vms_in_order() {
+        let action = |kind, command: &str| Action {
+            name: String::new(),
+            kind,
+            command: command.into(),
+        };
+        let plan = Plan {
+            name: "app".into(),
+            groups: vec![
+                Group {
+                    vms: vec!["db1".into(), "db2".into()],
+                    before: vec![],
+                    after: vec![action(ActionKind::Manual, "check")],
+                },
+                Group {
+                    vms: vec!["web1".into()],
+                    before: vec![action(ActionKind::Script, "./up.sh")],
+                    after: vec![],
+                },
+            ],
+            created_at_ms: 0,
+        };
+        let names: Vec<String> = plan_steps(&plan, PlanMode::Planned)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "group 1: planned failover db1",
+                "group 1: planned failover db2",
+                "group 1 after: manual \"check\"",
+                "group 2 before: script \"./up.sh\"",
+                "group 2: planned failover web1",
+            ]
+        );
+        // A cleanup removes the test copies only: no action runs.
+        let cleanup: Vec<String> = plan_steps(&plan, PlanMode::Cleanup)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(
+            cleanup,
+            [
+                "group 1: cleanup db1",
+                "group 1: cleanup db2",
+                "group 2: cleanup web1"
+            ]
+        );
+    }
+}

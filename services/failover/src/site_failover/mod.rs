@@ -127,7 +127,7 @@ impl Orchestrator {
     }
 
     /// The VM, which must name its recovery host.
-    async fn failover_vm(&self, name: &str) -> Result<Vm> {
+    pub(crate) async fn failover_vm(&self, name: &str) -> Result<Vm> {
         let vm = self.get_vm(name).await?;
         if vm.recovery_host.is_empty() {
             return Err(FailoverError::FailedPrecondition(format!(
