@@ -435,11 +435,8 @@ impl Agent {
                 recovered = Some(r);
             }),
             Ok(WorkKind::RemoveRecovered) => self.remove_recovered(&item, &stop).await,
-            Ok(WorkKind::VerifyPoint) => self.verify_work(&item, &stop).await.map(|blocks| {
-                recovered = Some(ferry_proto::scheduler::v1::RecoveredVm {
-                    blocks_compared: blocks,
-                    ..Default::default()
-                });
+            Ok(WorkKind::VerifyPoint) => self.verify_work(&item, &stop).await.map(|report| {
+                recovered = Some(report);
             }),
             Ok(WorkKind::RunScript) => self.run_script(&item, &stop).await.map(|out| {
                 recovered = Some(ferry_proto::scheduler::v1::RecoveredVm {
@@ -496,7 +493,7 @@ impl Agent {
         &self,
         item: &WorkItem,
         stop: &CancellationToken,
-    ) -> Result<u64, ReplError> {
+    ) -> Result<ferry_proto::scheduler::v1::RecoveredVm, ReplError> {
         let point = item
             .failover
             .as_ref()

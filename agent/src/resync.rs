@@ -334,6 +334,8 @@ impl Agent {
                 vm: vm.to_string(),
                 point: point.id.clone(),
                 disk_id: disk.id.clone(),
+                // A block whose chunk was quarantined ships again.
+                omit_lost: true,
             })
             .await
         {

@@ -1,7 +1,8 @@
 //! DR drills (issue #13): a drill of a healthy VM reads every block of its point back, starts
 //! it at the recovery site, runs the boot check there, removes the copy and records success;
 //! a bit flipped in one stored chunk makes the next drill fail naming the disk and the
-//! block, recorded as such.
+//! block, recorded as such; the chunk is quarantined, the resync ships the block again and
+//! the drill after it passes.
 
 use std::path::PathBuf;
 
@@ -21,7 +22,8 @@ fn chunk_file(t: &TestMesh, plaintext: &[u8]) -> anyhow::Result<PathBuf> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_drill_proves_a_point_and_finds_a_flipped_bit() -> anyhow::Result<()> {
+async fn a_drill_proves_a_point_and_a_flipped_bit_is_quarantined_then_shipped_again()
+-> anyhow::Result<()> {
     let t = TestMesh::start().await?;
     let disk = t.path("disks/web01.raw");
     std::fs::create_dir_all(t.path("disks"))?;
@@ -124,7 +126,7 @@ async fn a_drill_proves_a_point_and_finds_a_flipped_bit() -> anyhow::Result<()> 
     let mut bytes = std::fs::read(&victim)?;
     let at = bytes.len() / 2;
     bytes[at] ^= 0x01;
-    std::fs::write(victim, &bytes)?;
+    std::fs::write(&victim, &bytes)?;
     let (ok, out, _) = t.cli(&["drill", "run", "web01", "-o", "json"])?;
     let job: serde_json::Value = serde_json::from_str(&out)?;
     assert!(!ok, "{job:#}");
@@ -146,6 +148,30 @@ async fn a_drill_proves_a_point_and_finds_a_flipped_bit() -> anyhow::Result<()> 
             .contains("block "),
         "{v:#}"
     );
+
+    // The chunk is quarantined and the vm waits for a resync, which ships the block again;
+    // then the drill passes.
+    assert!(err.contains("1 chunk(s) quarantined"), "{job:#}");
+    assert!(!victim.exists(), "the corrupt chunk is still in chunks/");
+    let quarantined = t
+        .path("mesh/store/quarantine")
+        .join(
+            victim
+                .parent()
+                .and_then(|p| p.file_name())
+                .unwrap_or_default(),
+        )
+        .join(victim.file_name().unwrap_or_default());
+    assert!(quarantined.exists(), "{} not kept", quarantined.display());
+    assert_eq!(v["state"], "resync-pending", "{v:#}");
+    let (ok, out, err) = t.cli(&["vm", "resync", "web01", "--wait"])?;
+    assert!(ok, "{out}{err}");
+    assert!(victim.exists(), "the resync did not ship the block again");
+    let job = t.cli_json(&["drill", "run", "web01", "-o", "json"])?;
+    ok_job(&job)?;
+    let v = t.cli_json(&["vm", "show", "web01", "-o", "json"])?;
+    assert_eq!(v["last_verified"]["result"], "succeeded", "{v:#}");
+    assert_eq!(v["state"], "protected", "{v:#}");
 
     // Unknown vm, a vm without a recovery host: refused naming it.
     let (ok, _, err) = t.cli(&["drill", "run", "nope"])?;

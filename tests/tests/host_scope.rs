@@ -189,6 +189,7 @@ async fn another_hosts_certificate_reaches_nothing_of_a_vm() -> anyhow::Result<(
             vm: "web01".into(),
             point: latest.id.clone(),
             disk_id: web01.disks[0].id.clone(),
+            omit_lost: false,
         })
         .await
         .map(|_| ())
@@ -346,6 +347,7 @@ async fn app01_chunk(t: &TestMesh, point: &str) -> anyhow::Result<Vec<u8>> {
             vm: "app01".into(),
             point: point.into(),
             disk_id: disk.disk_id.clone(),
+            omit_lost: false,
         })
         .await?
         .into_inner();

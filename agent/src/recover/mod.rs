@@ -184,7 +184,7 @@ impl Agent {
                 return Ok(m.to_proto());
             }
             Some(m) if m.finished => match self.repoint(item, &work, &dir, m, cancel).await? {
-                repoint::Repointed::Done(r) => return Ok(r),
+                repoint::Repointed::Done(r) => return Ok(*r),
                 // The folder is gone: the whole point is materialised below.
                 repoint::Repointed::Rematerialise => {}
             },
@@ -513,7 +513,7 @@ impl Marker {
             driver: self.driver.clone(),
             started_at_ms: self.started_at_ms,
             final_point: String::new(),
-            script_output: String::new(),
+            ..Default::default()
         }
     }
 }

@@ -37,7 +37,7 @@ use crate::{Agent, ReplError};
 /// What a change of point came to.
 pub(super) enum Repointed {
     /// The VM runs on the new point.
-    Done(RecoveredVm),
+    Done(Box<RecoveredVm>),
     /// The disks could not be rewritten in place: the VM is stopped and its folder removed,
     /// so the whole point is to be materialised.
     Rematerialise,
@@ -204,7 +204,7 @@ impl Agent {
         marker::write(dir, &next)?;
         let recovered = self.start_recovered(vm, dir, &mut next, cancel).await?;
         info!(vm, failover = %work.failover_id, from = %old.point, to = %point.id, blocks_compared = next.blocks_compared, blocks_rewritten = next.blocks_rewritten, bytes = next.bytes_written, size, logs_discarded = logs, driver = %next.driver, "recovery point changed in place; vm started");
-        Ok(Repointed::Done(recovered))
+        Ok(Repointed::Done(Box::new(recovered)))
     }
 
     /// Stops serving the VM's disks; unlike `stop_serving`, an error when the tracker could

@@ -218,6 +218,7 @@ impl Agent {
                 vm: vm.to_owned(),
                 point: point.to_owned(),
                 disk_id: disk_id.to_owned(),
+                omit_lost: false,
             })
             .await
             .map_err(|s| from_status(&what, s))?

@@ -201,6 +201,12 @@ impl StorageWriter for TestStorage {
     ) -> Result<GrpcResponse<storage::DeletePointsResponse>, Status> {
         not_for_the_gateway()
     }
+    async fn quarantine_chunks(
+        &self,
+        _: Request<storage::QuarantineChunksRequest>,
+    ) -> Result<GrpcResponse<storage::QuarantineChunksResponse>, Status> {
+        not_for_the_gateway()
+    }
 
     type PointChunksStream = Pages;
     async fn point_chunks(

@@ -22,6 +22,9 @@ use crate::{ChunkId, StoreError};
 
 /// Root of the sealed chunks (what collection lists).
 pub const CHUNKS_PREFIX: &str = "chunks";
+/// Root of chunks found corrupt (a drill's read-back): moved out of `chunks/`, so the next
+/// upload of the block stores it again; kept for inspection.
+pub const QUARANTINE_PREFIX: &str = "quarantine";
 /// Root of the block-map index pages (what collection lists).
 pub const INDEX_PREFIX: &str = "index";
 /// Root of the shipped-log descriptors (what collection lists).
@@ -39,6 +42,16 @@ pub fn chunk_key(id: &ChunkId) -> String {
 /// The chunk id of a `chunks/<aa>/<64 hex>` key (lowercase hex, `aa` its first two digits).
 pub fn parse_chunk_key(key: &str) -> Option<ChunkId> {
     parse_content_key(CHUNKS_PREFIX, key)
+}
+
+/// `quarantine/<aa>/<64 hex>`: a chunk found corrupt, as it was found.
+pub fn quarantine_key(id: &ChunkId) -> String {
+    content_key(QUARANTINE_PREFIX, id)
+}
+
+/// The chunk id of a `quarantine/<aa>/<64 hex>` key.
+pub fn parse_quarantine_key(key: &str) -> Option<ChunkId> {
+    parse_content_key(QUARANTINE_PREFIX, key)
 }
 
 /// `index/<aa>/<64 hex>`: where the index page whose bytes hash (BLAKE3) to `hash` lives.

@@ -16,6 +16,7 @@ mod error;
 pub mod layout;
 mod merged;
 mod points;
+mod quarantine;
 mod store;
 mod unreliable;
 

@@ -458,3 +458,30 @@ async fn unreliable_store_faults_are_transient_and_retry_safe() {
     assert_eq!(flaky.puts(), 3);
     assert!(flaky.gets() >= 4);
 }
+
+#[tokio::test]
+async fn a_quarantined_chunk_is_lost_until_it_is_stored_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = fs_store(&dir);
+    let key = VaultKey::generate();
+    let block = vec![7u8; 4096];
+    let id = chunk_id(&key, &block);
+    let sealed = Bytes::from(seal_chunk(&key, &id, &block));
+    assert!(s.put_chunk(&id, sealed.clone()).await.unwrap());
+    assert!(s.lost_chunks().await.unwrap().is_empty());
+
+    assert!(s.quarantine_chunk(&id).await.unwrap());
+    assert!(!s.chunk_exists(&id).await.unwrap());
+    assert!(!s.quarantine_chunk(&id).await.unwrap(), "already moved");
+    let kept = dir
+        .path()
+        .join("store")
+        .join(ferry_store::layout::quarantine_key(&id));
+    assert!(kept.is_file(), "the chunk is kept as found");
+    assert!(s.lost_chunks().await.unwrap().contains(&id));
+
+    // An upload stores it again: no longer lost, and the quarantine entry goes.
+    assert!(s.put_chunk(&id, sealed).await.unwrap());
+    assert!(s.lost_chunks().await.unwrap().is_empty());
+    assert!(!kept.exists());
+}

@@ -4,15 +4,17 @@
 //! a test failover of that point (the VM started on the test network), the boot check (a
 //! command on the recovery host that probes the started VM), the cleanup, and the result
 //! recorded on the VM (`Registry.RecordVerification`; `vm show`'s `last_verified`). A failed
-//! step does not skip the cleanup or the record.
+//! step does not skip the cleanup or the record. Blocks that do not read back have their
+//! chunks quarantined and the VM marked for a resync, which ships them again.
 use std::time::Duration;
 
 use ferry_model::Operation;
 use ferry_model::plan::SCRIPT_TIMEOUT_SECS;
-use ferry_proto::common::v1::{Job, StepStatus};
+use ferry_proto::common::v1::{ErrorClass, Job, StepStatus};
 use ferry_proto::failover::v1::{CleanupTestFailoverRequest, RunDrillRequest, TestFailoverRequest};
-use ferry_proto::registry::v1::{RecordVerificationRequest, Vm};
-use ferry_proto::scheduler::v1::{FailoverWork, PlanScript, WorkKind};
+use ferry_proto::registry::v1::{RecordVerificationRequest, ReportReplicationErrorRequest, Vm};
+use ferry_proto::scheduler::v1::{FailoverWork, PlanScript, RecoveredVm, WorkKind};
+use ferry_proto::storage::v1::QuarantineChunksRequest;
 
 use crate::Orchestrator;
 use crate::error::{FailoverError, Result};
@@ -104,12 +106,16 @@ impl Orchestrator {
             .dispatch_and_wait(host, WorkKind::VerifyPoint, &vm.name, job.id(), work, None)
             .await;
         match read {
-            Ok(r) => {
+            Ok(r) if r.blocks_bad == 0 => {
                 let msg = format!(
                     "{} blocks of point {point} read back and checked",
                     r.blocks_compared
                 );
                 job.step_done(READ_BACK, msg).await;
+            }
+            Ok(r) => {
+                let why = self.corruption_found(vm, point, &r).await;
+                failure = Some(self.failed(job, READ_BACK, why).await);
             }
             Err(e) => failure = Some(self.failed(job, READ_BACK, e.to_string()).await),
         }
@@ -161,6 +167,54 @@ impl Orchestrator {
             }
         }
         failure
+    }
+
+    /// The read-back found blocks that do not open: their chunks are quarantined (checked
+    /// again by the storage-writer) and the VM marked for a resync, which ships those blocks
+    /// again. What the step says.
+    async fn corruption_found(&self, vm: &Vm, point: &str, r: &RecoveredVm) -> String {
+        let mut why = format!(
+            "vm {} point {point}: {} of {} blocks failed the read-back: {}",
+            vm.name,
+            r.blocks_bad,
+            r.blocks_compared,
+            r.bad_blocks.join("; ")
+        );
+        let quarantined = self
+            .storage
+            .clone()
+            .quarantine_chunks(QuarantineChunksRequest {
+                vm: vm.name.clone(),
+                chunks: r.bad_chunks.clone(),
+            })
+            .await
+            .map(|q| q.into_inner().quarantined.len());
+        match quarantined {
+            Ok(n) => why.push_str(&format!("; {n} chunk(s) quarantined")),
+            Err(s) => why.push_str(&format!("; quarantine failed: {}", s.message())),
+        }
+        let report = self
+            .registry
+            .clone()
+            .report_replication_error(ReportReplicationErrorRequest {
+                vm: vm.name.clone(),
+                error: format!(
+                    "a drill found corrupt data in storage: {}",
+                    r.bad_blocks.join("; ")
+                ),
+                error_class: ErrorClass::ResyncRequired as i32,
+                ..Default::default()
+            })
+            .await;
+        match report {
+            Ok(_) => why.push_str("; the vm waits for a resync, which ships those blocks again"),
+            Err(s) => why.push_str(&format!(
+                "; marking the vm for resync failed: {}",
+                s.message()
+            )),
+        }
+        tracing::warn!(vm = %vm.name, point, bad = r.blocks_bad, "a drill found corrupt data in storage");
+        why
     }
 
     /// Runs the boot check on the recovery host (skipped, and said so, without one).

@@ -14,6 +14,7 @@ mod materialize;
 pub mod merge;
 mod point_chunks;
 mod points;
+mod quarantine;
 pub mod retention;
 pub mod service;
 

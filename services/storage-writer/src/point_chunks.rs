@@ -26,6 +26,7 @@ impl Writer {
                 vm: p.vm.clone(),
                 point: p.id.clone(),
                 disk_id: disk.disk_id.clone(),
+                omit_lost: false,
             };
             ids.extend(self.block_map(&req).await?.entries.into_values());
         }

@@ -14,13 +14,14 @@ use ferry_proto::storage::v1::{
     BlockHashesChunk, BlockHashesRequest, CommitPointRequest, CommitPointResponse,
     DeletePointsRequest, DeletePointsResponse, GetPointRequest, HasChunksRequest,
     HasChunksResponse, ListPointsRequest, ListPointsResponse, MaterializeDiskRequest,
-    MaterializeDiskResponse, PointChunksPage, PointChunksRequest, RunRetentionRequest,
-    RunRetentionResponse,
+    MaterializeDiskResponse, PointChunksPage, PointChunksRequest, QuarantineChunksRequest,
+    QuarantineChunksResponse, RunRetentionRequest, RunRetentionResponse,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::Writer;
+use crate::error::WriterError;
 use crate::point_chunks::{POINT_CHUNKS_PAGE, chunk_pages};
 use crate::points::{HASH_PAGE_ENTRIES, hash_pages};
 
@@ -130,16 +131,55 @@ impl StorageWriter for StorageWriterService {
     ) -> Result<Response<Self::BlockHashesStream>, Status> {
         self.require_reader_or_host(&request, &request.get_ref().vm, "read block hashes of")
             .await?;
-        let map = self
+        let mut map = self
             .writer
             .block_map(request.get_ref())
             .await
             .map_err(|e| to_status(&e))?;
+        if request.get_ref().omit_lost {
+            let lost = self
+                .writer
+                .store()
+                .lost_chunks()
+                .await
+                .map_err(|e| to_status(&WriterError::from(e)))?;
+            map.entries.retain(|_, id| !lost.contains(id));
+        }
         let pages: Vec<Result<BlockHashesChunk, Status>> = hash_pages(&map, HASH_PAGE_ENTRIES)
             .into_iter()
             .map(Ok)
             .collect();
         Ok(Response::new(tokio_stream::iter(pages)))
+    }
+
+    async fn quarantine_chunks(
+        &self,
+        request: Request<QuarantineChunksRequest>,
+    ) -> Result<Response<QuarantineChunksResponse>, Status> {
+        require_service(&request)?;
+        let req = request.into_inner();
+        let ids = req
+            .chunks
+            .iter()
+            .map(|c| {
+                <ferry_store::ChunkId>::try_from(c.as_slice()).map_err(|_| {
+                    WriterError::InvalidArgument(format!(
+                        "a chunk id has {} bytes, not 32",
+                        c.len()
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| to_status(&e))?;
+        let (quarantined, healthy) = self
+            .writer
+            .quarantine(&req.vm, &ids)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(QuarantineChunksResponse {
+            quarantined: quarantined.iter().map(|c| c.to_vec()).collect(),
+            healthy: healthy.iter().map(|c| c.to_vec()).collect(),
+        }))
     }
 
     async fn materialize_disk(

@@ -130,6 +130,7 @@ impl Env {
             vm: VM.into(),
             point: point.into(),
             disk_id: DISK.into(),
+            omit_lost: false,
         };
         let map = self.writer.block_map(&req).await.unwrap();
         map.entries.into_iter().collect()
@@ -588,6 +589,7 @@ async fn a_corrupt_log_is_an_error_naming_it() {
         vm: VM.into(),
         point: "latest".into(),
         disk_id: DISK.into(),
+        omit_lost: false,
     };
     assert!(e.writer.block_map(&req).await.is_err());
     // The previous point is untouched.

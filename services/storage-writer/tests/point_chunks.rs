@@ -315,6 +315,7 @@ async fn the_recovery_host_reads_points_and_block_hashes_but_does_not_write() {
         vm: "web".into(),
         point: id.clone(),
         disk_id: "d2".into(),
+        omit_lost: false,
     };
     svc.block_hashes(as_caller(hashes, recovery()))
         .await

@@ -323,6 +323,7 @@ impl Env {
             vm: VM.into(),
             point: format!("{seq:020}"),
             disk_id: DISK.into(),
+            omit_lost: false,
         };
         let map = self.writer.block_map(&req).await.unwrap();
         map.entries.into_iter().collect()

@@ -337,6 +337,7 @@ async fn every_call_is_authorized() {
         vm: "web".into(),
         point: committed.id.clone(),
         disk_id: "d1".into(),
+        omit_lost: false,
     };
     let mut stream = svc
         .block_hashes(as_caller(hashes.clone(), host()))
@@ -375,6 +376,7 @@ async fn every_call_is_authorized() {
         vm: "web".into(),
         point: committed.id.clone(),
         disk_id: "d1".into(),
+        omit_lost: false,
     };
     for status in [
         svc.list_points(as_caller(list.clone(), other()))

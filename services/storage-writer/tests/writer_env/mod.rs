@@ -134,6 +134,7 @@ pub async fn map_of(w: &Writer, vm: &str, point: &str, disk: &str) -> Vec<(u64, 
         vm: vm.into(),
         point: point.into(),
         disk_id: disk.into(),
+        omit_lost: false,
     };
     let map = w.block_map(&req).await.unwrap();
     map.entries.into_iter().collect()
