@@ -15,10 +15,12 @@ use ferry_proto::ingest::v1::{
     AbortCycleRequest, BeginCycleRequest, BlockRef, CommitCycleRequest, DiskBlockMap,
     GetCycleRequest, RenewCycleRequest, ingest_client::IngestClient,
 };
-use ferry_proto::registry::v1::Health;
+use ferry_proto::registry::v1::{
+    Health, RecordVerificationRequest, registry_client::RegistryClient,
+};
 use ferry_proto::scheduler::v1::{CompleteWorkRequest, scheduler_client::SchedulerClient};
 use ferry_proto::storage::v1::{
-    BlockHashesRequest, GetPointRequest, ListPointsRequest,
+    BlockHashesRequest, GetPointRequest, ListPointsRequest, QuarantineChunksRequest,
     storage_writer_client::StorageWriterClient,
 };
 use ferry_tests::*;
@@ -195,6 +197,38 @@ async fn another_hosts_certificate_reaches_nothing_of_a_vm() -> anyhow::Result<(
         .map(|_| ())
         .unwrap_err();
     assert_refused("BlockHashes", &err);
+    // The drills' service-only calls: no host quarantines a chunk, not even one of its own
+    // VM's (it stays stored), nor records a drill's result.
+    let own = app01_chunk(&t, &app01_point.id).await?;
+    let err = storage
+        .quarantine_chunks(QuarantineChunksRequest {
+            vm: "app01".into(),
+            chunks: vec![own.clone()],
+        })
+        .await
+        .unwrap_err();
+    let service_only = |what: &str, s: &tonic::Status| {
+        assert_eq!(s.code(), Code::PermissionDenied, "{what}: {s:?}");
+        assert!(s.message().contains("only ferry services"), "{what}: {s:?}");
+    };
+    service_only("QuarantineChunks", &err);
+    let id: ferry_store::ChunkId = own.as_slice().try_into()?;
+    assert!(
+        t.path("mesh/store")
+            .join(ferry_store::chunk_key(&id))
+            .is_file()
+    );
+    let mut registry =
+        RegistryClient::new(ferry_mesh::connect(&cfg.endpoint(Component::Registry), &tls).await?);
+    let err = registry
+        .record_verification(RecordVerificationRequest {
+            vm: "app01".into(),
+            ok: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    service_only("RecordVerification", &err);
     // hvb still reads its own VM's points: the refusal is about the VM, not the host.
     storage
         .list_points(ListPointsRequest { vm: "app01".into() })
