@@ -8,6 +8,11 @@ use std::path::PathBuf;
 
 use ferry_tests::*;
 
+/// A JSON string field's text ("" when absent or not a string).
+fn text(v: &serde_json::Value) -> &str {
+    v.as_str().unwrap_or_default()
+}
+
 /// The stored chunk file of a block holding `plaintext` (named with the vault's key, read
 /// from the mesh's data dir as the mesh reads it).
 fn chunk_file(t: &TestMesh, plaintext: &[u8]) -> anyhow::Result<PathBuf> {
@@ -67,20 +72,8 @@ async fn a_drill_proves_a_point_and_a_flipped_bit_is_quarantined_then_shipped_ag
     ])?;
     ok_job(&job)?;
     let steps = job["steps"].as_array().cloned().unwrap_or_default();
-    assert!(
-        steps[0]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("3 blocks"),
-        "{job:#}"
-    );
-    assert!(
-        steps[2]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("passed: up"),
-        "{job:#}"
-    );
+    assert!(text(&steps[0]["message"]).contains("3 blocks"), "{job:#}");
+    assert!(text(&steps[2]["message"]).contains("passed: up"), "{job:#}");
     let v = t.cli_json(&["vm", "show", "web01", "-o", "json"])?;
     assert_eq!(v["last_verified"]["result"], "succeeded", "{v:#}");
     assert_eq!(v["last_verified"]["point"], point.as_str(), "{v:#}");
@@ -107,13 +100,7 @@ async fn a_drill_proves_a_point_and_a_flipped_bit_is_quarantined_then_shipped_ag
         "json",
     ])?;
     let job: serde_json::Value = serde_json::from_str(&out)?;
-    assert!(
-        !ok && job["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("no answer"),
-        "{job:#}"
-    );
+    assert!(!ok && text(&job["error"]).contains("no answer"), "{job:#}");
     assert_eq!(job["steps"][3]["status"], "succeeded", "{job:#}");
     assert_eq!(
         t.cli_json(&["vm", "show", "web01", "-o", "json"])?["last_verified"]["result"],
@@ -130,7 +117,7 @@ async fn a_drill_proves_a_point_and_a_flipped_bit_is_quarantined_then_shipped_ag
     let (ok, out, _) = t.cli(&["drill", "run", "web01", "-o", "json"])?;
     let job: serde_json::Value = serde_json::from_str(&out)?;
     assert!(!ok, "{job:#}");
-    let err = job["error"].as_str().unwrap_or_default();
+    let err = text(&job["error"]);
     assert!(
         err.contains(&format!("disk {} block 1:", disk.display())) && err.contains("1 of 3 blocks"),
         "{job:#}"
@@ -142,10 +129,7 @@ async fn a_drill_proves_a_point_and_a_flipped_bit_is_quarantined_then_shipped_ag
     let v = t.cli_json(&["vm", "show", "web01", "-o", "json"])?;
     assert_eq!(v["last_verified"]["result"], "failed", "{v:#}");
     assert!(
-        v["last_verified"]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("block "),
+        text(&v["last_verified"]["message"]).contains("block "),
         "{v:#}"
     );
 

@@ -11,6 +11,11 @@ use ferry_tests::*;
 
 const GROUPS: [[&str; 2]; 3] = [["db1", "db2"], ["app1", "app2"], ["web1", "web2"]];
 
+/// A JSON string field's text ("" when absent or not a string).
+fn text(v: &serde_json::Value) -> &str {
+    v.as_str().unwrap_or_default()
+}
+
 /// A command driver in `dir` that records each start with its time (ns) and network.
 fn timed_driver(dir: &Path) -> anyhow::Result<String> {
     std::fs::create_dir_all(dir)?;
@@ -69,7 +74,7 @@ async fn resume_when_waiting(t: &TestMesh, comment: &str) -> anyhow::Result<Stri
                 .cloned()
         });
         if let Some(j) = waiting {
-            let id = j["id"].as_str().unwrap_or_default().to_owned();
+            let id = text(&j["id"]).to_owned();
             let step = j["steps"]
                 .as_array()
                 .and_then(|s| s.iter().find(|s| s["status"] == "waiting-for-input"))
@@ -123,7 +128,7 @@ fn step<'a>(job: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
 
 async fn state(t: &TestMesh, vm: &str) -> anyhow::Result<String> {
     let v = t.cli_json(&["vm", "show", vm, "-o", "json"])?;
-    Ok(v["state"].as_str().unwrap_or_default().to_owned())
+    Ok(text(&v["state"]).to_owned())
 }
 
 /// Six VMs on hv01 (4 MiB raw disks), protected to hv-dr01 every 2 s (re-protect waits for
@@ -203,19 +208,13 @@ async fn a_plan_fails_over_group_by_group_waits_for_input_and_comes_home() -> an
     let manual = step(&job, "group 1 after: manual \"check the DB replica\"");
     assert_eq!(manual["status"], "succeeded", "{job:#}");
     assert!(
-        manual["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("replica checked by alice"),
+        text(&manual["message"]).contains("replica checked by alice"),
         "{job:#}"
     );
     let script = step(&job, "group 3 before: script \"sh ./check-web.sh\"");
     assert_eq!(script["status"], "failed", "{job:#}");
     assert!(
-        script["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("web backend not ready"),
+        text(&script["message"]).contains("web backend not ready"),
         "{job:#}"
     );
     assert_eq!(
@@ -230,13 +229,7 @@ async fn a_plan_fails_over_group_by_group_waits_for_input_and_comes_home() -> an
     ok_job(&clean)?;
     let web = step(&clean, "group 3: cleanup web1");
     assert_eq!(web["status"], "skipped", "{clean:#}");
-    assert!(
-        web["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("no test copy"),
-        "{clean:#}"
-    );
+    assert!(text(&web["message"]).contains("no test copy"), "{clean:#}");
     let list = t.cli_json(&["failover", "list", "-o", "json"])?;
     assert!(
         !list
@@ -259,13 +252,7 @@ async fn a_plan_fails_over_group_by_group_waits_for_input_and_comes_home() -> an
     for vm in ["web1", "web2"] {
         assert_eq!(state(&t, vm).await?, "protected", "{vm}: {job:#}");
     }
-    assert!(
-        job["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("check-web.sh"),
-        "{job:#}"
-    );
+    assert!(text(&job["error"]).contains("check-web.sh"), "{job:#}");
     assert_group_order(&starts(&dr_dir, "production")?, &GROUPS[..2])?;
 
     // Unplanned with the script still failing: groups 1 and 2 are skipped (already failed
@@ -288,10 +275,7 @@ async fn a_plan_fails_over_group_by_group_waits_for_input_and_comes_home() -> an
     let skipped = step(&job, "group 1: unplanned failover db1");
     assert_eq!(skipped["status"], "skipped", "{job:#}");
     assert!(
-        skipped["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("already failed over"),
+        text(&skipped["message"]).contains("already failed over"),
         "{job:#}"
     );
     assert_eq!(
@@ -299,13 +283,7 @@ async fn a_plan_fails_over_group_by_group_waits_for_input_and_comes_home() -> an
         "succeeded",
         "{job:#}"
     );
-    assert!(
-        job["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("1 step(s) failed"),
-        "{job:#}"
-    );
+    assert!(text(&job["error"]).contains("1 step(s) failed"), "{job:#}");
     for vm in GROUPS.iter().flatten() {
         assert_eq!(state(&t, vm).await?, "failed-over", "{vm}");
     }
@@ -328,10 +306,7 @@ async fn a_plan_fails_over_group_by_group_waits_for_input_and_comes_home() -> an
     assert!(ok, "{job:#}");
     let script = step(&job, "group 3 before: script \"sh ./check-web.sh\"");
     assert!(
-        script["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("web ok on web1,web2"),
+        text(&script["message"]).contains("web ok on web1,web2"),
         "{job:#}"
     );
     assert_group_order(&starts(&hv01, "production")?, &GROUPS)?;
@@ -451,15 +426,9 @@ async fn bad_plans_and_runs_are_refused_with_a_clear_message() -> anyhow::Result
     assert!(!ok, "{job:#}");
     let s = step(&job, "group 1: planned failover db1");
     assert_eq!(s["status"], "failed", "{job:#}");
-    assert!(
-        s["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("unprotected"),
-        "{job:#}"
-    );
+    assert!(text(&s["message"]).contains("unprotected"), "{job:#}");
     refused(
-        &["jobs", "resume", job["id"].as_str().unwrap_or_default()],
+        &["jobs", "resume", text(&job["id"])],
         "only a job waiting for input",
     )?;
     Ok(())
@@ -507,7 +476,7 @@ async fn a_plan_run_cut_off_by_its_service_stopping_carries_on_when_run_again() 
         "-o",
         "json",
     ])?;
-    let id = started["id"].as_str().unwrap_or_default().to_owned();
+    let id = text(&started["id"]).to_owned();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while t.cli_json(&["jobs", "show", &id, "-o", "json"])?["status"] != "waiting-for-input" {
         anyhow::ensure!(
@@ -531,10 +500,7 @@ async fn a_plan_run_cut_off_by_its_service_stopping_carries_on_when_run_again() 
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
     assert!(
-        ended["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("run the plan again"),
+        text(&ended["error"]).contains("run the plan again"),
         "{ended:#}"
     );
 

@@ -90,7 +90,7 @@ impl Orchestrator {
         let kept = self.lease_and_record(&mut record).await;
         self.unlock_vm_start(starting).await;
         match kept {
-            Ok(kept) => self.drive_failback(job, kept, record, vm).await,
+            Ok(kept) => self.drive_phase(Phase::Sync, job, kept, record, vm).await,
             Err(e) => Ok(job.fail(&e).await),
         }
     }
@@ -147,29 +147,6 @@ impl Orchestrator {
             .filter(|r| r.host == vm.host)
             .map(|r| r.job_id)
             .unwrap_or_default())
-    }
-
-    /// Phase 1 under `kept` until it ends here (resumed jobs come here too).
-    pub(crate) async fn drive_failback(
-        &self,
-        job: JobTracker,
-        kept: KeptLease,
-        record: Record,
-        vm: Vm,
-    ) -> Result<Job> {
-        self.drive_phase(Phase::Sync, job, kept, record, vm).await
-    }
-
-    /// Phase 2 under `kept` until it ends here (resumed jobs come here too).
-    pub(crate) async fn drive_complete(
-        &self,
-        job: JobTracker,
-        kept: KeptLease,
-        record: Record,
-        vm: Vm,
-    ) -> Result<Job> {
-        self.drive_phase(Phase::Complete, job, kept, record, vm)
-            .await
     }
 
     /// Runs `phase`; on a failure records it (see [`Phase`]) and marks the record failed.
@@ -333,7 +310,10 @@ impl Orchestrator {
         let kept = self.lease_and_record(&mut record).await;
         self.unlock_vm_start(starting).await;
         match kept {
-            Ok(kept) => self.drive_complete(job, kept, record, vm).await,
+            Ok(kept) => {
+                self.drive_phase(Phase::Complete, job, kept, record, vm)
+                    .await
+            }
             Err(e) => Ok(job.fail(&e).await),
         }
     }
@@ -446,8 +426,11 @@ impl Orchestrator {
         vm: Vm,
     ) -> Result<Job> {
         match record.state.as_str() {
-            STATE_RUNNING => self.drive_failback(job, kept, record, vm).await,
-            _ => self.drive_complete(job, kept, record, vm).await,
+            STATE_RUNNING => self.drive_phase(Phase::Sync, job, kept, record, vm).await,
+            _ => {
+                self.drive_phase(Phase::Complete, job, kept, record, vm)
+                    .await
+            }
         }
     }
 }
