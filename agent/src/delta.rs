@@ -103,8 +103,17 @@ pub(crate) fn remove_logs(data_dir: &Path, logs: &[PathBuf]) {
     }
 }
 
+/// How a cycle's logs were sealed, as its point records it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Sealing<'a> {
+    /// "crash" or "app".
+    pub(crate) consistency: Consistency,
+    /// The group cut they were sealed in ("" = the VM was cut alone).
+    pub(crate) cut: &'a str,
+}
+
 impl Agent {
-    fn tracker_for(&self, vm: &str) -> Result<&crate::tracker::Tracker, ReplError> {
+    pub(crate) fn tracker_for(&self, vm: &str) -> Result<&crate::tracker::Tracker, ReplError> {
         self.tracker.as_ref().ok_or_else(|| {
             ReplError::Permanent(format!(
                 "vm {vm}: change tracking is not enabled on host {} (add a [tracker] section to agent.toml)",
@@ -203,25 +212,28 @@ impl Agent {
     }
 
     /// Seals the VM's logs between its quiesce hooks (pre: e.g. a guest freeze; post: the
-    /// thaw). Returns the consistency of the cut: app only when the pre hook succeeded; a
-    /// VM without hooks, or whose hook failed, gets a crash-consistent cut instead.
-    pub(crate) async fn quiesced_cut(&self, vm: &str) -> Result<Consistency, ReplError> {
+    /// thaw), in group cut `cut` when not empty. Returns the consistency of the cut — app only
+    /// when the pre hook succeeded; a VM without hooks, or whose hook failed, gets a
+    /// crash-consistent cut instead — and the group cut the logs were sealed in ("" = none).
+    pub(crate) async fn quiesced_cut(
+        &self,
+        vm: &str,
+        cut: &str,
+    ) -> Result<(Consistency, String), ReplError> {
         let Some(v) = self.cfg.vms.iter().find(|v| v.name == vm) else {
             // A VM recovered here has no hooks configured on this host.
             tracing::warn!(
                 vm,
                 "the vm has no quiesce hooks on this host; the point is crash-consistent"
             );
-            self.cut(vm).await?;
-            return Ok(Consistency::Crash);
+            return Ok((Consistency::Crash, self.cut_in(vm, cut).await?));
         };
         let Some(pre) = v.quiesce_pre.as_deref() else {
             tracing::warn!(
                 vm,
                 "the policy asks for an app-consistent point but the vm has no quiesce_pre hook; the point is crash-consistent"
             );
-            self.cut(vm).await?;
-            return Ok(Consistency::Crash);
+            return Ok((Consistency::Crash, self.cut_in(vm, cut).await?));
         };
         let timeout = v.quiesce_timeout.unwrap_or(Duration::from_secs(60));
         let frozen = match run_hook(vm, "pre", pre, timeout).await {
@@ -231,26 +243,31 @@ impl Agent {
                 false
             }
         };
-        let cut = self.cut(vm).await;
+        let sealed = self.cut_in(vm, cut).await;
         if let Some(post) = v.quiesce_post.as_deref()
             && let Err(e) = run_hook(vm, "post", post, timeout).await
         {
             tracing::warn!(vm, error = %e, "post-cut hook failed");
         }
-        cut?;
-        Ok(if frozen {
-            Consistency::App
-        } else {
-            Consistency::Crash
-        })
+        let cut = sealed?;
+        Ok((
+            if frozen {
+                Consistency::App
+            } else {
+                Consistency::Crash
+            },
+            cut,
+        ))
     }
 
     /// One delta cycle of a VM: cut (between the quiesce hooks when the policy wants this one
-    /// app-consistent), ship every sealed log, commit, delete what was shipped.
+    /// app-consistent; in group cut `cut` when not empty), ship every sealed log, commit,
+    /// delete what was shipped.
     pub(crate) async fn delta_cycle(
         &self,
         vm: &str,
         app_consistent: bool,
+        cut: &str,
         cancel: &CancellationToken,
     ) -> Result<(), ReplError> {
         let disks = self.vm_disks(vm)?;
@@ -260,11 +277,10 @@ impl Agent {
             tracing::info!(vm, "a resync of the vm is in progress; delta cycle skipped");
             return Ok(());
         }
-        let consistency = if app_consistent {
-            self.quiesced_cut(vm).await?
+        let (consistency, cut) = if app_consistent {
+            self.quiesced_cut(vm, cut).await?
         } else {
-            self.cut(vm).await?;
-            Consistency::Crash
+            (Consistency::Crash, self.cut_in(vm, cut).await?)
         };
         let mut shipped_files = Vec::new();
         let point = self
@@ -272,7 +288,10 @@ impl Agent {
                 vm,
                 CycleKind::Delta,
                 "",
-                consistency,
+                Sealing {
+                    consistency,
+                    cut: &cut,
+                },
                 &disks,
                 async |cycle, block_size, lost| {
                     let mut maps = Vec::new();
@@ -294,7 +313,7 @@ impl Agent {
             .await?;
         // The point is durable: the logs it holds may go.
         remove_logs(&self.cfg.data_dir, &shipped_files);
-        tracing::info!(vm, point = %point.id, consistency = %consistency, logs = shipped_files.len(), "delta cycle committed");
+        tracing::info!(vm, point = %point.id, consistency = %consistency, cut = %cut, logs = shipped_files.len(), "delta cycle committed");
         Ok(())
     }
 
@@ -307,20 +326,24 @@ impl Agent {
         disks: &[Disk],
         work: impl AsyncFnOnce(&str, u32, &CancellationToken) -> Result<Vec<DiskBlockMap>, ReplError>,
     ) -> Result<RecoveryPoint, ReplError> {
-        self.run_cycle_as(vm, kind, job_id, Consistency::Crash, disks, work)
+        let crash = Sealing {
+            consistency: Consistency::Crash,
+            cut: "",
+        };
+        self.run_cycle_as(vm, kind, job_id, crash, disks, work)
             .await
     }
 
     /// One replication cycle: begin it (each disk's lease and fencing token), run `work` while
     /// the leases are renewed, then commit the block maps it returns as a recovery point of
-    /// the given consistency ("crash" or "app") — or abort the cycle (releasing the leases)
-    /// when it fails.
+    /// the given consistency ("crash" or "app"), in group cut `cut` when not empty — or abort
+    /// the cycle (releasing the leases) when it fails.
     pub(crate) async fn run_cycle_as(
         &self,
         vm: &str,
         kind: CycleKind,
         job_id: &str,
-        consistency: Consistency,
+        sealing: Sealing<'_>,
         disks: &[Disk],
         work: impl AsyncFnOnce(&str, u32, &CancellationToken) -> Result<Vec<DiskBlockMap>, ReplError>,
     ) -> Result<RecoveryPoint, ReplError> {
@@ -332,7 +355,8 @@ impl Agent {
                 kind: kind.into(),
                 disks: disks.to_vec(),
                 job_id: job_id.to_string(),
-                consistency: consistency.into(),
+                consistency: sealing.consistency.into(),
+                cut_id: sealing.cut.to_string(),
             })
             .await
             .map_err(|s| from_status("begin cycle", s))?

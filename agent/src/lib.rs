@@ -3,6 +3,7 @@
 pub mod config;
 mod delta;
 pub mod driver;
+mod group_cut;
 pub mod identity;
 pub mod inventory;
 mod recover;
@@ -456,7 +457,8 @@ impl Agent {
                     .await
             }
             Ok(WorkKind::DeltaCycle) => {
-                self.delta_cycle(&item.vm, item.app_consistent, &stop).await
+                self.delta_cycle(&item.vm, item.app_consistent, &item.cut_id, &stop)
+                    .await
             }
             Ok(WorkKind::Resync) => self.resync(&item.vm, &item.job_id, &stop).await,
             Ok(WorkKind::DisableProtection) => self

@@ -73,6 +73,7 @@ pub fn vm_json(v: &Vm) -> Value {
             "recovery_host": p.recovery_host,
             "network_map": p.network_map,
             "test_network": p.test_network,
+            "replication_group": p.replication_group,
             "nic_addresses": p.nic_addresses,
         })),
         "rpo_seconds": v.rpo_seconds,
@@ -155,6 +156,7 @@ pub fn point_json(p: &RecoveryPoint) -> Value {
         "kind": point_kind(p),
         "seq": p.seq,
         "host": p.host,
+        "cut_id": p.cut_id,
         "disks": p.disks.iter().map(|d| json!({
             "disk_id": d.disk_id,
             "path": d.path,

@@ -32,6 +32,11 @@ pub enum PlanCmd {
         before: Vec<String>,
         #[arg(long)]
         after: Vec<String>,
+        /// Put every VM of the plan in the replication group named after the plan: they are
+        /// cut at one instant across hosts, and `--point latest-common` fails them over to
+        /// one such cut.
+        #[arg(long)]
+        consistent: bool,
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },
@@ -54,7 +59,8 @@ pub enum PlanCmd {
         name: String,
         #[arg(long, value_parser = ["test", "planned", "unplanned"])]
         mode: String,
-        /// Test and unplanned: "latest" or "latest-app" (each VM's own).
+        /// Test and unplanned: "latest" or "latest-app" (each VM's own), or "latest-common"
+        /// (the latest group cut every VM of the plan has a point of).
         #[arg(long)]
         point: Option<String>,
         #[command(flatten)]
@@ -140,9 +146,11 @@ pub(crate) async fn run(c: &Ctl, cmd: &PlanCmd) -> anyhow::Result<ExitCode> {
             groups,
             before,
             after,
+            consistent,
             output,
         } => {
-            let plan = plan_from_flags(name, groups, before, after)?;
+            let mut plan = plan_from_flags(name, groups, before, after)?;
+            plan.consistent = *consistent;
             let stored = c
                 .failover()
                 .await?
@@ -231,6 +239,7 @@ fn plan_from_flags(
             })
             .collect(),
         created_at_ms: 0,
+        consistent: false,
     };
     for (flags, after) in [(before, false), (after, true)] {
         for f in flags {
@@ -301,7 +310,15 @@ fn print_plan(p: &RecoveryPlan, output: OutputFormat) -> anyhow::Result<ExitCode
         print_json(&plan_json(p))?;
         return Ok(ExitCode::SUCCESS);
     }
-    outln!("plan {} (created {})", p.name, time(p.created_at_ms));
+    let cut = if p.consistent {
+        format!(
+            ", consistent: its vms are cut together as replication group {}",
+            p.name
+        )
+    } else {
+        String::new()
+    };
+    outln!("plan {} (created {}{cut})", p.name, time(p.created_at_ms));
     for (i, g) in p.groups.iter().enumerate() {
         for a in &g.before {
             outln!("  group {} before: {} {}", i + 1, a.kind, a.command);
@@ -328,5 +345,6 @@ fn plan_json(p: &RecoveryPlan) -> Value {
             "after": actions(&g.after),
         })).collect::<Vec<_>>(),
         "created": time(p.created_at_ms),
+        "consistent": p.consistent,
     })
 }

@@ -1,5 +1,5 @@
 //! `ferry vm set VM [--recovery-host H] [--frequency D] [--retention D] [--app-consistent D]
-//! [--network-map FROM=TO]... [--test-network NET] [--ip nicN=ADDR/PREFIX]...`: changes only
+//! [--network-map FROM=TO]... [--test-network NET] [--ip nicN=ADDR/PREFIX]... [--group G]`: changes only
 //! the flags given (a map entry with an empty value is removed); the new policy is checked here like `ferry vm protect`'s
 //! (refused with the allowed range) and again by the registry, which also checks the
 //! recovery host and that the VM's state allows a policy change.
@@ -34,6 +34,10 @@ pub struct Changes {
     /// removes it).
     #[arg(long, value_name = "nicN=ADDR/PREFIX")]
     pub ip: Vec<String>,
+    /// The VM's replication group: the VMs of a group are cut at one instant across their
+    /// hosts (`""` leaves the group).
+    #[arg(long)]
+    pub group: Option<String>,
 }
 
 /// Applies `FROM=TO` entries of `flag` to `map` (an empty TO removes FROM).
@@ -69,6 +73,7 @@ pub async fn run(
         network_map,
         test_network,
         ip,
+        group,
     } = changes;
     let mut registry = c.registry().await?;
     let v = registry
@@ -105,6 +110,14 @@ pub async fn run(
         .unwrap_or_else(|| current.test_network.clone());
     policy.nic_addresses = current.nic_addresses.clone();
     merge_entries("--ip", ip, &mut policy.nic_addresses)?;
+    policy.replication_group = group
+        .clone()
+        .unwrap_or_else(|| current.replication_group.clone());
+    if !policy.replication_group.is_empty()
+        && let Some(p) = ferry_model::plan::group_name_problem(&policy.replication_group)
+    {
+        anyhow::bail!("--group: {p}");
+    }
     for (nic, addr) in &policy.nic_addresses {
         ferry_model::policy::check_nic_address(nic, addr).map_err(anyhow::Error::msg)?;
     }

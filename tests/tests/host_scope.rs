@@ -127,6 +127,7 @@ async fn another_hosts_certificate_reaches_nothing_of_a_vm() -> anyhow::Result<(
         disks: web01.disks.clone(),
         job_id: String::new(),
         consistency: Consistency::Crash.into(),
+        cut_id: String::new(),
     };
     let err = ingest.begin_cycle(begin.clone()).await.unwrap_err();
     assert_refused("BeginCycle", &err);
@@ -350,6 +351,7 @@ async fn forge_point(t: &TestMesh, disk: &ferry_proto::common::v1::Disk) -> anyh
         host: "hvb".into(),
         epoch: 0,
         base_point: String::new(),
+        cut_id: String::new(),
     };
     // Storage-writer's gRPC face refuses a commit naming a host that is not the VM's ...
     let tls = ClientTls::service(&t.ctl.cfg)?;

@@ -418,7 +418,11 @@ async fn bad_plans_and_runs_are_refused_with_a_clear_message() -> anyhow::Result
             "--point",
             "latest-common",
         ],
-        "not supported yet",
+        "no group cut is common to all its vms (db1): the plan is not consistent",
+    )?;
+    refused(
+        &["plan", "create", "q", "--group", "db1", "--consistent"],
+        "vm db1 has no replication policy",
     )?;
     // Nothing ran: the VM is not protected, so its step fails and says why.
     let (ok, out, _) = t.cli(&["plan", "failover", "p", "--mode", "planned", "-o", "json"])?;

@@ -127,6 +127,7 @@ async fn disk_lease_refuses_second_host_and_fences_stale_commit() -> anyhow::Res
         disks: vec![disk.clone()],
         job_id: String::new(),
         consistency: Consistency::Crash.into(),
+        cut_id: String::new(),
     };
     let first = clients[0].begin_cycle(begin("hv01")).await?.into_inner();
     report(1).await?;

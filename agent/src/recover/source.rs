@@ -67,7 +67,7 @@ impl Agent {
         cancel: &CancellationToken,
     ) -> Result<(), ReplError> {
         if !self.resync_in_progress(vm) {
-            match self.delta_cycle(vm, false, cancel).await {
+            match self.delta_cycle(vm, false, "", cancel).await {
                 Err(e) if e.resync_required() => {
                     warn!(vm, error = %e, "the change logs cannot carry the last writes; a checksum resync makes the final point");
                 }

@@ -371,6 +371,28 @@ impl Tracker {
         vm: &str,
         stagger: std::time::Duration,
     ) -> Result<Vec<SealedLog>, TrackerError> {
+        Ok(self.cut_with(vm, stagger, async {}).await?.0)
+    }
+
+    /// [`cut`](Self::cut) for a group cut: `rendezvous` runs while the VM's writes are paused
+    /// (every write in flight answered, new ones held), and the logs are sealed after it, so
+    /// they hold exactly what the VM had written when it paused. Writes wait for it: keep it
+    /// short.
+    pub async fn cut_paused<T>(
+        &self,
+        vm: &str,
+        rendezvous: impl std::future::Future<Output = T>,
+    ) -> Result<(Vec<SealedLog>, T), TrackerError> {
+        self.cut_with(vm, std::time::Duration::ZERO, rendezvous)
+            .await
+    }
+
+    async fn cut_with<T>(
+        &self,
+        vm: &str,
+        stagger: std::time::Duration,
+        rendezvous: impl std::future::Future<Output = T>,
+    ) -> Result<(Vec<SealedLog>, T), TrackerError> {
         let entry = self
             .inner
             .registry
@@ -380,6 +402,7 @@ impl Tracker {
         let t0 = Instant::now();
         let barrier = entry.shared.gate.write().await;
         let waited = t0.elapsed();
+        let met = rendezvous.await;
         let mut waits = Vec::with_capacity(disks.len());
         for (i, d) in disks.iter().enumerate() {
             if i > 0 && !stagger.is_zero() {
@@ -412,7 +435,7 @@ impl Tracker {
             barrier_us = held.as_micros() as u64,
             "logs cut"
         );
-        Ok(sealed)
+        Ok((sealed, met))
     }
 
     /// Waits until the tracker stopped after shutdown; returns the logs sealed at shutdown.

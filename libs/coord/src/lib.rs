@@ -14,8 +14,11 @@
 //! | `ferry:{retry}:payload` | hash id -> payload | retry payloads |
 //! | `ferry:slots:{host}` | hash series -> last slot, `~fence` -> token | scheduled work queued once per slot |
 //! | `ferry:kv:{key}` | string, PX ttl | heartbeats, progress |
+//! | `ferry:cut:{cut}:expect`, `:joined` | sets of VM names, PX ttl | a group cut's members and who joined |
+//! | `ferry:cut:{cut}:decision` | string `go` or `abort`, set once | a group cut's outcome |
 
 mod coord;
+mod cuts;
 mod error;
 mod keeper;
 mod queue;
@@ -23,6 +26,7 @@ mod server;
 mod slots;
 
 pub use coord::{Coord, Lease};
+pub use cuts::{CutDecision, CutJoin};
 pub use error::CoordError;
 pub use keeper::KeptLease;
 pub use server::{RedisServer, redis_server_available};

@@ -91,6 +91,14 @@ impl Scheduler for Probe {
         Ok(Response::new(Default::default()))
     }
 
+    async fn join_cut(
+        &self,
+        req: Request<ferry_proto::scheduler::v1::JoinCutRequest>,
+    ) -> Result<Response<ferry_proto::scheduler::v1::JoinCutResponse>, Status> {
+        require_host(&req)?;
+        Ok(Response::new(Default::default()))
+    }
+
     async fn work_result(
         &self,
         req: Request<WorkResultRequest>,

@@ -82,6 +82,17 @@ pub struct Plan {
     pub groups: Vec<Group>,
     #[serde(default)]
     pub created_at_ms: i64,
+    /// Its VMs are in the replication group named after the plan (cut at one instant).
+    #[serde(default)]
+    pub consistent: bool,
+}
+
+/// Whether `name` may name a replication group (`ferry vm set --group`; a consistent plan's
+/// group is the plan's name): the plan name rule.
+pub fn group_name_problem(name: &str) -> Option<String> {
+    plan_name_problem(name).map(|_| {
+        format!("replication group {name:?} is not valid: 1 to 64 of A-Z a-z 0-9 - _ . (not starting with .)")
+    })
 }
 
 /// Whether `name` may name a plan: 1-64 of `A-Z a-z 0-9 - _ .`, not starting with `.`.
@@ -221,6 +232,7 @@ impl TryFrom<&pb::RecoveryPlan> for Plan {
             name: p.name.clone(),
             groups,
             created_at_ms: p.created_at_ms,
+            consistent: p.consistent,
         })
     }
 }
@@ -244,6 +256,7 @@ impl From<&Plan> for pb::RecoveryPlan {
                 })
                 .collect(),
             created_at_ms: p.created_at_ms,
+            consistent: p.consistent,
         }
     }
 }
@@ -263,6 +276,7 @@ mod tests {
                 })
                 .collect(),
             created_at_ms: 0,
+            consistent: false,
         }
     }
 

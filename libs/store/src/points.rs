@@ -50,6 +50,10 @@ pub struct PointManifest {
     /// VM's host at the time); empty in points committed before it was recorded.
     #[serde(default)]
     pub host: String,
+    /// The group cut the point belongs to: its VM's replication group paused at one instant
+    /// across hosts for it ("" = cut alone; absent in points from before group cuts).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cut_id: String,
 }
 
 impl Store {

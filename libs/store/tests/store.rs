@@ -248,6 +248,7 @@ fn point(vm: &str, seq: u64, tokens: &[(&str, u64)]) -> PointManifest {
         cycle_id: format!("cycle-{seq}"),
         disks: tokens.iter().map(|(d, t)| disk(d, *t)).collect(),
         host: "h1".into(),
+        cut_id: String::new(),
     }
 }
 

@@ -190,6 +190,7 @@ impl Mesh {
                 host: "h1".into(),
                 epoch: 0,
                 base_point: String::new(),
+                cut_id: String::new(),
             })
             .await
             .unwrap();

@@ -58,6 +58,20 @@ impl Ingest for Api {
                 IngestError::InvalidArgument(format!("cycle for vm {}: consistency: {e}", req.vm))
             })?,
         };
+        // A point carries a group cut only when the cut went ahead with this VM paused in it.
+        if !req.cut_id.is_empty()
+            && !self
+                .coord
+                .cut_went_ahead_with(&req.cut_id, &req.vm)
+                .await
+                .map_err(IngestError::from)?
+        {
+            return Err(IngestError::FailedPrecondition(format!(
+                "cycle for vm {}: group cut {} did not go ahead with this vm",
+                req.vm, req.cut_id
+            ))
+            .into());
+        }
         // A VM that failed over replicates from nowhere but its new site: the epoch the
         // cycle begins under is checked again at commit (and by storage-writer).
         let epoch = self
@@ -111,6 +125,7 @@ impl Ingest for Api {
             stats: Stats::default(),
             epoch,
             base_point: hosts.base_point.clone(),
+            cut_id: req.cut_id.clone(),
         };
         self.save(&c).await?;
         tracing::info!(cycle = %c.id, vm = %c.vm, host = %host, disks = c.disks.len(), "cycle begun");
@@ -316,6 +331,7 @@ impl IngestService {
                 host: c.host.clone(),
                 epoch: c.epoch,
                 base_point: c.base_point.clone(),
+                cut_id: c.cut_id.clone(),
             })
             .await
             .map_err(|s| IngestError::peer(&s))?

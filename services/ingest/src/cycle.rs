@@ -33,6 +33,9 @@ pub(crate) struct CycleRecord {
     /// The point the cycle's changes apply to when not the latest (after a re-protect).
     #[serde(default)]
     pub(crate) base_point: String,
+    /// The group cut the cycle's logs were sealed in ("" = none).
+    #[serde(default)]
+    pub(crate) cut_id: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

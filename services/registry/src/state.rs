@@ -158,6 +158,9 @@ pub struct PolicyRecord {
     pub test_network: String,
     #[serde(default)]
     pub nic_addresses: BTreeMap<String, String>,
+    /// The VM's replication group ("" = none): its VMs are cut at one instant.
+    #[serde(default)]
+    pub replication_group: String,
 }
 
 /// Policy defaults and limits (a 0 in the request means the default).
@@ -202,6 +205,7 @@ impl PolicyRecord {
             network_map: p.network_map.clone().into_iter().collect(),
             test_network: p.test_network.clone(),
             nic_addresses: p.nic_addresses.clone().into_iter().collect(),
+            replication_group: p.replication_group.clone(),
         }
     }
 
@@ -256,6 +260,11 @@ impl PolicyRecord {
         for (nic, addr) in &self.nic_addresses {
             check_nic_address(nic, addr)?;
         }
+        if !self.replication_group.is_empty()
+            && let Some(p) = ferry_model::plan::group_name_problem(&self.replication_group)
+        {
+            return Err(p);
+        }
         Ok(())
     }
 
@@ -272,6 +281,7 @@ impl PolicyRecord {
             network_map: self.network_map.clone().into_iter().collect(),
             test_network: self.test_network.clone(),
             nic_addresses: self.nic_addresses.clone().into_iter().collect(),
+            replication_group: self.replication_group.clone(),
         }
     }
 }

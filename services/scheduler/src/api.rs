@@ -213,6 +213,7 @@ impl Scheduler for Api {
             app_consistent: false,
             failover: String::new(),
             cancels: String::new(),
+            cut_id: String::new(),
         };
         w.set_failover(req.failover.as_ref());
         // Failover work runs once: a job resumed elsewhere dispatches again and finds it done.
@@ -307,6 +308,21 @@ impl Scheduler for Api {
         }
         Ok(Response::new(
             self.0.cancel_work(&req.host_name, &req.work_id).await?,
+        ))
+    }
+
+    async fn join_cut(&self, req: Request<pb::JoinCutRequest>) -> R<pb::JoinCutResponse> {
+        let host = ferry_mesh::require_host(&req)?;
+        let req = req.into_inner();
+        if !req.host_name.is_empty() && req.host_name != host {
+            return Err(SchedulerError::PermissionDenied(format!(
+                "host {host} may not join a cut as host {}",
+                req.host_name
+            ))
+            .into());
+        }
+        Ok(Response::new(
+            self.0.join_cut(&host, &req.cut_id, &req.vm).await?,
         ))
     }
 

@@ -96,6 +96,7 @@ impl SchedulerService {
             app_consistent: false,
             failover: String::new(),
             cancels: w.id.clone(),
+            cut_id: String::new(),
         };
         let payload =
             serde_json::to_string(&item).map_err(|e| SchedulerError::Internal(e.to_string()))?;

@@ -26,6 +26,16 @@ pub(crate) struct CycleSchedule {
     /// How often a cycle is app-consistent (policy), and when the last one was queued.
     pub(crate) app_every: Option<Duration>,
     pub(crate) last_app_ms: i64,
+    /// The VM's replication group ("" = none): its members are cut together.
+    pub(crate) group: String,
+}
+
+/// Cycles due together: one VM, or the VMs of a replication group, cut at one instant (the
+/// group runs at its members' shortest interval).
+pub(crate) struct Due {
+    members: Vec<(String, CycleSchedule, bool)>,
+    group: String,
+    every: Duration,
 }
 
 /// When a VM's previous cycle is still running at its next due time, check again this soon.
@@ -61,34 +71,136 @@ impl SchedulerService {
                 let me = self.clone();
                 retention = Some(tokio::spawn(async move { me.run_retention().await }));
             }
-            let due = self.take_due().await;
-            for (vm, c, app) in due {
-                if !self.queue_cycle(&term, vm, c, app).await {
+            for due in self.take_due().await {
+                if !self.queue_due(&term, due).await {
                     return;
                 }
             }
         }
     }
 
-    /// The cycles due now, each with whether it is app-consistent; their next due times
-    /// (and last app-consistent times) are moved on.
-    async fn take_due(&self) -> Vec<(String, CycleSchedule, bool)> {
+    /// The cycles due now, each with whether it is app-consistent (a VM due takes the rest of
+    /// its replication group along); their next due times (and last app-consistent times) are
+    /// moved on.
+    async fn take_due(&self) -> Vec<Due> {
         let mut cycles = self.cycles.lock().await;
         let now = now_ms();
-        cycles
-            .iter_mut()
+        let mut due: Vec<String> = cycles
+            .iter()
             .filter(|(_, c)| c.next_due_ms <= now)
-            .map(|(vm, c)| {
-                c.next_due_ms = now + c.every.as_millis() as i64;
+            .map(|(vm, _)| vm.clone())
+            .collect();
+        due.sort();
+        let mut taken = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for vm in due {
+            let Some(group) = cycles.get(&vm).map(|c| c.group.clone()) else {
+                continue;
+            };
+            if taken.contains(&vm) {
+                continue;
+            }
+            let names: Vec<String> = if group.is_empty() {
+                vec![vm]
+            } else {
+                let mut n: Vec<String> = cycles
+                    .iter()
+                    .filter(|(_, c)| c.group == group)
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                n.sort();
+                n
+            };
+            let every = names
+                .iter()
+                .filter_map(|n| cycles.get(n).map(|c| c.every))
+                .min()
+                .unwrap_or(Duration::from_secs(300));
+            let mut members = Vec::with_capacity(names.len());
+            for n in names {
+                let Some(c) = cycles.get_mut(&n) else {
+                    continue;
+                };
+                c.next_due_ms = now + every.as_millis() as i64;
                 let app = c
                     .app_every
                     .is_some_and(|e| now - c.last_app_ms >= e.as_millis() as i64);
                 if app {
                     c.last_app_ms = now;
                 }
-                (vm.clone(), c.clone(), app)
-            })
-            .collect()
+                taken.insert(n.clone());
+                members.push((n, c.clone(), app));
+            }
+            out.push(Due {
+                members,
+                group,
+                every,
+            });
+        }
+        out
+    }
+
+    /// Queues due cycles. A group's members that can start now are queued under one new cut
+    /// (opened first, so every member can join it); a member still busy or waiting for a retry
+    /// is queued as before, alone, and misses this cut. False when this replica is no longer
+    /// the leader.
+    async fn queue_due(&self, term: &leader::Term, due: Due) -> bool {
+        let Due {
+            members,
+            group,
+            every,
+        } = due;
+        let mut cut = String::new();
+        let mut alone = Vec::new();
+        let mut together = Vec::new();
+        if group.is_empty() {
+            alone = members;
+        } else {
+            for m in members {
+                if self.ready(&m.0, &m.1.host).await {
+                    together.push(m);
+                } else {
+                    alone.push(m);
+                }
+            }
+            let names: Vec<String> = together.iter().map(|m| m.0.clone()).collect();
+            if !names.is_empty() {
+                cut = crate::cuts::new_cut_id(&group, now_ms());
+                match self.coord.open_cut(&cut, &names).await {
+                    Ok(()) => {
+                        tracing::info!(group = %group, cut = %cut, members = names.len(), "group cut queued")
+                    }
+                    Err(e) => {
+                        tracing::warn!(group = %group, error = %e, "opening a group cut failed; its vms cut alone");
+                        cut.clear();
+                    }
+                }
+            }
+        }
+        for (vm, c, app) in together {
+            if !self.queue_cycle(term, vm, c, app, &cut, every).await {
+                return false;
+            }
+        }
+        for (vm, c, app) in alone {
+            if !self.queue_cycle(term, vm, c, app, "", every).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Whether a cycle of `vm` can be queued now: none waits for a retry, none is queued or
+    /// running.
+    async fn ready(&self, vm: &str, host: &str) -> bool {
+        let id = format!("delta-{vm}");
+        if !matches!(self.coord.pending_retry(&id).await, Ok(None)) {
+            return false;
+        }
+        self.coord
+            .list_work(host)
+            .await
+            .is_ok_and(|items| !items.iter().any(|(i, _, _)| *i == id))
     }
 
     /// Queues the delta cycle of `vm` (schedule `c`, app-consistent if `app`) unless it waits
@@ -100,6 +212,8 @@ impl SchedulerService {
         vm: String,
         c: CycleSchedule,
         app: bool,
+        cut: &str,
+        every: Duration,
     ) -> bool {
         let w = QueuedWork {
             id: format!("delta-{vm}"),
@@ -113,6 +227,7 @@ impl SchedulerService {
             app_consistent: app,
             failover: String::new(),
             cancels: String::new(),
+            cut_id: cut.to_owned(),
         };
         let Ok(payload) = serde_json::to_string(&w) else {
             return true;
@@ -141,7 +256,7 @@ impl SchedulerService {
         }
         // Fenced by the leader lease, at most once per slot of the policy interval: a
         // deposed leader and its successor cannot both queue one slot.
-        let slot = (now_ms().max(0) as u64) / (c.every.as_millis().max(1) as u64);
+        let slot = (now_ms().max(0) as u64) / (every.as_millis().max(1) as u64);
         match self
             .coord
             .push_slot(&term.lease, &c.host, &vm, slot, &w.id, &payload)
@@ -207,6 +322,11 @@ impl SchedulerService {
                 .map(|p| p.app_consistent_seconds)
                 .filter(|s| *s > 0)
                 .map(Duration::from_secs);
+            let group = v
+                .policy
+                .as_ref()
+                .map(|p| p.replication_group.clone())
+                .unwrap_or_default();
             keep.insert(v.name.clone());
             let e = cycles.entry(v.name.clone()).or_insert_with(|| {
                 tracing::info!(vm = %v.name, host = %v.host, every_s = every.as_secs(), "delta cycles scheduled");
@@ -219,6 +339,7 @@ impl SchedulerService {
                     thin_to_seconds,
                     app_every,
                     last_app_ms: 0,
+                    group: group.clone(),
                 }
             });
             e.host = v.host.clone();
@@ -226,6 +347,7 @@ impl SchedulerService {
             e.keep_all_seconds = keep_all_seconds;
             e.thin_to_seconds = thin_to_seconds;
             e.app_every = app_every;
+            e.group = group;
             if e.every != every {
                 e.next_due_ms = e.next_due_ms.min(now_ms() + every.as_millis() as i64);
                 e.every = every;

@@ -4,6 +4,7 @@
 //! recoverable work goes to the retry set with backoff (DESIGN §2.6).
 mod api;
 mod cancel;
+mod cuts;
 mod cycles;
 mod error;
 pub mod leader;

@@ -24,6 +24,9 @@ pub(crate) struct QueuedWork {
     /// A cancel item: the id of the work to stop.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub(crate) cancels: String,
+    /// A delta cycle of a replication group: the group cut it belongs to.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(crate) cut_id: String,
 }
 
 impl QueuedWork {
@@ -39,6 +42,7 @@ impl QueuedWork {
             app_consistent: self.app_consistent,
             failover: self.failover_work(),
             cancels: self.cancels.clone(),
+            cut_id: self.cut_id.clone(),
         }
     }
 

@@ -46,6 +46,8 @@ struct CommitInput {
     host: String,
     /// The point the changes apply to when it is not the latest ("": the latest).
     base_point: String,
+    /// The group cut of the point ("": none; ingest checked it went ahead with this VM).
+    cut_id: String,
 }
 
 impl TryFrom<CommitPointRequest> for CommitInput {
@@ -81,6 +83,7 @@ impl TryFrom<CommitPointRequest> for CommitInput {
             disks,
             host: req.host,
             base_point: req.base_point,
+            cut_id: req.cut_id,
         })
     }
 }
@@ -433,6 +436,7 @@ impl Writer {
             cycle_id: input.cycle_id.clone(),
             disks,
             host: input.host.clone(),
+            cut_id: input.cut_id.clone(),
         };
         // Again right before the manifest lands: the lease may have moved while pages were
         // written (the store itself only refuses tokens lower than the latest point's).

@@ -30,6 +30,7 @@ pub fn point_to_proto(m: &PointManifest) -> RecoveryPoint {
         seq: m.seq,
         disks: m.disks.iter().map(disk_to_proto).collect(),
         host: m.host.clone(),
+        cut_id: m.cut_id.clone(),
     }
 }
 

@@ -77,6 +77,7 @@ fn request(
         host: "h1".into(),
         epoch: 0,
         base_point: String::new(),
+        cut_id: String::new(),
     }
 }
 

@@ -3,6 +3,7 @@
 //! `ferry_model::plan::Plan::problem` and against the registry's VMs before they are stored,
 //! and run as plan jobs ([`run`]).
 mod actions;
+mod cuts;
 mod run;
 
 use std::collections::BTreeMap;
@@ -110,6 +111,9 @@ impl Orchestrator {
         if self.plans.get(&plan.name).await?.is_some() {
             return Err(taken());
         }
+        if plan.consistent {
+            self.group_plan_vms(&plan).await?;
+        }
         plan.created_at_ms = chrono::Utc::now().timestamp_millis();
         self.plans
             .append(&Entry::Put { plan: plan.clone() })
@@ -137,7 +141,7 @@ impl Orchestrator {
 
     /// Deletes a plan; refused while a job of the plan runs.
     pub async fn delete_plan(&self, name: &str) -> Result<()> {
-        self.get_plan(name).await?;
+        let plan = self.get_plan(name).await?;
         if let Some(job) = self.running_plan_job(name).await? {
             return Err(FailoverError::FailedPrecondition(format!(
                 "plan {name} has job {job} running; delete it once the job has ended"
@@ -148,6 +152,9 @@ impl Orchestrator {
                 name: name.to_owned(),
             })
             .await?;
+        if plan.consistent {
+            self.ungroup_plan_vms(&plan).await;
+        }
         tracing::info!(plan = %name, "recovery plan deleted");
         Ok(())
     }

@@ -5,6 +5,7 @@
 //! holds); the next group starts only when every VM of this one has failed over and started.
 //! A failure stops test and planned failovers (and cleanup, failback) at that group; an
 //! unplanned failover carries on and reports every failure at the end.
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ferry_model::Operation;
@@ -55,6 +56,15 @@ pub(super) struct PlanRun {
     pub mode: PlanMode,
     pub point: String,
     pub sync: String,
+    /// `--point latest-common`: each VM's point of the chosen group cut.
+    pub points: BTreeMap<String, String>,
+}
+
+impl PlanRun {
+    /// The point asked for `vm`.
+    fn point_of(&self, vm: &str) -> &str {
+        self.points.get(vm).map_or(&self.point, String::as_str)
+    }
 }
 
 /// How one VM's step ended.
@@ -155,11 +165,11 @@ impl Orchestrator {
                 "a point is chosen for test and unplanned failovers, not for {mode}"
             )));
         }
-        if req.point == "latest-common" {
-            return Err(bad(
-                "point latest-common (one cut of every vm of a consistent plan) is not supported yet: use latest, latest-app or a point id per vm".into(),
-            ));
-        }
+        let points = if req.point == "latest-common" {
+            self.latest_common_points(&plan).await?
+        } else {
+            BTreeMap::new()
+        };
         let sync = match (mode, req.sync.as_str()) {
             (PlanMode::Failback, "" | "checksum") => "checksum",
             (PlanMode::Failback, "full") => "full",
@@ -180,6 +190,7 @@ impl Orchestrator {
             mode,
             point: req.point.clone(),
             sync: sync.to_owned(),
+            points,
         })
     }
 
@@ -278,9 +289,9 @@ impl Orchestrator {
             Err(e) => return VmOutcome::Failed(e.to_string()),
         }
         let res = match run.mode {
-            PlanMode::Test => self.plan_test(vm, &run.point).await,
+            PlanMode::Test => self.plan_test(vm, run.point_of(vm)).await,
             PlanMode::Planned => self.plan_planned(vm).await,
-            PlanMode::Unplanned => self.plan_unplanned(vm, &run.point).await,
+            PlanMode::Unplanned => self.plan_unplanned(vm, run.point_of(vm)).await,
             PlanMode::Cleanup => self
                 .cleanup_test_failover(CleanupTestFailoverRequest { vm: vm.to_owned() })
                 .await
@@ -414,6 +425,7 @@ mod tests {
                 },
             ],
             created_at_ms: 0,
+            consistent: false,
         };
         let names: Vec<String> = plan_steps(&plan, PlanMode::Planned)
             .into_iter()

@@ -126,6 +126,7 @@ pub fn commit(
         host: "h1".into(),
         epoch: 0,
         base_point: String::new(),
+        cut_id: String::new(),
     }
 }
 
