@@ -115,7 +115,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Points { cmd } => crate::points_cmd::run(&ctl(&cli)?, cmd).await,
         Cmd::Failover { cmd } => crate::failover_cmd::run(&ctl(&cli)?, cmd).await,
         Cmd::Plan { cmd } => crate::plan_cmd::run(&ctl(&cli)?, cmd).await,
-        Cmd::Drill { cmd } => crate::plan_cmd::drill(&ctl(&cli)?, cmd).await,
+        Cmd::Drill { cmd } => crate::drill_cmd::run(&ctl(&cli)?, cmd).await,
         Cmd::Failback { cmd, args } => {
             crate::failover_cmd::failback(&ctl(&cli)?, cmd.as_ref(), args).await
         }

@@ -1,6 +1,7 @@
 //! `ferry`: run the mesh (`ferry up`) and operate it.
 mod commands;
 mod disk_cmd;
+mod drill_cmd;
 mod failover_cmd;
 mod plan_cmd;
 mod points_cmd;
@@ -92,7 +93,7 @@ pub enum Cmd {
     /// DR drills: prove a VM's point restorable (read back, started, checked, cleaned up).
     Drill {
         #[command(subcommand)]
-        cmd: plan_cmd::DrillCmd,
+        cmd: drill_cmd::DrillCmd,
     },
     /// Failback of a re-protected VM to its recovery host (usually its original host): phase
     /// 1 while the VM runs (checksum: only the blocks that differ), then `failback complete`

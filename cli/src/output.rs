@@ -97,6 +97,11 @@ pub fn vm_json(v: &Vm) -> Value {
             "message": d.message,
             "job": d.job_id,
         })),
+        "drill_schedule": v.drill_schedule.as_ref().map(|d| json!({
+            "target": d.target,
+            "every_seconds": d.every_seconds,
+            "since": time(d.since_ms),
+        })),
         "allowed_operations": v.allowed_operations,
     })
 }

@@ -1,7 +1,6 @@
 //! `ferry plan …`: recovery plans (create, show, list, delete) and their runs (failover in a
 //! mode, cleanup of a test failover, failback). A run is a plan job; the command follows it
-//! until it ends (saying when it waits for `ferry jobs resume`) unless `--no-wait`. And
-//! `ferry drill run VM`.
+//! until it ends (saying when it waits for `ferry jobs resume`) unless `--no-wait`.
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -12,7 +11,7 @@ use ferry::output::{print_json, table, time};
 use ferry_model::plan::{Group, Plan, parse_action_flag};
 use ferry_proto::failover::v1::{
     DeleteRecoveryPlanRequest, GetRecoveryPlanRequest, ListRecoveryPlansRequest, RecoveryPlan,
-    RunDrillRequest, RunRecoveryPlanRequest,
+    RunRecoveryPlanRequest,
 };
 use serde_json::{Value, json};
 
@@ -80,47 +79,6 @@ pub enum PlanCmd {
         #[command(flatten)]
         follow: Follow,
     },
-}
-
-#[derive(Subcommand)]
-pub enum DrillCmd {
-    /// Drill a VM on its recovery host: every block of the point read back and checked, a
-    /// test failover started, `--boot-check` run there, the copy removed; the result is
-    /// recorded (`vm show`: last_verified). Exit non-zero when the drill failed.
-    Run {
-        vm: String,
-        /// A command on the recovery host that probes the started VM (sh -c in the agent's
-        /// config folder; FERRY_VMS is the vm; non-zero exit or stderr output = failed).
-        #[arg(long)]
-        boot_check: Option<String>,
-        /// A point id or "latest".
-        #[arg(long, default_value = "latest")]
-        point: String,
-        #[arg(short, long, value_enum, default_value_t)]
-        output: OutputFormat,
-    },
-}
-
-pub(crate) async fn drill(c: &Ctl, cmd: &DrillCmd) -> anyhow::Result<ExitCode> {
-    let DrillCmd::Run {
-        vm,
-        boot_check,
-        point,
-        output,
-    } = cmd;
-    let job = c
-        .failover()
-        .await?
-        .run_drill(RunDrillRequest {
-            vm: vm.clone(),
-            boot_check: boot_check.clone().unwrap_or_default(),
-            point: point.clone(),
-        })
-        .await
-        .map_err(|s| status_err("drill", s))?
-        .into_inner();
-    print_job(&job, *output)?;
-    Ok(job_exit(&job))
 }
 
 /// How a run is followed.

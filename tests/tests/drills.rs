@@ -162,3 +162,133 @@ async fn a_drill_proves_a_point_and_a_flipped_bit_is_quarantined_then_shipped_ag
     assert!(!ok && err.contains("nope"), "{err}");
     Ok(())
 }
+
+/// `vm show VM -o json` once `cond` holds for it (up to 90 s).
+async fn vm_when(
+    t: &TestMesh,
+    vm: &str,
+    what: &str,
+    cond: impl Fn(&serde_json::Value) -> bool,
+) -> anyhow::Result<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        let v = t.cli_json(&["vm", "show", vm, "-o", "json"])?;
+        if cond(&v) {
+            return Ok(v);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "vm {vm}: {what} never happened: {v:#}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_drills_run_when_due_and_a_failed_one_turns_health_to_warning()
+-> anyhow::Result<()> {
+    let t = TestMesh::start().await?;
+    std::fs::create_dir_all(t.path("disks"))?;
+    let mut vms = Vec::new();
+    for vm in ["db01", "web01"] {
+        let d = t.path(&format!("disks/{vm}.raw"));
+        qemu_create(&d, "raw", "", "1M")?;
+        qemu_io(&d, "raw", &["write -P 0x33 0 64k"])?;
+        vms.push((vm, vec![d]));
+    }
+    let _primary = t.site_agent("hv01", "site-a", &vms, "[tracker]\n").await?;
+    let _dr = t
+        .recovery_agent(&command_driver(&t.path("hv-dr01"))?)
+        .await?;
+    for vm in ["db01", "web01"] {
+        t.wait_vm(vm).await?;
+        t.protect_to_recovery(vm, "5m")?;
+    }
+
+    // Refused, saying what is allowed.
+    let (ok, _, err) = t.cli(&["drill", "schedule", "web01", "--every", "1s"])?;
+    assert!(!ok && err.contains("allowed 5 s to"), "{err}");
+    let (ok, _, err) = t.cli(&["drill", "schedule", "nope", "--every", "1h"])?;
+    assert!(
+        !ok && err.contains("neither a vm nor a recovery plan"),
+        "{err}"
+    );
+
+    // A plan's drill: each vm in turn, one drill-plan job with a step per vm.
+    assert!(
+        t.cli(&[
+            "plan", "create", "app", "--group", "db01", "--group", "web01"
+        ])?
+        .0
+    );
+    let job = t.cli_json(&["drill", "run", "app", "-o", "json"])?;
+    ok_job(&job)?;
+    assert_eq!(job["kind"], "drill-plan", "{job:#}");
+    assert_eq!(job["steps"][1]["name"], "drill web01", "{job:#}");
+    let first = t.cli_json(&["vm", "show", "web01", "-o", "json"])?;
+    assert_eq!(first["last_verified"]["result"], "succeeded", "{first:#}");
+
+    // Scheduled every 5 s: the service drills it again by itself.
+    let d = t.cli_json(&["drill", "schedule", "web01", "--every", "5s", "-o", "json"])?;
+    assert_eq!(d["every_seconds"], 5, "{d}");
+    assert_eq!(d["vms"][0], "web01", "{d}");
+    let (ok, _, err) = t.cli(&["drill", "schedule", "app", "--every", "1h"])?;
+    assert!(
+        !ok && err.contains("vm web01 is drilled by the schedule of web01"),
+        "{err}"
+    );
+    let before = first["last_verified"]["job"].clone();
+    let v = vm_when(&t, "web01", "a scheduled drill", |v| {
+        v["last_verified"]["job"] != before && v["last_verified"]["result"] == "succeeded"
+    })
+    .await?;
+    assert_eq!(v["health"], "normal", "{v:#}");
+    assert_eq!(v["drill_schedule"]["target"], "web01", "{v:#}");
+    let list = t.cli_json(&["drill", "list", "-o", "json"])?;
+    let entry = list
+        .as_array()
+        .and_then(|a| a.iter().find(|d| d["target"] == "web01"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(entry["last_ok"], true, "{list:#}");
+    assert_eq!(entry["overdue"], false, "{list:#}");
+
+    // A scheduled drill that fails turns the vm's health to warning, saying why.
+    let failing = [
+        "drill",
+        "schedule",
+        "web01",
+        "--every",
+        "5s",
+        "--boot-check",
+    ];
+    let (ok, _, err) = t.cli(&[&failing[..], &["echo no login prompt >&2"]].concat())?;
+    assert!(ok, "{err}");
+    let v = vm_when(&t, "web01", "a failed scheduled drill", |v| {
+        v["health"] == "warning"
+    })
+    .await?;
+    assert_eq!(v["last_verified"]["result"], "failed", "{v:#}");
+    let why = text(&v["last_error"]);
+    assert!(
+        why.contains("the last scheduled drill failed") && why.contains("no login prompt"),
+        "{v:#}"
+    );
+    let list = t.cli_json(&["drill", "list", "-o", "json"])?;
+    assert!(
+        text(&list[0]["last_message"]).contains("web01: "),
+        "{list:#}"
+    );
+
+    // Unscheduled: a failed drill no longer warns.
+    let u = t.cli_json(&["drill", "unschedule", "web01", "-o", "json"])?;
+    assert_eq!(u["scheduled"], false, "{u}");
+    let v = t.cli_json(&["vm", "show", "web01", "-o", "json"])?;
+    assert_eq!(v["health"], "normal", "{v:#}");
+    assert!(v["drill_schedule"].is_null(), "{v:#}");
+    assert_eq!(
+        t.cli_json(&["drill", "list", "-o", "json"])?,
+        serde_json::json!([])
+    );
+    Ok(())
+}

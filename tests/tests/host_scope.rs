@@ -16,7 +16,8 @@ use ferry_proto::ingest::v1::{
     GetCycleRequest, RenewCycleRequest, ingest_client::IngestClient,
 };
 use ferry_proto::registry::v1::{
-    Health, RecordVerificationRequest, registry_client::RegistryClient,
+    DrillSchedule, Health, RecordVerificationRequest, SetDrillScheduleRequest,
+    registry_client::RegistryClient,
 };
 use ferry_proto::scheduler::v1::{CompleteWorkRequest, scheduler_client::SchedulerClient};
 use ferry_proto::storage::v1::{
@@ -230,6 +231,19 @@ async fn another_hosts_certificate_reaches_nothing_of_a_vm() -> anyhow::Result<(
         .await
         .unwrap_err();
     service_only("RecordVerification", &err);
+    // Nor may it schedule (or unschedule) drills of its own VM behind the operator's back.
+    let err = registry
+        .set_drill_schedule(SetDrillScheduleRequest {
+            vm: "app01".into(),
+            schedule: Some(DrillSchedule {
+                target: "app01".into(),
+                every_seconds: 60,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    service_only("SetDrillSchedule", &err);
     // hvb still reads its own VM's points: the refusal is about the VM, not the host.
     storage
         .list_points(ListPointsRequest { vm: "app01".into() })

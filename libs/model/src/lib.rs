@@ -5,6 +5,7 @@
 #[macro_use]
 mod names;
 pub mod disk;
+pub mod drill;
 pub mod job;
 pub mod plan;
 pub mod policy;

@@ -35,8 +35,23 @@ const CLEAN: usize = 3;
 const RECORD: usize = 4;
 
 impl Orchestrator {
-    /// Runs a drill of `req.vm` (its latest point, or `req.point`); returns the ended job.
+    /// Runs a drill of `req.vm` — a recovery plan of that name: each of its VMs in turn —
+    /// and returns the ended job.
     pub async fn run_drill(&self, req: RunDrillRequest) -> Result<Job> {
+        if let Some(plan) = self.plans.get(&req.vm).await? {
+            if !matches!(req.point.as_str(), "" | "latest") {
+                return Err(FailoverError::InvalidArgument(format!(
+                    "a drill of plan {} drills each vm's latest point, not point {}",
+                    plan.name, req.point
+                )));
+            }
+            return self.run_plan_drill(&plan, &req.boot_check).await;
+        }
+        self.run_vm_drill(req).await
+    }
+
+    /// Runs a drill of VM `req.vm` (its latest point, or `req.point`); returns the ended job.
+    pub(crate) async fn run_vm_drill(&self, req: RunDrillRequest) -> Result<Job> {
         check_vm_name(&req.vm)?;
         self.require_allowed(&req.vm, Operation::TestFailover)
             .await?;

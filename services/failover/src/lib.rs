@@ -13,6 +13,7 @@
 
 mod allowed;
 mod drill;
+mod drill_schedule;
 pub mod error;
 mod failback;
 mod host_work;
@@ -287,6 +288,7 @@ pub async fn run(
         .await?
         .with_shutdown(shutdown.clone());
     tokio::spawn(orchestrator.clone().resume_loop());
+    tokio::spawn(orchestrator.clone().drill_schedule_loop());
     let auth = ferry_mesh::component_authenticator(&cfg, shutdown.clone())
         .await
         .context("setting up authentication")?;

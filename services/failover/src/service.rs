@@ -9,10 +9,11 @@ use ferry_proto::failover::v1::failover_server::Failover;
 use ferry_proto::failover::v1::{
     ChangeRecoveryPointRequest, CleanupTestFailoverRequest, CommitFailoverRequest,
     CompleteFailbackRequest, DeleteRecoveryPlanRequest, DeleteRecoveryPlanResponse,
-    FailbackRequest, GetRecoveryPlanRequest, ListFailoversRequest, ListFailoversResponse,
-    ListRecoveryPlansRequest, ListRecoveryPlansResponse, PlannedFailoverRequest, RecoveryPlan,
-    ReprotectRequest, RunDrillRequest, RunRecoveryPlanRequest, TestFailoverRequest,
-    UnplannedFailoverRequest,
+    FailbackRequest, GetRecoveryPlanRequest, ListDrillSchedulesRequest, ListDrillSchedulesResponse,
+    ListFailoversRequest, ListFailoversResponse, ListRecoveryPlansRequest,
+    ListRecoveryPlansResponse, PlannedFailoverRequest, RecoveryPlan, ReprotectRequest,
+    RunDrillRequest, RunRecoveryPlanRequest, ScheduleDrillRequest, ScheduledDrill,
+    TestFailoverRequest, UnplannedFailoverRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -243,6 +244,32 @@ impl Failover for FailoverService {
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(job))
+    }
+
+    async fn schedule_drill(
+        &self,
+        request: Request<ScheduleDrillRequest>,
+    ) -> Result<Response<ScheduledDrill>, Status> {
+        require_role(&request, Role::Operator)?;
+        let d = self
+            .orchestrator
+            .schedule_drill(request.into_inner())
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(d))
+    }
+
+    async fn list_drill_schedules(
+        &self,
+        request: Request<ListDrillSchedulesRequest>,
+    ) -> Result<Response<ListDrillSchedulesResponse>, Status> {
+        require_role(&request, Role::Reader)?;
+        let drills = self
+            .orchestrator
+            .drill_schedules()
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(ListDrillSchedulesResponse { drills }))
     }
 
     async fn list_failovers(

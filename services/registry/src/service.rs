@@ -222,8 +222,32 @@ impl RegistryService {
                 );
             }
         }
+        if let Some(why) = drill_warning(v)
+            && vm.health == i32::from(Health::Normal)
+            && v.state == VmState::Protected
+        {
+            vm.health = Health::Warning.into();
+            if vm.last_error.is_empty() {
+                vm.last_error = why;
+            }
+        }
         vm
     }
+}
+
+/// The warning a VM's drill schedule puts on its health (a view, like a late point).
+fn drill_warning(v: &crate::state::VmRecord) -> Option<String> {
+    let s = v.drill_schedule.as_ref()?;
+    let last = v
+        .last_verified
+        .as_ref()
+        .filter(|l| l.time_ms >= s.since_ms)
+        .map(|l| ferry_model::drill::LastDrill {
+            time_ms: l.time_ms,
+            ok: l.ok,
+            message: &l.message,
+        });
+    ferry_model::drill::warning(s.every_seconds, s.since_ms, last, now_ms())
 }
 
 /// Hosts removed and not registered again: their certificates are refused by name.
@@ -286,6 +310,12 @@ fn vm_to_proto(v: &crate::state::VmRecord, site: String) -> pb::Vm {
             ok: d.ok,
             message: d.message.clone(),
             job_id: d.job_id.clone(),
+        }),
+        drill_schedule: v.drill_schedule.as_ref().map(|d| pb::DrillSchedule {
+            target: d.target.clone(),
+            every_seconds: d.every_seconds,
+            boot_check: d.boot_check.clone(),
+            since_ms: d.since_ms,
         }),
     }
 }
@@ -377,6 +407,10 @@ impl Registry for RegistryApi {
 
     async fn record_verification(&self, req: Request<pb::RecordVerificationRequest>) -> R<pb::Vm> {
         self.0.record_verification(req).await
+    }
+
+    async fn set_drill_schedule(&self, req: Request<pb::SetDrillScheduleRequest>) -> R<pb::Vm> {
+        self.0.set_drill_schedule(req).await
     }
 
     async fn report_committed(

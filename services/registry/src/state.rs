@@ -64,6 +64,19 @@ pub struct VmRecord {
     /// The last drill's result.
     #[serde(default)]
     pub last_verified: Option<Verification>,
+    /// The drill schedule the VM is in (`ferry drill schedule`).
+    #[serde(default)]
+    pub drill_schedule: Option<DrillSchedule>,
+}
+
+/// A VM's scheduled drill: the VM or plan the schedule drills, how often, its boot check,
+/// and since when.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrillSchedule {
+    pub target: String,
+    pub every_seconds: u64,
+    pub boot_check: String,
+    pub since_ms: i64,
 }
 
 /// A drill's result (`RecordVerification`).
@@ -365,6 +378,11 @@ pub enum Event {
         vm: String,
         verification: Verification,
     },
+    /// The VM's drill schedule was set (None: removed).
+    VmDrillScheduled {
+        vm: String,
+        schedule: Option<DrillSchedule>,
+    },
     Job(JobRecord),
 }
 
@@ -434,6 +452,7 @@ impl State {
                     hardware: VmHardware::default(),
                     site: FailoverSite::default(),
                     last_verified: None,
+                    drill_schedule: None,
                 });
                 if rec.host_history.last().is_none_or(|s| s.host != *host) {
                     rec.host_history.push(HostSpan {
@@ -516,6 +535,11 @@ impl State {
             Event::VmVerified { vm, verification } => {
                 if let Some(v) = self.vms.get_mut(vm) {
                     v.last_verified = Some(verification.clone());
+                }
+            }
+            Event::VmDrillScheduled { vm, schedule } => {
+                if let Some(v) = self.vms.get_mut(vm) {
+                    v.drill_schedule = schedule.clone();
                 }
             }
             Event::VmRetry {

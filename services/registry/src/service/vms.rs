@@ -139,4 +139,41 @@ impl RegistryService {
         .await?;
         Ok(Response::new(self.vm_proto(&req.vm).await?))
     }
+
+    /// Sets or removes the VM's drill schedule (the failover service, for `ferry drill
+    /// schedule`); an interval out of range is refused with the range.
+    pub(super) async fn set_drill_schedule(
+        &self,
+        req: Request<pb::SetDrillScheduleRequest>,
+    ) -> R<pb::Vm> {
+        ferry_mesh::require_service(&req)?;
+        let req = req.into_inner();
+        if !self.state.lock().await.vms.contains_key(&req.vm) {
+            return Err(RegistryError::VmNotFound(req.vm).into());
+        }
+        let schedule = match req.schedule.filter(|s| s.every_seconds > 0) {
+            None => None,
+            Some(s) => {
+                ferry_model::drill::check_every(s.every_seconds)
+                    .map_err(RegistryError::InvalidArgument)?;
+                Some(crate::state::DrillSchedule {
+                    target: s.target,
+                    every_seconds: s.every_seconds,
+                    boot_check: s.boot_check,
+                    since_ms: if s.since_ms > 0 {
+                        s.since_ms
+                    } else {
+                        ferry_proto::now_ms()
+                    },
+                })
+            }
+        };
+        tracing::info!(vm = %req.vm, every_s = schedule.as_ref().map_or(0, |s| s.every_seconds), "drill schedule set");
+        self.persist(vec![Event::VmDrillScheduled {
+            vm: req.vm.clone(),
+            schedule,
+        }])
+        .await?;
+        Ok(Response::new(self.vm_proto(&req.vm).await?))
+    }
 }
