@@ -125,6 +125,7 @@ impl Orchestrator {
         loop {
             tokio::select! {
                 () = self.shutdown.cancelled() => return Err(FailoverError::Cancelled),
+                () = job.cancel_token().cancelled() => return Err(FailoverError::JobCancelled),
                 () = tokio::time::sleep(INPUT_POLL) => {}
             }
             let stored = match registry.get_job(GetJobRequest { id: id.clone() }).await {
@@ -134,6 +135,9 @@ impl Orchestrator {
                     continue;
                 }
             };
+            if stored.cancel_requested {
+                return Err(FailoverError::JobCancelled);
+            }
             if stored.resumed_step as usize == step + 1 {
                 job.input_received(stored.resumed_step, &stored.resume_comment);
                 tracing::info!(job = %id, step, "plan job resumed");

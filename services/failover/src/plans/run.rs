@@ -16,6 +16,7 @@ use ferry_proto::failover::v1::{
     CleanupTestFailoverRequest, CompleteFailbackRequest, FailbackRequest, PlannedFailoverRequest,
     RunRecoveryPlanRequest, TestFailoverRequest, UnplannedFailoverRequest,
 };
+use ferry_proto::registry::v1::{CancelJobRequest, ListJobsRequest};
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
 
@@ -129,11 +130,15 @@ impl Orchestrator {
         }
         let steps = plan_steps(&run.plan, run.mode);
         let names: Vec<&str> = steps.iter().map(|(n, _)| n.as_str()).collect();
-        let job = JobTracker::start(
+        // Cancellable until it ends: a cancel stops the plan at once — a waiting manual action,
+        // the VM jobs in flight (each as far as its own point of no return allows) and every
+        // step not started.
+        let job = JobTracker::start_cancellable(
             self.registry.clone(),
             &run.mode.job_kind(),
             &run.plan.name,
             &names,
+            names.len() as u32,
         )
         .await?;
         let lease = self
@@ -212,6 +217,11 @@ impl Orchestrator {
                 let why = format!("{}; {STOPPED}", FailoverError::Cancelled);
                 return job.fail(&FailoverError::FailedPrecondition(why)).await;
             }
+            // Cancelled (checked again after each step): nothing more starts; what already
+            // failed over stays, for the plan's cleanup or failback.
+            if job.cancel_token().is_cancelled() {
+                return job.fail(&FailoverError::JobCancelled).await;
+            }
             let group = steps[i].1.group();
             let failed_before = failures.len();
             match &steps[i].1 {
@@ -221,6 +231,11 @@ impl Orchestrator {
                         .await;
                     match res {
                         Ok(msg) => job.step_done(i, msg).await,
+                        Err(FailoverError::JobCancelled) => {
+                            let why = "cancelled by an operator while it waited".to_owned();
+                            job.step_ended(i, StepStatus::Cancelled, why).await;
+                            return job.fail(&FailoverError::JobCancelled).await;
+                        }
                         Err(e) => {
                             job.step_ended(i, StepStatus::Failed, e.to_string()).await;
                             failures.push(format!("{}: {e}", steps[i].0));
@@ -235,6 +250,9 @@ impl Orchestrator {
                     failures.extend(self.run_vms(&mut job, &run, &steps, i..end).await);
                     i = end;
                 }
+            }
+            if job.cancel_token().is_cancelled() {
+                return job.fail(&FailoverError::JobCancelled).await;
             }
             if failures.len() > failed_before && run.mode.stops_at_failure() {
                 break;
@@ -259,16 +277,30 @@ impl Orchestrator {
         range: std::ops::Range<usize>,
     ) -> Vec<String> {
         let mut pending = FuturesUnordered::new();
+        let mut vms = Vec::new();
         for k in range {
             let Work::Vm { vm, .. } = &steps[k].1 else {
                 continue;
             };
             job.step_running(k).await;
+            vms.push(vm.clone());
             let vm = vm.clone();
             pending.push(async move { (k, self.run_vm(run, &vm).await) });
         }
+        let cancel = job.cancel_token().clone();
+        let since = job.snapshot().created_at_ms;
+        let mut asked = false;
         let mut failures = Vec::new();
-        while let Some((k, outcome)) = pending.next().await {
+        loop {
+            let next = tokio::select! {
+                n = pending.next() => n,
+                () = cancel.cancelled(), if !asked => {
+                    asked = true;
+                    self.cancel_vm_jobs(&vms, since).await;
+                    continue;
+                }
+            };
+            let Some((k, outcome)) = next else { break };
             match outcome {
                 VmOutcome::Done(m) => job.step_done(k, m).await,
                 VmOutcome::Skipped(m) => job.step_ended(k, StepStatus::Skipped, m).await,
@@ -279,6 +311,39 @@ impl Orchestrator {
             }
         }
         failures
+    }
+
+    /// Asks the registry to cancel the jobs of `vms` started since `since_ms` (by this plan
+    /// run) that have not ended; a job past its point of no return goes on (it says so).
+    async fn cancel_vm_jobs(&self, vms: &[String], since_ms: i64) {
+        let mut registry = self.registry.clone();
+        for vm in vms {
+            let jobs = match registry
+                .list_jobs(ListJobsRequest { target: vm.clone() })
+                .await
+            {
+                Ok(r) => r.into_inner().jobs,
+                Err(s) => {
+                    tracing::warn!(vm = %vm, error = %s.message(), "cannot list the vm's jobs to cancel them");
+                    continue;
+                }
+            };
+            for j in jobs.iter().filter(|j| {
+                j.created_at_ms >= since_ms && ferry_model::job::is_in_progress(j.status)
+            }) {
+                match registry
+                    .cancel_job(CancelJobRequest { id: j.id.clone() })
+                    .await
+                {
+                    Ok(_) => {
+                        tracing::info!(vm = %vm, job = %j.id, "vm job of a cancelled plan cancelled")
+                    }
+                    Err(s) => {
+                        tracing::info!(vm = %vm, job = %j.id, why = %s.message(), "vm job of a cancelled plan goes on")
+                    }
+                }
+            }
+        }
     }
 
     /// One VM's operation of the plan, as its own VM job.
