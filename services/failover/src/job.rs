@@ -122,6 +122,12 @@ impl JobTracker {
         Ok(Self::new(registry, job))
     }
 
+    /// Records what the job was asked to do (for a replica that resumes it).
+    pub(crate) async fn set_params(&mut self, params: impl IntoIterator<Item = (String, String)>) {
+        self.job.params = params.into_iter().collect();
+        self.push().await;
+    }
+
     /// Fired when an operator asked to cancel the job.
     pub(crate) fn cancel_token(&self) -> &CancellationToken {
         &self.cancel

@@ -200,7 +200,7 @@ impl Orchestrator {
             }
             scans += 1;
             if scans % PLAN_SCAN_EVERY == 1
-                && let Err(e) = self.end_orphan_plan_jobs().await
+                && let Err(e) = self.resume_orphan_plan_jobs().await
             {
                 tracing::warn!(error = %e, "scanning for plan jobs without a runner failed");
             }

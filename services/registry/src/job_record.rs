@@ -40,6 +40,8 @@ pub struct StoredJob {
     pub resumed_step: u32,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub resume_comment: String,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub params: std::collections::BTreeMap<String, String>,
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -148,6 +150,7 @@ impl JobRecord {
             cancel_requested: job.cancel_requested,
             resumed_step: job.resumed_step,
             resume_comment: job.resume_comment.clone(),
+            params: job.params.clone().into_iter().collect(),
         })
     }
 
@@ -182,6 +185,7 @@ impl StoredJob {
             cancel_requested: self.cancel_requested,
             resumed_step: self.resumed_step,
             resume_comment: self.resume_comment.clone(),
+            params: self.params.clone().into_iter().collect(),
         }
     }
 }
@@ -215,6 +219,9 @@ mod tests {
             cancel_requested: true,
             resumed_step: 1,
             resume_comment: "checked".into(),
+            params: [("mode".to_owned(), "planned".to_owned())]
+                .into_iter()
+                .collect(),
         }
     }
 

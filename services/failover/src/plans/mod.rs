@@ -4,6 +4,7 @@
 //! and run as plan jobs ([`run`]).
 mod actions;
 mod cuts;
+mod resume;
 mod run;
 
 use std::collections::BTreeMap;
@@ -159,10 +160,11 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// Ends as failed every plan job whose runner is gone (its lease is free: the replica
-    /// running it stopped or died). A plan job is not resumed mid-way; running the plan again
-    /// carries on, as the VMs that already failed over are skipped. How many were ended.
-    pub async fn end_orphan_plan_jobs(&self) -> Result<usize> {
+    /// Resumes every plan job whose runner is gone (its lease is free: the replica running it
+    /// stopped or died) from its first step that had not ended; a job that cannot be resumed
+    /// (the plan was deleted or changed since) is ended as failed, saying to run the plan
+    /// again. How many were taken.
+    pub async fn resume_orphan_plan_jobs(&self) -> Result<usize> {
         let jobs = self
             .registry
             .clone()
@@ -173,13 +175,13 @@ impl Orchestrator {
             .jobs;
         // A job just created may not hold its lease yet.
         let settled = chrono::Utc::now().timestamp_millis() - 2 * JOB_LEASE_TTL.as_millis() as i64;
-        let mut ended = 0;
+        let mut taken = 0;
         for j in jobs.iter().filter(|j| {
             j.kind.starts_with("plan-")
                 && ferry_model::job::is_in_progress(j.status)
                 && j.created_at_ms < settled
         }) {
-            let Some(_running) = self.mark_running(&j.id) else {
+            let Some(running) = self.mark_running(&j.id) else {
                 continue;
             };
             let kept = match self
@@ -191,18 +193,29 @@ impl Orchestrator {
                 Err(ferry_coord::CoordError::LeaseHeld { .. }) => continue,
                 Err(e) => return Err(FailoverError::Lease(e)),
             };
-            let why = FailoverError::FailedPrecondition(
-                "the failover service running this plan job stopped before it ended; run the plan again (vms that already failed over are skipped)".into(),
-            );
-            JobTracker::resume(self.registry.clone(), &j.id)
-                .await?
-                .fail(&why)
-                .await;
-            tracing::warn!(job = %j.id, plan = %j.target, "plan job without a runner ended as failed");
-            drop(kept);
-            ended += 1;
+            taken += 1;
+            let job = JobTracker::resume(self.registry.clone(), &j.id).await?;
+            let (run, steps, from, failures) = match self.resume_point(&job).await {
+                Ok(r) => r,
+                Err(e) => {
+                    let why = FailoverError::FailedPrecondition(format!(
+                        "{e}; run the plan again (vms that already failed over are skipped)"
+                    ));
+                    tracing::warn!(job = %j.id, plan = %j.target, error = %e, "plan job cannot be resumed; ended as failed");
+                    job.fail(&why).await;
+                    continue;
+                }
+            };
+            tracing::info!(job = %j.id, plan = %j.target, step = from, "plan job resumed");
+            let me = self.clone();
+            tokio::spawn(async move {
+                let job = me.drive_plan(job, run, steps, from, failures).await;
+                tracing::info!(job = %job.id, plan = %job.target, status = job.status, "resumed plan job ended");
+                drop(kept);
+                drop(running);
+            });
         }
-        Ok(ended)
+        Ok(taken)
     }
 
     /// The id of a plan job of `plan` that has not ended, if any.

@@ -24,10 +24,6 @@ use crate::error::{FailoverError, Result};
 use crate::job::JobTracker;
 use crate::{JOB_LEASE_TTL, Orchestrator, job_resource};
 
-/// What a plan job cut off by its service stopping tells the operator.
-const STOPPED: &str =
-    "the failover service stopped: run the plan again (vms that already failed over are skipped)";
-
 /// What one step of a plan job does.
 #[derive(Clone, Debug)]
 pub(super) enum Work {
@@ -62,6 +58,43 @@ pub(super) struct PlanRun {
 }
 
 impl PlanRun {
+    /// What the job records of the run, for a replica that resumes it.
+    pub(super) fn params(&self) -> Vec<(String, String)> {
+        vec![
+            ("mode".into(), self.mode.as_str().to_owned()),
+            ("point".into(), self.point.clone()),
+            ("sync".into(), self.sync.clone()),
+            (
+                "points".into(),
+                serde_json::to_string(&self.points).unwrap_or_default(),
+            ),
+        ]
+    }
+
+    /// The run a plan job recorded (see [`PlanRun::params`]), of `plan` as it is now.
+    pub(super) fn from_params(
+        plan: Plan,
+        params: &std::collections::HashMap<String, String>,
+    ) -> Result<Self> {
+        let get = |k: &str| params.get(k).cloned().unwrap_or_default();
+        let mode = get("mode").parse().map_err(|e: ferry_model::UnknownName| {
+            FailoverError::FailedPrecondition(format!("the job records no run to resume: {e}"))
+        })?;
+        let points = match params.get("points") {
+            Some(p) if !p.is_empty() => serde_json::from_str(p).map_err(|e| {
+                FailoverError::FailedPrecondition(format!("the job's points are unreadable: {e}"))
+            })?,
+            _ => BTreeMap::new(),
+        };
+        Ok(Self {
+            plan,
+            mode,
+            point: get("point"),
+            sync: get("sync"),
+            points,
+        })
+    }
+
     /// The point asked for `vm`.
     fn point_of(&self, vm: &str) -> &str {
         self.points.get(vm).map_or(&self.point, String::as_str)
@@ -133,7 +166,7 @@ impl Orchestrator {
         // Cancellable until it ends: a cancel stops the plan at once — a waiting manual action,
         // the VM jobs in flight (each as far as its own point of no return allows) and every
         // step not started.
-        let job = JobTracker::start_cancellable(
+        let mut job = JobTracker::start_cancellable(
             self.registry.clone(),
             &run.mode.job_kind(),
             &run.plan.name,
@@ -141,6 +174,7 @@ impl Orchestrator {
             names.len() as u32,
         )
         .await?;
+        job.set_params(run.params()).await;
         let lease = self
             .coord
             .acquire_kept(&job_resource(job.id()), &self.holder(), JOB_LEASE_TTL)
@@ -150,7 +184,7 @@ impl Orchestrator {
         let started = job.snapshot();
         let me = self.clone();
         tokio::spawn(async move {
-            let job = me.drive_plan(job, run, steps).await;
+            let job = me.drive_plan(job, run, steps, 0, Vec::new()).await;
             tracing::info!(job = %job.id, plan = %job.target, status = job.status, "plan job ended");
             drop(lease);
             drop(running);
@@ -199,23 +233,26 @@ impl Orchestrator {
         })
     }
 
-    /// Runs the steps in order (a group's VMs at once) and ends the job.
-    async fn drive_plan(
+    /// Runs the steps in order from `from` (a group's VMs at once; `failures`: those of the
+    /// steps before it) and ends the job. A stopping service leaves the job running, its
+    /// lease free: another replica (or this one, started again) resumes it.
+    pub(super) async fn drive_plan(
         &self,
         mut job: JobTracker,
         run: PlanRun,
         steps: Vec<(String, Work)>,
+        from: usize,
+        mut failures: Vec<String>,
     ) -> Job {
         let targets = match self.plan_targets(&run.plan).await {
             Ok(t) => t,
             Err(e) => return job.fail(&e).await,
         };
-        let mut failures: Vec<String> = Vec::new();
-        let mut i = 0;
+        let mut i = from;
         while i < steps.len() {
             if self.shutdown.is_cancelled() {
-                let why = format!("{}; {STOPPED}", FailoverError::Cancelled);
-                return job.fail(&FailoverError::FailedPrecondition(why)).await;
+                tracing::info!(job = %job.id(), step = i, "service stopping: the plan job is left to resume");
+                return job.snapshot();
             }
             // Cancelled (checked again after each step): nothing more starts; what already
             // failed over stays, for the plan's cleanup or failback.
@@ -231,6 +268,8 @@ impl Orchestrator {
                         .await;
                     match res {
                         Ok(msg) => job.step_done(i, msg).await,
+                        // Cut off by the service stopping: the step runs again on resume.
+                        Err(_) if self.shutdown.is_cancelled() => return job.snapshot(),
                         Err(FailoverError::JobCancelled) => {
                             let why = "cancelled by an operator while it waited".to_owned();
                             job.step_ended(i, StepStatus::Cancelled, why).await;
@@ -261,10 +300,7 @@ impl Orchestrator {
         if failures.is_empty() {
             return job.succeed().await;
         }
-        let mut summary = format!("{} step(s) failed: {}", failures.len(), failures.join("; "));
-        if self.shutdown.is_cancelled() {
-            summary = format!("{summary}; {STOPPED}");
-        }
+        let summary = format!("{} step(s) failed: {}", failures.len(), failures.join("; "));
         job.fail(&FailoverError::FailedPrecondition(summary)).await
     }
 
@@ -304,6 +340,8 @@ impl Orchestrator {
             match outcome {
                 VmOutcome::Done(m) => job.step_done(k, m).await,
                 VmOutcome::Skipped(m) => job.step_ended(k, StepStatus::Skipped, m).await,
+                // Cut off by the service stopping: left running, it runs again on resume.
+                VmOutcome::Failed(_) if self.shutdown.is_cancelled() => {}
                 VmOutcome::Failed(m) => {
                     failures.push(format!("{}: {m}", steps[k].0));
                     job.step_ended(k, StepStatus::Failed, m).await;
