@@ -19,6 +19,19 @@ pub fn command_driver(dir: &Path) -> anyhow::Result<String> {
     Ok("[driver]\nkind = \"command\"\nstart = \"sh ./start.sh\"\nstop = \"sh ./stop.sh\"\n".into())
 }
 
+/// A JSON string field's text ("" when absent or not a string).
+pub fn text(v: &serde_json::Value) -> &str {
+    v.as_str().unwrap_or_default()
+}
+
+/// The step of a job's JSON named `name` (null when it has none).
+pub fn step<'a>(job: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    job["steps"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == name))
+        .unwrap_or(&serde_json::Value::Null)
+}
+
 pub fn ok_job(job: &serde_json::Value) -> anyhow::Result<()> {
     anyhow::ensure!(job["status"] == "succeeded", "{job:#}");
     Ok(())

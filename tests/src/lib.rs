@@ -13,7 +13,7 @@ pub use agent::{
     InProcessAgent, host_tls, nbd_io, nbd_write, spawn_agent_process, unclean_logs,
     wait_logs_closed,
 };
-pub use failover::{command_driver, ok_job};
+pub use failover::{command_driver, ok_job, step, text};
 pub use gateway::InProcessGateway;
 pub use mesh::{TestMesh, init_logs, policy_resync_window_closed, start_mesh_with_block_size};
 pub use replicas::Replica;

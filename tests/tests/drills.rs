@@ -8,11 +8,6 @@ use std::path::PathBuf;
 
 use ferry_tests::*;
 
-/// A JSON string field's text ("" when absent or not a string).
-fn text(v: &serde_json::Value) -> &str {
-    v.as_str().unwrap_or_default()
-}
-
 /// The stored chunk file of a block holding `plaintext` (named with the vault's key, read
 /// from the mesh's data dir as the mesh reads it).
 fn chunk_file(t: &TestMesh, plaintext: &[u8]) -> anyhow::Result<PathBuf> {

@@ -8,10 +8,6 @@ use std::time::Duration;
 
 use ferry_tests::*;
 
-fn text(v: &serde_json::Value) -> &str {
-    v.as_str().unwrap_or_default()
-}
-
 /// The plan job's JSON once `cond` holds for it (up to 120 s).
 async fn job_when(
     t: &TestMesh,
@@ -27,13 +23,6 @@ async fn job_when(
         anyhow::ensure!(tokio::time::Instant::now() < deadline, "job {id}: {j:#}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-fn step<'a>(job: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    job["steps"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["name"] == name))
-        .unwrap_or(&serde_json::Value::Null)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,11 +11,6 @@ use ferry_tests::*;
 
 const GROUPS: [[&str; 2]; 3] = [["db1", "db2"], ["app1", "app2"], ["web1", "web2"]];
 
-/// A JSON string field's text ("" when absent or not a string).
-fn text(v: &serde_json::Value) -> &str {
-    v.as_str().unwrap_or_default()
-}
-
 /// A command driver in `dir` that records each start with its time (ns) and network.
 fn timed_driver(dir: &Path) -> anyhow::Result<String> {
     std::fs::create_dir_all(dir)?;
@@ -117,13 +112,6 @@ async fn run_with_resume(
         )
     })?;
     Ok((out.status.success(), job))
-}
-
-fn step<'a>(job: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    job["steps"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["name"] == name))
-        .unwrap_or(&serde_json::Value::Null)
 }
 
 async fn state(t: &TestMesh, vm: &str) -> anyhow::Result<String> {
