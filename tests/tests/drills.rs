@@ -2,7 +2,8 @@
 //! it at the recovery site, runs the boot check there, removes the copy and records success;
 //! a bit flipped in one stored chunk makes the next drill fail naming the disk and the
 //! block, recorded as such; the chunk is quarantined, the resync ships the block again and
-//! the drill after it passes.
+//! the drill after it passes. Drills of a plan and on a schedule: a scheduled drill runs by
+//! itself when due, and a VM whose scheduled drill failed or is overdue shows warning health.
 
 use std::path::PathBuf;
 
@@ -180,8 +181,7 @@ async fn vm_when(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scheduled_drills_run_when_due_and_a_failed_one_turns_health_to_warning()
--> anyhow::Result<()> {
+async fn scheduled_drills_run_when_due_and_a_failed_or_overdue_one_warns() -> anyhow::Result<()> {
     let t = TestMesh::start().await?;
     std::fs::create_dir_all(t.path("disks"))?;
     let mut vms = Vec::new();
@@ -192,7 +192,7 @@ async fn scheduled_drills_run_when_due_and_a_failed_one_turns_health_to_warning(
         vms.push((vm, vec![d]));
     }
     let _primary = t.site_agent("hv01", "site-a", &vms, "[tracker]\n").await?;
-    let _dr = t
+    let dr = t
         .recovery_agent(&command_driver(&t.path("hv-dr01"))?)
         .await?;
     for vm in ["db01", "web01"] {
@@ -285,5 +285,17 @@ async fn scheduled_drills_run_when_due_and_a_failed_one_turns_health_to_warning(
         t.cli_json(&["drill", "list", "-o", "json"])?,
         serde_json::json!([])
     );
+
+    // The recovery host is gone: the scheduled drill cannot run, and once it is a whole
+    // interval late the vm's health says it is overdue.
+    dr.shutdown().await?;
+    assert!(t.cli(&["drill", "schedule", "db01", "--every", "5s"])?.0);
+    let v = vm_when(&t, "db01", "an overdue drill", |v| v["health"] == "warning").await?;
+    assert!(
+        text(&v["last_error"]).contains("a drill is overdue by"),
+        "{v:#}"
+    );
+    let list = t.cli_json(&["drill", "list", "-o", "json"])?;
+    assert_eq!(list[0]["overdue"], true, "{list:#}");
     Ok(())
 }
