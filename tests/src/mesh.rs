@@ -413,7 +413,17 @@ impl TestMesh {
 
     /// `ferry vm protect VM --frequency FREQUENCY --recovery-host hv-dr01 --wait`.
     pub fn protect_to_recovery(&self, vm: &str, frequency: &str) -> anyhow::Result<()> {
-        let args = [
+        self.protect_to_recovery_with(vm, frequency, &[])
+    }
+
+    /// [`protect_to_recovery`](Self::protect_to_recovery) with more `ferry vm protect` flags.
+    pub fn protect_to_recovery_with(
+        &self,
+        vm: &str,
+        frequency: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<()> {
+        let mut args = vec![
             "vm",
             "protect",
             vm,
@@ -423,6 +433,7 @@ impl TestMesh {
             "hv-dr01",
             "--wait",
         ];
+        args.extend_from_slice(extra);
         let (ok, out, err) = self.cli(&args)?;
         anyhow::ensure!(ok, "ferry {}: {out}{err}", args.join(" "));
         Ok(())

@@ -179,20 +179,7 @@ async fn killed_agents_mid_failback_resume_and_the_disks_end_identical() -> anyh
     // 24 MiB of the 32 MiB disk are written at the recovery site below: its logs pass half the
     // disk, so re-protect ships them by a resync, which must not wait for tonight's window
     // (the default 18:30-06:00 made this test pass only at night).
-    let protect = [
-        "vm",
-        "protect",
-        "web01",
-        "--frequency",
-        "2s",
-        "--recovery-host",
-        "hv-dr01",
-        "--resync-window",
-        "00:00-00:00",
-        "--wait",
-    ];
-    let (ok, out, err) = t.cli(&protect)?;
-    anyhow::ensure!(ok, "ferry {}: {out}{err}", protect.join(" "));
+    t.protect_to_recovery_with("web01", "2s", &["--resync-window", "00:00-00:00"])?;
     ok_job(&t.cli_json(&["failover", "planned", "web01", "-o", "json"])?)?;
     let (dr_disk, dr_uri) = t.failover_disk("planned")?;
     // 24 vault blocks written at the recovery site: phase 1 has that many to fetch.
