@@ -70,6 +70,10 @@ pub struct TrackerSection {
 pub struct RecoverySection {
     /// One folder per failed-over VM (relative to the config's folder).
     pub dir: PathBuf,
+    /// Instant recovery: most MiB a second the background copy of a disk fetches, leaving
+    /// the rest of the link to the reads the running VM makes (absent: no limit).
+    #[serde(default)]
+    pub instant_copy_mib_per_s: Option<u64>,
 }
 
 /// `[driver]`: see [`crate::driver`].
@@ -222,6 +226,16 @@ impl AgentConfig {
             .is_some_and(|r| r.dir.as_os_str().is_empty())
         {
             return Err("[recovery] dir is empty".into());
+        }
+        if let Some(r) = self
+            .recovery
+            .as_ref()
+            .and_then(|r| r.instant_copy_mib_per_s)
+            && !(1..=100_000).contains(&r)
+        {
+            return Err(format!(
+                "[recovery] instant_copy_mib_per_s = {r}: it must be 1 to 100000 (leave it out for no limit)"
+            ));
         }
         let mut names = std::collections::HashSet::new();
         for vm in &self.vms {

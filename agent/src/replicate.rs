@@ -138,6 +138,7 @@ impl Agent {
         job_id: &str,
         cancel: &CancellationToken,
     ) -> Result<(), ReplError> {
+        self.refuse_while_filling(vm, "an initial copy")?;
         let disks = self.vm_disks(vm)?;
         let mut shipped_files = Vec::new();
         let point = self

@@ -467,6 +467,7 @@ impl Agent {
         job_id: &str,
         cancel: &CancellationToken,
     ) -> Result<(), ReplError> {
+        self.refuse_while_filling(vm, "a resync")?;
         let disks = self.vm_disks(vm)?;
         let files = ProgressFiles::new(&self.cfg.data_dir, vm);
         let mut shipped_files = Vec::new();

@@ -78,6 +78,7 @@ pub(crate) async fn run(c: &Ctl, cmd: &FailoverCmd) -> anyhow::Result<ExitCode> 
             vm,
             point,
             target,
+            instant,
             output,
         } => {
             let target_dir = match target {
@@ -91,6 +92,7 @@ pub(crate) async fn run(c: &Ctl, cmd: &FailoverCmd) -> anyhow::Result<ExitCode> 
                     vm: vm.clone(),
                     point: point.clone(),
                     target_dir,
+                    instant: *instant,
                 })
                 .await
                 .map_err(|s| status_err("test failover", s))?
@@ -112,12 +114,14 @@ pub(crate) async fn run(c: &Ctl, cmd: &FailoverCmd) -> anyhow::Result<ExitCode> 
             point,
             shutdown,
             wait: _,
+            instant,
             output,
         } => {
             let req = UnplannedFailoverRequest {
                 vm: vm.clone(),
                 point: point.clone(),
                 shutdown: *shutdown,
+                instant: *instant,
                 ..Default::default()
             };
             let job = c.failover().await?.unplanned_failover(req).await;
@@ -130,10 +134,12 @@ pub(crate) async fn run(c: &Ctl, cmd: &FailoverCmd) -> anyhow::Result<ExitCode> 
         FailoverCmd::Planned {
             vm,
             wait: _,
+            instant,
             output,
         } => {
             let req = PlannedFailoverRequest {
                 vm: vm.clone(),
+                instant: *instant,
                 ..Default::default()
             };
             let job = c.failover().await?.planned_failover(req).await;

@@ -342,6 +342,10 @@ pub enum FailoverCmd {
         point: String,
         #[arg(long)]
         target: Option<PathBuf>,
+        /// Instant recovery: start the VM at once on disks served from the store, copied to
+        /// the recovery host in the background.
+        #[arg(long)]
+        instant: bool,
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },
@@ -358,6 +362,10 @@ pub enum FailoverCmd {
         /// Wait for the job to end (the command always does; kept for scripts).
         #[arg(long)]
         wait: bool,
+        /// Instant recovery: start the VM at once on disks served from the store, copied to
+        /// the recovery host in the background.
+        #[arg(long)]
+        instant: bool,
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },
@@ -374,6 +382,10 @@ pub enum FailoverCmd {
         /// Wait for the job to end (the command always does; kept for scripts).
         #[arg(long)]
         wait: bool,
+        /// Instant recovery: start the VM at once on disks served from the store, copied to
+        /// the recovery host in the background.
+        #[arg(long)]
+        instant: bool,
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },

@@ -150,6 +150,7 @@ pub fn failover_json(f: &ferry_proto::failover::v1::FailoverRecord) -> Value {
         "started": time(f.started_at_ms),
         "created": time(f.created_at_ms),
         "job_id": f.job_id,
+        "instant": f.instant,
     })
 }
 

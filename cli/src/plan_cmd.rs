@@ -62,6 +62,10 @@ pub enum PlanCmd {
         /// (the latest group cut every VM of the plan has a point of).
         #[arg(long)]
         point: Option<String>,
+        /// Every VM recovers instantly: started at once on disks served from the store and
+        /// copied in the background.
+        #[arg(long)]
+        instant: bool,
         #[command(flatten)]
         follow: Follow,
     },
@@ -145,12 +149,14 @@ pub(crate) async fn run(c: &Ctl, cmd: &PlanCmd) -> anyhow::Result<ExitCode> {
             name,
             mode,
             point,
+            instant,
             follow,
         } => {
             let req = RunRecoveryPlanRequest {
                 plan: name.clone(),
                 mode: mode.clone(),
                 point: point.clone().unwrap_or_default(),
+                instant: *instant,
                 ..Default::default()
             };
             start(c, req, follow).await

@@ -236,6 +236,7 @@ impl TestMesh {
             vm: vm.into(),
             point: point.into(),
             target_dir: out.display().to_string(),
+            instant: false,
         };
         Ok(self
             .ctl

@@ -48,6 +48,7 @@ async fn operations_follow_the_state_machine() -> anyhow::Result<()> {
             vm: "web01".into(),
             point: "latest".into(),
             target_dir: t.path("tf").display().to_string(),
+            instant: false,
         })
         .await
         .unwrap_err();

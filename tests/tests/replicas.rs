@@ -115,6 +115,7 @@ async fn replicas_share_work_without_doing_it_twice() -> anyhow::Result<()> {
                 vm: VM.into(),
                 point: "latest".into(),
                 target_dir: out.display().to_string(),
+                instant: false,
             })
             .await?
             .into_inner();
@@ -180,6 +181,7 @@ async fn replicas_share_work_without_doing_it_twice() -> anyhow::Result<()> {
         vm: VM.into(),
         point: "latest".into(),
         target_dir: out.display().to_string(),
+        instant: false,
     };
     let call = tokio::spawn(async move { client.test_failover(req).await });
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);

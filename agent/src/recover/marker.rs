@@ -49,6 +49,10 @@ pub(crate) struct Marker {
     pub(super) started_at_ms: i64,
     #[serde(default)]
     pub(super) driver: String,
+    /// Instant recovery: the disks were served (and the VM started) before their blocks were
+    /// local; each disk's fill files say whether its copy is still running.
+    #[serde(default)]
+    pub(super) instant: bool,
     /// The disks are written and served and the driver started the VM.
     #[serde(default)]
     pub(super) finished: bool,
@@ -76,6 +80,7 @@ impl Marker {
             blocks_rewritten: 0,
             started_at_ms: 0,
             driver: String::new(),
+            instant: work.instant,
             finished: false,
         }
     }

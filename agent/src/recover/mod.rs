@@ -16,6 +16,7 @@
 //! refused, never reused.
 mod failback;
 mod failback_dir;
+mod instant;
 mod marker;
 mod repoint;
 mod source;
@@ -183,6 +184,13 @@ impl Agent {
                 info!(vm = %item.vm, failover = %work.failover_id, "failover work already done; answering with its record");
                 return Ok(m.to_proto());
             }
+            Some(m) if m.finished && instant::filling(self, &m).is_some() => {
+                return Err(ReplError::Permanent(format!(
+                    "vm {} cannot change its point yet: {}; change it once the copy is done",
+                    item.vm,
+                    instant::filling(self, &m).unwrap_or_default()
+                )));
+            }
             Some(m) if m.finished => match self.repoint(item, &work, &dir, m, cancel).await? {
                 repoint::Repointed::Done(r) => return Ok(*r),
                 // The folder is gone: the whole point is materialised below.
@@ -228,12 +236,18 @@ impl Agent {
     ) -> Result<RecoveredVm, ReplError> {
         let point = self.get_point(&item.vm, &work.point).await?;
         let files = plan_files(&item.vm, &point)?;
+        m.instant = work.instant;
         for (disk, file) in point.disks.iter().zip(&files) {
             let path = dir.join(file);
-            let bytes = self
-                .write_disk(&item.vm, &point.id, disk, &path, cancel)
-                .await?;
-            m.bytes_written += bytes;
+            if work.instant {
+                self.prepare_instant_disk(&item.vm, &point.id, disk, &path)
+                    .await?;
+            } else {
+                let bytes = self
+                    .write_disk(&item.vm, &point.id, disk, &path, cancel)
+                    .await?;
+                m.bytes_written += bytes;
+            }
             m.disks.push(RunDisk {
                 path,
                 format: disk.format.clone(),
@@ -242,7 +256,7 @@ impl Agent {
             m.disk_ids.push(disk.disk_id.clone());
         }
         let recovered = self.start_recovered(&item.vm, dir, m, cancel).await?;
-        info!(vm = %item.vm, point = %point.id, network = %m.network, disks = m.disks.len(), bytes = m.bytes_written, driver = %m.driver, "vm recovered and started");
+        info!(vm = %item.vm, point = %point.id, network = %m.network, disks = m.disks.len(), bytes = m.bytes_written, instant = m.instant, driver = %m.driver, "vm recovered and started");
         Ok(recovered)
     }
 
@@ -348,9 +362,17 @@ impl Agent {
         remove_folder(dir)
     }
 
-    /// Serves the written disks through the tracker (when this host has one).
+    /// Serves the written disks through the tracker (when this host has one); a disk still
+    /// being filled (instant recovery) with its fill, whose copy goes on.
     async fn serve(&self, vm: &str, m: &mut Marker) -> Result<(), ReplError> {
+        let fills = self.fills_of(m)?;
         let Some(tracker) = &self.tracker else {
+            if fills.iter().any(Option::is_some) {
+                return Err(ReplError::Permanent(format!(
+                    "vm {vm}: an instant recovery needs a [tracker] on host {} to serve its disks",
+                    self.creds.host
+                )));
+            }
             return Ok(());
         };
         let disks = m
@@ -363,7 +385,7 @@ impl Agent {
             })
             .collect();
         let uris = tracker
-            .add_vm(vm, disks)
+            .add_vm_filled(vm, disks, fills)
             .await
             .map_err(|e| ReplError::Permanent(format!("serving the disks of vm {vm}: {e}")))?;
         for (d, uri) in m.disks.iter_mut().zip(uris) {
@@ -513,6 +535,7 @@ impl Marker {
             driver: self.driver.clone(),
             started_at_ms: self.started_at_ms,
             final_point: String::new(),
+            instant: self.instant,
             ..Default::default()
         }
     }

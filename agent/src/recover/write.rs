@@ -134,7 +134,7 @@ impl Agent {
     }
 
     /// One batch: fetched from the gateway (retrying while it is unavailable), then opened.
-    async fn fetch_blocks(
+    pub(super) async fn fetch_blocks(
         &self,
         vm: &str,
         point: &str,
@@ -263,7 +263,7 @@ pub(super) fn check_map(
 
 /// The output's format: the source's own; a fixed source stays fixed, anything else (a
 /// differencing chain is written flattened) becomes dynamic.
-fn output_format(disk: &PointDisk) -> Result<(Format, CreateOptions), ReplError> {
+pub(super) fn output_format(disk: &PointDisk) -> Result<(Format, CreateOptions), ReplError> {
     let format: Format = disk.format.parse().map_err(|e| {
         ReplError::Permanent(format!(
             "disk {}: format {:?}: {e}",

@@ -5,11 +5,13 @@
 //! that gives up half-way (drops the future) leaves no image opened and never served, or
 //! removed and never closed.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tracing::{info, warn};
 
 use super::export::Export;
+use super::fill::Fill;
 use super::log::{LogAppender, SealedLog};
 use super::open::{Opened, abandon, canonical, open_vm, validate_exports};
 use super::registry::{Registry, Vm, VmShared};
@@ -29,8 +31,31 @@ impl Tracker {
         vm: &str,
         disks: Vec<TrackedDisk>,
     ) -> Result<Vec<String>, TrackerError> {
-        let task = tokio::spawn(add(self.inner.clone(), vm.to_string(), disks));
+        self.add_vm_filled(vm, disks, Vec::new()).await
+    }
+
+    /// [`add_vm`](Self::add_vm) where some disks are still being filled from their point
+    /// (instant recovery, `fill.rs`): `fills[i]` belongs to `disks[i]`. Each fill is in place
+    /// before any connection can reach its disk, and its background copy starts.
+    pub async fn add_vm_filled(
+        &self,
+        vm: &str,
+        disks: Vec<TrackedDisk>,
+        fills: Vec<Option<Arc<Fill>>>,
+    ) -> Result<Vec<String>, TrackerError> {
+        let fills: HashMap<String, Arc<Fill>> = disks
+            .iter()
+            .zip(fills)
+            .filter_map(|(d, f)| Some((d.export.clone(), f?)))
+            .collect();
+        let task = tokio::spawn(add(self.inner.clone(), vm.to_string(), disks, fills));
         task.await.unwrap_or(Err(TrackerError::Stopped))
+    }
+
+    /// Blocks local and blocks in all of the disk at `path` while it is being filled.
+    pub fn fill_progress(&self, path: &std::path::Path) -> Option<(u64, u64)> {
+        let e = self.export(path)?;
+        e.pending_fill().map(|f| f.progress())
     }
 
     /// Stops serving `vm`: new connections to its exports are refused and open ones closed
@@ -87,6 +112,7 @@ async fn add(
     inner: Arc<Inner>,
     vm: String,
     disks: Vec<TrackedDisk>,
+    fills: HashMap<String, Arc<Fill>>,
 ) -> Result<Vec<String>, TrackerError> {
     check_request(&vm, &disks)?;
     if inner.shutdown.is_cancelled() {
@@ -103,10 +129,17 @@ async fn add(
         .await
         .map_err(|_| TrackerError::Stopped)??;
     let names = match prepared {
-        Prepared::Served(names) => names,
+        Prepared::Served(names) => {
+            if let Some(served) = inner.registry.vm(&vm) {
+                attach_fills(&inner, &served.disks, fills);
+            }
+            names
+        }
         Prepared::Opened(opened) => {
             let shared = VmShared::new(&vm);
             let disks = start_exports(&shared, opened).await?;
+            // Before the insert: no connection finds the disks without their fills.
+            attach_fills(&inner, &disks, fills);
             let names: Vec<String> = disks.iter().map(|e| e.name.clone()).collect();
             let n = disks.len();
             if let Err(e) = inner.registry.insert(Vm {
@@ -121,6 +154,18 @@ async fn add(
         }
     };
     Ok(names.iter().map(|n| inner.unix_uri(n)).collect())
+}
+
+/// Puts each fill on its disk (a disk that has one keeps it) and starts its background copy.
+fn attach_fills(inner: &Inner, exports: &[Arc<Export>], mut fills: HashMap<String, Arc<Fill>>) {
+    for e in exports {
+        if let Some(f) = fills.remove(&e.name)
+            && e.fill.set(f.clone()).is_ok()
+            && !f.is_complete()
+        {
+            tokio::spawn(super::fill::copy(e.clone(), f, inner.shutdown.clone()));
+        }
+    }
 }
 
 fn check_request(vm: &str, disks: &[TrackedDisk]) -> Result<(), TrackerError> {

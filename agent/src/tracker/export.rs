@@ -13,7 +13,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use ferry_disk::{DiskError, DiskRw};
 use tokio::sync::{OwnedRwLockReadGuard, OwnedSemaphorePermit, mpsc, oneshot};
@@ -22,6 +22,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use super::TrackerError;
+use super::fill::Fill;
 use super::log::{LogAppender, SealedLog, log_path};
 use super::registry::VmShared;
 
@@ -165,6 +166,8 @@ pub(crate) struct Export {
     /// Fired when the export is removed: its connections end (they hold the export itself,
     /// not the registry, so they would otherwise live on).
     pub detached: CancellationToken,
+    /// Instant recovery: the disk is being filled from its point (set before it is served).
+    pub fill: OnceLock<Arc<Fill>>,
 }
 
 /// The log stage: owns the current log.
@@ -285,6 +288,7 @@ impl Export {
             pool,
             closed,
             detached: CancellationToken::new(),
+            fill: OnceLock::new(),
         }))
     }
 
@@ -293,6 +297,11 @@ impl Export {
         if let Err(mpsc::error::SendError(op)) = self.ops.send(op) {
             op.reject(NBD_ESHUTDOWN);
         }
+    }
+
+    /// The disk's fill while blocks are still missing (None once it is an ordinary file).
+    pub(crate) fn pending_fill(&self) -> Option<&Arc<Fill>> {
+        self.fill.get().filter(|f| !f.is_complete())
     }
 
     /// Reads on the calling (blocking) thread.

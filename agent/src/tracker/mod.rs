@@ -75,6 +75,8 @@
 
 mod dynamic;
 mod export;
+pub mod fill;
+pub mod fill_file;
 mod log;
 mod nbd;
 mod open;

@@ -329,6 +329,7 @@ async fn reply_loop<W: AsyncWrite + Unpin>(
     let _ = w.shutdown().await;
 }
 
+#[derive(Clone, Copy)]
 struct Request {
     flags: u16,
     kind: u16,
@@ -368,6 +369,28 @@ async fn read_payload<R: AsyncRead + Unpin>(
         }
     }
     Ok(data)
+}
+
+/// A READ on the blocking pool, answered.
+fn read(e: &Export, req: Req, q: Request) {
+    let mut buf = e.pool.get(q.len as usize);
+    buf.resize(q.len as usize, 0);
+    match e.read(q.offset, &mut buf) {
+        Ok(()) => answer(req, 0, Some(buf)),
+        Err(err) => answer(req, err, None),
+    }
+}
+
+/// Instant recovery: a write is queued only once every block it touches is local and
+/// recorded so (`fill.rs`): in order, before the requests after it.
+async fn filled_first(export: &Export, offset: u64, len: u32) -> Result<(), u32> {
+    match export.pending_fill() {
+        None => Ok(()),
+        Some(fill) => {
+            fill.ensure(&export.image, offset, u64::from(len), true)
+                .await
+        }
+    }
 }
 
 fn in_range(export: &Export, offset: u64, len: u32) -> bool {
@@ -416,14 +439,22 @@ async fn transmission<R: AsyncRead + Unpin>(
                     answer(req, NBD_EINVAL, None);
                 } else {
                     let e = export.clone();
-                    tokio::task::spawn_blocking(move || {
-                        let mut buf = e.pool.get(q.len as usize);
-                        buf.resize(q.len as usize, 0);
-                        match e.read(q.offset, &mut buf) {
-                            Ok(()) => answer(req, 0, Some(buf)),
-                            Err(err) => answer(req, err, None),
-                        }
-                    });
+                    match export.pending_fill().cloned() {
+                        None => drop(tokio::task::spawn_blocking(move || read(&e, req, q))),
+                        // Instant recovery: the blocks come first (the read waits for them,
+                        // not the requests after it).
+                        Some(fill) => drop(tokio::spawn(async move {
+                            match fill
+                                .ensure(&e.image, q.offset, u64::from(q.len), false)
+                                .await
+                            {
+                                Ok(()) => {
+                                    drop(tokio::task::spawn_blocking(move || read(&e, req, q)))
+                                }
+                                Err(err) => answer(req, err, None),
+                            }
+                        })),
+                    }
                 }
             }
             CMD_WRITE => {
@@ -449,6 +480,11 @@ async fn transmission<R: AsyncRead + Unpin>(
                     answer(req, 0, None);
                     continue;
                 }
+                if let Err(err) = filled_first(export, q.offset, q.len).await {
+                    export.pool.put(data);
+                    answer(req, err, None);
+                    continue;
+                }
                 req.gate = Some(gate.clone().read_owned().await);
                 export.submit(Op::Write {
                     req,
@@ -469,6 +505,11 @@ async fn transmission<R: AsyncRead + Unpin>(
                 }
                 if q.len == 0 {
                     answer(req, 0, None);
+                    continue;
+                }
+                // The log stage's zero check reads the image: it must hold the point there.
+                if let Err(err) = filled_first(export, q.offset, q.len).await {
+                    answer(req, err, None);
                     continue;
                 }
                 // Held until answered: a cut waits for this write, and waits new ones out.

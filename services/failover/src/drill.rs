@@ -138,11 +138,14 @@ impl Orchestrator {
             return failure;
         }
         job.step_running(TEST).await;
+        // Every block was just read back: the test VM need not wait for a copy of them.
+        let instant = self.host_tracks(&vm.recovery_host).await;
         let test = self
             .test_failover(TestFailoverRequest {
                 vm: vm.name.clone(),
                 point: point.to_owned(),
                 target_dir: String::new(),
+                instant,
             })
             .await;
         match test {

@@ -94,6 +94,9 @@ pub struct Record {
     /// Failback: the point phase 1 brought the target's disks to.
     #[serde(default)]
     pub synced_point: String,
+    /// Instant recovery: the host serves the disks (and starts the VM) before they are local.
+    #[serde(default)]
+    pub instant: bool,
 }
 
 /// A disk of a failover on a host.
@@ -129,6 +132,7 @@ impl Record {
                 .collect(),
             driver: self.driver.clone(),
             started_at_ms: self.started_at_ms,
+            instant: self.instant,
         }
     }
 

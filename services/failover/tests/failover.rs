@@ -214,6 +214,7 @@ fn test_req(target: &Path) -> TestFailoverRequest {
         vm: "web".into(),
         point: "latest".into(),
         target_dir: target.display().to_string(),
+        instant: false,
     }
 }
 
@@ -423,6 +424,7 @@ async fn every_call_is_authorized() {
     let planned = PlannedFailoverRequest {
         vm: "web".into(),
         target_dir: String::new(),
+        instant: false,
     };
     let err = svc
         .planned_failover(as_caller(planned, operator))

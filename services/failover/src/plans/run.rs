@@ -55,6 +55,8 @@ pub(super) struct PlanRun {
     pub sync: String,
     /// `--point latest-common`: each VM's point of the chosen group cut.
     pub points: BTreeMap<String, String>,
+    /// Every VM recovers instantly.
+    pub instant: bool,
 }
 
 impl PlanRun {
@@ -64,6 +66,7 @@ impl PlanRun {
             ("mode".into(), self.mode.as_str().to_owned()),
             ("point".into(), self.point.clone()),
             ("sync".into(), self.sync.clone()),
+            ("instant".into(), self.instant.to_string()),
             (
                 "points".into(),
                 serde_json::to_string(&self.points).unwrap_or_default(),
@@ -92,6 +95,7 @@ impl PlanRun {
             point: get("point"),
             sync: get("sync"),
             points,
+            instant: get("instant") == "true",
         })
     }
 
@@ -218,6 +222,16 @@ impl Orchestrator {
             (_, "") => "",
             (_, _) => return Err(bad(format!("a sync mode is for failback, not for {mode}"))),
         };
+        if req.instant
+            && !matches!(
+                mode,
+                PlanMode::Test | PlanMode::Planned | PlanMode::Unplanned
+            )
+        {
+            return Err(bad(format!(
+                "--instant is for test, planned and unplanned failovers, not for {mode}"
+            )));
+        }
         if req.no_wait && mode == PlanMode::Unplanned && plan.has_action(ActionKind::Manual) {
             return Err(bad(format!(
                 "plan {} has a manual action: an unplanned failover nobody follows (--no-wait) would wait for input nobody gives; run it waiting, or without the manual action",
@@ -230,6 +244,7 @@ impl Orchestrator {
             point: req.point.clone(),
             sync: sync.to_owned(),
             points,
+            instant: req.instant,
         })
     }
 
@@ -392,9 +407,9 @@ impl Orchestrator {
             Err(e) => return VmOutcome::Failed(e.to_string()),
         }
         let res = match run.mode {
-            PlanMode::Test => self.plan_test(vm, run.point_of(vm)).await,
-            PlanMode::Planned => self.plan_planned(vm).await,
-            PlanMode::Unplanned => self.plan_unplanned(vm, run.point_of(vm)).await,
+            PlanMode::Test => self.plan_test(vm, run.point_of(vm), run.instant).await,
+            PlanMode::Planned => self.plan_planned(vm, run.instant).await,
+            PlanMode::Unplanned => self.plan_unplanned(vm, run.point_of(vm), run.instant).await,
             PlanMode::Cleanup => self
                 .cleanup_test_failover(CleanupTestFailoverRequest { vm: vm.to_owned() })
                 .await
@@ -449,31 +464,34 @@ impl Orchestrator {
         Ok(why)
     }
 
-    async fn plan_test(&self, vm: &str, point: &str) -> Result<Vec<Job>> {
+    async fn plan_test(&self, vm: &str, point: &str, instant: bool) -> Result<Vec<Job>> {
         self.require_allowed(vm, Operation::TestFailover).await?;
         let req = TestFailoverRequest {
             vm: vm.to_owned(),
             point: point.to_owned(),
             target_dir: String::new(),
+            instant,
         };
         Ok(vec![self.test_failover(req).await?])
     }
 
-    async fn plan_planned(&self, vm: &str) -> Result<Vec<Job>> {
+    async fn plan_planned(&self, vm: &str, instant: bool) -> Result<Vec<Job>> {
         self.require_allowed(vm, Operation::PlannedFailover).await?;
         let req = PlannedFailoverRequest {
             vm: vm.to_owned(),
             target_dir: String::new(),
+            instant,
         };
         Ok(vec![self.planned_failover(req).await?])
     }
 
-    async fn plan_unplanned(&self, vm: &str, point: &str) -> Result<Vec<Job>> {
+    async fn plan_unplanned(&self, vm: &str, point: &str, instant: bool) -> Result<Vec<Job>> {
         self.require_allowed(vm, Operation::UnplannedFailover)
             .await?;
         let req = UnplannedFailoverRequest {
             vm: vm.to_owned(),
             point: point.to_owned(),
+            instant,
             ..Default::default()
         };
         Ok(vec![self.unplanned_failover(req).await?])

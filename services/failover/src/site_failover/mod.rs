@@ -52,7 +52,7 @@ impl Orchestrator {
             req.point.as_str()
         };
         let prepare = self.prepare_failover(&req.vm, point_ref);
-        self.begin_site_failover(&req.vm, "unplanned", req.shutdown, prepare)
+        self.begin_site_failover(&req.vm, "unplanned", req.shutdown, req.instant, prepare)
             .await
     }
 
@@ -64,6 +64,7 @@ impl Orchestrator {
         name: &str,
         kind: &str,
         shutdown: bool,
+        instant: bool,
         prepare: impl std::future::Future<Output = Result<(Vm, RecoveryPoint, JobTracker)>>,
     ) -> Result<Job> {
         if self.shutdown.is_cancelled() {
@@ -80,6 +81,7 @@ impl Orchestrator {
         };
         let mut record = new_failover_record(&vm, &point, job.id(), self.holder(), shutdown);
         record.kind = kind.to_owned();
+        record.instant = instant;
         let begun = self.lease_and_record(&mut record).await;
         self.unlock_vm_start(starting).await;
         match begun {
@@ -232,7 +234,7 @@ impl Orchestrator {
                 .as_ref()
                 .map(|p| p.nic_addresses.clone())
                 .unwrap_or_default(),
-
+            instant: record.instant,
             ..FailoverWork::default()
         };
         let recovered = self

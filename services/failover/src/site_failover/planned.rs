@@ -64,7 +64,7 @@ impl Orchestrator {
             .await?;
             Ok((vm, point, job))
         };
-        self.begin_site_failover(&req.vm, "planned", false, prepare)
+        self.begin_site_failover(&req.vm, "planned", false, req.instant, prepare)
             .await
     }
 
@@ -87,6 +87,20 @@ impl Orchestrator {
             None => Err(FailoverError::FailedPrecondition(format!(
                 "vm {vm}: its host {host} is not registered"
             ))),
+        }
+    }
+
+    /// Whether `host` tracks writes (a tracker serves its disks): it can recover a VM
+    /// instantly. False when the registry cannot say.
+    pub(crate) async fn host_tracks(&self, host: &str) -> bool {
+        let mut registry = self.registry.clone();
+        match registry.list_hosts(ListHostsRequest {}).await {
+            Ok(r) => r
+                .into_inner()
+                .hosts
+                .iter()
+                .any(|h| h.name == host && h.change_tracking),
+            Err(_) => false,
         }
     }
 

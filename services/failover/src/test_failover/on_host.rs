@@ -50,6 +50,7 @@ impl Orchestrator {
             hardware: Some(test_hardware(vm)),
             final_sync: false,
             nic_addresses: Default::default(),
+            instant: record.instant,
             ..FailoverWork::default()
         };
         let kind = WorkKind::RecoverVm;

@@ -30,6 +30,11 @@ impl Orchestrator {
             true => None,
             false => Some(check_target_dir(&req.target_dir)?),
         };
+        if req.instant && dir.is_some() {
+            return Err(FailoverError::InvalidArgument(
+                "an instant recovery runs on the vm's recovery host: it cannot export into a folder (--target)".into(),
+            ));
+        }
         let point_ref = if req.point.is_empty() {
             "latest"
         } else {
@@ -63,6 +68,7 @@ impl Orchestrator {
             }
         };
         let mut record = new_test_record(&vm, &point, dir.as_deref(), job.id(), self.holder());
+        record.instant = req.instant;
         let begun = self.lease_and_record(&mut record).await;
         self.unlock_vm_start(starting).await;
         match begun {

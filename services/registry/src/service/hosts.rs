@@ -246,6 +246,7 @@ impl RegistryService {
                     "disconnected".into()
                 },
                 recovery: self.host_has_recovery(&h.name),
+                change_tracking: self.host_tracks_changes(&h.name),
                 vms: st
                     .vms
                     .values()
