@@ -176,6 +176,25 @@ pub fn walk_size(p: &Path) -> u64 {
         .sum()
 }
 
+/// The recovery host of the failover benchmarks, `host` in site-b: a `[recovery]` folder, a
+/// tracker and a command driver whose start writes `date +%s.%N` into `started`; connected
+/// and ready to receive VMs.
+pub async fn stamped_recovery_agent(
+    t: &crate::TestMesh,
+    host: &str,
+    started: &Path,
+) -> anyhow::Result<crate::InProcessAgent> {
+    let extra = format!(
+        "[recovery]\ndir = \"recovered\"\n[tracker]\n[driver]\nkind = \"command\"\n\
+         start = {:?}\nstop = \"true\"\n",
+        format!("date +%s.%N > '{}'", started.display())
+    );
+    let dr = t.site_agent(host, "site-b", &[], &extra).await?;
+    let recovery = |h: &ferry_proto::registry::v1::Host| h.status == "connected" && h.recovery;
+    t.wait_host(host, recovery, Duration::from_secs(60)).await?;
+    Ok(dr)
+}
+
 /// The `ferry` CLI built next to this benchmark (`target/release/ferry`).
 pub fn ferry_bin() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;

@@ -229,6 +229,20 @@ async fn writes_during_an_instant_copy_survive_it_and_reach_the_point_after_repr
         fill_progress(&disk)?.is_some(),
         "the copy runs after the job"
     );
+    // A change of point waits for the copy: refused, saying so, and the vm runs on.
+    let (ok, out, err) = t.cli(&[
+        "failover",
+        "change-point",
+        "web01",
+        "--point",
+        "latest",
+        "-o",
+        "json",
+    ])?;
+    assert!(
+        !ok && out.contains("still being copied") && out.contains("blocks local"),
+        "{out}{err}"
+    );
     // Into a block of the point not copied yet (part of it), one of zeros, and a trim.
     let writes = [
         "write -P 0x77 9M 64k",

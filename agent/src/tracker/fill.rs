@@ -284,6 +284,12 @@ impl Fill {
             .unwrap_or_else(|e| e.into_inner())
             .local
             .clone();
+        // The bulk of the writeback without the image lock, so reads go on meanwhile (fsync
+        // flushes the file, whichever descriptor asks); the image's own flush below (its
+        // metadata too) then finds little left to write.
+        if let Ok(f) = std::fs::File::open(&self.disk) {
+            let _ = f.sync_data();
+        }
         {
             let mut guard = image.write().unwrap_or_else(|e| e.into_inner());
             let Some(img) = guard.as_mut() else {

@@ -30,7 +30,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use ferry_tests::bench::{
-    drop_caches, ferry_bin, make_image, path_str, read_unix_time, secs_between, timed,
+    drop_caches, ferry_bin, make_image, path_str, read_unix_time, secs_between,
+    stamped_recovery_agent, timed,
 };
 use ferry_tests::{TestMesh, qemu_compare};
 
@@ -89,18 +90,9 @@ async fn main() -> anyhow::Result<()> {
             primary_extra,
         )
         .await?;
-    let dr_dir = t.path(RECOVERY);
-    let started = dr_dir.join("started");
-    let extra = format!(
-        "[recovery]\ndir = \"recovered\"\n[tracker]\n[driver]\nkind = \"command\"\n\
-         start = {:?}\nstop = \"true\"\n",
-        format!("date +%s.%N > '{}'", started.display())
-    );
-    let dr = t.site_agent(RECOVERY, "site-b", &[], &extra).await?;
+    let started = t.path(RECOVERY).join("started");
+    let dr = stamped_recovery_agent(&t, RECOVERY, &started).await?;
     t.wait_vm(VM).await?;
-    let recovery = |h: &ferry_proto::registry::v1::Host| h.status == "connected" && h.recovery;
-    t.wait_host(RECOVERY, recovery, Duration::from_secs(60))
-        .await?;
 
     // Initial replication, not timed.
     let protect = [

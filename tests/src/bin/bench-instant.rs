@@ -22,10 +22,12 @@
 //!
 //!   bench-instant [--size-gib N] [--data-gib N] [--dir DIR]
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use anyhow::Context;
-use ferry_tests::bench::{drop_caches, ferry_bin, make_image, read_unix_time, secs_between};
+use ferry_tests::bench::{
+    drop_caches, ferry_bin, make_image, read_unix_time, secs_between, stamped_recovery_agent,
+};
 use ferry_tests::{TestMesh, qemu_compare};
 
 const VM: &str = "bench";
@@ -76,21 +78,25 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let primary = t
-        .site_agent("hv01", "site-a", &[(VM, vec![image.clone()])], "[tracker]\n")
+        .site_agent(
+            "hv01",
+            "site-a",
+            &[(VM, vec![image.clone()])],
+            "[tracker]\n",
+        )
         .await?;
     let started = t.path(RECOVERY).join("started");
-    let extra = format!(
-        "[recovery]\ndir = \"recovered\"\n[tracker]\n[driver]\nkind = \"command\"\n\
-         start = {:?}\nstop = \"true\"\n",
-        format!("date +%s.%N > '{}'", started.display())
-    );
-    let dr = t.site_agent(RECOVERY, "site-b", &[], &extra).await?;
+    let dr = stamped_recovery_agent(&t, RECOVERY, &started).await?;
     t.wait_vm(VM).await?;
-    let recovery = |h: &ferry_proto::registry::v1::Host| h.status == "connected" && h.recovery;
-    t.wait_host(RECOVERY, recovery, Duration::from_secs(60))
-        .await?;
     let protect: &[&str] = &[
-        "vm", "protect", VM, "--frequency", "1h", "--recovery-host", RECOVERY, "--wait",
+        "vm",
+        "protect",
+        VM,
+        "--frequency",
+        "1h",
+        "--recovery-host",
+        RECOVERY,
+        "--wait",
     ];
     run(protect).await?;
 
@@ -146,14 +152,36 @@ async fn measure(
     let t0 = SystemTime::now();
     failover.await?;
     let ready = secs_between(t0, read_unix_time(started).context("no driver start call")?);
-    let (_, uri) = t.failover_disk("test")?;
-    let (image, uri) = (image.to_path_buf(), PathBuf::from(uri));
+    let uri = test_disk_uri(t).await?;
+    let image = image.to_path_buf();
     let r0 = Instant::now();
     let same =
         tokio::task::spawn_blocking(move || qemu_compare(&uri, "raw", &image, "raw")).await??;
     let read = r0.elapsed().as_secs_f64();
     anyhow::ensure!(same, "the recovered disk read differs from the image");
     Ok((ready, read))
+}
+
+/// The NBD URI of the active test failover's disk (`ferry failover list`).
+async fn test_disk_uri(t: &TestMesh) -> anyhow::Result<PathBuf> {
+    let out = tokio::process::Command::new(ferry_bin()?)
+        .arg("--config")
+        .arg(&t.mesh.config_path)
+        .args(["failover", "list", "-o", "json"])
+        .output()
+        .await?;
+    anyhow::ensure!(out.status.success(), "ferry failover list failed");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let uri = list
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|f| f["kind"] == "test" && f["state"] == "active")
+        })
+        .and_then(|f| f["disks"][0]["nbd_uri"].as_str())
+        .filter(|u| !u.is_empty())
+        .with_context(|| format!("no active test failover with a served disk: {list}"))?;
+    Ok(PathBuf::from(uri))
 }
 
 /// A sparse raw image of `size` bytes holding `data` bytes of realistic content in
