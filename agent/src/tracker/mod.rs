@@ -58,6 +58,9 @@
 //!   [`Tracker::stopped`] returns those last sealed logs, and [`Tracker::open_disks`] lists
 //!   the disks not closed yet (what a stop that times out leaves). The next start chains its
 //!   new logs to them. No VM is added or removed once `shutdown` fired ([`TrackerError::Stopped`]).
+//! * Instant recovery ([`Tracker::add_vm_filled`], `fill.rs`): a disk may be served before
+//!   its blocks are local; a read first fetches the blocks it touches, a write is queued
+//!   only once they are local and recorded so, and a background copy fetches the rest.
 //! * Broken or hostile clients get an NBD error (out-of-range requests, unknown commands) or
 //!   are disconnected with a warning (bad magic, oversized payloads, handshake garbage or
 //!   timeout); other connections are not affected.
