@@ -74,6 +74,11 @@ pub struct RecoverySection {
     /// the rest of the link to the reads the running VM makes (absent: no limit).
     #[serde(default)]
     pub instant_copy_mib_per_s: Option<u64>,
+    /// Keep a standby copy of each VM this host is the recovery host of, brought forward to
+    /// every new point, so that a failover writes only what differs (`recover/standby.rs`).
+    /// Costs the disks' space here and a fetch of each point's changed blocks.
+    #[serde(default)]
+    pub standby: bool,
 }
 
 /// `[driver]`: see [`crate::driver`].

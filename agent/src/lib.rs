@@ -51,6 +51,8 @@ pub struct Agent {
     retry_unit_ms: Arc<std::sync::atomic::AtomicU64>,
     /// How this host starts and stops VMs (`[driver]`; none: disks only).
     driver: driver::Driver,
+    /// The standby copies this host keeps (`[recovery] standby`).
+    standby: Arc<recover::standby::Standbys>,
 }
 
 /// Registers if needed, then heartbeats and works until `shutdown`. A configured disk that
@@ -99,11 +101,14 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         recovery_ready,
         retry_unit_ms: Default::default(),
         driver,
+        standby: Default::default(),
     };
     agent.serve_folders().await;
     let hb = tokio::spawn(agent.clone().heartbeat_loop(shutdown.clone()));
+    let standby = tokio::spawn(agent.clone().standby_loop(shutdown.clone()));
     agent.work_loop(shutdown.clone()).await;
     hb.abort();
+    standby.abort();
     tracing::info!("stopping: no new work or nbd connections");
     if let Some(t) = &agent.tracker {
         wait_tracker_stopped(t, stop_timeout).await?;
@@ -262,6 +267,7 @@ impl Agent {
                         interval = Duration::from_secs(r.heartbeat_interval_seconds);
                     }
                     self.apply_fences(&r.fenced_vms, &mut fenced);
+                    self.standby.set_wanted(r.standby_vms, r.standby_kept_vms);
                 }
                 Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
             }

@@ -4,7 +4,8 @@
 # failover test VM`; FAILOVER_MODE=planned: `ferry failover planned VM --wait`): time from the
 # command to the driver's start call (rto_s), materialise rate (mb_per_s), against `restic
 # restore` of the same image from a local repository in the same run. SIZE_MIB=N for a
-# smaller image.
+# smaller image; `--standby` (or STANDBY=1): the recovery host keeps a standby copy and the
+# failover starts from it once it holds the latest point.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$repo"

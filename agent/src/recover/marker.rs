@@ -39,8 +39,9 @@ pub(crate) struct Marker {
     /// those that differed after a change of point.
     #[serde(default)]
     pub(super) bytes_written: u64,
-    /// A change of point: blocks of the local disks compared with the point, and rewritten
-    /// (fetched, or zeroed) because they differed. 0 for a folder materialised whole.
+    /// A change of point, or disks made from the standby copy: blocks compared with the
+    /// point, and rewritten (fetched, or zeroed) because they differed. 0 for a folder
+    /// materialised whole.
     #[serde(default)]
     pub(super) blocks_compared: u64,
     #[serde(default)]
@@ -53,6 +54,9 @@ pub(crate) struct Marker {
     /// local; each disk's fill files say whether its copy is still running.
     #[serde(default)]
     pub(super) instant: bool,
+    /// The disks were made from this host's standby copy, which held this point.
+    #[serde(default)]
+    pub(super) standby_point: String,
     /// The disks are written and served and the driver started the VM.
     #[serde(default)]
     pub(super) finished: bool,
@@ -81,6 +85,7 @@ impl Marker {
             started_at_ms: 0,
             driver: String::new(),
             instant: work.instant,
+            standby_point: String::new(),
             finished: false,
         }
     }

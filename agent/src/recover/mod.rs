@@ -20,6 +20,8 @@ mod instant;
 mod marker;
 mod repoint;
 mod source;
+pub(crate) mod standby;
+mod standby_take;
 mod verify;
 mod write;
 
@@ -237,9 +239,26 @@ impl Agent {
         let point = self.get_point(&item.vm, &work.point).await?;
         let files = plan_files(&item.vm, &point)?;
         m.instant = work.instant;
+        // An instant recovery serves at once; otherwise a standby copy saves the fetch.
+        let copy = m.network == "test";
+        let standby = match work.instant {
+            true => None,
+            false => {
+                self.disks_from_standby(&item.vm, &point, &files, dir, copy, cancel)
+                    .await?
+            }
+        };
+        if let Some(s) = &standby {
+            m.standby_point = s.point.clone();
+            m.bytes_written = s.bytes;
+            m.blocks_compared = s.compared;
+            m.blocks_rewritten = s.rewritten;
+        }
         for (disk, file) in point.disks.iter().zip(&files) {
             let path = dir.join(file);
-            if work.instant {
+            if standby.is_some() {
+                // Made above.
+            } else if work.instant {
                 self.prepare_instant_disk(&item.vm, &point.id, disk, &path)
                     .await?;
             } else {
@@ -256,7 +275,7 @@ impl Agent {
             m.disk_ids.push(disk.disk_id.clone());
         }
         let recovered = self.start_recovered(&item.vm, dir, m, cancel).await?;
-        info!(vm = %item.vm, point = %point.id, network = %m.network, disks = m.disks.len(), bytes = m.bytes_written, instant = m.instant, driver = %m.driver, "vm recovered and started");
+        info!(vm = %item.vm, point = %point.id, network = %m.network, disks = m.disks.len(), bytes = m.bytes_written, instant = m.instant, standby_point = %m.standby_point, driver = %m.driver, "vm recovered and started");
         Ok(recovered)
     }
 
@@ -536,6 +555,7 @@ impl Marker {
             started_at_ms: self.started_at_ms,
             final_point: String::new(),
             instant: self.instant,
+            standby_point: self.standby_point.clone(),
             ..Default::default()
         }
     }

@@ -43,9 +43,23 @@ impl Agent {
         path: &Path,
         cancel: &CancellationToken,
     ) -> Result<u64, ReplError> {
-        let (format, opts) = output_format(disk)?;
         let map = self.block_map(vm, point, &disk.disk_id).await?;
         check_map(point, disk, &map)?;
+        self.write_disk_from(vm, point, disk, path, map, cancel)
+            .await
+    }
+
+    /// [`Self::write_disk`] with the disk's block map at hand (checked to fit).
+    pub(super) async fn write_disk_from(
+        &self,
+        vm: &str,
+        point: &str,
+        disk: &PointDisk,
+        path: &Path,
+        map: Vec<(u64, ChunkId)>,
+        cancel: &CancellationToken,
+    ) -> Result<u64, ReplError> {
+        let (format, opts) = output_format(disk)?;
         let partial = partial_path(path);
         let _ = std::fs::remove_file(&partial);
         let (p, o) = (partial.clone(), opts.clone());

@@ -66,6 +66,12 @@ pub fn pending(disk: &Path) -> bool {
 
 /// Writes the map and an empty state (no block local yet) for `disk`.
 pub fn create(disk: &Path, plan: &FillPlan) -> Result<(), FillFileError> {
+    write_plan(&map_path(disk), plan)?;
+    write_state(disk, &vec![0u64; plan.blocks.len().div_ceil(64)])
+}
+
+/// Writes `plan` to `path` whole (a standby copy's map has the layout of a fill map).
+pub fn write_plan(path: &Path, plan: &FillPlan) -> Result<(), FillFileError> {
     let mut body = Vec::with_capacity(64 + plan.blocks.len() * 40);
     put_str(&mut body, &plan.vm);
     put_str(&mut body, &plan.point);
@@ -76,33 +82,33 @@ pub fn create(disk: &Path, plan: &FillPlan) -> Result<(), FillFileError> {
         body.extend_from_slice(&i.to_le_bytes());
         body.extend_from_slice(id);
     }
-    write_atomic(&map_path(disk), MAP_MAGIC, &body)?;
-    write_state(disk, &vec![0u64; plan.blocks.len().div_ceil(64)])
+    write_atomic(path, MAP_MAGIC, &body)
 }
 
 /// Reads the map of `disk`.
 pub fn read_map(disk: &Path) -> Result<FillPlan, FillFileError> {
-    let path = map_path(disk);
-    let body = read_checked(&path, MAP_MAGIC)?;
-    let mut r = Reader {
-        b: &body,
-        path: &path,
-    };
+    read_plan(&map_path(disk))
+}
+
+/// Reads a map written by [`write_plan`].
+pub fn read_plan(path: &Path) -> Result<FillPlan, FillFileError> {
+    let body = read_checked(path, MAP_MAGIC)?;
+    let mut r = Reader { b: &body, path };
     let vm = r.string()?;
     let point = r.string()?;
     let block_size = r.u64()?;
     let virtual_size = r.u64()?;
     let n = r.u64()?;
     if block_size == 0 || n > virtual_size.div_ceil(block_size) {
-        return Err(err(&path, "its block size or block count does not fit"));
+        return Err(err(path, "its block size or block count does not fit"));
     }
     let mut blocks = Vec::with_capacity(n as usize);
     for _ in 0..n {
         let i = r.u64()?;
-        let id: ChunkId = r.take(32)?.try_into().map_err(|_| err(&path, "short"))?;
+        let id: ChunkId = r.take(32)?.try_into().map_err(|_| err(path, "short"))?;
         if blocks.last().is_some_and(|(p, _)| *p >= i) || i >= virtual_size.div_ceil(block_size) {
             return Err(err(
-                &path,
+                path,
                 format!("block {i} is out of order or beyond the disk"),
             ));
         }

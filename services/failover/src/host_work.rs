@@ -24,6 +24,18 @@ const POLL: Duration = Duration::from_millis(300);
 /// answer by then is left to finish or fail on its own; its outcome no longer matters).
 const CANCEL_WAIT: Duration = Duration::from_secs(60);
 
+/// How a recovery host made a VM's disks, for a job step: "" when from the store, else
+/// which standby point they came from and what differed.
+pub(crate) fn made_from(r: &RecoveredVm) -> String {
+    match r.standby_point.is_empty() {
+        true => String::new(),
+        false => format!(
+            "; from the standby copy at point {} ({} blocks rewritten, {} bytes)",
+            r.standby_point, r.blocks_rewritten, r.bytes_written
+        ),
+    }
+}
+
 impl Orchestrator {
     /// Queues failover work for `host` and waits until the host completed it. A failure on
     /// the host is the job's failure, with the host's message.

@@ -21,7 +21,11 @@
 //! restore. The recovered disk (and restic's restored file) must equal the image
 //! (`qemu-img compare`), or the benchmark fails.
 //!
-//!   bench-failover [--size-mib N] [--mode test|planned] [--dir DIR]
+//!   bench-failover [--size-mib N] [--mode test|planned] [--standby] [--dir DIR]
+//!
+//! `--standby` (or `STANDBY=1`): the recovery host keeps a standby copy (`[recovery]
+//! standby = true`); the failover starts once it holds the latest point (waiting for it is
+//! not timed), so a test failover copies it and a planned failover moves it.
 //!
 //! `SIZE_MIB` and `FAILOVER_MODE` (environment) set the same as the flags; the mode `test`
 //! (default) runs `ferry failover test VM`, `planned` runs `ferry failover planned VM --wait`.
@@ -31,7 +35,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use ferry_tests::bench::{
     drop_caches, ferry_bin, make_image, path_str, read_unix_time, secs_between,
-    stamped_recovery_agent, timed,
+    stamped_recovery_agent_with, timed,
 };
 use ferry_tests::{TestMesh, qemu_compare};
 
@@ -50,12 +54,14 @@ async fn main() -> anyhow::Result<()> {
         .filter(|m| !m.is_empty())
         .unwrap_or_else(|| "test".into());
     let mut dir: Option<PathBuf> = None;
+    let mut standby = std::env::var("STANDBY").is_ok_and(|s| s == "1");
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--size-mib" => size_mib = args.next().context("--size-mib N")?.parse()?,
             "--mode" => mode = args.next().context("--mode test|planned")?,
             "--dir" => dir = Some(args.next().context("--dir DIR")?.into()),
+            "--standby" => standby = true,
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
@@ -91,7 +97,8 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
     let started = t.path(RECOVERY).join("started");
-    let dr = stamped_recovery_agent(&t, RECOVERY, &started).await?;
+    let recovery = if standby { "standby = true\n" } else { "" };
+    let dr = stamped_recovery_agent_with(&t, RECOVERY, &started, recovery).await?;
     t.wait_vm(VM).await?;
 
     // Initial replication, not timed.
@@ -112,6 +119,10 @@ async fn main() -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+
+    if standby {
+        wait_standby(&t).await?;
+    }
 
     // The failover, from the command to the driver's start call.
     drop_caches();
@@ -218,9 +229,39 @@ async fn main() -> anyhow::Result<()> {
         mb / restic_s
     );
     println!(
-        "mode={mode} size_mib={size_mib} rto_s={rto_s:.2} mb_per_s={:.1} materialise_s={materialise_s:.2} restic_restore_s={restic_s:.2} speedup_vs_restic_restore={:.2}",
+        "mode={mode} standby={standby} size_mib={size_mib} rto_s={rto_s:.2} mb_per_s={:.1} materialise_s={materialise_s:.2} restic_restore_s={restic_s:.2} speedup_vs_restic_restore={:.2}",
         mb / materialise_s,
         restic_s / rto_s
     );
     Ok(())
+}
+
+/// Waits (not timed) until the recovery host's standby copy holds the latest point, as it
+/// does between cycles in a deployment that keeps one.
+async fn wait_standby(t: &TestMesh) -> anyhow::Result<()> {
+    let state = t
+        .path(RECOVERY)
+        .join("recovered/.standby")
+        .join(VM)
+        .join("standby.json");
+    let began = std::time::Instant::now();
+    loop {
+        let latest = t.points(VM).await?.last().map(|p| p.id.clone());
+        let have = std::fs::read(&state)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|s| s["point"].as_str().map(str::to_owned));
+        if have.is_some() && have == latest {
+            eprintln!(
+                "standby copy at the latest point after {:.1} s",
+                began.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        anyhow::ensure!(
+            began.elapsed() < Duration::from_secs(600),
+            "the standby copy never reached the latest point ({have:?}, latest {latest:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

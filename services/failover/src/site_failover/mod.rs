@@ -244,11 +244,12 @@ impl Orchestrator {
         job.step_done(
             step,
             format!(
-                "{} disks in {} on {}, started ({} driver)",
+                "{} disks in {} on {}, started ({} driver){}",
                 recovered.disks.len(),
                 recovered.dir,
                 record.host,
-                recovered.driver
+                recovered.driver,
+                crate::host_work::made_from(&recovered)
             ),
         )
         .await;

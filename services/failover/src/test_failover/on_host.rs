@@ -61,11 +61,12 @@ impl Orchestrator {
         job.step_done(
             1,
             format!(
-                "{} disks in {} on {} ({} driver)",
+                "{} disks in {} on {} ({} driver){}",
                 recovered.disks.len(),
                 recovered.dir,
                 record.host,
-                recovered.driver
+                recovered.driver,
+                crate::host_work::made_from(&recovered)
             ),
         )
         .await;

@@ -41,6 +41,22 @@ impl VmRecord {
             && self.active_host() != host
             && !(self.state == VmState::FailingOver && self.site.failover_host == host)
     }
+
+    /// Whether `host`, as the VM's recovery host, keeps a standby copy of it (`[recovery]
+    /// standby`): `Some(true)` current with the latest point, while the VM replicates
+    /// forward; `Some(false)` as it is, while a failover that may take it runs; None: none.
+    pub fn standby_on(&self, host: &str) -> Option<bool> {
+        let recovery = self.policy.as_ref().map(|p| p.recovery_host.as_str());
+        if recovery != Some(host) || self.host == host || self.site.direction != Direction::Forward
+        {
+            return None;
+        }
+        match self.state {
+            VmState::Protected | VmState::ResyncPending | VmState::Resyncing => Some(true),
+            VmState::FailingOver => Some(false),
+            _ => None,
+        }
+    }
 }
 
 /// The re-protect of `v` to the host it runs on, with its disks there (the ids of its

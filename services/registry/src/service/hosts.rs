@@ -153,15 +153,19 @@ impl RegistryService {
         let host = ferry_mesh::require_host(&req)?;
         let req = req.into_inner();
         let mut events = Vec::new();
-        let fenced_vms;
+        let (mut fenced_vms, mut standby_vms, mut standby_kept_vms) = (vec![], vec![], vec![]);
         {
             let st = self.state.lock().await;
-            fenced_vms = st
-                .vms
-                .values()
-                .filter(|v| v.fenced_for(&host))
-                .map(|v| v.name.clone())
-                .collect();
+            for v in st.vms.values() {
+                if v.fenced_for(&host) {
+                    fenced_vms.push(v.name.clone());
+                }
+                match v.standby_on(&host) {
+                    Some(true) => standby_vms.push(v.name.clone()),
+                    Some(false) => standby_kept_vms.push(v.name.clone()),
+                    None => {}
+                }
+            }
             match st.hosts.get(&host) {
                 None => return Err(RegistryError::HostNotFound(host).into()),
                 Some(h) if h.removed => return Err(RegistryError::HostRemoved(host).into()),
@@ -215,6 +219,8 @@ impl RegistryService {
         Ok(Response::new(pb::HeartbeatResponse {
             heartbeat_interval_seconds: HEARTBEAT_SECS,
             fenced_vms,
+            standby_vms,
+            standby_kept_vms,
         }))
     }
 

@@ -1,0 +1,175 @@
+//! Standby copies (`[recovery] standby = true`, issue #11's failover time): the recovery host
+//! keeps a copy of the VM's disks at its latest point, brought forward point by point; a
+//! test failover copies it and a planned failover moves it, and each then writes only what
+//! differs. A copy left with dirty blocks (an apply cut short) is repaired by the next
+//! refresh: those blocks are written again.
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_tests::*;
+
+/// A 16 MiB VHDX with data in 9 of its 16 vault blocks.
+fn source_disk(t: &TestMesh) -> anyhow::Result<PathBuf> {
+    let disks = t.path("disks");
+    std::fs::create_dir_all(&disks)?;
+    let web = disks.join("web01.vhdx");
+    qemu_create(&web, "vhdx", "", "16M")?;
+    qemu_io(
+        &web,
+        "vhdx",
+        &[
+            "write -P 0x5a 0 4M",
+            "write -P 0x17 6M 4M",
+            "write -P 0x33 12M 512k",
+        ],
+    )?;
+    Ok(web)
+}
+
+fn standby_dir(dr: &Path) -> PathBuf {
+    dr.join("recovered/.standby/web01")
+}
+
+/// The standby copy's point once no block of it is dirty (None before).
+fn clean_point(dir: &Path) -> anyhow::Result<Option<String>> {
+    let Ok(text) = std::fs::read(dir.join("standby.json")) else {
+        return Ok(None);
+    };
+    let s: serde_json::Value = serde_json::from_slice(&text)?;
+    let dirty = s["disks"].as_array().is_some_and(|d| {
+        d.iter()
+            .any(|d| d["dirty"].as_array().is_some_and(|b| !b.is_empty()))
+    });
+    Ok((!dirty).then(|| text_of(&s["point"]).to_owned()))
+}
+
+fn text_of(v: &serde_json::Value) -> &str {
+    v.as_str().unwrap_or_default()
+}
+
+/// Waits until the standby copy holds `point` or a newer one (the VM makes a point every
+/// 2 s), clean. Point ids are zero-padded sequence numbers: their order is the text's.
+async fn wait_standby(dir: &Path, point: &str) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let have = clean_point(dir)?;
+        if have.as_deref().is_some_and(|h| h >= point) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the standby copy holds {have:?}, not point {point} or newer"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn latest_point(t: &TestMesh) -> anyhow::Result<String> {
+    let points = t.cli_json(&["points", "list", "web01", "-o", "json"])?;
+    let last = points.as_array().and_then(|a| a.last()).cloned();
+    Ok(last
+        .map(|p| text_of(&p["id"]).to_owned())
+        .unwrap_or_default())
+}
+
+/// The message of the job step that made the disks on the recovery host.
+fn made_message(job: &serde_json::Value) -> String {
+    job["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| text_of(&s["message"]).to_owned())
+        .find(|m| m.contains(" disks in "))
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failovers_start_from_a_standby_copy_kept_at_the_latest_point() -> anyhow::Result<()> {
+    let t = TestMesh::start().await?;
+    let web = source_disk(&t)?;
+    let hv01 = t.path("hv01");
+    let primary = t
+        .site_agent(
+            "hv01",
+            "site-a",
+            &[("web01", vec![web.clone()])],
+            &format!("[tracker]\n{}", command_driver(&hv01)?),
+        )
+        .await?;
+    let dr_dir = t.path("hv-dr01");
+    let extra = format!(
+        "[recovery]\ndir = \"recovered\"\nstandby = true\n[tracker]\n{}",
+        command_driver(&dr_dir)?
+    );
+    let cfg = t
+        .site_agent_config("hv-dr01", "site-b", &[], &extra)
+        .await?;
+    let mut dr = InProcessAgent::start(&cfg)?;
+    let ready = |h: &ferry_proto::registry::v1::Host| h.status == "connected" && h.recovery;
+    t.wait_host("hv-dr01", ready, Duration::from_secs(60))
+        .await?;
+    t.wait_vm("web01").await?;
+    t.protect_to_recovery("web01", "2s")?;
+    let uri = t.vm("web01").await?.disks[0].nbd_uri.clone();
+    let standby = standby_dir(&dr_dir);
+    let copy = standby.join("web01.vhdx");
+
+    // The copy is built, then follows the points.
+    let first = latest_point(&t)?;
+    wait_standby(&standby, &first).await?;
+    assert!(qemu_compare(&copy, "vhdx", &web, "vhdx")?, "built copy");
+    nbd_write(&uri, &["write -P 0x77 2M 64k", "write -P 0x78 13M 1M"])?;
+    let second = t.points_after("web01", &first, 1).await?;
+    wait_standby(&standby, &second).await?;
+    assert!(
+        qemu_compare(&copy, "vhdx", &web, "vhdx")?,
+        "copy brought forward"
+    );
+
+    // A test failover copies it and leaves it in place.
+    let job = t.cli_json(&["failover", "test", "web01", "-o", "json"])?;
+    ok_job(&job)?;
+    let said = made_message(&job);
+    assert!(said.contains("from the standby copy at point"), "{job:#}");
+    let (disk, _) = t.failover_disk("test")?;
+    assert!(
+        qemu_compare(&disk, "vhdx", &web, "vhdx")?,
+        "test failover disk"
+    );
+    assert!(copy.exists(), "a test failover keeps the standby copy");
+    ok_job(&t.cli_json(&["failover", "cleanup", "web01", "-o", "json"])?)?;
+
+    // An apply cut short: a block marked dirty and overwritten behind the copy's back. The
+    // next refresh writes it again.
+    dr.shutdown().await?;
+    let state = standby.join("standby.json");
+    let mut s: serde_json::Value = serde_json::from_slice(&std::fs::read(&state)?)?;
+    s["disks"][0]["dirty"] = serde_json::json!([5]);
+    std::fs::write(&state, serde_json::to_vec(&s)?)?;
+    qemu_io(&copy, "vhdx", &["write -P 0xee 5M 1M"])?;
+    assert!(!qemu_compare(&copy, "vhdx", &web, "vhdx")?);
+    dr = InProcessAgent::start(&cfg)?;
+    let now = latest_point(&t)?;
+    wait_standby(&standby, &now).await?;
+    assert!(
+        qemu_compare(&copy, "vhdx", &web, "vhdx")?,
+        "dirty block repaired"
+    );
+
+    // A planned failover moves it into the VM's folder.
+    nbd_write(&uri, &["write -P 0x79 9M 64k"])?;
+    let job = t.cli_json(&["failover", "planned", "web01", "--wait", "-o", "json"])?;
+    ok_job(&job)?;
+    let said = made_message(&job);
+    assert!(said.contains("from the standby copy at point"), "{job:#}");
+    let (disk, _) = t.failover_disk("planned")?;
+    assert!(
+        qemu_compare(&disk, "vhdx", &web, "vhdx")?,
+        "planned failover disk"
+    );
+    assert!(!standby.exists(), "a production failover uses the copy up");
+
+    dr.shutdown().await?;
+    primary.shutdown().await?;
+    Ok(())
+}
