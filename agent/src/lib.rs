@@ -255,6 +255,7 @@ impl Agent {
                         agent_version: env!("CARGO_PKG_VERSION").into(),
                         change_tracking: self.tracker.as_ref().is_some_and(|t| !t.is_stopped()),
                         recovery: self.recovery_ready,
+                        standby: self.standby_report(),
                     })
                     .await?
                     .into_inner();

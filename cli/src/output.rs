@@ -90,6 +90,7 @@ pub fn vm_json(v: &Vm) -> Value {
         "recovery_host": v.recovery_host,
         "direction": v.direction,
         "base_point": v.base_point,
+        "standby_point": v.standby_point,
         "last_verified": v.last_verified.as_ref().map(|d| json!({
             "point": d.point_id,
             "time": time(d.time_ms),

@@ -64,6 +64,24 @@ async fn wait_standby(dir: &Path, point: &str) -> anyhow::Result<()> {
     }
 }
 
+/// Waits until `vm show` says the standby copy holds `point` or a newer one (the recovery
+/// host reports it with its heartbeat, every 5 s).
+async fn wait_shown(t: &TestMesh, point: &str) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = t.cli_json(&["vm", "show", "web01", "-o", "json"])?;
+        let shown = text_of(&v["standby_point"]).to_owned();
+        if !shown.is_empty() && shown.as_str() >= point {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "vm show says the standby copy holds {shown:?}, not {point} or newer"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 fn latest_point(t: &TestMesh) -> anyhow::Result<String> {
     let points = t.cli_json(&["points", "list", "web01", "-o", "json"])?;
     let last = points.as_array().and_then(|a| a.last()).cloned();
@@ -117,9 +135,12 @@ async fn failovers_start_from_a_standby_copy_kept_at_the_latest_point() -> anyho
     // The copy is built, then follows the points.
     let first = latest_point(&t)?;
     wait_standby(&standby, &first).await?;
+    wait_shown(&t, &first).await?;
     assert!(qemu_compare(&copy, "vhdx", &web, "vhdx")?, "built copy");
+    let before = latest_point(&t)?;
     nbd_write(&uri, &["write -P 0x77 2M 64k", "write -P 0x78 13M 1M"])?;
-    let second = t.points_after("web01", &first, 1).await?;
+    // The second point after it was cut after the writes (the first may have been in flight).
+    let second = t.points_after("web01", &before, 2).await?;
     wait_standby(&standby, &second).await?;
     assert!(
         qemu_compare(&copy, "vhdx", &web, "vhdx")?,
@@ -168,6 +189,8 @@ async fn failovers_start_from_a_standby_copy_kept_at_the_latest_point() -> anyho
         "planned failover disk"
     );
     assert!(!standby.exists(), "a production failover uses the copy up");
+    let v = t.cli_json(&["vm", "show", "web01", "-o", "json"])?;
+    assert_eq!(v["standby_point"], "", "{v:#}");
 
     dr.shutdown().await?;
     primary.shutdown().await?;

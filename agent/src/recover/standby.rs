@@ -268,6 +268,21 @@ impl Agent {
         }
     }
 
+    /// The copies kept here and their points, for the heartbeat.
+    pub(crate) fn standby_report(&self) -> Vec<ferry_proto::registry::v1::StandbyCopy> {
+        let Some(root) = self.standby_root() else {
+            return Vec::new();
+        };
+        super::subfolders(&root)
+            .iter()
+            .filter_map(|d| load(d))
+            .map(|s| ferry_proto::registry::v1::StandbyCopy {
+                vm: s.vm,
+                point: s.point,
+            })
+            .collect()
+    }
+
     /// Keeps the standby copies the registry asks for current, every [`TICK`], until
     /// `shutdown`; deletes the others.
     pub(crate) async fn standby_loop(self, shutdown: CancellationToken) {

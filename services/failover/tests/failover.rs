@@ -141,6 +141,7 @@ impl Mesh {
             agent_version: "test".into(),
             change_tracking: true,
             recovery: false,
+            standby: Vec::new(),
         })
         .await
         .unwrap();

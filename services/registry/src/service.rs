@@ -52,6 +52,8 @@ pub struct RegistryService {
     /// What changes every heartbeat or cycle is kept in memory only (rebuilt by the next
     /// heartbeat / cycle): pending log bytes per disk id, last cycle (duration ms, bytes) per VM.
     pending_logs: std::sync::Mutex<HashMap<String, u64>>,
+    /// The point of each VM's standby copy, as its recovery host last reported it.
+    standby_points: std::sync::Mutex<HashMap<String, String>>,
     last_cycle: std::sync::Mutex<HashMap<String, (u64, u64)>>,
     /// Host certificates refused: revoked serials and removed hosts, read by the
     /// authenticator on every call (no await).
@@ -90,6 +92,7 @@ impl RegistryService {
             progress_flushed: Default::default(),
             revoked,
             pending_logs: Default::default(),
+            standby_points: Default::default(),
             last_cycle: Default::default(),
             shutdown,
         })
@@ -193,6 +196,12 @@ impl RegistryService {
     /// lately; a protected VM whose newest point is older than three cycles is in warning.
     fn vm_view(&self, v: &crate::state::VmRecord, site: String) -> pb::Vm {
         let mut vm = vm_to_proto(v, site);
+        let recovery = v.policy.as_ref().map_or("", |p| p.recovery_host.as_str());
+        if let Ok(s) = self.standby_points.lock()
+            && v.standby_on(recovery).is_some()
+        {
+            vm.standby_point = s.get(&v.name).cloned().unwrap_or_default();
+        }
         if let Ok(p) = self.pending_logs.lock() {
             for d in &mut vm.disks {
                 d.pending_log_bytes = p.get(&d.id).copied().unwrap_or(0);
@@ -317,6 +326,8 @@ fn vm_to_proto(v: &crate::state::VmRecord, site: String) -> pb::Vm {
             boot_check: d.boot_check.clone(),
             since_ms: d.since_ms,
         }),
+        // Reported by heartbeats: `vm_view` fills it in.
+        standby_point: String::new(),
     }
 }
 

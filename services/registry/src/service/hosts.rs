@@ -163,7 +163,15 @@ impl RegistryService {
                 match v.standby_on(&host) {
                     Some(true) => standby_vms.push(v.name.clone()),
                     Some(false) => standby_kept_vms.push(v.name.clone()),
-                    None => {}
+                    None => continue,
+                }
+                // Only the VM's recovery host says where its copy is.
+                let reported = req.standby.iter().find(|c| c.vm == v.name);
+                if let Ok(mut s) = self.standby_points.lock() {
+                    match reported.filter(|c| !c.point.is_empty()) {
+                        Some(c) => s.insert(v.name.clone(), c.point.clone()),
+                        None => s.remove(&v.name),
+                    };
                 }
             }
             match st.hosts.get(&host) {
