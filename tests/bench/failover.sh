@@ -4,8 +4,9 @@
 # failover test VM`; FAILOVER_MODE=planned: `ferry failover planned VM --wait`): time from the
 # command to the driver's start call (rto_s), materialise rate (mb_per_s), against `restic
 # restore` of the same image from a local repository in the same run. SIZE_MIB=N for a
-# smaller image; `--standby` (or STANDBY=1): the recovery host keeps a standby copy and the
-# failover starts from it once it holds the latest point.
+# smaller image. Two runs by default: cold (the whole point from the store: cold_rto_s) and
+# from a standby copy at the latest point (rto_s); `--cold` or `--standby` runs one of them
+# (a planned failover runs once: the standby run unless --cold).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$repo"

@@ -184,18 +184,8 @@ pub async fn stamped_recovery_agent(
     host: &str,
     started: &Path,
 ) -> anyhow::Result<crate::InProcessAgent> {
-    stamped_recovery_agent_with(t, host, started, "").await
-}
-
-/// [`stamped_recovery_agent`] with more keys of its `[recovery]` section (`standby = true`).
-pub async fn stamped_recovery_agent_with(
-    t: &crate::TestMesh,
-    host: &str,
-    started: &Path,
-    recovery: &str,
-) -> anyhow::Result<crate::InProcessAgent> {
     let extra = format!(
-        "[recovery]\ndir = \"recovered\"\n{recovery}[tracker]\n[driver]\nkind = \"command\"\n\
+        "[recovery]\ndir = \"recovered\"\n[tracker]\n[driver]\nkind = \"command\"\n\
          start = {:?}\nstop = \"true\"\n",
         format!("date +%s.%N > '{}'", started.display())
     );

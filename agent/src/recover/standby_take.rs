@@ -119,19 +119,46 @@ fn copy_image(from: &Path, to: &Path) -> Result<(), ReplError> {
     })
 }
 
-/// Copies the data extents of `from` (`SEEK_DATA`/`SEEK_HOLE`) with `copy_file_range`, sets
-/// the length, and syncs.
+/// Pieces of the extents the copy threads take one at a time.
+const PIECE: i64 = 32 << 20;
+
+/// Copies the data extents of `from` (`SEEK_DATA`/`SEEK_HOLE`) with `copy_file_range`, in
+/// pieces spread over one thread per core (this machine's disk reads a cold file about three
+/// times faster in two streams than in one), sets the length, and syncs.
 fn copy_sparse(from: &Path, to: &Path) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     let src = std::fs::File::open(from)?;
     let dst = std::fs::File::create(to)?;
     let len = src.metadata()?.len();
     dst.set_len(len)?;
     let (s, d) = (src.as_raw_fd(), dst.as_raw_fd());
-    let mut pos: i64 = 0;
-    while (pos as u64) < len {
-        // SAFETY: plain syscalls on descriptors this function owns.
-        let data = unsafe { libc::lseek(s, pos, libc::SEEK_DATA) };
+    let pieces = pieces(&extents(s, len as i64)?);
+    let next = AtomicUsize::new(0);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let copy_pieces = || -> std::io::Result<()> {
+        while let Some(&(from, to)) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) {
+            copy_range(s, d, from, to)?;
+        }
+        Ok(())
+    };
+    std::thread::scope(|scope| {
+        let runs: Vec<_> = (0..threads).map(|_| scope.spawn(copy_pieces)).collect();
+        runs.into_iter().try_for_each(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("a copy thread failed")))
+        })
+    })?;
+    dst.sync_all()
+}
+
+/// The data extents `[start, end)` of the file open as `fd`, `len` bytes long.
+fn extents(fd: i32, len: i64) -> std::io::Result<Vec<(i64, i64)>> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < len {
+        // SAFETY: plain syscalls on a descriptor the caller keeps open.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
         if data < 0 {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::ENXIO) {
@@ -140,46 +167,74 @@ fn copy_sparse(from: &Path, to: &Path) -> std::io::Result<()> {
             return Err(e);
         }
         // SAFETY: as above.
-        let hole = unsafe { libc::lseek(s, data, libc::SEEK_HOLE) };
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
         if hole < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let (mut off_in, mut off_out) = (data, data);
-        while off_in < hole {
-            let want = (hole - off_in) as usize;
-            // SAFETY: the offsets are locals this call updates; the descriptors are open.
-            let n = unsafe { libc::copy_file_range(s, &mut off_in, d, &mut off_out, want, 0) };
-            match n {
-                n if n < 0 => return Err(std::io::Error::last_os_error()),
-                0 => return Err(std::io::Error::other("the image ended early")),
-                _ => {}
-            }
-        }
+        out.push((data, hole));
         pos = hole;
     }
-    dst.sync_all()
+    Ok(out)
+}
+
+/// The extents cut into pieces of at most [`PIECE`] bytes.
+fn pieces(extents: &[(i64, i64)]) -> Vec<(i64, i64)> {
+    let mut out = Vec::new();
+    for &(mut from, to) in extents {
+        while from < to {
+            let end = to.min(from + PIECE);
+            out.push((from, end));
+            from = end;
+        }
+    }
+    out
+}
+
+/// Copies `[from, to)` of `s` to the same offsets of `d`.
+fn copy_range(s: i32, d: i32, from: i64, to: i64) -> std::io::Result<()> {
+    let (mut off_in, mut off_out) = (from, from);
+    while off_in < to {
+        let want = (to - off_in) as usize;
+        // SAFETY: the offsets are locals this call updates; the descriptors are open.
+        let n = unsafe { libc::copy_file_range(s, &mut off_in, d, &mut off_out, want, 0) };
+        match n {
+            n if n < 0 => return Err(std::io::Error::last_os_error()),
+            0 => return Err(std::io::Error::other("the image ended early")),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::{Seek, SeekFrom, Write};
+    use std::os::fd::AsRawFd;
 
     #[test]
     fn a_sparse_copy_is_equal_and_keeps_its_holes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (a, b) = (dir.path().join("a.raw"), dir.path().join("b.raw"));
         let mut f = std::fs::File::create(&a).expect("create");
-        f.set_len(64 << 20).expect("len");
-        for off in [0u64, 10 << 20, (64 << 20) - 4096] {
+        f.set_len(160 << 20).expect("len");
+        // Small extents, and one of 72 MiB that spans several pieces (its bytes vary, so a
+        // piece copied to the wrong offset shows).
+        for off in [0u64, 10 << 20, (160 << 20) - 4096] {
             f.seek(SeekFrom::Start(off)).expect("seek");
             f.write_all(&vec![0xab; 4096]).expect("write");
         }
+        let big: Vec<u8> = (0..72u32 << 20)
+            .map(|i| (i / 4096 % 251) as u8 + 1)
+            .collect();
+        f.seek(SeekFrom::Start(64 << 20)).expect("seek");
+        f.write_all(&big).expect("write");
         f.sync_all().expect("sync");
+        assert!(pieces(&extents(f.as_raw_fd(), 160 << 20).expect("extents")).len() >= 5);
         copy_sparse(&a, &b).expect("copy");
         assert_eq!(std::fs::read(&a).expect("a"), std::fs::read(&b).expect("b"));
         use std::os::unix::fs::MetadataExt;
         let blocks = std::fs::metadata(&b).expect("meta").blocks() * 512;
-        assert!(blocks < 4 << 20, "the copy allocated {blocks} bytes");
+        assert!(blocks < 80 << 20, "the copy allocated {blocks} bytes");
     }
 }
