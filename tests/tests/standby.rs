@@ -196,3 +196,93 @@ async fn failovers_start_from_a_standby_copy_kept_at_the_latest_point() -> anyho
     primary.shutdown().await?;
     Ok(())
 }
+
+/// How often the host's log says it built its copy or brought it forward.
+fn refreshes(log: &Path) -> anyhow::Result<usize> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    Ok(text.matches("standby copy brought forward").count()
+        + text.matches("standby copy built").count())
+}
+
+/// `kill -9` of the recovery host at random moments while the guest writes and the copy
+/// follows: after each restart the copy carries on, and once the writes stop it reaches the
+/// latest point and equals the primary's disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_copy_survives_kill_9_of_its_host_mid_refresh() -> anyhow::Result<()> {
+    let t = TestMesh::start().await?;
+    let web = source_disk(&t)?;
+    let primary = t
+        .site_agent(
+            "hv01",
+            "site-a",
+            &[("web01", vec![web.clone()])],
+            "[tracker]\n",
+        )
+        .await?;
+    let dr_dir = t.path("hv-dr01");
+    let extra = format!(
+        "[recovery]\ndir = \"recovered\"\nstandby = true\n[tracker]\n{}",
+        command_driver(&dr_dir)?
+    );
+    let cfg = t
+        .site_agent_config("hv-dr01", "site-b", &[], &extra)
+        .await?;
+    let log = dr_dir.join("agent.log");
+    let mut dr = spawn_agent_process(&cfg, &log)?;
+    let ready = |h: &ferry_proto::registry::v1::Host| h.status == "connected" && h.recovery;
+    t.wait_host("hv-dr01", ready, Duration::from_secs(60))
+        .await?;
+    t.wait_vm("web01").await?;
+    t.protect_to_recovery("web01", "1s")?;
+    let uri = t.vm("web01").await?.disks[0].nbd_uri.clone();
+    let standby = standby_dir(&dr_dir);
+    wait_standby(&standby, &latest_point(&t)?).await?;
+
+    // The guest rewrites whole blocks with new patterns while the host is killed.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (uri, stop) = (uri.clone(), stop.clone());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let cmd = format!("write -P {} {}k 512k", i % 200 + 1, (i * 2560) % 15872);
+                nbd_write(&uri, &[&cmd])?;
+                std::thread::sleep(Duration::from_millis(200));
+                i += 1;
+            }
+            Ok(())
+        })
+    };
+    // Each kill comes a varying time after the restarted host brought its copy forward
+    // once more, so that some land while the next refresh runs.
+    for round in 0..5u64 {
+        let seen = refreshes(&log)?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while refreshes(&log)? <= seen {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "no refresh after a restart"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(round * 450 % 2000)).await;
+        dr.kill()?;
+        dr.wait()?;
+        dr = spawn_agent_process(&cfg, &log)?;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await??;
+    let before = latest_point(&t)?;
+    let last = t.points_after("web01", &before, 2).await?;
+    wait_standby(&standby, &last).await?;
+    let copy = standby.join("web01.vhdx");
+    assert!(
+        qemu_compare(&copy, "vhdx", &web, "vhdx")?,
+        "the copy differs from the primary's disk after the kills"
+    );
+    dr.kill()?;
+    dr.wait()?;
+    eprintln!("standby refreshes: {}", refreshes(&log)?);
+    primary.shutdown().await?;
+    Ok(())
+}
