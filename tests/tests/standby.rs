@@ -82,6 +82,39 @@ async fn wait_shown(t: &TestMesh, point: &str) -> anyhow::Result<()> {
     }
 }
 
+/// The primary's certificate says it keeps web01's copy at a forged point: the registry
+/// lists no copy for it to keep and `vm show` keeps the recovery host's point.
+async fn forged_standby_report_is_ignored(t: &TestMesh) -> anyhow::Result<()> {
+    use ferry_proto::registry::v1::{
+        HeartbeatRequest, StandbyCopy, registry_client::RegistryClient,
+    };
+    let endpoint = t.ctl.cfg.endpoint(ferry_mesh::Component::Registry);
+    let ch = ferry_mesh::connect(&endpoint, &host_tls(&t.path("hv01"))?).await?;
+    let r = RegistryClient::new(ch)
+        .heartbeat(HeartbeatRequest {
+            host_name: "hv01".into(),
+            // As hv01 really is: tracked, not a recovery host.
+            change_tracking: true,
+            standby: vec![StandbyCopy {
+                vm: "web01".into(),
+                point: "forged".into(),
+            }],
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    anyhow::ensure!(
+        r.standby_vms.is_empty() && r.standby_kept_vms.is_empty(),
+        "hv01 was told to keep copies: {r:?}"
+    );
+    let v = t.cli_json(&["vm", "show", "web01", "-o", "json"])?;
+    anyhow::ensure!(
+        !text_of(&v["standby_point"]).is_empty() && v["standby_point"] != "forged",
+        "{v:#}"
+    );
+    Ok(())
+}
+
 fn latest_point(t: &TestMesh) -> anyhow::Result<String> {
     let points = t.cli_json(&["points", "list", "web01", "-o", "json"])?;
     let last = points.as_array().and_then(|a| a.last()).cloned();
@@ -136,6 +169,7 @@ async fn failovers_start_from_a_standby_copy_kept_at_the_latest_point() -> anyho
     let first = latest_point(&t)?;
     wait_standby(&standby, &first).await?;
     wait_shown(&t, &first).await?;
+    forged_standby_report_is_ignored(&t).await?;
     assert!(qemu_compare(&copy, "vhdx", &web, "vhdx")?, "built copy");
     let before = latest_point(&t)?;
     nbd_write(&uri, &["write -P 0x77 2M 64k", "write -P 0x78 13M 1M"])?;

@@ -256,12 +256,11 @@ impl Agent {
         }
         for (disk, file) in point.disks.iter().zip(&files) {
             let path = dir.join(file);
-            if standby.is_some() {
-                // Made above.
-            } else if work.instant {
+            // Disks made from the standby copy are in place already.
+            if standby.is_none() && work.instant {
                 self.prepare_instant_disk(&item.vm, &point.id, disk, &path)
                     .await?;
-            } else {
+            } else if standby.is_none() {
                 let bytes = self
                     .write_disk(&item.vm, &point.id, disk, &path, cancel)
                     .await?;

@@ -312,10 +312,12 @@ impl Agent {
             return;
         }
         let cancel = shutdown.child_token();
-        let _guard = self.standby.lock_of(vm).lock_owned().await;
+        // Registered before the lock is taken, so a failover that comes while this refresh
+        // holds it always finds the token to cancel.
         if let Ok(mut r) = self.standby.refreshing.lock() {
             r.insert(vm.to_owned(), cancel.clone());
         }
+        let _guard = self.standby.lock_of(vm).lock_owned().await;
         if let Err(e) = self.refresh_standby(&root.join(vm), vm, &cancel).await {
             match cancel.is_cancelled() {
                 true => debug!(vm, error = %e, "standby refresh stopped"),

@@ -153,32 +153,22 @@ impl RegistryService {
         let host = ferry_mesh::require_host(&req)?;
         let req = req.into_inner();
         let mut events = Vec::new();
-        let (mut fenced_vms, mut standby_vms, mut standby_kept_vms) = (vec![], vec![], vec![]);
+        let (fenced_vms, standby_vms, standby_kept_vms);
         {
             let st = self.state.lock().await;
-            for v in st.vms.values() {
-                if v.fenced_for(&host) {
-                    fenced_vms.push(v.name.clone());
-                }
-                match v.standby_on(&host) {
-                    Some(true) => standby_vms.push(v.name.clone()),
-                    Some(false) => standby_kept_vms.push(v.name.clone()),
-                    None => continue,
-                }
-                // Only the VM's recovery host says where its copy is.
-                let reported = req.standby.iter().find(|c| c.vm == v.name);
-                if let Ok(mut s) = self.standby_points.lock() {
-                    match reported.filter(|c| !c.point.is_empty()) {
-                        Some(c) => s.insert(v.name.clone(), c.point.clone()),
-                        None => s.remove(&v.name),
-                    };
-                }
-            }
             match st.hosts.get(&host) {
                 None => return Err(RegistryError::HostNotFound(host).into()),
                 Some(h) if h.removed => return Err(RegistryError::HostRemoved(host).into()),
                 Some(_) => {}
             }
+            fenced_vms = st
+                .vms
+                .values()
+                .filter(|v| v.fenced_for(&host))
+                .map(|v| v.name.clone())
+                .collect();
+            (standby_vms, standby_kept_vms) =
+                self.standby_lists(st.vms.values(), &host, &req.standby);
             for vm in &req.vms {
                 if !valid_name(&vm.name) {
                     tracing::warn!(host = %host, vm = %vm.name, "ignoring vm with an invalid name");
@@ -230,6 +220,36 @@ impl RegistryService {
             standby_vms,
             standby_kept_vms,
         }))
+    }
+
+    /// The VMs whose standby copy `host` keeps — current, and as it is — noting the points
+    /// it reported for them (only a VM's recovery host says where its copy is).
+    fn standby_lists<'a>(
+        &self,
+        vms: impl Iterator<Item = &'a crate::state::VmRecord>,
+        host: &str,
+        reported: &[pb::StandbyCopy],
+    ) -> (Vec<String>, Vec<String>) {
+        let (mut current, mut kept) = (Vec::new(), Vec::new());
+        let mut points = self
+            .standby_points
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for v in vms {
+            match v.standby_on(host) {
+                Some(true) => current.push(v.name.clone()),
+                Some(false) => kept.push(v.name.clone()),
+                None => continue,
+            }
+            match reported
+                .iter()
+                .find(|c| c.vm == v.name && !c.point.is_empty())
+            {
+                Some(c) => points.insert(v.name.clone(), c.point.clone()),
+                None => points.remove(&v.name),
+            };
+        }
+        (current, kept)
     }
 
     pub(super) async fn list_hosts(
