@@ -38,6 +38,24 @@ pub fn ok_job(job: &serde_json::Value) -> anyhow::Result<()> {
 }
 
 impl TestMesh {
+    /// `<test dir>/disks/web01.vhdx`: 16 MiB with data in 9 of its 16 (1 MiB) vault blocks.
+    pub fn sample_vhdx(&self) -> anyhow::Result<PathBuf> {
+        let disks = self.path("disks");
+        std::fs::create_dir_all(&disks)?;
+        let web = disks.join("web01.vhdx");
+        crate::qemu_create(&web, "vhdx", "", "16M")?;
+        crate::qemu_io(
+            &web,
+            "vhdx",
+            &[
+                "write -P 0x5a 0 4M",
+                "write -P 0x17 6M 4M",
+                "write -P 0x33 12M 512k",
+            ],
+        )?;
+        Ok(web)
+    }
+
     /// Waits until `n` points newer than `after` exist (the next cycle after a write then holds it).
     pub async fn points_after(&self, vm: &str, after: &str, n: usize) -> anyhow::Result<String> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(90);

@@ -14,20 +14,8 @@ const MIB: u64 = 1 << 20;
 
 /// A 16 MiB VHDX with data in 9 of its 16 vault blocks; and a copy of it as protected.
 fn source_disk(t: &TestMesh) -> anyhow::Result<(PathBuf, PathBuf)> {
-    let disks = t.path("disks");
-    std::fs::create_dir_all(&disks)?;
-    let web = disks.join("web01.vhdx");
-    qemu_create(&web, "vhdx", "", "16M")?;
-    qemu_io(
-        &web,
-        "vhdx",
-        &[
-            "write -P 0x5a 0 4M",
-            "write -P 0x17 6M 4M",
-            "write -P 0x33 12M 512k",
-        ],
-    )?;
-    let original = disks.join("web01.orig.vhdx");
+    let web = t.sample_vhdx()?;
+    let original = web.with_file_name("web01.orig.vhdx");
     std::fs::copy(&web, &original)?;
     Ok((web, original))
 }

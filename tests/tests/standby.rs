@@ -8,22 +8,24 @@ use std::time::Duration;
 
 use ferry_tests::*;
 
-/// A 16 MiB VHDX with data in 9 of its 16 vault blocks.
-fn source_disk(t: &TestMesh) -> anyhow::Result<PathBuf> {
-    let disks = t.path("disks");
-    std::fs::create_dir_all(&disks)?;
-    let web = disks.join("web01.vhdx");
-    qemu_create(&web, "vhdx", "", "16M")?;
-    qemu_io(
-        &web,
-        "vhdx",
-        &[
-            "write -P 0x5a 0 4M",
-            "write -P 0x17 6M 4M",
-            "write -P 0x33 12M 512k",
-        ],
-    )?;
-    Ok(web)
+/// The recovery host's folder and agent.toml: standby copies, a tracker, a command driver.
+async fn standby_host_config(t: &TestMesh) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let dr_dir = t.path("hv-dr01");
+    let extra = format!(
+        "[recovery]\ndir = \"recovered\"\nstandby = true\n[tracker]\n{}",
+        command_driver(&dr_dir)?
+    );
+    let cfg = t
+        .site_agent_config("hv-dr01", "site-b", &[], &extra)
+        .await?;
+    Ok((dr_dir, cfg))
+}
+
+async fn wait_recovery_host(t: &TestMesh) -> anyhow::Result<()> {
+    let ready = |h: &ferry_proto::registry::v1::Host| h.status == "connected" && h.recovery;
+    t.wait_host("hv-dr01", ready, Duration::from_secs(60))
+        .await?;
+    Ok(())
 }
 
 fn standby_dir(dr: &Path) -> PathBuf {
@@ -137,7 +139,7 @@ fn made_message(job: &serde_json::Value) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failovers_start_from_a_standby_copy_kept_at_the_latest_point() -> anyhow::Result<()> {
     let t = TestMesh::start().await?;
-    let web = source_disk(&t)?;
+    let web = t.sample_vhdx()?;
     let hv01 = t.path("hv01");
     let primary = t
         .site_agent(
@@ -147,18 +149,9 @@ async fn failovers_start_from_a_standby_copy_kept_at_the_latest_point() -> anyho
             &format!("[tracker]\n{}", command_driver(&hv01)?),
         )
         .await?;
-    let dr_dir = t.path("hv-dr01");
-    let extra = format!(
-        "[recovery]\ndir = \"recovered\"\nstandby = true\n[tracker]\n{}",
-        command_driver(&dr_dir)?
-    );
-    let cfg = t
-        .site_agent_config("hv-dr01", "site-b", &[], &extra)
-        .await?;
+    let (dr_dir, cfg) = standby_host_config(&t).await?;
     let mut dr = InProcessAgent::start(&cfg)?;
-    let ready = |h: &ferry_proto::registry::v1::Host| h.status == "connected" && h.recovery;
-    t.wait_host("hv-dr01", ready, Duration::from_secs(60))
-        .await?;
+    wait_recovery_host(&t).await?;
     t.wait_vm("web01").await?;
     t.protect_to_recovery("web01", "2s")?;
     let uri = t.vm("web01").await?.disks[0].nbd_uri.clone();
@@ -244,7 +237,7 @@ fn refreshes(log: &Path) -> anyhow::Result<usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_copy_survives_kill_9_of_its_host_mid_refresh() -> anyhow::Result<()> {
     let t = TestMesh::start().await?;
-    let web = source_disk(&t)?;
+    let web = t.sample_vhdx()?;
     let primary = t
         .site_agent(
             "hv01",
@@ -253,19 +246,10 @@ async fn a_standby_copy_survives_kill_9_of_its_host_mid_refresh() -> anyhow::Res
             "[tracker]\n",
         )
         .await?;
-    let dr_dir = t.path("hv-dr01");
-    let extra = format!(
-        "[recovery]\ndir = \"recovered\"\nstandby = true\n[tracker]\n{}",
-        command_driver(&dr_dir)?
-    );
-    let cfg = t
-        .site_agent_config("hv-dr01", "site-b", &[], &extra)
-        .await?;
+    let (dr_dir, cfg) = standby_host_config(&t).await?;
     let log = dr_dir.join("agent.log");
     let mut dr = spawn_agent_process(&cfg, &log)?;
-    let ready = |h: &ferry_proto::registry::v1::Host| h.status == "connected" && h.recovery;
-    t.wait_host("hv-dr01", ready, Duration::from_secs(60))
-        .await?;
+    wait_recovery_host(&t).await?;
     t.wait_vm("web01").await?;
     t.protect_to_recovery("web01", "1s")?;
     let uri = t.vm("web01").await?.disks[0].nbd_uri.clone();
