@@ -124,18 +124,28 @@ impl Store {
     /// existing object is left untouched).
     pub async fn put_if_absent(&self, key: &str, bytes: Bytes) -> Result<bool, StoreError> {
         let path = path(key)?;
-        let opts = PutOptions::from(PutMode::Create);
-        match self
-            .inner
-            .put_opts(&path, PutPayload::from_bytes(bytes), opts)
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::AlreadyExists { .. }) => {
-                debug!(key, "object already exists");
-                Ok(false)
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let opts = PutOptions::from(PutMode::Create);
+            let payload = PutPayload::from_bytes(bytes.clone());
+            match self.inner.put_opts(&path, payload, opts).await {
+                Ok(_) => return Ok(true),
+                // After a try cut short, an object with our bytes is ours.
+                Err(object_store::Error::AlreadyExists { .. })
+                    if tries > 1 && self.get(key).await?.as_ref() == Some(&bytes) =>
+                {
+                    return Ok(true);
+                }
+                Err(object_store::Error::AlreadyExists { .. }) => {
+                    debug!(key, "object already exists");
+                    return Ok(false);
+                }
+                Err(e) if tries < VANISHED_FOLDER_TRIES && folder_vanished(&e) => {
+                    debug!(key, error = %e, "a folder of the key vanished under the put; trying again");
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => Err(e.into()),
         }
     }
 
@@ -195,6 +205,32 @@ impl Store {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// Tries of a put whose folder vanished under it. The local backend removes a folder once a
+/// delete leaves it empty (automatic cleanup), racing a put into the same folder; the put
+/// then fails with "not found" though nothing is wrong. Seen with two readers of one point.
+const VANISHED_FOLDER_TRIES: u32 = 5;
+
+/// Whether `e` is an I/O "not found" or "exists" (anywhere in its sources; the backend's own
+/// `AlreadyExists`, a conditional put's conflict, is matched before): for a put, which makes
+/// its own folders, that is the race above — the folder went before the file was linked or
+/// synced, or came back while it was being made again.
+fn folder_vanished(e: &object_store::Error) -> bool {
+    use std::io::ErrorKind;
+    if matches!(e, object_store::Error::NotFound { .. }) {
+        return true;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| matches!(io.kind(), ErrorKind::NotFound | ErrorKind::AlreadyExists))
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// Parses a key, refusing anything that is not a clean relative path.

@@ -486,3 +486,32 @@ async fn a_quarantined_chunk_is_lost_until_it_is_stored_again() {
     assert!(s.lost_chunks().await.unwrap().is_empty());
     assert!(!kept.exists());
 }
+
+/// Two readers of one point put and delete markers in the same folder at once: the local
+/// backend removes a folder once empty (automatic cleanup), so a put can find its folder
+/// gone under it. Every put must still succeed (seen in CI: "Unable to sync data to disk
+/// for .../readers/db01: No such file or directory").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn puts_survive_a_concurrent_cleanup_of_their_folder() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("file://{}", dir.path().display());
+    let store = ferry_store::Store::from_url(&url).expect("store");
+    let runs: Vec<_> = (0..8)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for i in 0..1000 {
+                    let key = format!("readers/vm/p{}/{w}-{i}", i % 2);
+                    store
+                        .put_if_absent(&key, bytes::Bytes::from_static(b"1"))
+                        .await
+                        .unwrap_or_else(|e| panic!("put {key}: {e}"));
+                    store.delete(&key).await.expect("delete");
+                }
+            })
+        })
+        .collect();
+    for r in runs {
+        r.await.expect("worker");
+    }
+}
