@@ -52,13 +52,7 @@ impl Agent {
         let (format, opts) = output_format(disk)?;
         let blocks = self.block_map(vm, point, &disk.disk_id).await?;
         check_map(point, disk, &blocks)?;
-        let plan = FillPlan {
-            vm: vm.to_owned(),
-            point: point.to_owned(),
-            block_size: u64::from(disk.block_size),
-            virtual_size: disk.virtual_size,
-            blocks,
-        };
+        let plan = super::write::fill_plan(vm, point, disk, blocks);
         let bytes = plan.blocks.len() as u64 * plan.block_size;
         let p = path.to_path_buf();
         blocking(move || {

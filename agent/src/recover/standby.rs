@@ -496,13 +496,7 @@ async fn write_map(
     disk: &PointDisk,
     blocks: Vec<(u64, ChunkId)>,
 ) -> Result<(), ReplError> {
-    let plan = FillPlan {
-        vm: vm.to_owned(),
-        point: point.to_owned(),
-        block_size: u64::from(disk.block_size),
-        virtual_size: disk.virtual_size,
-        blocks,
-    };
+    let plan = super::write::fill_plan(vm, point, disk, blocks);
     let path = map_path(image);
     blocking(move || {
         fill_file::write_plan(&path, &plan)

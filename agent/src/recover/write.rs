@@ -255,6 +255,23 @@ impl Agent {
     }
 }
 
+/// A disk's block map at a point, as the fill files (instant recovery) and a standby copy's
+/// map file keep it.
+pub(super) fn fill_plan(
+    vm: &str,
+    point: &str,
+    disk: &PointDisk,
+    blocks: Vec<(u64, ChunkId)>,
+) -> crate::tracker::fill_file::FillPlan {
+    crate::tracker::fill_file::FillPlan {
+        vm: vm.to_owned(),
+        point: point.to_owned(),
+        block_size: u64::from(disk.block_size),
+        virtual_size: disk.virtual_size,
+        blocks,
+    }
+}
+
 /// Refuses a block map that does not fit its disk (or a disk without a block size).
 pub(super) fn check_map(
     point: &str,
