@@ -116,6 +116,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Failover { cmd } => crate::failover_cmd::run(&ctl(&cli)?, cmd).await,
         Cmd::Plan { cmd } => crate::plan_cmd::run(&ctl(&cli)?, cmd).await,
         Cmd::Drill { cmd } => crate::drill_cmd::run(&ctl(&cli)?, cmd).await,
+        Cmd::Token { cmd } => crate::token_cmd::run(&ctl(&cli)?, cmd).await,
         Cmd::Failback { cmd, args } => {
             crate::failover_cmd::failback(&ctl(&cli)?, cmd.as_ref(), args).await
         }

@@ -1,4 +1,5 @@
-//! Operator commands: clients of the mesh authenticated with the vault's admin token over TLS
+//! Operator commands: clients of the mesh authenticated with `FERRY_TOKEN` or the vault's admin
+//! token over TLS
 //! verified against the vault CA (both from `D/ferry.toml`).
 use std::path::Path;
 
@@ -20,7 +21,11 @@ impl Ctl {
         let cfg = MeshConfig::load(Some(config), figment::Figment::new())
             .with_context(|| format!("loading {}", config.display()))?;
         let tls = ClientTls::operator(&cfg)?;
-        let token = cfg.admin_token()?;
+        // An operator's own token (`ferry token create`) when set, else the admin token.
+        let token = match std::env::var("FERRY_TOKEN") {
+            Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
+            _ => cfg.admin_token()?,
+        };
         Ok(Self { cfg, tls, token })
     }
 

@@ -6,6 +6,7 @@ mod failover_cmd;
 mod plan_cmd;
 mod points_cmd;
 mod protect;
+mod token_cmd;
 mod unprotect_cmd;
 mod vm_set;
 
@@ -104,6 +105,11 @@ pub enum Cmd {
         cmd: Option<FailbackCmd>,
         #[command(flatten)]
         args: FailbackArgs,
+    },
+    /// Operator tokens with a role (reader, operator, contributor, admin).
+    Token {
+        #[command(subcommand)]
+        cmd: token_cmd::TokenCmd,
     },
     /// Disk images: info, allocation map, convert.
     Disk {

@@ -50,8 +50,24 @@ impl TestMesh {
         Ok(Command::new(crate::bin("ferry")?)
             .arg("--config")
             .arg(&self.mesh.config_path)
+            .env_remove("FERRY_TOKEN")
             .args(args)
             .output()?)
+    }
+
+    /// `ferry ARGS` with an operator token (`FERRY_TOKEN`) instead of the admin token.
+    pub fn cli_as(&self, token: &str, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+        let out = Command::new(crate::bin("ferry")?)
+            .arg("--config")
+            .arg(&self.mesh.config_path)
+            .env("FERRY_TOKEN", token)
+            .args(args)
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
     }
 
     /// `ferry ARGS` started in the background, its stdout and stderr piped (a command that

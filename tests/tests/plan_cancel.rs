@@ -74,9 +74,15 @@ async fn a_cancelled_plan_stops_where_it_is_and_its_cleanup_removes_what_ran() -
             "json",
         ])?;
         let id = text(&started["id"]).to_owned();
-        // Even rounds cancel at the manual action; odd ones at once, while db1 fails over.
+        // Even rounds cancel at the manual action; odd ones as soon as db1's step runs, while
+        // db1 fails over (its own job may not exist yet: the cancel must still reach it).
         if round % 2 == 0 {
             job_when(&t, &id, |j| j["status"] == "waiting-for-input").await?;
+        } else {
+            job_when(&t, &id, |j| {
+                step(j, "group 1: test failover db1")["status"] == "running"
+            })
+            .await?;
         }
         let (ok, out, err) = t.cli(&["jobs", "cancel", &id, "--wait", "-o", "json"])?;
         assert!(ok, "round {round}: {out}{err}");

@@ -16,6 +16,7 @@ use crate::pki::Identity;
 pub enum Role {
     Reader,
     Operator,
+    Contributor,
     Admin,
 }
 
@@ -24,6 +25,7 @@ impl Role {
         match self {
             Role::Reader => "reader",
             Role::Operator => "operator",
+            Role::Contributor => "contributor",
             Role::Admin => "admin",
         }
     }
@@ -42,9 +44,10 @@ impl FromStr for Role {
         match s.trim().to_ascii_lowercase().as_str() {
             "reader" => Ok(Role::Reader),
             "operator" => Ok(Role::Operator),
+            "contributor" => Ok(Role::Contributor),
             "admin" => Ok(Role::Admin),
             _ => Err(format!(
-                "unknown role {s:?} (expected reader, operator or admin)"
+                "unknown role {s:?} (expected reader, operator, contributor or admin)"
             )),
         }
     }
@@ -82,6 +85,8 @@ pub type RevocationCheck = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
 #[derive(Clone)]
 pub struct Authenticator {
     tokens: Arc<Vec<(blake3::Hash, Role)>>,
+    /// Tokens made with `ferry token create`, as the registry last listed them.
+    grants: TokenGrants,
     revoked: RevocationCheck,
 }
 
@@ -108,6 +113,7 @@ impl Authenticator {
             .collect();
         Self {
             tokens: Arc::new(tokens),
+            grants: TokenGrants::default(),
             revoked: Arc::new(|_, _| false),
         }
     }
@@ -130,6 +136,12 @@ impl Authenticator {
             .map_err(|_| Status::invalid_argument("a token hash is 64 hex characters"))?;
         Arc::make_mut(&mut self.tokens).push((hash, role));
         Ok(self)
+    }
+
+    /// Also accepts the tokens of `grants` (kept current by their owner).
+    pub fn with_grants(mut self, grants: TokenGrants) -> Self {
+        self.grants = grants;
+        self
     }
 
     /// Sets the check for removed hosts.
@@ -167,8 +179,18 @@ impl Authenticator {
             })?;
         let hash = hash_token(token);
         // blake3::Hash equality is constant-time.
-        match self.tokens.iter().find(|(h, _)| *h == hash) {
-            Some((_, role)) => Ok(Caller::Operator(*role)),
+        if let Some((_, role)) = self.tokens.iter().find(|(h, _)| *h == hash) {
+            return Ok(Caller::Operator(*role));
+        }
+        match self.grants.find(&hash) {
+            Some(g) if g.expired(ferry_proto::now_ms()) => {
+                tracing::debug!(token = %g.name, "rejected an expired token");
+                Err(Status::unauthenticated(format!(
+                    "token {} has expired",
+                    g.name
+                )))
+            }
+            Some(g) => Ok(Caller::Operator(g.role)),
             None => {
                 tracing::debug!("rejected an unknown bearer token");
                 Err(Status::unauthenticated("invalid bearer token"))
@@ -201,6 +223,45 @@ impl Authenticator {
             }
             Identity::Service(name) => Ok(Caller::Service(name)),
         }
+    }
+}
+
+/// A token made with `ferry token create`: its name, role, hash and expiry (0 = never).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenGrant {
+    pub name: String,
+    pub role: Role,
+    pub hash: blake3::Hash,
+    pub expires_at_ms: i64,
+}
+
+impl TokenGrant {
+    pub fn expired(&self, now_ms: i64) -> bool {
+        self.expires_at_ms != 0 && now_ms >= self.expires_at_ms
+    }
+}
+
+/// The token grants in force, shared between whoever keeps them current (the registry from
+/// its catalog, other components by polling it) and their authenticators.
+#[derive(Clone, Default, Debug)]
+pub struct TokenGrants(Arc<std::sync::RwLock<Vec<TokenGrant>>>);
+
+impl TokenGrants {
+    /// Replaces the grants.
+    pub fn set(&self, grants: Vec<TokenGrant>) {
+        if let Ok(mut g) = self.0.write() {
+            *g = grants;
+        }
+    }
+
+    fn find(&self, hash: &blake3::Hash) -> Option<TokenGrant> {
+        // blake3::Hash equality is constant-time.
+        self.0
+            .read()
+            .ok()?
+            .iter()
+            .find(|g| g.hash == *hash)
+            .cloned()
     }
 }
 
@@ -305,6 +366,35 @@ mod tests {
             require_host(&req).unwrap_err().code(),
             Code::PermissionDenied
         );
+    }
+
+    #[test]
+    fn granted_tokens_pass_until_they_expire_or_go() {
+        let grants = TokenGrants::default();
+        let mut icpt = Authenticator::default()
+            .with_grants(grants.clone())
+            .interceptor();
+        let grant = |name: &str, token: &str, expires_at_ms| TokenGrant {
+            name: name.into(),
+            role: Role::Contributor,
+            hash: hash_token(token),
+            expires_at_ms,
+        };
+        grants.set(vec![
+            grant("bob", "bob-token", 0),
+            grant("old", "old-token", ferry_proto::now_ms() - 1),
+        ]);
+        let req = icpt.call(with_token("Bearer bob-token")).unwrap();
+        assert_eq!(caller(&req), Caller::Operator(Role::Contributor));
+        assert!(require_role(&req, Role::Operator).is_ok());
+        let denied = require_role(&req, Role::Admin).unwrap_err();
+        assert!(denied.message().contains("admin") && denied.message().contains("contributor"));
+        let err = icpt.call(with_token("Bearer old-token")).unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+        assert!(err.message().contains("old") && !err.message().contains("old-token"));
+        grants.set(Vec::new());
+        let err = icpt.call(with_token("Bearer bob-token")).unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
     }
 
     #[test]

@@ -20,8 +20,8 @@ mod tls;
 pub mod vault;
 
 pub use auth::{
-    AuthInterceptor, Authenticator, Caller, RevocationCheck, Role, caller, require_host,
-    require_role, require_service, token_hash,
+    AuthInterceptor, Authenticator, Caller, RevocationCheck, Role, TokenGrant, TokenGrants, caller,
+    require_host, require_role, require_service, token_hash,
 };
 pub use client::{AuthChannel, BearerToken, ClientTls, connect, connect_lazy, with_token};
 pub use component::{ComponentArgs, component_main, serve_component};

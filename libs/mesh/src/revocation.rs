@@ -1,4 +1,5 @@
-//! Host certificates the registry no longer accepts, for every other component. The registry
+//! Host certificates the registry no longer accepts, and the operator tokens it grants, for
+//! every other component. The registry
 //! is the source of truth (its catalog in object storage); components poll it and refuse what
 //! it lists. Until the first answer, and while the registry is unreachable, the last known
 //! list stays in force (a component that never reached the registry refuses nothing yet:
@@ -7,18 +8,24 @@ use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use ferry_proto::registry::v1::{ListRevokedCertificatesRequest, registry_client::RegistryClient};
+use ferry_proto::registry::v1::{
+    ListRevokedCertificatesRequest, ListTokenGrantsRequest, registry_client::RegistryClient,
+};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Component, MeshConfig, MeshError, Peers, RevocationCheck};
+use crate::{
+    Component, MeshConfig, MeshError, Peers, RevocationCheck, Role, TokenGrant, TokenGrants,
+};
 
 /// How often components re-read the revocation list.
 pub const REVOCATION_POLL: Duration = Duration::from_secs(2);
 
-/// The revoked serial numbers and removed host names last read from the registry.
+/// The revoked serial numbers and removed host names last read from the registry, and the
+/// token grants in force.
 #[derive(Clone, Default)]
 pub struct RevocationList {
     inner: Arc<RwLock<(HashSet<String>, HashSet<String>)>>,
+    grants: TokenGrants,
 }
 
 impl RevocationList {
@@ -47,17 +54,31 @@ impl RevocationList {
         Arc::new(move |host: &str, serial: &str| me.is_revoked(host, serial))
     }
 
-    /// Reads the list from the registry once.
+    /// The token grants, for an [`crate::Authenticator`].
+    pub fn grants(&self) -> TokenGrants {
+        self.grants.clone()
+    }
+
+    /// Reads the lists from the registry once.
     pub async fn refresh(&self, peers: &Peers) -> Result<(), MeshError> {
-        let r = RegistryClient::new(peers.channel(Component::Registry)?)
+        let failed = |what: &str, s: tonic::Status| MeshError::Connect {
+            endpoint: "registry".into(),
+            reason: format!("listing {what}: {}", s.message()),
+        };
+        let mut registry = RegistryClient::new(peers.channel(Component::Registry)?);
+        let r = registry
             .list_revoked_certificates(ListRevokedCertificatesRequest {})
             .await
-            .map_err(|s| MeshError::Connect {
-                endpoint: "registry".into(),
-                reason: format!("listing revoked certificates: {}", s.message()),
-            })?
+            .map_err(|s| failed("revoked certificates", s))?
             .into_inner();
         self.set(r.serials, r.removed_hosts);
+        let g = registry
+            .list_token_grants(ListTokenGrantsRequest {})
+            .await
+            .map_err(|s| failed("token grants", s))?
+            .into_inner();
+        self.grants
+            .set(g.grants.iter().filter_map(grant_from_proto).collect());
         Ok(())
     }
 
@@ -102,7 +123,23 @@ pub async fn component_authenticator(
 ) -> Result<crate::Authenticator, MeshError> {
     let token = cfg.admin_token()?;
     let revoked = RevocationList::watch(cfg, shutdown).await;
-    Ok(crate::Authenticator::with_admin_token(&token).with_revocation(revoked.check()))
+    Ok(crate::Authenticator::with_admin_token(&token)
+        .with_revocation(revoked.check())
+        .with_grants(revoked.grants()))
+}
+
+/// A grant as the registry lists it; one that does not parse is left out (it grants nothing).
+pub fn grant_from_proto(g: &ferry_proto::registry::v1::TokenGrant) -> Option<TokenGrant> {
+    let (Ok(hash), Ok(role)) = (blake3::Hash::from_hex(&g.hash), g.role.parse::<Role>()) else {
+        tracing::warn!(token = %g.name, "a token grant that does not parse is ignored");
+        return None;
+    };
+    Some(TokenGrant {
+        name: g.name.clone(),
+        role,
+        hash,
+        expires_at_ms: g.expires_at_ms,
+    })
 }
 
 #[cfg(test)]

@@ -172,7 +172,7 @@ impl Failover for FailoverService {
         &self,
         request: Request<RecoveryPlan>,
     ) -> Result<Response<RecoveryPlan>, Status> {
-        require_role(&request, Role::Operator)?;
+        require_role(&request, Role::Contributor)?;
         let plan = Plan::try_from(request.get_ref())
             .map_err(|e| to_status(&FailoverError::InvalidArgument(e)))?;
         let plan = self
@@ -215,7 +215,7 @@ impl Failover for FailoverService {
         &self,
         request: Request<DeleteRecoveryPlanRequest>,
     ) -> Result<Response<DeleteRecoveryPlanResponse>, Status> {
-        require_role(&request, Role::Operator)?;
+        require_role(&request, Role::Contributor)?;
         self.orchestrator
             .delete_plan(&request.get_ref().name)
             .await

@@ -19,6 +19,10 @@ pub enum RegistryError {
     #[error("{0}")]
     InvalidArgument(String),
     #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
     FailedPrecondition(String),
     /// The protection state machine does not allow it in the VM's state.
     #[error(transparent)]
@@ -34,9 +38,11 @@ pub enum RegistryError {
 impl ServiceError for RegistryError {
     fn code(&self) -> ErrorCode {
         match self {
-            Self::VmNotFound(_) | Self::HostNotFound(_) | Self::JobNotFound(_) => {
-                ErrorCode::NotFound
-            }
+            Self::VmNotFound(_)
+            | Self::HostNotFound(_)
+            | Self::JobNotFound(_)
+            | Self::NotFound(_) => ErrorCode::NotFound,
+            Self::AlreadyExists(_) => ErrorCode::AlreadyExists,
             Self::BadKey(_) | Self::KeyExpired { .. } => ErrorCode::Unauthenticated,
             Self::KeyReused { .. } | Self::HostRemoved(_) => ErrorCode::PermissionDenied,
             Self::InvalidArgument(_) => ErrorCode::InvalidArgument,

@@ -5,6 +5,7 @@ mod failover;
 mod hosts;
 mod jobs_api;
 mod reports;
+mod tokens;
 mod vms;
 
 use std::collections::HashMap;
@@ -58,6 +59,8 @@ pub struct RegistryService {
     /// Host certificates refused: revoked serials and removed hosts, read by the
     /// authenticator on every call (no await).
     revoked: ferry_mesh::RevocationList,
+    /// Operator tokens in force, from the catalog.
+    grants: ferry_mesh::TokenGrants,
     /// Progress writes are throttled: last persisted time per job.
     progress_flushed: std::sync::Mutex<HashMap<String, i64>>,
     pub(crate) shutdown: CancellationToken,
@@ -80,6 +83,8 @@ impl RegistryService {
         );
         let revoked = ferry_mesh::RevocationList::default();
         revoked.set(state.revoked_serials.iter().cloned(), removed_hosts(&state));
+        let grants = ferry_mesh::TokenGrants::default();
+        grants.set(tokens::grants(&state));
         Ok(Self {
             peers: ferry_mesh::Peers::service(&cfg)
                 .map_err(|e| RegistryError::Pki(format!("the service certificate: {e}")))?,
@@ -91,6 +96,7 @@ impl RegistryService {
             changed: Notify::new(),
             progress_flushed: Default::default(),
             revoked,
+            grants,
             pending_logs: Default::default(),
             standby_points: Default::default(),
             last_cycle: Default::default(),
@@ -101,7 +107,9 @@ impl RegistryService {
     /// Hosts removed from the vault are refused even though their certificate is valid.
     pub fn authenticator(self: &Arc<Self>) -> anyhow::Result<Authenticator> {
         let token = self.cfg.admin_token()?;
-        Ok(Authenticator::with_admin_token(&token).with_revocation(self.revoked.check()))
+        Ok(Authenticator::with_admin_token(&token)
+            .with_revocation(self.revoked.check())
+            .with_grants(self.grants.clone()))
     }
 
     /// Appends events (after catching up with other writers) and applies them.
@@ -126,6 +134,7 @@ impl RegistryService {
         }
         self.revoked
             .set(st.revoked_serials.iter().cloned(), removed_hosts(&st));
+        self.grants.set(tokens::grants(&st));
         drop(st);
         self.changed.notify_waiters();
         Ok(out)
@@ -454,6 +463,28 @@ impl Registry for RegistryApi {
         req: Request<pb::ListRevokedCertificatesRequest>,
     ) -> R<pb::ListRevokedCertificatesResponse> {
         self.0.list_revoked_certificates(req).await
+    }
+
+    async fn create_token(
+        &self,
+        req: Request<pb::CreateTokenRequest>,
+    ) -> R<pb::CreateTokenResponse> {
+        self.0.create_token(req).await
+    }
+
+    async fn list_tokens(&self, req: Request<pb::ListTokensRequest>) -> R<pb::ListTokensResponse> {
+        self.0.list_tokens(req).await
+    }
+
+    async fn revoke_token(&self, req: Request<pb::RevokeTokenRequest>) -> R<pb::TokenInfo> {
+        self.0.revoke_token(req).await
+    }
+
+    async fn list_token_grants(
+        &self,
+        req: Request<pb::ListTokenGrantsRequest>,
+    ) -> R<pb::ListTokenGrantsResponse> {
+        self.0.list_token_grants(req).await
     }
 
     async fn set_failover_state(&self, req: Request<pb::SetFailoverStateRequest>) -> R<pb::Vm> {

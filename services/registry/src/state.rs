@@ -20,6 +20,21 @@ pub struct KeyRecord {
     pub used_by: Option<String>,
 }
 
+/// An operator token made with `ferry token create`; the token itself is never stored.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub name: String,
+    /// reader, operator, contributor or admin.
+    pub role: String,
+    /// BLAKE3 hex of the token (`ferry_mesh::token_hash`).
+    pub hash: String,
+    pub created_at_ms: i64,
+    /// 0 = never.
+    pub expires_at_ms: i64,
+    #[serde(default)]
+    pub revoked: bool,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HostRecord {
     pub name: String,
@@ -384,12 +399,18 @@ pub enum Event {
         schedule: Option<DrillSchedule>,
     },
     Job(JobRecord),
+    TokenCreated(TokenRecord),
+    TokenRevoked {
+        name: String,
+    },
 }
 
 #[derive(Default)]
 pub struct State {
     pub seq: u64,
     pub keys: BTreeMap<String, KeyRecord>,
+    /// Operator tokens by name (revoked ones stay, marked).
+    pub tokens: BTreeMap<String, TokenRecord>,
     pub hosts: BTreeMap<String, HostRecord>,
     pub vms: BTreeMap<String, VmRecord>,
     pub jobs: BTreeMap<String, Job>,
@@ -403,6 +424,14 @@ impl State {
         match ev {
             Event::KeyCreated(k) => {
                 self.keys.insert(k.key_id.clone(), k.clone());
+            }
+            Event::TokenCreated(t) => {
+                self.tokens.insert(t.name.clone(), t.clone());
+            }
+            Event::TokenRevoked { name } => {
+                if let Some(t) = self.tokens.get_mut(name) {
+                    t.revoked = true;
+                }
             }
             Event::KeyUsed { key_id, host } => {
                 if let Some(k) = self.keys.get_mut(key_id) {

@@ -201,7 +201,7 @@ impl StorageWriter for StorageWriterService {
         &self,
         request: Request<RunRetentionRequest>,
     ) -> Result<Response<RunRetentionResponse>, Status> {
-        require_role(&request, Role::Operator)?;
+        require_role(&request, Role::Contributor)?;
         let req = request.into_inner();
         let policy = crate::retention::RetentionPolicy::from_seconds(
             req.retention_seconds,

@@ -439,8 +439,20 @@ async fn every_call_is_authorized() {
         vm: "web".into(),
         ..Default::default()
     };
+    // A retention run deletes points: the contributor role, not the operator's.
     let err = svc
-        .run_retention(as_caller(retention, Some(Caller::Operator(Role::Operator))))
+        .run_retention(as_caller(
+            retention.clone(),
+            Some(Caller::Operator(Role::Operator)),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let err = svc
+        .run_retention(as_caller(
+            retention,
+            Some(Caller::Operator(Role::Contributor)),
+        ))
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);

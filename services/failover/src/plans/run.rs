@@ -5,7 +5,7 @@
 //! holds); the next group starts only when every VM of this one has failed over and started.
 //! A failure stops test and planned failovers (and cleanup, failback) at that group; an
 //! unplanned failover carries on and reports every failure at the end.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use ferry_model::Operation;
@@ -340,14 +340,19 @@ impl Orchestrator {
         }
         let cancel = job.cancel_token().clone();
         let since = job.snapshot().created_at_ms;
-        let mut asked = false;
+        // Once cancelled, asked again until the group ends: a VM whose own job did not exist
+        // yet when the cancel came (it was still being checked or started) is reached too.
+        let mut asked = HashSet::new();
+        let mut repeat = tokio::time::interval(CANCEL_REPEAT);
         let mut failures = Vec::new();
         loop {
             let next = tokio::select! {
                 n = pending.next() => n,
-                () = cancel.cancelled(), if !asked => {
-                    asked = true;
-                    self.cancel_vm_jobs(&vms, since).await;
+                () = async {
+                    cancel.cancelled().await;
+                    repeat.tick().await;
+                } => {
+                    self.cancel_vm_jobs(&vms, since, &mut asked).await;
                     continue;
                 }
             };
@@ -367,8 +372,9 @@ impl Orchestrator {
     }
 
     /// Asks the registry to cancel the jobs of `vms` started since `since_ms` (by this plan
-    /// run) that have not ended; a job past its point of no return goes on (it says so).
-    async fn cancel_vm_jobs(&self, vms: &[String], since_ms: i64) {
+    /// run) that have not ended and are not in `asked` yet; a job past its point of no return
+    /// goes on (it says so).
+    async fn cancel_vm_jobs(&self, vms: &[String], since_ms: i64, asked: &mut HashSet<String>) {
         let mut registry = self.registry.clone();
         for vm in vms {
             let jobs = match registry
@@ -382,7 +388,9 @@ impl Orchestrator {
                 }
             };
             for j in jobs.iter().filter(|j| {
-                j.created_at_ms >= since_ms && ferry_model::job::is_in_progress(j.status)
+                j.created_at_ms >= since_ms
+                    && ferry_model::job::is_in_progress(j.status)
+                    && asked.insert(j.id.clone())
             }) {
                 match registry
                     .cancel_job(CancelJobRequest { id: j.id.clone() })
@@ -515,6 +523,9 @@ impl Orchestrator {
         Ok(vec![phase1, phase2])
     }
 }
+
+/// How often a cancelled plan looks again for VM jobs of its running group to cancel.
+const CANCEL_REPEAT: Duration = Duration::from_millis(250);
 
 /// How often a plan job waiting for input asks the registry whether it was resumed.
 pub(super) const INPUT_POLL: Duration = Duration::from_millis(500);

@@ -22,7 +22,7 @@ impl RegistryService {
         &self,
         req: Request<pb::CreateRegistrationKeyRequest>,
     ) -> R<pb::CreateRegistrationKeyResponse> {
-        ferry_mesh::require_role(&req, Role::Admin)?;
+        ferry_mesh::require_role(&req, Role::Contributor)?;
         let req = req.into_inner();
         let ttl = if req.ttl_seconds == 0 {
             KEY_TTL_DEFAULT_SECS
@@ -296,7 +296,7 @@ impl RegistryService {
         &self,
         req: Request<pb::RemoveHostRequest>,
     ) -> R<pb::RemoveHostResponse> {
-        ferry_mesh::require_role(&req, Role::Admin)?;
+        ferry_mesh::require_role(&req, Role::Contributor)?;
         let name = req.into_inner().host;
         if !self.state.lock().await.hosts.contains_key(&name) {
             return Err(RegistryError::HostNotFound(name).into());

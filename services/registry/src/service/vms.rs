@@ -41,7 +41,7 @@ impl RegistryService {
     }
 
     pub(super) async fn protect_vm(self: &Arc<Self>, req: Request<pb::ProtectVmRequest>) -> R<Job> {
-        ferry_mesh::require_role(&req, Role::Operator)?;
+        ferry_mesh::require_role(&req, Role::Contributor)?;
         let req = req.into_inner();
         let job = self
             .start_protection(&req.name, PolicyRecord::from_proto(req.policy.as_ref()))
@@ -53,7 +53,7 @@ impl RegistryService {
         self: &Arc<Self>,
         req: Request<pb::UnprotectVmRequest>,
     ) -> R<Job> {
-        ferry_mesh::require_role(&req, Role::Operator)?;
+        ferry_mesh::require_role(&req, Role::Contributor)?;
         let req = req.into_inner();
         let job = self
             .start_unprotect(&req.name, req.delete_points, req.force)
@@ -62,7 +62,7 @@ impl RegistryService {
     }
 
     pub(super) async fn update_policy(&self, req: Request<pb::UpdatePolicyRequest>) -> R<pb::Vm> {
-        ferry_mesh::require_role(&req, Role::Operator)?;
+        ferry_mesh::require_role(&req, Role::Contributor)?;
         let req = req.into_inner();
         let Some(policy) = req.policy.as_ref() else {
             return Err(RegistryError::InvalidArgument(format!(
