@@ -42,6 +42,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 without,
                 retry_time_unit: None,
                 retention_interval: None,
+                export_roots: None,
             })
             .await?;
             // Not `outln!`: a closed stdout must not end the process before the mesh stops.

@@ -34,6 +34,8 @@ pub struct UpOptions {
     /// How often the scheduler runs retention (`[retention] interval`, default 10 min; tests
     /// use seconds).
     pub retention_interval: Option<std::time::Duration>,
+    /// Folders operators may name for exports (`export_roots`, default `D/exports`).
+    pub export_roots: Option<Vec<PathBuf>>,
 }
 
 /// A running mesh. Dropping it without [`Mesh::stop`] still stops the Redis child.
@@ -169,7 +171,14 @@ impl Mesh {
         if let Some(i) = opts.retention_interval {
             cfg.retention.interval = i;
         }
+        if let Some(r) = &opts.export_roots {
+            cfg.export_roots = r.clone();
+        }
         let cfg = cfg.finish()?;
+        for r in &cfg.export_roots {
+            std::fs::create_dir_all(r)
+                .with_context(|| format!("creating the export root {}", r.display()))?;
+        }
         cfg.write_toml(&config_path)?;
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();

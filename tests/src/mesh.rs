@@ -35,6 +35,8 @@ impl TestMesh {
         let mut opts = UpOptions {
             data_dir: dir.path().join("mesh"),
             retry_time_unit: Some(Duration::from_millis(100)),
+            // Tests export into folders of their own temporary dir.
+            export_roots: Some(vec![dir.path().to_path_buf()]),
             ..Default::default()
         };
         change(&mut opts);
@@ -328,6 +330,7 @@ pub async fn start_mesh_with_block_size(block_size: u32) -> anyhow::Result<TestM
     let opts = UpOptions {
         data_dir: dir.path().join("mesh"),
         retry_time_unit: Some(Duration::from_millis(100)),
+        export_roots: Some(vec![dir.path().to_path_buf()]),
         ..Default::default()
     };
     let first = Mesh::start(opts.clone()).await?;

@@ -49,6 +49,7 @@ impl TestMesh {
             data_dir: data_dir.clone(),
             retry_time_unit: Some(Duration::from_millis(100)),
             without,
+            export_roots: Some(vec![dir.path().to_path_buf()]),
             ..Default::default()
         };
         // A first start makes the vault and the config; nothing runs.

@@ -181,3 +181,50 @@ async fn disk_lease_refuses_second_host_and_fences_stale_commit() -> anyhow::Res
     t.stop().await;
     Ok(())
 }
+
+/// Folders an operator names (a test failover's `--target`, `MaterializeDisk`'s file) must lie
+/// under the machine's `export_roots` once links are resolved (issue #16 scope 3): `..`, a
+/// folder elsewhere and a symbolic link out of a root are each refused, and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_folders_stay_under_the_export_roots() -> anyhow::Result<()> {
+    let t = TestMesh::start().await?;
+    let elsewhere = tempfile::tempdir()?;
+    std::os::unix::fs::symlink(elsewhere.path(), t.path("out-link"))?;
+    let dots = format!("{}/../../etc", t.path("tf").display());
+    let far = elsewhere.path().join("tf").display().to_string();
+    let linked = t.path("out-link/tf").display().to_string();
+    for (target, says) in [
+        (dots.as_str(), ".."),
+        (far.as_str(), "not under"),
+        (linked.as_str(), "symbolic link"),
+    ] {
+        let (ok, _, err) = t.cli(&["failover", "test", "web01", "--target", target])?;
+        assert!(!ok && err.contains(says), "{target}: {err}");
+        let addr = t.ctl.cfg.endpoint(Component::StorageWriter);
+        let req = serde_json::json!({"vm": "web01", "target_path": format!("{target}/d.raw")});
+        let out = std::process::Command::new("grpcurl")
+            .arg("-cacert")
+            .arg(&t.ctl.cfg.tls.ca_cert)
+            .args([
+                "-H",
+                &format!("authorization: Bearer {}", t.ctl.cfg.admin_token()?),
+            ])
+            .args(["-d", &req.to_string()])
+            .arg(addr.trim_start_matches("https://"))
+            .arg("ferry.storage.v1.StorageWriter/MaterializeDisk")
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && text.contains("InvalidArgument") && text.contains(says),
+            "{target}: {text}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(elsewhere.path())?.count(),
+        0,
+        "written outside"
+    );
+    assert!(!t.path("tf").exists());
+    t.stop().await;
+    Ok(())
+}

@@ -106,6 +106,10 @@ pub struct MeshConfig {
     /// (`scheduler = "https://10.0.0.1:7402,10.0.0.2:7402"`).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub endpoints: BTreeMap<String, String>,
+    /// The only folders under which an operator's request may have this machine's components
+    /// write files (a test failover's `--target`, `MaterializeDisk`'s file), symbolic links
+    /// resolved; relative to `data_dir`. Default `exports`.
+    pub export_roots: Vec<PathBuf>,
 }
 
 /// Where the vault's PKI files are.
@@ -182,6 +186,7 @@ impl Default for MeshConfig {
             retry: RetryConfig::default(),
             retention: RetentionConfig::default(),
             endpoints: BTreeMap::new(),
+            export_roots: vec!["exports".into()],
         }
     }
 }
@@ -472,6 +477,9 @@ impl MeshConfig {
         }
         resolve(&mut self.vault.data_key_file);
         resolve(&mut self.vault.admin_token_file);
+        for r in &mut self.export_roots {
+            resolve(r);
+        }
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

@@ -71,9 +71,86 @@ pub fn folder_problem(dir: &str) -> Option<&'static str> {
         .then_some("may not hold `.` or `..` components")
 }
 
+/// Why Ferry may not write into `dir` on this machine: a folder an operator names must be a
+/// plain absolute path ([`folder_problem`]) under one of `roots` once symbolic links are
+/// resolved (its deepest existing folder is resolved; what follows does not exist yet, so it
+/// cannot lead anywhere else). `None` when it may.
+pub fn outside_roots(dir: &str, roots: &[std::path::PathBuf]) -> Option<String> {
+    if let Some(why) = folder_problem(dir) {
+        return Some(why.to_owned());
+    }
+    let shown = || {
+        let r: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+        if r.is_empty() {
+            "none are configured (export_roots in ferry.toml)".to_owned()
+        } else {
+            r.join(", ")
+        }
+    };
+    let path = std::path::Path::new(dir);
+    let mut existing = path;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(p) => existing = p,
+            None => break,
+        }
+    }
+    let Ok(real) = existing.canonicalize() else {
+        return Some(format!(
+            "cannot be resolved on this machine ({})",
+            existing.display()
+        ));
+    };
+    let rest = path
+        .strip_prefix(existing)
+        .unwrap_or(std::path::Path::new(""));
+    let real = real.join(rest);
+    let inside = roots
+        .iter()
+        .filter_map(|r| r.canonicalize().ok())
+        .any(|r| real.starts_with(&r));
+    match (inside, real.as_path() == path) {
+        (true, _) => None,
+        (false, true) => Some(format!(
+            "is not under a folder this machine lets operators name (allowed: {})",
+            shown()
+        )),
+        (false, false) => Some(format!(
+            "leads through a symbolic link to {}, which is not under a folder this machine lets operators name (allowed: {})",
+            real.display(),
+            shown()
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn folders_must_stay_under_the_roots() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let roots = vec![root.path().to_path_buf()];
+        let under = root.path().join("new/deeper");
+        assert_eq!(outside_roots(under.to_str().unwrap(), &roots), None);
+        let why = outside_roots(outside.path().to_str().unwrap(), &roots).unwrap();
+        assert!(
+            why.contains("not under") && why.contains(root.path().to_str().unwrap()),
+            "{why}"
+        );
+        let dots = format!("{}/../../etc", root.path().display());
+        assert!(outside_roots(&dots, &roots).unwrap().contains(".."));
+        std::os::unix::fs::symlink(outside.path(), root.path().join("link")).unwrap();
+        let through = root.path().join("link/x");
+        let why = outside_roots(through.to_str().unwrap(), &roots).unwrap();
+        assert!(why.contains("symbolic link"), "{why}");
+        assert!(
+            outside_roots(under.to_str().unwrap(), &[])
+                .unwrap()
+                .contains("none are configured")
+        );
+    }
 
     #[test]
     fn folders_an_operator_may_name() {

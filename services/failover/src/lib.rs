@@ -70,6 +70,8 @@ pub struct Orchestrator {
     replica: String,
     /// Jobs running in this process (the resume scan skips them).
     running: Arc<Mutex<HashSet<String>>>,
+    /// The folders a test failover's `target_dir` must lie under (none: every one refused).
+    export_roots: Arc<Vec<std::path::PathBuf>>,
 }
 
 /// The lease ttl of a job: a job whose replica died is resumed within about this.
@@ -136,7 +138,18 @@ impl Orchestrator {
             coord,
             replica: format!("failover-{}", uuid::Uuid::new_v4()),
             running: Arc::default(),
+            export_roots: Arc::default(),
         }
+    }
+
+    /// Lets test failovers write into folders under `roots` on this machine.
+    pub fn with_export_roots(mut self, roots: Vec<std::path::PathBuf>) -> Self {
+        self.export_roots = Arc::new(roots);
+        self
+    }
+
+    pub(crate) fn export_roots(&self) -> &[std::path::PathBuf] {
+        &self.export_roots
     }
 
     /// Sends work to hosts through the scheduler on `channel` (failover on a recovery host).
@@ -170,7 +183,9 @@ impl Orchestrator {
         let coord = Coord::connect(&cfg.redis_url)
             .await
             .context("connecting to redis")?;
-        Ok(Self::new(registry, storage, store, coord).with_scheduler(scheduler))
+        Ok(Self::new(registry, storage, store, coord)
+            .with_scheduler(scheduler)
+            .with_export_roots(cfg.export_roots.clone()))
     }
 
     /// A lease holder name for one run of a job here.

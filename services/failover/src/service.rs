@@ -47,6 +47,10 @@ impl Failover for FailoverService {
     ) -> Result<Response<Job>, Status> {
         require_role(&request, Role::Operator)?;
         let req = request.into_inner();
+        // A folder outside this machine's roots is bad input, whatever the VM's state.
+        self.orchestrator
+            .check_target_dir(&req.target_dir)
+            .map_err(|e| to_status(&e))?;
         self.allowed(&req.vm, Operation::TestFailover).await?;
         let job = self
             .orchestrator

@@ -64,6 +64,8 @@ async fn mesh() -> Mesh {
         ..MeshConfig::default()
     };
     cfg.vault.id = "test-vault".into();
+    // Test failovers with a target_dir write under the test's folder.
+    cfg.export_roots = vec![d.to_path_buf()];
     let mut cfg = cfg.finish().unwrap();
     let shutdown = CancellationToken::new();
     for c in [Component::Registry, Component::StorageWriter] {

@@ -52,6 +52,8 @@ pub struct Writer {
     merges: Arc<merge::Merges>,
     /// Where merges spool shipped logs (removed when each merge ends).
     spool_dir: Arc<PathBuf>,
+    /// The folders `MaterializeDisk` may write into (none: every target refused).
+    export_roots: Arc<Vec<PathBuf>>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -71,7 +73,14 @@ impl Writer {
             sweep_lock: Default::default(),
             merges: Default::default(),
             spool_dir: Arc::new(std::env::temp_dir()),
+            export_roots: Arc::default(),
         }
+    }
+
+    /// Lets `MaterializeDisk` write files into folders under `roots` on this machine.
+    pub fn with_export_roots(mut self, roots: Vec<PathBuf>) -> Self {
+        self.export_roots = Arc::new(roots);
+        self
     }
 
     /// Spools logs being merged under `dir` instead of the system's temporary directory.
@@ -89,7 +98,9 @@ impl Writer {
         let key = VaultKey::from_bytes(cfg.data_key().context("reading the vault data key")?);
         let spool = cfg.data_dir.join("merge-spool");
         merge::clean_spool_dir(&spool);
-        Ok(Self::new(store, coord, key).with_spool_dir(spool))
+        Ok(Self::new(store, coord, key)
+            .with_spool_dir(spool)
+            .with_export_roots(cfg.export_roots.clone()))
     }
 
     pub fn store(&self) -> &Store {

@@ -67,6 +67,7 @@ impl Writer {
         mut req: MaterializeDiskRequest,
         cancel: CancellationToken,
     ) -> Result<MaterializeDiskResponse> {
+        self.check_target(&req.target_path)?;
         if req.point.is_empty() || req.point == "latest" {
             req.point = self.resolve_point(&req.vm, &req.point).await?.id;
         }
@@ -76,18 +77,30 @@ impl Writer {
         res
     }
 
+    /// Bad input before anything is read: an absolute file whose folder lies under this
+    /// machine's export roots (links resolved).
+    fn check_target(&self, target_path: &str) -> Result<()> {
+        let target = std::path::Path::new(target_path);
+        if target_path.is_empty() || !target.is_absolute() {
+            return Err(WriterError::InvalidArgument(format!(
+                "target path {target_path:?} must be absolute"
+            )));
+        }
+        let folder = target.parent().and_then(|p| p.to_str()).unwrap_or("");
+        if let Some(why) = ferry_model::disk::outside_roots(folder, &self.export_roots) {
+            return Err(WriterError::InvalidArgument(format!(
+                "target path {target_path:?}: its folder {why}"
+            )));
+        }
+        Ok(())
+    }
+
     async fn materialize_held(
         &self,
         req: MaterializeDiskRequest,
         cancel: CancellationToken,
     ) -> Result<MaterializeDiskResponse> {
         let target = PathBuf::from(&req.target_path);
-        if req.target_path.is_empty() || !target.is_absolute() {
-            return Err(WriterError::InvalidArgument(format!(
-                "target path {:?} must be absolute",
-                req.target_path
-            )));
-        }
         let (point, disk) = self.resolve_disk(&req.vm, &req.point, &req.disk_id).await?;
         let (format, subformat) = output_format(&req, &disk)?;
         if tokio::fs::symlink_metadata(&target).await.is_ok() {

@@ -34,14 +34,14 @@ pub(crate) fn check_vm_name(vm: &str) -> Result<()> {
     Ok(())
 }
 
-pub(super) fn check_target_dir(dir: &str) -> Result<PathBuf> {
-    let path = PathBuf::from(dir);
-    if dir.is_empty() || !path.is_absolute() {
+/// A folder named by the operator, once it is known to lie under this machine's roots.
+pub(super) fn check_target_dir(dir: &str, roots: &[PathBuf]) -> Result<PathBuf> {
+    if let Some(why) = ferry_model::disk::outside_roots(dir, roots) {
         return Err(FailoverError::InvalidArgument(format!(
-            "target_dir {dir:?} must be an absolute path"
+            "target_dir {dir:?} {why}"
         )));
     }
-    Ok(path)
+    Ok(PathBuf::from(dir))
 }
 
 /// Which file each disk of the point becomes: the basename of the VM's disk path (the

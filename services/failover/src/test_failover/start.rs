@@ -19,6 +19,15 @@ use crate::{JOB_LEASE_TTL, Orchestrator, job_resource};
 const VM_START_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Orchestrator {
+    /// The folder a test failover names (none: the VM's recovery host), refused unless it
+    /// lies under this machine's export roots.
+    pub fn check_target_dir(&self, dir: &str) -> Result<Option<std::path::PathBuf>> {
+        match dir.is_empty() {
+            true => Ok(None),
+            false => check_target_dir(dir, self.export_roots()).map(Some),
+        }
+    }
+
     /// Runs a test failover of a VM and returns the finished job. Bad input, an unknown VM or
     /// point, and an active test failover are errors; a failure after the job started is a
     /// FAILED job (with nothing left behind). If this replica stops mid-job, the job is
@@ -26,10 +35,7 @@ impl Orchestrator {
     pub async fn test_failover(&self, req: TestFailoverRequest) -> Result<Job> {
         check_vm_name(&req.vm)?;
         // No folder named: on the VM's recovery host (checked once the VM is read).
-        let dir = match req.target_dir.is_empty() {
-            true => None,
-            false => Some(check_target_dir(&req.target_dir)?),
-        };
+        let dir = self.check_target_dir(&req.target_dir)?;
         if req.instant && dir.is_some() {
             return Err(FailoverError::InvalidArgument(
                 "an instant recovery runs on the vm's recovery host: it cannot export into a folder (--target)".into(),

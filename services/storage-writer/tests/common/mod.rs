@@ -48,7 +48,8 @@ pub async fn env_with(vsize: u64, store: impl FnOnce(&Path) -> Store) -> Env {
     let key = VaultKey::generate();
     std::fs::create_dir(dir.path().join("spool")).unwrap();
     let writer = Writer::new(store.clone(), coord.clone(), key.clone())
-        .with_spool_dir(dir.path().join("spool"));
+        .with_spool_dir(dir.path().join("spool"))
+        .with_export_roots(vec![dir.path().to_path_buf()]);
     let token = coord
         .acquire_lease(DISK, "agent-a", Duration::from_secs(600))
         .await

@@ -36,7 +36,8 @@ pub async fn env() -> Env {
     let redis = RedisServer::start(&dir.path().join("redis")).unwrap();
     let coord = Coord::connect(&redis.url()).await.unwrap();
     let key = VaultKey::generate();
-    let writer = Writer::new(store.clone(), coord.clone(), key.clone());
+    let writer = Writer::new(store.clone(), coord.clone(), key.clone())
+        .with_export_roots(vec![dir.path().to_path_buf()]);
     Env {
         dir,
         writer,
