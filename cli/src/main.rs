@@ -129,8 +129,8 @@ pub enum VaultCmd {
     RegistrationKey {
         #[arg(long)]
         out: PathBuf,
-        /// Validity (e.g. 1h, 24h; whole seconds, 1s to 365d).
-        #[arg(long, default_value = "24h")]
+        /// Validity (e.g. 1h, 5d; whole seconds, 1s to 365d). Also `--valid`.
+        #[arg(long, visible_alias = "valid", default_value = "5d")]
         ttl: humantime::Duration,
         #[arg(long, default_value = "")]
         site: String,

@@ -212,6 +212,7 @@ async fn cancelling_enable_protection_stops_its_initial_copy() -> anyhow::Result
     // No gateway yet: the initial copy cannot ship and retries with backoff.
     let mesh = ferry::up::Mesh::start(ferry::up::UpOptions {
         data_dir: dir.path().join("mesh"),
+        export_roots: Some(vec![dir.path().to_path_buf()]),
         without: vec![Component::Gateway],
         retry_time_unit: Some(Duration::from_millis(100)),
         ..Default::default()

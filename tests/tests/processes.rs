@@ -23,6 +23,7 @@ async fn components_as_separate_processes_join_one_mesh() -> anyhow::Result<()> 
     let dir = tempfile::tempdir()?;
     let mesh = Mesh::start(UpOptions {
         data_dir: dir.path().join("mesh"),
+        export_roots: Some(vec![dir.path().to_path_buf()]),
         without: vec![Component::Gateway, Component::Scheduler],
         ..Default::default()
     })

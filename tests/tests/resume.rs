@@ -82,6 +82,7 @@ async fn gateway_killed_mid_copy_resumes() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mesh = ferry::up::Mesh::start(ferry::up::UpOptions {
         data_dir: dir.path().join("mesh"),
+        export_roots: Some(vec![dir.path().to_path_buf()]),
         without: vec![ferry_mesh::Component::Gateway],
         retry_time_unit: Some(Duration::from_millis(100)),
         ..Default::default()

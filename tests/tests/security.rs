@@ -228,3 +228,31 @@ async fn named_folders_stay_under_the_export_roots() -> anyhow::Result<()> {
     t.stop().await;
     Ok(())
 }
+
+/// A registration key is valid five days unless `--valid` (or `--ttl`) says otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_keys_are_valid_five_days_by_default() -> anyhow::Result<()> {
+    let t = TestMesh::start().await?;
+    let expires = |args: &[&str]| -> anyhow::Result<i64> {
+        let out = t.path("key.json");
+        let _ = std::fs::remove_file(&out);
+        let mut all = vec![
+            "vault",
+            "registration-key",
+            "--out",
+            out.to_str().unwrap_or(""),
+        ];
+        all.extend_from_slice(args);
+        let (ok, o, e) = t.cli(&all)?;
+        anyhow::ensure!(ok, "{o}{e}");
+        let key: serde_json::Value = serde_json::from_slice(&std::fs::read(&out)?)?;
+        Ok(key["expires_at_ms"].as_i64().unwrap_or_default() - ferry_proto::now_ms())
+    };
+    let day = 24 * 3600 * 1000;
+    let default = expires(&[])?;
+    assert!((5 * day - 60_000..=5 * day).contains(&default), "{default}");
+    let two = expires(&["--valid", "2d"])?;
+    assert!((2 * day - 60_000..=2 * day).contains(&two), "{two}");
+    t.stop().await;
+    Ok(())
+}

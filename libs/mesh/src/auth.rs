@@ -184,7 +184,7 @@ impl Authenticator {
         }
         match self.grants.find(&hash) {
             Some(g) if g.expired(ferry_proto::now_ms()) => {
-                tracing::debug!(token = %g.name, "rejected an expired token");
+                tracing::debug!(token_name = %g.name, "rejected an expired token");
                 Err(Status::unauthenticated(format!(
                     "token {} has expired",
                     g.name

@@ -131,7 +131,7 @@ pub async fn component_authenticator(
 /// A grant as the registry lists it; one that does not parse is left out (it grants nothing).
 pub fn grant_from_proto(g: &ferry_proto::registry::v1::TokenGrant) -> Option<TokenGrant> {
     let (Ok(hash), Ok(role)) = (blake3::Hash::from_hex(&g.hash), g.role.parse::<Role>()) else {
-        tracing::warn!(token = %g.name, "a token grant that does not parse is ignored");
+        tracing::warn!(token_name = %g.name, "a token grant that does not parse is ignored");
         return None;
     };
     Some(TokenGrant {

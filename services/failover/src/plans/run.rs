@@ -344,6 +344,7 @@ impl Orchestrator {
         // yet when the cancel came (it was still being checked or started) is reached too.
         let mut asked = HashSet::new();
         let mut repeat = tokio::time::interval(CANCEL_REPEAT);
+        repeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failures = Vec::new();
         loop {
             let next = tokio::select! {

@@ -15,7 +15,8 @@ use crate::lifecycle::vm_event;
 use crate::state::{Event, HostRecord, KeyRecord};
 use ferry_model::{DiskSpec, VmHardware};
 
-const KEY_TTL_DEFAULT_SECS: u64 = 24 * 3600;
+/// Five days, as ASR's vault credentials.
+const KEY_TTL_DEFAULT_SECS: u64 = 5 * 24 * 3600;
 
 impl RegistryService {
     pub(super) async fn create_registration_key(

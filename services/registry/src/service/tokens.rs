@@ -46,7 +46,7 @@ impl RegistryService {
             Ok((vec![Event::TokenCreated(rec)], ()))
         })
         .await?;
-        tracing::info!(token = %saved.name, role = %saved.role, expires_at_ms = saved.expires_at_ms, "token created");
+        tracing::info!(token_name = %saved.name, role = %saved.role, expires_at_ms = saved.expires_at_ms, "token created");
         Ok(Response::new(pb::CreateTokenResponse {
             info: Some(info(&saved)),
             token,
@@ -83,7 +83,7 @@ impl RegistryService {
                 }
             })
             .await?;
-        tracing::info!(token = %name, "token revoked");
+        tracing::info!(token_name = %name, "token revoked");
         Ok(Response::new(info(&rec)))
     }
 
