@@ -61,11 +61,13 @@ echo "== protect web01"
 "$bin/ferry" --config "$cfg" vm protect web01 --frequency 5m --wait
 "$bin/ferry" --config "$cfg" points list web01
 
-echo "== test failover to $work/failover"
-"$bin/ferry" --config "$cfg" failover test web01 --point latest --target "$work/failover"
+# A folder the mesh may write into lies under its export_roots (default D/exports).
+out="$work/mesh/exports/failover"
+echo "== test failover to $out"
+"$bin/ferry" --config "$cfg" failover test web01 --point latest --target "$out"
 result=0
 for d in web01-os.vhdx web01-data.vhdx; do
-  if qemu-img compare -q -f vhdx -F vhdx "$work/host/$d" "$work/failover/$d"; then
+  if qemu-img compare -q -f vhdx -F vhdx "$work/host/$d" "$out/$d"; then
     echo "$d: identical"
   else
     echo "$d: DIFFERENT"; result=1
