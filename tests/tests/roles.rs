@@ -65,12 +65,7 @@ fn code(ok: bool, out: &str) -> String {
 fn served_methods(t: &TestMesh) -> anyhow::Result<Vec<(String, String)>> {
     let mut all = Vec::new();
     for c in GRPC_COMPONENTS {
-        let addr = t
-            .ctl
-            .cfg
-            .endpoint(c)
-            .trim_start_matches("https://")
-            .to_owned();
+        let addr = grpc_addr(t, c);
         let (ok, services) = grpcurl(t, None, &[&addr, "list"]);
         anyhow::ensure!(ok, "{c}: {services}");
         for svc in services.lines().filter(|s| s.starts_with("ferry.")) {
@@ -141,12 +136,7 @@ async fn every_rpc_lets_through_exactly_the_roles_the_table_allows() -> anyhow::
         let workers: Vec<_> = GRPC_COMPONENTS
             .iter()
             .map(|c| {
-                let addr = t
-                    .ctl
-                    .cfg
-                    .endpoint(*c)
-                    .trim_start_matches("https://")
-                    .to_owned();
+                let addr = grpc_addr(&t, *c);
                 let (t, table, tokens, served) = (&t, &table, &tokens, &served);
                 s.spawn(move || {
                     let mut bad = Vec::new();
@@ -276,12 +266,7 @@ async fn until_every_service(
         "ferry.failover.v1.Failover/ListFailovers",
     ];
     for (c, rpc) in GRPC_COMPONENTS.iter().zip(reads) {
-        let addr = t
-            .ctl
-            .cfg
-            .endpoint(*c)
-            .trim_start_matches("https://")
-            .to_owned();
+        let addr = grpc_addr(t, *c);
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
             let (ok, out) = grpcurl(t, Some(token), &["-d", "{}", &addr, rpc]);
@@ -293,6 +278,15 @@ async fn until_every_service(
         }
     }
     Ok(())
+}
+
+/// A component's `host:port`, as grpcurl takes it.
+fn grpc_addr(t: &TestMesh, c: ferry_mesh::Component) -> String {
+    t.ctl
+        .cfg
+        .endpoint(c)
+        .trim_start_matches("https://")
+        .to_owned()
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {

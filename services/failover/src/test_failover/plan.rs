@@ -34,16 +34,6 @@ pub(crate) fn check_vm_name(vm: &str) -> Result<()> {
     Ok(())
 }
 
-/// A folder named by the operator, once it is known to lie under this machine's roots.
-pub(super) fn check_target_dir(dir: &str, roots: &[PathBuf]) -> Result<PathBuf> {
-    if let Some(why) = ferry_model::disk::outside_roots(dir, roots) {
-        return Err(FailoverError::InvalidArgument(format!(
-            "target_dir {dir:?} {why}"
-        )));
-    }
-    Ok(PathBuf::from(dir))
-}
-
 /// Which file each disk of the point becomes: the basename of the VM's disk path (the
 /// point's own path when the VM no longer lists the disk).
 pub(super) fn plan_disks(vm: &Vm, point: &RecoveryPoint, dir: &Path) -> Result<Vec<PlannedDisk>> {

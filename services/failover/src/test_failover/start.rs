@@ -9,7 +9,7 @@ use ferry_proto::registry::v1::Vm;
 use tracing::{info, warn};
 
 use super::TEST_FAILOVER_STEPS;
-use super::plan::{check_target_dir, check_vm_name};
+use super::plan::check_vm_name;
 use crate::error::{FailoverError, Result};
 use crate::job::JobTracker;
 use crate::records::{Record, STATE_CLEANING, STATE_FAILED, STATE_RUNNING};
@@ -22,10 +22,15 @@ impl Orchestrator {
     /// The folder a test failover names (none: the VM's recovery host), refused unless it
     /// lies under this machine's export roots.
     pub fn check_target_dir(&self, dir: &str) -> Result<Option<std::path::PathBuf>> {
-        match dir.is_empty() {
-            true => Ok(None),
-            false => check_target_dir(dir, self.export_roots()).map(Some),
+        if dir.is_empty() {
+            return Ok(None);
         }
+        if let Some(why) = ferry_model::disk::outside_roots(dir, self.export_roots()) {
+            return Err(FailoverError::InvalidArgument(format!(
+                "target_dir {dir:?} {why}"
+            )));
+        }
+        Ok(Some(std::path::PathBuf::from(dir)))
     }
 
     /// Runs a test failover of a VM and returns the finished job. Bad input, an unknown VM or
