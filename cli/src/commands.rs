@@ -118,6 +118,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Plan { cmd } => crate::plan_cmd::run(&ctl(&cli)?, cmd).await,
         Cmd::Drill { cmd } => crate::drill_cmd::run(&ctl(&cli)?, cmd).await,
         Cmd::Token { cmd } => crate::token_cmd::run(&ctl(&cli)?, cmd).await,
+        Cmd::Audit(args) => crate::audit_cmd::run(&ctl(&cli)?, args).await,
         Cmd::Failback { cmd, args } => {
             crate::failover_cmd::failback(&ctl(&cli)?, cmd.as_ref(), args).await
         }

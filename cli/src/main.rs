@@ -1,4 +1,5 @@
 //! `ferry`: run the mesh (`ferry up`) and operate it.
+mod audit_cmd;
 mod commands;
 mod disk_cmd;
 mod drill_cmd;
@@ -106,6 +107,8 @@ pub enum Cmd {
         #[command(flatten)]
         args: FailbackArgs,
     },
+    /// The audit trail: every change and every refusal, with caller, target and result.
+    Audit(audit_cmd::AuditArgs),
     /// Operator tokens with a role (reader, operator, contributor, admin).
     Token {
         #[command(subcommand)]

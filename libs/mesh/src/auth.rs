@@ -60,10 +60,21 @@ pub enum Caller {
     Host(String),
     /// A Ferry component, by the service certificate.
     Service(String),
-    /// An operator, by bearer token.
-    Operator(Role),
+    /// An operator, by bearer token: the token's role and name (`ferry token create --name`;
+    /// a token from the config is named after its role, the vault's own token `admin`).
+    Operator { role: Role, token: String },
     /// No credentials (health checks, reflection).
     Anonymous,
+}
+
+impl Caller {
+    /// An operator caller with `role`, by the token named `token`.
+    pub fn operator(role: Role, token: &str) -> Self {
+        Caller::Operator {
+            role,
+            token: token.to_owned(),
+        }
+    }
 }
 
 impl fmt::Display for Caller {
@@ -71,7 +82,7 @@ impl fmt::Display for Caller {
         match self {
             Caller::Host(name) => write!(f, "host:{name}"),
             Caller::Service(name) => write!(f, "service:{name}"),
-            Caller::Operator(role) => write!(f, "operator:{role}"),
+            Caller::Operator { role, token } => write!(f, "token:{token} ({role})"),
             Caller::Anonymous => f.write_str("anonymous"),
         }
     }
@@ -85,6 +96,8 @@ pub type RevocationCheck = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
 #[derive(Clone)]
 pub struct Authenticator {
     tokens: Arc<Vec<(blake3::Hash, Role)>>,
+    /// Where audited calls are recorded (see [`crate::audit`]); none: nothing is recorded.
+    audit: Option<Arc<dyn ferry_model::AuditSink>>,
     /// Tokens made with `ferry token create`, as the registry last listed them.
     grants: TokenGrants,
     revoked: RevocationCheck,
@@ -113,6 +126,7 @@ impl Authenticator {
             .collect();
         Self {
             tokens: Arc::new(tokens),
+            audit: None,
             grants: TokenGrants::default(),
             revoked: Arc::new(|_, _| false),
         }
@@ -142,6 +156,17 @@ impl Authenticator {
     pub fn with_grants(mut self, grants: TokenGrants) -> Self {
         self.grants = grants;
         self
+    }
+
+    /// Records audited calls (mutations and refusals) into `sink`.
+    pub fn with_audit(mut self, sink: Arc<dyn ferry_model::AuditSink>) -> Self {
+        self.audit = Some(sink);
+        self
+    }
+
+    /// The audit sink, if calls are audited.
+    pub fn audit_sink(&self) -> Option<&Arc<dyn ferry_model::AuditSink>> {
+        self.audit.as_ref()
     }
 
     /// Sets the check for removed hosts.
@@ -180,7 +205,7 @@ impl Authenticator {
         let hash = hash_token(token);
         // blake3::Hash equality is constant-time.
         if let Some((_, role)) = self.tokens.iter().find(|(h, _)| *h == hash) {
-            return Ok(Caller::Operator(*role));
+            return Ok(Caller::operator(*role, role.as_str()));
         }
         match self.grants.find(&hash) {
             Some(g) if g.expired(ferry_proto::now_ms()) => {
@@ -190,7 +215,7 @@ impl Authenticator {
                     g.name
                 )))
             }
-            Some(g) => Ok(Caller::Operator(g.role)),
+            Some(g) => Ok(Caller::operator(g.role, &g.name)),
             None => {
                 tracing::debug!("rejected an unknown bearer token");
                 Err(Status::unauthenticated("invalid bearer token"))
@@ -316,9 +341,9 @@ pub fn require_host<T>(req: &Request<T>) -> Result<String, Status> {
 /// Passes operators with at least `min`, and services (which count as admin).
 pub fn require_role<T>(req: &Request<T>, min: Role) -> Result<(), Status> {
     match caller(req) {
-        Caller::Operator(role) if role >= min => Ok(()),
+        Caller::Operator { role, .. } if role >= min => Ok(()),
         Caller::Service(_) => Ok(()),
-        Caller::Operator(role) => Err(Status::permission_denied(format!(
+        Caller::Operator { role, .. } => Err(Status::permission_denied(format!(
             "this call needs the {min} role; the token has {role}"
         ))),
         Caller::Host(name) => Err(Status::permission_denied(format!(
@@ -356,10 +381,10 @@ mod tests {
         let auth = Authenticator::with_admin_token("a-token").add_token("r-token", Role::Reader);
         let mut icpt = auth.interceptor();
         let req = icpt.call(with_token("Bearer a-token")).unwrap();
-        assert_eq!(caller(&req), Caller::Operator(Role::Admin));
+        assert_eq!(caller(&req), Caller::operator(Role::Admin, "admin"));
         assert!(require_role(&req, Role::Admin).is_ok());
         let req = icpt.call(with_token("bearer r-token")).unwrap();
-        assert_eq!(caller(&req), Caller::Operator(Role::Reader));
+        assert_eq!(caller(&req), Caller::operator(Role::Reader, "reader"));
         let denied = require_role(&req, Role::Operator).unwrap_err();
         assert_eq!(denied.code(), Code::PermissionDenied);
         assert_eq!(
@@ -385,7 +410,7 @@ mod tests {
             grant("old", "old-token", ferry_proto::now_ms() - 1),
         ]);
         let req = icpt.call(with_token("Bearer bob-token")).unwrap();
-        assert_eq!(caller(&req), Caller::Operator(Role::Contributor));
+        assert_eq!(caller(&req), Caller::operator(Role::Contributor, "bob"));
         assert!(require_role(&req, Role::Operator).is_ok());
         let denied = require_role(&req, Role::Admin).unwrap_err();
         assert!(denied.message().contains("admin") && denied.message().contains("contributor"));
@@ -419,7 +444,7 @@ mod tests {
             .interceptor()
             .call(with_token("Bearer op-token"))
             .unwrap();
-        assert_eq!(caller(&req), Caller::Operator(Role::Operator));
+        assert_eq!(caller(&req), Caller::operator(Role::Operator, "operator"));
         assert!(
             Authenticator::default()
                 .add_token_hash("zz", Role::Admin)

@@ -1,7 +1,7 @@
 //! The one skeleton of a component. Every binary's `main` is [`component_main`] (the
 //! gateway, which listens on UDP, uses [`ComponentArgs::load`] alone); every gRPC service's
 //! `run` ends in [`serve_component`]: TLS from the config, every call through the caller
-//! authenticator, health under the service's own name, reflection, drain on shutdown.
+//! authenticator and the audit layer ([`crate::audit`]), health under the service's own name, reflection, drain on shutdown.
 //!
 //! This is the binary edge of every component, so it speaks `anyhow` like a `main` does.
 use std::convert::Infallible;
@@ -17,7 +17,6 @@ use tonic::body::Body;
 use tonic::codegen::Service;
 use tonic::server::NamedService;
 use tonic::service::Routes;
-use tonic::service::interceptor::InterceptedService;
 
 use crate::{Authenticator, Component, MeshConfig, MeshError, ServerTls};
 
@@ -92,7 +91,17 @@ where
     S::Future: Send + 'static,
 {
     let tls = ServerTls::load(cfg)?;
-    let routes = Routes::new(InterceptedService::new(service, auth.interceptor()));
+    let routes = Routes::new(crate::Audited::new(
+        service,
+        auth.clone(),
+        component_name(S::NAME),
+    ));
     tracing::info!(service = S::NAME, addr = ?listener.local_addr().ok(), "serving");
     crate::serve(listener, &tls, routes, &[S::NAME], shutdown).await
+}
+
+/// The component's name in audit records, from its service name
+/// (`ferry.storage.v1.StorageWriter` → `storagewriter`).
+fn component_name(service: &str) -> &str {
+    service.rsplit('.').next().unwrap_or(service)
 }

@@ -2,6 +2,7 @@
 //! PKI, TLS for gRPC and QUIC (always with the `ring` rustls provider, chosen explicitly), caller
 //! authentication, a gRPC server with health and reflection, and error → `tonic::Status`.
 
+pub mod audit;
 pub mod auth;
 pub mod client;
 pub mod component;
@@ -19,6 +20,7 @@ pub mod telemetry;
 mod tls;
 pub mod vault;
 
+pub use audit::Audited;
 pub use auth::{
     AuthInterceptor, Authenticator, Caller, RevocationCheck, Role, TokenGrant, TokenGrants, caller,
     require_host, require_role, require_service, token_hash,

@@ -342,7 +342,8 @@ mod tests {
             .await
             .unwrap();
         let mut op = Request::new(());
-        op.extensions_mut().insert(Caller::Operator(Role::Reader));
+        op.extensions_mut()
+            .insert(Caller::operator(Role::Reader, "test"));
         o.require_role_or_owner(&op, Role::Reader, "web01", "read")
             .await
             .unwrap();
@@ -413,7 +414,8 @@ mod tests {
 
         // operators and services as before, anonymous callers not at all
         let mut op = Request::new(());
-        op.extensions_mut().insert(Caller::Operator(Role::Reader));
+        op.extensions_mut()
+            .insert(Caller::operator(Role::Reader, "test"));
         o.require_role_or_reader(&op, Role::Reader, "web01", "read")
             .await
             .unwrap();

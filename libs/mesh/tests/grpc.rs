@@ -272,7 +272,7 @@ async fn bearer_tokens_carry_roles() {
     let token = mesh.cfg.admin_token().unwrap();
     let mut admin = SchedulerClient::new(with_token(channel.clone(), &token).unwrap());
     let who = admin.list_queue(ListQueueRequest::default()).await.unwrap();
-    assert_eq!(who.into_inner().entries[0].host_name, "operator:admin");
+    assert_eq!(who.into_inner().entries[0].host_name, "token:admin (admin)");
     admin.dispatch(DispatchRequest::default()).await.unwrap();
 
     let mut reader = SchedulerClient::new(with_token(channel.clone(), "reader-token").unwrap());
@@ -544,7 +544,7 @@ async fn grpcurl_lists_checks_and_authenticates() {
     let auth = format!("authorization: Bearer {token}");
     let method = format!("{SCHEDULER}/ListQueue");
     let (ok, out) = grpcurl(args(&["-H", &auth, &addr, &method])).await;
-    assert!(ok && out.contains("operator:admin"), "{out}");
+    assert!(ok && out.contains("token:admin (admin)"), "{out}");
 
     let (ok, out) = grpcurl(args(&["-H", "authorization: Bearer wrong", &addr, &method])).await;
     assert!(!ok && out.contains("Unauthenticated"), "{out}");

@@ -4,6 +4,7 @@
 //! values into these types once, at their edge ([`wire`]).
 #[macro_use]
 mod names;
+pub mod audit;
 pub mod disk;
 pub mod drill;
 pub mod job;
@@ -14,6 +15,7 @@ pub mod replication;
 pub mod retry;
 pub mod wire;
 
+pub use audit::{AuditRecord, AuditResult, AuditSink};
 pub use disk::{DiskSpec, VmHardware};
 pub use names::UnknownName;
 pub use protection::{

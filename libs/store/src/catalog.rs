@@ -76,24 +76,46 @@ impl Catalog {
 
     /// Appends an entry at the end of the log and returns its sequence number (from 1).
     pub async fn append<T: Serialize>(&self, entry: &T) -> Result<u64, StoreError> {
+        self.append_inner(false, |_, _| Ok(entry)).await
+    }
+
+    /// Appends the entry `make(seq, previous)` builds for sequence number `seq` from the entry
+    /// before it (`None` for the first): for logs whose entries chain to their predecessor.
+    /// `make` runs again whenever another writer took `seq` first.
+    pub async fn append_chained<T, F>(&self, mut make: F) -> Result<u64, StoreError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnMut(u64, Option<T>) -> T,
+    {
+        let what = format!("catalog entry of {}", self.namespace);
+        self.append_inner(true, |seq, prev| {
+            let prev = match prev {
+                None => None,
+                Some(bytes) => Some(
+                    serde_json::from_slice::<EnvelopeIn<T>>(&bytes)
+                        .map_err(|e| {
+                            StoreError::corrupt(format!("{what} {}", seq - 1), e.to_string())
+                        })?
+                        .entry,
+                ),
+            };
+            Ok(make(seq, prev))
+        })
+        .await
+    }
+
+    /// The append loop: `make(seq, previous entry's bytes)` gives the entry for `seq` (the
+    /// previous one is read only when `chained`).
+    async fn append_inner<T, F>(&self, chained: bool, mut make: F) -> Result<u64, StoreError>
+    where
+        T: Serialize,
+        F: FnMut(u64, Option<Bytes>) -> Result<T, StoreError>,
+    {
         check_segment("catalog namespace", &self.namespace)?;
         let writer = uuid::Uuid::new_v4().to_string();
-        let env = EnvelopeOut {
-            v: 1,
-            writer: &writer,
-            time_ms: chrono::Utc::now().timestamp_millis(),
-            entry,
-        };
-        let bytes =
-            Bytes::from(
-                serde_json::to_vec(&env).map_err(|source| StoreError::Encoding {
-                    what: format!("catalog entry for {}", self.namespace),
-                    source,
-                })?,
-            );
         let mut seq = self.tail.load(Ordering::Acquire);
-        if seq == 0 {
-            seq = self.find_tail(0).await?;
+        if seq == 0 || chained {
+            seq = self.find_tail(seq).await?;
         }
         let mut conflicts = 0usize;
         // 40, 80, 160, 320 ms between attempts after a transient failure.
@@ -102,11 +124,19 @@ impl Catalog {
         let mut uncertain: Vec<u64> = Vec::new();
         loop {
             let next = seq + 1;
-            match self
-                .store
-                .put_if_absent(&self.key(next), bytes.clone())
-                .await
-            {
+            let prev = match (chained, seq) {
+                (true, 1..) => Some(self.store.get(&self.key(seq)).await?.ok_or_else(|| {
+                    StoreError::NotFound {
+                        what: format!(
+                            "catalog entry {} (the one before a new entry)",
+                            self.key(seq)
+                        ),
+                    }
+                })?),
+                _ => None,
+            };
+            let bytes = self.envelope(&writer, make(next, prev)?)?;
+            match self.store.put_if_absent(&self.key(next), bytes).await {
                 Ok(true) => {
                     self.tail.fetch_max(next, Ordering::AcqRel);
                     debug!(namespace = %self.namespace, seq = next, "catalog entry appended");
@@ -140,6 +170,20 @@ impl Catalog {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    fn envelope<T: Serialize>(&self, writer: &str, entry: T) -> Result<Bytes, StoreError> {
+        let env = EnvelopeOut {
+            v: 1,
+            writer,
+            time_ms: chrono::Utc::now().timestamp_millis(),
+            entry: &entry,
+        };
+        let bytes = serde_json::to_vec(&env).map_err(|source| StoreError::Encoding {
+            what: format!("catalog entry for {}", self.namespace),
+            source,
+        })?;
+        Ok(Bytes::from(bytes))
     }
 
     /// If one of the uncertain attempts did land, its sequence number.
@@ -182,6 +226,19 @@ impl Catalog {
         &self,
         after_seq: u64,
     ) -> Result<Vec<(u64, T)>, StoreError> {
+        self.read_each_from(after_seq)
+            .await?
+            .into_iter()
+            .map(|(seq, entry)| entry.map(|e| (seq, e)))
+            .collect()
+    }
+
+    /// Like [`Catalog::read_from`], but an entry that is missing or does not parse is an
+    /// error of its own instead of failing the whole read (for checking a log).
+    pub async fn read_each_from<T: DeserializeOwned>(
+        &self,
+        after_seq: u64,
+    ) -> Result<Vec<(u64, Result<T, StoreError>)>, StoreError> {
         check_segment("catalog namespace", &self.namespace)?;
         let offset = (after_seq > 0).then(|| self.key(after_seq));
         let keys = self
@@ -202,21 +259,25 @@ impl Catalog {
                 warn!(namespace = %self.namespace, after = w[0], next = w[1], "gap in catalog log");
             }
         }
-        futures::stream::iter(seqs.into_iter().map(|s| async move {
+        let entries = futures::stream::iter(seqs.into_iter().map(|s| async move {
             let key = self.key(s);
-            let bytes = self
-                .store
-                .get(&key)
-                .await?
-                .ok_or_else(|| StoreError::NotFound {
+            let entry = match self.store.get(&key).await {
+                Ok(Some(bytes)) => serde_json::from_slice::<EnvelopeIn<T>>(&bytes)
+                    .map(|env| env.entry)
+                    .map_err(|e| {
+                        StoreError::corrupt(format!("catalog entry {key}"), e.to_string())
+                    }),
+                Ok(None) => Err(StoreError::NotFound {
                     what: format!("catalog entry {key}"),
-                })?;
-            let env: EnvelopeIn<T> = serde_json::from_slice(&bytes)
-                .map_err(|e| StoreError::corrupt(format!("catalog entry {key}"), e.to_string()))?;
-            Ok((s, env.entry))
+                }),
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e) => Err(e),
+            };
+            Ok((s, entry))
         }))
         .buffered(PARALLEL)
         .try_collect()
-        .await
+        .await?;
+        Ok(entries)
     }
 }

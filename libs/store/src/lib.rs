@@ -9,6 +9,7 @@
 //! Every object key is built and parsed by [`layout`] (the table of keys is there), and by no
 //! other crate.
 
+mod audit;
 mod blockmap;
 mod catalog;
 mod chunk;
@@ -20,6 +21,7 @@ mod quarantine;
 mod store;
 mod unreliable;
 
+pub use audit::{AUDIT_NAMESPACE, AuditLog, AuditVerification, AuditWriter};
 pub use blockmap::{BlockMap, PAGE_BLOCKS, PageRef};
 pub use catalog::Catalog;
 pub use chunk::{

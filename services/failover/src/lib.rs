@@ -306,7 +306,11 @@ pub async fn run(
     tokio::spawn(orchestrator.clone().drill_schedule_loop());
     let auth = ferry_mesh::component_authenticator(&cfg, shutdown.clone())
         .await
-        .context("setting up authentication")?;
+        .context("setting up authentication")?
+        .with_audit(ferry_store::AuditWriter::open(
+            &cfg.store_url(),
+            &cfg.data_key()?,
+        )?);
     let server = FailoverServer::new(FailoverService::new(orchestrator));
     ferry_mesh::serve_component(&cfg, listener, &auth, server, shutdown).await?;
     Ok(())

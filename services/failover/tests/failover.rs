@@ -398,8 +398,8 @@ fn as_caller<T>(msg: T, caller: Option<Caller>) -> tonic::Request<T> {
 async fn every_call_is_authorized() {
     let m = mesh().await;
     let svc = FailoverService::new(Orchestrator::from_config(&m.cfg).await.unwrap());
-    let reader = Some(Caller::Operator(Role::Reader));
-    let operator = Some(Caller::Operator(Role::Operator));
+    let reader = Some(Caller::operator(Role::Reader, "test"));
+    let operator = Some(Caller::operator(Role::Operator, "test"));
     let target = m.path("tf");
     let err = svc
         .test_failover(as_caller(test_req(&target), reader.clone()))

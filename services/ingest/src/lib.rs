@@ -53,7 +53,12 @@ pub async fn run(
         owners: VmOwners::registry(&cfg)?,
         lock: Default::default(),
     });
-    let auth = ferry_mesh::component_authenticator(&cfg, shutdown.clone()).await?;
+    let auth = ferry_mesh::component_authenticator(&cfg, shutdown.clone())
+        .await?
+        .with_audit(ferry_store::AuditWriter::open(
+            &cfg.store_url(),
+            &cfg.data_key()?,
+        )?);
     let server = pb::ingest_server::IngestServer::new(Api(svc)).max_decoding_message_size(64 << 20);
     ferry_mesh::serve_component(&cfg, listener, &auth, server, shutdown).await?;
     Ok(())

@@ -1,6 +1,7 @@
 //! The registry service: its catalog, in-memory heartbeat state and VM views, and the gRPC
 //! handlers of `ferry.registry.v1.Registry`, one module per concern (the trait impl here only
 //! delegates to them).
+mod audit;
 mod failover;
 mod hosts;
 mod jobs_api;
@@ -16,7 +17,7 @@ use ferry_model::{Health, VmState};
 use ferry_proto::common::v1::{Disk, Job};
 use ferry_proto::now_ms;
 use ferry_proto::registry::v1::{self as pb, registry_server::Registry};
-use ferry_store::{Catalog, Store};
+use ferry_store::{AuditLog, Catalog, Store};
 use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -41,6 +42,8 @@ pub struct RegistryService {
     /// Channels to the scheduler (dispatching job work), made once.
     pub(crate) peers: ferry_mesh::Peers,
     catalog: Catalog,
+    /// The vault's audit trail (read by `ListAudit`; this registry writes into it too).
+    audit: AuditLog,
     pub(crate) state: Mutex<State>,
     /// Last heartbeat per host (memory only: rebuilt by the next heartbeat).
     heartbeats: std::sync::Mutex<HashMap<String, i64>>,
@@ -69,6 +72,10 @@ pub struct RegistryService {
 impl RegistryService {
     pub async fn open(cfg: MeshConfig, shutdown: CancellationToken) -> Result<Self, RegistryError> {
         let store = Store::from_url(&cfg.store_url())?;
+        let key = cfg
+            .data_key()
+            .map_err(|e| RegistryError::Internal(format!("the vault data key: {e}")))?;
+        let audit = AuditLog::new(store.clone(), &key);
         let catalog = Catalog::new(store, "registry");
         let mut state = State::default();
         for (seq, ev) in catalog.read_from::<Event>(0).await? {
@@ -90,6 +97,7 @@ impl RegistryService {
                 .map_err(|e| RegistryError::Pki(format!("the service certificate: {e}")))?,
             cfg,
             catalog,
+            audit,
             state: Mutex::new(state),
             heartbeats: Default::default(),
             capabilities: Default::default(),
@@ -109,7 +117,8 @@ impl RegistryService {
         let token = self.cfg.admin_token()?;
         Ok(Authenticator::with_admin_token(&token)
             .with_revocation(self.revoked.check())
-            .with_grants(self.grants.clone()))
+            .with_grants(self.grants.clone())
+            .with_audit(ferry_store::AuditWriter::spawn(self.audit.clone())))
     }
 
     /// Appends events (after catching up with other writers) and applies them.
@@ -485,6 +494,17 @@ impl Registry for RegistryApi {
         req: Request<pb::ListTokenGrantsRequest>,
     ) -> R<pb::ListTokenGrantsResponse> {
         self.0.list_token_grants(req).await
+    }
+
+    async fn list_audit(&self, req: Request<pb::ListAuditRequest>) -> R<pb::ListAuditResponse> {
+        self.0.list_audit(req).await
+    }
+
+    async fn verify_audit(
+        &self,
+        req: Request<pb::VerifyAuditRequest>,
+    ) -> R<pb::VerifyAuditResponse> {
+        self.0.verify_audit(req).await
     }
 
     async fn set_failover_state(&self, req: Request<pb::SetFailoverStateRequest>) -> R<pb::Vm> {

@@ -71,7 +71,12 @@ pub async fn run(
             }
         },
     ));
-    let auth = ferry_mesh::component_authenticator(&cfg, shutdown.clone()).await?;
+    let auth = ferry_mesh::component_authenticator(&cfg, shutdown.clone())
+        .await?
+        .with_audit(ferry_store::AuditWriter::open(
+            &cfg.store_url(),
+            &cfg.data_key()?,
+        )?);
     let server = pb::scheduler_server::SchedulerServer::new(Api(svc));
     ferry_mesh::serve_component(&cfg, listener, &auth, server, shutdown).await?;
     Ok(())

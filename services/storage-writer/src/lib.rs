@@ -118,7 +118,11 @@ pub async fn run(
     let writer = Writer::from_config(&cfg).await?;
     let auth = ferry_mesh::component_authenticator(&cfg, shutdown.clone())
         .await
-        .context("setting up authentication")?;
+        .context("setting up authentication")?
+        .with_audit(ferry_store::AuditWriter::open(
+            &cfg.store_url(),
+            &cfg.data_key()?,
+        )?);
     let stop_merger = shutdown.child_token();
     let merger = writer.spawn_merger(stop_merger.clone());
     let owners = ferry_mesh::VmOwners::registry(&cfg).context("registry client")?;

@@ -274,7 +274,7 @@ async fn the_gateway_asks_for_the_vm_s_host_and_its_recovery_host_only() {
             tonic::Code::PermissionDenied,
         ),
         (
-            Some(Caller::Operator(Role::Admin)),
+            Some(Caller::operator(Role::Admin, "test")),
             tonic::Code::PermissionDenied,
         ),
         (None, tonic::Code::Unauthenticated),

@@ -263,11 +263,14 @@ async fn every_call_is_authorized() {
         Box::pin(async move { Ok((vm == "web").then(|| "h1".to_string())) })
     });
     let svc = StorageWriterService::new(e.writer.clone(), owners, CancellationToken::new());
-    let reader = Some(Caller::Operator(Role::Reader));
+    let reader = Some(Caller::operator(Role::Reader, "test"));
     let commit_req = || commit("web", disk("d1", "raw", ""), &[], &[], true, 1);
     // Only services commit; operators of any role and hosts may not.
     let err = svc
-        .commit_point(as_caller(commit_req(), Some(Caller::Operator(Role::Admin))))
+        .commit_point(as_caller(
+            commit_req(),
+            Some(Caller::operator(Role::Admin, "test")),
+        ))
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
@@ -431,7 +434,10 @@ async fn every_call_is_authorized() {
         ..materialize_req(&out, "")
     };
     let err = svc
-        .materialize_disk(as_caller(missing, Some(Caller::Operator(Role::Operator))))
+        .materialize_disk(as_caller(
+            missing,
+            Some(Caller::operator(Role::Operator, "test")),
+        ))
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
@@ -443,7 +449,7 @@ async fn every_call_is_authorized() {
     let err = svc
         .run_retention(as_caller(
             retention.clone(),
-            Some(Caller::Operator(Role::Operator)),
+            Some(Caller::operator(Role::Operator, "test")),
         ))
         .await
         .unwrap_err();
@@ -451,7 +457,7 @@ async fn every_call_is_authorized() {
     let err = svc
         .run_retention(as_caller(
             retention,
-            Some(Caller::Operator(Role::Contributor)),
+            Some(Caller::operator(Role::Contributor, "test")),
         ))
         .await
         .unwrap_err();
