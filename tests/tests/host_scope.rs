@@ -290,6 +290,39 @@ async fn another_hosts_certificate_reaches_nothing_of_a_vm() -> anyhow::Result<(
     // 6. The real grpcurl with hvb's certificate files, as an operator would try it.
     grpcurl_begin_refused(&t, &ca, &cert, &key, &begin)?;
 
+    // Every refusal above is in the audit trail, in hvb's name, with web01 as the target.
+    let trail = t.cli_json(&["audit", "--caller", "host:hvb", "-o", "json"])?;
+    let refused: Vec<&str> = trail
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["result"] == "refused")
+        .filter_map(|r| r["operation"].as_str()?.rsplit('/').next())
+        .collect();
+    for op in [
+        "BeginCycle",
+        "CommitCycle",
+        "RenewCycle",
+        "AbortCycle",
+        "ListPoints",
+        "GetPoint",
+        "BlockHashes",
+    ] {
+        assert!(refused.contains(&op), "{op} not audited: {trail}");
+    }
+    let begin_refusals = trail
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["operation"] == "ferry.ingest.v1.Ingest/BeginCycle")
+        .collect::<Vec<_>>();
+    assert!(
+        begin_refusals
+            .iter()
+            .all(|r| r["target"] == "vm:web01" && r["for_host"] == "hvb"),
+        "{trail}"
+    );
+
     // hva's replication was never disturbed: more points, all committed by hva, health normal.
     let n = t.points("web01").await?.len();
     let points = t
