@@ -12,6 +12,7 @@
 //! [`run`] is the server; [`client::Uploader`] is the agent's side; [`frame`] and [`fetch`]
 //! are the codec.
 
+mod audit;
 pub mod client;
 pub mod fetch;
 pub mod frame;
@@ -128,6 +129,7 @@ pub async fn run_with_store(
         return Err(GatewayError::BlockSize(block_size).into());
     }
     let store_url = store.url().to_owned();
+    let store_for_audit = store.clone();
     let tls = ferry_mesh::ClientTls::service(&cfg).map_err(GatewayError::from)?;
     let ingest = ingest::IngestLink::new(&cfg.endpoint(Component::Ingest), &tls)
         .map_err(GatewayError::from)?;
@@ -135,7 +137,16 @@ pub async fn run_with_store(
         .map_err(GatewayError::from)?;
     let revoked = ferry_mesh::RevocationList::watch(&cfg, shutdown.clone()).await;
     let gateway = server::Gateway::new(store, ingest, storage, block_size);
-    let gateway = Arc::new(gateway.with_revocation(revoked));
+    // The trail is written to the store the gateway serves (the vault's), keyed like every
+    // other component's.
+    let trail = ferry_store::AuditWriter::spawn(ferry_store::AuditLog::new(
+        store_for_audit,
+        &cfg.data_key()?,
+    ));
+    let gateway = gateway
+        .with_revocation(revoked)
+        .with_audit(audit::QuicAudit::new(trail));
+    let gateway = Arc::new(gateway);
 
     socket.set_nonblocking(true).map_err(GatewayError::Socket)?;
     let runtime = Arc::new(quinn::TokioRuntime);

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::audit::{QuicAudit, Refusal};
 use crate::frame::{self, Ack, ChunkId, ErrorCode, FrameError, Offer, OfferFrame};
 use crate::ingest::{Decision, IngestError, IngestLink, Landed};
 use crate::storage::{Entitlements, StorageError, StorageLink};
@@ -52,6 +53,8 @@ pub(crate) struct Gateway {
     memory: Arc<Semaphore>,
     /// Host certificates the registry no longer accepts.
     revoked: ferry_mesh::RevocationList,
+    /// Where refusals are recorded.
+    audit: QuicAudit,
 }
 
 impl Gateway {
@@ -70,7 +73,14 @@ impl Gateway {
             max_block,
             memory: Arc::new(Semaphore::new(budget)),
             revoked: Default::default(),
+            audit: QuicAudit::default(),
         }
+    }
+
+    /// Records refusals in the vault's audit trail.
+    pub(crate) fn with_audit(mut self, audit: QuicAudit) -> Self {
+        self.audit = audit;
+        self
     }
 
     /// Refuses connections with a revoked host certificate (the registry's list).
@@ -184,6 +194,14 @@ async fn handle_connection(
                 ErrorCode::NotHost.as_u32().into(),
                 b"host certificate revoked: the host was removed from the vault",
             );
+            let refusal = Refusal {
+                caller: &identity,
+                operation: "quic/connect",
+                target: format!("host:{host}"),
+                code: ErrorCode::NotHost,
+                message: format!("certificate {serial} was revoked: the host was removed"),
+            };
+            gw.audit.refused(refusal).await;
             return;
         }
     }
@@ -324,6 +342,28 @@ struct StreamState {
     data_sent: bool,
 }
 
+/// What a refused stream tried, for the audit trail.
+fn stream_refusal<'a>(
+    ctx: &'a Conn,
+    st: &StreamState,
+    code: ErrorCode,
+    e: &StreamError,
+) -> Refusal<'a> {
+    let (operation, target) = match (&st.fetch, &st.cycle) {
+        (Some((vm, _)), _) => ("quic/fetch", format!("vm:{vm}")),
+        (None, Some(cycle)) => ("quic/upload", format!("cycle_id:{cycle}")),
+        (None, None) if st.is_fetch => ("quic/fetch", String::new()),
+        (None, None) => ("quic/upload", String::new()),
+    };
+    Refusal {
+        caller: &ctx.identity,
+        operation,
+        target,
+        code,
+        message: e.to_string(),
+    }
+}
+
 async fn handle_stream(ctx: Arc<Conn>, mut send: SendStream, mut recv: RecvStream) {
     let mut st = StreamState::default();
     let Err(e) = serve_stream(&ctx, &mut send, &mut recv, &mut st).await else {
@@ -339,6 +379,12 @@ async fn handle_stream(ctx: Arc<Conn>, mut send: SendStream, mut recv: RecvStrea
     } else {
         let cycle = st.cycle.as_deref().unwrap_or("-");
         warn!(peer = %ctx.peer, identity = %ctx.identity, cycle = %cycle, code = ?code, error = %e, "stream rejected");
+    }
+    if QuicAudit::is_refusal(code) {
+        ctx.gw
+            .audit
+            .refused(stream_refusal(&ctx, &st, code, &e))
+            .await;
     }
     if st.data_sent {
         let _ = send.reset(code.as_u32().into());

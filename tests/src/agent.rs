@@ -88,9 +88,9 @@ pub fn unclean_logs(disk: &Path) -> anyhow::Result<Vec<PathBuf>> {
         .collect())
 }
 
-/// The host certificate an agent registered with (its `agent-data/identity.json` and
-/// `host.key` under `agent_dir`), to call the mesh as that host.
-pub fn host_tls(agent_dir: &Path) -> anyhow::Result<ferry_mesh::ClientTls> {
+/// The credentials an agent registered with (its `agent-data/identity.json` and `host.key`
+/// under `agent_dir`): (ca, cert, key) PEM.
+pub fn host_identity(agent_dir: &Path) -> anyhow::Result<(String, String, String)> {
     let data = agent_dir.join("agent-data");
     let id: serde_json::Value =
         serde_json::from_slice(&std::fs::read(data.join("identity.json"))?)?;
@@ -100,9 +100,15 @@ pub fn host_tls(agent_dir: &Path) -> anyhow::Result<ferry_mesh::ClientTls> {
             .ok_or_else(|| anyhow::anyhow!("identity.json has no {k}"))?
             .to_string())
     };
-    Ok(ferry_mesh::ClientTls::host(
+    Ok((
         pem("ca_pem")?,
         pem("cert_pem")?,
         std::fs::read_to_string(data.join("host.key"))?,
     ))
+}
+
+/// The host certificate an agent registered with, to call the mesh as that host.
+pub fn host_tls(agent_dir: &Path) -> anyhow::Result<ferry_mesh::ClientTls> {
+    let (ca, cert, key) = host_identity(agent_dir)?;
+    Ok(ferry_mesh::ClientTls::host(ca, cert, key))
 }

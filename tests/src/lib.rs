@@ -10,7 +10,7 @@ mod replicas;
 mod tools;
 
 pub use agent::{
-    InProcessAgent, host_tls, nbd_io, nbd_write, spawn_agent_process, unclean_logs,
+    InProcessAgent, host_identity, host_tls, nbd_io, nbd_write, spawn_agent_process, unclean_logs,
     wait_logs_closed,
 };
 pub use failover::{command_driver, ok_job, step, text};

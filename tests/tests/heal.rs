@@ -227,6 +227,19 @@ async fn removed_host_goes_critical_and_repair_resumes() -> anyhow::Result<()> {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    // The gateway closes its QUIC connection, and the trail says so.
+    let (ca, cert, key) = host_identity(&adir)?;
+    let quic = ferry_mesh::quic_client_config(&ca, &cert, &key)?;
+    let up = ferry_gateway::client::Uploader::connect(t.mesh.cfg.gateway.listen, quic).await?;
+    assert!(
+        up.ping().await.is_err(),
+        "a removed host's QUIC connection is served"
+    );
+    let trail = t.cli_json(&["audit", "--caller", "host:hv-r", "-o", "json"])?;
+    let refused = trail.as_array().into_iter().flatten().any(|r| {
+        r["operation"] == "quic/connect" && r["result"] == "refused" && r["code"] == "NOT_HOST"
+    });
+    assert!(refused, "{trail}");
     // Repair before the host is back is refused with the reason.
     let err = t
         .ctl

@@ -3,12 +3,11 @@
 //! uploaded into, read or completed — over gRPC (tonic and the real grpcurl) and QUIC — and
 //! hva's replication goes on undisturbed. `ferry points verify` names each point's committing
 //! host and flags a point committed by a host that was not the VM's.
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use ferry_gateway::client::Uploader;
-use ferry_gateway::frame::Offer;
+use ferry_gateway::frame::{ErrorCode, Offer};
 use ferry_mesh::{ClientTls, Component};
 use ferry_proto::common::v1::{Consistency, CycleKind, StepStatus};
 use ferry_proto::ingest::v1::{
@@ -26,24 +25,6 @@ use ferry_proto::storage::v1::{
 };
 use ferry_tests::*;
 use tonic::Code;
-
-/// hvb's credentials as its agent saved them: (ca, cert, key) PEM.
-fn host_identity(agent_dir: &Path) -> anyhow::Result<(String, String, String)> {
-    let data = agent_dir.join("agent-data");
-    let id: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(data.join("identity.json"))?)?;
-    let field = |k: &str| {
-        id[k]
-            .as_str()
-            .map(str::to_string)
-            .ok_or_else(|| anyhow::anyhow!("identity.json has no {k}"))
-    };
-    Ok((
-        field("ca_pem")?,
-        field("cert_pem")?,
-        std::fs::read_to_string(data.join("host.key"))?,
-    ))
-}
 
 /// A refusal that names the calling host and the VM.
 fn assert_refused(what: &str, s: &tonic::Status) {
@@ -285,6 +266,15 @@ async fn another_hosts_certificate_reaches_nothing_of_a_vm() -> anyhow::Result<(
         msg.contains("refused") && msg.contains("hvb") && msg.contains("web01"),
         "the gateway refuses and names host and vm: {msg}"
     );
+    // 5b. Fetches over the same connection: web01's chunks, and a chunk outside app01's
+    // point (hvb's own VM).
+    let err = up.fetch("web01", "latest", &[[7u8; 32]]).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Denied), "{err}");
+    let err = up
+        .fetch("app01", &app01_point.id, &[[7u8; 32]])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotEntitled), "{err}");
     up.close();
 
     // 6. The real grpcurl with hvb's certificate files, as an operator would try it.
@@ -307,6 +297,8 @@ async fn another_hosts_certificate_reaches_nothing_of_a_vm() -> anyhow::Result<(
         "ListPoints",
         "GetPoint",
         "BlockHashes",
+        "upload",
+        "fetch",
     ] {
         assert!(refused.contains(&op), "{op} not audited: {trail}");
     }
@@ -316,6 +308,17 @@ async fn another_hosts_certificate_reaches_nothing_of_a_vm() -> anyhow::Result<(
         .flatten()
         .filter(|r| r["operation"] == "ferry.ingest.v1.Ingest/BeginCycle")
         .collect::<Vec<_>>();
+    let fetch_codes: Vec<&str> = trail
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["operation"] == "quic/fetch" && r["component"] == "gateway")
+        .filter_map(|r| r["code"].as_str())
+        .collect();
+    assert!(
+        fetch_codes.contains(&"DENIED") && fetch_codes.contains(&"NOT_ENTITLED"),
+        "{trail}"
+    );
     assert!(
         begin_refusals
             .iter()

@@ -60,6 +60,7 @@ pub(crate) struct Scripts {
     pub(crate) ack: Script,
     pub(crate) requeue: Script,
     pub(crate) schedule: Script,
+    pub(crate) ack_and_retry: Script,
     pub(crate) take_due: Script,
     pub(crate) push_slot: Script,
 }
@@ -161,6 +162,7 @@ impl Coord {
             ack: Script::new(crate::queue::ACK),
             requeue: Script::new(crate::queue::REQUEUE),
             schedule: Script::new(crate::queue::SCHEDULE),
+            ack_and_retry: Script::new(crate::queue::ACK_AND_RETRY),
             take_due: Script::new(crate::queue::TAKE_DUE),
             push_slot: Script::new(crate::slots::PUSH_SLOT),
         };

@@ -50,6 +50,18 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 return 1
 ";
 
+/// ACK and SCHEDULE in one step: at every instant failed work is either in the host's queue
+/// or in the retry set, so the cycle scheduler never sees neither and queues a fresh cycle
+/// that would reset the retry's attempts (and a crash between the two loses no retry).
+pub(crate) const ACK_AND_RETRY: &str = r"
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('LREM', KEYS[2], 0, ARGV[1])
+redis.call('LREM', KEYS[3], 0, ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[5], ARGV[1], ARGV[3])
+return 1
+";
+
 pub(crate) const TAKE_DUE: &str = r"
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 local out = {}
@@ -268,6 +280,34 @@ impl Coord {
             .invoke_async(&mut self.conn.clone())
             .await?;
         debug!(id, due_ms, "retry scheduled");
+        Ok(())
+    }
+
+    /// Forgets work `id` of `host` and schedules its retry at `due_ms` with `payload`, in one
+    /// atomic step (see [`ACK_AND_RETRY`]).
+    pub async fn ack_and_retry(
+        &self,
+        host: &str,
+        id: &str,
+        due_ms: i64,
+        payload: &str,
+    ) -> Result<(), CoordError> {
+        check_name("host", host)?;
+        check_id(id)?;
+        let _: i64 = self
+            .scripts
+            .ack_and_retry
+            .key(items_key(host))
+            .key(inflight_key(host))
+            .key(work_key(host))
+            .key(RETRY_DUE)
+            .key(RETRY_PAYLOAD)
+            .arg(id)
+            .arg(due_ms)
+            .arg(payload)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        debug!(host, id, due_ms, "work failed; retry scheduled");
         Ok(())
     }
 

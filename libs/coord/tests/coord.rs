@@ -511,3 +511,27 @@ fn dropping_the_server_kills_the_child() {
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
 }
+
+#[tokio::test]
+async fn failed_work_moves_to_the_retry_set_in_one_step() {
+    let Some((_d, _s, coord)) = setup().await else {
+        return;
+    };
+    coord.push_work("hr", "delta-x", "p1").await.unwrap();
+    let none = Duration::from_millis(0);
+    let (id, _) = coord.next_work("hr", none).await.unwrap().unwrap();
+    assert_eq!(id, "delta-x");
+    coord
+        .ack_and_retry("hr", "delta-x", 5_000, "p2")
+        .await
+        .unwrap();
+    assert!(coord.list_work("hr").await.unwrap().is_empty());
+    assert_eq!(
+        coord.pending_retry("delta-x").await.unwrap(),
+        Some((5_000, "p2".into()))
+    );
+    // The id is free again in the queue: the retry loop can queue it when due.
+    coord.push_work("hr", "delta-x", "p2").await.unwrap();
+    assert_eq!(coord.list_work("hr").await.unwrap().len(), 1);
+    assert!(coord.ack_and_retry("h{r}", "x", 1, "p").await.is_err());
+}

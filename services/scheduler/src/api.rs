@@ -140,13 +140,16 @@ impl Scheduler for Api {
             tracing::info!(host = %host, work = %req.work_id, vm = %w.vm, ok = req.ok, error = %req.error, "failover work completed");
             return Ok(Response::new(pb::CompleteWorkResponse {}));
         }
-        self.coord
-            .ack_work(&host, &req.work_id)
-            .await
-            .map_err(SchedulerError::from)?;
+        let retry = !req.ok && class == ErrorClass::Recoverable;
+        if !retry {
+            self.coord
+                .ack_work(&host, &req.work_id)
+                .await
+                .map_err(SchedulerError::from)?;
+        }
         if req.ok {
             tracing::info!(host = %host, work = %req.work_id, vm = %w.vm, "work completed");
-        } else if class == ErrorClass::Recoverable {
+        } else if retry {
             let delay = backoff(w.attempt, self.cfg.retry.time_unit);
             w.attempt += 1;
             w.last_error = req.error.clone();
@@ -154,7 +157,7 @@ impl Scheduler for Api {
             let payload =
                 serde_json::to_string(&w).map_err(|e| SchedulerError::Internal(e.to_string()))?;
             self.coord
-                .schedule_retry(&w.id, due, &payload)
+                .ack_and_retry(&host, &req.work_id, due, &payload)
                 .await
                 .map_err(SchedulerError::from)?;
             tracing::warn!(host = %host, work = %w.id, vm = %w.vm, attempt = w.attempt, delay_ms = delay.as_millis() as u64, error = %req.error, "work failed; retry scheduled");

@@ -193,14 +193,15 @@ impl SchedulerService {
     /// Whether a cycle of `vm` can be queued now: none waits for a retry, none is queued or
     /// running.
     async fn ready(&self, vm: &str, host: &str) -> bool {
+        // The queue first, then the retry set: failed work moves from the one to the other
+        // atomically, so in this order it is seen in one of them (ACK_AND_RETRY).
         let id = format!("delta-{vm}");
-        if !matches!(self.coord.pending_retry(&id).await, Ok(None)) {
-            return false;
-        }
-        self.coord
+        let queued = self
+            .coord
             .list_work(host)
             .await
-            .is_ok_and(|items| !items.iter().any(|(i, _, _)| *i == id))
+            .map_or(true, |items| items.iter().any(|(i, _, _)| *i == id));
+        !queued && matches!(self.coord.pending_retry(&id).await, Ok(None))
     }
 
     /// Queues the delta cycle of `vm` (schedule `c`, app-consistent if `app`) unless it waits
@@ -232,16 +233,6 @@ impl SchedulerService {
         let Ok(payload) = serde_json::to_string(&w) else {
             return true;
         };
-        // A failed cycle waiting for its backoff is this VM's next cycle: the retry
-        // loop queues it when due, so the schedule does not reset its attempts.
-        match self.coord.pending_retry(&w.id).await {
-            Ok(Some(_)) => return true,
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(vm = %vm, error = %e, "reading the retry set failed");
-                return true;
-            }
-        }
         // The previous cycle is still queued or running: try again shortly instead of
         // skipping a whole interval, so the next cut follows it at once.
         let busy = match self.coord.list_work(&c.host).await {
@@ -253,6 +244,18 @@ impl SchedulerService {
                 e.next_due_ms = now_ms() + CYCLE_BUSY_RETRY.as_millis() as i64;
             }
             return true;
+        }
+        // A failed cycle waiting for its backoff is this VM's next cycle: the retry
+        // loop queues it when due, so the schedule does not reset its attempts. Asked after
+        // the queue: failed work moves from the one to the other atomically (ACK_AND_RETRY),
+        // so in this order it cannot be missed in both.
+        match self.coord.pending_retry(&w.id).await {
+            Ok(Some(_)) => return true,
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(vm = %vm, error = %e, "reading the retry set failed");
+                return true;
+            }
         }
         // Fenced by the leader lease, at most once per slot of the policy interval: a
         // deposed leader and its successor cannot both queue one slot.
