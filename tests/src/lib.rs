@@ -5,6 +5,7 @@ mod agent;
 pub mod bench;
 mod failover;
 mod gateway;
+mod lossy;
 mod mesh;
 mod replicas;
 mod tools;
@@ -15,6 +16,7 @@ pub use agent::{
 };
 pub use failover::{command_driver, ok_job, step, text};
 pub use gateway::InProcessGateway;
+pub use lossy::LossyRelay;
 pub use mesh::{TestMesh, init_logs, policy_resync_window_closed, start_mesh_with_block_size};
 pub use replicas::Replica;
 pub use tools::{
