@@ -27,8 +27,13 @@ use tonic::{Code, Status};
 
 use crate::{Authenticator, Caller};
 
-/// Request messages larger than this are not read for a target (tonic's own default limit).
-const MAX_SCANNED: usize = 4 << 20;
+/// The largest request body let through: the largest message any Ferry service decodes
+/// (ingest's and storage-writer's 64 MiB) and its 5-byte frame header. Tonic would refuse a
+/// larger one; here it is refused before it is buffered whole.
+const MAX_BODY: usize = (64 << 20) + 5;
+/// How much of a refused caller's request is read, for its target: refusing must not cost
+/// the server a large buffer.
+const MAX_REFUSED_BODY: usize = 64 << 10;
 
 /// Calls that read only: never recorded unless refused.
 const READS: &[&str] = &["BlockHashes", "PointChunks", "WorkStream"];
@@ -155,23 +160,41 @@ where
             Err(status) => Ok(status.into_http()),
         };
     };
-    // Buffer the (single) request message so its target can be read; a body that cannot be
-    // read is passed on empty and fails in the handler as tonic would fail it.
-    let message = match Limited::new(body, MAX_SCANNED).collect().await {
-        Ok(collected) => collected.to_bytes(),
+    // Buffer the request message so its target can be read: every Ferry RPC takes one
+    // message (no client streams), which tonic buffers whole anyway.
+    let limit = if caller.is_ok() {
+        MAX_BODY
+    } else {
+        MAX_REFUSED_BODY
+    };
+    let read = Limited::new(body, limit).collect().await;
+    let (message, unreadable) = match read {
+        Ok(collected) => (collected.to_bytes(), None),
         Err(e) => {
             tracing::debug!(method = %path, error = %e, "request body could not be read");
-            Bytes::new()
+            let too_large = e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            let status = if too_large {
+                Status::resource_exhausted(format!(
+                    "the request is larger than {} bytes, the most a ferry service accepts",
+                    MAX_BODY - 5
+                ))
+            } else {
+                Status::cancelled(format!("the request body could not be read: {e}"))
+            };
+            (Bytes::new(), Some(status))
         }
     };
     let fields = RequestFields::read(&path, &message);
-    let (caller, response) = match caller {
-        Ok(caller) => {
+    let (caller, response) = match (caller, unreadable) {
+        (Ok(caller), Some(status)) => (caller, status.into_http()),
+        (Ok(caller), None) => {
             parts.extensions.insert(caller.clone());
             let req = http::Request::from_parts(parts, Body::new(Full::new(message)));
             (caller, inner.call(req).await?)
         }
-        Err(status) => (Caller::Anonymous, status.into_http()),
+        (Err(status), _) => (Caller::Anonymous, status.into_http()),
     };
     // Unary and server-streaming handlers that fail do so before any message: the status is
     // in the headers (trailers-only). Success carries its status in the trailers, so a

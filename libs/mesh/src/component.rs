@@ -1,7 +1,8 @@
 //! The one skeleton of a component. Every binary's `main` is [`component_main`] (the
 //! gateway, which listens on UDP, uses [`ComponentArgs::load`] alone); every gRPC service's
 //! `run` ends in [`serve_component`]: TLS from the config, every call through the caller
-//! authenticator and the audit layer ([`crate::audit`]), health under the service's own name, reflection, drain on shutdown.
+//! authenticator and the audit layer ([`crate::audit`]), health under the service's own
+//! name, reflection, drain on shutdown.
 //!
 //! This is the binary edge of every component, so it speaks `anyhow` like a `main` does.
 use std::convert::Infallible;

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use ferry_mesh::{
     Authenticator, CancellationToken, ClientTls, Component, Identity, MeshConfig, Role, ServerTls,
     VaultCa, bootstrap_vault, caller, connect, connect_lazy, load_ca, require_host, require_role,
-    require_service, serve, serve_with_drain, unimplemented, with_token,
+    require_service, serve, serve_component, serve_with_drain, unimplemented, with_token,
 };
+use ferry_model::{AuditRecord, AuditResult, AuditSink};
 use ferry_proto::scheduler::v1::scheduler_client::SchedulerClient;
 use ferry_proto::scheduler::v1::scheduler_server::{Scheduler, SchedulerServer};
 use ferry_proto::scheduler::v1::{
@@ -26,6 +27,10 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 const SCHEDULER: &str = "ferry.scheduler.v1.Scheduler";
+
+/// The length of the `error` of the last `complete_work` the probe served: what reached the
+/// handler through the layers in front of it.
+static ERROR_LEN_SEEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Answers `list_queue` with the caller's description and checks one rule per other RPC.
 struct Probe;
@@ -50,6 +55,10 @@ impl Scheduler for Probe {
         req: Request<CompleteWorkRequest>,
     ) -> Result<Response<CompleteWorkResponse>, Status> {
         require_host(&req)?;
+        ERROR_LEN_SEEN.store(
+            req.get_ref().error.len(),
+            std::sync::atomic::Ordering::SeqCst,
+        );
         Ok(Response::new(CompleteWorkResponse {}))
     }
 
@@ -117,6 +126,26 @@ struct Mesh {
 }
 
 async fn start() -> Mesh {
+    start_with(None).await
+}
+
+/// Collects audit records in memory (the store-backed trail has its own tests in ferry-store).
+#[derive(Debug, Default)]
+struct Collected(std::sync::Mutex<Vec<AuditRecord>>);
+
+impl AuditSink for Collected {
+    fn record(
+        &self,
+        record: AuditRecord,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        self.0.lock().unwrap().push(record);
+        Box::pin(async {})
+    }
+}
+
+/// The probe server; with `audit`, served by `serve_component` (the audit layer in front)
+/// and decoding messages up to 64 MiB as ingest and storage-writer do.
+async fn start_with(audit: Option<Arc<dyn AuditSink>>) -> Mesh {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = MeshConfig::load(None, Serialized::default("data_dir", dir.path())).unwrap();
     bootstrap_vault(&cfg, &[]).unwrap();
@@ -125,13 +154,21 @@ async fn start() -> Mesh {
     let auth = Authenticator::with_admin_token(&cfg.admin_token().unwrap())
         .add_token("reader-token", Role::Reader)
         .with_revocation(Arc::new(|host: &str, _serial: &str| host == "removed"));
-    let routes = Routes::new(SchedulerServer::with_interceptor(Probe, auth.interceptor()));
-    let tls = ServerTls::load(&cfg).unwrap();
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move { serve(listener, &tls, routes, &[SCHEDULER], shutdown).await }
-    });
+    let server = match audit {
+        Some(sink) => {
+            let (cfg, auth) = (cfg.clone(), auth.with_audit(sink));
+            let svc = SchedulerServer::new(Probe).max_decoding_message_size(64 << 20);
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { serve_component(&cfg, listener, &auth, svc, shutdown).await })
+        }
+        None => {
+            let routes = Routes::new(SchedulerServer::with_interceptor(Probe, auth.interceptor()));
+            let tls = ServerTls::load(&cfg).unwrap();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { serve(listener, &tls, routes, &[SCHEDULER], shutdown).await })
+        }
+    };
     Mesh {
         endpoint: cfg.endpoint(Component::Scheduler),
         cfg,
@@ -626,4 +663,94 @@ async fn endpoint_lists_reach_a_surviving_replica() {
         err.contains(&dead.to_string()) && err.contains(&b_addr.to_string()),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn the_audit_layer_records_changes_and_refusals_and_passes_large_requests() {
+    let sink = Arc::new(Collected::default());
+    let mesh = start_with(Some(sink.clone())).await;
+    let operator = ClientTls::operator(&mesh.cfg).unwrap();
+    let channel = connect(&mesh.endpoint, &operator).await.unwrap();
+    let token = mesh.cfg.admin_token().unwrap();
+    let mut admin = SchedulerClient::new(with_token(channel.clone(), &token).unwrap());
+    let dispatch = DispatchRequest {
+        vm: "web01".into(),
+        ..Default::default()
+    };
+    admin.dispatch(dispatch.clone()).await.unwrap();
+    let mut reader = SchedulerClient::new(with_token(channel.clone(), "reader-token").unwrap());
+    let err = reader.dispatch(dispatch).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    // A read and a routine call let through are not recorded; a change is.
+    admin.list_queue(ListQueueRequest::default()).await.unwrap();
+    let service = connect(&mesh.endpoint, &ClientTls::service(&mesh.cfg).unwrap())
+        .await
+        .unwrap();
+    SchedulerClient::new(service)
+        .cancel_work(ferry_proto::scheduler::v1::CancelWorkRequest {
+            host_name: "hv1".into(),
+            work_id: "delta-web01".into(),
+        })
+        .await
+        .unwrap();
+
+    // A host's routine call of 6 MiB (more than tonic's 4 MiB default) passes the layer whole;
+    // one over the 64 MiB every service allows is refused, naming the limit.
+    let host = connect(&mesh.endpoint, &mesh.host_tls("hv1"))
+        .await
+        .unwrap();
+    let mut host = SchedulerClient::new(host);
+    let work = |error_len: usize| CompleteWorkRequest {
+        work_id: "w1".into(),
+        host_name: "hv1".into(),
+        error: "x".repeat(error_len),
+        ..Default::default()
+    };
+    host.complete_work(work(6 << 20)).await.unwrap();
+    let seen = ERROR_LEN_SEEN.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(seen, 6 << 20, "the handler got the message whole");
+    let err = host.complete_work(work(65 << 20)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("larger than"), "{err:?}");
+    // No credentials, and a large body: refused without reading it all.
+    let mut anonymous = SchedulerClient::new(channel);
+    let err = anonymous.complete_work(work(8 << 20)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+
+    let records = sink.0.lock().unwrap().clone();
+    let brief: Vec<(String, String, String, AuditResult)> = records
+        .iter()
+        .map(|r| {
+            let op = r
+                .operation
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            let caller = r.caller.split(':').next().unwrap_or_default().to_owned();
+            let caller = if caller == "token" {
+                r.caller.clone()
+            } else {
+                caller
+            };
+            (caller, op, r.target.clone(), r.result)
+        })
+        .collect();
+    let want = |caller: &str, op: &str, target: &str, result| {
+        (caller.to_owned(), op.to_owned(), target.to_owned(), result)
+    };
+    assert_eq!(
+        brief,
+        vec![
+            want("token:reader", "Dispatch", "vm:web01", AuditResult::Refused),
+            want("service", "CancelWork", "", AuditResult::Ok),
+            want("anonymous", "CompleteWork", "", AuditResult::Refused),
+        ],
+        "{records:?}"
+    );
+    assert_eq!(records[0].component, "scheduler");
+    assert_eq!(records[0].role, "reader");
+    assert_eq!(records[2].code, "UNAUTHENTICATED");
+    assert_eq!(records[2].for_host, "hv1");
+    mesh.stop().await;
 }
