@@ -20,6 +20,7 @@ mod ingest;
 mod server;
 mod storage;
 
+use anyhow::Context as _;
 use std::net::UdpSocket;
 use std::sync::Arc;
 use std::time::Duration;
@@ -141,7 +142,8 @@ pub async fn run_with_store(
     // other component's.
     let trail = ferry_store::AuditWriter::spawn(ferry_store::AuditLog::new(
         store_for_audit,
-        &cfg.data_key()?,
+        &cfg.data_key()
+            .context("the gateway keys its audit trail with the vault data key")?,
     ));
     let gateway = gateway
         .with_revocation(revoked)

@@ -1,10 +1,10 @@
 //! The frame campaign (issue #16): a registered host's certificate opens thousands of QUIC
 //! streams to the real gateway carrying hostile frames — random bytes, valid frames with a
 //! flipped byte, truncated frames, bounds pushed to their maximum and resealed, well-formed
-//! offers into cycles that are not the host's, fetches of chunks it may not read — while a
-//! VM replicates through the same gateway. Each stream must end with an ERROR frame or a
-//! reset, never hang and never be accepted; afterwards the gateway still answers and the VM
-//! still gets points. `FERRY_HOSTILE_STREAMS=100000 cargo test -p ferry-tests --test
+//! offers into cycles that are not the host's, fetches of chunks it may not read, streams
+//! reset half-sent — while a VM replicates through the same gateway. Each stream must end
+//! with an ERROR frame or a reset, never hang and never be accepted; afterwards the gateway
+//! still answers and the VM still gets points. `FERRY_HOSTILE_STREAMS=100000 cargo test -p ferry-tests --test
 //! hostile_frames` runs a longer campaign by hand (CI: 10,000).
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -104,7 +104,13 @@ fn hostile(rng: &mut Rng, real_point: &str) -> (&'static str, Vec<u8>) {
             reseal(&mut buf);
             ("bounds", buf)
         }
-        90..=94 => ("offer-not-its-cycle", offer),
+        90..=92 => ("offer-not-its-cycle", offer),
+        93..=94 => {
+            // Sent in part, then the stream is reset: the gateway must let go of it.
+            let mut buf = offer;
+            buf.truncate(1 + rng.below(buf.len() - 1));
+            ("early-close", buf)
+        }
         _ => {
             let fetch = encode_fetch("web01", real_point, &ids).expect("a valid fetch");
             ("fetch-not-entitled", fetch)
@@ -112,12 +118,17 @@ fn hostile(rng: &mut Rng, real_point: &str) -> (&'static str, Vec<u8>) {
     }
 }
 
-/// How the gateway ended one stream.
-async fn one_stream(conn: &quinn::Connection, bytes: Vec<u8>) -> &'static str {
+/// How the gateway ended one stream (an `early-close` one is reset by this side instead).
+async fn one_stream(conn: &quinn::Connection, kind: &str, bytes: Vec<u8>) -> &'static str {
     let Ok((mut send, mut recv)) = conn.open_bi().await else {
         return "connection-lost";
     };
     let _ = send.write_all(&bytes).await;
+    if kind == "early-close" {
+        let _ = send.reset(0u32.into());
+        let _ = recv.stop(0u32.into());
+        return "closed-early";
+    }
     let _ = send.finish();
     match tokio::time::timeout(ANSWER_WITHIN, recv.read_to_end(1 << 20)).await {
         Err(_) => "hung",
@@ -184,7 +195,7 @@ async fn thousands_of_hostile_streams_leave_the_gateway_serving() -> anyhow::Res
         let ended: Vec<(&str, &str)> = futures::stream::iter(batch)
             .map(|(kind, bytes)| {
                 let conn = conn.clone();
-                async move { (kind, one_stream(&conn, bytes).await) }
+                async move { (kind, one_stream(&conn, kind, bytes).await) }
             })
             .buffer_unordered(CONCURRENT)
             .collect()

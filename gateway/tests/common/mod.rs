@@ -313,6 +313,8 @@ impl Harness {
         cfg.tls.service_cert = write(d, "service.pem", &service_cert);
         cfg.tls.service_key = write(d, "service.key", &service_key);
         cfg.vault.block_size = block_size;
+        // The gateway keys its audit trail with the vault data key (a test key, hex).
+        cfg.vault.data_key_file = write(d, "data.key", &"a5".repeat(32));
 
         let shutdown = CancellationToken::new();
         let ingest = Arc::new(TestIngest::default());
