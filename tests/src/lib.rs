@@ -8,6 +8,7 @@ mod gateway;
 mod lossy;
 mod mesh;
 mod replicas;
+mod rng;
 mod tools;
 
 pub use agent::{
@@ -19,6 +20,7 @@ pub use gateway::InProcessGateway;
 pub use lossy::LossyRelay;
 pub use mesh::{TestMesh, init_logs, policy_resync_window_closed, start_mesh_with_block_size};
 pub use replicas::Replica;
+pub use rng::Rng;
 pub use tools::{
     bin, fill_random, qemu_compare, qemu_convert, qemu_create, qemu_io, qemu_virtual_size, run,
 };

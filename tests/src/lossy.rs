@@ -23,19 +23,16 @@ pub struct LossyRelay {
     stop: CancellationToken,
 }
 
-/// Drops one datagram in `1000 / per_mille`, deterministically from `seed` (xorshift64).
+/// Drops `per_mille` of every thousand datagrams, deterministically from its seed.
 struct Dropper {
-    state: u64,
+    rng: crate::Rng,
     per_mille: u64,
     counts: Arc<LossCounts>,
 }
 
 impl Dropper {
     fn drop_next(&mut self) -> bool {
-        self.state ^= self.state << 13;
-        self.state ^= self.state >> 7;
-        self.state ^= self.state << 17;
-        let drop = self.state % 1000 < self.per_mille;
+        let drop = self.rng.next_u64() % 1000 < self.per_mille;
         let counter = if drop {
             &self.counts.dropped
         } else {
@@ -61,7 +58,7 @@ impl LossyRelay {
         };
         tokio::spawn(async move {
             let mut up = Dropper {
-                state: 0x9e37_79b9_7f4a_7c15,
+                rng: crate::Rng::new(0x9e37_79b9_7f4a_7c15),
                 per_mille,
                 counts,
             };
@@ -106,7 +103,7 @@ async fn open_back(
     let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
     back.connect(upstream).await?;
     let mut down = Dropper {
-        state: up.state ^ 0x5555_aaaa_5555_aaaa,
+        rng: crate::Rng::new(0x5555_aaaa_5555_aaaa ^ u64::from(client.port())),
         per_mille: up.per_mille,
         counts: up.counts.clone(),
     };

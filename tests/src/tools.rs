@@ -107,17 +107,7 @@ pub fn fill_random(path: &Path, offset: u64, len: usize, seed: u64) -> anyhow::R
     use std::io::{Seek, SeekFrom, Write};
     let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
     f.seek(SeekFrom::Start(offset))?;
-    let mut x = seed | 1;
-    let mut buf = vec![0u8; len];
-    for chunk in buf.chunks_mut(8) {
-        // xorshift64*: cheap, deterministic, incompressible
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        let v = x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
-        chunk.copy_from_slice(&v[..chunk.len()]);
-    }
-    f.write_all(&buf)?;
+    f.write_all(&crate::Rng::new(seed).bytes(len))?;
     f.sync_all()?;
     Ok(())
 }
