@@ -92,7 +92,7 @@ pub async fn collect(cfg: &MeshConfig) -> Vec<ComponentStatus> {
         endpoint: format!("quic://{}", cfg.gateway.listen),
         status: gateway(cfg).await,
     });
-    let redis = match ferry_coord::Coord::connect(&cfg.redis_url).await {
+    let redis = match ferry_coord::Coord::connect_config(cfg).await {
         Ok(c) => match c.ping().await {
             Ok(()) => "serving".to_string(),
             Err(e) => format!("unhealthy: {e}"),
@@ -101,7 +101,7 @@ pub async fn collect(cfg: &MeshConfig) -> Vec<ComponentStatus> {
     };
     out.push(ComponentStatus {
         component: "redis".into(),
-        endpoint: cfg.redis_url.clone(),
+        endpoint: ferry_coord::redact_url(&cfg.redis_url),
         status: redis,
     });
     let store = match ferry_store::Store::from_url(&cfg.store_url()) {

@@ -7,10 +7,13 @@ use std::net::{Ipv4Addr, TcpListener as StdTcp, UdpSocket};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use ferry_coord::RedisServer;
+use ferry_coord::{RedisServer, RedisTls};
 use ferry_mesh::{Component, Listen, MeshConfig};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+
+/// Where `ferry up` keeps the password of the Redis it starts, relative to the data dir.
+const REDIS_PASSWORD_FILE: &str = "redis/password";
 
 pub const GRPC_COMPONENTS: [Component; 5] = [
     Component::Registry,
@@ -150,16 +153,34 @@ impl Mesh {
             init(&dir)?
         };
         let mut redis = None;
-        cfg.redis_url = match &opts.redis {
-            Some(url) => url.clone(),
-            None => {
-                let r = RedisServer::start(&dir.join("redis"))
-                    .context("starting redis-server (install it: apt-get install redis-server)")?;
-                let url = r.url();
-                redis = Some(r);
-                url
+        match &opts.redis {
+            Some(url) => {
+                // The operator's Redis: its URL carries what it needs (a password, rediss://);
+                // a password file left by an earlier run with our own Redis would be wrong.
+                cfg.redis_url = url.clone();
+                cfg.redis_password_file = None;
+                cfg.redis_ca_cert = None;
             }
-        };
+            None => {
+                // TLS only, with the mesh's own server certificate (it names 127.0.0.1).
+                let tls = RedisTls {
+                    cert: cfg.path(&cfg.tls.server_cert),
+                    key: cfg.path(&cfg.tls.server_key),
+                    ca: cfg.path(&cfg.tls.ca_cert),
+                };
+                let r = RedisServer::start_tls(&dir.join("redis"), tls)
+                    .context("starting redis-server (install it: apt-get install redis-server)")?;
+                // A new random password each start (the server keeps nothing on disk), in a
+                // mode-0600 file beside it, never in ferry.toml.
+                let file = dir.join(REDIS_PASSWORD_FILE);
+                ferry_mesh::write_secret(&file, r.password().as_bytes())
+                    .with_context(|| format!("writing {}", file.display()))?;
+                cfg.redis_url = r.address_url();
+                cfg.redis_password_file = Some(REDIS_PASSWORD_FILE.into());
+                cfg.redis_ca_cert = Some(cfg.tls.ca_cert.clone());
+                redis = Some(r);
+            }
+        }
         if let Some(s) = &opts.store {
             cfg.store_url = s.clone();
         } else if cfg.store_url.is_empty() {
@@ -193,7 +214,7 @@ impl Mesh {
             }
             spawn_bound(&mut tasks, c, cfg.clone(), shutdown.clone(), tcp, udp).await?;
         }
-        tracing::info!(config = %config_path.display(), redis = %cfg.redis_url, store = %cfg.store_url, "ferry mesh up");
+        tracing::info!(config = %config_path.display(), redis = %ferry_coord::redact_url(&cfg.redis_url), store = %cfg.store_url, "ferry mesh up");
         Ok(Mesh {
             cfg,
             config_path,

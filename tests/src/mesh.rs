@@ -271,16 +271,23 @@ impl TestMesh {
 }
 
 impl TestMesh {
-    /// `redis-cli -p <port> FLUSHALL` on the mesh's Redis.
-    pub fn redis_flushall(&self) -> anyhow::Result<()> {
-        let port = self
+    /// `redis-cli -s <socket>` on the mesh's own Redis (its port speaks TLS only), with its
+    /// password in the environment (`REDISCLI_AUTH`), not on the command line.
+    pub fn redis_cli(&self) -> anyhow::Result<Command> {
+        let redis = self
             .mesh
             .redis()
-            .context("the mesh runs no redis of its own")?
-            .port();
-        let out = run(Command::new("redis-cli")
-            .args(["-p", &port.to_string()])
-            .arg("FLUSHALL"))?;
+            .context("the mesh runs no redis of its own")?;
+        let mut cmd = Command::new("redis-cli");
+        cmd.arg("-s")
+            .arg(redis.socket())
+            .env("REDISCLI_AUTH", redis.password());
+        Ok(cmd)
+    }
+
+    /// `redis-cli FLUSHALL` on the mesh's Redis.
+    pub fn redis_flushall(&self) -> anyhow::Result<()> {
+        let out = run(self.redis_cli()?.arg("FLUSHALL"))?;
         anyhow::ensure!(out.trim() == "OK", "FLUSHALL answered {out:?}");
         Ok(())
     }
@@ -512,14 +519,10 @@ impl TestMesh {
         &self,
         vm: &str,
     ) -> anyhow::Result<Vec<ferry_proto::ingest::v1::Cycle>> {
-        let port = self
-            .mesh
-            .redis()
-            .context("the mesh runs no redis of its own")?
-            .port();
-        let keys = run(Command::new("redis-cli")
-            .args(["-p", &port.to_string()])
-            .args(["--scan", "--pattern", "ferry:kv:{ferry:cycle:*}"]))?;
+        let keys =
+            run(self
+                .redis_cli()?
+                .args(["--scan", "--pattern", "ferry:kv:{ferry:cycle:*}"]))?;
         let mut ingest = ferry_proto::ingest::v1::ingest_client::IngestClient::new(
             self.ctl.channel(ferry_mesh::Component::Ingest).await?,
         );

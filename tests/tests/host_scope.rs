@@ -39,9 +39,8 @@ fn assert_refused(what: &str, s: &tonic::Status) {
 /// A cycle of hva's web01 (open or already committed: the host check comes before any other,
 /// and idle one-second cycles are open for milliseconds only).
 async fn a_cycle_of_web01(t: &TestMesh) -> anyhow::Result<String> {
-    let port = t.mesh.redis().expect("the mesh's redis").port();
-    let keys = run(Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
+    let keys = run(t
+        .redis_cli()?
         .args(["--scan", "--pattern", "ferry:kv:{ferry:cycle:*}"]))?;
     let mut ingest = IngestClient::new(t.ctl.channel(Component::Ingest).await?);
     for id in keys.lines().filter_map(|k| {
@@ -372,7 +371,7 @@ async fn another_hosts_certificate_reaches_nothing_of_a_vm() -> anyhow::Result<(
 /// Commits an empty delta point of web01 under hvb's name, holding the disk's lease as hvb.
 async fn forge_point(t: &TestMesh, disk: &ferry_proto::common::v1::Disk) -> anyhow::Result<()> {
     use ferry_proto::storage::v1::{CommitDisk, CommitPointRequest};
-    let coord = ferry_coord::Coord::connect(&t.ctl.cfg.redis_url).await?;
+    let coord = ferry_coord::Coord::connect_config(&t.ctl.cfg).await?;
     let mut lease = None;
     for _ in 0..500 {
         if let Ok(l) = coord

@@ -141,7 +141,7 @@ async fn replicas_share_work_without_doing_it_twice() -> anyhow::Result<()> {
     }
 
     // The leader scheduler dies: the other one leads and cycles go on.
-    let coord = ferry_coord::Coord::connect(&t.ctl.cfg.redis_url).await?;
+    let coord = ferry_coord::Coord::connect_config(&t.ctl.cfg).await?;
     let (holder, token) = coord
         .lease_holder("scheduler-leader")
         .await?

@@ -7,7 +7,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use redis::{AsyncConnectionConfig, Client, Script};
 use tracing::{debug, info};
 
-use crate::CoordError;
+use crate::{CoordError, RedisTarget};
 
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -147,9 +147,19 @@ fn parse_lease(resource: &str, v: &str) -> Result<(String, u64), CoordError> {
 }
 
 impl Coord {
-    /// Connects to `redis://host:port/[db]`.
+    /// Connects to `redis://[:password@]host:port/[db]`.
     pub async fn connect(url: &str) -> Result<Self, CoordError> {
-        let client = Client::open(url)?;
+        Self::open(&RedisTarget::new(url)).await
+    }
+
+    /// Connects to the Redis a mesh config names, with its password and CA.
+    pub async fn connect_config(cfg: &ferry_mesh::MeshConfig) -> Result<Self, CoordError> {
+        Self::open(&RedisTarget::from_config(cfg)?).await
+    }
+
+    /// Connects to a Redis with its password and, for `rediss://`, its CA.
+    pub async fn open(target: &RedisTarget) -> Result<Self, CoordError> {
+        let client = target.client()?;
         let cfg = ConnectionManagerConfig::new()
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_connection_timeout(Some(CONNECT_TIMEOUT));

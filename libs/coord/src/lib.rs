@@ -24,10 +24,12 @@ mod keeper;
 mod queue;
 mod server;
 mod slots;
+mod target;
 
 pub use coord::{Coord, Lease};
 pub use cuts::{CutDecision, CutJoin};
 pub use error::CoordError;
 pub use keeper::KeptLease;
-pub use server::{RedisServer, redis_server_available};
+pub use server::{RedisServer, RedisTls, redis_server_available};
 pub use slots::SlotPush;
+pub use target::{RedisTarget, redact_url};

@@ -24,7 +24,38 @@ async fn server_answers_and_reports_itself() {
     coord.ping().await.unwrap();
     assert_ne!(server.port(), 6379);
     assert!(server.pid() > 0);
-    assert!(server.url().starts_with("redis://127.0.0.1:"));
+    assert!(server.url().starts_with("redis://:"));
+    assert!(server.address_url().starts_with("redis://127.0.0.1:"));
+}
+
+#[tokio::test]
+async fn server_refuses_clients_without_its_password() {
+    let Some((d, server, _coord)) = setup().await else {
+        return;
+    };
+    let anonymous = match Coord::connect(&server.address_url()).await {
+        Ok(c) => c.ping().await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let e = anonymous.expect_err("a client without the password is refused");
+    assert!(e.contains("NOAUTH") || e.contains("uthentication"), "{e}");
+    let mut wrong = ferry_coord::RedisTarget::new(server.address_url());
+    wrong.password = Some("not-the-password".into());
+    let e = match Coord::open(&wrong).await {
+        Ok(c) => c
+            .ping()
+            .await
+            .expect_err("a wrong password is refused")
+            .to_string(),
+        Err(e) => e.to_string(),
+    };
+    assert!(!e.contains("not-the-password"), "{e}");
+    let mut right = ferry_coord::RedisTarget::new(server.address_url());
+    right.password = Some(server.password().to_string());
+    Coord::open(&right).await.unwrap().ping().await.unwrap();
+    let conf = std::fs::metadata(d.path().join("redis.conf")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(conf.permissions().mode() & 0o777, 0o600);
 }
 
 #[tokio::test]

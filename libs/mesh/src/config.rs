@@ -30,6 +30,8 @@ const ENV_KEYS: &[&str] = &[
     "data_dir",
     "store_url",
     "redis_url",
+    "redis_password_file",
+    "redis_ca_cert",
     "tls",
     "vault",
     "registry",
@@ -90,6 +92,14 @@ pub struct MeshConfig {
     pub store_url: String,
     #[serde(deserialize_with = "lenient_string")]
     pub redis_url: String,
+    /// A file (mode 0600) holding the Redis AUTH password, so it stays out of this file and the
+    /// URL. `ferry up` writes one for the Redis it starts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_password_file: Option<PathBuf>,
+    /// For `rediss://`: the PEM of the CA that signed the Redis server's certificate. Default:
+    /// the system's roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_ca_cert: Option<PathBuf>,
     pub tls: TlsPaths,
     pub vault: VaultConfig,
     pub registry: Listen,
@@ -175,6 +185,8 @@ impl Default for MeshConfig {
             data_dir: PathBuf::from("ferry-data"),
             store_url: String::new(),
             redis_url: "redis://127.0.0.1:6379".into(),
+            redis_password_file: None,
+            redis_ca_cert: None,
             tls: TlsPaths::default(),
             vault: VaultConfig::default(),
             registry: Listen::local(7401),
@@ -435,6 +447,32 @@ impl MeshConfig {
         Ok(token.to_owned())
     }
 
+    /// The Redis AUTH password from `redis_password_file`, if one is configured. Errors never
+    /// include the password.
+    pub fn redis_password(&self) -> Result<Option<String>, ConfigError> {
+        let Some(file) = &self.redis_password_file else {
+            return Ok(None);
+        };
+        let path = &self.path(file);
+        let text = std::fs::read_to_string(path).map_err(|e| secret_error(path, e.to_string()))?;
+        let password = text.trim_end_matches(['\r', '\n']);
+        if password.is_empty() || password.contains(['\r', '\n']) {
+            return Err(secret_error(path, "expected one line, the password".into()));
+        }
+        Ok(Some(password.to_owned()))
+    }
+
+    /// The PEM of `redis_ca_cert`, if one is configured.
+    pub fn redis_ca_pem(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        let Some(file) = &self.redis_ca_cert else {
+            return Ok(None);
+        };
+        let path = &self.path(file);
+        std::fs::read(path)
+            .map(Some)
+            .map_err(|e| secret_error(path, e.to_string()))
+    }
+
     /// The object store URL, defaulting to `file://<data_dir>/store`.
     pub fn store_url(&self) -> String {
         if self.store_url.is_empty() {
@@ -477,6 +515,12 @@ impl MeshConfig {
         }
         resolve(&mut self.vault.data_key_file);
         resolve(&mut self.vault.admin_token_file);
+        for p in [&mut self.redis_password_file, &mut self.redis_ca_cert]
+            .into_iter()
+            .flatten()
+        {
+            resolve(p);
+        }
         for r in &mut self.export_roots {
             resolve(r);
         }

@@ -180,7 +180,7 @@ impl Orchestrator {
         let storage = ferry_mesh::connect_lazy(&cfg.endpoint(Component::StorageWriter), &tls)?;
         let scheduler = ferry_mesh::connect_lazy(&cfg.endpoint(Component::Scheduler), &tls)?;
         let store = Store::from_url(&cfg.store_url()).context("opening the object store")?;
-        let coord = Coord::connect(&cfg.redis_url)
+        let coord = Coord::connect_config(cfg)
             .await
             .context("connecting to redis")?;
         Ok(Self::new(registry, storage, store, coord)

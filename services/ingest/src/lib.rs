@@ -43,7 +43,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let coord = Coord::connect(&cfg.redis_url)
+    let coord = Coord::connect_config(&cfg)
         .await
         .context("connecting to redis")?;
     let svc = Arc::new(IngestService {

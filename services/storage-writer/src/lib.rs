@@ -92,7 +92,7 @@ impl Writer {
     /// Opens the store, Redis and the vault key named in the config.
     pub async fn from_config(cfg: &MeshConfig) -> anyhow::Result<Self> {
         let store = Store::from_url(&cfg.store_url()).context("opening the object store")?;
-        let coord = Coord::connect(&cfg.redis_url)
+        let coord = Coord::connect_config(cfg)
             .await
             .context("connecting to redis")?;
         let key = VaultKey::from_bytes(cfg.data_key().context("reading the vault data key")?);
