@@ -48,6 +48,11 @@ pub struct AgentConfig {
     /// (default 30 s); past it the agent says what it left open and exits non-zero.
     #[serde(default, with = "humantime_serde")]
     pub shutdown_timeout: Option<std::time::Duration>,
+    /// The only folders under which an operator's request may have this host write files (a
+    /// failback's `--dir`), symbolic links resolved; relative to the config file's folder.
+    /// Default: `exports` under `data_dir`.
+    #[serde(default)]
+    pub export_roots: Vec<PathBuf>,
     /// The config file's folder, where a recovery plan's scripts run (set by
     /// [`AgentConfig::load`]).
     #[serde(skip)]
@@ -198,6 +203,10 @@ impl AgentConfig {
         };
         cfg.registration_key = abs(&cfg.registration_key);
         cfg.data_dir = abs(&cfg.data_dir);
+        if cfg.export_roots.is_empty() {
+            cfg.export_roots = vec![cfg.data_dir.join("exports")];
+        }
+        cfg.export_roots = cfg.export_roots.iter().map(|r| abs(r)).collect();
         if let Some(t) = &mut cfg.tracker {
             t.socket_dir = Some(match &t.socket_dir {
                 Some(d) => abs(d),

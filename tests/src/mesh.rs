@@ -169,8 +169,10 @@ impl TestMesh {
     ) -> anyhow::Result<PathBuf> {
         std::fs::create_dir_all(dir)?;
         self.registration_key(&dir.join("key.json"), 3600).await?;
+        // Failbacks into a folder of the test's own (`--dir`) are let in.
         let mut toml = format!(
-            "registration_key = \"key.json\"\ndata_dir = \"agent-data\"\n[host]\nname = \"{host}\"\nsite = \"site-a\"\n"
+            "registration_key = \"key.json\"\ndata_dir = \"agent-data\"\nexport_roots = [{:?}]\n[host]\nname = \"{host}\"\nsite = \"site-a\"\n",
+            self.dir.path().display().to_string()
         );
         for (name, disks) in vms {
             let list: Vec<String> = disks

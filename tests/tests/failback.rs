@@ -218,6 +218,26 @@ async fn failback_into_a_folder_with_full_sync_leaves_the_original_disk_alone() 
             "{bad}: {err}"
         );
     }
+    // A plain absolute folder outside the agent's export_roots is refused by the agent, and
+    // nothing is written there.
+    let elsewhere = tempfile::tempdir()?;
+    let outside = elsewhere.path().join("home");
+    let (ok, out, err) = t.cli(&[
+        "failback",
+        "web01",
+        "--sync",
+        "full",
+        "--dir",
+        &outside.display().to_string(),
+        "--wait",
+        "-o",
+        "json",
+    ])?;
+    assert!(
+        !ok && format!("{out}{err}").contains("not under a folder"),
+        "{out} {err}"
+    );
+    assert!(!outside.exists(), "the agent wrote outside its roots");
     let home = t.path("new-home");
     let home_s = home.display().to_string();
     let job = t.cli_json(&[

@@ -33,7 +33,7 @@ impl Agent {
         cancel: &CancellationToken,
     ) -> Result<RecoveredVm, ReplError> {
         let vm = item.vm.as_str();
-        let dir = folder_for(vm, &work.target_dir)?;
+        let dir = folder_for(vm, &work.target_dir, &self.cfg.export_roots)?;
         let path = progress_path(&self.cfg.data_dir, vm);
         // Phase 1 delivered again after it ended: the progress file says so.
         let synced = !work.start
@@ -171,9 +171,10 @@ impl Marker {
     }
 }
 
-/// `<target_dir>/<vm>`, refused when the folder could climb out of what the operator named.
-fn folder_for(vm: &str, target_dir: &str) -> Result<PathBuf, ReplError> {
-    if let Some(why) = ferry_model::disk::folder_problem(target_dir) {
+/// `<target_dir>/<vm>`, refused when the folder could climb out of what the operator named
+/// or lies outside this host's export roots.
+fn folder_for(vm: &str, target_dir: &str, roots: &[PathBuf]) -> Result<PathBuf, ReplError> {
+    if let Some(why) = ferry_model::disk::outside_roots(target_dir, roots) {
         return Err(ReplError::Permanent(format!(
             "failback folder {target_dir:?} {why}"
         )));
@@ -219,17 +220,25 @@ mod tests {
 
     #[test]
     fn folders_that_climb_out_are_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let roots = [root.path().to_path_buf()];
+        let back = root.path().join("back");
+        let back = back.to_str().unwrap();
         assert_eq!(
-            folder_for("web01", "/srv/back").unwrap(),
-            Path::new("/srv/back/web01")
+            folder_for("web01", back, &roots).unwrap(),
+            Path::new(back).join("web01")
         );
+        let climbs = format!("{}/../etc", root.path().display());
         for (vm, dir) in [
-            ("web01", "/srv/../etc"),
+            ("web01", climbs.as_str()),
             ("web01", "relative"),
-            ("..", "/srv"),
+            ("web01", "/etc"),
+            ("..", back),
         ] {
-            let e = folder_for(vm, dir).unwrap_err().to_string();
+            let e = folder_for(vm, dir, &roots).unwrap_err().to_string();
             assert!(e.contains(dir) || e.contains(vm), "{e}");
         }
+        let e = folder_for("web01", "/etc", &roots).unwrap_err().to_string();
+        assert!(e.contains("not under a folder"), "{e}");
     }
 }

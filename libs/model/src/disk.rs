@@ -82,7 +82,7 @@ pub fn outside_roots(dir: &str, roots: &[std::path::PathBuf]) -> Option<String> 
     let shown = || {
         let r: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
         if r.is_empty() {
-            "none are configured (export_roots in ferry.toml)".to_owned()
+            "none are configured (export_roots)".to_owned()
         } else {
             r.join(", ")
         }
