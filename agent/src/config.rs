@@ -50,9 +50,9 @@ pub struct AgentConfig {
     pub shutdown_timeout: Option<std::time::Duration>,
     /// The only folders under which an operator's request may have this host write files (a
     /// failback's `--dir`), symbolic links resolved; relative to the config file's folder.
-    /// Default: `exports` under `data_dir`.
+    /// Default (absent): `exports` under `data_dir`; an empty list lets no folder in.
     #[serde(default)]
-    pub export_roots: Vec<PathBuf>,
+    pub export_roots: Option<Vec<PathBuf>>,
     /// The config file's folder, where a recovery plan's scripts run (set by
     /// [`AgentConfig::load`]).
     #[serde(skip)]
@@ -203,10 +203,10 @@ impl AgentConfig {
         };
         cfg.registration_key = abs(&cfg.registration_key);
         cfg.data_dir = abs(&cfg.data_dir);
-        if cfg.export_roots.is_empty() {
-            cfg.export_roots = vec![cfg.data_dir.join("exports")];
-        }
-        cfg.export_roots = cfg.export_roots.iter().map(|r| abs(r)).collect();
+        cfg.export_roots = Some(match cfg.export_roots.take() {
+            None => vec![cfg.data_dir.join("exports")],
+            Some(roots) => roots.iter().map(|r| abs(r)).collect(),
+        });
         if let Some(t) = &mut cfg.tracker {
             t.socket_dir = Some(match &t.socket_dir {
                 Some(d) => abs(d),

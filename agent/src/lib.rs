@@ -63,7 +63,7 @@ pub struct Agent {
 /// with an error naming the disks it left open.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     warn_unopenable_disks(&cfg).await;
-    for root in &cfg.export_roots {
+    for root in cfg.export_roots.iter().flatten() {
         // A root that does not exist lets nothing in: make it, as `ferry up` does its own.
         if let Err(e) = std::fs::create_dir_all(root) {
             tracing::warn!(root = %root.display(), error = %e, "cannot create an export root; failbacks into it are refused");

@@ -33,7 +33,8 @@ impl Agent {
         cancel: &CancellationToken,
     ) -> Result<RecoveredVm, ReplError> {
         let vm = item.vm.as_str();
-        let dir = folder_for(vm, &work.target_dir, &self.cfg.export_roots)?;
+        let roots = self.cfg.export_roots.as_deref().unwrap_or_default();
+        let dir = folder_for(vm, &work.target_dir, roots)?;
         let path = progress_path(&self.cfg.data_dir, vm);
         // Phase 1 delivered again after it ended: the progress file says so.
         let synced = !work.start
