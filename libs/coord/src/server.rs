@@ -49,7 +49,6 @@ pub struct RedisServer {
     launch: Launch,
 }
 
-#[derive(Clone)]
 struct Launch {
     dir: PathBuf,
     port: u16,

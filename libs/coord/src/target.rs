@@ -5,7 +5,7 @@ use redis::IntoConnectionInfo;
 
 use crate::CoordError;
 
-/// A Redis to connect to. `Debug` and [`RedisTarget::redacted`] never show the password.
+/// A Redis to connect to. `Debug` never shows the password (logs use [`redact_url`]).
 #[derive(Clone, Default)]
 pub struct RedisTarget {
     /// `redis://host:port/db`, `rediss://…` (TLS) or `unix:///path`. It may carry a password
@@ -46,11 +46,6 @@ impl RedisTarget {
             password: cfg.redis_password().map_err(config)?,
             ca_pem: cfg.redis_ca_pem().map_err(config)?,
         })
-    }
-
-    /// The URL with any password replaced by `***`: what logs and errors may show.
-    pub fn redacted(&self) -> String {
-        redact_url(&self.url)
     }
 
     pub(crate) fn client(&self) -> Result<redis::Client, CoordError> {
@@ -130,7 +125,7 @@ mod tests {
             password: Some("other".into()),
             ca_pem: None,
         };
-        let shown = format!("{t:?} {}", t.redacted());
+        let shown = format!("{t:?} {}", redact_url(&t.url));
         assert!(
             !shown.contains("inline") && !shown.contains("other"),
             "{shown}"
