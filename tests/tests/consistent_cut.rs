@@ -68,6 +68,14 @@ fn common_cuts(t: &TestMesh, vms: &[&str]) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
+/// When cut `id` (`<group>-<ms>-<tag>`) was queued, in ms since the epoch (0 if unreadable).
+fn queued_ms(id: &str) -> i64 {
+    id.rsplitn(3, '-')
+        .nth(1)
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The test copy of `vm` a test failover made: its disk and the point it came from.
 fn test_copy(t: &TestMesh, vm: &str) -> anyhow::Result<(std::path::PathBuf, String)> {
     let list = t.cli_json(&["failover", "list", "-o", "json"])?;
@@ -165,12 +173,21 @@ async fn latest_common_points_are_one_instant_of_both_vms() -> anyhow::Result<()
 
     let mut seen = Vec::new();
     for round in 0..3 {
-        // Wait for a common cut made while the writer runs (and after the last round's).
+        // Wait for a common cut queued after this round's first write was acknowledged. A
+        // cut queued before the writer's first write (its points may commit later) would
+        // hold a = 0, and the last round's would repeat; the id carries its queue time.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         let before = rounds.load(Ordering::Relaxed);
+        while rounds.load(Ordering::Relaxed) <= before {
+            anyhow::ensure!(!w.is_finished(), "the writer stopped: {:?}", w.await);
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "the writer is stuck");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let written_ms = ferry_proto::now_ms();
         loop {
             let cuts = common_cuts(&t, &["a", "b"])?;
-            if rounds.load(Ordering::Relaxed) > before + 5 && cuts.iter().any(|c| !seen.contains(c))
+            if rounds.load(Ordering::Relaxed) > before + 5
+                && cuts.iter().any(|c| queued_ms(c) > written_ms)
             {
                 break;
             }
