@@ -173,7 +173,7 @@ impl Agent {
             .await
             .map_err(|e| ReplError::Recoverable(format!("{}: {e}", path.display())))?;
         let length = bytes.len() as u64;
-        let key = self.creds.vault_key.clone();
+        let key = self.vault_key();
         let pieces: Vec<ReadBlock> = bytes
             .chunks(block_size.max(4096) as usize)
             .enumerate()

@@ -11,6 +11,7 @@ mod replicate;
 mod resync;
 pub mod tracker;
 mod unprotect;
+mod vault_keys;
 mod work_cancel;
 
 use std::sync::Arc;
@@ -34,6 +35,8 @@ pub use replicate::ReplError;
 pub struct Agent {
     cfg: Arc<AgentConfig>,
     creds: Arc<Credentials>,
+    /// The vault keyring (`vault_keys.rs`): key 0 from `creds`, then the rotated keys.
+    keys: Arc<std::sync::RwLock<ferry_store::VaultKey>>,
     /// Channels to the registry, scheduler, ingest and storage-writer, made once.
     peers: ferry_mesh::Peers,
     uploader: Arc<Mutex<Option<Uploader>>>,
@@ -98,6 +101,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     let driver = driver::Driver::from_config(cfg.driver.as_ref(), &driver_dir)?;
     let agent = Agent {
         cfg: Arc::new(cfg),
+        keys: Arc::new(std::sync::RwLock::new(creds.vault_key.clone())),
         creds: Arc::new(creds),
         peers,
         uploader: Default::default(),
@@ -275,6 +279,7 @@ impl Agent {
                     }
                     self.apply_fences(&r.fenced_vms, &mut fenced);
                     self.standby.set_wanted(r.standby_vms, r.standby_kept_vms);
+                    self.learn_vault_key(r.vault_key_id).await;
                 }
                 Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
             }

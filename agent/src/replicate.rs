@@ -248,7 +248,7 @@ impl Agent {
         let (tx, mut rx) = mpsc::channel::<ReadBlock>(self.cfg.batch_blocks * 2);
         let reader = {
             let path = std::path::PathBuf::from(&disk.path);
-            let key = self.creds.vault_key.clone();
+            let key = self.vault_key();
             let stats = stats.clone();
             let stop = cancel.clone();
             tokio::task::spawn_blocking(move || {
@@ -353,7 +353,7 @@ impl Agent {
                 };
             let res = match connected {
                 Ok(up) => {
-                    let key = self.creds.vault_key.clone();
+                    let key = self.vault_key();
                     let r = upload_batch(&up, &cycle, blocks.clone(), key, &stats).await;
                     if r.as_ref().is_err_and(ReplError::recoverable) {
                         up.close(); // the next attempt reconnects

@@ -550,7 +550,7 @@ impl Agent {
         let (tx, mut rx) = mpsc::channel::<ReadBlock>(self.cfg.batch_blocks * 2);
         let reader = {
             let path = PathBuf::from(&disk.path);
-            let key = self.creds.vault_key.clone();
+            let key = self.vault_key();
             let stats = stats.clone();
             let stop = cancel.clone();
             tokio::task::spawn_blocking(move || {

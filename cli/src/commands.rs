@@ -110,6 +110,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Vault {
+            cmd: VaultCmd::RotateKey { output },
+        } => crate::vault_cmd::rotate(&ctl(&cli)?, *output).await,
+        Cmd::Vault {
+            cmd: VaultCmd::Keys { output },
+        } => crate::vault_cmd::list(&ctl(&cli)?, *output).await,
         Cmd::Host { cmd } => host(&cli, cmd).await,
         Cmd::Vm { cmd } => vm(&cli, cmd).await,
         Cmd::Jobs { cmd } => jobs(&cli, cmd).await,

@@ -9,6 +9,7 @@ mod points_cmd;
 mod protect;
 mod token_cmd;
 mod unprotect_cmd;
+mod vault_cmd;
 mod vm_set;
 
 use std::path::PathBuf;
@@ -137,6 +138,17 @@ pub enum VaultCmd {
         ttl: humantime::Duration,
         #[arg(long, default_value = "")]
         site: String,
+    },
+    /// Add a new data key: chunks stored from now on are sealed with it; older ones keep
+    /// theirs and stay readable (nothing is rewritten). Admin.
+    RotateKey {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// The vault's key ids, when each was made and which one seals new chunks.
+    Keys {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
     },
 }
 

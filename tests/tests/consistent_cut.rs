@@ -70,7 +70,7 @@ fn common_cuts(t: &TestMesh, vms: &[&str]) -> anyhow::Result<Vec<String>> {
 
 /// When cut `id` (`<group>-<ms>-<tag>`) was queued, in ms since the epoch (0 if unreadable).
 fn queued_ms(id: &str) -> i64 {
-    id.rsplitn(3, '-')
+    id.rsplit('-')
         .nth(1)
         .and_then(|ms| ms.parse().ok())
         .unwrap_or(0)
@@ -180,7 +180,10 @@ async fn latest_common_points_are_one_instant_of_both_vms() -> anyhow::Result<()
         let before = rounds.load(Ordering::Relaxed);
         while rounds.load(Ordering::Relaxed) <= before {
             anyhow::ensure!(!w.is_finished(), "the writer stopped: {:?}", w.await);
-            anyhow::ensure!(tokio::time::Instant::now() < deadline, "the writer is stuck");
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the writer is stuck"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let written_ms = ferry_proto::now_ms();

@@ -235,7 +235,7 @@ impl Agent {
         let what = format!("disk {} of vm {vm} ({})", disk.disk_id, path.display());
         let (p, key, stop, w) = (
             path.to_path_buf(),
-            self.creds.vault_key.clone(),
+            self.vault_key(),
             cancel.clone(),
             what.clone(),
         );

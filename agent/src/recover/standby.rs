@@ -450,7 +450,7 @@ impl Agent {
                 &old.blocks,
                 &map,
                 &sd.dirty,
-                zero_test(&self.creds.vault_key, disk),
+                zero_test(&self.vault_key(), disk),
             );
             out.push((plan, map));
         }

@@ -90,20 +90,23 @@ impl Agent {
         batch: Vec<(u64, ferry_store::ChunkId)>,
     ) -> Result<(u64, Vec<(u64, ferry_store::ChunkId, String)>), ReplError> {
         let sealed = self.fetch_batch(vm, point, &batch).await?;
-        let key = self.creds.vault_key.clone();
+        let key = self.vault_key_for(&sealed).await;
         tokio::task::spawn_blocking(move || {
-            let failed: Vec<_> = batch
-                .iter()
-                .zip(&sealed)
-                .filter_map(|((index, id), s)| {
-                    ferry_store::open_chunk(&key, id, s)
-                        .err()
-                        .map(|e| (*index, *id, e.to_string()))
-                })
-                .collect();
-            (batch.len() as u64, failed)
+            let mut failed = Vec::new();
+            for ((index, id), s) in batch.iter().zip(&sealed) {
+                match ferry_store::open_chunk(&key, id, s) {
+                    Ok(_) => {}
+                    // A key this host could not fetch yet is no fault of the chunk: the drill
+                    // is retried rather than reporting a good block bad.
+                    Err(e @ ferry_store::StoreError::UnknownKey { .. }) => {
+                        return Err(ReplError::Recoverable(format!("block {index}: {e}")));
+                    }
+                    Err(e) => failed.push((*index, *id, e.to_string())),
+                }
+            }
+            Ok((batch.len() as u64, failed))
         })
         .await
-        .map_err(|e| ReplError::Permanent(format!("checking chunks: {e}")))
+        .map_err(|e| ReplError::Permanent(format!("checking chunks: {e}")))?
     }
 }

@@ -155,7 +155,7 @@ impl Agent {
         batch: Vec<(u64, ChunkId)>,
     ) -> Result<Blocks, ReplError> {
         let sealed = self.fetch_batch(vm, point, &batch).await?;
-        let key = self.creds.vault_key.clone();
+        let key = self.vault_key_for(&sealed).await;
         blocking(move || {
             batch
                 .into_iter()
@@ -163,7 +163,13 @@ impl Agent {
                 .map(|((index, id), sealed)| {
                     ferry_store::open_chunk(&key, &id, &sealed)
                         .map(|data| (index, data))
-                        .map_err(|e| ReplError::Permanent(format!("block {index}: {e}")))
+                        .map_err(|e| match e {
+                            // Not this chunk's fault: the registry could not be asked yet.
+                            ferry_store::StoreError::UnknownKey { .. } => {
+                                ReplError::Recoverable(format!("block {index}: {e}"))
+                            }
+                            e => ReplError::Permanent(format!("block {index}: {e}")),
+                        })
                 })
                 .collect()
         })

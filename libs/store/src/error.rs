@@ -22,6 +22,16 @@ pub enum StoreError {
     /// Stored bytes failed validation (authentication, hash, format).
     #[error("corrupt {what}: {reason}")]
     Corrupt { what: String, reason: String },
+    /// A sealed object names a vault key this keyring does not hold (rotated after the holder
+    /// last fetched the keys): fetch them again. Not corruption.
+    #[error(
+        "{what} is sealed with vault key {key_id}, which this keyring does not hold (it holds keys up to {newest}); fetch the vault keys again"
+    )]
+    UnknownKey {
+        what: String,
+        key_id: u16,
+        newest: u16,
+    },
     /// The caller passed something this crate refuses (bad name, bad hex, bad url).
     #[error("invalid {what}: {reason}")]
     Invalid { what: String, reason: String },
@@ -50,6 +60,8 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         match self {
             StoreError::ObjectStore(e) => object_store_transient(e),
+            // The keys are fetched again by their holder's next refresh.
+            StoreError::UnknownKey { .. } => true,
             StoreError::Io { source, .. } => !matches!(
                 source.kind(),
                 std::io::ErrorKind::PermissionDenied

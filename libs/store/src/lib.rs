@@ -25,8 +25,8 @@ pub use audit::{AUDIT_NAMESPACE, AuditLog, AuditVerification, AuditWriter};
 pub use blockmap::{BlockMap, PAGE_BLOCKS, PageRef};
 pub use catalog::Catalog;
 pub use chunk::{
-    CHUNK_HEADER_LEN, ChunkId, MAX_CHUNK_LEN, VaultKey, chunk_hex, chunk_id, is_zero, open_chunk,
-    parse_chunk_hex, seal_chunk,
+    CHUNK_HEADER_LEN, ChunkId, MAX_CHUNK_LEN, VaultKey, WRAPPED_KEY_LEN, chunk_hex, chunk_id,
+    is_zero, open_chunk, parse_chunk_hex, seal_chunk, sealed_key_id,
 };
 pub use error::StoreError;
 pub use layout::{chunk_key, merged_key};

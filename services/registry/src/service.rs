@@ -7,6 +7,7 @@ mod hosts;
 mod jobs_api;
 mod reports;
 mod tokens;
+mod vault_keys;
 mod vms;
 
 use std::collections::HashMap;
@@ -487,6 +488,27 @@ impl Registry for RegistryApi {
 
     async fn revoke_token(&self, req: Request<pb::RevokeTokenRequest>) -> R<pb::TokenInfo> {
         self.0.revoke_token(req).await
+    }
+
+    async fn rotate_vault_key(
+        &self,
+        req: Request<pb::RotateVaultKeyRequest>,
+    ) -> R<pb::VaultKeyInfo> {
+        self.0.rotate_vault_key(req).await
+    }
+
+    async fn list_vault_keys(
+        &self,
+        req: Request<pb::ListVaultKeysRequest>,
+    ) -> R<pb::ListVaultKeysResponse> {
+        self.0.list_vault_keys(req).await
+    }
+
+    async fn get_vault_keys(
+        &self,
+        req: Request<pb::GetVaultKeysRequest>,
+    ) -> R<pb::GetVaultKeysResponse> {
+        self.0.get_vault_keys(req).await
     }
 
     async fn list_token_grants(

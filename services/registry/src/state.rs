@@ -20,6 +20,16 @@ pub struct KeyRecord {
     pub used_by: Option<String>,
 }
 
+/// A vault key added by `ferry vault rotate-key`, wrapped (sealed) under the vault's first
+/// key: the catalog never holds a key in the clear.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VaultKeyRecord {
+    pub key_id: u16,
+    /// Hex of `VaultKey::wrap_key`.
+    pub wrapped: String,
+    pub created_at_ms: i64,
+}
+
 /// An operator token made with `ferry token create`; the token itself is never stored.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TokenRecord {
@@ -403,6 +413,7 @@ pub enum Event {
     TokenRevoked {
         name: String,
     },
+    VaultKeyAdded(VaultKeyRecord),
 }
 
 #[derive(Default)]
@@ -411,6 +422,8 @@ pub struct State {
     pub keys: BTreeMap<String, KeyRecord>,
     /// Operator tokens by name (revoked ones stay, marked).
     pub tokens: BTreeMap<String, TokenRecord>,
+    /// Keys rotations added, by id (key 0 is the vault's data key file).
+    pub vault_keys: BTreeMap<u16, VaultKeyRecord>,
     pub hosts: BTreeMap<String, HostRecord>,
     pub vms: BTreeMap<String, VmRecord>,
     pub jobs: BTreeMap<String, Job>,
@@ -427,6 +440,9 @@ impl State {
             }
             Event::TokenCreated(t) => {
                 self.tokens.insert(t.name.clone(), t.clone());
+            }
+            Event::VaultKeyAdded(k) => {
+                self.vault_keys.insert(k.key_id, k.clone());
             }
             Event::TokenRevoked { name } => {
                 if let Some(t) = self.tokens.get_mut(name) {

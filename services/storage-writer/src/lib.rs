@@ -9,6 +9,7 @@
 
 mod commit;
 pub mod error;
+mod keyring;
 pub mod logs;
 mod materialize;
 pub mod merge;
@@ -44,7 +45,7 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 pub struct Writer {
     store: Store,
     coord: Coord,
-    key: Arc<VaultKey>,
+    key: keyring::Keyring,
     /// Commits hold it shared, the garbage sweep exclusively: a chunk a commit has verified
     /// cannot be swept before that commit's manifest lands. Merges hold it shared too.
     sweep_lock: Arc<tokio::sync::RwLock<()>>,
@@ -69,7 +70,7 @@ impl Writer {
         Self {
             store,
             coord,
-            key: Arc::new(key),
+            key: keyring::Keyring::new(key),
             sweep_lock: Default::default(),
             merges: Default::default(),
             spool_dir: Arc::new(std::env::temp_dir()),
@@ -106,6 +107,16 @@ impl Writer {
     pub fn store(&self) -> &Store {
         &self.store
     }
+
+    /// The keyring as it stands (merges seal with its newest key).
+    pub(crate) fn key(&self) -> Arc<VaultKey> {
+        self.key.get()
+    }
+
+    /// Keeps the keyring current with the registry's rotations until `shutdown`.
+    pub fn watch_vault_keys(&self, cfg: &MeshConfig, shutdown: CancellationToken) {
+        self.key.watch(cfg, shutdown);
+    }
 }
 
 /// Serves `ferry.storage.v1.StorageWriter` (TLS, health, reflection, caller authentication) on
@@ -116,6 +127,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let writer = Writer::from_config(&cfg).await?;
+    writer.watch_vault_keys(&cfg, shutdown.clone());
     let auth = ferry_mesh::component_authenticator(&cfg, shutdown.clone())
         .await
         .context("setting up authentication")?

@@ -5,7 +5,6 @@
 //! thread removes the file unless it was told to finish: an error, a cancellation or a dropped
 //! request future (the client went away) all leave no partial file behind.
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use ferry_disk::{CreateOptions, Format, Subformat};
 use ferry_proto::storage::v1::{MaterializeDiskRequest, MaterializeDiskResponse};
@@ -267,7 +266,7 @@ impl Writer {
                 let d = crate::logs::get_descriptor(&self.store, key).await?;
                 let spool = dir.join(format!(".{name}.{i:06}.hrl.spool"));
                 spools.push(spool.clone());
-                crate::logs::spool(&self.store, &self.key, &d, &spool).await?;
+                crate::logs::spool(&self.store, &self.key(), &d, &spool).await?;
             }
             let (t, s) = (target.to_path_buf(), spools.clone());
             let bytes = tokio::task::spawn_blocking(move || crate::logs::replay(&t, &s))
@@ -294,7 +293,7 @@ impl Writer {
             }
             Err(e) => return Err(e.into()),
         };
-        let key = Arc::clone(&self.key);
+        let key = self.key();
         let opened = tokio::task::spawn_blocking(move || open_chunk(&key, &id, &sealed))
             .await
             .map_err(|e| WriterError::Internal(format!("chunk open task failed: {e}")))?;

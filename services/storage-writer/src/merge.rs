@@ -421,7 +421,7 @@ impl Writer {
             let desc = get_descriptor(&self.store, key).await?;
             let path = self.spool_dir.join(format!("ferry-merge-{run}-{i:06}.hrl"));
             files.0.push(path.clone());
-            spool(&self.store, &self.key, &desc, &path).await?;
+            spool(&self.store, &self.key(), &desc, &path).await?;
         }
         let (paths, keys, vsize) = (files.0.clone(), todo.to_vec(), disk.virtual_size);
         let plan = tokio::task::spawn_blocking(move || plan(&paths, &keys, vsize, bs))
@@ -500,7 +500,7 @@ impl Writer {
             },
             None => None,
         };
-        let key = Arc::clone(&self.key);
+        let key = self.key();
         let what = format!("disk {disk}: block {index}");
         let block_size = block_size as usize;
         let out = tokio::task::spawn_blocking(move || -> Result<Option<(ChunkId, Option<Vec<u8>>)>> {

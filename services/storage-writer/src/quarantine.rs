@@ -34,8 +34,11 @@ impl Writer {
                 }
                 Err(e) => return Err(e.into()),
             };
-            match ferry_store::open_chunk(&self.key, id, &sealed) {
+            match ferry_store::open_chunk(&self.key(), id, &sealed) {
                 Ok(_) => healthy.push(*id),
+                // A key rotated after the last poll is no fault of the chunk: never quarantine
+                // for it; the caller retries once the keys are read.
+                Err(e @ StoreError::UnknownKey { .. }) => return Err(e.into()),
                 Err(e) => {
                     self.store.quarantine_chunk(id).await?;
                     warn!(vm, chunk = %ferry_store::chunk_hex(id), error = %e, "corrupt chunk quarantined");

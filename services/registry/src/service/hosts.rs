@@ -154,7 +154,7 @@ impl RegistryService {
         let host = ferry_mesh::require_host(&req)?;
         let req = req.into_inner();
         let mut events = Vec::new();
-        let (fenced_vms, standby_vms, standby_kept_vms);
+        let (fenced_vms, standby_vms, standby_kept_vms, vault_key_id);
         {
             let st = self.state.lock().await;
             match st.hosts.get(&host) {
@@ -170,6 +170,7 @@ impl RegistryService {
                 .collect();
             (standby_vms, standby_kept_vms) =
                 self.standby_lists(st.vms.values(), &host, &req.standby);
+            vault_key_id = u32::from(super::vault_keys::newest(&st));
             for vm in &req.vms {
                 if !valid_name(&vm.name) {
                     tracing::warn!(host = %host, vm = %vm.name, "ignoring vm with an invalid name");
@@ -220,6 +221,7 @@ impl RegistryService {
             fenced_vms,
             standby_vms,
             standby_kept_vms,
+            vault_key_id,
         }))
     }
 
