@@ -45,16 +45,8 @@ impl Agent {
                 .get_vault_keys(GetVaultKeysRequest {})
                 .await?
                 .into_inner();
-            let mut ring = self.creds.vault_key.clone();
-            for k in r.keys {
-                let id = u16::try_from(k.key_id)
-                    .map_err(|_| anyhow::anyhow!("the registry sent key id {}", k.key_id))?;
-                let bytes: [u8; 32] = k.key.as_slice().try_into().map_err(|_| {
-                    anyhow::anyhow!("the registry sent vault key {id} of {} bytes", k.key.len())
-                })?;
-                ring = ring.with_key(id, bytes)?;
-            }
-            anyhow::Ok(ring)
+            let keys = r.keys.iter().map(|k| (k.key_id, k.key.as_slice()));
+            anyhow::Ok(self.creds.vault_key.with_keys(keys)?)
         }
         .await;
         match fetched {

@@ -86,6 +86,25 @@ impl VaultKey {
         Ok(ring)
     }
 
+    /// This keyring with rotated keys as a registry sends them (id, 32 bytes) added; an id
+    /// out of range or a key of another length is refused, naming it.
+    pub fn with_keys<'a>(
+        &self,
+        keys: impl IntoIterator<Item = (u32, &'a [u8])>,
+    ) -> Result<Self, StoreError> {
+        keys.into_iter().try_fold(self.clone(), |ring, (id, key)| {
+            let id = u16::try_from(id)
+                .map_err(|_| StoreError::invalid("vault key id", format!("{id} is above 65535")))?;
+            let key: [u8; 32] = key.try_into().map_err(|_| {
+                StoreError::invalid(
+                    format!("vault key {id}"),
+                    format!("{} bytes, not 32", key.len()),
+                )
+            })?;
+            ring.with_key(id, key)
+        })
+    }
+
     /// The id new chunks are sealed with.
     pub fn key_id(&self) -> u16 {
         self.current
@@ -392,6 +411,17 @@ mod tests {
             Err(StoreError::Corrupt { .. })
         ));
         assert!(k0.with_key(0, [1; 32]).is_err());
+        assert!(
+            k0.with_keys([(70_000, &[1u8; 32][..])]).is_err(),
+            "id out of range"
+        );
+        assert!(k0.with_keys([(2, &[1u8; 31][..])]).is_err(), "short key");
+        assert_eq!(
+            k0.with_keys([(1, &[9u8; 32][..]), (2, &[8u8; 32][..])])
+                .unwrap()
+                .key_id(),
+            2
+        );
         // Adding an older id later does not move the newest.
         assert_eq!(
             k1.with_key(3, [3; 32])

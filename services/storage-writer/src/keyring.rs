@@ -68,15 +68,8 @@ impl Keyring {
         if u32::from(held.key_id()) == r.current_key_id {
             return Ok(None);
         }
-        let mut ring = VaultKey::from_bytes(held.to_bytes());
-        for k in r.keys {
-            let id = u16::try_from(k.key_id)
-                .map_err(|_| anyhow::anyhow!("the registry sent key id {}", k.key_id))?;
-            let bytes: [u8; 32] = k.key.as_slice().try_into().map_err(|_| {
-                anyhow::anyhow!("the registry sent vault key {id} of {} bytes", k.key.len())
-            })?;
-            ring = ring.with_key(id, bytes)?;
-        }
+        let ring = VaultKey::from_bytes(held.to_bytes())
+            .with_keys(r.keys.iter().map(|k| (k.key_id, k.key.as_slice())))?;
         let id = ring.key_id();
         self.set(ring);
         Ok(Some(id))
