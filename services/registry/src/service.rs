@@ -43,6 +43,9 @@ pub struct RegistryService {
     /// Channels to the scheduler (dispatching job work), made once.
     pub(crate) peers: ferry_mesh::Peers,
     catalog: Catalog,
+    /// Key 0 of the vault's keyring (the data key file, read once at start): sent to hosts
+    /// at registration and wrapping the keys rotations add.
+    pub(crate) vault_key: ferry_store::VaultKey,
     /// The vault's audit trail (read by `ListAudit`; this registry writes into it too).
     audit: AuditLog,
     pub(crate) state: Mutex<State>,
@@ -98,6 +101,7 @@ impl RegistryService {
                 .map_err(|e| RegistryError::Pki(format!("the service certificate: {e}")))?,
             cfg,
             catalog,
+            vault_key: ferry_store::VaultKey::from_bytes(key),
             audit,
             state: Mutex::new(state),
             heartbeats: Default::default(),

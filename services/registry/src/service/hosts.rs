@@ -99,16 +99,12 @@ impl RegistryService {
         ])
         .await?;
         tracing::info!(host = %req.host_name, key_id = %req.key_id, "host registered");
-        let data_key = self
-            .cfg
-            .data_key()
-            .map_err(|e| RegistryError::Internal(e.to_string()))?;
         Ok(Response::new(pb::RegisterHostResponse {
             host_id: req.host_name.clone(),
             cert_pem,
             ca_pem: ca.cert_pem(),
             vault_id: self.cfg.vault.id.clone(),
-            vault_data_key: data_key.to_vec(),
+            vault_data_key: self.vault_key.to_bytes().to_vec(),
             endpoints: Some(pb::Endpoints {
                 registry: self.cfg.endpoint(Component::Registry),
                 scheduler: self.cfg.endpoint(Component::Scheduler),

@@ -5,7 +5,6 @@
 use ferry_mesh::{Caller, Role};
 use ferry_proto::now_ms;
 use ferry_proto::registry::v1 as pb;
-use ferry_store::VaultKey;
 use tonic::{Request, Response, Status};
 
 use super::{R, RegistryService};
@@ -13,21 +12,12 @@ use crate::error::RegistryError;
 use crate::state::{Event, State, VaultKeyRecord};
 
 impl RegistryService {
-    /// Key 0, which wraps the others.
-    fn first_key(&self) -> Result<VaultKey, RegistryError> {
-        let key = self
-            .cfg
-            .data_key()
-            .map_err(|e| RegistryError::Internal(format!("the vault data key: {e}")))?;
-        Ok(VaultKey::from_bytes(key))
-    }
-
     pub(super) async fn rotate_vault_key(
         &self,
         req: Request<pb::RotateVaultKeyRequest>,
     ) -> R<pb::VaultKeyInfo> {
         ferry_mesh::require_role(&req, Role::Admin)?;
-        let first = self.first_key()?;
+        let first = self.vault_key.clone();
         let key = rand::random::<[u8; 32]>();
         let rec = self
             .persist_checked(move |st| {
@@ -83,7 +73,7 @@ impl RegistryService {
                 )));
             }
         }
-        let first = self.first_key()?;
+        let first = &self.vault_key;
         let st = self.state.lock().await;
         let keys = st
             .vault_keys
