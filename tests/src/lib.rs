@@ -9,6 +9,7 @@ mod lossy;
 mod mesh;
 mod replicas;
 mod rng;
+mod stores;
 mod tools;
 
 pub use agent::{
@@ -21,6 +22,7 @@ pub use lossy::LossyRelay;
 pub use mesh::{TestMesh, init_logs, policy_resync_window_closed, start_mesh_with_block_size};
 pub use replicas::Replica;
 pub use rng::Rng;
+pub use stores::ObjectServer;
 pub use tools::{
     bin, fill_random, qemu_compare, qemu_convert, qemu_create, qemu_io, qemu_virtual_size, run,
 };

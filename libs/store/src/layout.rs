@@ -11,6 +11,7 @@
 //! | `readers/<vm>/<point>/<uuid>` | [`reader_key`], [`reader_prefix`] | [`parse_reader_key`] |
 //! | `gc/condemned.json` | [`CONDEMNED_KEY`] | |
 //! | `catalog/<ns>/<seq:020>.json` | [`catalog_key`], [`catalog_prefix`] | [`parse_catalog_key`] |
+//! | `probe/<uuid>` | [`probe_key`] | |
 //!
 //! Builders only format: they never fail. VM names and catalog namespaces are checked with
 //! `check_segment` by the store's point, merged-map and catalog operations, and every key,
@@ -33,6 +34,12 @@ pub const LOGS_PREFIX: &str = "logs";
 pub const POINTS_PREFIX: &str = "points";
 /// Objects the last collection found unreferenced (deleted by the next one if still so).
 pub const CONDEMNED_KEY: &str = "gc/condemned.json";
+
+/// `probe/<uuid>`: written twice and deleted when a mesh starts, to learn whether the backend
+/// honours put-if-absent (see `Store::prepare`).
+pub fn probe_key(id: &uuid::Uuid) -> String {
+    format!("probe/{id}")
+}
 
 /// `chunks/<aa>/<64 hex>`: where a sealed chunk lives.
 pub fn chunk_key(id: &ChunkId) -> String {

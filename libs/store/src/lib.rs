@@ -10,6 +10,7 @@
 //! other crate.
 
 mod audit;
+pub mod backend;
 mod blockmap;
 mod catalog;
 mod chunk;
@@ -17,6 +18,7 @@ mod error;
 pub mod layout;
 mod merged;
 mod points;
+mod prepare;
 mod quarantine;
 mod store;
 mod unreliable;

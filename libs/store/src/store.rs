@@ -4,8 +4,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
-use object_store::local::LocalFileSystem;
-use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use tracing::debug;
@@ -28,55 +26,23 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens a store by URL:
-    ///
-    /// * `file:///abs/dir` — the local filesystem under that directory (created if missing),
-    ///   with fsync on every write so a returned put is durable; `file:///abs/dir?fsync=false`
-    ///   turns that off (tests, scratch space).
-    /// * `memory://` — a fresh in-memory store (tests).
-    ///
-    /// Other schemes are rejected with [`StoreError::Invalid`].
+    /// Opens a store by URL: `file:///abs/dir[?fsync=false]`, `az://container/prefix`,
+    /// `s3://bucket/prefix`, `gs://bucket/prefix` or `memory://` (see [`crate::backend`] for
+    /// the options and where credentials come from). Other schemes are rejected with
+    /// [`StoreError::Invalid`].
     pub fn from_url(url: &str) -> Result<Self, StoreError> {
-        if url == "memory://" || url == "memory:///" {
-            return Ok(Self::from_object_store(Arc::new(InMemory::new()), url));
-        }
-        let Some(rest) = url.strip_prefix("file://") else {
-            let scheme = url.split("://").next().unwrap_or(url);
-            return Err(StoreError::invalid(
-                "store url",
-                format!(
-                    "unsupported scheme {scheme:?} in {url:?} (supported: file:///abs/dir, memory://)"
-                ),
-            ));
-        };
-        let (dir, query) = match rest.split_once('?') {
-            Some((d, q)) => (d, Some(q)),
-            None => (rest, None),
-        };
-        let fsync = match query {
-            None | Some("fsync=true") => true,
-            Some("fsync=false") => false,
-            Some(q) => {
-                return Err(StoreError::invalid(
+        match crate::backend::open(url)? {
+            Some(inner) => Ok(Self::from_object_store(inner, url)),
+            None => {
+                let scheme = url.split("://").next().unwrap_or(url);
+                Err(StoreError::invalid(
                     "store url",
-                    format!("unknown option {q:?} in {url:?} (supported: fsync=true|false)"),
-                ));
+                    format!(
+                        "unsupported scheme {scheme:?} (supported: file:///abs/dir, az://container/prefix, s3://bucket/prefix, gs://bucket/prefix, memory://)"
+                    ),
+                ))
             }
-        };
-        if !dir.starts_with('/') {
-            return Err(StoreError::invalid(
-                "store url",
-                format!("{url:?} needs an absolute path: file:///abs/dir"),
-            ));
         }
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
-            what: format!("creating store directory {dir}"),
-            source,
-        })?;
-        let fs = LocalFileSystem::new_with_prefix(dir)?
-            .with_fsync(fsync)
-            .with_automatic_cleanup(true);
-        Ok(Self::from_object_store(Arc::new(fs), url))
     }
 
     /// Wraps any object store (Azure, S3, an [`crate::UnreliableStore`] for fault tests).
