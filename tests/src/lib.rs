@@ -10,6 +10,7 @@ mod mesh;
 mod replicas;
 mod rng;
 mod stores;
+mod throttle;
 mod tools;
 
 pub use agent::{
@@ -23,6 +24,7 @@ pub use mesh::{TestMesh, init_logs, policy_resync_window_closed, start_mesh_with
 pub use replicas::Replica;
 pub use rng::Rng;
 pub use stores::ObjectServer;
+pub use throttle::ThrottlingProxy;
 pub use tools::{
     bin, fill_random, qemu_compare, qemu_convert, qemu_create, qemu_io, qemu_virtual_size, run,
 };

@@ -2,12 +2,14 @@
 //! through the tracker, a test failover of the latest point — against the local filesystem,
 //! Azurite (Azure Blob) and moto's S3 server. Every backend's copy equals its disk, and the
 //! three copies are the same bytes. The container and bucket do not exist beforehand:
-//! `ferry up` creates them. A backend that cannot do put-if-absent is refused at start.
+//! `ferry up` creates them. A backend that cannot do put-if-absent is refused at start, and
+//! S3 behind a proxy that throttles, fails and resets connections still keeps every write.
 use std::time::Duration;
 
 use ferry::up::Mesh;
 use ferry::up::UpOptions;
 use ferry_proto::common::v1::StepStatus;
+use ferry_store::{Store, StoreError, VaultKey, chunk_id, open_chunk, seal_chunk};
 use ferry_tests::*;
 
 /// Credentials of the test's moto server (it accepts any); never real ones.
@@ -65,6 +67,57 @@ async fn protect_delta_failover(url: &str, seed: u64) -> anyhow::Result<(blake3:
     }
     t.stop().await;
     Ok((hash, chunks))
+}
+
+/// Calls `op` again while it fails transiently (at most 5 times); counts those failures.
+async fn transient_retry<T, F: std::future::Future<Output = Result<T, StoreError>>>(
+    surfaced: &mut u32,
+    mut op: impl FnMut() -> F,
+) -> anyhow::Result<T> {
+    loop {
+        match op().await {
+            Err(e) if e.is_transient() && *surfaced < 100 => {
+                *surfaced += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            r => return Ok(r?),
+        }
+    }
+}
+
+/// Through a proxy that answers one connection in three with 503, 429 or 500, or resets
+/// it, the S3 backend creates its bucket and every chunk written reads back whole. Most
+/// faults are absorbed by `object_store`'s own retries; what it gives up on is transient
+/// for Ferry's.
+async fn s3_through_throttling(moto: &ObjectServer) -> anyhow::Result<()> {
+    let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], moto.port));
+    let proxy = ThrottlingProxy::start(upstream, 3).await?;
+    let url = format!(
+        "s3://ferry-throttled/site-b?endpoint={}&allow_http=true",
+        proxy.endpoint()
+    );
+    let store = Store::from_url(&url)?;
+    store.prepare().await?;
+    let key = VaultKey::generate();
+    let mut surfaced = 0;
+    let mut ids = Vec::new();
+    for i in 0..40u8 {
+        let data = vec![i; 4096 + usize::from(i)];
+        let id = chunk_id(&key, &data);
+        let sealed = bytes::Bytes::from(seal_chunk(&key, &id, &data));
+        transient_retry(&mut surfaced, || store.put_chunk(&id, sealed.clone())).await?;
+        ids.push((id, data));
+    }
+    for (id, data) in &ids {
+        let sealed = transient_retry(&mut surfaced, || store.get_chunk(id)).await?;
+        assert_eq!(&open_chunk(&key, id, &sealed)?, data);
+    }
+    println!(
+        "object_stores throttled injected={} surfaced_to_ferry={surfaced}",
+        proxy.injected()
+    );
+    assert!(proxy.injected() >= 10, "only {} faults", proxy.injected());
+    Ok(())
 }
 
 /// A mesh on an S3 store told not to use conditional puts refuses to start, saying why.
@@ -131,6 +184,7 @@ fn the_same_run_on_local_azurite_and_s3_gives_the_same_copy() -> anyhow::Result<
             results.windows(2).all(|w| w[0].0 == w[1].0),
             "the backends' copies differ: {results:?}"
         );
+        s3_through_throttling(&moto).await?;
         refuses_a_store_without_put_if_absent(&s3).await
     })
 }

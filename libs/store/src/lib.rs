@@ -15,11 +15,13 @@ mod blockmap;
 mod catalog;
 mod chunk;
 mod error;
+mod faults;
 pub mod layout;
 mod merged;
 mod points;
 mod prepare;
 mod quarantine;
+mod scrub;
 mod store;
 mod unreliable;
 
@@ -31,9 +33,11 @@ pub use chunk::{
     is_zero, open_chunk, parse_chunk_hex, seal_chunk, sealed_key_id,
 };
 pub use error::StoreError;
+pub use faults::{FaultPlan, injected_faults};
 pub use layout::{chunk_key, merged_key};
 pub use merged::{MergedDisk, MergedManifest};
 pub use points::{DiskManifest, PointManifest};
+pub use scrub::ScrubReport;
 pub use store::Store;
 pub use unreliable::UnreliableStore;
 

@@ -12,7 +12,7 @@
 
 use bytes::Bytes;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::backend::{self, Backend, CloudUrl};
 use crate::layout::probe_key;
@@ -20,10 +20,30 @@ use crate::{Store, StoreError};
 
 mod sign;
 
+/// Probe attempts after the first that a transient failure may cost.
+const PROBE_RETRIES: u32 = 5;
+
 impl Store {
     /// Creates the container or bucket when it is missing and checks that the backend
     /// refuses to overwrite an object written with put-if-absent. See the module docs.
+    /// Transient failures (throttling, a lost response) run the probe again with a new key.
     pub async fn prepare(&self) -> Result<(), StoreError> {
+        let mut backoff = ferry_model::Backoff::new(
+            std::time::Duration::from_millis(100),
+            std::time::Duration::from_secs(2),
+        );
+        loop {
+            match self.probe().await {
+                Err(e) if e.is_transient() && backoff.failures() < PROBE_RETRIES => {
+                    warn!(store = %self.url(), error = %e, "probing the store failed, trying again");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn probe(&self) -> Result<(), StoreError> {
         let key = probe_key(&uuid::Uuid::new_v4());
         let path = object_store::path::Path::from(key.as_str());
         match self.put_create(&path, "first").await {

@@ -6,10 +6,10 @@ use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::layout::chunk_key;
-use crate::{ChunkId, StoreError, chunk_hex};
+use crate::{ChunkId, FaultPlan, StoreError, UnreliableStore, chunk_hex};
 
 /// A handle on one object store (cheap to clone). All layout-aware operations (chunks, index
 /// pages, points, catalog) hang off it.
@@ -29,8 +29,23 @@ impl Store {
     /// Opens a store by URL: `file:///abs/dir[?fsync=false]`, `az://container/prefix`,
     /// `s3://bucket/prefix`, `gs://bucket/prefix` or `memory://` (see [`crate::backend`] for
     /// the options and where credentials come from). Other schemes are rejected with
-    /// [`StoreError::Invalid`].
+    /// [`StoreError::Invalid`]. With [`FaultPlan::ENV`] set (fault tests) the store fails
+    /// and delays calls as that plan says.
     pub fn from_url(url: &str) -> Result<Self, StoreError> {
+        let store = Self::from_url_without_faults(url)?;
+        match FaultPlan::from_env()? {
+            None => Ok(store),
+            Some(plan) => {
+                warn!(store = %url, ?plan, "store fault injection is on ({})", FaultPlan::ENV);
+                let faulty = UnreliableStore::with_plan(store.inner, plan);
+                Ok(Self::from_object_store(Arc::new(faulty), url))
+            }
+        }
+    }
+
+    /// [`Store::from_url`] ignoring [`FaultPlan::ENV`] (what a fault test checks the store
+    /// with).
+    pub fn from_url_without_faults(url: &str) -> Result<Self, StoreError> {
         match crate::backend::open(url)? {
             Some(inner) => Ok(Self::from_object_store(inner, url)),
             None => {

@@ -1,4 +1,5 @@
-//! An object store wrapper that injects transient faults, for fault tests.
+//! An object store wrapper that injects transient faults, for fault tests: chosen calls
+//! (`fail_nth_*`) or, with a [`FaultPlan`], a random share of them.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -13,6 +14,10 @@ use object_store::{
     CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
     PutMultipartOptions, PutOptions, PutPayload, PutResult, Result,
 };
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::faults::{FaultPlan, count_injected};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fault {
@@ -32,6 +37,7 @@ pub struct UnreliableStore {
     gets: AtomicU64,
     put_faults: Mutex<BTreeMap<u64, Fault>>,
     get_faults: Mutex<BTreeMap<u64, Fault>>,
+    random: Option<(FaultPlan, Mutex<StdRng>)>,
 }
 
 impl UnreliableStore {
@@ -42,7 +48,44 @@ impl UnreliableStore {
             gets: AtomicU64::new(0),
             put_faults: Mutex::new(BTreeMap::new()),
             get_faults: Mutex::new(BTreeMap::new()),
+            random: None,
         }
+    }
+
+    /// Fails and delays calls at random as `plan` says (armed faults still fire first).
+    pub fn with_plan(inner: Arc<dyn ObjectStore>, plan: FaultPlan) -> Self {
+        let rng = Mutex::new(StdRng::seed_from_u64(plan.seed));
+        UnreliableStore {
+            random: Some((plan, rng)),
+            ..Self::new(inner)
+        }
+    }
+
+    /// What the random plan does to the next put: a fault, or how long to wait first.
+    fn roll_put(&self) -> (Option<Fault>, std::time::Duration) {
+        let Some((plan, rng)) = &self.random else {
+            return (None, std::time::Duration::ZERO);
+        };
+        let mut rng = rng.lock().unwrap_or_else(|p| p.into_inner());
+        if rng.random_range(0..100u8) < plan.write_fail_percent {
+            count_injected();
+            let f = if rng.random_bool(0.5) {
+                Fault::Before
+            } else {
+                Fault::After
+            };
+            return (Some(f), std::time::Duration::ZERO);
+        }
+        (None, plan.max_delay.mul_f64(rng.random::<f64>()))
+    }
+
+    fn roll_get(&self) -> Option<Fault> {
+        let (plan, rng) = self.random.as_ref()?;
+        let mut rng = rng.lock().unwrap_or_else(|p| p.into_inner());
+        (rng.random_range(0..100u8) < plan.read_fail_percent).then(|| {
+            count_injected();
+            Fault::Before
+        })
     }
 
     /// The `n`-th put from now (1 = the next one) fails without writing.
@@ -99,7 +142,11 @@ fn injected(op: &str, location: &Path) -> object_store::Error {
 
 impl fmt::Display for UnreliableStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Unreliable({})", self.inner)
+        write!(f, "Unreliable({})", self.inner)?;
+        if let Some((plan, _)) = &self.random {
+            write!(f, " {plan:?}")?;
+        }
+        Ok(())
     }
 }
 
@@ -111,7 +158,11 @@ impl ObjectStore for UnreliableStore {
         payload: PutPayload,
         opts: PutOptions,
     ) -> Result<PutResult> {
-        match next(&self.put_faults, &self.puts) {
+        let (random, delay) = self.roll_put();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        match next(&self.put_faults, &self.puts).or(random) {
             Some(Fault::Before) => Err(injected("put", location)),
             Some(Fault::After) => {
                 self.inner.put_opts(location, payload, opts).await?;
@@ -130,7 +181,7 @@ impl ObjectStore for UnreliableStore {
     }
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
-        match next(&self.get_faults, &self.gets) {
+        match next(&self.get_faults, &self.gets).or_else(|| self.roll_get()) {
             Some(_) => Err(injected("get", location)),
             None => self.inner.get_opts(location, options).await,
         }

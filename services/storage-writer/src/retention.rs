@@ -38,6 +38,9 @@ use futures::TryStreamExt;
 use tracing::{info, warn};
 
 use crate::Writer;
+
+/// Tries after the first of a reader's marker that a transient store failure may cost.
+const READER_MARK_RETRIES: u32 = 4;
 use crate::error::{Result, WriterError};
 use crate::logs::get_descriptor;
 use crate::points::read_map;
@@ -211,8 +214,21 @@ impl Writer {
     /// Registers a reader of `vm`'s point `point` ("latest" is resolved by the caller first).
     pub async fn begin_read(&self, vm: &str, point: &str) -> Result<ReaderGuard> {
         let key = layout::reader_key(vm, point, &uuid::Uuid::new_v4().to_string());
-        let body = chrono::Utc::now().timestamp_millis().to_string();
-        self.store.put_if_absent(&key, Bytes::from(body)).await?;
+        let body = Bytes::from(chrono::Utc::now().timestamp_millis().to_string());
+        // A failover must not fail on one lost answer of the store: the key is this reader's
+        // alone, so a try that landed before its answer was lost is this marker too.
+        let mut backoff =
+            ferry_model::Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+        loop {
+            match self.store.put_if_absent(&key, body.clone()).await {
+                Ok(_) => break,
+                Err(e) if e.is_transient() && backoff.failures() < READER_MARK_RETRIES => {
+                    warn!(vm, point, error = %e, "registering a reader failed; trying again");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(ReaderGuard {
             store: self.store.clone(),
             key,

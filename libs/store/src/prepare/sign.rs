@@ -22,6 +22,26 @@ fn refused(what: &str, reason: impl std::fmt::Display) -> StoreError {
     StoreError::invalid(what, reason.to_string())
 }
 
+/// A failure worth trying again (no answer, throttled, a server error): transient, so
+/// [`crate::Store::prepare`] probes again.
+fn unavailable(what: &str, reason: impl std::fmt::Display) -> StoreError {
+    StoreError::ObjectStore(object_store::Error::Generic {
+        store: "create container",
+        source: format!("{what}: {reason}").into(),
+    })
+}
+
+/// What an answer to a create-container request means (`ok`: created or already there).
+fn outcome(what: &str, status: reqwest::StatusCode, ok: &[u16]) -> Result<(), StoreError> {
+    match status.as_u16() {
+        s if ok.contains(&s) => Ok(()),
+        s if s == 429 || status.is_server_error() => {
+            Err(unavailable(what, format!("creating it: http {s}")))
+        }
+        s => Err(refused(what, format!("creating it was refused: http {s}"))),
+    }
+}
+
 /// `PUT <container>?restype=container` with Shared Key authorisation. An existing container
 /// (409) is success: another component created it first.
 pub(super) async fn create_azure_container(
@@ -83,12 +103,9 @@ pub(super) async fn create_azure_container(
         )
         .send()
         .await
-        .map_err(|e| refused(&what, format!("creating it: {}", e.without_url())))?
+        .map_err(|e| unavailable(&what, format!("creating it: {}", e.without_url())))?
         .status();
-    match status.as_u16() {
-        201 | 409 => Ok(()),
-        s => Err(refused(&what, format!("creating it was refused: http {s}"))),
-    }
+    outcome(&what, status, &[201, 409])
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -174,10 +191,7 @@ pub(super) async fn create_s3_bucket(b: &AmazonS3Builder, bucket: &str) -> Resul
         .body(body)
         .send()
         .await
-        .map_err(|e| refused(&what, format!("creating it: {}", e.without_url())))?
+        .map_err(|e| unavailable(&what, format!("creating it: {}", e.without_url())))?
         .status();
-    match status.as_u16() {
-        200 | 409 => Ok(()),
-        s => Err(refused(&what, format!("creating it was refused: http {s}"))),
-    }
+    outcome(&what, status, &[200, 409])
 }
