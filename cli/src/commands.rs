@@ -14,12 +14,14 @@ use ferry_proto::registry::v1 as reg;
 
 use crate::{Cli, Cmd, HostCmd, JobsCmd, OutputFormat, VaultCmd, VmCmd};
 
-fn ctl(cli: &Cli) -> anyhow::Result<Ctl> {
-    let path = cli
-        .config
+fn config_path(cli: &Cli) -> anyhow::Result<std::path::PathBuf> {
+    cli.config
         .clone()
-        .context("--config D/ferry.toml is required (or FERRY_CONFIG)")?;
-    Ctl::load(&path)
+        .context("--config D/ferry.toml is required (or FERRY_CONFIG)")
+}
+
+fn ctl(cli: &Cli) -> anyhow::Result<Ctl> {
+    Ctl::load(&config_path(cli)?)
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -60,9 +62,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             res?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Status { output } => {
-            let c = ctl(&cli)?;
-            let st = ferry::status::collect(&c.cfg).await;
+        Cmd::Status {
+            output,
+            component,
+            endpoint,
+        } => {
+            // No token: a probe's pod holds none.
+            let cfg = ferry::ctl::load_config(&config_path(&cli)?)?;
+            let st = match component {
+                Some(name) => {
+                    vec![ferry::status::collect_one(&cfg, name, endpoint.as_deref()).await?]
+                }
+                None => ferry::status::collect(&cfg).await,
+            };
             if *output == OutputFormat::Json {
                 print_json(&serde_json::to_value(&st)?)?;
             } else {

@@ -16,10 +16,15 @@ pub struct Ctl {
     token: String,
 }
 
+/// The mesh config alone (what needs no token: `ferry status`).
+pub fn load_config(config: &Path) -> anyhow::Result<MeshConfig> {
+    MeshConfig::load(Some(config), figment::Figment::new())
+        .with_context(|| format!("loading {}", config.display()))
+}
+
 impl Ctl {
     pub fn load(config: &Path) -> anyhow::Result<Self> {
-        let cfg = MeshConfig::load(Some(config), figment::Figment::new())
-            .with_context(|| format!("loading {}", config.display()))?;
+        let cfg = load_config(config)?;
         let tls = ClientTls::operator(&cfg)?;
         // An operator's own token (`ferry token create`) when set, else the admin token.
         let token = match std::env::var("FERRY_TOKEN") {

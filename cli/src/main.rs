@@ -57,6 +57,14 @@ pub enum Cmd {
     Status {
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
+        /// Check only this one (registry, scheduler, ingest, storage-writer, failover,
+        /// gateway, redis or store): what a Kubernetes exec probe runs.
+        #[arg(long)]
+        component: Option<String>,
+        /// Reach the component here instead of at the config's endpoint
+        /// (https://127.0.0.1:7401; the gateway's host:port).
+        #[arg(long, requires = "component")]
+        endpoint: Option<String>,
     },
     /// The vault: registration keys for hosts.
     Vault {

@@ -20,15 +20,14 @@ impl ComponentStatus {
     }
 }
 
-async fn grpc(cfg: &MeshConfig, c: Component) -> String {
-    let endpoint = cfg.endpoint(c);
+async fn grpc(cfg: &MeshConfig, c: Component, endpoint: &str) -> String {
     let tls = match ferry_mesh::ClientTls::operator(cfg) {
         Ok(t) => t,
         Err(e) => return format!("error: {e}"),
     };
     let ch = match tokio::time::timeout(
         std::time::Duration::from_secs(5),
-        ferry_mesh::connect(&endpoint, &tls),
+        ferry_mesh::connect(endpoint, &tls),
     )
     .await
     {
@@ -56,7 +55,7 @@ async fn grpc(cfg: &MeshConfig, c: Component) -> String {
     }
 }
 
-async fn gateway(cfg: &MeshConfig) -> String {
+async fn gateway(cfg: &MeshConfig, addr: std::net::SocketAddr) -> String {
     let res: anyhow::Result<()> = async {
         let read = |p: &std::path::Path| {
             std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
@@ -66,7 +65,7 @@ async fn gateway(cfg: &MeshConfig) -> String {
             &read(&cfg.tls.service_cert)?,
             &read(&cfg.tls.service_key)?,
         )?;
-        let up = ferry_gateway::client::Uploader::connect(cfg.gateway.listen, qcfg).await?;
+        let up = ferry_gateway::client::Uploader::connect(addr, qcfg).await?;
         up.ping().await?;
         Ok(())
     }
@@ -81,40 +80,90 @@ async fn gateway(cfg: &MeshConfig) -> String {
 pub async fn collect(cfg: &MeshConfig) -> Vec<ComponentStatus> {
     let mut out = Vec::new();
     for c in GRPC_COMPONENTS {
-        out.push(ComponentStatus {
-            component: c.to_string(),
-            endpoint: cfg.endpoint(c),
-            status: grpc(cfg, c).await,
-        });
+        out.push(component(cfg, c, None).await);
     }
-    out.push(ComponentStatus {
-        component: Component::Gateway.to_string(),
-        endpoint: format!("quic://{}", cfg.gateway.listen),
-        status: gateway(cfg).await,
-    });
-    let redis = match ferry_coord::Coord::connect_config(cfg).await {
+    out.push(component(cfg, Component::Gateway, None).await);
+    out.push(redis(cfg).await);
+    out.push(store(cfg).await);
+    out
+}
+
+/// One of what [`collect`] checks, by name (a component, `redis` or `store`): what a
+/// Kubernetes exec probe runs. `endpoint` replaces the config's address of a component
+/// (`https://127.0.0.1:7401`; the gateway's `host:port`), e.g. the pod's own port.
+pub async fn collect_one(
+    cfg: &MeshConfig,
+    name: &str,
+    endpoint: Option<&str>,
+) -> anyhow::Result<ComponentStatus> {
+    match (name, endpoint) {
+        ("redis" | "store", Some(_)) => {
+            anyhow::bail!("--endpoint names a component's address; {name} is checked as configured")
+        }
+        ("redis", None) => Ok(redis(cfg).await),
+        ("store", None) => Ok(store(cfg).await),
+        _ => {
+            let c: Component = name
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{e} (or redis, store)"))?;
+            Ok(component(cfg, c, endpoint).await)
+        }
+    }
+}
+
+async fn component(cfg: &MeshConfig, c: Component, endpoint: Option<&str>) -> ComponentStatus {
+    if c == Component::Gateway {
+        let addr = match endpoint.map(str::parse::<std::net::SocketAddr>) {
+            None => Ok(cfg.gateway.listen),
+            Some(r) => r,
+        };
+        let (endpoint, status) = match addr {
+            Ok(a) => (format!("quic://{a}"), gateway(cfg, a).await),
+            Err(e) => (
+                endpoint.unwrap_or_default().to_string(),
+                format!("bad address (host:port): {e}"),
+            ),
+        };
+        return ComponentStatus {
+            component: c.to_string(),
+            endpoint,
+            status,
+        };
+    }
+    let endpoint = endpoint.map_or_else(|| cfg.endpoint(c), str::to_owned);
+    ComponentStatus {
+        component: c.to_string(),
+        status: grpc(cfg, c, &endpoint).await,
+        endpoint,
+    }
+}
+
+async fn redis(cfg: &MeshConfig) -> ComponentStatus {
+    let status = match ferry_coord::Coord::connect_config(cfg).await {
         Ok(c) => match c.ping().await {
             Ok(()) => "serving".to_string(),
             Err(e) => format!("unhealthy: {e}"),
         },
         Err(e) => format!("unreachable: {e}"),
     };
-    out.push(ComponentStatus {
+    ComponentStatus {
         component: "redis".into(),
         endpoint: ferry_coord::redact_url(&cfg.redis_url),
-        status: redis,
-    });
-    let store = match ferry_store::Store::from_url(&cfg.store_url()) {
+        status,
+    }
+}
+
+async fn store(cfg: &MeshConfig) -> ComponentStatus {
+    let status = match ferry_store::Store::from_url(&cfg.store_url()) {
         Ok(s) => match s.list(ferry_store::layout::POINTS_PREFIX).await {
             Ok(_) => "serving".to_string(),
             Err(e) => format!("unhealthy: {e}"),
         },
         Err(e) => format!("unreachable: {e}"),
     };
-    out.push(ComponentStatus {
+    ComponentStatus {
         component: "store".into(),
         endpoint: cfg.store_url(),
-        status: store,
-    });
-    out
+        status,
+    }
 }

@@ -74,6 +74,8 @@ async fn components_as_separate_processes_join_one_mesh() -> anyhow::Result<()> 
         "{out}"
     );
 
+    probes_answer_for_one_component(&t)?;
+
     let disk = t.path("small.vhdx");
     qemu_create(&disk, "vhdx", "subformat=dynamic", "24M")?;
     qemu_io(
@@ -101,5 +103,61 @@ async fn components_as_separate_processes_join_one_mesh() -> anyhow::Result<()> 
     agent.shutdown().await?;
     drop(procs);
     t.stop().await;
+    Ok(())
+}
+
+/// `ferry status --component NAME --endpoint ADDR`, what the Kubernetes probes run: exit 0
+/// for a serving component at that address, 1 naming it for a dead address, and a refusal
+/// naming what was wrong for an unknown component or an address Redis cannot take.
+fn probes_answer_for_one_component(t: &TestMesh) -> anyhow::Result<()> {
+    let probe = |args: &[&str]| -> anyhow::Result<std::process::Output> {
+        Ok(Command::new(bin("ferry")?)
+            .arg("--config")
+            .arg(&t.mesh.config_path)
+            .arg("status")
+            .args(args)
+            .output()?)
+    };
+    let cfg = &t.mesh.cfg;
+    let mut targets: Vec<(String, String)> = ferry::up::GRPC_COMPONENTS
+        .iter()
+        .map(|c| (c.to_string(), cfg.endpoint(*c)))
+        .collect();
+    targets.push(("gateway".into(), cfg.gateway.listen.to_string()));
+    for (name, endpoint) in &targets {
+        let out = probe(&["--component", name, "--endpoint", endpoint, "-o", "json"])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{name} at {endpoint}: {text}");
+        assert!(text.contains("\"serving\""), "{name}: {text}");
+    }
+    // Nothing listens on a port just released.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let out = probe(&[
+        "--component",
+        "registry",
+        "--endpoint",
+        &format!("https://{dead}"),
+    ])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("unreachable") && text.contains(&dead.to_string()),
+        "{text}"
+    );
+    for (args, says) in [
+        (vec!["--component", "registrar"], "registrar"),
+        (
+            vec!["--component", "redis", "--endpoint", "127.0.0.1:1"],
+            "redis",
+        ),
+        (vec!["--endpoint", "https://127.0.0.1:1"], "--component"),
+    ] {
+        let out = probe(&args)?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{args:?}: {err}"
+        );
+    }
     Ok(())
 }
