@@ -20,7 +20,10 @@ pub use agent::{
 pub use failover::{command_driver, ok_job, step, text};
 pub use gateway::InProcessGateway;
 pub use lossy::LossyRelay;
-pub use mesh::{TestMesh, init_logs, policy_resync_window_closed, start_mesh_with_block_size};
+pub use mesh::{
+    TestMesh, init_logs, policy_resync_window_closed, start_mesh_with_block_size,
+    start_mesh_with_setting,
+};
 pub use replicas::Replica;
 pub use rng::Rng;
 pub use stores::ObjectServer;

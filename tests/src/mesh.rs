@@ -32,13 +32,7 @@ impl TestMesh {
     pub async fn start_with(change: impl FnOnce(&mut UpOptions)) -> anyhow::Result<Self> {
         init_logs();
         let dir = tempfile::tempdir()?;
-        let mut opts = UpOptions {
-            data_dir: dir.path().join("mesh"),
-            retry_time_unit: Some(Duration::from_millis(100)),
-            // Tests export into folders of their own temporary dir.
-            export_roots: Some(vec![dir.path().to_path_buf()]),
-            ..Default::default()
-        };
+        let mut opts = test_options(dir.path());
         change(&mut opts);
         let mesh = Mesh::start(opts).await?;
         let ctl = Ctl::load(&mesh.config_path)?;
@@ -334,39 +328,67 @@ impl TestMesh {
 /// is created, the mesh stopped, `vault.block_size` set in its `ferry.toml`, and the mesh
 /// started again from that file (before any data exists).
 pub async fn start_mesh_with_block_size(block_size: u32) -> anyhow::Result<TestMesh> {
+    let t = start_mesh_with_setting("vault", "block_size", i64::from(block_size)).await?;
+    anyhow::ensure!(
+        t.mesh.cfg.vault.block_size == block_size,
+        "the restarted mesh uses blocks of {} bytes",
+        t.mesh.cfg.vault.block_size
+    );
+    Ok(t)
+}
+
+/// The options of every test mesh in `dir` (which it exports into, too).
+fn test_options(dir: &Path) -> UpOptions {
+    UpOptions {
+        data_dir: dir.join("mesh"),
+        retry_time_unit: Some(Duration::from_millis(100)),
+        export_roots: Some(vec![dir.to_path_buf()]),
+        ..Default::default()
+    }
+}
+
+/// A mesh like [`TestMesh::start`] with `[section] key = value` in its `ferry.toml`: the
+/// vault is created, the mesh stopped, the setting written, and the mesh started again
+/// from that file (before any data exists).
+pub async fn start_mesh_with_setting(
+    section: &str,
+    key: &str,
+    value: i64,
+) -> anyhow::Result<TestMesh> {
     init_logs();
     let dir = tempfile::tempdir()?;
-    let opts = UpOptions {
-        data_dir: dir.path().join("mesh"),
-        retry_time_unit: Some(Duration::from_millis(100)),
-        export_roots: Some(vec![dir.path().to_path_buf()]),
-        ..Default::default()
-    };
+    let opts = test_options(dir.path());
     let first = Mesh::start(opts.clone()).await?;
     let path = first.config_path.clone();
     first.stop().await;
     let mut doc: toml::Table = std::fs::read_to_string(&path)?.parse()?;
-    let vault = doc
-        .entry("vault")
+    let table = doc
+        .entry(section)
         .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    let Some(vault) = vault.as_table_mut() else {
-        bail!("{}: [vault] is not a table", path.display());
+    let Some(table) = table.as_table_mut() else {
+        bail!("{}: [{section}] is not a table", path.display());
     };
-    vault.insert(
-        "block_size".into(),
-        toml::Value::Integer(i64::from(block_size)),
-    );
+    table.insert(key.into(), toml::Value::Integer(value));
     std::fs::write(&path, toml::to_string(&doc)?)?;
     let mesh = Mesh::start(opts).await?;
-    anyhow::ensure!(
-        mesh.cfg.vault.block_size == block_size,
-        "the restarted mesh uses blocks of {} bytes",
-        mesh.cfg.vault.block_size
-    );
     let ctl = Ctl::load(&mesh.config_path)?;
     let t = TestMesh { mesh, dir, ctl };
     t.wait_serving().await?;
     Ok(t)
+}
+
+impl TestMesh {
+    /// Stops the mesh and starts it again on the same data dir (vault, config, store, Redis
+    /// data dir), with the options of [`TestMesh::start`].
+    pub async fn restart(self) -> anyhow::Result<TestMesh> {
+        let TestMesh { mesh, dir, .. } = self;
+        mesh.stop().await;
+        let mesh = Mesh::start(test_options(dir.path())).await?;
+        let ctl = Ctl::load(&mesh.config_path)?;
+        let t = TestMesh { mesh, dir, ctl };
+        t.wait_serving().await?;
+        Ok(t)
+    }
 }
 
 impl TestMesh {

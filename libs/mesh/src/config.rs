@@ -42,6 +42,7 @@ const ENV_KEYS: &[&str] = &[
     "gateway",
     "retry",
     "retention",
+    "catalog",
     "endpoints",
 ];
 
@@ -111,6 +112,7 @@ pub struct MeshConfig {
     pub gateway: Listen,
     pub retry: RetryConfig,
     pub retention: RetentionConfig,
+    pub catalog: CatalogConfig,
     /// What clients use to reach a component when it is not its `listen` address, by component
     /// name: a load balancer, or several replicas as comma-separated addresses tried in turn
     /// (`scheduler = "https://10.0.0.1:7402,10.0.0.2:7402"`).
@@ -171,6 +173,26 @@ pub struct RetentionConfig {
     pub interval: Duration,
 }
 
+/// How the registry bounds its start-up: a snapshot of its state every `snapshot_every`
+/// catalog entries, so a start replays only what came after the newest one.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct CatalogConfig {
+    pub snapshot_every: u64,
+}
+
+impl CatalogConfig {
+    pub const SNAPSHOT_EVERY: std::ops::RangeInclusive<u64> = 10..=10_000_000;
+}
+
+impl Default for CatalogConfig {
+    fn default() -> Self {
+        Self {
+            snapshot_every: 1000,
+        }
+    }
+}
+
 impl Default for RetentionConfig {
     fn default() -> Self {
         Self {
@@ -197,6 +219,7 @@ impl Default for MeshConfig {
             gateway: Listen::local(7406),
             retry: RetryConfig::default(),
             retention: RetentionConfig::default(),
+            catalog: CatalogConfig::default(),
             endpoints: BTreeMap::new(),
             export_roots: vec!["exports".into()],
         }
@@ -551,6 +574,14 @@ impl MeshConfig {
         }
         if self.retention.interval < Duration::from_secs(1) {
             return Err(invalid("retention.interval", "must be at least 1s"));
+        }
+        let every = self.catalog.snapshot_every;
+        if !CatalogConfig::SNAPSHOT_EVERY.contains(&every) {
+            let r = CatalogConfig::SNAPSHOT_EVERY;
+            return Err(invalid(
+                "catalog.snapshot_every",
+                format!("{every} must be from {} to {} entries", r.start(), r.end()),
+            ));
         }
         check_url(
             "store_url",

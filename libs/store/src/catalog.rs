@@ -29,8 +29,8 @@ const MAX_TRANSIENT: u32 = 4;
 /// cached tail.
 #[derive(Clone, Debug)]
 pub struct Catalog {
-    store: Store,
-    namespace: String,
+    pub(crate) store: Store,
+    pub(crate) namespace: String,
     prefix: String,
     /// Last sequence number known to exist (0 = unknown / empty).
     tail: Arc<AtomicU64>,

@@ -11,6 +11,7 @@
 //! | `readers/<vm>/<point>/<uuid>` | [`reader_key`], [`reader_prefix`] | [`parse_reader_key`] |
 //! | `gc/condemned.json` | [`CONDEMNED_KEY`] | |
 //! | `catalog/<ns>/<seq:020>.json` | [`catalog_key`], [`catalog_prefix`] | [`parse_catalog_key`] |
+//! | `snapshots/<ns>/<seq:020>.json` | [`snapshot_key`], [`snapshot_prefix`] | [`parse_snapshot_key`] |
 //! | `probe/<uuid>` | [`probe_key`] | |
 //!
 //! Builders only format: they never fail. VM names and catalog namespaces are checked with
@@ -152,6 +153,21 @@ pub fn parse_catalog_key(key: &str) -> Option<(&str, u64)> {
     parse_seq_key("catalog", key)
 }
 
+/// `snapshots/<ns>`: the directory of a catalog namespace's snapshots.
+pub fn snapshot_prefix(namespace: &str) -> String {
+    format!("snapshots/{namespace}")
+}
+
+/// `snapshots/<ns>/<seq:020>.json`: a namespace's state as of entry `seq`.
+pub fn snapshot_key(namespace: &str, seq: u64) -> String {
+    format!("{}/{seq:020}.json", snapshot_prefix(namespace))
+}
+
+/// The namespace and seq of a `snapshots/<ns>/<seq:020>.json` key.
+pub fn parse_snapshot_key(key: &str) -> Option<(&str, u64)> {
+    parse_seq_key("snapshots", key)
+}
+
 /// Checks a name used as one path segment (VM name, catalog namespace): 1-200 of
 /// `A-Z a-z 0-9 - _ . : @`, and neither `.` nor `..`.
 pub(crate) fn check_segment(what: &str, name: &str) -> Result<(), StoreError> {
@@ -251,6 +267,8 @@ mod tests {
             assert_eq!(vm_of_point_key(&point_key(vm, seq)), Some(vm));
             assert_eq!(parse_merged_key(&merged_key(vm, seq)), Some((vm, seq)));
             assert_eq!(parse_catalog_key(&catalog_key(vm, seq)), Some((vm, seq)));
+            assert_eq!(parse_snapshot_key(&snapshot_key(vm, seq)), Some((vm, seq)));
+            assert_eq!(parse_snapshot_key(&catalog_key(vm, seq)), None);
             assert_eq!(parse_point_key(&merged_key(vm, seq)), None);
             assert_eq!(parse_merged_key(&catalog_key(vm, seq)), None);
         }

@@ -22,6 +22,7 @@ mod points;
 mod prepare;
 mod quarantine;
 mod scrub;
+mod snapshot;
 mod store;
 mod unreliable;
 

@@ -8,6 +8,7 @@ mod jobs;
 mod lifecycle;
 mod recovery_site;
 mod service;
+pub mod snapshot;
 pub mod state;
 mod unprotect;
 

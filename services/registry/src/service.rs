@@ -12,6 +12,7 @@ mod vms;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ferry_mesh::{Authenticator, MeshConfig};
 use ferry_model::{Health, VmState};
@@ -70,6 +71,8 @@ pub struct RegistryService {
     grants: ferry_mesh::TokenGrants,
     /// Progress writes are throttled: last persisted time per job.
     progress_flushed: std::sync::Mutex<HashMap<String, i64>>,
+    /// The seq of the newest snapshot written or loaded.
+    snapshot_at: AtomicU64,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -81,12 +84,11 @@ impl RegistryService {
             .map_err(|e| RegistryError::Internal(format!("the vault data key: {e}")))?;
         let audit = AuditLog::new(store.clone(), &key);
         let catalog = Catalog::new(store, "registry");
-        let mut state = State::default();
-        for (seq, ev) in catalog.read_from::<Event>(0).await? {
-            state.apply(seq, &ev);
-        }
+        let (state, loaded) = crate::snapshot::load(&catalog).await?;
         tracing::info!(
             seq = state.seq,
+            from_snapshot = loaded.from_snapshot,
+            replayed = loaded.replayed,
             hosts = state.hosts.len(),
             vms = state.vms.len(),
             jobs = state.jobs.len(),
@@ -113,8 +115,47 @@ impl RegistryService {
             pending_logs: Default::default(),
             standby_points: Default::default(),
             last_cycle: Default::default(),
+            snapshot_at: AtomicU64::new(loaded.from_snapshot),
             shutdown,
         })
+    }
+
+    /// Every `catalog.snapshot_every` entries, saves the state (serialised here, under the
+    /// state lock, so it is exactly the state at its seq; written in the background).
+    fn maybe_snapshot(&self, st: &State) {
+        let every = self.cfg.catalog.snapshot_every;
+        if st.seq
+            < self
+                .snapshot_at
+                .load(Ordering::Relaxed)
+                .saturating_add(every)
+        {
+            return;
+        }
+        self.snapshot_at.store(st.seq, Ordering::Relaxed);
+        let value = match serde_json::to_value(st) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(seq = st.seq, error = %e, "cannot serialise a registry snapshot");
+                return;
+            }
+        };
+        let (catalog, seq) = (self.catalog.clone(), st.seq);
+        tokio::spawn(async move {
+            let written = catalog
+                .write_snapshot(seq, crate::snapshot::FORMAT, &value)
+                .await;
+            match written {
+                Ok(()) => {
+                    tracing::info!(seq, "registry snapshot written");
+                    if let Err(e) = catalog.prune_snapshots(crate::snapshot::KEEP).await {
+                        tracing::warn!(error = %e, "cannot prune old registry snapshots");
+                    }
+                }
+                // The next one is due in `every` entries; until then a start replays more.
+                Err(e) => tracing::warn!(seq, error = %e, "cannot write a registry snapshot"),
+            }
+        });
     }
 
     /// Hosts removed from the vault are refused even though their certificate is valid.
@@ -146,6 +187,7 @@ impl RegistryService {
             let seq = self.catalog.append(&ev).await?;
             st.apply(seq, &ev);
         }
+        self.maybe_snapshot(&st);
         self.revoked
             .set(st.revoked_serials.iter().cloned(), removed_hosts(&st));
         self.grants.set(tokens::grants(&st));

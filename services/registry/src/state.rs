@@ -416,7 +416,9 @@ pub enum Event {
     VaultKeyAdded(VaultKeyRecord),
 }
 
-#[derive(Default)]
+/// Everything the registry knows, built by replaying the catalog (and saved whole in its
+/// snapshots, `crate::snapshot`).
+#[derive(Default, Serialize, Deserialize)]
 pub struct State {
     pub seq: u64,
     pub keys: BTreeMap<String, KeyRecord>,
@@ -426,6 +428,7 @@ pub struct State {
     pub vault_keys: BTreeMap<u16, VaultKeyRecord>,
     pub hosts: BTreeMap<String, HostRecord>,
     pub vms: BTreeMap<String, VmRecord>,
+    #[serde(with = "crate::snapshot::jobs_as_records")]
     pub jobs: BTreeMap<String, Job>,
     /// Host certificates no longer accepted: of removed hosts, and replaced by a registration.
     pub revoked_serials: std::collections::BTreeSet<String>,
