@@ -115,6 +115,23 @@ struct Bound {
     udp: Option<UdpSocket>,
 }
 
+/// The ports an existing config names for the components started here, bound now (each
+/// component takes its own; those left out may be running elsewhere on this machine).
+fn claim(cfg: &MeshConfig, without: &[Component]) -> anyhow::Result<Bound> {
+    let mut bound = Bound::default();
+    for c in GRPC_COMPONENTS.into_iter().filter(|c| !without.contains(c)) {
+        let addr = cfg.listen(c);
+        let l = StdTcp::bind(addr).with_context(|| format!("binding {c} on {addr}"))?;
+        bound.tcp.insert(c, l);
+    }
+    if !without.contains(&Component::Gateway) {
+        let addr = cfg.gateway.listen;
+        let udp = UdpSocket::bind(addr).with_context(|| format!("binding gateway udp {addr}"))?;
+        bound.udp = Some(udp);
+    }
+    Ok(bound)
+}
+
 /// A config with free ports and a new vault (CA, certificates, data key, admin token).
 fn init(dir: &Path) -> anyhow::Result<(MeshConfig, Bound)> {
     let mut cfg = MeshConfig {
@@ -148,7 +165,10 @@ impl Mesh {
         let config_path = dir.join("ferry.toml");
         let (mut cfg, mut bound) = if config_path.exists() {
             let cfg = MeshConfig::load(Some(&config_path), figment::Figment::new())?;
-            (cfg, Bound::default())
+            // Held from here: the Redis child below picks a free port, which could otherwise
+            // be a component's, released by the previous run a moment ago.
+            let bound = claim(&cfg, &opts.without)?;
+            (cfg, bound)
         } else {
             init(&dir)?
         };

@@ -22,6 +22,8 @@ const SNAPSHOT_EVERY: u64 = 1000;
 fn event(i: u64) -> Event {
     let vm = format!("vm{:03}", i % VMS);
     if i.is_multiple_of(20) {
+        // Every VM's inventory in turn (i % VMS would name only the multiples of 20).
+        let vm = format!("vm{:03}", (i / 20) % VMS);
         return Event::Inventory {
             host: format!("hv{:02}", i % 10),
             vm,
