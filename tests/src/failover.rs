@@ -56,6 +56,16 @@ impl TestMesh {
         Ok(web)
     }
 
+    /// The id of `vm`'s newest point, if it has one (`ferry points list`).
+    pub fn latest_point_id(&self, vm: &str) -> anyhow::Result<Option<String>> {
+        let points = self.cli_json(&["points", "list", vm, "-o", "json"])?;
+        Ok(points
+            .as_array()
+            .and_then(|a| a.last())
+            .and_then(|p| p["id"].as_str())
+            .map(str::to_owned))
+    }
+
     /// Waits until `n` points newer than `after` exist (the next cycle after a write then holds it).
     pub async fn points_after(&self, vm: &str, after: &str, n: usize) -> anyhow::Result<String> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(90);

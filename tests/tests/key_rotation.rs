@@ -31,13 +31,8 @@ fn chunks(dir: &Path) -> anyhow::Result<BTreeMap<PathBuf, (blake3::Hash, u16)>> 
 }
 
 fn latest_point(t: &TestMesh, vm: &str) -> anyhow::Result<String> {
-    let points = t.cli_json(&["points", "list", vm, "-o", "json"])?;
-    points
-        .as_array()
-        .and_then(|a| a.last())
-        .and_then(|p| p["id"].as_str())
-        .map(str::to_owned)
-        .ok_or_else(|| anyhow::anyhow!("no point of {vm}: {points}"))
+    t.latest_point_id(vm)?
+        .ok_or_else(|| anyhow::anyhow!("no point of {vm}"))
 }
 
 /// A test failover of `vm` to `point` into a folder equals `want`; then cleaned up.

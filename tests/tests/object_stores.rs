@@ -34,13 +34,7 @@ async fn protect_delta_failover(url: &str, seed: u64) -> anyhow::Result<(blake3:
     // Deltas: writes through the tracker's export, then a point taken after them.
     let uri = &vm.disks[0].nbd_uri;
     nbd_write(uri, &["write -P 0x5a 1M 256k", "write -P 0x3c 6M 64k"])?;
-    let points = t.cli_json(&["points", "list", "obj01", "-o", "json"])?;
-    let last = points
-        .as_array()
-        .and_then(|a| a.last())
-        .and_then(|p| p["id"].as_str())
-        .unwrap_or_default()
-        .to_owned();
+    let last = t.latest_point_id("obj01")?.unwrap_or_default();
     t.points_after("obj01", &last, 1).await?;
     agent.shutdown().await?;
 

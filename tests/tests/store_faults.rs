@@ -30,13 +30,7 @@ const BATCHES: [&[&str]; 3] = [
 /// more than `after` exist (cycles of one VM run one at a time, so the second began after
 /// the first was committed, which is after this call began).
 async fn point_after_writes(t: &TestMesh, vm: &str) -> anyhow::Result<String> {
-    let points = t.cli_json(&["points", "list", vm, "-o", "json"])?;
-    let last = points
-        .as_array()
-        .and_then(|a| a.last())
-        .and_then(|p| p["id"].as_str())
-        .unwrap_or_default()
-        .to_owned();
+    let last = t.latest_point_id(vm)?.unwrap_or_default();
     t.points_after(vm, &last, 2).await
 }
 

@@ -114,13 +114,10 @@ mod tests {
                 cat.write_snapshot(live.seq, FORMAT, &live).await.unwrap();
             }
         }
-        let (full, _) = {
-            let mut st = State::default();
-            for (seq, ev) in cat.read_from::<Event>(0).await.unwrap() {
-                st.apply(seq, &ev);
-            }
-            (st, ())
-        };
+        let mut full = State::default();
+        for (seq, ev) in cat.read_from::<Event>(0).await.unwrap() {
+            full.apply(seq, &ev);
+        }
         let (loaded, how) = load(&cat).await.unwrap();
         assert_eq!(
             how,
